@@ -1,0 +1,716 @@
+"""The run's metrics log, and the report built from it (HTML page, figures, terminal table).
+
+The server appends one JSON object per line to ``RUN_DIR/metrics.jsonl`` as things happen
+(see :class:`MetricsLog`); events are ``"start"``, ``"site"`` (one site's train or evaluate
+result), ``"round"`` (the sample-weighted aggregate of a round) and ``"end"``.
+
+Reading tolerates what crashes and resumes leave behind:
+
+* a partially written last line (the run was killed mid-write) is skipped with a warning;
+* a ``"start"`` record with ``resumed_from_round = R`` discards the earlier records of rounds
+  after ``R`` (those rounds were run again), and for the same (event, round, phase, site)
+  the later record wins.
+
+:func:`build_report` writes ``report.html`` (self-contained: CSS inline, figures embedded as
+base64) and ``figures/*.png``; :func:`summary_table` / :func:`print_summary` give a
+one-screen summary in the terminal.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "FIGURE_NAMES",
+    "MetricsLog",
+    "ReportError",
+    "RunMetrics",
+    "RunSummary",
+    "SiteSummary",
+    "build_report",
+    "load_run_metrics",
+    "print_summary",
+    "read_metrics",
+    "summarize",
+    "summary_table",
+]
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+#: Figures written to ``RUN_DIR/figures/<name>.png``, in report order.
+FIGURE_NAMES = ("acc", "auc", "loss", "confusion", "bytes", "wall_time")
+
+
+class ReportError(ValueError):
+    """A run directory or its metrics log cannot be read."""
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; every record is flushed and fsynced as it is written.
+
+    Opening the log repairs what a killed writer may have left: a last line without its
+    newline is dropped (with a warning) unless it is complete JSON, in which case the
+    newline is added, so that new records never glue onto a broken one.
+
+    Parameters
+    ----------
+    path : str or Path
+        Usually ``RUN_DIR/metrics.jsonl``; created on the first write. Its directory must exist.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._repair_last_line()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` as one JSON line (NumPy scalars and arrays become numbers and lists)."""
+        line = json.dumps(dict(record), default=_to_json)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _repair_last_line(self) -> None:
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        if _parses_as_json_object(tail):
+            with open(self.path, "ab") as handle:
+                handle.write(b"\n")
+            return
+        warnings.warn(
+            f"Dropped a partially written last line ({len(tail)} bytes) from {self.path}, "
+            "left by a run that was stopped mid-write.",
+            stacklevel=3,
+        )
+        with open(self.path, "r+b") as handle:
+            handle.truncate(cut)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serialisable")
+
+
+def _parses_as_json_object(data: bytes) -> bool:
+    try:
+        return isinstance(json.loads(data.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read all records of a metrics log, in file order.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``metrics.jsonl`` file.
+
+    Returns
+    -------
+    list[dict]
+        One dict per non-blank line. A last line that is not valid JSON (a killed run's
+        partial write) is skipped with a warning.
+
+    Raises
+    ------
+    ReportError
+        If the file is missing, or any other line is not a JSON object with an "event" key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"No {path.name} at {path}: is this a medfed run directory?")
+    lines = path.read_bytes().split(b"\n")
+    numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            if index == len(numbered) - 1:
+                warnings.warn(
+                    f"Skipped the partially written last line {number} of {path} "
+                    "(the run was probably stopped mid-write).",
+                    stacklevel=2,
+                )
+                continue
+            raise ReportError(
+                f"{path}, line {number}: not valid JSON ({error}); fix or delete that line."
+            ) from error
+        if not isinstance(record, dict) or not isinstance(record.get("event"), str):
+            raise ReportError(
+                f"{path}, line {number}: expected a JSON object with an 'event' key, "
+                f"got {line[:60].decode('utf-8', 'replace')!r}; fix or delete that line."
+            )
+        for key in _REQUIRED_KEYS.get(record["event"], ()):
+            if key not in record:
+                raise ReportError(
+                    f"{path}, line {number}: a {record['event']!r} record needs the key {key!r}; "
+                    "fix or delete that line."
+                )
+        records.append(record)
+    return records
+
+
+_REQUIRED_KEYS = {"site": ("round", "phase", "site"), "round": ("round",)}
+
+
+@dataclass
+class RunMetrics:
+    """The metrics of a run after resolving resumes and duplicates.
+
+    Attributes
+    ----------
+    rounds : list[int]
+        All rounds with a round or site record, ascending.
+    sites : list[str]
+        All site names, in natural order ("site-2" before "site-10").
+    round_records : dict[int, dict]
+        The aggregated ``"round"`` record of each round.
+    site_records : dict[tuple[int, str, str], dict]
+        ``(round, phase, site) -> "site" record``; phase is "train" or "evaluate".
+    starts, ends : list[dict]
+        The ``"start"`` and ``"end"`` records in file order.
+    """
+
+    rounds: list[int] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
+    round_records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    site_records: dict[tuple[int, str, str], dict[str, Any]] = field(default_factory=dict)
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    ends: list[dict[str, Any]] = field(default_factory=list)
+
+    def site_record(self, server_round: int, phase: str, site: str) -> dict[str, Any] | None:
+        """The site record of that round and phase, or None."""
+        return self.site_records.get((server_round, phase, site))
+
+    def aggregate(self, server_round: int, phase: str) -> dict[str, Any]:
+        """The round's aggregated metrics of one phase ({} when absent)."""
+        return self.round_records.get(server_round, {}).get(phase) or {}
+
+
+def load_run_metrics(run_dir: str | Path) -> RunMetrics:
+    """Read ``RUN_DIR/metrics.jsonl`` and resolve resumes and duplicate records.
+
+    Raises
+    ------
+    ReportError
+        If the run directory has no metrics.jsonl, or it is malformed.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise ReportError(f"No {METRICS_FILE} in {run_dir}: is this a medfed run directory?")
+    run = RunMetrics()
+    for record in read_metrics(path):
+        event = record["event"]
+        if event == "start":
+            run.starts.append(record)
+            resumed_from = record.get("resumed_from_round")
+            if isinstance(resumed_from, int):
+                # Rounds after the checkpoint were run again: their old records are stale.
+                run.round_records = {r: v for r, v in run.round_records.items() if r <= resumed_from}
+                run.site_records = {k: v for k, v in run.site_records.items() if k[0] <= resumed_from}
+        elif event == "end":
+            run.ends.append(record)
+        elif event == "round":
+            run.round_records[int(record["round"])] = record
+        elif event == "site":
+            run.site_records[(int(record["round"]), str(record["phase"]), str(record["site"]))] = record
+    run.rounds = sorted(set(run.round_records) | {key[0] for key in run.site_records})
+    run.sites = sorted({key[2] for key in run.site_records}, key=_natural_key)
+    return run
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+# --------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteSummary:
+    """Final evaluate results of one site (or of the federation: name "global").
+
+    ``server_round`` is the last round with an evaluate result for it (None: never evaluated);
+    metrics are None when absent. ``num_examples`` is the number of test examples.
+    """
+
+    name: str
+    server_round: int | None
+    acc: float | None
+    auc: float | None
+    balanced_acc: float | None
+    loss: float | None
+    num_examples: int | None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One-screen summary of a run.
+
+    Attributes
+    ----------
+    name : str
+        Run name (config "name", else the run directory's name).
+    rounds_done : int
+        Number of rounds with a result.
+    last_round : int
+        Highest round number.
+    global_row : SiteSummary
+        Sample-weighted aggregate of the last round with evaluate results.
+    sites : list[SiteSummary]
+        One per site, natural order.
+    wall_time_s : float
+        Sum of the rounds' wall times, in seconds.
+    bytes_sent, bytes_received : int
+        Payload bytes server -> sites and sites -> server over all rounds.
+    """
+
+    name: str
+    rounds_done: int
+    last_round: int
+    global_row: SiteSummary
+    sites: list[SiteSummary]
+    wall_time_s: float
+    bytes_sent: int
+    bytes_received: int
+
+    @property
+    def megabytes_exchanged(self) -> float:
+        """Bytes sent plus received, in MB (10**6 bytes)."""
+        return (self.bytes_sent + self.bytes_received) / 1e6
+
+
+def summarize(run_dir: str | Path) -> RunSummary:
+    """Compute the :class:`RunSummary` of a run directory.
+
+    Raises
+    ------
+    ReportError
+        If the run directory has no metrics.jsonl, it is malformed, or holds no round yet.
+    """
+    run_dir = Path(run_dir)
+    return _summarize(run_dir, load_run_metrics(run_dir))
+
+
+def _summarize(run_dir: Path, run: RunMetrics) -> RunSummary:
+    if not run.rounds:
+        raise ReportError(
+            f"{run_dir / METRICS_FILE} holds no round results yet: wait for the first round to finish."
+        )
+    sites = [_site_summary(run, site) for site in run.sites]
+    return RunSummary(
+        name=_run_name(run_dir),
+        rounds_done=len(run.round_records) or len(run.rounds),
+        last_round=run.rounds[-1],
+        global_row=_global_summary(run),
+        sites=sites,
+        wall_time_s=float(sum(_round_wall_time(run, r) or 0.0 for r in run.rounds)),
+        bytes_sent=sum(_round_bytes(run, r, "bytes_sent") for r in run.rounds),
+        bytes_received=sum(_round_bytes(run, r, "bytes_received") for r in run.rounds),
+    )
+
+
+def _site_summary(run: RunMetrics, site: str) -> SiteSummary:
+    for server_round in reversed(run.rounds):
+        record = run.site_record(server_round, "evaluate", site)
+        if record is not None:
+            metrics = record.get("metrics") or {}
+            return SiteSummary(
+                name=site,
+                server_round=server_round,
+                acc=_number(metrics.get("acc")),
+                auc=_number(metrics.get("auc")),
+                balanced_acc=_number(metrics.get("balanced_acc")),
+                loss=_number(metrics.get("loss")),
+                num_examples=record.get("num_examples"),
+            )
+    return SiteSummary(site, None, None, None, None, None, None)
+
+
+def _global_summary(run: RunMetrics) -> SiteSummary:
+    for server_round in reversed(run.rounds):
+        metrics = run.aggregate(server_round, "evaluate")
+        if metrics:
+            records = [run.site_record(server_round, "evaluate", site) for site in run.sites]
+            counts = [r["num_examples"] for r in records if r is not None and "num_examples" in r]
+            return SiteSummary(
+                name="global",
+                server_round=server_round,
+                acc=_number(metrics.get("acc")),
+                auc=_number(metrics.get("auc")),
+                balanced_acc=_number(metrics.get("balanced_acc")),
+                loss=_number(metrics.get("loss")),
+                num_examples=sum(counts) if counts else None,
+            )
+    return SiteSummary("global", None, None, None, None, None, None)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _round_wall_time(run: RunMetrics, server_round: int) -> float | None:
+    return _number(run.round_records.get(server_round, {}).get("wall_time_s"))
+
+
+def _round_bytes(run: RunMetrics, server_round: int, key: str) -> int:
+    """A round's bytes from its round record, else the sum over its site records."""
+    record = run.round_records.get(server_round, {})
+    if key in record:
+        return int(record[key])
+    return sum(
+        int(value.get(key, 0)) for (r, _, _), value in run.site_records.items() if r == server_round
+    )
+
+
+def _run_name(run_dir: Path) -> str:
+    config = _read_config(run_dir)
+    if config is not None:
+        try:
+            import yaml
+
+            name = (yaml.safe_load(config) or {}).get("name")
+        except Exception:  # a broken config.yaml must not stop the report; fall back below
+            name = None
+        if isinstance(name, str) and name:
+            return name
+    return run_dir.resolve().name
+
+
+def _read_config(run_dir: Path) -> str | None:
+    path = run_dir / CONFIG_FILE
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def summary_table(run_dir: str | Path) -> Table:
+    """A rich table: per-site final evaluate ACC/AUC/balanced ACC/loss/examples plus 'global'.
+
+    The caption gives the rounds done, the total wall time and the MB exchanged.
+    """
+    summary = summarize(run_dir)
+    table = Table(
+        title=f"medfed run {summary.name}",
+        caption=(
+            f"{summary.rounds_done} rounds · {summary.wall_time_s:.1f} s wall time · "
+            f"{summary.megabytes_exchanged:.2f} MB exchanged"
+        ),
+    )
+    for header in ("Site", "Round", "ACC", "AUC", "Bal. ACC", "Loss", "Examples"):
+        table.add_column(header, justify="left" if header == "Site" else "right")
+    for row in [*summary.sites, summary.global_row]:
+        table.add_row(
+            row.name,
+            "–" if row.server_round is None else str(row.server_round),
+            _fmt(row.acc),
+            _fmt(row.auc),
+            _fmt(row.balanced_acc),
+            _fmt(row.loss),
+            "–" if row.num_examples is None else str(row.num_examples),
+            style="bold" if row.name == "global" else None,
+            end_section=row is summary.sites[-1] if summary.sites else False,
+        )
+    return table
+
+
+def print_summary(run_dir: str | Path, console: Console | None = None) -> None:
+    """Print :func:`summary_table` to ``console`` (default: a new stdout console)."""
+    (console or Console()).print(summary_table(run_dir))
+
+
+# --------------------------------------------------------------------------------------
+# Figures and HTML
+# --------------------------------------------------------------------------------------
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/report.html`` and ``RUN_DIR/figures/*.png``; return the HTML path.
+
+    Raises
+    ------
+    ReportError
+        If the run directory has no metrics.jsonl, it is malformed, or holds no round yet.
+    """
+    run_dir = Path(run_dir)
+    run = load_run_metrics(run_dir)
+    summary = _summarize(run_dir, run)
+    figure_dir = run_dir / "figures"
+    figure_dir.mkdir(exist_ok=True)
+    figures = _make_figures(run)
+    png_paths = []
+    for name, figure in zip(FIGURE_NAMES, figures):
+        png_path = figure_dir / f"{name}.png"
+        figure.savefig(png_path, dpi=100, bbox_inches="tight")
+        png_paths.append(png_path)
+    html_path = run_dir / "report.html"
+    html_path.write_text(_html(summary, run, png_paths, _read_config(run_dir)), encoding="utf-8")
+    return html_path
+
+
+def _make_figures(run: RunMetrics) -> list[Figure]:
+    # Figure objects with the Agg canvas directly: no pyplot, so no global backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def new_figure(width: float = 6.4, height: float = 4.0) -> Figure:
+        figure = Figure(figsize=(width, height), layout="constrained")
+        FigureCanvasAgg(figure)
+        return figure
+
+    colors = {site: f"C{index % 10}" for index, site in enumerate(run.sites)}
+    figures = []
+    for metric, label in (("acc", "Accuracy"), ("auc", "AUC")):
+        figure = new_figure()
+        _plot_metric(figure.add_subplot(), run, "evaluate", metric, colors, f"Test {label} per round")
+        figures.append(figure)
+    figure = new_figure(10.0, 4.0)
+    train_axes, evaluate_axes = figure.subplots(1, 2)
+    _plot_metric(train_axes, run, "train", "loss", colors, "Train loss per round")
+    _plot_metric(evaluate_axes, run, "evaluate", "loss", colors, "Test loss per round")
+    figures.append(figure)
+    figures.append(_confusion_figure(run, new_figure))
+    figures.append(_bytes_figure(run, new_figure()))
+    figures.append(_wall_time_figure(run, new_figure()))
+    return figures
+
+
+def _series(run: RunMetrics, values: list[Any]) -> tuple[list[int], list[float]]:
+    """Keep the rounds that have a number (others are gaps)."""
+    pairs = [(r, float(v)) for r, v in zip(run.rounds, values) if _number(v) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _plot_metric(
+    axes: Axes, run: RunMetrics, phase: str, metric: str, colors: dict[str, str], title: str
+) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axes.set_title(title)
+    plotted = False
+    global_values = [run.aggregate(r, phase).get(metric) for r in run.rounds]
+    x, y = _series(run, global_values)
+    if x:
+        axes.plot(x, y, color="black", linewidth=2.5, marker="o", label="global")
+        plotted = True
+    for site in run.sites:
+        records = [run.site_record(r, phase, site) for r in run.rounds]
+        x, y = _series(run, [(rec.get("metrics") or {}).get(metric) if rec else None for rec in records])
+        if x:
+            axes.plot(x, y, color=colors[site], linewidth=1.2, marker=".", alpha=0.85, label=site)
+            plotted = True
+    if not plotted:
+        _no_data(axes, f"No {phase} {metric} in this run")
+        return
+    axes.set_xlabel("round")
+    axes.set_ylabel(metric)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", ncols=2 if len(run.sites) > 6 else 1)
+
+
+def _confusion_figure(run: RunMetrics, new_figure: Any) -> Figure:
+    with_confusion = [
+        key[0] for key, record in run.site_records.items() if key[1] == "evaluate" and "confusion" in record
+    ]
+    if not with_confusion:
+        figure = new_figure()
+        _no_data(figure.add_subplot(), "No confusion matrices in this run")
+        return figure
+    last_round = max(with_confusion)
+    entries = []
+    for site in run.sites:
+        record = run.site_record(last_round, "evaluate", site)
+        if record is not None and "confusion" in record:
+            entries.append((site, np.asarray(record["confusion"], dtype=np.int64)))
+    columns = min(len(entries), 4)
+    rows = math.ceil(len(entries) / columns)
+    figure = new_figure(3.0 * columns + 0.5, 2.9 * rows + 0.5)
+    figure.suptitle(f"Test confusion matrices, round {last_round} (rows: true, columns: predicted)")
+    grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
+    for axes, (site, matrix) in zip(grid, entries):
+        title = site
+        if matrix.ndim == 3:  # multi-label: per-label [L, 2, 2], shown summed (micro)
+            title = f"{site} (sum of {matrix.shape[0]} labels)"
+            matrix = matrix.sum(axis=0)
+        axes.imshow(matrix, cmap="Blues", vmin=0)
+        axes.set_title(title, fontsize="medium")
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for (true, predicted), count in np.ndenumerate(matrix):
+            axes.text(
+                predicted, true, str(count), ha="center", va="center", fontsize="small",
+                color="white" if count > threshold else "black",
+            )
+        axes.set_xticks(range(matrix.shape[1]))
+        axes.set_yticks(range(matrix.shape[0]))
+    for axes in grid[len(entries):]:
+        axes.set_visible(False)
+    return figure
+
+
+def _bytes_figure(run: RunMetrics, figure: Figure) -> Figure:
+    axes = figure.add_subplot()
+    axes.set_title("Payload exchanged per round")
+    sent = np.array([_round_bytes(run, r, "bytes_sent") for r in run.rounds]) / 1e6
+    received = np.array([_round_bytes(run, r, "bytes_received") for r in run.rounds]) / 1e6
+    if not (sent.any() or received.any()):
+        _no_data(axes, "No byte counts in this run")
+        return figure
+    positions = np.arange(len(run.rounds))
+    axes.bar(positions - 0.2, sent, width=0.4, label="server → sites")
+    axes.bar(positions + 0.2, received, width=0.4, label="sites → server")
+    axes.set_xticks(positions, [str(r) for r in run.rounds])
+    axes.set_xlabel("round")
+    axes.set_ylabel("MB (10⁶ bytes)")
+    axes.set_ylim(0, 1.25 * max(sent.max(), received.max()))  # headroom for the legend
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize="small", loc="upper left", ncols=2)
+    return figure
+
+
+def _wall_time_figure(run: RunMetrics, figure: Figure) -> Figure:
+    axes = figure.add_subplot()
+    axes.set_title("Wall time per round")
+    times = [_round_wall_time(run, r) for r in run.rounds]
+    if all(t is None for t in times):
+        _no_data(axes, "No wall times in this run")
+        return figure
+    positions = np.arange(len(run.rounds))
+    axes.bar(positions, [t or 0.0 for t in times], width=0.6, color="C2")
+    axes.set_xticks(positions, [str(r) for r in run.rounds])
+    axes.set_xlabel("round")
+    axes.set_ylabel("seconds")
+    axes.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def _no_data(axes: Axes, text: str) -> None:
+    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes, color="gray")
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+_FIGURE_CAPTIONS = {
+    "acc": "Test accuracy per round: global (sample-weighted, black) and per site.",
+    "auc": "Test AUC per round: global (sample-weighted, black) and per site.",
+    "loss": "Train and test loss per round: global and per site.",
+    "confusion": "Per-site test confusion matrices of the last round that has them.",
+    "bytes": "Model payload sent to and received from the sites per round.",
+    "wall_time": "Wall time per round.",
+}
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto;
+       max-width: 1100px; padding: 0 1rem; color: #222; }
+h1 { margin-bottom: 0.2rem; } .meta { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.5rem 0 1rem; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.3rem 0.8rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr.global td { font-weight: bold; border-top: 2px solid #999; }
+.figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 1rem; }
+figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9rem; }
+pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; }
+"""
+
+
+def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: str | None) -> str:
+    escape = html.escape
+    rows = []
+    for row in [*summary.sites, summary.global_row]:
+        cells = [
+            escape(row.name),
+            "–" if row.server_round is None else str(row.server_round),
+            _fmt(row.acc), _fmt(row.auc), _fmt(row.balanced_acc), _fmt(row.loss),
+            "–" if row.num_examples is None else str(row.num_examples),
+        ]
+        css_class = ' class="global"' if row.name == "global" else ""
+        rows.append(f"<tr{css_class}>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    headers = "".join(f"<th>{h}</th>" for h in ("Site", "Round", "ACC", "AUC", "Balanced ACC", "Loss", "Examples"))
+    resumes = [s.get("resumed_from_round") for s in run.starts if s.get("resumed_from_round")]
+    meta = [f"{summary.rounds_done} rounds (last: {summary.last_round})"]
+    if run.starts and run.starts[0].get("time"):
+        meta.append(f"started {escape(str(run.starts[0]['time']))}")
+    if resumes:
+        meta.append("resumed from round " + ", ".join(escape(str(r)) for r in resumes))
+    totals = (
+        f"Total wall time {summary.wall_time_s:.1f} s · sent {summary.bytes_sent / 1e6:.2f} MB · "
+        f"received {summary.bytes_received / 1e6:.2f} MB · {summary.megabytes_exchanged:.2f} MB exchanged "
+        "(1 MB = 10<sup>6</sup> bytes)"
+    )
+    figures = []
+    for png_path in png_paths:
+        name = png_path.stem
+        encoded = base64.b64encode(png_path.read_bytes()).decode("ascii")
+        caption = escape(_FIGURE_CAPTIONS.get(name, name))
+        figures.append(
+            f'<figure><img src="data:image/png;base64,{encoded}" alt="{escape(name)}" '
+            f'title="figures/{escape(png_path.name)}"><figcaption>{caption}</figcaption></figure>'
+        )
+    config_html = (
+        f"<pre>{escape(config)}</pre>" if config is not None else f"<p>No {CONFIG_FILE} in the run directory.</p>"
+    )
+    title = f"medfed report: {escape(summary.name)}"
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{title}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{title}</h1>",
+        f'<p class="meta">{" · ".join(meta)}</p>',
+        "<h2>Summary</h2>",
+        "<p>Final test results: each site's last evaluated round, and the sample-weighted global aggregate.</p>",
+        f"<table><thead><tr>{headers}</tr></thead><tbody>{''.join(rows)}</tbody></table>",
+        f"<p>{totals}</p>",
+        '<h2>Figures</h2><div class="figures">',
+        *figures,
+        "</div>",
+        f"<h2>Configuration</h2>{config_html}",
+        "</body></html>",
+    ])

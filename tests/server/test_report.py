@@ -1,0 +1,375 @@
+"""Tests for medfed.server.report: metrics log, resume handling, summary and HTML report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from medfed.server.report import (
+    FIGURE_NAMES,
+    MetricsLog,
+    ReportError,
+    build_report,
+    load_run_metrics,
+    print_summary,
+    read_metrics,
+    summarize,
+    summary_table,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SITES = ("site-0", "site-1", "site-2")
+EVAL_EXAMPLES = {"site-0": 10, "site-1": 20, "site-2": 30}
+WALL_TIMES = {1: 10.0, 2: 12.5, 3: 11.0}
+
+
+def _site_acc(site_index: int, server_round: int) -> float:
+    return 0.5 + 0.1 * site_index + 0.01 * server_round
+
+
+def _round_records(server_round: int, *, evaluate: bool = True) -> list[dict]:
+    """The records the server writes for one round of the synthetic 3-site run."""
+    records = []
+    for index, site in enumerate(SITES):
+        records.append({
+            "event": "site", "round": server_round, "phase": "train", "site": site, "num_examples": 100,
+            "metrics": {"loss": 1.0 / server_round + index, "acc": _site_acc(index, server_round)},
+            "bytes_sent": 100_000, "bytes_received": 200_000, "time_s": 1.0,
+        })
+    if evaluate:
+        for index, site in enumerate(SITES):
+            acc = _site_acc(index, server_round)
+            records.append({
+                "event": "site", "round": server_round, "phase": "evaluate", "site": site,
+                "num_examples": EVAL_EXAMPLES[site],
+                "metrics": {
+                    "loss": 0.9 - 0.1 * server_round, "acc": acc, "auc": acc + 0.05, "balanced_acc": acc - 0.05,
+                },
+                "confusion": [[server_round, 2], [3, 4 + index]],
+                "bytes_sent": 100_000, "bytes_received": 0,
+            })
+    accs = [_site_acc(i, server_round) for i in range(3)]
+    weights = [EVAL_EXAMPLES[s] for s in SITES]
+    global_acc = float(np.average(accs, weights=weights))
+    records.append({
+        "event": "round", "round": server_round, "wall_time_s": WALL_TIMES[server_round],
+        "bytes_sent": 1_000_000, "bytes_received": 2_000_000,
+        "train": {"loss": 1.0 / server_round + 1.0, "acc": 0.6},
+        "evaluate": {
+            "loss": 0.9 - 0.1 * server_round, "acc": global_acc,
+            "auc": global_acc + 0.05, "balanced_acc": global_acc - 0.05,
+        } if evaluate else {},
+    })
+    return records
+
+
+def _write_run(
+    run_dir: Path, records: list[dict], config: str | None = "name: synthetic-fedavg\nrounds: 3\n"
+) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    for record in records:
+        log.write(record)
+    if config is not None:
+        (run_dir / "config.yaml").write_text(config)
+    return run_dir
+
+
+def _three_round_records() -> list[dict]:
+    records = [{"event": "start", "time": "2025-01-01T00:00:00", "resumed_from_round": 0, "num_rounds": 3}]
+    for server_round in (1, 2, 3):
+        records += _round_records(server_round)
+    records.append({"event": "end", "time": "2025-01-01T00:01:00", "rounds_done": 3})
+    return records
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return _write_run(tmp_path / "runs" / "synthetic-fedavg", _three_round_records())
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def test_summary_values_match_hand_computed(run_dir: Path) -> None:
+    # Execute
+    summary = summarize(run_dir)
+
+    # Assert
+    assert summary.name == "synthetic-fedavg"
+    assert summary.rounds_done == 3 and summary.last_round == 3
+    assert summary.wall_time_s == pytest.approx(33.5)  # 10 + 12.5 + 11
+    assert summary.bytes_sent == 3_000_000 and summary.bytes_received == 6_000_000
+    assert summary.megabytes_exchanged == pytest.approx(9.0)
+    assert [s.name for s in summary.sites] == list(SITES)
+    site_1 = summary.sites[1]
+    assert site_1.server_round == 3
+    assert site_1.acc == pytest.approx(0.63)  # 0.5 + 0.1 + 0.03
+    assert site_1.auc == pytest.approx(0.68)
+    assert site_1.balanced_acc == pytest.approx(0.58)
+    assert site_1.num_examples == 20
+    # Global: (10*0.53 + 20*0.63 + 30*0.73) / 60 = 39.8 / 60
+    assert summary.global_row.acc == pytest.approx(39.8 / 60)
+    assert summary.global_row.loss == pytest.approx(0.6)
+    assert summary.global_row.num_examples == 60
+
+
+def test_summary_table_renders_values_and_caption(run_dir: Path) -> None:
+    # Prepare
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+
+    # Execute
+    print_summary(run_dir, console=console)
+    text = console.file.getvalue()
+
+    # Assert
+    table = summary_table(run_dir)
+    assert [c.header for c in table.columns] == ["Site", "Round", "ACC", "AUC", "Bal. ACC", "Loss", "Examples"]
+    assert table.row_count == 4
+    assert "medfed run synthetic-fedavg" in text
+    cells = r"\s*│\s*".join
+    assert re.search(cells(["site-1", "3", r"0\.6300", r"0\.6800", r"0\.5800", r"0\.6000", "20"]), text)
+    assert re.search(cells(["global", "3", r"0\.6633", r"0\.7133", r"0\.6133", r"0\.6000", "60"]), text)
+    assert "3 rounds · 33.5 s wall time · 9.00 MB exchanged" in text
+
+
+def test_run_name_falls_back_to_directory_without_config(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path / "my-run", _round_records(1), config=None)
+    assert summarize(run_dir).name == "my-run"
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def test_build_report_writes_html_and_figures(run_dir: Path) -> None:
+    # Execute
+    html_path = build_report(run_dir)
+
+    # Assert
+    assert html_path == run_dir / "report.html"
+    html = html_path.read_text(encoding="utf-8")
+    assert "<title>medfed report: synthetic-fedavg</title>" in html
+    assert "rounds: 3" in html  # the config is shown
+    assert html.count("<img ") == len(FIGURE_NAMES) == 6
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    for name, encoded in zip(FIGURE_NAMES, embedded):
+        png = (run_dir / "figures" / f"{name}.png").read_bytes()
+        assert png.startswith(PNG_SIGNATURE), name
+        assert base64.b64decode(encoded) == png, name
+    assert "0.6633" in html  # global final ACC in the summary table
+    assert "https://" not in html and "http://" not in html  # self-contained
+
+
+def test_build_report_confusion_grid_uses_last_round(run_dir: Path) -> None:
+    import matplotlib.image
+
+    # Execute
+    build_report(run_dir)
+
+    # Assert: the confusion grid is a valid, wide image (3 panels side by side).
+    image = matplotlib.image.imread(run_dir / "figures" / "confusion.png")
+    assert image.ndim == 3 and image.shape[1] > 2 * image.shape[0]
+    run = load_run_metrics(run_dir)
+    assert run.site_record(3, "evaluate", "site-2")["confusion"] == [[3, 2], [3, 6]]
+
+
+def test_report_without_evaluate_single_round_and_partial_sites(tmp_path: Path) -> None:
+    # Prepare: one round, no evaluate (fraction_evaluate 0), a site that only trained,
+    # and a multi-label confusion of shape [L, 2, 2] in a second run.
+    records = _round_records(1, evaluate=False)
+    run_dir = _write_run(tmp_path / "no-eval", records)
+
+    # Execute
+    html = build_report(run_dir).read_text(encoding="utf-8")
+    summary = summarize(run_dir)
+
+    # Assert
+    assert html.count("<img ") == 6
+    assert all((run_dir / "figures" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE) for name in FIGURE_NAMES)
+    assert summary.rounds_done == 1
+    assert summary.global_row.acc is None and summary.global_row.server_round is None
+    assert [s.server_round for s in summary.sites] == [None, None, None]
+    text = io.StringIO()
+    print_summary(run_dir, console=Console(file=text, width=200, color_system=None))
+    assert re.search(r"global\s*│\s*–\s*│\s*–", text.getvalue())
+
+
+def test_sites_in_some_rounds_and_multilabel_confusion(tmp_path: Path) -> None:
+    # Prepare: site-3 only evaluates in round 1 and has a multi-label confusion [2, 2, 2].
+    records = _round_records(1) + _round_records(2)
+    records.insert(0, {
+        "event": "site", "round": 1, "phase": "evaluate", "site": "site-3", "num_examples": 5,
+        "metrics": {"acc": 0.2, "auc": 0.3}, "confusion": np.arange(8).reshape(2, 2, 2),
+    })
+    records.insert(1, {  # "site-10" sorts after "site-3" (natural order)
+        "event": "site", "round": 2, "phase": "train", "site": "site-10", "num_examples": 5, "metrics": {"loss": 1.0},
+    })
+    run_dir = _write_run(tmp_path / "partial", records)
+
+    # Execute
+    html = build_report(run_dir).read_text(encoding="utf-8")
+    summary = summarize(run_dir)
+
+    # Assert
+    assert html.count("<img ") == 6
+    assert [s.name for s in summary.sites] == ["site-0", "site-1", "site-2", "site-3", "site-10"]
+    site_3 = summary.sites[3]
+    assert (site_3.server_round, site_3.acc, site_3.auc, site_3.num_examples) == (1, 0.2, 0.3, 5)
+    assert summary.sites[4].server_round is None
+    assert summary.global_row.server_round == 2
+    assert summary.global_row.num_examples == 60  # site-3 did not evaluate in round 2
+
+
+def test_missing_metrics_is_a_report_error(tmp_path: Path) -> None:
+    expected = rf"^No metrics\.jsonl in {re.escape(str(tmp_path))}: is this a medfed run directory\?$"
+    with pytest.raises(ReportError, match=expected):
+        build_report(tmp_path)
+    with pytest.raises(ReportError, match="No metrics.jsonl in"):
+        summary_table(tmp_path)
+
+
+def test_run_without_rounds_is_a_report_error(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path / "fresh", [{"event": "start", "resumed_from_round": 0, "num_rounds": 3}])
+    with pytest.raises(ReportError, match="holds no round results yet"):
+        summarize(run_dir)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def test_truncated_last_line_is_skipped_with_warning(run_dir: Path) -> None:
+    # Prepare: a killed run's partial last write.
+    path = run_dir / "metrics.jsonl"
+    number_of_lines = len(path.read_text().splitlines())
+    with open(path, "a") as handle:
+        handle.write('{"event": "round", "round": 4, "wall_ti')
+
+    # Execute
+    with pytest.warns(UserWarning, match=rf"partially written last line {number_of_lines + 1} of .*metrics.jsonl"):
+        summary = summarize(run_dir)
+
+    # Assert: identical to the complete run of 3 rounds.
+    assert summary.last_round == 3
+    assert summary.wall_time_s == pytest.approx(33.5)
+
+
+def test_malformed_middle_line_names_file_and_line(run_dir: Path) -> None:
+    # Prepare
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2][:-5]  # cut the end off line 3
+    path.write_text("\n".join(lines) + "\n")
+
+    # Execute / Assert
+    with pytest.raises(ReportError, match=r"metrics\.jsonl, line 3: not valid JSON"):
+        build_report(run_dir)
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [("[1, 2]", "expected a JSON object with an 'event' key"),
+     ('{"round": 1}', "expected a JSON object with an 'event' key"),
+     ('{"event": "site", "round": 1, "phase": "train"}', "a 'site' record needs the key 'site'")],
+)
+def test_invalid_record_names_line(tmp_path: Path, line: str, match: str) -> None:
+    # Prepare
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"event": "start"}) + "\n" + line + "\n" + json.dumps({"event": "end"}) + "\n")
+
+    # Execute / Assert
+    with pytest.raises(ReportError, match=rf"line 2: {re.escape(match)}"):
+        read_metrics(path)
+
+
+def test_resume_later_records_win_and_stale_rounds_are_dropped(tmp_path: Path) -> None:
+    # Prepare: the first run finished rounds 1-2, then was killed during round 3 after
+    # site-1 and site-2 had evaluated; the resumed run re-ran round 3 where only site-0
+    # and site-1 evaluated (site-1 with new values).
+    first = [{"event": "start", "resumed_from_round": 0, "num_rounds": 3}]
+    first += _round_records(1) + _round_records(2)
+    stale = [r for r in _round_records(3) if r["event"] == "site" and r["site"] != "site-0"]
+    for record in stale:
+        record["metrics"] = {**record["metrics"], "acc": 0.01}
+    resumed = [{"event": "start", "resumed_from_round": 2, "num_rounds": 3}]
+    resumed += [r for r in _round_records(3) if r.get("site") != "site-2"]
+    run_dir = _write_run(tmp_path / "resumed", first + stale + resumed)
+
+    # Execute
+    summary = summarize(run_dir)
+    run = load_run_metrics(run_dir)
+
+    # Assert
+    assert run.site_record(3, "evaluate", "site-1")["metrics"]["acc"] == pytest.approx(0.63)
+    assert run.site_record(3, "evaluate", "site-2") is None  # stale record of the killed round
+    assert [s.server_round for s in summary.sites] == [3, 3, 2]
+    assert summary.sites[2].acc == pytest.approx(0.72)  # site-2's round-2 value
+    assert summary.rounds_done == 3
+    assert summary.wall_time_s == pytest.approx(33.5)
+    assert len(run.starts) == 2
+
+
+def test_duplicate_records_later_wins(tmp_path: Path) -> None:
+    # Prepare: the same round record written twice.
+    first, second = _round_records(1)[-1], _round_records(1)[-1]
+    second["wall_time_s"] = 99.0
+    run_dir = _write_run(tmp_path / "dup", _round_records(1)[:-1] + [first, second])
+
+    # Execute
+    summary = summarize(run_dir)
+
+    # Assert
+    assert summary.wall_time_s == 99.0
+    assert summary.rounds_done == 1
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def test_metrics_log_writes_one_json_line_per_record(tmp_path: Path) -> None:
+    # Prepare
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+
+    # Execute
+    confusion = np.eye(2, dtype=np.int64)
+    log.write({"event": "round", "round": np.int64(1), "acc": np.float32(0.5), "confusion": confusion})
+    log.write({"event": "end", "rounds_done": 1})
+
+    # Assert
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"event": "round", "round": 1, "acc": 0.5, "confusion": [[1, 0], [0, 1]]},
+        {"event": "end", "rounds_done": 1},
+    ]
+
+
+def test_metrics_log_drops_partial_last_line_on_open(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "start"}\n{"event": "ro')
+
+    # Execute
+    with pytest.warns(UserWarning, match="Dropped a partially written last line"):
+        log = MetricsLog(path)
+    log.write({"event": "end"})
+
+    # Assert
+    assert path.read_text() == '{"event": "start"}\n{"event": "end"}\n'
+
+
+def test_metrics_log_keeps_complete_last_line_without_newline(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "start"}')
+
+    # Execute
+    MetricsLog(path).write({"event": "end"})
+
+    # Assert
+    assert path.read_text() == '{"event": "start"}\n{"event": "end"}\n'
