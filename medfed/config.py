@@ -1,0 +1,865 @@
+"""Experiment configuration: typed defaults, YAML files, validation, Flower run config.
+
+An experiment is one frozen :class:`ExperimentConfig` made of one frozen section per
+part of the system (``data``, ``model``, ``train``, ``strategy``, ``federation``,
+``simulation``). Every leaf field carries its constraint in the field's metadata; the
+same table drives validation, the list of known keys (for "did you mean" hints) and the
+flattening into Flower's run config. All validation errors use one template::
+
+    Config key 'train.lr' must be a float > 0. Got -1 (from runs.yaml).
+
+The defaults describe a small federation that finishes on a 2-core CPU in minutes:
+embedded BreastMNIST at 28 px, ``medvit_v2_nano``, 3 IID sites, 3 rounds of FedAvg
+with one local AdamW epoch each.
+
+Names that other parts validate (the model name, the strategy name and its
+parameters) are only checked here to be non-empty strings or a mapping; their
+registries check them when the run is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ConfigFileNotFoundError",
+    "DataConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "SimulationConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "from_run_config",
+    "load_config",
+    "save_config",
+    "to_run_config",
+]
+
+#: Source label used in error messages for values that came from a Flower run config.
+RUN_CONFIG_SOURCE = "run_config"
+
+
+class ConfigError(ValueError):
+    """An experiment config key is unknown, malformed or out of range.
+
+    The message is one line naming the dotted key, what was expected, what was found
+    and where it came from (file, ``--set`` override or run config).
+    """
+
+
+class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
+    """The experiment config file does not exist."""
+
+
+# --------------------------------------------------------------------------------------
+# Constraints: one small class per kind of value, each with a description that reads
+# well after "must be" and a ``coerce`` that returns the normalised value or raises.
+# --------------------------------------------------------------------------------------
+class _Invalid(Exception):
+    """Raised by a constraint when a value does not satisfy it (internal)."""
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass, but ``rounds: true`` is a mistake, not 1 round.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Constraint:
+    description: str
+
+    def coerce(self, value: Any) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Int(_Constraint):
+    low: int
+
+    @property
+    def description(self) -> str:
+        return f"an int >= {self.low}"
+
+    def coerce(self, value: Any) -> int:
+        if not _is_int(value) or value < self.low:
+            raise _Invalid
+        return value
+
+
+@dataclass(frozen=True)
+class _Float(_Constraint):
+    """A finite float in an interval; ints are accepted and converted."""
+
+    low: float
+    high: float | None = None
+    low_closed: bool = True
+    high_closed: bool = True
+
+    @property
+    def description(self) -> str:
+        if self.high is None:
+            return f"a float {'>=' if self.low_closed else '>'} {self.low:g}"
+        left = "[" if self.low_closed else "("
+        right = "]" if self.high_closed else ")"
+        return f"a float in the range {left}{self.low:g}, {self.high:g}{right}"
+
+    def coerce(self, value: Any) -> float:
+        if not (_is_int(value) or isinstance(value, float)):
+            raise _Invalid
+        value = float(value)
+        if not math.isfinite(value):
+            raise _Invalid
+        above_low = value >= self.low if self.low_closed else value > self.low
+        below_high = (
+            self.high is None
+            or (value <= self.high if self.high_closed else value < self.high)
+        )
+        if not (above_low and below_high):
+            raise _Invalid
+        return value
+
+
+@dataclass(frozen=True)
+class _Choice(_Constraint):
+    options: tuple[Any, ...]
+
+    @property
+    def description(self) -> str:
+        return "one of " + ", ".join(repr(option) for option in self.options)
+
+    def coerce(self, value: Any) -> Any:
+        # type() check: ``img_size: 28.0`` or ``true`` must not pass as an option.
+        if not any(type(value) is type(o) and value == o for o in self.options):
+            raise _Invalid
+        return value
+
+
+@dataclass(frozen=True)
+class _Str(_Constraint):
+    """A non-empty string, optionally matching ``pattern``."""
+
+    pattern: str | None = None
+    what: str = "a non-empty str"
+
+    @property
+    def description(self) -> str:
+        return self.what
+
+    def coerce(self, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise _Invalid
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            raise _Invalid
+        return value
+
+
+@dataclass(frozen=True)
+class _Optional(_Constraint):
+    inner: _Constraint
+
+    @property
+    def description(self) -> str:
+        return f"{self.inner.description} or null"
+
+    def coerce(self, value: Any) -> Any:
+        return None if value is None else self.inner.coerce(value)
+
+
+@functools.cache
+def _medmnist_2d_flags() -> tuple[str, ...]:
+    """Sorted ``medmnist.INFO`` flags without "3d" in their name."""
+    return tuple(sorted(flag for flag in _medmnist_info() if "3d" not in flag))
+
+
+def _medmnist_info() -> Mapping[str, Any]:
+    # ``import medmnist`` imports torch (up to ~10 s cold), which would make every
+    # config check slow. Its INFO table lives in medmnist/info.py, which needs only the
+    # standard library, so read that module on its own unless medmnist is loaded.
+    loaded = sys.modules.get("medmnist")
+    if loaded is not None and hasattr(loaded, "INFO"):
+        return loaded.INFO
+    spec = importlib.util.find_spec("medmnist")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    info_file = Path(locations[0], "info.py") if locations else None
+    if info_file is not None and info_file.is_file():
+        info_spec = importlib.util.spec_from_file_location("_medfed_medmnist_info", info_file)
+        if info_spec is not None and info_spec.loader is not None:
+            module = importlib.util.module_from_spec(info_spec)
+            info_spec.loader.exec_module(module)
+            return module.INFO
+    from medmnist import INFO  # the slow but ordinary way
+
+    return INFO
+
+
+@dataclass(frozen=True)
+class _DatasetFlag(_Constraint):
+    @property
+    def description(self) -> str:
+        flags = ", ".join(repr(flag) for flag in _medmnist_2d_flags())
+        return f"a MedMNIST 2D dataset flag (one of {flags})"
+
+    def coerce(self, value: Any) -> str:
+        if not isinstance(value, str) or value not in _medmnist_2d_flags():
+            raise _Invalid
+        return value
+
+
+_JSON_SCALARS = (type(None), bool, int, float, str)
+
+
+def _is_json_like(value: Any) -> bool:
+    if isinstance(value, _JSON_SCALARS):
+        return True
+    if isinstance(value, list):
+        return all(_is_json_like(item) for item in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_json_like(v) for k, v in value.items())
+    return False
+
+
+@dataclass(frozen=True)
+class _Params(_Constraint):
+    """Keyword arguments of a strategy: a str-keyed mapping of YAML/JSON values."""
+
+    @property
+    def description(self) -> str:
+        return (
+            "a mapping from parameter names (str) to null, bool, int, float, str "
+            "or lists/mappings of those"
+        )
+
+    def coerce(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, Mapping) or not _is_json_like(value):
+            raise _Invalid
+        # A private deep copy: the frozen config must not share a dict with its caller.
+        return copy.deepcopy(dict(value))
+
+
+# --------------------------------------------------------------------------------------
+# Error messages
+# --------------------------------------------------------------------------------------
+_INVALID_VALUE = "Config key {key!r} must be {expected}. Got {value!r}{origin}."
+
+
+def _origin(source: str | None) -> str:
+    return f" (from {source})" if source else ""
+
+
+def _invalid_value(key: str, expected: str, value: Any, source: str | None) -> ConfigError:
+    message = _INVALID_VALUE.format(
+        key=key, expected=expected, value=value, origin=_origin(source)
+    )
+    return ConfigError(message.replace("\n", " "))
+
+
+def _check(key: str, constraint: _Constraint, value: Any, source: str | None) -> Any:
+    try:
+        return constraint.coerce(value)
+    except _Invalid:
+        raise _invalid_value(key, constraint.description, value, source) from None
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+def _leaf(constraint: _Constraint, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"constraint": constraint}, **kwargs)
+
+
+def _section(cls: type) -> Any:
+    return field(default_factory=cls, metadata={"section": cls})
+
+
+class _Validated:
+    """Validate and normalise every field after construction (also after ``replace``)."""
+
+    _prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            key = self._prefix + f.name
+            value = getattr(self, f.name)
+            section = f.metadata.get("section")
+            if section is not None:
+                if not isinstance(value, section):
+                    raise _invalid_value(key, f"a {section.__name__}", value, None)
+                continue
+            object.__setattr__(self, f.name, _check(key, f.metadata["constraint"], value, None))
+
+
+@dataclass(frozen=True)
+class DataConfig(_Validated):
+    """Which images the sites train on.
+
+    Attributes
+    ----------
+    dataset : str
+        MedMNIST 2D flag, e.g. ``"breastmnist"``.
+    root : str or None
+        Folder holding ``{flag}.npz`` / ``{flag}_{size}.npz``; None selects the data
+        embedded in medfed (BreastMNIST at 28 px only).
+    img_size : int
+        Image side in pixels: 28, 64, 128 or 224.
+    """
+
+    _prefix: ClassVar[str] = "data."
+
+    dataset: str = _leaf(_DatasetFlag(), "breastmnist")
+    root: str | None = _leaf(_Optional(_Str()), None)
+    img_size: int = _leaf(_Choice((28, 64, 128, 224)), 28)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Validated):
+    """Which network the sites train.
+
+    Attributes
+    ----------
+    name : str
+        A name registered in ``medfed.models`` (checked when the model is built).
+    """
+
+    _prefix: ClassVar[str] = "model."
+
+    name: str = _leaf(_Str(), "medvit_v2_nano")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Validated):
+    """Local training on each site, sent to the clients every round.
+
+    Attributes
+    ----------
+    local_epochs : int
+        Passes over the site's training split per round.
+    batch_size : int
+        Images per optimiser step.
+    optimizer : str
+        ``"adamw"`` or ``"sgd"``.
+    lr : float
+        Learning rate.
+    weight_decay : float
+        Decoupled (AdamW) or L2 (SGD) weight decay.
+    momentum : float
+        SGD momentum in [0, 1); ignored by AdamW.
+    """
+
+    _prefix: ClassVar[str] = "train."
+
+    local_epochs: int = _leaf(_Int(1), 1)
+    batch_size: int = _leaf(_Int(1), 32)
+    optimizer: str = _leaf(_Choice(("adamw", "sgd")), "adamw")
+    lr: float = _leaf(_Float(0.0, low_closed=False), 1e-3)
+    weight_decay: float = _leaf(_Float(0.0), 0.05)
+    momentum: float = _leaf(_Float(0.0, 1.0, high_closed=False), 0.9)
+
+
+@dataclass(frozen=True)
+class StrategyConfig(_Validated):
+    """Server-side aggregation.
+
+    Attributes
+    ----------
+    name : str
+        A name from ``medfed.strategies.list_strategies()`` or a
+        ``"package.module:ClassName"`` path (checked when the strategy is built).
+    params : dict
+        Keyword arguments of that strategy. A plain dict: ``frozen`` is shallow, do
+        not mutate it.
+    """
+
+    _prefix: ClassVar[str] = "strategy."
+
+    name: str = _leaf(_Str(), "fedavg")
+    params: dict[str, Any] = _leaf(_Params(), default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class FederationConfig(_Validated):
+    """How many sites there are, how data is split and how many take part per round.
+
+    Attributes
+    ----------
+    num_sites : int
+        Number of sites (clients).
+    partition : str
+        ``"iid"`` or ``"dirichlet"`` (label skew).
+    dirichlet_alpha : float
+        Concentration of the Dirichlet label split; smaller is more skewed.
+    fraction_train : float
+        Fraction of sites sampled for training each round, in (0, 1].
+    fraction_evaluate : float
+        Fraction of sites sampled for evaluation each round, in [0, 1].
+    """
+
+    _prefix: ClassVar[str] = "federation."
+
+    num_sites: int = _leaf(_Int(1), 3)
+    partition: str = _leaf(_Choice(("iid", "dirichlet")), "iid")
+    dirichlet_alpha: float = _leaf(_Float(0.0, low_closed=False), 0.5)
+    fraction_train: float = _leaf(_Float(0.0, 1.0, low_closed=False), 1.0)
+    fraction_evaluate: float = _leaf(_Float(0.0, 1.0), 1.0)
+
+
+@dataclass(frozen=True)
+class SimulationConfig(_Validated):
+    """Resources of the local simulation.
+
+    Attributes
+    ----------
+    cpus_per_site : float
+        CPU cores reserved per simulated site.
+    gpus_per_site : float
+        GPU share per simulated site (0.25 runs four sites on one GPU).
+    ray_address : str or None
+        None starts a local Ray; ``"auto"`` or ``"host:port"`` joins a running one.
+    """
+
+    _prefix: ClassVar[str] = "simulation."
+
+    cpus_per_site: float = _leaf(_Float(0.0, low_closed=False), 1.0)
+    gpus_per_site: float = _leaf(_Float(0.0), 0.0)
+    ray_address: str | None = _leaf(_Optional(_Str()), None)
+
+
+# The run folder is {output_dir}/{name}: a name must stay one safe path component.
+_RUN_NAME = _Str(
+    pattern=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    what="a str of letters, digits, '.', '_' or '-' that does not start with '.' or '-'",
+)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(_Validated):
+    """One federated experiment.
+
+    Attributes
+    ----------
+    name : str
+        Run name; the run folder is ``{output_dir}/{name}``.
+    seed : int
+        Seed of every random choice (partition, sampling, initialisation).
+    output_dir : str
+        Folder that holds run folders.
+    rounds : int
+        Federated rounds.
+    data, model, train, strategy, federation, simulation
+        The sections described by their classes.
+    """
+
+    name: str = _leaf(_RUN_NAME, "breastmnist-fedavg")
+    seed: int = _leaf(_Int(0), 0)
+    output_dir: str = _leaf(_Str(), "runs")
+    rounds: int = _leaf(_Int(1), 3)
+    data: DataConfig = _section(DataConfig)
+    model: ModelConfig = _section(ModelConfig)
+    train: TrainConfig = _section(TrainConfig)
+    strategy: StrategyConfig = _section(StrategyConfig)
+    federation: FederationConfig = _section(FederationConfig)
+    simulation: SimulationConfig = _section(SimulationConfig)
+
+
+# --------------------------------------------------------------------------------------
+# Schema walking
+# --------------------------------------------------------------------------------------
+def _leaves(cls: type = ExperimentConfig, prefix: str = "") -> Iterator[tuple[str, _Constraint]]:
+    """Yield ``(dotted_key, constraint)`` for every leaf field, in declaration order."""
+    for f in fields(cls):
+        section = f.metadata.get("section")
+        if section is not None:
+            yield from _leaves(section, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f.metadata["constraint"]
+
+
+def _all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """Every dotted key, sections included, in declaration order."""
+    keys: list[str] = []
+    for f in fields(cls):
+        keys.append(prefix + f.name)
+        section = f.metadata.get("section")
+        if section is not None:
+            keys.extend(_all_keys(section, f"{prefix}{f.name}."))
+    return keys
+
+
+def _unknown_key(key: str, source: str | None) -> ConfigError:
+    known = _all_keys()
+    parent, _, last = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+    # Hints, best first: the same name in another section ("lr" -> "train.lr"),
+    # then a close spelling among the siblings ("train.lrr" -> "train.lr").
+    same_name = [k for k in known if k.rpartition(".")[2] == last]
+    close = difflib.get_close_matches(last, siblings, n=1, cutoff=0.6)
+    if same_name:
+        hint = f" (did you mean {same_name[0]!r}?)"
+    elif close:
+        suggestion = f"{parent}.{close[0]}" if parent else close[0]
+        hint = f" (did you mean {suggestion!r}?)"
+    elif siblings:
+        where = f"under {parent!r}" if parent else "at the top level"
+        hint = f" (valid keys {where}: {', '.join(siblings)})"
+    else:
+        hint = f" ({parent!r} holds a value, not keys)" if parent in known else ""
+    origin = f" in {source}" if source else ""
+    return ConfigError(f"Unknown config key {key!r}{hint}{origin}.")
+
+
+class _Sources:
+    """Where each value came from: the file by default, else the last override."""
+
+    def __init__(self, default: str | None) -> None:
+        self.default = default
+        self.overrides: list[tuple[str, str]] = []
+
+    def add(self, key: str, label: str) -> None:
+        self.overrides.append((key, label))
+
+    def __call__(self, key: str) -> str | None:
+        for override_key, label in reversed(self.overrides):
+            if _related(key, override_key):
+                return label
+        return self.default
+
+
+def _related(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _build(cls: type, raw: Any, prefix: str, sources: _Sources) -> Any:
+    if not isinstance(raw, Mapping):
+        key = prefix.rstrip(".")
+        raise _invalid_value(key, "a mapping of config keys", raw, sources(key))
+    known = {f.name: f for f in fields(cls)}
+    for name in raw:
+        if name not in known:
+            key = f"{prefix}{name}"
+            raise _unknown_key(key, sources(key))
+    kwargs: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}{name}"
+        section = f.metadata.get("section")
+        if section is not None:
+            kwargs[name] = _build(section, raw[name], key + ".", sources)
+        else:
+            kwargs[name] = _check(key, f.metadata["constraint"], raw[name], sources(key))
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> ExperimentConfig:
+    """Build and validate a config from a nested mapping; missing keys keep defaults.
+
+    Parameters
+    ----------
+    data : Mapping
+        Nested mapping with snake_case keys, as in the YAML file.
+    source : str, optional
+        Where ``data`` came from, quoted in error messages.
+
+    Returns
+    -------
+    ExperimentConfig
+
+    Raises
+    ------
+    ConfigError
+        If a key is unknown or a value breaks its constraint.
+    """
+    return _build(ExperimentConfig, data, "", _Sources(source))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and reads ``1e-3`` as a float.
+
+    PyYAML silently keeps the last of two equal keys, and follows YAML 1.1, where a
+    float needs a dot and a signed exponent: it reads ``lr: 1e-3`` as the string
+    ``"1e-3"``. Both are easy mistakes in an experiment file.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: let SafeLoader report it
+                continue
+            if duplicate:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(key, line)
+        self.key = key
+        self.line = line
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigFileNotFoundError(
+            f"Config file '{path}' does not exist. Check the path, or give no file to "
+            "use the default small federation."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read config file '{path}': {exc}.") from None
+    try:
+        data = _load_yaml(text)
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"Config file '{path}' sets key {exc.key!r} twice (second time at line "
+            f"{exc.line}); keep one."
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        message = f"Cannot parse config file '{path}'{where}: {problem}."
+        raise ConfigError(" ".join(message.split())) from None
+    if data is None:  # an empty file means "all defaults"
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"Config file '{path}' must hold a mapping of config keys at the top level "
+            f"(e.g. 'rounds: 3'). Got a {type(data).__name__} instead."
+        )
+    return data
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"Override {text!r} must have the form key=value, e.g. 'train.lr=0.01'."
+        )
+    try:
+        value = _load_yaml(value_text)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"Override {text!r} sets key {exc.key!r} twice.") from None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            " ".join(f"Cannot parse the value of override {text!r} as YAML: {problem}.".split())
+        ) from None
+    return key, value
+
+
+def _check_override_key(key: str, label: str) -> None:
+    """Refuse keys outside the schema (``strategy.params.*`` is free-form)."""
+    known = set(_all_keys())
+    parts = key.split(".")
+    for depth in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        if prefix == "strategy.params":
+            return
+        if prefix not in known:
+            raise _unknown_key(prefix, label)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, sources: _Sources) -> None:
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1], start=1):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            parent = ".".join(parts[:depth])
+            raise _invalid_value(parent, "a mapping of config keys", child, sources(parent))
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
+    """Load, merge and validate an experiment config.
+
+    Parameters
+    ----------
+    path : str or PathLike, optional
+        YAML file (snake_case keys). Missing keys keep their defaults; None uses the
+        defaults only (the small CPU federation described in the module docstring).
+    overrides : sequence of str
+        ``"dotted.key=value"`` items applied after the file, e.g. ``"rounds=5"``,
+        ``"train.lr=0.01"`` or ``"strategy.params.proximal_mu=0.1"``. The value is
+        parsed as YAML (``null`` for None, ``[1, 2]`` for a list).
+
+    Returns
+    -------
+    ExperimentConfig
+
+    Raises
+    ------
+    ConfigFileNotFoundError
+        If ``path`` does not exist.
+    ConfigError
+        For YAML syntax errors (with line and column), duplicate or unknown keys,
+        malformed overrides and values that break their constraint.
+    """
+    if isinstance(overrides, str):  # a lone "a=b" would be iterated per character
+        overrides = (overrides,)
+    raw: dict[str, Any] = {}
+    sources = _Sources(None)
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        sources = _Sources(str(path))
+    for text in overrides:
+        key, value = _parse_override(text)
+        label = f"--set {text}"
+        _check_override_key(key, label)
+        _set_dotted(raw, key, value, sources)  # before add: a parent came from earlier
+        sources.add(key, label)
+    return _build(ExperimentConfig, raw, "", sources)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Nested plain-dict copy of ``cfg`` with snake_case keys (the YAML layout)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike[str]) -> Path:
+    """Write ``cfg`` as YAML, atomically (temporary file, then rename).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    path : str or PathLike
+        Destination; missing parent folders are created.
+
+    Returns
+    -------
+    Path
+        The written file; ``load_config(path)`` gives back ``cfg``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _kebab(dotted: str) -> str:
+    return dotted.replace("_", "-")
+
+
+def to_run_config(cfg: ExperimentConfig) -> dict[str, bool | int | float | str]:
+    """Flatten ``cfg`` into a Flower run config.
+
+    Keys are dotted kebab-case (``"train.local-epochs"``); values are bool, int,
+    float or str as Flower requires: None becomes ``""`` and ``strategy.params``
+    becomes a JSON string. :func:`from_run_config` is the exact inverse.
+    """
+    flat: dict[str, bool | int | float | str] = {}
+    for key, constraint in _leaves():
+        value = _get_dotted(cfg, key)
+        if isinstance(constraint, _Params):
+            value = json.dumps(value)
+        elif value is None:
+            value = ""
+        flat[_kebab(key)] = value
+    return flat
+
+
+def _get_dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def from_run_config(
+    flat: Mapping[str, bool | int | float | str], *, strict: bool = True
+) -> ExperimentConfig:
+    """Rebuild the config from a flat Flower run config made by :func:`to_run_config`.
+
+    Parameters
+    ----------
+    flat : Mapping
+        Dotted kebab-case keys; missing keys keep their defaults.
+    strict : bool
+        If True, a key that is not part of the experiment config is an error; if
+        False it is ignored (for run configs that carry other app settings too).
+
+    Returns
+    -------
+    ExperimentConfig
+
+    Raises
+    ------
+    ConfigError
+        For unknown keys (when strict), bad JSON in ``strategy.params`` or values
+        that break their constraint.
+    """
+    leaves = {_kebab(key): (key, constraint) for key, constraint in _leaves()}
+    raw: dict[str, Any] = {}
+    sources = _Sources(RUN_CONFIG_SOURCE)
+    for flat_key, value in flat.items():
+        if flat_key not in leaves:
+            if strict:
+                raise _unknown_key(flat_key.replace("-", "_"), RUN_CONFIG_SOURCE)
+            continue
+        key, constraint = leaves[flat_key]
+        if isinstance(constraint, _Params):
+            value = _parse_params_json(key, value)
+        elif isinstance(constraint, _Optional) and value == "":
+            value = None
+        _set_dotted(raw, key, value, sources)
+    return _build(ExperimentConfig, raw, "", sources)
+
+
+def _parse_params_json(key: str, value: Any) -> Any:
+    expected = "a JSON object string such as '{\"proximal_mu\": 0.1}'"
+    if not isinstance(value, str):
+        raise _invalid_value(key, expected, value, RUN_CONFIG_SOURCE)
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise _invalid_value(key, expected, value, RUN_CONFIG_SOURCE) from None

@@ -1,0 +1,165 @@
+"""Checks that decide whether a site's training reply may enter the aggregate.
+
+One diverged site (NaN/inf weights) turns a weighted average into NaN, and one reply
+with other array names or shapes cannot be averaged at all. These functions find such
+replies so that a strategy can drop them and aggregate the rest. The array checks are
+pure NumPy; :func:`find_invalid_replies` applies them to Flower ``RecordDict`` replies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flwr.app import RecordDict
+
+__all__ = ["array_layout", "count_non_finite", "describe_layout_mismatch", "find_invalid_replies"]
+
+#: Layout of a set of named arrays: ``((name, shape), ...)`` sorted by name.
+Layout = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def count_non_finite(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Count NaN and +-inf entries per array.
+
+    Parameters
+    ----------
+    arrays : Mapping[str, np.ndarray]
+        Named arrays of any shape and dtype; integer and bool arrays are always finite.
+
+    Returns
+    -------
+    dict[str, int]
+        Number of non-finite entries for each array that has any, in input order;
+        empty when every entry is finite.
+    """
+    counts: dict[str, int] = {}
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        if not np.issubdtype(array.dtype, np.inexact):
+            continue
+        finite = np.isfinite(array)
+        if not finite.all():
+            counts[name] = int(finite.size - np.count_nonzero(finite))
+    return counts
+
+
+def array_layout(shapes: Mapping[str, Sequence[int]]) -> Layout:
+    """Names and shapes of a set of arrays, as a hashable, order-free value.
+
+    Parameters
+    ----------
+    shapes : Mapping[str, Sequence[int]]
+        Array name -> shape.
+
+    Returns
+    -------
+    Layout
+        ``((name, shape), ...)`` sorted by name.
+    """
+    return tuple(sorted((name, tuple(int(n) for n in shape)) for name, shape in shapes.items()))
+
+
+def describe_layout_mismatch(layout: Layout, expected: Layout) -> str:
+    """Say how ``layout`` differs from ``expected`` in one short phrase."""
+    shapes, expected_shapes = dict(layout), dict(expected)
+    missing = [name for name in expected_shapes if name not in shapes]
+    extra = [name for name in shapes if name not in expected_shapes]
+    parts = []
+    if missing:
+        parts.append(f"missing arrays {_short_list(missing)}")
+    if extra:
+        parts.append(f"unexpected arrays {_short_list(extra)}")
+    for name, shape in shapes.items():
+        if name in expected_shapes and shape != expected_shapes[name]:
+            parts.append(f"array {name!r} has shape {shape}, expected {expected_shapes[name]}")
+            break
+    return "; ".join(parts)
+
+
+def _short_list(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+def find_invalid_replies(
+    contents: Sequence[RecordDict], weighted_by_key: str = "num-examples"
+) -> dict[int, str]:
+    """Find training replies that must not enter a weighted average.
+
+    A reply is invalid when it does not carry exactly one ArrayRecord and one
+    MetricRecord, when its weight (``weighted_by_key`` in the MetricRecord) is not a
+    finite number > 0, when any of its arrays holds NaN or inf, or when its array
+    names and shapes differ from those of most valid replies (ties go to the reply
+    that came first). Checks run in that order, so non-finite replies do not vote on
+    the expected layout.
+
+    Parameters
+    ----------
+    contents : Sequence[RecordDict]
+        Contents of the replies that carry no error.
+    weighted_by_key : str
+        MetricRecord key holding the reply's weight (its number of examples).
+
+    Returns
+    -------
+    dict[int, str]
+        Index into ``contents`` -> reason, for each invalid reply; empty if all are
+        valid. Reasons are short phrases such as ``"array 'w' holds 2 NaN/inf values"``.
+    """
+    invalid: dict[int, str] = {}
+    layouts: dict[int, tuple[str, Layout]] = {}
+    for index, content in enumerate(contents):
+        reason = _structure_problem(content, weighted_by_key)
+        if reason is None:
+            record_name, record = next(iter(content.array_records.items()))
+            counts = count_non_finite({name: array.numpy() for name, array in record.items()})
+            if counts:
+                name, count = next(iter(counts.items()))
+                more = len(counts) - 1
+                others = f" (and {more} more array{'s' if more > 1 else ''})" if more else ""
+                values = "value" if count == 1 else "values"
+                reason = f"array {name!r} holds {count} NaN/inf {values}{others}"
+            else:
+                layouts[index] = (
+                    record_name,
+                    array_layout({name: array.shape for name, array in record.items()}),
+                )
+        if reason is not None:
+            invalid[index] = reason
+
+    if layouts:
+        expected_name, expected = Counter(layouts.values()).most_common(1)[0][0]
+        for index, (record_name, layout) in layouts.items():
+            if record_name != expected_name:
+                invalid[index] = (
+                    f"its ArrayRecord is named {record_name!r}, the others' {expected_name!r}"
+                )
+            elif layout != expected:
+                invalid[index] = (
+                    "its arrays differ from the other replies': "
+                    + describe_layout_mismatch(layout, expected)
+                )
+    return dict(sorted(invalid.items()))
+
+
+def _structure_problem(content: RecordDict, weighted_by_key: str) -> str | None:
+    num_arrays, num_metrics = len(content.array_records), len(content.metric_records)
+    if num_arrays != 1:
+        return f"it carries {num_arrays} ArrayRecords, expected exactly 1"
+    if num_metrics != 1:
+        return f"it carries {num_metrics} MetricRecords, expected exactly 1"
+    metrics = next(iter(content.metric_records.values()))
+    if weighted_by_key not in metrics:
+        return f"its MetricRecord lacks the weight key {weighted_by_key!r}"
+    weight = metrics[weighted_by_key]
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+        or weight <= 0
+    ):
+        return f"its weight {weighted_by_key!r} is {weight!r}, expected a finite number > 0"
+    return None

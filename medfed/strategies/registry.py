@@ -1,0 +1,315 @@
+"""Strategy registry: names (and ``package.module:ClassName`` paths) to Flower strategies.
+
+Built in: ``"fedavg"`` (medfed's :class:`~medfed.strategies.fedavg.FedAvg`, which drops
+non-finite or inconsistent replies) and Flower's own ``"fedprox"``, ``"fedadam"``,
+``"fedyogi"``, ``"fedadagrad"``, ``"fedavgm"`` and ``"fedmedian"``. New strategies
+register themselves with :func:`register_strategy`; any other
+``flwr.serverapp.strategy.Strategy`` subclass can be named by its import path.
+
+:func:`create_strategy` fills in the sampling arguments that follow from the federation
+(``fraction_*``, ``min_*_nodes``) for every class that accepts them, then the user's
+parameters, after checking their names and simple types against the constructor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+import typing
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy import Strategy
+
+__all__ = ["StrategyError", "create_strategy", "list_strategies", "register_strategy"]
+
+StrategyFactory = Callable[..., Strategy]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_REGISTRY: dict[str, StrategyFactory] = {}
+
+# Set by create_strategy from the federation; giving them again in strategy.params
+# would make two sources of truth.
+_FROM_FEDERATION = ("fraction_train", "fraction_evaluate")
+
+
+class StrategyError(ValueError):
+    """A strategy name, import path or parameter is wrong."""
+
+
+def register_strategy(name: str) -> Callable[[_F], _F]:
+    """Register a strategy class (or a function returning a strategy) under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Registry name, e.g. ``"fedld"``; must be non-empty and contain no ``":"``
+        (that marks import paths). Registering a name twice replaces the first entry
+        with a ``UserWarning``.
+
+    Returns
+    -------
+    Callable
+        A decorator that registers its argument and returns it unchanged.
+
+    Examples
+    --------
+    >>> @register_strategy("myavg")  # doctest: +SKIP
+    ... class MyAvg(flwr.serverapp.strategy.FedAvg): ...
+    """
+    if not isinstance(name, str) or not name or ":" in name:
+        raise StrategyError(
+            f"A strategy name must be a non-empty str without ':'. Got {name!r} instead."
+        )
+
+    def decorator(factory: _F) -> _F:
+        previous = _REGISTRY.get(name)
+        if previous is not None and previous is not factory:
+            warnings.warn(
+                f"Strategy {name!r} is already registered ({_qualname(previous)}); "
+                f"replacing it with {_qualname(factory)}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_strategies() -> list[str]:
+    """Registered strategy names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create_strategy(
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    num_sites: int,
+    fraction_train: float = 1.0,
+    fraction_evaluate: float = 1.0,
+) -> Strategy:
+    """Build a Flower strategy for a federation of ``num_sites`` sites.
+
+    Parameters
+    ----------
+    name : str
+        A registered name (see :func:`list_strategies`) or ``"package.module:ClassName"``
+        naming a ``flwr.serverapp.strategy.Strategy`` subclass.
+    params : Mapping[str, Any], optional
+        Keyword arguments of the strategy (``strategy.params`` in the experiment
+        config). They may override the ``min_*_nodes`` values derived below, but not
+        the fractions, which come from the federation.
+    num_sites : int
+        Number of sites in the federation (>= 1).
+    fraction_train, fraction_evaluate : float
+        Fractions of sites sampled per round for training, in (0, 1], and
+        evaluation, in [0, 1] (0 turns federated evaluation off).
+
+    Returns
+    -------
+    flwr.serverapp.strategy.Strategy
+        The strategy, with (where its constructor accepts them)
+        ``min_available_nodes = num_sites``, ``min_train_nodes =
+        max(1, ceil(fraction_train * num_sites))`` and ``min_evaluate_nodes`` likewise
+        (0 when ``fraction_evaluate`` is 0). Flower samples the sites of a round
+        before it waits for ``min_available_nodes``, so waiting for all sites keeps
+        round 1 from starting with the first two that connected.
+
+    Raises
+    ------
+    StrategyError
+        For an unknown name, an import path that does not load or does not name a
+        Strategy subclass, unknown or missing parameters, and values of the wrong type.
+    """
+    _check_federation(num_sites, fraction_train, fraction_evaluate)
+    params = dict(params or {})
+    factory = _resolve(name)
+    signature = _signature(name, factory)
+    accepted = {
+        p.name: p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+
+    for key in params:
+        if key in _FROM_FEDERATION:
+            raise StrategyError(
+                f"Strategy parameter {key!r} is set from federation.{key}; remove it "
+                "from strategy.params."
+            )
+        if key not in accepted and not takes_any:
+            raise StrategyError(_unknown_parameter(name, key, accepted))
+
+    derived = {
+        "fraction_train": fraction_train,
+        "fraction_evaluate": fraction_evaluate,
+        "min_available_nodes": num_sites,
+        "min_train_nodes": max(1, math.ceil(fraction_train * num_sites)),
+        "min_evaluate_nodes": (
+            0 if fraction_evaluate == 0 else max(1, math.ceil(fraction_evaluate * num_sites))
+        ),
+    }
+    kwargs = {key: value for key, value in derived.items() if key in accepted}
+    kwargs.update(_typed_params(name, factory, params))
+
+    missing = [
+        p.name
+        for p in accepted.values()
+        if p.default is p.empty and p.name not in kwargs
+    ]
+    if missing:
+        raise StrategyError(
+            f"Strategy {name!r} needs the parameter(s) {', '.join(missing)}; set them "
+            "in strategy.params."
+        )
+
+    instance = factory(**kwargs)
+    if not isinstance(instance, Strategy):
+        raise StrategyError(
+            f"Strategy {name!r} must build a flwr.serverapp.strategy.Strategy. Got "
+            f"{type(instance).__name__} instead."
+        )
+    return instance
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _check_federation(num_sites: Any, fraction_train: Any, fraction_evaluate: Any) -> None:
+    def is_real(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(num_sites, int) or isinstance(num_sites, bool) or num_sites < 1:
+        raise StrategyError(
+            f"The 'num_sites' argument of create_strategy must be an int >= 1. "
+            f"Got {num_sites!r} instead."
+        )
+    if not is_real(fraction_train) or not 0 < fraction_train <= 1:
+        raise StrategyError(
+            "The 'fraction_train' argument of create_strategy must be a float in the "
+            f"range (0, 1]. Got {fraction_train!r} instead."
+        )
+    if not is_real(fraction_evaluate) or not 0 <= fraction_evaluate <= 1:
+        raise StrategyError(
+            "The 'fraction_evaluate' argument of create_strategy must be a float in the "
+            f"range [0, 1]. Got {fraction_evaluate!r} instead."
+        )
+
+
+def _resolve(name: Any) -> StrategyFactory:
+    if not isinstance(name, str) or not name:
+        raise StrategyError(f"A strategy name must be a non-empty str. Got {name!r} instead.")
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        return _import_strategy_class(name)
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise StrategyError(
+        f"Unknown strategy {name!r}{hint}. Registered: {', '.join(list_strategies())}; "
+        "or give 'package.module:ClassName' of a flwr.serverapp.strategy.Strategy subclass."
+    )
+
+
+def _import_strategy_class(path: str) -> type[Strategy]:
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute or ":" in attribute:
+        raise StrategyError(
+            f"Strategy path {path!r} must have the form 'package.module:ClassName'."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any failure while importing user code
+        raise StrategyError(
+            f"Cannot import module {module_name!r} for strategy {path!r}: "
+            f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        ) from exc
+    obj: Any = module
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise StrategyError(
+                f"Module {module_name!r} has no attribute {attribute!r} (strategy {path!r})."
+            )
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Strategy)):
+        raise StrategyError(
+            f"Strategy {path!r} must name a subclass of flwr.serverapp.strategy.Strategy. "
+            f"Got {obj!r} instead."
+        )
+    if inspect.isabstract(obj):
+        abstract = ", ".join(sorted(obj.__abstractmethods__))
+        raise StrategyError(
+            f"Strategy {path!r} is abstract: it does not implement {abstract}."
+        )
+    return obj
+
+
+def _signature(name: str, factory: StrategyFactory) -> inspect.Signature:
+    try:
+        return inspect.signature(factory)
+    except (TypeError, ValueError) as exc:
+        raise StrategyError(f"Cannot read the parameters of strategy {name!r}: {exc}.") from exc
+
+
+def _unknown_parameter(name: str, key: str, accepted: Mapping[str, inspect.Parameter]) -> str:
+    choices = [p for p in accepted if p not in _FROM_FEDERATION]
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"Strategy {name!r} has no parameter {key!r}{hint} "
+        f"(accepted: {', '.join(choices)})"
+    )
+
+
+_SIMPLE_TYPES = {bool: "a bool", int: "an int", float: "a float", str: "a str"}
+
+
+def _typed_params(name: str, factory: StrategyFactory, params: dict[str, Any]) -> dict[str, Any]:
+    """Check values against plain ``bool``/``int``/``float``/``str`` annotations.
+
+    YAML gives ints where floats are meant (``eta: 1``); they are converted. Other
+    annotations (unions, callables) are passed through unchecked.
+    """
+    target = factory.__init__ if isinstance(factory, type) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: skip the type check
+        hints = {}
+    checked = dict(params)
+    for key, value in params.items():
+        expected = hints.get(key)
+        if expected not in _SIMPLE_TYPES:
+            continue
+        is_bool = isinstance(value, bool)
+        if expected is float and isinstance(value, int) and not is_bool:
+            checked[key] = float(value)
+        elif not isinstance(value, expected) or (expected is not bool and is_bool):
+            raise StrategyError(
+                f"The {key!r} parameter of strategy {name!r} must be "
+                f"{_SIMPLE_TYPES[expected]}. Got {value!r} instead."
+            )
+    return checked
+
+
+# Flower's own strategies, by name. medfed's "fedavg" registers itself in fedavg.py.
+for _name, _cls in {
+    "fedadagrad": flwr_strategy.FedAdagrad,
+    "fedadam": flwr_strategy.FedAdam,
+    "fedavgm": flwr_strategy.FedAvgM,
+    "fedmedian": flwr_strategy.FedMedian,
+    "fedprox": flwr_strategy.FedProx,
+    "fedyogi": flwr_strategy.FedYogi,
+}.items():
+    register_strategy(_name)(_cls)
+del _name, _cls

@@ -1,0 +1,282 @@
+"""Tests for medfed.strategies.registry: names and import paths to Flower strategies."""
+
+import warnings
+
+import pytest
+from flwr.serverapp import strategy as flwr_strategy
+
+import medfed.strategies as strategies
+from medfed.strategies import (
+    FedAvg,
+    StrategyError,
+    create_strategy,
+    list_strategies,
+    register_strategy,
+)
+from medfed.strategies import registry as registry_module
+
+
+class LocalAvg(flwr_strategy.FedAvg):
+    """A user strategy with an extra parameter, reached by its import path."""
+
+    def __init__(self, *, fraction_train: float = 1.0, min_available_nodes: int = 2, alpha: float = 0.5):
+        super().__init__(fraction_train=fraction_train, min_available_nodes=min_available_nodes)
+        self.alpha = alpha
+
+
+class NotAStrategy:
+    pass
+
+
+class NeedsBeta(flwr_strategy.FedAvg):
+    def __init__(self, beta: float, **kwargs):
+        super().__init__(**kwargs)
+        self.beta = beta
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """Registry changes made by a test are undone afterwards."""
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("fedavg", FedAvg),
+        ("fedprox", flwr_strategy.FedProx),
+        ("fedadam", flwr_strategy.FedAdam),
+        ("fedyogi", flwr_strategy.FedYogi),
+        ("fedadagrad", flwr_strategy.FedAdagrad),
+        ("fedavgm", flwr_strategy.FedAvgM),
+        ("fedmedian", flwr_strategy.FedMedian),
+    ],
+)
+def test_each_name_builds_its_class_sized_for_the_federation(name, cls):
+    # Execute
+    strategy = create_strategy(name, {}, num_sites=7, fraction_train=0.5, fraction_evaluate=0.25)
+
+    # Assert: ceil(0.5 * 7) = 4, ceil(0.25 * 7) = 2.
+    assert type(strategy) is cls
+    assert strategy.min_available_nodes == 7
+    assert strategy.min_train_nodes == 4
+    assert strategy.min_evaluate_nodes == 2
+    assert strategy.fraction_train == 0.5
+    assert strategy.fraction_evaluate == 0.25
+    assert strategy.weighted_by_key == "num-examples"
+
+
+def test_list_strategies_is_sorted_and_complete():
+    names = list_strategies()
+
+    assert names == sorted(names)
+    assert {"fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian"} <= set(names)
+
+
+def test_small_fractions_still_sample_one_site_and_zero_turns_evaluation_off():
+    strategy = create_strategy("fedavg", {}, num_sites=3, fraction_train=0.1, fraction_evaluate=0.0)
+
+    assert strategy.min_train_nodes == 1
+    assert strategy.min_evaluate_nodes == 0
+
+
+def test_params_reach_the_constructor_and_ints_become_floats():
+    strategy = create_strategy("fedadam", {"eta": 1, "beta_1": 0.5}, num_sites=2)
+
+    assert strategy.eta == 1.0
+    assert isinstance(strategy.eta, float)
+    assert strategy.beta_1 == 0.5
+
+
+def test_params_may_override_the_derived_node_minimums():
+    strategy = create_strategy("fedprox", {"min_available_nodes": 2, "proximal_mu": 0.1}, num_sites=5)
+
+    assert strategy.min_available_nodes == 2
+    assert strategy.proximal_mu == 0.1
+
+
+def test_import_path_builds_a_user_class_with_the_arguments_it_accepts():
+    # Prepare
+    path = f"{__name__}:LocalAvg"
+
+    # Execute
+    strategy = create_strategy(path, {"alpha": 2}, num_sites=4, fraction_train=0.5)
+
+    # Assert: min_train_nodes/min_evaluate_nodes are not in LocalAvg's signature.
+    assert type(strategy) is LocalAvg
+    assert strategy.alpha == 2.0
+    assert strategy.min_available_nodes == 4
+    assert strategy.fraction_train == 0.5
+    assert strategy.min_train_nodes == 2  # Flower's default, untouched
+
+
+def test_import_path_passes_any_params_to_a_kwargs_constructor():
+    strategy = create_strategy(f"{__name__}:NeedsBeta", {"beta": 0.3}, num_sites=3)
+
+    assert strategy.beta == 0.3
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        (
+            "fedavgg",
+            {},
+            "Unknown strategy 'fedavgg' (did you mean 'fedavg'?). Registered: ",
+        ),
+        (
+            "fedadam",
+            {"etaa": 0.1},
+            "Strategy 'fedadam' has no parameter 'etaa'; did you mean 'eta'? (accepted: "
+            "min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key, "
+            "arrayrecord_key, configrecord_key, train_metrics_aggr_fn, "
+            "evaluate_metrics_aggr_fn, eta, eta_l, beta_1, beta_2, tau)",
+        ),
+        (
+            "fedprox",
+            {"proximal_mu": "big"},
+            "The 'proximal_mu' parameter of strategy 'fedprox' must be a float. Got 'big' instead.",
+        ),
+        (
+            "fedprox",
+            {"proximal_mu": True},
+            "The 'proximal_mu' parameter of strategy 'fedprox' must be a float. Got True instead.",
+        ),
+        (
+            "fedavg",
+            {"weighted_by_key": 3},
+            "The 'weighted_by_key' parameter of strategy 'fedavg' must be a str. Got 3 instead.",
+        ),
+        (
+            "fedavg",
+            {"fraction_train": 0.5},
+            "Strategy parameter 'fraction_train' is set from federation.fraction_train; "
+            "remove it from strategy.params.",
+        ),
+        (
+            "no_such_module_xyz:Thing",
+            {},
+            "Cannot import module 'no_such_module_xyz' for strategy 'no_such_module_xyz:Thing': "
+            "ModuleNotFoundError: No module named 'no_such_module_xyz'",
+        ),
+        (
+            f"{__name__}:Missing",
+            {},
+            f"Module '{__name__}' has no attribute 'Missing' (strategy '{__name__}:Missing').",
+        ),
+        (
+            f"{__name__}:NotAStrategy",
+            {},
+            f"Strategy '{__name__}:NotAStrategy' must name a subclass of "
+            "flwr.serverapp.strategy.Strategy. Got ",
+        ),
+        (
+            "flwr.serverapp.strategy:Strategy",
+            {},
+            "Strategy 'flwr.serverapp.strategy:Strategy' is abstract: it does not implement "
+            "aggregate_evaluate, aggregate_train, configure_evaluate, configure_train, summary.",
+        ),
+        (
+            f"{__name__}:NeedsBeta",
+            {},
+            f"Strategy '{__name__}:NeedsBeta' needs the parameter(s) beta; set them in "
+            "strategy.params.",
+        ),
+        (":Thing", {}, "Strategy path ':Thing' must have the form 'package.module:ClassName'."),
+    ],
+)
+def test_bad_names_and_params_raise_one_line_errors(name, params, message):
+    with pytest.raises(StrategyError) as info:
+        create_strategy(name, params, num_sites=3)
+
+    text = str(info.value)
+    assert text.startswith(message)
+    assert "\n" not in text
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"num_sites": 0},
+            "The 'num_sites' argument of create_strategy must be an int >= 1. Got 0 instead.",
+        ),
+        (
+            {"num_sites": 3, "fraction_train": 0.0},
+            "The 'fraction_train' argument of create_strategy must be a float in the range "
+            "(0, 1]. Got 0.0 instead.",
+        ),
+        (
+            {"num_sites": 3, "fraction_evaluate": 1.5},
+            "The 'fraction_evaluate' argument of create_strategy must be a float in the range "
+            "[0, 1]. Got 1.5 instead.",
+        ),
+    ],
+)
+def test_bad_federation_arguments_are_refused(kwargs, message):
+    with pytest.raises(StrategyError) as info:
+        create_strategy("fedavg", {}, **kwargs)
+
+    assert str(info.value) == message
+
+
+@pytest.mark.usefixtures("clean_registry")
+def test_registered_factory_function_is_used_and_its_result_checked():
+    # Prepare
+    @register_strategy("median_of_three")
+    def median_of_three(*, min_available_nodes: int = 2):
+        return flwr_strategy.FedMedian(min_available_nodes=min_available_nodes)
+
+    @register_strategy("broken")
+    def broken():
+        return object()
+
+    # Execute
+    strategy = create_strategy("median_of_three", {}, num_sites=3)
+
+    # Assert
+    assert type(strategy) is flwr_strategy.FedMedian
+    assert strategy.min_available_nodes == 3
+    assert "median_of_three" in list_strategies()
+    with pytest.raises(StrategyError, match="^Strategy 'broken' must build a flwr"):
+        create_strategy("broken", {}, num_sites=3)
+
+
+@pytest.mark.usefixtures("clean_registry")
+def test_registering_a_name_twice_warns_and_replaces():
+    # Prepare
+    register_strategy("twice")(LocalAvg)
+
+    # Execute
+    with pytest.warns(UserWarning, match="^Strategy 'twice' is already registered"):
+        register_strategy("twice")(NeedsBeta)
+
+    # Assert
+    assert registry_module._REGISTRY["twice"] is NeedsBeta
+
+
+@pytest.mark.usefixtures("clean_registry")
+def test_registering_the_same_object_again_is_silent():
+    register_strategy("same")(LocalAvg)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register_strategy("same")(LocalAvg)
+
+
+@pytest.mark.parametrize("name", ["", "pkg.mod:Cls", None])
+def test_register_refuses_bad_names(name):
+    with pytest.raises(StrategyError, match="^A strategy name must be a non-empty str without ':'"):
+        register_strategy(name)
+
+
+def test_package_exports_the_agreed_api():
+    assert set(strategies.__all__) >= {
+        "create_strategy",
+        "register_strategy",
+        "list_strategies",
+        "strategy_state",
+        "load_strategy_state",
+        "FedAvg",
+    }

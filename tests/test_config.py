@@ -1,0 +1,446 @@
+"""Tests for medfed.config: defaults, validation messages, overrides, YAML and run config."""
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from medfed.config import (
+    ConfigError,
+    ConfigFileNotFoundError,
+    DataConfig,
+    ExperimentConfig,
+    StrategyConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    from_run_config,
+    load_config,
+    save_config,
+    to_run_config,
+)
+
+
+def _write(tmp_path, text, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- defaults -------------------------------------------------------------------------
+def test_defaults_are_the_small_cpu_federation():
+    cfg = load_config()
+
+    assert cfg == ExperimentConfig()
+    assert (cfg.name, cfg.seed, cfg.output_dir, cfg.rounds) == ("breastmnist-fedavg", 0, "runs", 3)
+    assert cfg.data == DataConfig(dataset="breastmnist", root=None, img_size=28)
+    assert cfg.model.name == "medvit_v2_nano"
+    assert cfg.train == TrainConfig(
+        local_epochs=1, batch_size=32, optimizer="adamw", lr=0.001, weight_decay=0.05, momentum=0.9
+    )
+    assert cfg.strategy == StrategyConfig(name="fedavg", params={})
+    assert (cfg.federation.num_sites, cfg.federation.partition) == (3, "iid")
+    assert (cfg.federation.fraction_train, cfg.federation.fraction_evaluate) == (1.0, 1.0)
+    assert (cfg.simulation.cpus_per_site, cfg.simulation.gpus_per_site) == (1.0, 0.0)
+    assert cfg.simulation.ray_address is None
+
+
+def test_config_is_frozen_and_replace_revalidates():
+    cfg = load_config()
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rounds = 5  # type: ignore[misc]
+    with pytest.raises(ConfigError, match=r"^Config key 'train\.lr' must be a float > 0\. Got 0\.0\.$"):
+        dataclasses.replace(cfg.train, lr=0.0)
+    assert dataclasses.replace(cfg, rounds=7).rounds == 7
+
+
+def test_sections_must_have_their_type():
+    with pytest.raises(ConfigError, match="^Config key 'train' must be a TrainConfig. Got {'lr': 1}.$"):
+        ExperimentConfig(train={"lr": 1})  # type: ignore[arg-type]
+
+
+# --- every constraint kind ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rounds=0", "Config key 'rounds' must be an int >= 1. Got 0"),
+        ("rounds=2.0", "Config key 'rounds' must be an int >= 1. Got 2.0"),
+        ("seed=-1", "Config key 'seed' must be an int >= 0. Got -1"),
+        ("seed=true", "Config key 'seed' must be an int >= 0. Got True"),
+        ("train.lr=-1", "Config key 'train.lr' must be a float > 0. Got -1"),
+        ("train.lr=0", "Config key 'train.lr' must be a float > 0. Got 0"),
+        ("train.lr=.inf", "Config key 'train.lr' must be a float > 0. Got inf"),
+        ("train.lr=fast", "Config key 'train.lr' must be a float > 0. Got 'fast'"),
+        ("train.lr=true", "Config key 'train.lr' must be a float > 0. Got True"),
+        ("train.weight_decay=-0.1", "Config key 'train.weight_decay' must be a float >= 0. Got -0.1"),
+        ("train.momentum=1", "Config key 'train.momentum' must be a float in the range [0, 1). Got 1"),
+        ("train.optimizer=adam", "Config key 'train.optimizer' must be one of 'adamw', 'sgd'. Got 'adam'"),
+        ("train.batch_size=0", "Config key 'train.batch_size' must be an int >= 1. Got 0"),
+        ("data.img_size=32", "Config key 'data.img_size' must be one of 28, 64, 128, 224. Got 32"),
+        ("data.img_size=28.0", "Config key 'data.img_size' must be one of 28, 64, 128, 224. Got 28.0"),
+        ("data.root=''", "Config key 'data.root' must be a non-empty str or null. Got ''"),
+        ("data.root=5", "Config key 'data.root' must be a non-empty str or null. Got 5"),
+        ("model.name=''", "Config key 'model.name' must be a non-empty str. Got ''"),
+        ("strategy.name=null", "Config key 'strategy.name' must be a non-empty str. Got None"),
+        (
+            "name=../escape",
+            "Config key 'name' must be a str of letters, digits, '.', '_' or '-' that does not "
+            "start with '.' or '-'. Got '../escape'",
+        ),
+        ("federation.num_sites=0", "Config key 'federation.num_sites' must be an int >= 1. Got 0"),
+        (
+            "federation.partition=label",
+            "Config key 'federation.partition' must be one of 'iid', 'dirichlet'. Got 'label'",
+        ),
+        ("federation.dirichlet_alpha=0", "Config key 'federation.dirichlet_alpha' must be a float > 0. Got 0"),
+        (
+            "federation.fraction_train=0",
+            "Config key 'federation.fraction_train' must be a float in the range (0, 1]. Got 0",
+        ),
+        (
+            "federation.fraction_evaluate=1.5",
+            "Config key 'federation.fraction_evaluate' must be a float in the range [0, 1]. Got 1.5",
+        ),
+        ("simulation.cpus_per_site=0", "Config key 'simulation.cpus_per_site' must be a float > 0. Got 0"),
+        ("simulation.gpus_per_site=-1", "Config key 'simulation.gpus_per_site' must be a float >= 0. Got -1"),
+        (
+            "strategy.params=[1, 2]",
+            "Config key 'strategy.params' must be a mapping from parameter names (str) to null, "
+            "bool, int, float, str or lists/mappings of those. Got [1, 2]",
+        ),
+        ("train=5", "Config key 'train' must be a mapping of config keys. Got 5"),
+    ],
+)
+def test_each_invalid_value_names_key_expectation_value_and_source(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+
+    assert str(info.value) == f"{message} (from --set {override})."
+
+
+def test_dataset_must_be_a_2d_medmnist_flag():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["data.dataset=organmnist3d"])
+
+    text = str(info.value)
+    assert text.startswith("Config key 'data.dataset' must be a MedMNIST 2D dataset flag (one of ")
+    assert "'pneumoniamnist'" in text and "'breastmnist'" in text
+    assert "3d'" not in text.split("Got")[0]
+    assert text.endswith("Got 'organmnist3d' (from --set data.dataset=organmnist3d).")
+
+
+def test_other_2d_datasets_and_sizes_are_accepted():
+    cfg = load_config(overrides=["data.dataset=pneumoniamnist", "data.img_size=224", "data.root=/data"])
+
+    assert (cfg.data.dataset, cfg.data.img_size, cfg.data.root) == ("pneumoniamnist", 224, "/data")
+
+
+def test_ints_are_accepted_and_converted_where_floats_are_expected():
+    cfg = load_config(overrides=["train.lr=1", "simulation.cpus_per_site=2", "train.momentum=0"])
+
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+    assert type(cfg.simulation.cpus_per_site) is float
+    assert type(cfg.train.momentum) is float
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # PyYAML alone (YAML 1.1) reads 1e-3 as a string.
+    path = _write(tmp_path, "train:\n  lr: 1e-3\nstrategy:\n  params:\n    eta: 5E-2\n")
+
+    cfg = load_config(path, overrides=["train.weight_decay=1e-4"])
+
+    assert cfg.train.lr == 0.001
+    assert cfg.train.weight_decay == 0.0001
+    assert cfg.strategy.params == {"eta": 0.05}
+
+
+# --- unknown keys ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=0.1", "Unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("lr=0.1", "Unknown config key 'lr' (did you mean 'train.lr'?)"),
+        ("train.num_sites=2", "Unknown config key 'train.num_sites' (did you mean 'federation.num_sites'?)"),
+        ("federaton.num_sites=2", "Unknown config key 'federaton' (did you mean 'federation'?)"),
+        (
+            "train.foo=1",
+            "Unknown config key 'train.foo' (valid keys under 'train': local_epochs, batch_size, "
+            "optimizer, lr, weight_decay, momentum)",
+        ),
+        ("train.lr.x=1", "Unknown config key 'train.lr.x' ('train.lr' holds a value, not keys)"),
+    ],
+)
+def test_unknown_override_keys_get_a_hint(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+
+    assert str(info.value) == f"{message} in --set {override}."
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    path = _write(tmp_path, "rounds: 2\ntrain:\n  lrr: 0.1\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value) == f"Unknown config key 'train.lrr' (did you mean 'train.lr'?) in {path}."
+
+
+# --- files ------------------------------------------------------------------------------
+def test_file_values_override_defaults_and_keep_the_rest(tmp_path):
+    path = _write(tmp_path, "rounds: 5\nstrategy:\n  name: fedprox\n  params:\n    proximal_mu: 0.1\n")
+
+    cfg = load_config(path)
+
+    assert cfg.rounds == 5
+    assert cfg.strategy == StrategyConfig(name="fedprox", params={"proximal_mu": 0.1})
+    assert cfg.train == TrainConfig()
+
+
+def test_invalid_value_in_a_file_names_the_file(tmp_path):
+    path = _write(tmp_path, "train:\n  lr: -1\n", name="runs.yaml")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value) == f"Config key 'train.lr' must be a float > 0. Got -1 (from {path})."
+
+
+def test_yaml_syntax_error_gives_file_line_and_column(tmp_path):
+    path = _write(tmp_path, "rounds: 3\ntrain:\n  lr: 0.1\n  batch_size: 32: 4\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value) == (
+        f"Cannot parse config file '{path}' at line 4, column 17: mapping values are not "
+        "allowed here."
+    )
+
+
+def test_duplicate_keys_are_refused_with_their_line(tmp_path):
+    path = _write(tmp_path, "train:\n  lr: 0.1\n  lr: 0.2\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value) == (
+        f"Config file '{path}' sets key 'lr' twice (second time at line 3); keep one."
+    )
+
+
+@pytest.mark.parametrize(("text", "kind"), [("- 1\n- 2\n", "list"), ("just words\n", "str")])
+def test_top_level_must_be_a_mapping(tmp_path, text, kind):
+    path = _write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value) == (
+        f"Config file '{path}' must hold a mapping of config keys at the top level "
+        f"(e.g. 'rounds: 3'). Got a {kind} instead."
+    )
+
+
+def test_empty_file_means_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "# nothing yet\n")) == ExperimentConfig()
+
+
+def test_missing_file_is_a_config_error_and_a_file_not_found_error(tmp_path):
+    missing = tmp_path / "nope.yaml"
+
+    with pytest.raises(ConfigFileNotFoundError) as info:
+        load_config(missing)
+
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ValueError)
+    assert str(info.value).startswith(f"Config file '{missing}' does not exist.")
+
+
+# --- overrides ---------------------------------------------------------------------------
+def test_overrides_apply_after_the_file_in_order(tmp_path):
+    path = _write(tmp_path, "rounds: 5\ntrain:\n  lr: 0.1\n")
+
+    cfg = load_config(path, overrides=["rounds=9", "train.lr=0.01", "rounds=10"])
+
+    assert cfg.rounds == 10
+    assert cfg.train.lr == 0.01
+
+
+def test_overrides_reach_inside_strategy_params(tmp_path):
+    path = _write(tmp_path, "strategy:\n  name: fedadam\n  params:\n    eta: 0.1\n")
+
+    cfg = load_config(
+        path, overrides=["strategy.params.tau=0.001", "strategy.params.extra={a: [1, 2]}"]
+    )
+
+    assert cfg.strategy.params == {"eta": 0.1, "tau": 0.001, "extra": {"a": [1, 2]}}
+
+
+def test_override_null_and_empty_value_mean_none():
+    cfg = load_config(overrides=["data.root=/d", "data.root=null"])
+    assert cfg.data.root is None
+    assert load_config(overrides=["simulation.ray_address="]).simulation.ray_address is None
+
+
+def test_override_error_on_a_key_the_file_set_names_the_override(tmp_path):
+    path = _write(tmp_path, "train:\n  lr: 0.1\n")
+
+    with pytest.raises(ConfigError, match=r"Got -2 \(from --set train\.lr=-2\)\.$"):
+        load_config(path, overrides=["train.lr=-2"])
+
+
+def test_override_into_a_non_mapping_section_reports_the_file(tmp_path):
+    path = _write(tmp_path, "train: 5\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides=["train.lr=0.1"])
+
+    assert str(info.value) == f"Config key 'train' must be a mapping of config keys. Got 5 (from {path})."
+
+
+@pytest.mark.parametrize("override", ["rounds", "=3", "train..lr=1", ".lr=1"])
+def test_malformed_overrides_are_refused(override):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+
+    assert str(info.value) == (
+        f"Override {override!r} must have the form key=value, e.g. 'train.lr=0.01'."
+    )
+
+
+def test_override_value_with_bad_yaml_is_refused():
+    with pytest.raises(ConfigError, match=r"^Cannot parse the value of override 'strategy\.params=\{a: 1' as YAML"):
+        load_config(overrides=["strategy.params={a: 1"])
+
+
+def test_a_single_override_string_is_not_split_into_characters():
+    assert load_config(overrides="rounds=4").rounds == 4
+
+
+# --- params ---------------------------------------------------------------------------
+def test_params_must_be_json_like_with_str_keys():
+    with pytest.raises(ConfigError, match=r"^Config key 'strategy\.params' must be a mapping"):
+        config_from_dict({"strategy": {"params": {1: "x"}}})
+    with pytest.raises(ConfigError, match=r"^Config key 'strategy\.params' must be a mapping"):
+        config_from_dict({"strategy": {"params": {"x": {1, 2}}}})
+
+
+def test_params_are_copied_not_shared():
+    params = {"eta": 0.1, "nested": {"a": 1}}
+
+    cfg = config_from_dict({"strategy": {"params": params}})
+    params["nested"]["a"] = 2
+
+    assert cfg.strategy.params == {"eta": 0.1, "nested": {"a": 1}}
+
+
+# --- dict / YAML / run config round trips ----------------------------------------------
+_CUSTOM = [
+    "name=pneumonia-fedadam",
+    "seed=7",
+    "rounds=12",
+    "data.dataset=pneumoniamnist",
+    "data.root=/data/medmnist",
+    "data.img_size=64",
+    "model.name=medvit_v2_tiny",
+    "train.local_epochs=2",
+    "train.optimizer=sgd",
+    "train.lr=0.0125",
+    "train.momentum=0.5",
+    "strategy.name=fedadam",
+    "strategy.params={eta: 0.01, beta_1: 0.9, note: 'x y', flags: [true, null]}",
+    "federation.num_sites=5",
+    "federation.partition=dirichlet",
+    "federation.dirichlet_alpha=0.3",
+    "federation.fraction_train=0.6",
+    "federation.fraction_evaluate=0",
+    "simulation.gpus_per_site=0.25",
+    "simulation.ray_address=auto",
+]
+
+
+@pytest.mark.parametrize("overrides", [[], _CUSTOM], ids=["defaults", "custom"])
+def test_run_config_round_trip_is_exact(overrides):
+    cfg = load_config(overrides=overrides)
+
+    flat = to_run_config(cfg)
+
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+    assert from_run_config(flat) == cfg
+
+
+def test_run_config_keys_are_dotted_kebab_case():
+    flat = to_run_config(load_config(overrides=["strategy.params.proximal_mu=0.1"]))
+
+    assert flat["train.local-epochs"] == 1
+    assert flat["federation.num-sites"] == 3
+    assert flat["output-dir"] == "runs"
+    assert flat["data.root"] == ""
+    assert flat["simulation.ray-address"] == ""
+    assert json.loads(flat["strategy.params"]) == {"proximal_mu": 0.1}
+    assert len(flat) == 24
+    assert all("_" not in key for key in flat)
+
+
+def test_from_run_config_fills_missing_keys_with_defaults_and_checks_values():
+    cfg = from_run_config({"rounds": 2, "train.lr": 1})
+
+    assert cfg.rounds == 2 and cfg.train.lr == 1.0
+    with pytest.raises(ConfigError) as info:
+        from_run_config({"train.local-epochs": 0})
+    assert str(info.value) == "Config key 'train.local_epochs' must be an int >= 1. Got 0 (from run_config)."
+
+
+def test_from_run_config_unknown_keys_strict_and_lenient():
+    flat = {**to_run_config(load_config()), "resume": True}
+
+    with pytest.raises(ConfigError, match=r"^Unknown config key 'resume' .* in run_config\.$"):
+        from_run_config(flat)
+    assert from_run_config(flat, strict=False) == load_config()
+
+
+def test_from_run_config_refuses_bad_params_json():
+    with pytest.raises(ConfigError) as info:
+        from_run_config({"strategy.params": "{eta: 1}"})
+
+    assert str(info.value) == (
+        "Config key 'strategy.params' must be a JSON object string such as "
+        "'{\"proximal_mu\": 0.1}'. Got '{eta: 1}' (from run_config)."
+    )
+
+
+def test_config_to_dict_is_the_yaml_layout():
+    data = config_to_dict(load_config(overrides=["strategy.params.mu=1"]))
+
+    assert list(data) == [
+        "name", "seed", "output_dir", "rounds", "data", "model", "train", "strategy",
+        "federation", "simulation",
+    ]
+    assert data["train"]["local_epochs"] == 1
+    assert data["strategy"] == {"name": "fedavg", "params": {"mu": 1}}
+    assert config_from_dict(data) == load_config(overrides=["strategy.params.mu=1"])
+
+
+def test_save_then_load_gives_the_same_config(tmp_path):
+    cfg = load_config(overrides=_CUSTOM)
+
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+
+    assert path == tmp_path / "run" / "config.yaml"
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text())["federation"]["num_sites"] == 5
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left
+
+
+def test_dataset_choices_are_medmnists_2d_flags():
+    # config reads medmnist/info.py on its own to avoid importing torch; check it
+    # agrees with the package.
+    import medmnist
+
+    from medfed.config import _medmnist_2d_flags
+
+    expected = sorted(flag for flag in medmnist.INFO if "3d" not in flag)
+    assert list(_medmnist_2d_flags()) == expected
+    assert len(expected) == 12
