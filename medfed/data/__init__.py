@@ -1,0 +1,32 @@
+"""Data layer of medfed: MedMNIST and site-folder loading, validation and metrics.
+
+Knows nothing of federation: imports numpy, torch, Pillow, medmnist (metadata only) and
+scikit-learn, never flwr or medfed's client, server or simulation parts.
+"""
+
+from .dataset import ImageDataset, TrainAugmentation, train_augmentation
+from .errors import DatasetNotFoundError, DatasetSizeWarning, DatasetValidationError
+from .info import DatasetInfo, dataset_info
+from .medmnist_files import default_data_root, load_medmnist, medmnist_filename, medmnist_url
+from .metrics import classification_metrics, confusion, equity_scaled, group_metrics
+from .site_folder import load_site_folder
+
+__all__ = [
+    "DatasetInfo",
+    "ImageDataset",
+    "load_medmnist",
+    "load_site_folder",
+    "classification_metrics",
+    "confusion",
+    "group_metrics",
+    "equity_scaled",
+    "train_augmentation",
+    "TrainAugmentation",
+    "DatasetNotFoundError",
+    "DatasetValidationError",
+    "DatasetSizeWarning",
+    "default_data_root",
+    "dataset_info",
+    "medmnist_filename",
+    "medmnist_url",
+]

@@ -1,0 +1,210 @@
+"""Site folders: generated PNG/JPEG images with labels.csv, both layouts and every failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medfed.data import DatasetNotFoundError, DatasetValidationError, load_site_folder
+
+
+def _write_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def _write_csv(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _gray(seed: int, size: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(size, size), dtype=np.uint8)
+
+
+def _split_layout(root: Path, with_groups: bool = True) -> dict[str, list[tuple[str, np.ndarray, int, int]]]:
+    """train/ val/ test/ folders with gray PNGs; returns split -> [(name, pixels, label, group)]."""
+    content = {
+        "train": [("a.png", _gray(0), 0, 1), ("b.png", _gray(1), 2, 0), ("c.png", _gray(2), 1, 1)],
+        "val": [("d.png", _gray(3), 1, 0)],
+        "test": [("e.png", _gray(4), 0, 2), ("f.png", _gray(5), 2, 0)],
+    }
+    for split, rows in content.items():
+        header = "filename,label,group" if with_groups else "filename,label"
+        lines = [header]
+        for name, pixels, label, group in rows:
+            _write_png(root / split / name, pixels)
+            lines.append(f"{name},{label},{group}" if with_groups else f"{name},{label}")
+        _write_csv(root / split / "labels.csv", lines)
+    return content
+
+
+def test_split_folders_round_trip_with_groups(tmp_path):
+    # Prepare
+    content = _split_layout(tmp_path)
+    # Execute
+    datasets = load_site_folder(tmp_path, flag="hospital-a")
+    # Assert
+    assert list(datasets) == ["train", "val", "test"]
+    for split, rows in content.items():
+        dataset = datasets[split]
+        np.testing.assert_array_equal(dataset.images[..., 0], np.stack([r[1] for r in rows]))
+        assert dataset.labels.tolist() == [r[2] for r in rows]
+        assert dataset.groups.tolist() == [r[3] for r in rows]
+    info = datasets["train"].info
+    assert (info.flag, info.task, info.num_classes, info.in_chans) == ("hospital-a", "multi-class", 3, 1)
+    _, label, group = datasets["test"][1]
+    assert (label.item(), group.item()) == (2, 0)
+
+
+def test_without_group_column_groups_are_none(tmp_path):
+    _split_layout(tmp_path, with_groups=False)
+    datasets = load_site_folder(tmp_path, num_classes=4)
+    assert datasets["train"].groups is None and datasets["train"].info.num_classes == 4
+    assert datasets["val"][0][2].item() == -1
+
+
+def test_single_csv_with_split_column_and_mixed_modes_becomes_rgb(tmp_path):
+    # Prepare: one RGB PNG, one gray PNG, one RGBA PNG, one JPEG; split column; empty group = unknown
+    rgb = np.random.default_rng(0).integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    gray = _gray(1, size=6)
+    rgba = np.dstack([rgb[::-1], np.full((6, 6), 128, np.uint8)])
+    _write_png(tmp_path / "img" / "rgb.png", rgb)
+    _write_png(tmp_path / "img" / "gray.png", gray)
+    _write_png(tmp_path / "img" / "rgba.png", rgba)
+    Image.fromarray(rgb).save(tmp_path / "img" / "photo.jpg", quality=95)
+    _write_csv(tmp_path / "labels.csv", [
+        "filename,label,group,split",
+        "img/rgb.png,1,0,train",
+        "img/gray.png,0,,train",
+        "img/rgba.png,1,1,test",
+        "img/photo.jpg,0,1,Validation",
+    ])
+    # Execute
+    datasets = load_site_folder(tmp_path, task="binary-class")
+    # Assert
+    train = datasets["train"]
+    assert train.images.shape == (2, 6, 6, 3) and train.info.in_chans == 3 and train.info.num_classes == 2
+    np.testing.assert_array_equal(train.images[0], rgb)
+    np.testing.assert_array_equal(train.images[1], np.repeat(gray[..., None], 3, axis=2))
+    np.testing.assert_array_equal(datasets["test"].images[0], rgb[::-1])  # alpha dropped
+    assert train.groups.tolist() == [0, -1]
+    assert len(datasets["val"]) == 1 and datasets["val"].images.shape == (1, 6, 6, 3)
+
+
+def test_csv_without_split_column_is_all_train(tmp_path):
+    _write_png(tmp_path / "x.png", _gray(0))
+    _write_png(tmp_path / "y.png", _gray(1))
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "x.png,0", "y.png,1"])
+    datasets = load_site_folder(tmp_path)
+    assert list(datasets) == ["train"] and len(datasets["train"]) == 2
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path):
+    # Prepare: 16-bit values 0, 257 * 100, 65535 -> 0, 100, 255
+    pixels = np.array([[0, 25700], [65535, 257]], dtype=np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "deep.png,1"])
+    # Execute
+    train = load_site_folder(tmp_path)["train"]
+    # Assert
+    assert train.images[0, ..., 0].tolist() == [[0, 100], [255, 1]]
+
+
+def test_multi_label_site(tmp_path):
+    for i in range(2):
+        _write_png(tmp_path / f"{i}.png", _gray(i))
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "0.png,0;1;1", "1.png,1 0 0"])
+    train = load_site_folder(tmp_path, task="multi-label")["train"]
+    assert train.info.task == "multi-label, binary-class" and train.info.num_classes == 3
+    assert train.labels.tolist() == [[0, 1, 1], [1, 0, 0]]
+
+
+# --- failures ----------------------------------------------------------------------------
+
+
+def _one_image_site(root: Path, csv_lines: list[str]) -> None:
+    _write_png(root / "a.png", _gray(0))
+    _write_png(root / "b.png", _gray(1))
+    _write_csv(root / "labels.csv", csv_lines)
+
+
+@pytest.mark.parametrize(
+    ("lines", "kwargs", "fragments"),
+    [
+        (["filename,label", "a.png,1", "b.png,2"], {"num_classes": 2}, ["line 3", "label 2 is unknown", "2 classes"]),
+        (["filename,label", "a.png,benign"], {}, ["line 2", "integer", "'benign'"]),
+        (["filename,label", "a.png,-1"], {}, ["line 2", ">= 0", "-1"]),
+        (["filename,label", "a.png,0", "b.png,1", "a.png,1"], {}, ["line 4", "'a.png' is listed twice", "line 2"]),
+        (["name,class", "a.png,0"], {}, ["'filename' and 'label'", "['name', 'class']"]),
+        (["filename,label,split", "a.png,0,holdout"], {}, ["line 2", "train, val or test", "'holdout'"]),
+        (["filename,label,group", "a.png,0,female"], {}, ["line 2", "group must be an integer", "'female'"]),
+        (["filename,label"], {}, ["lists no images"]),
+        (["filename,label", "a.png,0 1", "b.png,1 0 1"], {"task": "multi-label"}, ["line 3", "2 values", "Got 3"]),
+        (["filename,label", "a.png,0;2"], {"task": "multi-label"}, ["0/1 values", "'0;2'"]),
+    ],
+)
+def test_csv_errors_name_line_and_value(tmp_path, lines, kwargs, fragments):
+    # Prepare
+    _one_image_site(tmp_path, lines)
+    # Execute
+    with pytest.raises(DatasetValidationError) as caught:
+        load_site_folder(tmp_path, **kwargs)
+    # Assert
+    message = str(caught.value)
+    assert "labels.csv" in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_missing_image_files_are_named(tmp_path):
+    _one_image_site(tmp_path, ["filename,label", "a.png,0", "gone.png,1", "also_gone.png,0"])
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_site_folder(tmp_path)
+    message = str(caught.value)
+    assert "2 image file(s)" in message and "gone.png" in message and "also_gone.png" in message
+    assert "line 3" in message
+
+
+def test_images_of_different_sizes_are_rejected_naming_the_file(tmp_path):
+    _write_png(tmp_path / "small.png", _gray(0, size=8))
+    _write_png(tmp_path / "large.png", _gray(1, size=10))
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "small.png,0", "large.png,1"])
+    with pytest.raises(DatasetValidationError) as caught:
+        load_site_folder(tmp_path)
+    message = str(caught.value)
+    assert "large.png is 10x10 px" in message and "small.png is 8x8 px" in message
+
+
+def test_unreadable_image_is_named(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "broken.png,0"])
+    with pytest.raises(DatasetValidationError) as caught:
+        load_site_folder(tmp_path)
+    assert "broken.png cannot be read as an image" in str(caught.value)
+
+
+def test_missing_folder_and_missing_csv(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="not found"):
+        load_site_folder(tmp_path / "nowhere")
+    with pytest.raises(DatasetNotFoundError, match="neither labels.csv nor train/ val/ test/"):
+        load_site_folder(tmp_path)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="train has no labels.csv"):
+        load_site_folder(tmp_path)
+
+
+def test_both_layouts_at_once_is_ambiguous(tmp_path):
+    _split_layout(tmp_path)
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "train/a.png,0"])
+    with pytest.raises(DatasetValidationError, match="both labels.csv and train/labels.csv"):
+        load_site_folder(tmp_path)
+
+
+def test_binary_task_rejects_other_class_counts(tmp_path):
+    _one_image_site(tmp_path, ["filename,label", "a.png,0"])
+    with pytest.raises(ValueError, match="binary-class site folder has 2 classes"):
+        load_site_folder(tmp_path, task="binary-class", num_classes=3)
