@@ -1,0 +1,60 @@
+"""The `medfed` command: pooled training end to end, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medfed.cli import main
+from medfed.server.checkpoint import load_arrays
+
+
+def _tiny_breastmnist(root, n=(24, 8, 8), seed=0):
+    """A BreastMNIST-shaped file whose class is visible (bright vs dark images)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        labels = np.arange(count) % 2
+        images = rng.integers(0, 60, size=(count, 28, 28)) + 150 * labels[:, None, None]
+        arrays[f"{split}_images"] = images.astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    np.savez(root / "breastmnist.npz", **arrays)
+
+
+def test_train_writes_selected_model_and_metrics(tmp_path, capsys):
+    # Prepare
+    _tiny_breastmnist(tmp_path)
+    out = tmp_path / "run"
+    # Execute
+    with pytest.warns(UserWarning, match="breastmnist"):  # counts differ from the official ones
+        code = main(["train", "--data-root", str(tmp_path), "--epochs", "2", "--batch-size", "8",
+                     "--out", str(out)])
+    # Assert
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]) >= {"acc", "auc", "balanced_acc"}
+    assert 0.0 <= metrics["test"]["acc"] <= 1.0
+    assert metrics["best_epoch"] in (1, 2)
+    assert len(metrics["history"]) == 2
+    weights = load_arrays(out / "model.safetensors")
+    assert any(k.endswith("head.weight") for k in weights)
+    assert "test ACC" in capsys.readouterr().out
+
+
+def test_train_on_a_missing_dataset_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    import medfed.data.medmnist_files as files
+
+    monkeypatch.setattr(files, "_open_url", lambda url, timeout_s: (_ for _ in ()).throw(OSError("offline")))
+    code = main(["train", "--dataset", "pneumoniamnist", "--data-root", str(tmp_path), "--epochs", "1",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "pneumoniamnist.npz" in err
+
+
+def test_bad_numbers_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--epochs", "0"])
+    assert exit_info.value.code == 2
+    assert "must be > 0" in capsys.readouterr().err
