@@ -1,0 +1,479 @@
+"""Exact 2-D (dilated) neighborhood attention, with or without NATTEN's CUDA kernels.
+
+Neighborhood attention restricts each query to the ``k x k`` keys around it:
+
+- A. Hassani, S. Walton, J. Li, S. Li, H. Shi, "Neighborhood Attention Transformer",
+  CVPR 2023, https://arxiv.org/abs/2204.07143
+- A. Hassani, H. Shi, "Dilated Neighborhood Attention Transformer", 2022,
+  https://arxiv.org/abs/2209.15001
+
+Border semantics (identical to NATTEN's): per axis, positions are split into
+``dilation`` groups by ``index % dilation``. Within its group a query's window holds
+``kernel_size`` consecutive group members centred on the query, shifted inward at the
+borders of the group (never zero-padded). Every query therefore attends to exactly
+``kernel_size**2`` keys, which requires ``kernel_size * dilation <= H`` and ``<= W``.
+
+On CUDA tensors, when NATTEN was built with its fused kernels (``cutlass-fna``,
+``hopper-fna`` or ``blackwell-fna``) and they accept the inputs, :func:`natten.na2d` is
+called. Everywhere else (CPU, CUDA without NATTEN's kernels, float64, ...) an exact
+PyTorch implementation runs: it loops over the ``k*k`` window offsets, gathering one
+shifted copy of the keys or values at a time, so that its memory is linear in
+``H * W * k**2`` (the attention probabilities) plus a few ``[B, H*W, heads, dim]``
+buffers, never a dense ``(H*W)**2`` matrix. Its backward pass is written by hand
+(first order only; double backward is not supported).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from types import ModuleType
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "NeighborhoodAttention2D",
+    "clamp_window",
+    "natten_kernel_backend",
+    "neighborhood_attention",
+    "neighborhood_indices",
+]
+
+logger = logging.getLogger(__name__)
+
+Implementation = Literal["auto", "torch", "natten"]
+
+# NATTEN backends that run fused CUDA kernels (flex-fna is excluded: on CPU it has no
+# backward, and uncompiled it materialises the full score matrix).
+_NATTEN_KERNEL_BACKENDS = ("blackwell-fna", "hopper-fna", "cutlass-fna")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------
+
+
+def _check_positive_int(value: object, name: str, caller: str, odd: bool = False) -> None:
+    """Raise ValueError unless ``value`` is an int >= 1 (and odd when ``odd``)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not is_int or value < 1 or (odd and value % 2 == 0):
+        kind = "an odd int >= 1" if odd else "an int >= 1"
+        raise ValueError(f"The {name!r} parameter of {caller} must be {kind}. Got {value!r} instead.")
+
+
+def neighborhood_indices(
+    length: int, kernel_size: int, dilation: int = 1, device: torch.device | str | None = None
+) -> Tensor:
+    """Key positions seen by each query position along one axis.
+
+    Parameters
+    ----------
+    length : int
+        Number of positions on the axis; ``kernel_size * dilation <= length``.
+    kernel_size : int
+        Odd window size (keys per query on this axis).
+    dilation : int, default 1
+        Step between the keys of a window.
+    device : torch.device or str, optional
+        Device of the returned tensor (CPU when None).
+
+    Returns
+    -------
+    Tensor
+        int64 ``[length, kernel_size]``, increasing along each row: row ``i`` holds the
+        positions that query ``i`` attends to.
+    """
+    caller = "neighborhood_indices"
+    _check_positive_int(length, "length", caller)
+    _check_positive_int(kernel_size, "kernel_size", caller, odd=True)
+    _check_positive_int(dilation, "dilation", caller)
+    if kernel_size * dilation > length:
+        raise ValueError(
+            f"neighborhood_indices needs kernel_size * dilation <= length. Got {kernel_size} * {dilation} > {length}."
+        )
+    return _neighborhood_indices(length, kernel_size, dilation, torch.device(device or "cpu"))
+
+
+def _neighborhood_indices(length: int, kernel_size: int, dilation: int, device: torch.device) -> Tensor:
+    position = torch.arange(length, device=device)
+    group = position % dilation
+    group_size = (length - group + dilation - 1) // dilation  # members of the query's group
+    rank = position // dilation  # position of the query within its group
+    # Centre the window on the query, then shift it inward so it stays inside the group.
+    start = torch.minimum((rank - kernel_size // 2).clamp(min=0), group_size - kernel_size)
+    offsets = torch.arange(kernel_size, device=device)
+    return group[:, None] + dilation * (start[:, None] + offsets[None, :])
+
+
+@functools.lru_cache(maxsize=64)
+def _window_table(height: int, width: int, kernel_size: int, dilation: int, device: torch.device) -> Tensor:
+    """Flat key index per (window offset, flat query): int64 ``[k*k, H*W]``, row-major offsets."""
+    rows = _neighborhood_indices(height, kernel_size, dilation, device)  # [H, k]
+    cols = _neighborhood_indices(width, kernel_size, dilation, device)  # [W, k]
+    flat = rows.t()[:, None, :, None] * width + cols.t()[None, :, None, :]  # [k, k, H, W]
+    return flat.reshape(kernel_size * kernel_size, height * width).contiguous()
+
+
+def clamp_window(height: int, width: int, kernel_size: int, dilation: int) -> tuple[int, int]:
+    """Largest window that fits a ``height x width`` map.
+
+    Parameters
+    ----------
+    height, width : int
+        Feature-map size in positions.
+    kernel_size : int
+        Requested odd window size.
+    dilation : int
+        Requested dilation.
+
+    Returns
+    -------
+    tuple of int
+        ``(kernel, dilation)``: the largest odd kernel ``<= kernel_size`` that is
+        ``<= min(height, width)``, and the largest dilation ``<= dilation`` with
+        ``kernel * dilation <= min(height, width)``; both at least 1. For example a
+        kernel 7 on a 4 x 4 map becomes 3, and on a 1 x 1 map 1 (the query alone).
+    """
+    caller = "clamp_window"
+    _check_positive_int(height, "height", caller)
+    _check_positive_int(width, "width", caller)
+    _check_positive_int(kernel_size, "kernel_size", caller, odd=True)
+    _check_positive_int(dilation, "dilation", caller)
+    side = min(height, width)
+    kernel = min(kernel_size, side)
+    if kernel % 2 == 0:
+        kernel -= 1
+    return kernel, max(1, min(dilation, side // kernel))
+
+
+# --------------------------------------------------------------------------------------
+# NATTEN dispatch
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _natten() -> ModuleType | None:
+    """NATTEN if it imports and was built with its CUDA kernels, else None (imported lazily)."""
+    try:
+        import natten
+        from natten.backends import get_compatible_backends  # noqa: F401  (checked here once)
+    except Exception as error:  # any failure must leave medfed usable
+        logger.debug("NATTEN is unavailable (%s); using the PyTorch neighborhood attention.", error)
+        return None
+    if not getattr(natten, "HAS_LIBNATTEN", False):
+        logger.debug("NATTEN %s has no CUDA kernels; using the PyTorch neighborhood attention.", natten.__version__)
+        return None
+    return natten
+
+
+def natten_kernel_backend(query: Tensor, key: Tensor, value: Tensor) -> str | None:
+    """Name of the fused NATTEN backend that would run these tensors, or None.
+
+    Parameters
+    ----------
+    query, key, value : Tensor
+        ``[B, H, W, heads, dim]`` inputs of :func:`neighborhood_attention`.
+
+    Returns
+    -------
+    str or None
+        ``"blackwell-fna"``, ``"hopper-fna"`` or ``"cutlass-fna"`` when the tensors are
+        on CUDA, NATTEN was built with its kernels and one of them accepts the inputs
+        (dtype, head dim, compute capability); None otherwise.
+    """
+    if not query.is_cuda:
+        return None
+    natten = _natten()
+    if natten is None:
+        return None
+    from natten.backends import get_compatible_backends
+
+    try:
+        compatible = get_compatible_backends(query, key, value, torch_compile=False)
+    except Exception as error:  # NATTEN's checks may raise on inputs it rejects
+        logger.debug("NATTEN rejected the inputs (%s); using the PyTorch neighborhood attention.", error)
+        return None
+    return next((name for name in _NATTEN_KERNEL_BACKENDS if name in compatible), None)
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch implementation
+# --------------------------------------------------------------------------------------
+
+
+def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """Keep autocast from recasting the loop's float32 maths to half precision."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _forward_offsets(q: Tensor, k: Tensor, v: Tensor, table: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Output ``[B, P, heads, dim]`` and probabilities ``[k*k, B, P, heads]``."""
+    batch, positions, heads, _ = q.shape
+    scores = q.new_empty(table.shape[0], batch, positions, heads)
+    scaled_query = q * scale
+    for offset, keys_at in enumerate(table):
+        torch.linalg.vecdot(scaled_query, k.index_select(1, keys_at), out=scores[offset])
+    probs = scores.softmax(dim=0)
+    out = torch.zeros_like(q)
+    for offset, keys_at in enumerate(table):
+        out.addcmul_(probs[offset].unsqueeze(-1), v.index_select(1, keys_at))
+    return out, probs
+
+
+def _backward_offsets(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    probs: Tensor,
+    out: Tensor,
+    scale: float,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of query, key and value (None where not needed), same layout as the inputs."""
+    need_q, need_k, need_v = needs_grad
+    grad_q = grad_k = grad_v = None
+    if need_v:
+        grad_v = torch.zeros_like(v)
+        for offset, keys_at in enumerate(table):
+            grad_v.index_add_(1, keys_at, probs[offset].unsqueeze(-1) * grad_out)
+    if need_q or need_k:
+        grad_probs = torch.empty_like(probs)
+        for offset, keys_at in enumerate(table):
+            torch.linalg.vecdot(grad_out, v.index_select(1, keys_at), out=grad_probs[offset])
+        # Softmax backward: d(score_j) = p_j (d(p_j) - sum_i p_i d(p_i)), and the sum equals <grad_out, out>.
+        grad_scores = probs * (grad_probs - torch.linalg.vecdot(grad_out, out)) * scale
+        del grad_probs
+        if need_q:
+            grad_q = torch.zeros_like(q)
+            for offset, keys_at in enumerate(table):
+                grad_q.addcmul_(grad_scores[offset].unsqueeze(-1), k.index_select(1, keys_at))
+        if need_k:
+            grad_k = torch.zeros_like(k)
+            for offset, keys_at in enumerate(table):
+                grad_k.index_add_(1, keys_at, grad_scores[offset].unsqueeze(-1) * q)
+    return grad_q, grad_k, grad_v
+
+
+class _NeighborhoodAttentionFunction(torch.autograd.Function):
+    """Neighborhood attention over flat positions, one window offset at a time.
+
+    Inputs ``[B, P, heads, dim]`` (P = H*W) and the window table ``[k*k, P]``. Scores and
+    probabilities are kept as ``[k*k, B, P, heads]`` so that each offset is one contiguous
+    slab; only the probabilities and the output are saved for the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, table: Tensor, scale: float) -> Tensor:
+        # Half-precision inputs are computed in float32: k*k accumulations in bf16 lose digits.
+        compute_dtype = torch.float32 if query.dtype in _HALF_DTYPES else query.dtype
+        q, k, v = (t.to(compute_dtype) for t in (query, key, value))
+        with _autocast_disabled(q.device):
+            out, probs = _forward_offsets(q, k, v, table, scale)
+        ctx.save_for_backward(query, key, value, table, probs, out)
+        ctx.scale = scale
+        return out.to(query.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        query, key, value, table, probs, out = ctx.saved_tensors
+        q, k, v, grad = (t.to(probs.dtype) for t in (query, key, value, grad_out))
+        with _autocast_disabled(q.device):
+            grads = _backward_offsets(grad, q, k, v, table, probs, out, ctx.scale, ctx.needs_input_grad[:3])
+        grads = tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (query, key, value)))
+        return (*grads, None, None)
+
+
+def _torch_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int) -> Tensor:
+    batch, height, width, heads, dim = query.shape
+    table = _window_table(height, width, kernel_size, dilation, query.device)
+    flat = [t.reshape(batch, height * width, heads, dim) for t in (query, key, value)]
+    out = _NeighborhoodAttentionFunction.apply(*flat, table, dim**-0.5)
+    return out.reshape(batch, height, width, heads, dim)
+
+
+# --------------------------------------------------------------------------------------
+# Public function and module
+# --------------------------------------------------------------------------------------
+
+
+def _validate(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int) -> None:
+    caller = "neighborhood_attention"
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, Tensor):
+            raise ValueError(
+                f"The {name!r} argument of {caller} must be a Tensor. Got {type(tensor).__name__} instead."
+            )
+    if query.dim() != 5 or query.shape[-1] == 0:
+        raise ValueError(
+            f"{caller} expects [B, H, W, heads, dim] (5-D, dim >= 1) tensors. "
+            f"Got a query of shape {tuple(query.shape)}."
+        )
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(
+            f"{caller} expects query, key and value of the same shape. Got {tuple(query.shape)}, "
+            f"{tuple(key.shape)} and {tuple(value.shape)}."
+        )
+    if key.device != query.device or value.device != query.device:
+        raise ValueError(
+            f"{caller} expects query, key and value on one device. "
+            f"Got {query.device}, {key.device} and {value.device}."
+        )
+    if not query.is_floating_point() or key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(
+            f"{caller} expects query, key and value of one floating dtype. "
+            f"Got {query.dtype}, {key.dtype} and {value.dtype}."
+        )
+    _check_positive_int(kernel_size, "kernel_size", caller, odd=True)
+    _check_positive_int(dilation, "dilation", caller)
+    height, width = query.shape[1:3]
+    if kernel_size * dilation > min(height, width):
+        raise ValueError(
+            f"{caller} needs kernel_size * dilation <= H and <= W. Got {kernel_size} * {dilation} = "
+            f"{kernel_size * dilation} for a {height} x {width} map; reduce them (see clamp_window)."
+        )
+
+
+def neighborhood_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    *,
+    implementation: Implementation = "auto",
+) -> Tensor:
+    """2-D dilated neighborhood attention, exact and NATTEN-compatible.
+
+    Parameters
+    ----------
+    query, key, value : Tensor
+        ``[B, H, W, heads, dim]``, same shape, device and floating dtype.
+    kernel_size : int
+        Odd window size; each query attends to ``kernel_size**2`` keys.
+    dilation : int, default 1
+        Step between window members; ``kernel_size * dilation <= min(H, W)``.
+    implementation : {"auto", "torch", "natten"}, default "auto"
+        "auto" calls NATTEN's fused CUDA kernels when :func:`natten_kernel_backend`
+        finds one (and ``kernel_size > 1``, which NATTEN requires) and the PyTorch
+        implementation otherwise; "torch" always uses the PyTorch implementation;
+        "natten" requires the fused kernels.
+
+    Returns
+    -------
+    Tensor
+        ``[B, H, W, heads, dim]``: ``softmax(q . k / sqrt(dim)) @ v`` over each window.
+    """
+    _validate(query, key, value, kernel_size, dilation)
+    if implementation not in ("auto", "torch", "natten"):
+        raise ValueError(
+            "The 'implementation' parameter of neighborhood_attention must be a str among "
+            f"{{'auto', 'torch', 'natten'}}. Got {implementation!r} instead."
+        )
+    # NATTEN rejects kernel_size 1 (the query alone, i.e. out = value): keep that on the PyTorch path.
+    use_natten = implementation != "torch" and kernel_size > 1
+    backend = natten_kernel_backend(query, key, value) if use_natten else None
+    if implementation == "natten" and backend is None:
+        raise ValueError(
+            "neighborhood_attention(implementation='natten') needs kernel_size >= 2, CUDA tensors and NATTEN "
+            f"built with CUDA kernels that accept them. Got kernel_size={kernel_size} and {query.device} "
+            f"{query.dtype} tensors; use implementation='auto'."
+        )
+    if backend is not None:
+        return _natten().na2d(query, key, value, kernel_size=kernel_size, dilation=dilation, backend=backend)
+    return _torch_neighborhood_attention(query, key, value, kernel_size, dilation)
+
+
+class NeighborhoodAttention2D(nn.Module):
+    """Multi-head 2-D dilated neighborhood self-attention on channels-last maps.
+
+    The window is clamped to the map at forward time (:func:`clamp_window`), so small maps
+    (1 x 1, 2 x 2, ...) work with a large ``kernel_size``. There is no relative position bias
+    (NATTEN dropped it in 0.20).
+
+    Parameters
+    ----------
+    dim : int
+        Channels ``C`` of the input and output; divisible by ``num_heads``.
+    num_heads : int
+        Attention heads; each has ``dim // num_heads`` channels.
+    kernel_size : int, default 7
+        Odd window size before clamping.
+    dilation : int, default 1
+        Dilation before clamping.
+    qkv_bias : bool, default True
+        Bias in the query/key/value projection.
+    proj_drop : float, default 0.0
+        Dropout probability after the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 7,
+        dilation: int = 1,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        caller = "NeighborhoodAttention2D"
+        _check_positive_int(dim, "dim", caller)
+        _check_positive_int(num_heads, "num_heads", caller)
+        if dim % num_heads != 0:
+            raise ValueError(
+                f"The 'dim' parameter of {caller} must be divisible by num_heads={num_heads}. Got {dim} instead."
+            )
+        _check_positive_int(kernel_size, "kernel_size", caller, odd=True)
+        _check_positive_int(dilation, "dilation", caller)
+        if not 0.0 <= proj_drop < 1.0:
+            raise ValueError(
+                f"The 'proj_drop' parameter of {caller} must be a float in the range [0, 1). Got {proj_drop!r} instead."
+            )
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attend within each position's neighborhood.
+
+        Parameters
+        ----------
+        x : Tensor
+            ``[B, H, W, C]`` with ``C == dim``.
+
+        Returns
+        -------
+        Tensor
+            ``[B, H, W, C]``.
+        """
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"NeighborhoodAttention2D expects a [B, H, W, {self.dim}] input. Got shape {tuple(x.shape)}."
+            )
+        batch, height, width, _ = x.shape
+        kernel_size, dilation = clamp_window(height, width, self.kernel_size, self.dilation)
+        qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.unbind(dim=3)
+        out = neighborhood_attention(query, key, value, kernel_size, dilation)
+        return self.proj_drop(self.proj(out.reshape(batch, height, width, self.dim)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}"
+        )
