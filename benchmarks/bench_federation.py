@@ -1,0 +1,287 @@
+"""What a federation costs on top of its compute: Flower's simulation engine vs a plain loop.
+
+One run measures the same experiment (sites, rounds, local epochs, model, data, seed)
+three ways, each in a fresh subprocess so no path profits from another's warm caches:
+
+- ``plain``: a plain PyTorch loop in one process. For every round and site: load the
+  global weights, train the local epochs, evaluate on the site's training split, as the
+  ClientApp does; then FedAvg in NumPy (same order and arithmetic as Flower's); then
+  evaluate every site's test split. Sites run one after the other, with the sites' torch
+  thread count. This is the pure compute.
+- ``local``: medfed's ServerApp and ClientApp through Flower's Message API in one process
+  (:mod:`medfed.simulation.local`, no Ray): adds message serialisation, the strategy, the
+  per-round metrics log and checkpoints.
+- ``engine``: ``medfed simulate`` (Flower's simulation engine, Ray), sites in parallel on
+  ``floor(cores / cpus_per_site)`` actors.
+
+For each path: total wall time from the call to its return, the start-up (from the call to
+the start of round 1: Ray, data, model), each round's wall time and the teardown (report,
+Ray shutdown). Round 1 also pays one-off costs (Ray's actor processes start and import
+torch and medfed when the first messages arrive), so the fixed cost is: time to round 1
++ (round 1 - mean later round) + teardown; the steady-state ratio compares later rounds.
+Round start/end come from ``metrics.jsonl`` (``round`` records carry their end time and
+wall time). Ratios are engine / plain. The three paths end with bit-identical weights
+(checked and reported).
+
+Usage::
+
+    python benchmarks/bench_federation.py                     # 4 sites, 3 rounds, embedded BreastMNIST
+    python benchmarks/bench_federation.py --sites 8 --rounds 5 --out /tmp/federation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+PATHS = ("plain", "local", "engine")
+
+
+# --------------------------------------------------------------------------------------
+# Workers (one path, in a fresh process)
+# --------------------------------------------------------------------------------------
+def _config(args: dict, output_dir: str):
+    from medfed.config import config_from_dict
+
+    return config_from_dict({
+        "name": "bench", "seed": args["seed"], "output_dir": output_dir, "rounds": args["rounds"],
+        "data": {"dataset": args["dataset"], "root": args["root"], "img_size": args["img_size"]},
+        "model": {"name": args["model"]},
+        "train": {"local_epochs": args["epochs"], "batch_size": args["batch_size"]},
+        "federation": {"num_sites": args["sites"], "partition": "iid"},
+        "simulation": {"cpus_per_site": args["cpus_per_site"]},
+    })
+
+
+def _round_times(run_dir: Path) -> tuple[float, float, list[float]]:
+    """(wall-clock start of round 1, wall-clock end of the last round, each round's wall time)."""
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if r["event"] == "round"]
+    first_start = datetime.fromisoformat(rounds[0]["time"]).timestamp() - rounds[0]["wall_time_s"]
+    return first_start, datetime.fromisoformat(rounds[-1]["time"]).timestamp(), [r["wall_time_s"] for r in rounds]
+
+
+def _worker_flower(path: str, args: dict, output_dir: str) -> dict:
+    from medfed.server.checkpoint import load_arrays
+
+    cfg = _config(args, output_dir)
+    launched = time.time()
+    if path == "engine":
+        from medfed.simulation import simulate
+
+        run_dir = simulate(cfg)
+    else:
+        from medfed.simulation.local import run_local
+
+        run_dir = run_local(cfg)
+    returned = time.time()
+    first_start, last_end, round_s = _round_times(run_dir)
+    return {
+        "total_s": returned - launched, "startup_s": first_start - launched,
+        "rounds_s": last_end - first_start, "teardown_s": returned - last_end, "round_s": round_s,
+        "weights": str(run_dir / "model.safetensors"), "arrays": len(load_arrays(run_dir / "model.safetensors")),
+    }
+
+
+def _worker_plain(args: dict, output_dir: str) -> dict:
+    launched = time.time()
+    import numpy as np
+    import torch
+
+    from medfed.client.site_data import load_site_data
+    from medfed.client.task import (
+        TrainSettings, evaluate, make_loader, make_loss, make_optimizer, seed_everything, train_epoch,
+    )
+    from medfed.client.site_data import derive_seed
+    from medfed.data import train_augmentation
+    from medfed.models import create_model
+    from medfed.server.checkpoint import save_arrays
+    from medfed.server.server_app import initial_model_arrays
+
+    cfg = _config(args, output_dir)
+    torch.set_num_threads(max(1, int(cfg.simulation.cpus_per_site)))
+    n = cfg.federation.num_sites
+    sites = [load_site_data({"partition-id": i, "num-partitions": n}, i, cfg) for i in range(n)]
+    global_arrays = initial_model_arrays(cfg)
+    info = sites[0].info
+    model = create_model(
+        cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size
+    )
+    t = cfg.train
+    settings = TrainSettings(t.local_epochs, t.batch_size, t.optimizer, t.lr, t.weight_decay, t.momentum)
+
+    def load(arrays):
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, strict=True)
+
+    first_start = time.time()
+    round_s = []
+    for server_round in range(1, cfg.rounds + 1):
+        round_started = time.perf_counter()
+        replies = []
+        for site in sites:  # as in medfed.client.client_app.train
+            load(global_arrays)
+            seed = derive_seed(cfg.seed, server_round, site.key)
+            seed_everything(seed)
+            loader = make_loader(site.train.with_transform(train_augmentation(cfg.data.img_size)),
+                                 settings.batch_size, shuffle=True, seed=seed)
+            loss_fn = make_loss(info.task, site.train.class_counts())
+            optimizer = make_optimizer(model, settings)
+            for _ in range(settings.epochs):
+                train_epoch(model, loader, loss_fn, optimizer, task=info.task, device=torch.device("cpu"))
+            evaluate(model, make_loader(site.train, 256, shuffle=False), loss_fn, task=info.task,
+                     device=torch.device("cpu"))
+            replies.append(({k: v.detach().numpy().copy() for k, v in model.state_dict().items()}, len(site.train)))
+        total = sum(count for _, count in replies)  # FedAvg, as flwr's aggregate_arrayrecords
+        aggregated: dict = {}
+        for arrays, count in replies:
+            for key, value in arrays.items():
+                if key in aggregated:
+                    aggregated[key] += value * (count / total)
+                else:
+                    aggregated[key] = value * (count / total)
+        global_arrays = aggregated
+        load(global_arrays)
+        for site in sites:  # as in medfed.client.client_app.evaluate_global
+            evaluate(model, make_loader(site.test, 256, shuffle=False), make_loss(info.task, site.train.class_counts()),
+                     task=info.task, device=torch.device("cpu"))
+        round_s.append(time.perf_counter() - round_started)
+    last_end = time.time()
+    reference = initial_model_arrays(cfg)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    weights = Path(output_dir) / "plain.safetensors"
+    save_arrays(weights, {k: v.astype(reference[k].dtype, copy=False) for k, v in global_arrays.items()})
+    returned = time.time()
+    return {
+        "total_s": returned - launched, "startup_s": first_start - launched, "rounds_s": last_end - first_start,
+        "teardown_s": returned - last_end, "round_s": round_s, "weights": str(weights), "arrays": len(global_arrays),
+    }
+
+
+def _worker(path: str, args: dict, output_dir: str) -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    result = _worker_plain(args, output_dir) if path == "plain" else _worker_flower(path, args, output_dir)
+    print("RESULT " + json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------
+def _run_path(path: str, args: dict, output_dir: Path, timeout_s: float) -> dict:
+    command = [sys.executable, __file__, "--worker", path, "--worker-args", json.dumps(args),
+               "--worker-dir", str(output_dir / path)]
+    started = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stdout + done.stderr)[-3000:]
+        raise RuntimeError(f"The '{path}' run failed (exit {done.returncode}):\n{tail}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["process_s"] = time.time() - started  # includes interpreter start and imports
+    return result
+
+
+def _same_weights(paths: list[str]) -> bool:
+    import numpy as np
+
+    from medfed.server.checkpoint import load_arrays
+
+    first, *others = [load_arrays(p) for p in paths]
+    return all(list(o) == list(first) and all(np.array_equal(first[k], o[k]) for k in first) for o in others)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds after the first give the steady state")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dataset", default="breastmnist")
+    parser.add_argument("--root", default=None, help="MedMNIST folder (default: the embedded BreastMNIST)")
+    parser.add_argument("--img-size", type=int, default=28)
+    parser.add_argument("--model", default="medvit_v2_nano")
+    parser.add_argument("--cpus-per-site", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per path")
+    parser.add_argument("--out", default="benchmarks/results/federation_cpu.json")
+    parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-args", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    ns = parser.parse_args(argv)
+    if ns.worker:
+        _worker(ns.worker, json.loads(ns.worker_args), ns.worker_dir)
+        return {}
+
+    args = {k: getattr(ns, k) for k in ("sites", "rounds", "epochs", "batch_size", "dataset", "root", "img_size",
+                                        "model", "cpus_per_site", "seed")}
+    with tempfile.TemporaryDirectory(prefix="medfed-bench-") as tmp:
+        results = {path: _run_path(path, args, Path(tmp), ns.timeout) for path in PATHS}
+        identical = _same_weights([results[p]["weights"] for p in PATHS])
+    plain, engine = results["plain"], results["engine"]
+    for r in results.values():
+        # Round 1 also pays one-off costs (Ray actor processes and their imports, first
+        # use of each input shape); later rounds are the steady state.
+        steady = r["round_s"][1:] or r["round_s"]
+        r["steady_round_s"] = sum(steady) / len(steady)
+        r["first_round_extra_s"] = r["round_s"][0] - r["steady_round_s"]
+        r["fixed_s"] = r["startup_s"] + r["first_round_extra_s"] + r["teardown_s"]
+    report = {
+        "benchmark": "federation_overhead",
+        "settings": args,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "load_avg_1m_at_end": os.getloadavg()[0], "actors": int((os.cpu_count() or 1) // ns.cpus_per_site)},
+        "results": {p: {k: v for k, v in r.items() if k != "weights"} for p, r in results.items()},
+        "overhead_ratio_total": engine["total_s"] / plain["total_s"],
+        "overhead_ratio_rounds": engine["rounds_s"] / plain["rounds_s"],
+        "overhead_ratio_steady_round": engine["steady_round_s"] / plain["steady_round_s"],
+        "engine_time_to_first_round_s": engine["startup_s"],
+        "engine_fixed_cost_s": engine["fixed_s"],
+        "engine_fixed_cost_beyond_plain_s": engine["fixed_s"] - plain["fixed_s"],
+        "identical_final_weights": identical,
+    }
+    _print_table(report)
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+def _print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = report["settings"]
+    table = Table(title=f"Federation overhead (seconds): {s['sites']} sites x {s['rounds']} rounds, {s['model']}, "
+                        f"{s['dataset']} {s['img_size']} px, {report['machine']['cpus']} CPUs")
+    columns = {"total": "total_s", "to rnd 1": "startup_s", "rnd 1": None, "later rnd": "steady_round_s",
+               "teardown": "teardown_s", "fixed": "fixed_s", "process": "process_s"}
+    table.add_column("path")
+    for column in columns:
+        table.add_column(column, justify="right")
+    labels = {"plain": "plain loop", "local": "Flower in-process", "engine": "Flower engine (Ray)"}
+    for path, r in report["results"].items():
+        values = [r["round_s"][0] if key is None else r[key] for key in columns.values()]
+        table.add_row(labels[path], *(f"{v:.1f}" for v in values))
+    console = Console(width=max(110, Console().width))  # the table needs ~105 columns
+    console.print(table)
+    console.print(
+        f"overhead ratio engine/plain: total {report['overhead_ratio_total']:.2f}x, all rounds "
+        f"{report['overhead_ratio_rounds']:.2f}x, steady round {report['overhead_ratio_steady_round']:.2f}x; "
+        "engine fixed "
+        f"cost {report['engine_fixed_cost_s']:.1f} s (to round 1 + round-1 extra + teardown; "
+        f"{report['engine_fixed_cost_beyond_plain_s']:.1f} s beyond the plain loop's); "
+        f"identical final weights: {report['identical_final_weights']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Which images a site trains and evaluates on, found from the node config.
+
+The same ClientApp serves the simulation and the deployment; only the node config
+differs:
+
+* simulation: Flower sets ``partition-id`` and ``num-partitions``; the site takes its
+  share of the configured MedMNIST dataset, made by :mod:`medfed.simulation.partition`
+  (pure NumPy, seeded, identical in every process) and cached per process;
+* deployment: ``data-path`` names the site's data, either a folder holding the official
+  ``{flag}.npz`` / ``{flag}_{size}.npz`` file or a site folder read by
+  :func:`medfed.data.load_site_folder`. An optional ``site-name`` names the site in the
+  server's logs and seeds its local randomness (set it so a resumed run repeats).
+
+Only :mod:`medfed.simulation.partition` is imported from the simulation package, and
+it knows neither Flower nor torch: the client stays independent of how a simulation is
+launched, while the partition maths lives with the rest of the simulation.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfed.config import ExperimentConfig
+from medfed.data import DatasetInfo, ImageDataset, load_medmnist
+from medfed.simulation.partition import partition_labels
+
+__all__ = ["SiteData", "SiteDataError", "derive_seed", "load_site_data", "site_identity"]
+
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+DATA_PATH_KEY = "data-path"
+SITE_NAME_KEY = "site-name"
+
+
+class SiteDataError(ValueError):
+    """The node config does not say where this site's data is, or says it inconsistently."""
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's training and test splits.
+
+    Attributes
+    ----------
+    name : str
+        Site name shown in the server's logs (never a path).
+    key : int
+        Stable integer identifying the site (partition id, or a CRC-32 of the name),
+        mixed into the site's seeds.
+    train, test : ImageDataset
+        The site's splits; ``test`` is what federated evaluation reports on.
+    """
+
+    name: str
+    key: int
+    train: ImageDataset
+    test: ImageDataset
+
+    @property
+    def info(self) -> DatasetInfo:
+        """Task, number of outputs and channels of the site's data."""
+        return self.train.info
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed that depends on every key (NumPy's SeedSequence hashing).
+
+    Used for per-round, per-site seeds: ``derive_seed(seed, server_round, site_key)``
+    is the same in every process and differs between sites and rounds.
+    """
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def site_identity(node_config: Mapping[str, Any], node_id: int) -> tuple[str, int]:
+    """Return ``(site name, site key)`` for a node.
+
+    The name is the node config's ``site-name`` when set, else ``site-<partition-id>``
+    in simulation, else ``node-<node id>``.
+    """
+    if SITE_NAME_KEY in node_config and str(node_config[SITE_NAME_KEY]).strip():
+        name = str(node_config[SITE_NAME_KEY]).strip()
+        return name, zlib.crc32(name.encode("utf-8"))
+    if PARTITION_ID_KEY in node_config:
+        partition_id = int(node_config[PARTITION_ID_KEY])
+        return f"site-{partition_id}", partition_id
+    return f"node-{node_id}", int(node_id) % 2**32
+
+
+def load_site_data(node_config: Mapping[str, Any], node_id: int, cfg: ExperimentConfig) -> SiteData:
+    """Load the site's splits as the node config describes them.
+
+    Parameters
+    ----------
+    node_config : Mapping
+        ``context.node_config``: ``partition-id`` + ``num-partitions`` (simulation) or
+        ``data-path`` (deployment), optionally ``site-name``.
+    node_id : int
+        ``context.node_id``, used to name a deployed site without ``site-name``.
+    cfg : ExperimentConfig
+        The experiment (dataset, image size, partitioner, seed).
+
+    Returns
+    -------
+    SiteData
+
+    Raises
+    ------
+    SiteDataError
+        If the node config names no data, or its partition count disagrees with the
+        experiment's ``federation.num_sites``.
+    """
+    name, key = site_identity(node_config, node_id)
+    if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]).strip():
+        train, test = _load_path(str(node_config[DATA_PATH_KEY]), cfg.data.dataset, cfg.data.img_size)
+        return SiteData(name=name, key=key, train=train, test=test)
+    if PARTITION_ID_KEY in node_config:
+        partition_id = int(node_config[PARTITION_ID_KEY])
+        num_partitions = int(node_config.get(NUM_PARTITIONS_KEY, cfg.federation.num_sites))
+        if num_partitions != cfg.federation.num_sites:
+            raise SiteDataError(
+                f"The node config splits the data into {num_partitions} partitions but the experiment's "
+                f"'federation.num_sites' is {cfg.federation.num_sites}; make the number of simulated "
+                "SuperNodes (options.num-supernodes) equal to federation.num_sites."
+            )
+        train, test = _partition(
+            cfg.data.dataset, cfg.data.root, cfg.data.img_size, cfg.federation.num_sites,
+            cfg.federation.partition, cfg.federation.dirichlet_alpha, cfg.seed, partition_id,
+        )
+        return SiteData(name=name, key=key, train=train, test=test)
+    raise SiteDataError(
+        f"The node config of node {node_id} names no data: give the SuperNode "
+        "--node-config 'data-path=\"/path/to/site\"' (or run it in simulation, where Flower sets 'partition-id')."
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_dataset(flag: str, root: str | None, img_size: int) -> dict[str, ImageDataset]:
+    # Every simulated site of a process reads the same file: load it once.
+    with warnings.catch_warnings():
+        # A site's file may legitimately hold fewer samples than the official release.
+        warnings.filterwarnings("ignore", message=r".*official .* release has")
+        return load_medmnist(flag, root, size=img_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _partition(
+    flag: str, root: str | None, img_size: int, num_sites: int, method: str, alpha: float, seed: int,
+    partition_id: int,
+) -> tuple[ImageDataset, ImageDataset]:
+    if not 0 <= partition_id < num_sites:
+        raise SiteDataError(
+            f"The node config's 'partition-id' must be in [0, {num_sites}). Got {partition_id} instead."
+        )
+    splits = _load_dataset(flag, root, img_size)
+    train, test = splits["train"], splits["test"]
+    num_classes = train.info.num_classes
+    train_parts, shares = partition_labels(
+        train.labels, num_sites, method=method, alpha=alpha, seed=derive_seed(seed, 0), num_classes=num_classes
+    )
+    # The test split is cut with the training split's class shares, so a skewed site is
+    # evaluated on data skewed like its own.
+    test_parts, _ = partition_labels(
+        test.labels, num_sites, method=method, alpha=alpha, seed=derive_seed(seed, 1),
+        num_classes=num_classes, proportions=shares,
+    )
+    return train.subset(train_parts[partition_id]), test.subset(test_parts[partition_id])
+
+
+def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, ImageDataset]:
+    path = Path(data_path).expanduser()
+    from medfed.data import medmnist_filename
+
+    if (path / medmnist_filename(flag, img_size)).is_file():
+        splits = _load_dataset(flag, str(path), img_size)
+    else:
+        from medfed.data import dataset_info, load_site_folder
+
+        info = dataset_info(flag)
+        splits = load_site_folder(path, task=info.task, num_classes=info.num_classes, flag=flag)
+    if "train" not in splits or len(splits["train"]) == 0:
+        raise SiteDataError(f"The site data at {path} has no training images; add a 'train' split.")
+    test = splits.get("test") or splits.get("val")
+    if test is None or len(test) == 0:
+        raise SiteDataError(f"The site data at {path} has no 'test' (or 'val') images to evaluate on; add one.")
+    return splits["train"], test

@@ -1,0 +1,207 @@
+"""What the server records while Flower's ``Strategy.start`` runs the rounds.
+
+Flower's round loop is used as it is (never forked). Two thin wrappers observe it:
+
+* :class:`RecordingGrid` wraps the Grid the ServerApp receives. ``send_and_receive``
+  counts the array payload bytes of every message and reply, writes one ``"site"`` line
+  per reply to ``metrics.jsonl`` and returns the replies sorted by site name, so that
+  the aggregation sums them in the same order in every run (float addition is not
+  associative: this order is what makes a CPU run repeat bit for bit).
+* :class:`RoundRecorder` keeps the current round's clock, byte counters and aggregated
+  metrics (reported by :class:`medfed.server.resume.RoundOffsetStrategy`) and writes the
+  ``"round"`` line when the round ends.
+
+Replies identify their site through a ConfigRecord ``"site"`` (``{"name", "time-s"}``)
+that medfed's ClientApp adds; replies without it are named ``node-<id>``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from medfed.server.report import MetricsLog
+
+__all__ = ["RecordingGrid", "RoundRecorder", "payload_bytes", "site_name"]
+
+#: Keys of a reply's MetricRecord that are not metrics.
+_NOT_METRICS = ("num-examples", "confusion", "num-classes")
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (what dominates the traffic)."""
+    return sum(record.count_bytes() for record in content.array_records.values())
+
+
+def site_name(reply: Message) -> str:
+    """The site name a reply carries, else ``node-<source node id>``."""
+    if not reply.has_error() and "site" in reply.content.config_records:
+        name = reply.content.config_records["site"].get("name")
+        if isinstance(name, str) and name:
+            return name
+    return f"node-{reply.metadata.src_node_id}"
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _sort_key(reply: Message) -> tuple:
+    # Successful replies first, by site name then node id; errors last, by node id.
+    return (reply.has_error(), _natural_key(site_name(reply)), reply.metadata.src_node_id)
+
+
+class RoundRecorder:
+    """Per-round bookkeeping and the ``"site"``/``"round"`` lines of ``metrics.jsonl``.
+
+    Parameters
+    ----------
+    log : MetricsLog
+        The run's metrics log.
+    """
+
+    def __init__(self, log: MetricsLog) -> None:
+        self.log = log
+        self.server_round = 0
+        self.history: list[dict[str, Any]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._started = time.perf_counter()
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        self._aggregates: dict[str, dict[str, float]] = {}
+
+    def round_started(self, server_round: int) -> None:
+        """Start the clock and the counters of ``server_round`` (true round number)."""
+        if server_round != self.server_round:
+            self.server_round = server_round
+            self._reset()
+
+    def aggregated(self, phase: str, metrics: MetricRecord | None) -> None:
+        """Keep the strategy's aggregate of ``phase`` ("train" or "evaluate") for the round line."""
+        if metrics is not None:
+            # Lists (the averaged confusion matrix) and counts are not round-level metrics.
+            self._aggregates[phase] = {
+                k: float(v) for k, v in metrics.items() if k not in _NOT_METRICS and not isinstance(v, list)
+            }
+
+    def record_exchange(self, phase: str, sent: Mapping[int, int], replies: list[Message]) -> None:
+        """Write one ``"site"`` line per reply and add the bytes to the round's counters."""
+        self._bytes_sent += sum(sent.values())
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "Round %d %s: node %d replied with an error: %s",
+                    self.server_round, phase, node_id, reply.error.reason)
+                continue
+            received = payload_bytes(reply.content)
+            self._bytes_received += received
+            self.log.write(self._site_record(phase, reply, sent.get(node_id, 0), received))
+
+    def _site_record(self, phase: str, reply: Message, sent: int, received: int) -> dict[str, Any]:
+        content = reply.content
+        metrics = dict(next(iter(content.metric_records.values()), {}))
+        record: dict[str, Any] = {
+            "event": "site", "round": self.server_round, "phase": phase, "site": site_name(reply),
+            "num_examples": int(metrics.get("num-examples", 0)),
+            "metrics": {k: v for k, v in metrics.items() if k not in _NOT_METRICS},
+            "bytes_sent": sent, "bytes_received": received,
+        }
+        if isinstance(metrics.get("confusion"), list) and metrics.get("num-classes"):
+            record["confusion"] = _matrix(metrics["confusion"], int(metrics["num-classes"]))
+        if "site" in content.config_records and "time-s" in content.config_records["site"]:
+            record["time_s"] = float(content.config_records["site"]["time-s"])
+        return record
+
+    def round_finished(self, num_rounds: int) -> dict[str, Any]:
+        """Write and return the round line of the current round."""
+        record = {
+            "event": "round", "round": self.server_round, "time": datetime.now(timezone.utc).isoformat(),
+            "wall_time_s": time.perf_counter() - self._started,
+            "bytes_sent": self._bytes_sent, "bytes_received": self._bytes_received,
+            **{phase: self._aggregates.get(phase, {}) for phase in ("train", "evaluate")},
+        }
+        self.log.write(record)
+        self.history.append(record)
+        train, evaluate = record["train"], record["evaluate"]
+        log(INFO, "[medfed] round %d/%d  train loss %s  test acc %s auc %s  (%.1f s, %.2f MB)",
+            self.server_round, num_rounds, _fmt(train.get("loss")), _fmt(evaluate.get("acc")),
+            _fmt(evaluate.get("auc")), record["wall_time_s"], (self._bytes_sent + self._bytes_received) / 1e6)
+        return record
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _matrix(flat: list[int], num_classes: int) -> list:
+    """``[C, C]`` (or ``[L, 2, 2]`` for multi-label) nested lists from a flat confusion."""
+    if len(flat) == num_classes * num_classes:
+        return [flat[i * num_classes:(i + 1) * num_classes] for i in range(num_classes)]
+    if len(flat) == 4 * num_classes:
+        return [[flat[4 * i:4 * i + 2], flat[4 * i + 2:4 * i + 4]] for i in range(num_classes)]
+    return flat
+
+
+class RecordingGrid(Grid):
+    """A Grid that delegates to another and records every ``send_and_receive``.
+
+    Only ``send_and_receive`` is recorded (what ``Strategy.start`` uses); ``push_messages``
+    and ``pull_messages`` pass through unrecorded.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's Grid (in-memory in simulation, HTTP in deployment).
+    recorder : RoundRecorder
+        Receives the byte counts and the replies.
+    """
+
+    def __init__(self, grid: Grid, recorder: RoundRecorder) -> None:
+        self._grid = grid
+        self.recorder = recorder
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201 - flwr's Run
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: ANN001
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        # Sorted: strategies sample from this list, so its order must not vary.
+        return sorted(self._grid.get_node_ids())
+
+    def get_nodes(self):  # noqa: ANN201
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        phase = messages[0].metadata.message_type.split(".")[0]
+        sent: dict[int, int] = {}
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            sent[node_id] = sent.get(node_id, 0) + payload_bytes(message.content)
+        replies = sorted(self._grid.send_and_receive(messages, timeout=timeout), key=_sort_key)
+        self.recorder.record_exchange(phase, sent, replies)
+        return replies

@@ -1,0 +1,212 @@
+"""Continuing a run from its last complete round.
+
+Flower's ``Strategy.start`` always counts rounds from 1 and has no start-round argument.
+A resumed run therefore
+
+1. reads ``RUN_DIR/checkpoint.safetensors`` (global arrays after round ``R``, the
+   strategy's state, the RNG state),
+2. builds the strategy afresh and puts its state back
+   (:func:`medfed.strategies.load_strategy_state`),
+3. wraps it in :class:`RoundOffsetStrategy`, which adds ``R`` to every round number
+   the strategy and the sites see, and
+4. calls ``start`` with the checkpoint's arrays and the ``rounds - R`` rounds left.
+
+Sites derive their local seeds from the true round number, the server restores the
+Python and NumPy RNG states that node sampling uses, and replies are aggregated in a
+fixed order (:class:`medfed.server.recording.RecordingGrid`): so a resumed run repeats
+the rounds an uninterrupted run would have made, bit for bit on a CPU.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from medfed.config import ExperimentConfig, config_to_dict, load_config, save_config
+from medfed.server.checkpoint import Checkpoint, load_checkpoint
+from medfed.server.recording import RoundRecorder
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CONFIG_FILE",
+    "MODEL_FILE",
+    "METRICS_FILE",
+    "ResumeError",
+    "RoundOffsetStrategy",
+    "check_run_dir",
+    "get_rng_state",
+    "prepare_run_dir",
+    "set_rng_state",
+]
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
+
+# Keys that may differ between a run and its resumption: where the run lives, how many
+# rounds it runs (may only grow), and which Ray cluster runs the simulation.
+_MAY_CHANGE = ("name", "output_dir", "rounds", "simulation.ray_address")
+
+
+class ResumeError(ValueError):
+    """A run directory cannot be started or resumed as asked."""
+
+
+class RoundOffsetStrategy(Strategy):
+    """Delegate to ``strategy`` with round numbers shifted by ``offset``.
+
+    It also reports each round's start and aggregated metrics to a
+    :class:`RoundRecorder`. Every other attribute is read from the wrapped strategy.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The experiment's strategy (state already restored when resuming).
+    offset : int
+        Rounds completed before this ``start`` call (0 for a fresh run).
+    recorder : RoundRecorder
+        Receives round starts and aggregated metrics.
+    """
+
+    def __init__(self, strategy: Strategy, offset: int, recorder: RoundRecorder) -> None:
+        self.strategy = strategy
+        self.offset = offset
+        self.recorder = recorder
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes this wrapper lacks (e.g. fraction_train).
+        strategy = self.__dict__.get("strategy")
+        if strategy is None:
+            raise AttributeError(name)
+        return getattr(strategy, name)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.recorder.round_started(server_round + self.offset)
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self.strategy.aggregate_train(server_round + self.offset, replies)
+        self.recorder.aggregated("train", metrics)
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+        self.recorder.aggregated("evaluate", metrics)
+        return metrics
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The Python and NumPy global RNG states as JSON-compatible lists (node sampling uses them)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states from :func:`get_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    found = []
+    for key in sorted(set(stored) | set(current)):
+        dotted = f"{prefix}{key}"
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and dotted != "strategy.params":
+            found += _differences(a, b, dotted + ".")
+        elif a != b and dotted not in _MAY_CHANGE:
+            found.append((dotted, a, b))
+    return found
+
+
+def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> ExperimentConfig | None:
+    """Check, without writing, that ``run_dir`` can be started (or resumed) with ``cfg``.
+
+    Returns
+    -------
+    ExperimentConfig or None
+        The stored config when resuming, else None.
+
+    Raises
+    ------
+    ResumeError
+        A fresh run whose directory already holds a run; a resume without a stored
+        config, with a config that differs from the stored one (other than the keys in
+        ``_MAY_CHANGE``) or with fewer rounds than already done.
+    """
+    run_dir = Path(run_dir)
+    if not resume:
+        if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists():
+            raise ResumeError(
+                f"{run_dir} already holds a run; resume it (medfed simulate --resume {run_dir}) "
+                "or give the experiment another 'name'."
+            )
+        return None
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ResumeError(f"Cannot resume {run_dir}: it has no {CONFIG_FILE}; is it a medfed run directory?")
+    stored = load_config(run_dir / CONFIG_FILE)
+    diffs = _differences(config_to_dict(stored), config_to_dict(cfg))
+    if diffs:
+        key, old, new = diffs[0]
+        raise ResumeError(
+            f"Cannot resume {run_dir}: its {CONFIG_FILE} has {key}={old!r} but this run asks for {key}={new!r}; "
+            "resume with the stored config (only 'rounds' may grow)."
+        )
+    if cfg.rounds < stored.rounds:
+        raise ResumeError(
+            f"Cannot resume {run_dir} with rounds={cfg.rounds}: its {CONFIG_FILE} asks for {stored.rounds}; "
+            "'rounds' may only grow."
+        )
+    return stored
+
+
+@dataclass
+class RunStart:
+    """Where a run starts: round 0, or the last complete round of a checkpoint."""
+
+    completed_rounds: int = 0
+    checkpoint: Checkpoint | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> RunStart:
+    """Check the run directory, write ``config.yaml`` and read the checkpoint to resume from.
+
+    A resumed run without a checkpoint (killed before its first round finished) starts
+    from round 0.
+    """
+    run_dir = Path(run_dir)
+    check_run_dir(cfg, run_dir, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    if not resume or not (run_dir / CHECKPOINT_FILE).exists():
+        return RunStart()
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    return RunStart(checkpoint.server_round, checkpoint, list(checkpoint.state.get("history", [])))

@@ -1,0 +1,149 @@
+"""Run a federation sequentially in this process, without Ray: for debugging and tests.
+
+:class:`LocalGrid` is a Flower ``Grid`` that delivers each message straight to a
+ClientApp in the same process, one site after the other, with the node config Flower's
+simulation engine would give that site (``partition-id``, ``num-partitions``) and the
+same run config. The ServerApp and ClientApp are medfed's own, unchanged, so a local run
+gives the same metrics and weights as :func:`medfed.simulation.simulate` on the same
+CPU (the ClientApp fixes its thread count), minus Ray's start-up. It is no replacement
+for the simulation engine: no parallelism, no resource limits, no process isolation.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.task_identity import TaskIdentity
+
+from medfed.config import ExperimentConfig, to_run_config
+
+__all__ = ["LocalGrid", "run_local"]
+
+_SERVER_NODE_ID = 1
+
+
+def _ensure_task_identity() -> None:
+    """Give this process a task identity: Flower 1.42 stamps every new Message with it."""
+    if TaskIdentity._run_id is None:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, _SERVER_NODE_ID
+
+
+class LocalGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process.
+
+    Parameters
+    ----------
+    client_app : ClientApp
+        The app every node runs.
+    node_configs : list[dict]
+        One node config per node; node ``i`` gets node id ``i + 2`` (ids 0 and 1 are
+        Flower's reserved ids).
+    run_config : dict
+        The nodes' ``context.run_config``.
+    """
+
+    def __init__(self, client_app: ClientApp, node_configs: list[dict[str, Any]], run_config: dict[str, Any]) -> None:
+        self.client_app = client_app
+        self.contexts = {
+            index + 2: Context(run_id=0, node_id=index + 2, node_config=dict(config), state=RecordDict(),
+                               run_config=dict(run_config))
+            for index, config in enumerate(node_configs)
+        }
+        self._replies: dict[str, Message] = {}
+        self._run = None
+        _ensure_task_identity()
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
+        self._run = run
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: ANN001
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message_id = str(uuid.uuid4())
+            # Set what a SuperLink would set on arrival.
+            message.metadata.__dict__["_message_id"] = message_id
+            message.metadata.__dict__["_src_node_id"] = _SERVER_NODE_ID
+            self._replies[message_id] = self._deliver(message)
+            ids.append(message_id)
+        return ids
+
+    def _deliver(self, message: Message) -> Message:
+        context = self.contexts[message.metadata.dst_node_id]
+        try:
+            return self.client_app(message, context)
+        except Exception as error:  # noqa: BLE001 - a site's failure becomes an error reply, as in Flower
+            reason = f"{type(error).__name__}: {error}"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(message_id) for message_id in list(message_ids) if message_id in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_local(
+    cfg: ExperimentConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    server_app: ServerApp | None = None,
+    client_app: ClientApp | None = None,
+) -> Path:
+    """Run ``cfg`` with :class:`LocalGrid`: like :func:`medfed.simulation.simulate`, without Ray.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    run_dir : str or Path, optional
+        Run directory; default ``{cfg.output_dir}/{cfg.name}``.
+    resume : bool
+        Continue the run in ``run_dir`` from its last complete round.
+    server_app, client_app : optional
+        Apps to run instead of medfed's own (tests).
+
+    Returns
+    -------
+    Path
+        The run directory.
+    """
+    from medfed.client.site_data import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+    from medfed.server.server_app import RESUME_KEY, RUN_DIR_KEY
+
+    if server_app is None:
+        from medfed.server.server_app import app as server_app
+    if client_app is None:
+        from medfed.client.client_app import app as client_app
+    run_dir = (Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name).expanduser().resolve()
+    num_sites = cfg.federation.num_sites
+    node_configs = [{PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_sites} for i in range(num_sites)]
+    grid = LocalGrid(client_app, node_configs, to_run_config(cfg))
+    server_run_config = {**to_run_config(cfg), RUN_DIR_KEY: str(run_dir), RESUME_KEY: bool(resume)}
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        server_app(grid=grid, context=context)
+    finally:
+        torch.set_num_threads(threads)  # the ClientApp fixes its own thread count
+    return run_dir

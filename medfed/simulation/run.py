@@ -1,0 +1,207 @@
+"""Run an experiment on Flower's simulation engine (Ray backend), in this process.
+
+How the simulation is launched (decided for the pinned ``flwr==1.42.0``)
+------------------------------------------------------------------------
+Flower 1.42 offers three ways in:
+
+* ``flwr.simulation.run_simulation``: deprecated (it warns), and it has no run-config
+  parameter: its ClientApps get an empty ``context.run_config``, so the ServerApp and
+  ClientApp would need a second way to learn the experiment. Rejected.
+* ``flwr run``: the recommended path, but it starts a detached SuperLink, builds and
+  installs a FAB and runs the apps in further processes. The run is out of this
+  process's hands (stopping it means stopping a SuperLink), start-up is slower, and a
+  killed launcher leaves processes behind. Kept for users (``pyproject.toml`` carries
+  ``[tool.flwr.app]``), not used by ``medfed simulate``.
+* ``flwr.simulation.run_simulation._run_simulation``: the function Flower's own
+  ``flwr-simulation`` process calls after pulling a run from the SuperLink. Given
+  ``is_app=True`` and an app directory, each simulated SuperNode's context gets the
+  run config of that directory's ``pyproject.toml`` (``[tool.flwr.app.config]``), and
+  the ServerApp gets the context we pass. **Chosen**: in-process, blocking, exceptions
+  propagate, nothing is left running, and server and clients read ``context.run_config``
+  exactly as in deployment.
+
+So :func:`simulate` writes a minimal Flower app ``pyproject.toml`` into a temporary
+directory whose ``[tool.flwr.app.config]`` is ``to_run_config(cfg)``, and calls
+``_run_simulation`` with medfed's ServerApp and ClientApp objects. The server's context
+additionally carries ``run-dir`` and ``resume`` (server-only keys). The function is
+private in Flower: it is pinned by the exact ``flwr`` version in ``pyproject.toml``,
+and :func:`_check_flower_api` fails with one clear line if its signature changes.
+
+``simulation.ray_address`` is passed to ``ray.init(address=...)``: the sites then run on
+that cluster's workers (checked against a local cluster: same weights as a private Ray).
+
+Reproducibility: the sites seed themselves from ``(seed, round, site)``, use a fixed
+number of torch threads (``simulation.cpus_per_site``), and the server aggregates replies
+in site order; so the same config gives the same metrics on a CPU, and a resumed run
+(``resume=True``) ends with the same weights as an uninterrupted one. Known limit: with
+``fraction_train`` or ``fraction_evaluate`` < 1, Flower samples from node ids, which Flower
+draws at random at every launch, so which sites take part in a round is not reproducible.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from medfed.config import ExperimentConfig, to_run_config
+
+__all__ = ["app_pyproject", "simulate"]
+
+_SERVER_APP = "medfed.server.server_app:app"
+_CLIENT_APP = "medfed.client.client_app:app"
+
+
+def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: bool = False) -> Path:
+    """Run (or resume) ``cfg`` as a simulated federation of ``cfg.federation.num_sites`` sites.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    run_dir : str or Path, optional
+        Run directory; default ``{cfg.output_dir}/{cfg.name}``.
+    resume : bool
+        Continue the run in ``run_dir`` from its last complete round. Its
+        ``config.yaml`` must match ``cfg`` except that ``rounds`` may grow.
+
+    Returns
+    -------
+    Path
+        The run directory (``config.yaml``, ``metrics.jsonl``, ``checkpoint.safetensors``,
+        ``model.safetensors``, ``report.html``).
+
+    Raises
+    ------
+    medfed.server.resume.ResumeError
+        A fresh run into a directory that holds one, or a resume that does not fit.
+    """
+    from medfed.server.resume import check_run_dir
+
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
+    run_dir = run_dir.expanduser().resolve()
+    check_run_dir(cfg, run_dir, resume)  # fail before Ray starts; the ServerApp checks again
+    _preflight(cfg)
+    _set_thread_env(cfg)
+
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from medfed.client.client_app import app as client_app
+    from medfed.server.server_app import RESUME_KEY, RUN_DIR_KEY
+    from medfed.server.server_app import app as server_app
+
+    _check_flower_api(_run_simulation)
+    server_run_config = {**to_run_config(cfg), RUN_DIR_KEY: str(run_dir), RESUME_KEY: bool(resume)}
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)
+    with tempfile.TemporaryDirectory(prefix="medfed-flower-app-") as app_dir:
+        (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
+        _run_simulation(
+            num_supernodes=cfg.federation.num_sites,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=_backend_config(cfg),
+            server_app_context=context,
+            app_dir=app_dir,
+            is_app=True,
+        )
+    return run_dir
+
+
+def _backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    init_args: dict[str, Any] = {}
+    if cfg.simulation.ray_address:
+        init_args["address"] = cfg.simulation.ray_address
+    return {
+        "client_resources": {"num_cpus": cfg.simulation.cpus_per_site, "num_gpus": cfg.simulation.gpus_per_site},
+        "init_args": init_args,
+    }
+
+
+def _set_thread_env(cfg: ExperimentConfig) -> None:
+    # Ray workers inherit the driver's environment: fix the BLAS/OpenMP thread count
+    # per site (the ClientApp also calls torch.set_num_threads) so reductions split
+    # the same way in every run.
+    threads = str(max(1, int(cfg.simulation.cpus_per_site)))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, threads)
+
+
+def _preflight(cfg: ExperimentConfig) -> None:
+    """Check names and data before Ray starts (each raises a one-line error)."""
+    from medfed.models import list_models
+    from medfed.strategies import create_strategy
+
+    if cfg.model.name not in list_models():
+        raise ValueError(
+            f"Config key 'model.name' must be one of {', '.join(list_models())}. Got {cfg.model.name!r} instead."
+        )
+    create_strategy(
+        cfg.strategy.name, cfg.strategy.params, num_sites=cfg.federation.num_sites,
+        fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate,
+    )
+    if cfg.data.root is not None:
+        from medfed.data import DatasetNotFoundError
+        from medfed.data.medmnist_files import medmnist_filename
+
+        path = Path(cfg.data.root).expanduser() / medmnist_filename(cfg.data.dataset, cfg.data.img_size)
+        if not path.is_file():
+            raise DatasetNotFoundError(
+                f"Config key 'data.root' points to {path.parent}, which has no {path.name}; "
+                "put the MedMNIST file there or set data.root to null for the embedded BreastMNIST."
+            )
+
+
+def _check_flower_api(function: Any) -> None:
+    expected = {"num_supernodes", "exit_event", "client_app", "server_app", "backend_name", "backend_config",
+                "server_app_context", "app_dir", "is_app"}
+    missing = expected - set(inspect.signature(function).parameters)
+    if missing:
+        raise RuntimeError(
+            f"This flwr version's _run_simulation lacks {sorted(missing)}; medfed needs flwr==1.42.0 "
+            "(pip install 'flwr[simulation]==1.42.0')."
+        )
+
+
+def _toml_value(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)  # a TOML basic string: JSON's escapes are valid TOML
+
+
+def app_pyproject(run_config: dict[str, bool | int | float | str]) -> str:
+    """A minimal Flower app ``pyproject.toml`` whose run config is ``run_config``.
+
+    Parameters
+    ----------
+    run_config : dict
+        Flat, dotted kebab-case keys (``to_run_config``); written as TOML dotted keys,
+        which Flower flattens back to the same names.
+    """
+    lines = [
+        "[project]",
+        'name = "medfed-simulation"',
+        'version = "0.1.0"',
+        'description = "medfed experiment run on the Flower simulation engine"',
+        'license = "Apache-2.0"',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "medfed"',
+        "",
+        "[tool.flwr.app.components]",
+        f'serverapp = "{_SERVER_APP}"',
+        f'clientapp = "{_CLIENT_APP}"',
+        "",
+        "[tool.flwr.app.config]",
+        *(f"{key} = {_toml_value(value)}" for key, value in run_config.items()),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""The ClientApp's replies: what they carry, what they never carry, and that they repeat."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+
+from medfed.client.client_app import app as client_app
+from medfed.config import to_run_config
+from medfed.models import create_model
+from medfed.simulation.local import LocalGrid
+
+METRIC_KEYS = {"num-examples", "loss", "acc", "auc", "balanced_acc"}
+
+
+@pytest.fixture(scope="module")
+def global_arrays() -> dict[str, np.ndarray]:
+    torch.manual_seed(0)
+    model = create_model("medvit_v2_nano", num_classes=2, in_chans=1, img_size=28)
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture()
+def grid(tiny_root, tiny_config, tmp_path) -> LocalGrid:
+    cfg = tiny_config(tiny_root, tmp_path)
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    return LocalGrid(client_app, nodes, to_run_config(cfg))
+
+
+def _message(arrays, message_type: str, node_id: int = 2, **config) -> Message:
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    content = RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 1, **config})})
+    return Message(content, node_id, message_type)
+
+
+def _exchange(grid: LocalGrid, message: Message) -> Message:
+    (reply,) = grid.send_and_receive([message])
+    assert not reply.has_error(), reply.error.reason
+    return reply
+
+
+def test_train_reply_carries_weights_metrics_and_site_name_only(grid, global_arrays):
+    # Execute
+    reply = _exchange(grid, _message(global_arrays, MessageType.TRAIN, node_id=2))
+    # Assert
+    content = reply.content
+    assert list(content.array_records) == ["arrays"]
+    assert list(content["arrays"].keys()) == list(global_arrays)
+    (metrics,) = content.metric_records.values()
+    assert set(metrics) == METRIC_KEYS
+    assert metrics["num-examples"] == 8
+    site = content["site"]
+    assert site["name"] == "site-0" and site["time-s"] > 0
+    # Nothing else is text: no paths, file names or labels leave the site.
+    strings = [v for record in content.config_records.values() for v in record.values() if isinstance(v, str)]
+    assert strings == ["site-0"]
+    # Flower's FedAvg accepts it as is.
+    validate_message_reply_consistency([content], "num-examples", check_arrayrecord=True)
+
+
+def test_training_changes_the_weights_and_repeats_exactly(grid, global_arrays):
+    # Execute
+    first = _exchange(grid, _message(global_arrays, MessageType.TRAIN)).content["arrays"]
+    again = _exchange(grid, _message(global_arrays, MessageType.TRAIN)).content["arrays"]
+    # Assert
+    assert any(not np.array_equal(first[k].numpy(), global_arrays[k]) for k in global_arrays)
+    assert all(np.array_equal(first[k].numpy(), again[k].numpy()) for k in global_arrays)
+
+
+def test_proximal_term_keeps_weights_closer_to_the_global_model(grid, global_arrays):
+    # Prepare: 4 steps (the proximal gradient is zero at the first step, where w = w_global).
+    settings = {"lr": 0.01, "batch-size": 2}
+    # Execute: the same round with and without FedProx's proximal term (a large mu).
+    plain = _exchange(grid, _message(global_arrays, MessageType.TRAIN, **settings)).content["arrays"]
+    proximal = {**settings, "proximal-mu": 100.0}
+    prox = _exchange(grid, _message(global_arrays, MessageType.TRAIN, **proximal)).content["arrays"]
+    # Assert
+    def distance(record):
+        return sum(float(((record[k].numpy() - v) ** 2).sum()) for k, v in global_arrays.items() if v.dtype.kind == "f")
+
+    assert distance(prox) < distance(plain)
+
+
+def test_evaluate_reply_carries_metrics_and_confusion_matrix(grid, global_arrays):
+    # Execute
+    reply = _exchange(grid, _message(global_arrays, MessageType.EVALUATE, node_id=4))
+    # Assert
+    content = reply.content
+    assert not content.array_records
+    (metrics,) = content.metric_records.values()
+    assert set(metrics) == METRIC_KEYS | {"confusion", "num-classes"}
+    assert metrics["num-examples"] == 4 and metrics["num-classes"] == 2
+    assert len(metrics["confusion"]) == 4 and sum(metrics["confusion"]) == 4
+    assert content["site"]["name"] == "site-2"
+    validate_message_reply_consistency([content], "num-examples", check_arrayrecord=False)
+
+
+def test_site_failure_becomes_an_error_reply(tiny_root, tiny_config, tmp_path, global_arrays):
+    # Prepare: a node whose config names no data.
+    grid = LocalGrid(client_app, [{}], to_run_config(tiny_config(tiny_root, tmp_path)))
+    # Execute
+    (reply,) = grid.send_and_receive([_message(global_arrays, MessageType.TRAIN)])
+    # Assert
+    assert reply.has_error()
+    assert "names no data" in reply.error.reason

@@ -1,0 +1,185 @@
+"""What the server records per round, and the pieces of resume (no model, no data)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+
+from medfed.config import config_from_dict, save_config
+from medfed.server.recording import RecordingGrid, RoundRecorder
+from medfed.server.report import MetricsLog
+from medfed.server.resume import ResumeError, RoundOffsetStrategy, check_run_dir, get_rng_state, set_rng_state
+from medfed.simulation.local import LocalGrid
+
+WEIGHTS = np.arange(6, dtype=np.float32)  # 24 bytes of payload
+
+
+def _echo_app() -> ClientApp:
+    """Sites that reply with fixed arrays and metrics and their node config's site name."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        content = RecordDict({
+            "arrays": ArrayRecord({"w": Array(WEIGHTS)}),
+            "metrics": MetricRecord({"num-examples": 2, "loss": 0.5}),
+            "site": ConfigRecord({"name": context.node_config["site-name"], "time-s": 0.25}),
+        })
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def _read(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _train_messages(grid, node_ids) -> list[Message]:
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(WEIGHTS)}), "config": ConfigRecord({"server-round": 1})})
+    return [Message(content, node_id, MessageType.TRAIN) for node_id in node_ids]
+
+
+def test_recording_grid_sorts_replies_by_site_and_logs_each_site(tmp_path):
+    # Prepare: node order differs from the sites' natural order.
+    names = ["site-10", "site-2", "site-1"]
+    inner = LocalGrid(_echo_app(), [{"site-name": n} for n in names], run_config={})
+    recorder = RoundRecorder(MetricsLog(tmp_path / "metrics.jsonl"))
+    recorder.round_started(3)
+    grid = RecordingGrid(inner, recorder)
+    # Execute
+    replies = grid.send_and_receive(_train_messages(grid, grid.get_node_ids()))
+    # Assert
+    assert [r.content["site"]["name"] for r in replies] == ["site-1", "site-2", "site-10"]
+    records = _read(tmp_path / "metrics.jsonl")
+    payload = ArrayRecord({"w": Array(WEIGHTS)}).count_bytes()
+    assert [r["site"] for r in records] == ["site-1", "site-2", "site-10"]
+    assert records[0] == {
+        "event": "site", "round": 3, "phase": "train", "site": "site-1", "num_examples": 2,
+        "metrics": {"loss": 0.5}, "bytes_sent": payload, "bytes_received": payload, "time_s": 0.25,
+    }
+
+
+def test_round_line_sums_bytes_and_keeps_scalar_aggregates(tmp_path):
+    # Prepare
+    inner = LocalGrid(_echo_app(), [{"site-name": "a"}, {"site-name": "b"}], run_config={})
+    recorder = RoundRecorder(MetricsLog(tmp_path / "metrics.jsonl"))
+    grid = RecordingGrid(inner, recorder)
+    recorder.round_started(1)
+    grid.send_and_receive(_train_messages(grid, grid.get_node_ids()))
+    recorder.aggregated("train", MetricRecord({"loss": 0.5}))
+    recorder.aggregated("evaluate", MetricRecord({"acc": 0.75, "confusion": [1.0, 2.0], "num-classes": 2.0}))
+    # Execute
+    record = recorder.round_finished(num_rounds=1)
+    # Assert
+    payload = ArrayRecord({"w": Array(WEIGHTS)}).count_bytes()
+    assert (record["bytes_sent"], record["bytes_received"]) == (2 * payload, 2 * payload)
+    assert record["train"] == {"loss": 0.5} and record["evaluate"] == {"acc": 0.75}
+    assert record["wall_time_s"] >= 0
+    assert _read(tmp_path / "metrics.jsonl")[-1]["event"] == "round"
+    assert recorder.history == [record]
+
+
+class _SpyStrategy(FedAvg):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds: list[tuple[str, int]] = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.rounds.append(("configure_train", server_round))
+        return []
+
+    def aggregate_train(self, server_round, replies):
+        self.rounds.append(("aggregate_train", server_round))
+        return None, MetricRecord({"loss": 1.0})
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        self.rounds.append(("configure_evaluate", server_round))
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):
+        self.rounds.append(("aggregate_evaluate", server_round))
+        return None
+
+
+def test_round_offset_strategy_shifts_every_round_number(tmp_path):
+    # Prepare
+    spy = _SpyStrategy()
+    recorder = RoundRecorder(MetricsLog(tmp_path / "metrics.jsonl"))
+    wrapped = RoundOffsetStrategy(spy, offset=4, recorder=recorder)
+    # Execute
+    wrapped.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)
+    wrapped.aggregate_train(1, [])
+    wrapped.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid=None)
+    wrapped.aggregate_evaluate(1, [])
+    # Assert
+    assert spy.rounds == [
+        ("configure_train", 5), ("aggregate_train", 5), ("configure_evaluate", 5), ("aggregate_evaluate", 5),
+    ]
+    assert recorder.server_round == 5
+    assert wrapped.fraction_train == spy.fraction_train  # other attributes are the strategy's
+
+
+def test_rng_state_round_trips_through_json():
+    # Prepare
+    random.seed(1)
+    np.random.seed(1)
+    state = json.loads(json.dumps(get_rng_state()))
+    expected = (random.random(), float(np.random.random()))
+    random.seed(99)
+    np.random.seed(99)
+    # Execute
+    set_rng_state(state)
+    # Assert
+    assert (random.random(), float(np.random.random())) == expected
+
+
+@pytest.fixture()
+def stored_run(tmp_path):
+    cfg = config_from_dict({"rounds": 3, "output_dir": str(tmp_path)})
+    run_dir = tmp_path / cfg.name
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "metrics.jsonl").write_text("")
+    return cfg, run_dir
+
+
+def test_resume_accepts_the_stored_config_with_more_rounds(stored_run):
+    # Prepare
+    cfg, run_dir = stored_run
+    # Execute
+    stored = check_run_dir(config_from_dict({"rounds": 5, "output_dir": cfg.output_dir}), run_dir, resume=True)
+    # Assert
+    assert stored == cfg
+
+
+@pytest.mark.parametrize(
+    ("changes", "resume", "message"),
+    [
+        ({}, False, "already holds a run; resume it"),
+        ({"train": {"lr": 0.5}}, True, "has train.lr=0.001 but this run asks for train.lr=0.5"),
+        ({"rounds": 2}, True, "'rounds' may only grow"),
+    ],
+)
+def test_run_dir_checks_give_one_line_errors(stored_run, changes, resume, message):
+    # Prepare
+    cfg, run_dir = stored_run
+    other = config_from_dict({"rounds": 3, "output_dir": cfg.output_dir, **changes})
+    # Execute
+    with pytest.raises(ResumeError) as info:
+        check_run_dir(other, run_dir, resume=resume)
+    # Assert
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    # Execute
+    with pytest.raises(ResumeError) as info:
+        check_run_dir(config_from_dict({}), tmp_path / "nothing", resume=True)
+    # Assert
+    assert "has no config.yaml" in str(info.value)

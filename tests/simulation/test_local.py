@@ -1,0 +1,114 @@
+"""The ServerApp and ClientApp together, in one process (LocalGrid, no Ray): fast checks of
+the run files, reproducibility and resume. The same checks through Flower's simulation
+engine live in test_end_to_end.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.clientapp import ClientApp
+
+from medfed.client.client_app import app as client_app
+from medfed.server.checkpoint import load_arrays, load_checkpoint
+from medfed.server.report import load_run_metrics
+from medfed.server.server_app import initial_model_arrays
+from medfed.simulation.local import run_local
+
+
+def metric_records(run_dir: Path) -> list[dict]:
+    """The site and round records without their timing fields (which vary)."""
+    records = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["event"] in ("site", "round"):
+            records.append({k: v for k, v in record.items() if k not in ("time_s", "wall_time_s", "time")})
+    return records
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = load_arrays(a), load_arrays(b)
+    assert list(first) == list(second)
+    different = [k for k in first if not np.array_equal(first[k], second[k])]
+    assert different == []
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_root, tiny_config, tmp_path_factory) -> Path:
+    cfg = tiny_config(tiny_root, tmp_path_factory.mktemp("local"))
+    return run_local(cfg)
+
+
+def test_local_run_writes_config_metrics_checkpoint_model_and_report(local_run, tiny_root, tiny_config):
+    # Execute
+    run = load_run_metrics(local_run)
+    events = [json.loads(line)["event"] for line in (local_run / "metrics.jsonl").read_text().splitlines()]
+    # Assert
+    assert (local_run / "config.yaml").is_file() and (local_run / "report.html").is_file()
+    assert events[0] == "start" and events[-1] == "end"
+    assert run.rounds == [1, 2] and run.sites == ["site-0", "site-1", "site-2"]
+    assert len(run.site_records) == 2 * 3 * 2  # rounds x sites x (train, evaluate)
+    assert run.site_record(2, "evaluate", "site-1")["confusion"] is not None
+    assert load_checkpoint(local_run / "checkpoint.safetensors").server_round == 2
+    reference = initial_model_arrays(tiny_config(tiny_root, local_run))
+    model = load_arrays(local_run / "model.safetensors")
+    assert {k: v.dtype for k, v in model.items()} == {k: v.dtype for k, v in reference.items()}
+
+
+def test_same_config_gives_identical_metrics_and_weights(local_run, tiny_root, tiny_config, tmp_path):
+    # Execute
+    again = run_local(tiny_config(tiny_root, tmp_path))
+    # Assert
+    assert metric_records(again) == metric_records(local_run)
+    assert_same_weights(again / "model.safetensors", local_run / "model.safetensors")
+
+
+class _Killed(BaseException):
+    """Stands for the process dying: no handler in Flower or medfed catches it."""
+
+
+def _app_that_dies_in_round(round_to_die: int) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if msg.content["config"]["server-round"] == round_to_die:
+            raise _Killed
+        return client_app(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return client_app(msg, context)
+
+    return app
+
+
+def test_run_interrupted_in_round_2_resumes_to_identical_weights(local_run, tiny_root, tiny_config, tmp_path):
+    # Prepare: a run that dies when round 2 starts, after round 1's checkpoint.
+    cfg = tiny_config(tiny_root, tmp_path)
+    with pytest.raises(_Killed):
+        run_local(cfg, client_app=_app_that_dies_in_round(2))
+    run_dir = tmp_path / cfg.name
+    assert load_checkpoint(run_dir / "checkpoint.safetensors").server_round == 1
+    # Execute
+    run_local(cfg, resume=True)
+    # Assert
+    assert_same_weights(run_dir / "model.safetensors", local_run / "model.safetensors")
+    assert metric_records(run_dir) == metric_records(local_run)
+    starts = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"start"' in l]
+    assert [s["resumed_from_round"] for s in starts] == [0, 1]
+
+
+def test_resume_with_more_rounds_continues_the_round_count(local_run, tiny_root, tiny_config, tmp_path):
+    # Prepare: a copy of the finished 2-round run.
+    run_dir = tmp_path / "copy"
+    shutil.copytree(local_run, run_dir)
+    # Execute
+    run_local(tiny_config(tiny_root, tmp_path, rounds=3), run_dir=run_dir, resume=True)
+    # Assert
+    assert load_run_metrics(run_dir).rounds == [1, 2, 3]
+    assert load_checkpoint(run_dir / "checkpoint.safetensors").server_round == 3
+    assert metric_records(run_dir)[: len(metric_records(local_run))] == metric_records(local_run)
