@@ -124,21 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Input errors that end in one line instead of a traceback."""
-    errors: list[type[BaseException]] = [FileNotFoundError]
-    for module, name in (
-        ("medfed.config", "ConfigError"),
-        ("medfed.data", "DatasetNotFoundError"),
-        ("medfed.data", "DatasetValidationError"),
-        ("medfed.server.checkpoint", "CheckpointError"),
-        ("medfed.server.report", "ReportError"),
-    ):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+def _is_input_error(err: BaseException) -> bool:
+    """medfed's own domain errors (each one line: what was expected, what to do) and missing files."""
+    return isinstance(err, FileNotFoundError) or (
+        isinstance(err, ValueError) and type(err).__module__.startswith("medfed.")
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("medfed: interrupted; a simulation can continue with --resume RUN_DIR", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - only known input errors become one line
-        if isinstance(err, _known_errors()):
+        if _is_input_error(err):
             print(f"medfed {args.command}: error: {err}", file=sys.stderr)
             return 2
         raise

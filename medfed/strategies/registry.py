@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Strategy
 
+from ._aggregation import aggregate_metrics_ignoring_nan
+
 __all__ = ["StrategyError", "create_strategy", "list_strategies", "register_strategy"]
 
 StrategyFactory = Callable[..., Strategy]
@@ -156,6 +158,9 @@ def create_strategy(
             0 if fraction_evaluate == 0 else max(1, math.ceil(fraction_evaluate * num_sites))
         ),
     }
+    # Sites with a single class report AUC = NaN; don't let one poison the mean.
+    derived["train_metrics_aggr_fn"] = aggregate_metrics_ignoring_nan
+    derived["evaluate_metrics_aggr_fn"] = aggregate_metrics_ignoring_nan
     kwargs = {key: value for key, value in derived.items() if key in accepted}
     kwargs.update(_typed_params(name, factory, params))
 
