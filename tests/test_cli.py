@@ -2,32 +2,18 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from medfed.cli import main
 from medfed.server.checkpoint import load_arrays
 
 
-def _tiny_breastmnist(root, n=(24, 8, 8), seed=0):
-    """A BreastMNIST-shaped file whose class is visible (bright vs dark images)."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, count in zip(("train", "val", "test"), n):
-        labels = np.arange(count) % 2
-        images = rng.integers(0, 60, size=(count, 28, 28)) + 150 * labels[:, None, None]
-        arrays[f"{split}_images"] = images.astype(np.uint8)
-        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
-    np.savez(root / "breastmnist.npz", **arrays)
-
-
-def test_train_writes_selected_model_and_metrics(tmp_path, capsys):
+def test_train_writes_selected_model_and_metrics(tiny_root, tmp_path, capsys):
     # Prepare
-    _tiny_breastmnist(tmp_path)
     out = tmp_path / "run"
     # Execute
     with pytest.warns(UserWarning, match="breastmnist"):  # counts differ from the official ones
-        code = main(["train", "--data-root", str(tmp_path), "--epochs", "2", "--batch-size", "8",
+        code = main(["train", "--data-root", str(tiny_root), "--epochs", "2", "--batch-size", "8",
                      "--out", str(out)])
     # Assert
     assert code == 0

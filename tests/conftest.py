@@ -1,4 +1,4 @@
-"""Tiny generated MedMNIST-style data and configs for client tests."""
+"""Tiny generated MedMNIST-style data and configs shared by the client, simulation and CLI tests."""
 
 from __future__ import annotations
 
