@@ -1,0 +1,50 @@
+"""Local loops: mirrored prediction, class weighting, the learning-rate schedule."""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.client.task import TrainSettings, make_loss, make_optimizer, make_scheduler, predict
+
+
+def test_predict_averages_logits_over_the_mirrored_image():
+    # Prepare: a model that is not mirror-invariant
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1 * 4 * 5, 3))
+    images = torch.randn(6, 1, 4, 5)
+    loader = [(images, torch.zeros(6, dtype=torch.long), torch.full((6,), -1))]
+    # Execute
+    scores, labels, groups, _ = predict(model, loader, task="multi-class", device=torch.device("cpu"))
+    # Assert
+    with torch.no_grad():
+        expected = torch.softmax(0.5 * (model(images) + model(torch.flip(images, dims=[3]))), dim=1)
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-6)
+    assert labels.shape == (6,) and (groups == -1).all()
+
+
+def test_balanced_class_weights_follow_sklearn_formula():
+    loss = make_loss("binary-class", np.array([100, 300]))
+    # n / (C * n_c): 400 / (2 * 100) = 2, 400 / (2 * 300) = 2/3
+    torch.testing.assert_close(loss.weight, torch.tensor([2.0, 2.0 / 3.0]))
+    assert isinstance(make_loss("multi-label, binary-class", np.array([3, 4])), nn.BCEWithLogitsLoss)
+
+
+def test_norms_and_biases_get_no_weight_decay():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    groups = make_optimizer(model, TrainSettings(weight_decay=0.1)).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert sum(p.numel() for p in groups[0]["params"]) == 12  # only the Linear weight
+
+
+def test_schedule_warms_up_then_decays_by_cosine():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, total_steps=10, warmup_steps=2, min_lr_ratio=0.0)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.5 and lrs[1] == 1.0
+    assert math.isclose(lrs[2], 1.0) and math.isclose(lrs[6], 0.5 * (1 + math.cos(math.pi * 4 / 8)))
