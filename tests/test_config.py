@@ -33,11 +33,11 @@ def test_defaults_are_the_small_cpu_federation():
     cfg = load_config()
 
     assert cfg == ExperimentConfig()
-    assert (cfg.name, cfg.seed, cfg.output_dir, cfg.rounds) == ("breastmnist-fedavg", 0, "runs", 3)
+    assert (cfg.name, cfg.seed, cfg.output_dir, cfg.rounds) == ("breastmnist-fedavg", 0, "runs", 20)
     assert cfg.data == DataConfig(dataset="breastmnist", root=None, img_size=28)
     assert cfg.model.name == "medvit_v2_nano"
     assert cfg.train == TrainConfig(
-        local_epochs=1, batch_size=32, optimizer="adamw", lr=0.001, weight_decay=0.05, momentum=0.9
+        local_epochs=2, batch_size=32, optimizer="adamw", lr=0.001, weight_decay=0.05, momentum=0.9
     )
     assert cfg.strategy == StrategyConfig(name="fedavg", params={})
     assert (cfg.federation.num_sites, cfg.federation.partition) == (3, "iid")
@@ -374,7 +374,7 @@ def test_run_config_round_trip_is_exact(overrides):
 def test_run_config_keys_are_dotted_kebab_case():
     flat = to_run_config(load_config(overrides=["strategy.params.proximal_mu=0.1"]))
 
-    assert flat["train.local-epochs"] == 1
+    assert flat["train.local-epochs"] == 2
     assert flat["federation.num-sites"] == 3
     assert flat["output-dir"] == "runs"
     assert flat["data.root"] == ""
@@ -418,7 +418,7 @@ def test_config_to_dict_is_the_yaml_layout():
         "name", "seed", "output_dir", "rounds", "data", "model", "train", "strategy",
         "federation", "simulation",
     ]
-    assert data["train"]["local_epochs"] == 1
+    assert data["train"]["local_epochs"] == 2
     assert data["strategy"] == {"name": "fedavg", "params": {"mu": 1}}
     assert config_from_dict(data) == load_config(overrides=["strategy.params.mu=1"])
 

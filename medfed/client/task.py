@@ -27,6 +27,7 @@ __all__ = [
     "make_loss",
     "make_optimizer",
     "make_scheduler",
+    "cosine_factor",
     "train_epoch",
     "predict",
     "evaluate",
@@ -126,10 +127,15 @@ def make_scheduler(
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cosine_factor(step - warmup_steps, total_steps - warmup_steps, min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def cosine_factor(step: int, total: int, min_ratio: float = 0.01) -> float:
+    """Cosine decay from 1 at ``step`` 0 to ``min_ratio`` at ``step >= total``."""
+    progress = min(1.0, step / max(1, total))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _targets(labels: torch.Tensor, task: str) -> torch.Tensor:
