@@ -98,7 +98,8 @@ def _worker_plain(args: dict, output_dir: str) -> dict:
 
     from medfed.client.site_data import load_site_data
     from medfed.client.task import (
-        TrainSettings, evaluate, make_loader, make_loss, make_optimizer, seed_everything, train_epoch,
+        TrainSettings, evaluate, make_loader, make_loss, make_optimizer, round_learning_rate, seed_everything,
+        train_epoch,
     )
     from medfed.client.site_data import derive_seed
     from medfed.data import train_augmentation
@@ -116,7 +117,6 @@ def _worker_plain(args: dict, output_dir: str) -> dict:
         cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size
     )
     t = cfg.train
-    settings = TrainSettings(t.local_epochs, t.batch_size, t.optimizer, t.lr, t.weight_decay, t.momentum)
 
     def load(arrays):
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, strict=True)
@@ -126,6 +126,8 @@ def _worker_plain(args: dict, output_dir: str) -> dict:
     for server_round in range(1, cfg.rounds + 1):
         round_started = time.perf_counter()
         replies = []
+        lr = round_learning_rate(t.lr, server_round, cfg.rounds)
+        settings = TrainSettings(t.local_epochs, t.batch_size, t.optimizer, lr, t.weight_decay, t.momentum)
         for site in sites:  # as in medfed.client.client_app.train
             load(global_arrays)
             seed = derive_seed(cfg.seed, server_round, site.key)

@@ -29,7 +29,7 @@ from flwr.common.logger import log
 
 from medfed.client.site_data import PARTITION_ID_KEY, SiteData, derive_seed, load_site_data
 from medfed.client.task import (
-    TrainSettings, cosine_factor, evaluate, make_loader, make_loss, make_optimizer, predict, seed_everything,
+    TrainSettings, evaluate, make_loader, make_loss, make_optimizer, predict, round_learning_rate, seed_everything,
     select_device, train_epoch,
 )
 from medfed.config import ExperimentConfig, from_run_config
@@ -95,17 +95,14 @@ def _setup(context: Context) -> tuple[ExperimentConfig, SiteData, torch.device]:
 
 
 def _train_settings(config: ConfigRecord, cfg: ExperimentConfig) -> TrainSettings:
-    """The round's settings: the strategy's ConfigRecord, else the experiment's.
-
-    The learning rate decays over the rounds by a cosine (to 5 % in the last round):
-    with a constant rate the global model keeps oscillating from round to round.
-    """
-    decay = cosine_factor(int(config["server-round"]) - 1, cfg.rounds, min_ratio=0.05)
+    """The round's settings: the strategy's ConfigRecord, else the experiment's;
+    the learning rate decays over the rounds (:func:`round_learning_rate`)."""
+    lr = round_learning_rate(float(config.get("lr", cfg.train.lr)), int(config["server-round"]), cfg.rounds)
     return TrainSettings(
         epochs=int(config.get("local-epochs", cfg.train.local_epochs)),
         batch_size=int(config.get("batch-size", cfg.train.batch_size)),
         optimizer=str(config.get("optimizer", cfg.train.optimizer)),
-        lr=float(config.get("lr", cfg.train.lr)) * decay,
+        lr=lr,
         weight_decay=float(config.get("weight-decay", cfg.train.weight_decay)),
         momentum=float(config.get("momentum", cfg.train.momentum)),
     )

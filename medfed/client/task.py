@@ -28,6 +28,7 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "cosine_factor",
+    "round_learning_rate",
     "train_epoch",
     "predict",
     "evaluate",
@@ -130,6 +131,15 @@ def make_scheduler(
         return cosine_factor(step - warmup_steps, total_steps - warmup_steps, min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def round_learning_rate(lr: float, server_round: int, num_rounds: int) -> float:
+    """A site's learning rate in ``server_round`` (1-based) of ``num_rounds``.
+
+    Decays by a cosine over the rounds to 5 % in the last: with a constant rate the
+    global model keeps oscillating from round to round.
+    """
+    return lr * cosine_factor(server_round - 1, num_rounds, min_ratio=0.05)
 
 
 def cosine_factor(step: int, total: int, min_ratio: float = 0.01) -> float:

@@ -48,3 +48,11 @@ def test_schedule_warms_up_then_decays_by_cosine():
         sched.step()
     assert lrs[0] == 0.5 and lrs[1] == 1.0
     assert math.isclose(lrs[2], 1.0) and math.isclose(lrs[6], 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+
+
+def test_round_learning_rate_decays_from_full_to_five_percent():
+    from medfed.client.task import round_learning_rate
+
+    assert round_learning_rate(0.1, 1, 10) == 0.1
+    assert math.isclose(round_learning_rate(0.1, 11, 10), 0.005)
+    assert math.isclose(round_learning_rate(0.1, 6, 10), 0.1 * (0.05 + 0.95 * 0.5))
