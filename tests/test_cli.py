@@ -44,3 +44,21 @@ def test_bad_numbers_are_refused_by_the_parser(capsys):
         main(["train", "--epochs", "0"])
     assert exit_info.value.code == 2
     assert "must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("rounds: [1\n", "line 2"),                      # YAML syntax
+        ("rounds: 3\ntrain:\n  lrr: 0.1\n", "train.lrr"),  # unknown key
+        ("rounds: -1\n", "'rounds' must be an int >= 1"),  # impossible value
+    ],
+)
+def test_simulate_with_a_malformed_yaml_is_one_line_and_exit_2(tmp_path, capsys, text, expected):
+    config = tmp_path / "exp.yaml"
+    config.write_text(text)
+    code = main(["simulate", "--config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert expected in err and "exp.yaml" in err
