@@ -138,8 +138,6 @@ def _worker_plain(args: dict, output_dir: str) -> dict:
             optimizer = make_optimizer(model, settings)
             for _ in range(settings.epochs):
                 train_epoch(model, loader, loss_fn, optimizer, task=info.task, device=torch.device("cpu"))
-            evaluate(model, make_loader(site.train, 256, shuffle=False), loss_fn, task=info.task,
-                     device=torch.device("cpu"))
             replies.append(({k: v.detach().numpy().copy() for k, v in model.state_dict().items()}, len(site.train)))
         total = sum(count for _, count in replies)  # FedAvg, as flwr's aggregate_arrayrecords
         aggregated: dict = {}

@@ -93,7 +93,7 @@ def train_pooled(
             progress.update(bar, description=f"epoch {epoch}/{settings.epochs}")
             fit = train_epoch(
                 model, loaders["train"], loss_fn, optimizer, task=info.task, device=dev,
-                scheduler=scheduler, on_batch=lambda: progress.advance(bar),
+                scheduler=scheduler, on_batch=lambda *_batch: progress.advance(bar),
             )
             val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev)
             # The mean of the two metrics MedMNIST reports: AUC alone can pick an
@@ -102,7 +102,7 @@ def train_pooled(
             improved = score > best_score
             if improved:
                 best_score, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
-            history.append({"epoch": epoch, "train_loss": fit["loss"], **_jsonable({k: v for k, v in val.items() if k != "confusion"})})
+            history.append({"epoch": epoch, "train_loss": fit["loss"], **_jsonable({k: v for k, v in val.items() if k not in ("confusion", "groups")})})
             progress.console.print(
                 f"epoch {epoch:3d}  loss {fit['loss']:.4f}  val acc {val['acc']:.4f} auc {val['auc']:.4f}"
                 + ("  *" if improved else "")

@@ -10,8 +10,8 @@ replies (FedAvg) only count ArrayRecords and MetricRecords, so the extra ConfigR
 passes.
 
 Train reply metrics: ``num-examples``, ``loss`` (mean training loss of the last local
-epoch) and ``acc``/``auc``/``balanced_acc`` of the trained model on the site's training
-split (no augmentation), plus ``acc-group-<g>``/``auc-group-<g>`` where samples carry a
+epoch) and ``acc``/``auc``/``balanced_acc`` of that epoch's predictions (running
+metrics on augmented images, as the batches went by: no second pass over the data), plus ``acc-group-<g>``/``auc-group-<g>`` where samples carry a
 patient group. Evaluate reply metrics: the same on the site's test split, plus
 ``confusion`` (the flattened ``[C, C]`` matrix, ints) and ``num-classes``.
 """
@@ -22,6 +22,7 @@ import functools
 import time
 from logging import INFO
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -29,11 +30,11 @@ from flwr.common.logger import log
 
 from medfed.client.site_data import PARTITION_ID_KEY, SiteData, derive_seed, load_site_data
 from medfed.client.task import (
-    TrainSettings, evaluate, make_loader, make_loss, make_optimizer, predict, round_learning_rate, seed_everything,
-    select_device, train_epoch,
+    TrainSettings, evaluate, make_loader, make_loss, make_optimizer, prediction_metrics, round_learning_rate,
+    scores_from_logits, seed_everything, select_device, train_epoch,
 )
 from medfed.config import ExperimentConfig, from_run_config
-from medfed.data import group_metrics, train_augmentation
+from medfed.data import train_augmentation
 from medfed.models import create_model
 
 __all__ = ["app"]
@@ -60,11 +61,15 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = make_optimizer(model, settings)
     extra_loss = _proximal_term(model, float(config.get("proximal-mu", 0.0)))
     for epoch in range(1, settings.epochs + 1):
-        fit = train_epoch(model, loader, loss_fn, optimizer, task=site.info.task, device=device, extra_loss=extra_loss)
+        seen = _TrainingPredictions()  # the last epoch's are reported: no second pass
+        fit = train_epoch(
+            model, loader, loss_fn, optimizer, task=site.info.task, device=device, extra_loss=extra_loss,
+            on_batch=seen,
+        )
         log(INFO, "[%s] round %s epoch %d/%d  loss %.4f",
             site.name, config["server-round"], epoch, settings.epochs, fit["loss"])
-    metrics = _metrics(model, site.train, loss_fn, device, with_confusion=False)
-    metrics["loss"] = fit["loss"]
+    result = {"loss": fit["loss"], **seen.metrics(site.info.task)}
+    metrics = _metric_record(result, len(site.train), with_confusion=False)
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return _reply(msg, site, start, metrics, arrays)
 
@@ -76,7 +81,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg, site, device = _setup(context)
     model = _model(cfg, site, msg, device)
     loss_fn = make_loss(site.info.task, site.train.class_counts())
-    return _reply(msg, site, start, _metrics(model, site.test, loss_fn, device, with_confusion=True))
+    loader = make_loader(site.test, _EVAL_BATCH, shuffle=False)
+    result = evaluate(model, loader, loss_fn, task=site.info.task, device=device)
+    return _reply(msg, site, start, _metric_record(result, len(site.test), with_confusion=True))
 
 
 def _setup(context: Context) -> tuple[ExperimentConfig, SiteData, torch.device]:
@@ -132,19 +139,35 @@ def _proximal_term(model: torch.nn.Module, mu: float):
     return term
 
 
-def _metrics(model, dataset, loss_fn, device, *, with_confusion: bool) -> dict:
-    task = dataset.info.task
-    loader = make_loader(dataset, _EVAL_BATCH, shuffle=False)
-    result = evaluate(model, loader, loss_fn, task=task, device=device)
-    metrics = {"num-examples": len(dataset), **{k: float(result[k]) for k in ("loss", "acc", "auc", "balanced_acc")}}
+class _TrainingPredictions:
+    """Collects the scores of a training pass (``train_epoch``'s ``on_batch`` hook)."""
+
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.groups: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> None:
+        self.logits.append(logits.cpu())
+        self.labels.append(labels)
+        self.groups.append(groups)
+
+    def metrics(self, task: str) -> dict:
+        """Metrics of the pass: taken while the weights moved, on augmented images."""
+        scores = scores_from_logits(torch.cat(self.logits), task)
+        return prediction_metrics(task, torch.cat(self.labels).numpy(), scores, torch.cat(self.groups).numpy())
+
+
+def _metric_record(result: dict, num_examples: int, *, with_confusion: bool) -> dict:
+    """Flatten :func:`medfed.client.task.evaluate`-style results into MetricRecord values."""
+    metrics = {"num-examples": num_examples, **{k: float(result[k]) for k in ("loss", "acc", "auc", "balanced_acc")}}
     if with_confusion:
-        metrics["confusion"] = [int(v) for v in result["confusion"].reshape(-1)]
-        metrics["num-classes"] = int(dataset.info.num_classes)
-    if dataset.groups is not None:
-        y_score, y_true, groups, _ = predict(model, loader, task=task, device=device)
-        for group, values in group_metrics(task, y_true, y_score, groups).items():
-            metrics[f"acc-group-{group}"] = float(values["acc"])
-            metrics[f"auc-group-{group}"] = float(values["auc"])
+        matrix = np.asarray(result["confusion"])
+        metrics["confusion"] = [int(v) for v in matrix.reshape(-1)]
+        metrics["num-classes"] = int(matrix.shape[-1] if matrix.ndim == 2 else matrix.shape[0])
+    for group, values in result.get("groups", {}).items():
+        metrics[f"acc-group-{group}"] = float(values["acc"])
+        metrics[f"auc-group-{group}"] = float(values["auc"])
     return metrics
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from medfed.data import classification_metrics, confusion
+from medfed.data import classification_metrics, confusion, group_metrics
 
 __all__ = [
     "TrainSettings",
@@ -32,6 +32,8 @@ __all__ = [
     "train_epoch",
     "predict",
     "evaluate",
+    "prediction_metrics",
+    "scores_from_logits",
     "get_weights",
     "set_weights",
 ]
@@ -162,7 +164,7 @@ def train_epoch(
     device: torch.device,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    on_batch: Callable[[], None] | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean training loss.
 
@@ -170,7 +172,8 @@ def train_epoch(
         extra_loss: Optional ``f(logits, targets) -> scalar`` added to the loss;
             the hook through which a strategy adds its client-side term
             (FedProx's proximal term, FedLD's margin).
-        on_batch: Called after every step (progress display).
+        on_batch: Called after every step with ``(logits, labels, groups)`` (detached):
+            progress display, or metrics of the training pass without a second pass.
     """
     model.train()
     loss_fn = loss_fn.to(device)
@@ -196,7 +199,7 @@ def train_epoch(
         total += loss.item() * len(images)
         count += len(images)
         if on_batch is not None:
-            on_batch()
+            on_batch(logits.detach().float(), labels, _groups)
     return {"loss": total / max(count, 1)}
 
 
@@ -216,8 +219,7 @@ def predict(model: nn.Module, loader: Iterable, *, task: str, device: torch.devi
             # Training mirrors images (train_augmentation), so the prediction is the
             # mean over the image and its mirror: a cheap, steadier estimate.
             logits = 0.5 * (model(images).float() + model(torch.flip(images, dims=[3])).float())
-        probs = torch.sigmoid(logits) if task == MULTI_LABEL else torch.softmax(logits, dim=1)
-        scores.append(probs.cpu().numpy())
+        scores.append(scores_from_logits(logits, task))
         logits_all.append(logits.cpu())
         trues.append(labels.numpy())
         groups.append(group.numpy())
@@ -226,16 +228,29 @@ def predict(model: nn.Module, loader: Iterable, *, task: str, device: torch.devi
     return np.concatenate(scores), np.concatenate(trues), np.concatenate(groups), torch.cat(logits_all)
 
 
+def scores_from_logits(logits: torch.Tensor, task: str) -> np.ndarray:
+    """Softmax probabilities ``[N, C]`` (sigmoid for multi-label) as NumPy."""
+    probs = torch.sigmoid(logits) if task == MULTI_LABEL else torch.softmax(logits, dim=1)
+    return probs.detach().cpu().numpy()
+
+
+def prediction_metrics(task: str, y_true: np.ndarray, y_score: np.ndarray, groups: np.ndarray | None = None) -> dict:
+    """ACC, AUC, balanced accuracy, the confusion matrix and, where samples carry a
+    group (id >= 0), ``"groups"``: ``{group: {"acc", "auc", ...}}``."""
+    metrics = {**classification_metrics(task, y_true, y_score), "confusion": confusion(task, y_true, y_score)}
+    if groups is not None and (np.asarray(groups) >= 0).any():
+        metrics["groups"] = group_metrics(task, y_true, y_score, groups)
+    return metrics
+
+
 def evaluate(
     model: nn.Module, loader: Iterable, loss_fn: nn.Module, *, task: str, device: torch.device
 ) -> dict:
-    """Loss, ACC, AUC, balanced accuracy and the confusion matrix on a loader."""
-    y_score, y_true, _groups, logits = predict(model, loader, task=task, device=device)
+    """Loss plus :func:`prediction_metrics` on a loader (one pass, mirrored)."""
+    y_score, y_true, groups, logits = predict(model, loader, task=task, device=device)
     targets = _targets(torch.as_tensor(y_true), task)
     loss = float(loss_fn.cpu()(logits, targets))
-    metrics = {"loss": loss, **classification_metrics(task, y_true, y_score)}
-    metrics["confusion"] = confusion(task, y_true, y_score)
-    return metrics
+    return {"loss": loss, **prediction_metrics(task, y_true, y_score, groups)}
 
 
 def get_weights(model: nn.Module) -> dict[str, np.ndarray]:

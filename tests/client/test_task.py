@@ -56,3 +56,26 @@ def test_round_learning_rate_decays_from_full_to_five_percent():
     assert round_learning_rate(0.1, 1, 10) == 0.1
     assert math.isclose(round_learning_rate(0.1, 11, 10), 0.005)
     assert math.isclose(round_learning_rate(0.1, 6, 10), 0.1 * (0.05 + 0.95 * 0.5))
+
+
+def test_prediction_metrics_add_per_group_figures_only_for_known_groups():
+    from medfed.client.task import prediction_metrics
+
+    y_true = np.array([0, 1, 0, 1, 1, 0])
+    y_score = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7], [0.6, 0.4], [0.7, 0.3]])
+    unknown = prediction_metrics("binary-class", y_true, y_score, np.full(6, -1))
+    grouped = prediction_metrics("binary-class", y_true, y_score, np.array([0, 0, 0, 1, 1, 1]))
+    assert "groups" not in unknown
+    assert grouped["acc"] == 4 / 6
+    assert grouped["groups"][0]["acc"] == 2 / 3 and grouped["groups"][1]["acc"] == 2 / 3
+    assert grouped["confusion"].tolist() == [[2, 1], [1, 2]]
+
+
+def test_client_metric_record_flattens_confusion_and_groups():
+    from medfed.client.client_app import _metric_record
+
+    result = {"loss": 0.5, "acc": 0.75, "auc": 0.8, "balanced_acc": 0.7,
+              "confusion": np.array([[3, 1], [0, 4]]), "groups": {2: {"acc": 1.0, "auc": 0.9}}}
+    record = _metric_record(result, 8, with_confusion=True)
+    assert record == {"num-examples": 8, "loss": 0.5, "acc": 0.75, "auc": 0.8, "balanced_acc": 0.7,
+                      "confusion": [3, 1, 0, 4], "num-classes": 2, "acc-group-2": 1.0, "auc-group-2": 0.9}
