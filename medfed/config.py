@@ -10,7 +10,7 @@ flattening into Flower's run config. All validation errors use one template::
 
 The defaults describe a small federation that finishes on a 2-core CPU in minutes:
 embedded BreastMNIST at 28 px, ``medvit_v2_nano``, 3 IID sites, 20 rounds of FedAvg
-with two local AdamW epochs each (measured: 1 min 39 s on 2 cores, global test ACC
+with two local AdamW epochs each (measured: 1 min 33 s on 2 cores, global test ACC
 0.808 / AUC 0.902 after round 20).
 
 Names that other parts validate (the model name, the strategy name and its
