@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +35,6 @@ __all__ = [
     "prediction_metrics",
     "scores_from_logits",
     "get_weights",
-    "set_weights",
 ]
 
 MULTI_LABEL = "multi-label, binary-class"
@@ -256,16 +255,3 @@ def evaluate(
 def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's state dict as NumPy arrays (what a site sends)."""
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def set_weights(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Load arrays into the model; keys and shapes must match exactly."""
-    state = model.state_dict()
-    missing = set(state) - set(arrays)
-    unexpected = set(arrays) - set(state)
-    if missing or unexpected:
-        raise ValueError(
-            f"Weights do not fit the model: {len(missing)} missing keys (e.g. {sorted(missing)[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]}). Are server and site using the same model?"
-        )
-    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}, strict=True)
