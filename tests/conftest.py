@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -52,3 +53,19 @@ def tiny_root(tmp_path_factory) -> Path:
 def tiny_config():
     """Factory: ``tiny_config(root, output_dir, **top_level_overrides) -> ExperimentConfig``."""
     return _tiny_config
+
+
+def _metric_records(run_dir: Path) -> list[dict]:
+    """The site and round records of a run's metrics.jsonl, without their timings (which vary)."""
+    records = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["event"] in ("site", "round"):
+            records.append({k: v for k, v in record.items() if k not in ("time_s", "wall_time_s", "time")})
+    return records
+
+
+@pytest.fixture(scope="session")
+def metric_records():
+    """``metric_records(run_dir) -> list[dict]``: comparable records of a run."""
+    return _metric_records

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from medfed.config import ExperimentConfig
-from medfed.data import DatasetInfo, ImageDataset, load_medmnist
+from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medmnist
 from medfed.simulation.partition import partition_labels
 
 __all__ = ["SiteData", "SiteDataError", "derive_seed", "load_site_data", "site_identity"]
@@ -146,7 +146,7 @@ def _load_dataset(flag: str, root: str | None, img_size: int) -> dict[str, Image
     # Every simulated site of a process reads the same file: load it once.
     with warnings.catch_warnings():
         # A site's file may legitimately hold fewer samples than the official release.
-        warnings.filterwarnings("ignore", message=r".*official .* release has")
+        warnings.simplefilter("ignore", DatasetSizeWarning)
         return load_medmnist(flag, root, size=img_size)
 
 
@@ -174,6 +174,7 @@ def _partition(
     return train.subset(train_parts[partition_id]), test.subset(test_parts[partition_id])
 
 
+@functools.lru_cache(maxsize=2)
 def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, ImageDataset]:
     path = Path(data_path).expanduser()
     from medfed.data import medmnist_filename

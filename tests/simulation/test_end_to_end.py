@@ -5,7 +5,6 @@ launch pays Ray's start-up); test_local.py covers the same logic without Ray."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,15 +22,6 @@ from medfed.simulation import simulate
 from medfed.simulation.local import run_local
 
 LAUNCH_TIMEOUT_S = 300
-
-
-def metric_records(run_dir: Path) -> list[dict]:
-    records = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["event"] in ("site", "round"):
-            records.append({k: v for k, v in record.items() if k not in ("time_s", "wall_time_s", "time")})
-    return records
 
 
 def resolved_records(run_dir: Path) -> dict:
@@ -59,7 +49,7 @@ def engine_run(tiny_root, tiny_config, tmp_path_factory) -> Path:
     return simulate(cfg)
 
 
-def test_engine_run_completes_and_matches_the_in_process_run(engine_run, tiny_root, tiny_config, tmp_path):
+def test_engine_run_completes_and_matches_the_in_process_run(engine_run, tiny_root, tiny_config, tmp_path, metric_records):
     # Prepare: the same experiment without Ray.
     local = run_local(tiny_config(tiny_root, tmp_path))
     # Execute

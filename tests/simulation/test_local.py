@@ -19,16 +19,6 @@ from medfed.server.server_app import initial_model_arrays
 from medfed.simulation.local import run_local
 
 
-def metric_records(run_dir: Path) -> list[dict]:
-    """The site and round records without their timing fields (which vary)."""
-    records = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["event"] in ("site", "round"):
-            records.append({k: v for k, v in record.items() if k not in ("time_s", "wall_time_s", "time")})
-    return records
-
-
 def assert_same_weights(a: Path, b: Path) -> None:
     first, second = load_arrays(a), load_arrays(b)
     assert list(first) == list(second)
@@ -58,7 +48,7 @@ def test_local_run_writes_config_metrics_checkpoint_model_and_report(local_run, 
     assert {k: v.dtype for k, v in model.items()} == {k: v.dtype for k, v in reference.items()}
 
 
-def test_same_config_gives_identical_metrics_and_weights(local_run, tiny_root, tiny_config, tmp_path):
+def test_same_config_gives_identical_metrics_and_weights(local_run, tiny_root, tiny_config, tmp_path, metric_records):
     # Execute
     again = run_local(tiny_config(tiny_root, tmp_path))
     # Assert
@@ -86,7 +76,7 @@ def _app_that_dies_in_round(round_to_die: int) -> ClientApp:
     return app
 
 
-def test_run_interrupted_in_round_2_resumes_to_identical_weights(local_run, tiny_root, tiny_config, tmp_path):
+def test_run_interrupted_in_round_2_resumes_to_identical_weights(local_run, tiny_root, tiny_config, tmp_path, metric_records):
     # Prepare: a run that dies when round 2 starts, after round 1's checkpoint.
     cfg = tiny_config(tiny_root, tmp_path)
     with pytest.raises(_Killed):
@@ -102,7 +92,7 @@ def test_run_interrupted_in_round_2_resumes_to_identical_weights(local_run, tiny
     assert [s["resumed_from_round"] for s in starts] == [0, 1]
 
 
-def test_resume_with_more_rounds_continues_the_round_count(local_run, tiny_root, tiny_config, tmp_path):
+def test_resume_with_more_rounds_continues_the_round_count(local_run, tiny_root, tiny_config, tmp_path, metric_records):
     # Prepare: a copy of the finished 2-round run.
     run_dir = tmp_path / "copy"
     shutil.copytree(local_run, run_dir)
