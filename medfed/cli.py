@@ -125,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_input_error(err: BaseException) -> bool:
-    """medfed's own domain errors (each one line: what was expected, what to do) and missing files."""
-    return isinstance(err, FileNotFoundError) or (
-        isinstance(err, ValueError) and type(err).__module__.startswith("medfed.")
-    )
+    """medfed's input errors (each one line: what was expected, what to do) and missing files."""
+    from medfed.errors import MedfedError
+
+    return isinstance(err, (MedfedError, FileNotFoundError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,8 @@ registries check them when the run is built.
 
 from __future__ import annotations
 
+from medfed.errors import MedfedError
+
 import copy
 import dataclasses
 import difflib
@@ -60,7 +62,7 @@ __all__ = [
 RUN_CONFIG_SOURCE = "run_config"
 
 
-class ConfigError(ValueError):
+class ConfigError(MedfedError):
     """An experiment config key is unknown, malformed or out of range.
 
     The message is one line naming the dotted key, what was expected, what was found

@@ -18,6 +18,8 @@ launched, while the partition maths lives with the rest of the simulation.
 
 from __future__ import annotations
 
+from medfed.errors import MedfedError
+
 import functools
 import warnings
 import zlib
@@ -40,7 +42,7 @@ DATA_PATH_KEY = "data-path"
 SITE_NAME_KEY = "site-name"
 
 
-class SiteDataError(ValueError):
+class SiteDataError(MedfedError):
     """The node config does not say where this site's data is, or says it inconsistently."""
 
 

@@ -6,14 +6,16 @@ what was found and what to do.
 
 from __future__ import annotations
 
+from medfed.errors import MedfedError
+
 __all__ = ["DatasetNotFoundError", "DatasetValidationError", "DatasetSizeWarning"]
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MedfedError, FileNotFoundError):
     """A dataset file or folder is missing and could not be downloaded."""
 
 
-class DatasetValidationError(ValueError):
+class DatasetValidationError(MedfedError):
     """A dataset file exists but its content is not what medfed expects."""
 
 

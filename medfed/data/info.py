@@ -12,6 +12,8 @@ from typing import Any
 
 from medmnist import INFO
 
+from medfed.data.errors import DatasetValidationError
+
 __all__ = [
     "DatasetInfo",
     "dataset_info",
@@ -89,7 +91,7 @@ def normalize_task(task: str) -> str:
         return task
     if isinstance(task, str) and task.strip().lower() in _TASK_ALIASES:
         return _TASK_ALIASES[task.strip().lower()]
-    raise ValueError(
+    raise DatasetValidationError(
         f"The 'task' must be one of {list(TASKS)} (or 'multi-label', 'binary'). Got {task!r} instead."
     )
 
@@ -98,7 +100,7 @@ def medmnist_info(flag: str) -> dict[str, Any]:
     """Return ``medmnist.INFO[flag]`` for a 2D flag, or raise a ValueError naming the choices."""
     if flag not in MEDMNIST_2D_FLAGS:
         hint = " (3D datasets are not supported)" if flag in INFO else ""
-        raise ValueError(
+        raise DatasetValidationError(
             f"Unknown MedMNIST 2D dataset {flag!r}{hint}. Expected one of {list(MEDMNIST_2D_FLAGS)}."
         )
     return INFO[flag]

@@ -165,7 +165,7 @@ def load_medmnist(
     """
     info = dataset_info(flag)
     if size not in IMAGE_SIZES:
-        raise ValueError(
+        raise DatasetValidationError(
             f"The 'size' parameter of load_medmnist must be one of {list(IMAGE_SIZES)}. Got {size!r} instead."
         )
     filename = medmnist_filename(flag, size)

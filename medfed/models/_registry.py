@@ -7,7 +7,15 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models"]
+from medfed.errors import MedfedError
+
+__all__ = ["UnknownModelError", "register_model", "create_model", "list_models"]
+
+
+
+class UnknownModelError(MedfedError):
+    """No model is registered under the requested name, or its sizes are invalid."""
+
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -36,9 +44,9 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int =
         **kwargs: Further constructor arguments of the model.
     """
     if name not in _MODELS:
-        raise ValueError(f"Unknown model '{name}'. Expected one of: {', '.join(list_models())}.")
+        raise UnknownModelError(f"Unknown model '{name}'. Expected one of: {', '.join(list_models())}.")
     if num_classes < 1 or in_chans < 1 or img_size < 1:
-        raise ValueError(
+        raise UnknownModelError(
             f"Model '{name}' needs positive num_classes, in_chans and img_size. "
             f"Got {num_classes}, {in_chans}, {img_size}."
         )

@@ -15,6 +15,8 @@ either the old complete file or the new complete file, never a truncated one.
 
 from __future__ import annotations
 
+from medfed.errors import MedfedError
+
 import json
 import os
 from collections.abc import Mapping
@@ -44,7 +46,7 @@ _MODEL_PREFIX = "model/"
 _STRATEGY_PREFIX = "strategy/"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MedfedError):
     """A checkpoint or model file is missing, unreadable or not in the expected format."""
 
 

@@ -18,6 +18,8 @@ one-screen summary in the terminal.
 
 from __future__ import annotations
 
+from medfed.errors import MedfedError
+
 import base64
 import html
 import json
@@ -59,7 +61,7 @@ CONFIG_FILE = "config.yaml"
 FIGURE_NAMES = ("acc", "auc", "loss", "confusion", "bytes", "wall_time")
 
 
-class ReportError(ValueError):
+class ReportError(MedfedError):
     """A run directory or its metrics log cannot be read."""
 
 

@@ -19,6 +19,8 @@ the rounds an uninterrupted run would have made, bit for bit on a CPU.
 
 from __future__ import annotations
 
+from medfed.errors import MedfedError
+
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -57,7 +59,7 @@ METRICS_FILE = "metrics.jsonl"
 _MAY_CHANGE = ("name", "output_dir", "rounds", "simulation.ray_address")
 
 
-class ResumeError(ValueError):
+class ResumeError(MedfedError):
     """A run directory cannot be started or resumed as asked."""
 
 

@@ -15,6 +15,8 @@ split can be drawn with the same shares as its training split.
 
 from __future__ import annotations
 
+from medfed.errors import MedfedError
+
 import numpy as np
 
 __all__ = [
@@ -35,7 +37,7 @@ PARTITIONERS = ("iid", "dirichlet")
 _MAX_REDRAWS = 10
 
 
-class PartitionError(ValueError):
+class PartitionError(MedfedError):
     """A partition cannot be made with the given labels and parameters."""
 
 

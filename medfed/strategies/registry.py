@@ -13,6 +13,8 @@ parameters, after checking their names and simple types against the constructor.
 
 from __future__ import annotations
 
+from medfed.errors import MedfedError
+
 import difflib
 import importlib
 import inspect
@@ -39,7 +41,7 @@ _REGISTRY: dict[str, StrategyFactory] = {}
 _FROM_FEDERATION = ("fraction_train", "fraction_evaluate")
 
 
-class StrategyError(ValueError):
+class StrategyError(MedfedError):
     """A strategy name, import path or parameter is wrong."""
 
 

@@ -24,6 +24,8 @@ Where the state comes from, first match wins:
 
 from __future__ import annotations
 
+from medfed.errors import MedfedError
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +41,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 __all__ = ["StrategyStateError", "load_strategy_state", "strategy_state"]
 
 
-class StrategyStateError(ValueError):
+class StrategyStateError(MedfedError):
     """Saved strategy state does not fit the strategy it is loaded into."""
 
 
