@@ -58,15 +58,15 @@ VARIANTS = {
 }
 
 
-def _command(dataset: str, root: str, seed: int, extra: dict) -> str:
-    s = DATASETS[dataset]
+def _command(dataset: str, root: str, seed: int, extra: dict, epochs: int | None = None) -> str:
+    s = {**DATASETS[dataset], **({"epochs": epochs} if epochs else {})}
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in extra.items())
     return (f"medfed train --dataset {dataset} --data-root {root} --model nano --img-size 28 --epochs {s['epochs']} "
             f"--batch-size {s['batch_size']} --lr {s['lr']} --seed {seed}{flags}")
 
 
-def run(dataset: str, root: str, seed: int, extra: dict, track_test: bool) -> dict:
-    s = DATASETS[dataset]
+def run(dataset: str, root: str, seed: int, extra: dict, track_test: bool, epochs: int | None = None) -> dict:
+    s = {**DATASETS[dataset], **({"epochs": epochs} if epochs else {})}
     settings = TrainSettings(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], weight_decay=0.05)
     per_epoch_test = []
     on_epoch = None
@@ -87,7 +87,7 @@ def run(dataset: str, root: str, seed: int, extra: dict, track_test: bool) -> di
             out_dir=out, seed=seed, device="cpu", console=Console(quiet=True), on_epoch=on_epoch, **extra,
         )
     return {
-        "dataset": dataset, "seed": seed, "variant": extra, "command": _command(dataset, root, seed, extra),
+        "dataset": dataset, "seed": seed, "variant": extra, "command": _command(dataset, root, seed, extra, epochs),
         "test_acc": result["test"]["acc"], "test_auc": result["test"]["auc"], "best_epoch": result["best_epoch"],
         "val_scores": [(h["acc"] + h["auc"]) / 2 for h in result["history"]],
         "per_epoch_test": per_epoch_test, "config": result["config"], "wall_s": round(time.perf_counter() - start, 1),
@@ -117,31 +117,36 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ablation", nargs="*", default=None, metavar="VARIANT",
                         help=f"run ablation variants (default: all of {list(VARIANTS)})")
+    parser.add_argument("--track-test", action="store_true",
+                        help="also record every epoch's test metrics to compare selection rules (ablations always do)")
+    parser.add_argument("--epochs", type=int, default=None, help="override every dataset's epochs (ablations)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     root = str(Path(args.data_root).resolve())
     if not all((Path(root) / f"{d}.npz").is_file() for d in args.datasets):
         raise SystemExit(f"bench_recipe: needs {', '.join(d + '.npz' for d in args.datasets)} in {root} (--data-root).")
     ablation = args.ablation is not None
+    track = ablation or args.track_test
     variants = (args.ablation or list(VARIANTS)) if ablation else ["default"]
     rows = []
     for dataset in args.datasets:
         for variant in variants:
             for seed in args.seeds:
-                r = run(dataset, root, seed, VARIANTS[variant], track_test=ablation)
+                r = run(dataset, root, seed, VARIANTS[variant], track_test=track, epochs=args.epochs)
                 r["variant_name"] = variant
-                if ablation:
+                if track:
                     r["selection"] = selection_rules(r)
                 rows.append(r)
                 print(f"{dataset:15} {variant:20} seed {seed}: test ACC {r['test_acc']:.3f} AUC {r['test_auc']:.3f} "
                       f"(epoch {r['best_epoch']}, {r['wall_s']:.0f} s)", flush=True)
     print()
-    if ablation:
+    if track:
         print(f"{'dataset':15} {'variant':20} {'seed':>4}  " + "  ".join(f"{k:>20}" for k in ("trailing-1", "trailing-3", "trailing-5", "last")))
         for r in rows:
             cells = "  ".join(f"{s['acc']:.3f}/{s['auc']:.3f} (e{s['epoch']:>3})" for s in r["selection"].values())
             print(f"{r['dataset']:15} {r['variant_name']:20} {r['seed']:4d}  {cells}")
-    else:
+        print()
+    if not ablation:
         print(f"| dataset | test ACC | test AUC | ResNet-18 (28) ACC / AUC | MedViTV2-T (224) ACC | seeds |")
         print("|---|---|---|---|---|---|")
         for dataset in args.datasets:
