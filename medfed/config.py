@@ -435,7 +435,14 @@ class SimulationConfig(_Validated):
     gpus_per_site : float
         GPU share per simulated site (0.25 runs four sites on one GPU).
     ray_address : str or None
-        None starts a local Ray; ``"auto"`` or ``"host:port"`` joins a running one.
+        None starts a local Ray; ``"auto"`` or ``"host:port"`` joins a running one
+        (engine ``"ray"`` only).
+    engine : str
+        ``"inprocess"`` runs the sites one after the other in the launching process
+        (no start-up cost; the choice for one GPU and for small CPU runs);
+        ``"ray"`` runs them on Flower's simulation engine, in parallel on
+        ``floor(cores / cpus_per_site)`` actors (many cores, fractional GPUs,
+        clusters). Both give the same weights (:mod:`medfed.simulation.local`).
     """
 
     _prefix: ClassVar[str] = "simulation."
@@ -443,6 +450,16 @@ class SimulationConfig(_Validated):
     cpus_per_site: float = _leaf(_Float(0.0, low_closed=False), 1.0)
     gpus_per_site: float = _leaf(_Float(0.0), 0.0)
     ray_address: str | None = _leaf(_Optional(_Str()), None)
+    engine: str = _leaf(_Choice(("inprocess", "ray")), "inprocess")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ray_address is not None and self.engine != "ray":
+            raise ConfigError(
+                f"Config key 'simulation.ray_address' needs simulation.engine 'ray'. Got engine "
+                f"{self.engine!r} with ray_address {self.ray_address!r}; set simulation.engine: ray "
+                "or remove ray_address."
+            )
 
 
 # The run folder is {output_dir}/{name}: a name must stay one safe path component.
