@@ -26,12 +26,10 @@ import copy
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import json
 import math
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -189,29 +187,11 @@ class _Optional(_Constraint):
 
 @functools.cache
 def _medmnist_2d_flags() -> tuple[str, ...]:
-    """Sorted ``medmnist.INFO`` flags without "3d" in their name."""
-    return tuple(sorted(flag for flag in _medmnist_info() if "3d" not in flag))
+    """Sorted MedMNIST 2D flags (``medmnist.INFO`` flags without "3d" in their name)."""
+    # medfed's own copy of the table: ``import medmnist`` would import torch (seconds).
+    from medfed._medmnist_info import INFO_2D
 
-
-def _medmnist_info() -> Mapping[str, Any]:
-    # ``import medmnist`` imports torch (up to ~10 s cold), which would make every
-    # config check slow. Its INFO table lives in medmnist/info.py, which needs only the
-    # standard library, so read that module on its own unless medmnist is loaded.
-    loaded = sys.modules.get("medmnist")
-    if loaded is not None and hasattr(loaded, "INFO"):
-        return loaded.INFO
-    spec = importlib.util.find_spec("medmnist")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    info_file = Path(locations[0], "info.py") if locations else None
-    if info_file is not None and info_file.is_file():
-        info_spec = importlib.util.spec_from_file_location("_medfed_medmnist_info", info_file)
-        if info_spec is not None and info_spec.loader is not None:
-            module = importlib.util.module_from_spec(info_spec)
-            info_spec.loader.exec_module(module)
-            return module.INFO
-    from medmnist import INFO  # the slow but ordinary way
-
-    return INFO
+    return tuple(sorted(INFO_2D))
 
 
 @dataclass(frozen=True)
