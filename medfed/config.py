@@ -393,6 +393,9 @@ class FederationConfig(_Validated):
         Fraction of sites sampled for training each round, in (0, 1].
     fraction_evaluate : float
         Fraction of sites sampled for evaluation each round, in [0, 1].
+    transfer_dtype : str
+        ``"float32"``, ``"float16"`` or ``"bfloat16"``: precision of the weights on the
+        wire (models and aggregation stay float32; :mod:`medfed.transfer`).
     """
 
     _prefix: ClassVar[str] = "federation."
@@ -402,6 +405,7 @@ class FederationConfig(_Validated):
     dirichlet_alpha: float = _leaf(_Float(0.0, low_closed=False), 0.5)
     fraction_train: float = _leaf(_Float(0.0, 1.0, low_closed=False), 1.0)
     fraction_evaluate: float = _leaf(_Float(0.0, 1.0), 1.0)
+    transfer_dtype: str = _leaf(_Choice(("float32", "float16", "bfloat16")), "float32")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from medfed.client.task import (
 from medfed.config import ExperimentConfig, from_run_config
 from medfed.data import train_augmentation
 from medfed.models import create_model
+from medfed.transfer import decode_arrays, encode_arrays
 
 __all__ = ["app"]
 
@@ -71,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
     result = {"loss": fit["loss"], **seen.metrics(site.info.task)}
     metrics = _metric_record(result, len(site.train), with_confusion=False)
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return _reply(msg, site, start, metrics, arrays)
+    return _reply(msg, site, start, metrics, encode_arrays(arrays, cfg.federation.transfer_dtype))
 
 
 @app.evaluate()
@@ -123,7 +124,7 @@ def _cached_model(name: str, num_classes: int, in_chans: int, img_size: int) -> 
 
 def _model(cfg: ExperimentConfig, site: SiteData, msg: Message, device: torch.device) -> torch.nn.Module:
     model = _cached_model(cfg.model.name, site.info.num_classes, site.info.in_chans, cfg.data.img_size)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    model.load_state_dict(decode_arrays(msg.content["arrays"]).to_torch_state_dict(), strict=True)
     return model.to(device)
 
 
