@@ -43,9 +43,12 @@ first matching row wins. ``P = H * W``; "scores" is ``B * heads * P**2 * 4`` byt
 device    condition                                       backend   evidence
 ========  ==============================================  ========  =====================================
 any       NATTEN fused kernels accept the inputs, k > 1    natten    NATTEN's own kernels (none built here)
-CPU       P <= 256 (maps up to 16 x 16) and scores         dense     measured on 2 CPU cores, fwd and
-          <= 256 MiB                                                 fwd+bwd (docs/performance.md)
-CPU       otherwise                                        gather    measured likewise
+CPU       P <= 441 (maps up to 21 x 21) and scores         dense     measured on 2 shared CPU cores
+          <= 256 MiB                                                 (docs/performance.md): dense 3-14x
+                                                                     faster at 7-21 px maps, fwd and
+                                                                     fwd+bwd
+CPU       otherwise                                        gather    at 28 x 28 dense wins forward only;
+                                                                     at 56 x 56 gather wins both
 CUDA      P <= 3136 (maps up to 56 x 56) and scores        dense     hypothesis from one H200 figure
           <= 1/4 of the device's memory                              (28 x 28, batch 16: gather 3.9 ms,
                                                                      dense 0.3 ms fwd), to be confirmed
@@ -94,7 +97,7 @@ BACKENDS = ("gather", "dense", "natten", "flex")
 _CHOICES = ("auto", *BACKENDS, "torch")  # "torch": the earlier name of "gather"
 ENV_VAR = "MEDFED_ATTENTION_BACKEND"
 # The auto rule's limits (see the module docstring's table).
-_CPU_DENSE_MAX_POSITIONS = 256
+_CPU_DENSE_MAX_POSITIONS = 21 * 21
 _CPU_DENSE_MAX_SCORE_BYTES = 256 * 2**20
 _CUDA_DENSE_MAX_POSITIONS = 56 * 56
 _CUDA_DENSE_MAX_MEMORY_FRACTION = 0.25
