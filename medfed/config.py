@@ -345,6 +345,16 @@ class TrainConfig(_Validated):
         Decoupled (AdamW) or L2 (SGD) weight decay.
     momentum : float
         SGD momentum in [0, 1); ignored by AdamW.
+    precision : str
+        ``"auto"`` (bfloat16 autocast on a GPU, float32 on a CPU), ``"float32"`` or
+        ``"bfloat16"``.
+    channels_last : bool
+        Model and images in channels-last memory format.
+    compile : bool
+        ``torch.compile`` the model (once per process; the first round pays the compile).
+    data_on_device : bool
+        On a GPU, keep a site's training split on the device when it fits (uint8, at most
+        a quarter of the free memory) and augment there; no effect on a CPU.
     """
 
     _prefix: ClassVar[str] = "train."
@@ -355,6 +365,10 @@ class TrainConfig(_Validated):
     lr: float = _leaf(_Float(0.0, low_closed=False), 1e-3)
     weight_decay: float = _leaf(_Float(0.0), 0.05)
     momentum: float = _leaf(_Float(0.0, 1.0, high_closed=False), 0.9)
+    precision: str = _leaf(_Choice(("auto", "float32", "bfloat16")), "auto")
+    channels_last: bool = _leaf(_Choice((False, True)), False)
+    compile: bool = _leaf(_Choice((False, True)), False)
+    data_on_device: bool = _leaf(_Choice((True, False)), True)
 
 
 @dataclass(frozen=True)

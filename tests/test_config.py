@@ -168,7 +168,7 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
         (
             "train.foo=1",
             "Unknown config key 'train.foo' (valid keys under 'train': local_epochs, batch_size, "
-            "optimizer, lr, weight_decay, momentum)",
+            "optimizer, lr, weight_decay, momentum, precision, channels_last, compile, data_on_device)",
         ),
         ("train.lr.x=1", "Unknown config key 'train.lr.x' ('train.lr' holds a value, not keys)"),
     ],
@@ -382,7 +382,7 @@ def test_run_config_keys_are_dotted_kebab_case():
     assert flat["data.root"] == ""
     assert flat["simulation.ray-address"] == ""
     assert json.loads(flat["strategy.params"]) == {"proximal_mu": 0.1}
-    assert len(flat) == 26
+    assert len(flat) == 30
     assert all("_" not in key for key in flat)
 
 
