@@ -141,7 +141,8 @@ def _worker_plain(args: dict, output_dir: str) -> dict:
             seed = derive_seed(cfg.seed, server_round, site.key)
             seed_everything(seed)
             loader = make_loader(site.train.with_transform(train_augmentation(cfg.data.img_size)),
-                                 settings.batch_size, shuffle=True, seed=seed)
+                                 settings.batch_size, shuffle=True, seed=seed, device=device,
+                                 on_device=cfg.train.data_on_device)
             loss_fn = make_loss(info.task, site.train.class_counts())
             optimizer = make_optimizer(model, settings)
             for _ in range(settings.epochs):

@@ -178,9 +178,9 @@ def plan_cases(args: argparse.Namespace) -> list[dict]:
                 cases.append({**base, "model": model, "img_size": size, "batch": batches[size], "mode": mode,
                               "precision": default_precision, "channels_last": False, "compile": False})
     if args.knobs:
-        # Each knob alone against the default row, for the smallest MedViTV2 variants at the smallest size.
+        # Each knob alone against the default row, at the smallest size.
         size = min(args.sizes)
-        for model in args.variants[:2]:
+        for model in args.knob_variants or args.variants[:2]:
             for knob in ({"precision": "float32"}, {"precision": "bfloat16"}, {"channels_last": True},
                          {"compile": True}):
                 row = {**base, "model": model, "img_size": size, "batch": batches[size], "mode": "train",
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=0, help="one batch size for every size (0: per-size defaults)")
     parser.add_argument("--knobs", action="store_true",
                         help="also measure precision, channels-last and torch.compile one at a time")
+    parser.add_argument("--knob-variants", nargs="+", choices=MEDVIT, default=None,
+                        help="variants the knobs are measured on (default: the first two of --variants)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (fewer past --case-budget)")
     parser.add_argument("--case-budget", type=float, default=10.0)
