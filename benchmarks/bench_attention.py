@@ -1,7 +1,10 @@
-"""Speed and peak memory of 2-D neighborhood attention: medfed's PyTorch path vs NATTEN vs dense.
+"""Speed and peak memory of 2-D neighborhood attention: each backend of medfed's
+:func:`~medfed.models.neighborhood_attention.neighborhood_attention` (gather, dense,
+NATTEN flex, NATTEN fused kernels), and which one its ``auto`` rule picks.
 
-Every (map size, dilation, method) case runs in its own subprocess, so that peak memory
-is measured honestly:
+On CPU every (map size, dilation, method) case runs in its own subprocess, so that peak
+memory is measured honestly (on CUDA, ``--in-process`` is the default: a CUDA context
+per case would cost seconds, and CUDA peak memory is measured per case anyway):
 
 - CPU: the growth of the process's peak resident set size (``ru_maxrss``) during the
   first full run of the case, after imports, input creation and a warm-up on a tiny map.
@@ -13,21 +16,21 @@ is measured honestly:
 
 Time is the median wall time of ``--repeats`` runs after that first (memory) run (fewer
 once a case's timed runs exceed ``--case-budget`` seconds); CUDA runs are synchronised.
-Methods:
+Methods (``_fwd``: forward under ``no_grad``; ``_fwd_bwd``: forward and backward into
+q, k and v), each ``neighborhood_attention(..., implementation=BACKEND)``:
 
-- ``pure_fwd`` / ``pure_fwd_bwd``: :func:`medfed.models.neighborhood_attention.neighborhood_attention`
-  with ``implementation="torch"``; ``fwd_bwd`` also back-propagates into q, k and v.
-- ``natten_flex_fwd``: ``natten.na2d(..., backend="flex-fna")`` (uncompiled Flex
-  Attention; no backward on CPU). On CUDA also ``natten_flex_fwd_bwd``.
-- ``natten_fwd`` / ``natten_fwd_bwd`` (CUDA only): NATTEN's fused kernels, when NATTEN was
-  built with them (reported as unavailable otherwise).
-- ``dense_fwd`` / ``dense_fwd_bwd``: plain softmax attention over all H*W keys (the
-  ``[B, heads, HW, HW]`` score matrix), the cost that neighborhood attention avoids.
+- ``gather``: the exact PyTorch gather path (every device).
+- ``dense``: ``scaled_dot_product_attention`` with the neighborhood as a boolean mask.
+- ``flex``: NATTEN's ``flex-fna`` (uncompiled FlexAttention; no backward on CPU).
+- ``natten`` (CUDA only): NATTEN's fused kernels, when NATTEN was built with them
+  (reported as unavailable otherwise).
+
+Each row also says which backend the ``auto`` rule picks for its inputs.
 
 Usage::
 
-    python benchmarks/bench_attention.py                      # CPU, sizes 14 28 42 56
-    python benchmarks/bench_attention.py --device cuda --out benchmarks/results/attention_cuda.json
+    python benchmarks/bench_attention.py                      # CPU, sizes 7 14 21 28 56
+    python benchmarks/bench_attention.py --device cuda --batch 16 --out benchmarks/results/attention_cuda.json
 """
 
 from __future__ import annotations
@@ -41,17 +44,10 @@ import sys
 import time
 from pathlib import Path
 
-CPU_METHODS = ("pure_fwd", "pure_fwd_bwd", "natten_flex_fwd", "dense_fwd", "dense_fwd_bwd")
-CUDA_METHODS = CPU_METHODS + ("natten_flex_fwd_bwd", "natten_fwd", "natten_fwd_bwd")
-# (numerator, denominator) pairs of the ratio columns.
-RATIOS = {
-    "natten_flex_fwd": "pure_fwd",
-    "natten_flex_fwd_bwd": "pure_fwd_bwd",
-    "natten_fwd": "pure_fwd",
-    "natten_fwd_bwd": "pure_fwd_bwd",
-    "dense_fwd": "pure_fwd",
-    "dense_fwd_bwd": "pure_fwd_bwd",
-}
+CPU_METHODS = ("gather_fwd", "gather_fwd_bwd", "dense_fwd", "dense_fwd_bwd", "flex_fwd")
+CUDA_METHODS = CPU_METHODS + ("flex_fwd_bwd", "natten_fwd", "natten_fwd_bwd")
+# (numerator, denominator) pairs of the ratio columns: every backend against gather.
+RATIOS = {m: ("gather_fwd_bwd" if m.endswith("_bwd") else "gather_fwd") for m in CUDA_METHODS if not m.startswith("gather")}
 
 
 # --------------------------------------------------------------------------------------
@@ -61,42 +57,16 @@ RATIOS = {
 
 def _attention_fn(method: str, kernel_size: int, dilation: int):
     """A callable (q, k, v) -> out for ``method``, and whether it back-propagates."""
-    import warnings
+    from medfed.models.neighborhood_attention import BACKENDS, neighborhood_attention
 
-    import torch
-
-    from medfed.models.neighborhood_attention import neighborhood_attention
-
-    backward = method.endswith("_bwd")
-    if method.startswith("pure"):
-        implementation = "torch"
-    elif method.startswith("natten_flex"):
-        import natten
-
-        warnings.filterwarnings("ignore")  # flex warns on every call that it runs uncompiled
-
-        def flex(q, k, v):
-            return natten.na2d(q, k, v, kernel_size=kernel_size, dilation=dilation, backend="flex-fna")
-
-        return flex, backward
-    elif method.startswith("natten"):
-        implementation = "natten"  # NATTEN's fused CUDA kernels, through medfed's dispatch
-    elif method.startswith("dense"):
-
-        def dense(q, k, v):
-            batch, height, width, heads, dim = q.shape
-            q, k, v = (t.reshape(batch, height * width, heads, dim).transpose(1, 2) for t in (q, k, v))
-            probs = torch.softmax((q @ k.transpose(-1, -2)) * dim**-0.5, dim=-1)
-            return (probs @ v).transpose(1, 2).reshape(batch, height, width, heads, dim)
-
-        return dense, backward
-    else:
+    backend, _, passes = method.partition("_")
+    if backend not in BACKENDS or passes not in ("fwd", "fwd_bwd"):
         raise ValueError(f"Unknown benchmark method {method!r}; expected one of {CUDA_METHODS}.")
 
-    def pure_or_natten(q, k, v):
-        return neighborhood_attention(q, k, v, kernel_size, dilation, implementation=implementation)
+    def attend(q, k, v):
+        return neighborhood_attention(q, k, v, kernel_size, dilation, implementation=backend)
 
-    return pure_or_natten, backward
+    return attend, passes == "fwd_bwd"
 
 
 def run_case(case: dict) -> dict:
@@ -104,6 +74,8 @@ def run_case(case: dict) -> dict:
     import resource
 
     import torch
+
+    from medfed.models.neighborhood_attention import select_backend
 
     if case["threads"] > 0:
         torch.set_num_threads(case["threads"])
@@ -135,6 +107,7 @@ def run_case(case: dict) -> dict:
     # one-off buffers are not counted as the case's memory.
     step(*make_inputs(kernel_size * dilation))
     inputs, grad_out = make_inputs(case["size"])
+    auto_picks = select_backend(*inputs, kernel_size, dilation)
     sync()
 
     if device.type == "cuda":
@@ -158,6 +131,7 @@ def run_case(case: dict) -> dict:
         "min_s": min(times),
         "peak_bytes": peak_bytes,
         "threads": torch.get_num_threads(),
+        "auto_picks": auto_picks,
     }
 
 
@@ -173,6 +147,14 @@ def _worker_main(case_json: str) -> None:
 # --------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------
+
+
+def _run_here(case: dict) -> dict:
+    """Run one case in this process (CUDA: peak memory is per case anyway)."""
+    try:
+        return {"ok": True, **run_case(case)}
+    except Exception as error:  # reported as a row of the table, not a crash of the sweep
+        return {"ok": False, "error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
 
 
 def _run_in_subprocess(case: dict, timeout_s: float) -> dict:
@@ -213,7 +195,7 @@ def _environment(device: str) -> dict:
 def _format_table(rows: list[dict]) -> str:
     header = (
         f"{'size':>7} {'dil':>3}  {'method':<20} {'median ms':>10} {'peak MB':>9}"
-        f" {'time/pure':>10} {'mem/pure':>9}"
+        f" {'time/gather':>11} {'mem/gather':>10} {'auto picks':>10}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -224,14 +206,14 @@ def _format_table(rows: list[dict]) -> str:
         time_ratio = f"{row['time_ratio']:.2f}" if row.get("time_ratio") is not None else ""
         mem_ratio = f"{row['memory_ratio']:.2f}" if row.get("memory_ratio") is not None else ""
         lines.append(
-            f"{size:>7} {row['dilation']:>3}  {row['method']:<20} {row['median_s'] * 1e3:>10.1f}"
-            f" {row['peak_bytes'] / 2**20:>9.1f} {time_ratio:>10} {mem_ratio:>9}"
+            f"{size:>7} {row['dilation']:>3}  {row['method']:<20} {row['median_s'] * 1e3:>10.2f}"
+            f" {row['peak_bytes'] / 2**20:>9.1f} {time_ratio:>11} {mem_ratio:>10} {row.get('auto_picks', ''):>10}"
         )
     return "\n".join(lines)
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """Ratio of each method's time and memory to the pure path with the same passes."""
+    """Ratio of each method's time and memory to the gather path with the same passes."""
     by_key = {(r["size"], r["dilation"], r["method"]): r for r in rows}
     for row in rows:
         base = by_key.get((row["size"], row["dilation"], RATIOS.get(row["method"], "")))
@@ -243,7 +225,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[14, 28, 42, 56], help="square map sizes")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[7, 14, 21, 28, 56], help="square map sizes")
     parser.add_argument("--dilated-size", type=int, default=56, help="size also run with --dilation (0: none)")
     parser.add_argument("--dilation", type=int, default=2, help="dilation of the extra case")
     parser.add_argument("--batch", type=int, default=4)
@@ -258,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default: all)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
+    parser.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the cases in this process (default: on CUDA only)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/attention_<device>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -288,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                 "case_budget_s": args.case_budget,
                 "threads": args.threads,
             }
-            result = _run_in_subprocess(case, args.timeout)
+            in_process = args.device == "cuda" if args.in_process is None else args.in_process
+            result = _run_here(case) if in_process else _run_in_subprocess(case, args.timeout)
             rows.append({**case, **result})
             status = f"{result['median_s'] * 1e3:.1f} ms" if result["ok"] else result["error"]
             print(f"  {size}x{size} d={dilation} {method}: {status}", file=sys.stderr, flush=True)

@@ -26,12 +26,10 @@ import copy
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import json
 import math
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -189,29 +187,11 @@ class _Optional(_Constraint):
 
 @functools.cache
 def _medmnist_2d_flags() -> tuple[str, ...]:
-    """Sorted ``medmnist.INFO`` flags without "3d" in their name."""
-    return tuple(sorted(flag for flag in _medmnist_info() if "3d" not in flag))
+    """Sorted MedMNIST 2D flags (``medmnist.INFO`` flags without "3d" in their name)."""
+    # medfed's own copy of the table: ``import medmnist`` would import torch (seconds).
+    from medfed._medmnist_info import INFO_2D
 
-
-def _medmnist_info() -> Mapping[str, Any]:
-    # ``import medmnist`` imports torch (up to ~10 s cold), which would make every
-    # config check slow. Its INFO table lives in medmnist/info.py, which needs only the
-    # standard library, so read that module on its own unless medmnist is loaded.
-    loaded = sys.modules.get("medmnist")
-    if loaded is not None and hasattr(loaded, "INFO"):
-        return loaded.INFO
-    spec = importlib.util.find_spec("medmnist")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    info_file = Path(locations[0], "info.py") if locations else None
-    if info_file is not None and info_file.is_file():
-        info_spec = importlib.util.spec_from_file_location("_medfed_medmnist_info", info_file)
-        if info_spec is not None and info_spec.loader is not None:
-            module = importlib.util.module_from_spec(info_spec)
-            info_spec.loader.exec_module(module)
-            return module.INFO
-    from medmnist import INFO  # the slow but ordinary way
-
-    return INFO
+    return tuple(sorted(INFO_2D))
 
 
 @dataclass(frozen=True)
@@ -365,6 +345,16 @@ class TrainConfig(_Validated):
         Decoupled (AdamW) or L2 (SGD) weight decay.
     momentum : float
         SGD momentum in [0, 1); ignored by AdamW.
+    precision : str
+        ``"auto"`` (bfloat16 autocast on a GPU, float32 on a CPU), ``"float32"`` or
+        ``"bfloat16"``.
+    channels_last : bool
+        Model and images in channels-last memory format.
+    compile : bool
+        ``torch.compile`` the model (once per process; the first round pays the compile).
+    data_on_device : bool
+        On a GPU, keep a site's training split on the device when it fits (uint8, at most
+        a quarter of the free memory) and augment there; no effect on a CPU.
     """
 
     _prefix: ClassVar[str] = "train."
@@ -375,6 +365,10 @@ class TrainConfig(_Validated):
     lr: float = _leaf(_Float(0.0, low_closed=False), 1e-3)
     weight_decay: float = _leaf(_Float(0.0), 0.05)
     momentum: float = _leaf(_Float(0.0, 1.0, high_closed=False), 0.9)
+    precision: str = _leaf(_Choice(("auto", "float32", "bfloat16")), "auto")
+    channels_last: bool = _leaf(_Choice((False, True)), False)
+    compile: bool = _leaf(_Choice((False, True)), False)
+    data_on_device: bool = _leaf(_Choice((True, False)), True)
 
 
 @dataclass(frozen=True)
@@ -413,6 +407,9 @@ class FederationConfig(_Validated):
         Fraction of sites sampled for training each round, in (0, 1].
     fraction_evaluate : float
         Fraction of sites sampled for evaluation each round, in [0, 1].
+    transfer_dtype : str
+        ``"float32"``, ``"float16"`` or ``"bfloat16"``: precision of the weights on the
+        wire (models and aggregation stay float32; :mod:`medfed.transfer`).
     """
 
     _prefix: ClassVar[str] = "federation."
@@ -422,6 +419,7 @@ class FederationConfig(_Validated):
     dirichlet_alpha: float = _leaf(_Float(0.0, low_closed=False), 0.5)
     fraction_train: float = _leaf(_Float(0.0, 1.0, low_closed=False), 1.0)
     fraction_evaluate: float = _leaf(_Float(0.0, 1.0), 1.0)
+    transfer_dtype: str = _leaf(_Choice(("float32", "float16", "bfloat16")), "float32")
 
 
 @dataclass(frozen=True)
@@ -435,7 +433,14 @@ class SimulationConfig(_Validated):
     gpus_per_site : float
         GPU share per simulated site (0.25 runs four sites on one GPU).
     ray_address : str or None
-        None starts a local Ray; ``"auto"`` or ``"host:port"`` joins a running one.
+        None starts a local Ray; ``"auto"`` or ``"host:port"`` joins a running one
+        (engine ``"ray"`` only).
+    engine : str
+        ``"inprocess"`` runs the sites one after the other in the launching process
+        (no start-up cost; the choice for one GPU and for small CPU runs);
+        ``"ray"`` runs them on Flower's simulation engine, in parallel on
+        ``floor(cores / cpus_per_site)`` actors (many cores, fractional GPUs,
+        clusters). Both give the same weights (:mod:`medfed.simulation.local`).
     """
 
     _prefix: ClassVar[str] = "simulation."
@@ -443,6 +448,16 @@ class SimulationConfig(_Validated):
     cpus_per_site: float = _leaf(_Float(0.0, low_closed=False), 1.0)
     gpus_per_site: float = _leaf(_Float(0.0), 0.0)
     ray_address: str | None = _leaf(_Optional(_Str()), None)
+    engine: str = _leaf(_Choice(("inprocess", "ray")), "inprocess")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ray_address is not None and self.engine != "ray":
+            raise ConfigError(
+                f"Config key 'simulation.ray_address' needs simulation.engine 'ray'. Got engine "
+                f"{self.engine!r} with ray_address {self.ray_address!r}; set simulation.engine: ray "
+                "or remove ray_address."
+            )
 
 
 # The run folder is {output_dir}/{name}: a name must stay one safe path component.

@@ -105,6 +105,7 @@ def test_sections_must_have_their_type():
         ),
         ("simulation.cpus_per_site=0", "Config key 'simulation.cpus_per_site' must be a float > 0. Got 0"),
         ("simulation.gpus_per_site=-1", "Config key 'simulation.gpus_per_site' must be a float >= 0. Got -1"),
+        ("simulation.engine=dask", "Config key 'simulation.engine' must be one of 'inprocess', 'ray'. Got 'dask'"),
         (
             "strategy.params=[1, 2]",
             "Config key 'strategy.params' must be a mapping from parameter names (str) to null, "
@@ -167,7 +168,7 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
         (
             "train.foo=1",
             "Unknown config key 'train.foo' (valid keys under 'train': local_epochs, batch_size, "
-            "optimizer, lr, weight_decay, momentum)",
+            "optimizer, lr, weight_decay, momentum, precision, channels_last, compile, data_on_device)",
         ),
         ("train.lr.x=1", "Unknown config key 'train.lr.x' ('train.lr' holds a value, not keys)"),
     ],
@@ -358,6 +359,7 @@ _CUSTOM = [
     "federation.fraction_evaluate=0",
     "simulation.gpus_per_site=0.25",
     "simulation.ray_address=auto",
+    "simulation.engine=ray",
 ]
 
 
@@ -380,7 +382,7 @@ def test_run_config_keys_are_dotted_kebab_case():
     assert flat["data.root"] == ""
     assert flat["simulation.ray-address"] == ""
     assert json.loads(flat["strategy.params"]) == {"proximal_mu": 0.1}
-    assert len(flat) == 24
+    assert len(flat) == 30
     assert all("_" not in key for key in flat)
 
 
@@ -444,3 +446,14 @@ def test_dataset_choices_are_medmnists_2d_flags():
     expected = sorted(flag for flag in medmnist.INFO if "3d" not in flag)
     assert list(_medmnist_2d_flags()) == expected
     assert len(expected) == 12
+
+
+def test_simulation_engine_defaults_to_inprocess_and_ray_address_needs_ray():
+    # Execute
+    default = load_config()
+    on_cluster = load_config(overrides=["simulation.engine=ray", "simulation.ray_address=auto"])
+    # Assert
+    assert default.simulation.engine == "inprocess"
+    assert on_cluster.simulation.ray_address == "auto"
+    with pytest.raises(ConfigError, match=r"^Config key 'simulation.ray_address' needs simulation.engine 'ray'"):
+        load_config(overrides=["simulation.ray_address=auto"])

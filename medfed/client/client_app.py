@@ -30,12 +30,14 @@ from flwr.common.logger import log
 
 from medfed.client.site_data import PARTITION_ID_KEY, SiteData, derive_seed, load_site_data
 from medfed.client.task import (
-    TrainSettings, evaluate, make_loader, make_loss, make_optimizer, prediction_metrics, round_learning_rate,
+    TrainSettings, evaluate, make_loader, make_loss, make_optimizer, prediction_metrics, prepare_model,
+    round_learning_rate,
     scores_from_logits, seed_everything, select_device, train_epoch,
 )
 from medfed.config import ExperimentConfig, from_run_config
 from medfed.data import train_augmentation
 from medfed.models import create_model
+from medfed.transfer import decode_arrays, encode_arrays
 
 __all__ = ["app"]
 
@@ -56,7 +58,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = derive_seed(cfg.seed, int(config["server-round"]), site.key)
     seed_everything(seed)
     train_set = site.train.with_transform(train_augmentation(cfg.data.img_size))
-    loader = make_loader(train_set, settings.batch_size, shuffle=True, seed=seed)
+    loader = make_loader(train_set, settings.batch_size, shuffle=True, seed=seed, device=device,
+                         on_device=cfg.train.data_on_device)
     loss_fn = make_loss(site.info.task, site.train.class_counts())
     optimizer = make_optimizer(model, settings)
     extra_loss = _proximal_term(model, float(config.get("proximal-mu", 0.0)))
@@ -64,14 +67,14 @@ def train(msg: Message, context: Context) -> Message:
         seen = _TrainingPredictions()  # the last epoch's are reported: no second pass
         fit = train_epoch(
             model, loader, loss_fn, optimizer, task=site.info.task, device=device, extra_loss=extra_loss,
-            on_batch=seen,
+            on_batch=seen, precision=cfg.train.precision, channels_last=cfg.train.channels_last,
         )
         log(INFO, "[%s] round %s epoch %d/%d  loss %.4f",
             site.name, config["server-round"], epoch, settings.epochs, fit["loss"])
     result = {"loss": fit["loss"], **seen.metrics(site.info.task)}
     metrics = _metric_record(result, len(site.train), with_confusion=False)
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return _reply(msg, site, start, metrics, arrays)
+    return _reply(msg, site, start, metrics, encode_arrays(arrays, cfg.federation.transfer_dtype))
 
 
 @app.evaluate()
@@ -82,7 +85,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     model = _model(cfg, site, msg, device)
     loss_fn = make_loss(site.info.task, site.train.class_counts())
     loader = make_loader(site.test, _EVAL_BATCH, shuffle=False)
-    result = evaluate(model, loader, loss_fn, task=site.info.task, device=device)
+    result = evaluate(model, loader, loss_fn, task=site.info.task, device=device, precision=cfg.train.precision,
+                      channels_last=cfg.train.channels_last)
     return _reply(msg, site, start, _metric_record(result, len(site.test), with_confusion=True))
 
 
@@ -123,8 +127,8 @@ def _cached_model(name: str, num_classes: int, in_chans: int, img_size: int) -> 
 
 def _model(cfg: ExperimentConfig, site: SiteData, msg: Message, device: torch.device) -> torch.nn.Module:
     model = _cached_model(cfg.model.name, site.info.num_classes, site.info.in_chans, cfg.data.img_size)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
-    return model.to(device)
+    model.load_state_dict(decode_arrays(msg.content["arrays"]).to_torch_state_dict(), strict=True)
+    return prepare_model(model, device, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
 
 
 def _proximal_term(model: torch.nn.Module, mu: float):

@@ -21,6 +21,7 @@ from medfed.data import classification_metrics, confusion, group_metrics
 
 __all__ = [
     "TrainSettings",
+    "prepare_model",
     "select_device",
     "seed_everything",
     "make_loader",
@@ -46,7 +47,15 @@ DEFAULT_LOSS_WEIGHTING = "balanced"
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local optimisation settings (one site, one round, or a whole pooled run)."""
+    """Local optimisation settings (one site, one round, or a whole pooled run).
+
+    The last four are speed knobs (``train.*`` in the experiment config; measured in
+    ``docs/performance.md``): ``precision`` ("auto": bfloat16 autocast on CUDA, float32
+    elsewhere; or "float32" / "bfloat16" everywhere), ``channels_last`` (model and
+    images in channels-last memory format), ``compile`` (``torch.compile`` the model) and
+    ``data_on_device`` (keep the training split on the GPU when it fits,
+    :mod:`medfed.client.device_loader`).
+    """
 
     epochs: int = 1
     batch_size: int = 32
@@ -54,6 +63,10 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 0.05
     momentum: float = 0.9
+    precision: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    data_on_device: bool = True
 
 
 def select_device(preferred: str | None = None) -> torch.device:
@@ -70,16 +83,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast on CUDA needs no loss scaling; the CPU stays in fp32, where
+def _autocast(device: torch.device, precision: str = "auto"):
+    # "auto": bf16 autocast on CUDA needs no loss scaling; the CPU stays in fp32, where
     # bf16 would be slower on most CPUs and less exact.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision not in ("auto", "float32"):
+        raise ValueError(f"Unknown precision {precision!r}. Expected 'auto', 'float32' or 'bfloat16'.")
     return contextlib.nullcontext()
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader whose shuffling depends only on ``seed`` (reproducible)."""
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool = False,
+                  compile: bool = False) -> nn.Module:
+    """Move ``model`` to ``device`` in the requested memory format and compile it once.
+
+    ``nn.Module.compile`` compiles in place, so the state-dict keys (what a site sends)
+    do not change; calling this again on a compiled model does not recompile it.
+    """
+    model = model.to(device=device, memory_format=_memory_format(channels_last))
+    if compile and getattr(model, "_compiled_call_impl", None) is None:
+        model.compile()
+    return model
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
+                device: torch.device | None = None, on_device: bool = False) -> Iterable:
+    """A loader whose order and augmentation depend only on ``seed`` (reproducible).
+
+    With ``on_device`` and a CUDA ``device`` that the dataset fits on
+    (:func:`medfed.client.device_loader.fits_on_device`), a
+    :class:`~medfed.client.device_loader.DeviceLoader` that keeps the split on the GPU;
+    otherwise a :class:`torch.utils.data.DataLoader`.
+    """
+    if on_device and device is not None and device.type == "cuda":
+        from medfed.client.device_loader import DeviceLoader, fits_on_device
+
+        if fits_on_device(dataset, device):
+            return DeviceLoader(dataset, batch_size, device, shuffle=shuffle, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
@@ -193,6 +237,8 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    precision: str = "auto",
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean training loss.
 
@@ -202,14 +248,15 @@ def train_epoch(
             (FedProx's proximal term, FedLD's margin).
         on_batch: Called after every step with ``(logits, labels, groups)`` (detached):
             progress display, or metrics of the training pass without a second pass.
+        precision, channels_last: Speed knobs (:class:`TrainSettings`).
     """
     model.train()
     loss_fn = loss_fn.to(device)
     total, count = 0.0, 0
     for images, labels, _groups in loader:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=_memory_format(channels_last))
         targets = _targets(labels, task).to(device)
-        with _autocast(device):
+        with _autocast(device, precision):
             logits = model(images)
             loss = loss_fn(logits.float(), targets)
             if extra_loss is not None:
@@ -233,7 +280,8 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: Iterable, *, task: str, device: torch.device, mirror: bool = True
+    model: nn.Module, loader: Iterable, *, task: str, device: torch.device, mirror: bool = True,
+    precision: str = "auto", channels_last: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """Probabilities, labels and groups over a loader.
 
@@ -247,8 +295,8 @@ def predict(
     model.eval()
     scores, trues, groups, logits_all = [], [], [], []
     for images, labels, group in loader:
-        images = images.to(device)
-        with _autocast(device):
+        images = images.to(device, memory_format=_memory_format(channels_last))
+        with _autocast(device, precision):
             logits = model(images).float()
             if mirror:
                 logits = 0.5 * (logits + model(torch.flip(images, dims=[3])).float())
@@ -277,10 +325,12 @@ def prediction_metrics(task: str, y_true: np.ndarray, y_score: np.ndarray, group
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable, loss_fn: nn.Module, *, task: str, device: torch.device, mirror: bool = True
+    model: nn.Module, loader: Iterable, loss_fn: nn.Module, *, task: str, device: torch.device, mirror: bool = True,
+    precision: str = "auto", channels_last: bool = False,
 ) -> dict:
     """Loss plus :func:`prediction_metrics` on a loader (one pass; see :func:`predict`)."""
-    y_score, y_true, groups, logits = predict(model, loader, task=task, device=device, mirror=mirror)
+    y_score, y_true, groups, logits = predict(model, loader, task=task, device=device, mirror=mirror,
+                                              precision=precision, channels_last=channels_last)
     targets = _targets(torch.as_tensor(y_true), task)
     loss = float(loss_fn.cpu()(logits, targets))
     return {"loss": loss, **prediction_metrics(task, y_true, y_score, groups)}

@@ -1,7 +1,7 @@
 """Data layer of medfed: MedMNIST and site-folder loading, validation and metrics.
 
-Knows nothing of federation: imports numpy, torch, Pillow, medmnist (metadata only) and
-scikit-learn, never flwr or medfed's client, server or simulation parts.
+Knows nothing of federation: imports numpy, torch, Pillow and scikit-learn (MedMNIST's
+metadata come from medfed's copy of ``medmnist.INFO``, not from the medmnist package), never flwr or medfed's client, server or simulation parts.
 """
 
 from .dataset import ImageDataset, TrainAugmentation, default_hflip_p, train_augmentation

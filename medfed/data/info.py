@@ -1,8 +1,11 @@
 """What a dataset is: task, number of model outputs, channels and label names.
 
 MedMNIST metadata come from ``medmnist.INFO`` (MedMNIST v2, Yang et al., Scientific Data
-10, 41, 2023). Only the metadata are used: medmnist's dataset classes assert the official
-sample counts, which local files (such as a subset of a split) need not match.
+10, 41, 2023), through medfed's copy of its 2D entries (:mod:`medfed._medmnist_info`,
+checked against the installed package by the tests): ``import medmnist`` costs seconds in
+every process (it imports torchvision). Only the metadata are used: medmnist's dataset
+classes assert the official sample counts, which local files (such as a subset of a
+split) need not match.
 """
 
 from __future__ import annotations
@@ -10,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from medmnist import INFO
-
+from medfed._medmnist_info import FLAGS_3D, INFO_2D
 from medfed.data.errors import DatasetValidationError
 
 __all__ = [
@@ -38,10 +40,7 @@ _TASK_ALIASES = {"multi-label": MULTI_LABEL, "multilabel": MULTI_LABEL, "binary"
                  "multiclass": MULTI_CLASS, "ordinal": ORDINAL_REGRESSION}
 
 #: The MedMNIST 2D datasets (the 3D ones hold volumes, which medfed does not model).
-MEDMNIST_2D_FLAGS = (
-    "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
-    "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
-)
+MEDMNIST_2D_FLAGS = tuple(INFO_2D)
 #: The image sizes (pixels per side) of the MedMNIST+ releases.
 IMAGE_SIZES = (28, 64, 128, 224)
 
@@ -97,13 +96,13 @@ def normalize_task(task: str) -> str:
 
 
 def medmnist_info(flag: str) -> dict[str, Any]:
-    """Return ``medmnist.INFO[flag]`` for a 2D flag, or raise a ValueError naming the choices."""
+    """Return ``medmnist.INFO[flag]`` (the keys medfed uses) for a 2D flag, or raise a ValueError naming the choices."""
     if flag not in MEDMNIST_2D_FLAGS:
-        hint = " (3D datasets are not supported)" if flag in INFO else ""
+        hint = " (3D datasets are not supported)" if flag in FLAGS_3D else ""
         raise DatasetValidationError(
             f"Unknown MedMNIST 2D dataset {flag!r}{hint}. Expected one of {list(MEDMNIST_2D_FLAGS)}."
         )
-    return INFO[flag]
+    return INFO_2D[flag]
 
 
 def dataset_info(flag: str) -> DatasetInfo:

@@ -13,14 +13,54 @@ Border semantics (identical to NATTEN's): per axis, positions are split into
 borders of the group (never zero-padded). Every query therefore attends to exactly
 ``kernel_size**2`` keys, which requires ``kernel_size * dilation <= H`` and ``<= W``.
 
-On CUDA tensors, when NATTEN was built with its fused kernels (``cutlass-fna``,
-``hopper-fna`` or ``blackwell-fna``) and they accept the inputs, :func:`natten.na2d` is
-called. Everywhere else (CPU, CUDA without NATTEN's kernels, float64, ...) an exact
-PyTorch implementation runs: it loops over the ``k*k`` window offsets, gathering one
-shifted copy of the keys or values at a time, so that its memory is linear in
-``H * W * k**2`` (the attention probabilities) plus a few ``[B, H*W, heads, dim]``
-buffers, never a dense ``(H*W)**2`` matrix. Its backward pass is written by hand
-(first order only; double backward is not supported).
+Backends (all exact: the same keys, the same softmax; they differ by rounding only)
+-------------------------------------------------------------------------------------
+``gather``
+    PyTorch, every device and dtype: loops over the ``k*k`` window offsets, gathering
+    one shifted copy of the keys or values at a time, so that its memory is linear in
+    ``H * W * k**2`` (the attention probabilities) plus a few ``[B, H*W, heads, dim]``
+    buffers. Hand-written backward (first order only). Half-precision inputs are
+    computed in float32.
+``dense``
+    :func:`torch.nn.functional.scaled_dot_product_attention` over all ``H*W`` keys
+    with the neighborhood as a boolean mask (built once per shape and device). Few,
+    large kernels instead of ``2 k**2`` small ones, but quadratic in ``H*W``: the mask
+    is ``(H*W)**2`` bytes, and a kernel without mask support (CPU, float64) builds the
+    ``[B, heads, H*W, H*W]`` scores. Autograd gives the backward.
+``natten``
+    NATTEN's fused CUDA kernels (``cutlass-fna``, ``hopper-fna``, ``blackwell-fna``),
+    where NATTEN was built with them and they accept the inputs.
+``flex``
+    NATTEN's ``flex-fna`` backend (PyTorch FlexAttention). Uncompiled it builds the full
+    score matrix; on CPU it has no backward. Only when asked for.
+
+Which backend ``"auto"`` picks
+------------------------------
+Decided by ``benchmarks/bench_attention.py`` (tables in ``docs/performance.md``); the
+first matching row wins. ``P = H * W``; "scores" is ``B * heads * P**2 * 4`` bytes.
+
+========  ==============================================  ========  =====================================
+device    condition                                       backend   evidence
+========  ==============================================  ========  =====================================
+any       NATTEN fused kernels accept the inputs, k > 1    natten    NATTEN's own kernels (none built here)
+CPU       P <= 441 (maps up to 21 x 21) and scores         dense     measured on 2 shared CPU cores
+          <= 256 MiB                                                 (docs/performance.md): dense 3-14x
+                                                                     faster at 7-21 px maps, fwd and
+                                                                     fwd+bwd
+CPU       otherwise                                        gather    at 28 x 28 dense wins forward only;
+                                                                     at 56 x 56 gather wins both
+CUDA      P <= 3136 (maps up to 56 x 56) and scores        dense     hypothesis from one H200 figure
+          <= 1/4 of the device's memory                              (28 x 28, batch 16: gather 3.9 ms,
+                                                                     dense 0.3 ms fwd), to be confirmed
+                                                                     by ``python -m benchmarks --gpu``
+CUDA      otherwise                                        gather
+========  ==============================================  ========  =====================================
+
+A user forces a backend with the ``implementation`` argument, with
+:func:`use_attention_backend` (a context manager, e.g. around a whole model) or with
+the environment variable ``MEDFED_ATTENTION_BACKEND`` (``gather``, ``dense``,
+``natten``, ``flex`` or ``auto``; also seen by Ray's worker processes). The argument
+wins over the context manager, which wins over the variable.
 """
 
 from __future__ import annotations
@@ -28,24 +68,40 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "BACKENDS",
     "NeighborhoodAttention2D",
     "clamp_window",
     "natten_kernel_backend",
     "neighborhood_attention",
     "neighborhood_indices",
+    "select_backend",
+    "use_attention_backend",
 ]
 
 logger = logging.getLogger(__name__)
 
-Implementation = Literal["auto", "torch", "natten"]
+Implementation = Literal["auto", "gather", "dense", "natten", "flex", "torch"]
+#: The exact implementations :func:`neighborhood_attention` can run.
+BACKENDS = ("gather", "dense", "natten", "flex")
+_CHOICES = ("auto", *BACKENDS, "torch")  # "torch": the earlier name of "gather"
+ENV_VAR = "MEDFED_ATTENTION_BACKEND"
+# The auto rule's limits (see the module docstring's table).
+_CPU_DENSE_MAX_POSITIONS = 21 * 21
+_CPU_DENSE_MAX_SCORE_BYTES = 256 * 2**20
+_CUDA_DENSE_MAX_POSITIONS = 56 * 56
+_CUDA_DENSE_MAX_MEMORY_FRACTION = 0.25
+_forced_backend: str | None = None
 
 # NATTEN backends that run fused CUDA kernels (flex-fna is excluded: on CPU it has no
 # backward, and uncompiled it materialises the full score matrix).
@@ -302,6 +358,137 @@ def _torch_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, ker
 
 
 # --------------------------------------------------------------------------------------
+# Dense (masked scaled_dot_product_attention) and NATTEN flex
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _neighborhood_mask(height: int, width: int, kernel_size: int, dilation: int, device: torch.device) -> Tensor:
+    """Boolean ``[P, P]`` mask, True where query (row) may attend to key (column)."""
+    table = _window_table(height, width, kernel_size, dilation, device)  # [k*k, P]
+    positions = height * width
+    mask = torch.zeros(positions, positions, dtype=torch.bool, device=device)
+    return mask.scatter_(1, table.t(), True)
+
+
+def _dense_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int) -> Tensor:
+    batch, height, width, heads, dim = query.shape
+    mask = _neighborhood_mask(height, width, kernel_size, dilation, query.device)
+    q, k, v = (t.reshape(batch, height * width, heads, dim).transpose(1, 2) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale: dim ** -0.5
+    return out.transpose(1, 2).reshape(batch, height, width, heads, dim)
+
+
+@functools.lru_cache(maxsize=1)
+def _natten_package() -> ModuleType | None:
+    """NATTEN, with or without its CUDA kernels (for flex-fna), or None."""
+    try:
+        import natten
+    except Exception as error:  # any failure must leave medfed usable
+        logger.debug("NATTEN is unavailable (%s).", error)
+        return None
+    return natten
+
+
+def _flex_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int) -> Tensor:
+    natten = _natten_package()
+    if natten is None:
+        raise ValueError("neighborhood_attention(implementation='flex') needs NATTEN (pip install natten==0.21.7).")
+    if not query.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise ValueError(
+            "neighborhood_attention(implementation='flex') has no backward on CPU (FlexAttention); "
+            "use 'gather' or 'dense' for training on CPU."
+        )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns on every uncompiled call
+        return natten.na2d(query, key, value, kernel_size=kernel_size, dilation=dilation, backend="flex-fna")
+
+
+# --------------------------------------------------------------------------------------
+# Backend choice
+# --------------------------------------------------------------------------------------
+
+
+def _check_backend_name(name: object, where: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(
+            f"The {where} must be a str among {{{', '.join(repr(c) for c in _CHOICES[:-1])}}}. "
+            f"Got {name!r} instead."
+        )
+    return "gather" if name == "torch" else str(name)
+
+
+@contextlib.contextmanager
+def use_attention_backend(name: str) -> Iterator[None]:
+    """Run every :func:`neighborhood_attention` call in the block with backend ``name``.
+
+    Parameters
+    ----------
+    name : str
+        ``"gather"``, ``"dense"``, ``"natten"``, ``"flex"`` or ``"auto"`` (the rule).
+
+    Examples
+    --------
+    >>> with use_attention_backend("dense"):  # doctest: +SKIP
+    ...     logits = model(images)
+    """
+    global _forced_backend
+    name = _check_backend_name(name, "'name' parameter of use_attention_backend")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+def _dense_fits(query: Tensor) -> bool:
+    batch, height, width, heads, _ = query.shape
+    positions = height * width
+    score_bytes = batch * heads * positions * positions * 4
+    if query.is_cuda:
+        if positions > _CUDA_DENSE_MAX_POSITIONS:
+            return False
+        total = torch.cuda.get_device_properties(query.device).total_memory
+        return score_bytes <= _CUDA_DENSE_MAX_MEMORY_FRACTION * total
+    return positions <= _CPU_DENSE_MAX_POSITIONS and score_bytes <= _CPU_DENSE_MAX_SCORE_BYTES
+
+
+def select_backend(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int = 1) -> str:
+    """The backend ``"auto"`` runs for these inputs (the module docstring's table).
+
+    Parameters
+    ----------
+    query, key, value : Tensor
+        ``[B, H, W, heads, dim]`` inputs of :func:`neighborhood_attention`.
+    kernel_size, dilation : int
+        The window.
+
+    Returns
+    -------
+    str
+        One of :data:`BACKENDS` except ``"flex"`` (never chosen automatically).
+    """
+    # NATTEN rejects kernel_size 1 (the query alone, i.e. out = value).
+    if kernel_size > 1 and natten_kernel_backend(query, key, value) is not None:
+        return "natten"
+    return "dense" if _dense_fits(query) else "gather"
+
+
+def _requested_backend(implementation: str) -> str:
+    name = _check_backend_name(implementation, "'implementation' parameter of neighborhood_attention")
+    if name != "auto":
+        return name
+    if _forced_backend is not None:
+        return _forced_backend
+    from_env = os.environ.get(ENV_VAR, "").strip()
+    if from_env:
+        return _check_backend_name(from_env, f"environment variable {ENV_VAR}")
+    return "auto"
+
+
+# --------------------------------------------------------------------------------------
 # Public function and module
 # --------------------------------------------------------------------------------------
 
@@ -362,11 +549,11 @@ def neighborhood_attention(
         Odd window size; each query attends to ``kernel_size**2`` keys.
     dilation : int, default 1
         Step between window members; ``kernel_size * dilation <= min(H, W)``.
-    implementation : {"auto", "torch", "natten"}, default "auto"
-        "auto" calls NATTEN's fused CUDA kernels when :func:`natten_kernel_backend`
-        finds one (and ``kernel_size > 1``, which NATTEN requires) and the PyTorch
-        implementation otherwise; "torch" always uses the PyTorch implementation;
-        "natten" requires the fused kernels.
+    implementation : {"auto", "gather", "dense", "natten", "flex"}, default "auto"
+        The backend (module docstring). "auto" follows :func:`use_attention_backend`
+        or ``MEDFED_ATTENTION_BACKEND`` when set, else :func:`select_backend`;
+        "torch" is accepted as the earlier name of "gather". "natten" requires the
+        fused kernels.
 
     Returns
     -------
@@ -374,22 +561,22 @@ def neighborhood_attention(
         ``[B, H, W, heads, dim]``: ``softmax(q . k / sqrt(dim)) @ v`` over each window.
     """
     _validate(query, key, value, kernel_size, dilation)
-    if implementation not in ("auto", "torch", "natten"):
-        raise ValueError(
-            "The 'implementation' parameter of neighborhood_attention must be a str among "
-            f"{{'auto', 'torch', 'natten'}}. Got {implementation!r} instead."
-        )
-    # NATTEN rejects kernel_size 1 (the query alone, i.e. out = value): keep that on the PyTorch path.
-    use_natten = implementation != "torch" and kernel_size > 1
-    backend = natten_kernel_backend(query, key, value) if use_natten else None
-    if implementation == "natten" and backend is None:
-        raise ValueError(
-            "neighborhood_attention(implementation='natten') needs kernel_size >= 2, CUDA tensors and NATTEN "
-            f"built with CUDA kernels that accept them. Got kernel_size={kernel_size} and {query.device} "
-            f"{query.dtype} tensors; use implementation='auto'."
-        )
-    if backend is not None:
-        return _natten().na2d(query, key, value, kernel_size=kernel_size, dilation=dilation, backend=backend)
+    backend = _requested_backend(implementation)
+    if backend == "auto":
+        backend = select_backend(query, key, value, kernel_size, dilation)
+    if backend == "natten":
+        kernels = natten_kernel_backend(query, key, value) if kernel_size > 1 else None
+        if kernels is None:
+            raise ValueError(
+                "neighborhood_attention(implementation='natten') needs kernel_size >= 2, CUDA tensors and NATTEN "
+                f"built with CUDA kernels that accept them. Got kernel_size={kernel_size} and {query.device} "
+                f"{query.dtype} tensors; use implementation='auto'."
+            )
+        return _natten().na2d(query, key, value, kernel_size=kernel_size, dilation=dilation, backend=kernels)
+    if backend == "dense":
+        return _dense_neighborhood_attention(query, key, value, kernel_size, dilation)
+    if backend == "flex":
+        return _flex_neighborhood_attention(query, key, value, kernel_size, dilation)
     return _torch_neighborhood_attention(query, key, value, kernel_size, dilation)
 
 

@@ -32,6 +32,7 @@ from medfed.models import create_model
 from medfed.server.checkpoint import save_arrays, save_checkpoint
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.report import MetricsLog, build_report, print_summary
+from medfed.server.transfer import TransferGrid
 from medfed.server.resume import (
     CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RoundOffsetStrategy, get_rng_state, prepare_run_dir, set_rng_state,
 )
@@ -86,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
     remaining = cfg.rounds - start.completed_rounds
     if remaining > 0:
         RoundOffsetStrategy(strategy, start.completed_rounds, recorder).start(
-            RecordingGrid(grid, recorder), arrays, num_rounds=remaining,
+            TransferGrid(RecordingGrid(grid, recorder), cfg.federation.transfer_dtype), arrays, num_rounds=remaining,
             train_config=train_config(cfg), evaluate_config=ConfigRecord(), evaluate_fn=end_of_round,
         )
     final = {k: v.astype(reference[k].dtype, copy=False) for k, v in _to_numpy(arrays).items()}

@@ -1,12 +1,29 @@
-"""Run a federation sequentially in this process, without Ray: for debugging and tests.
+"""The in-process simulation engine (``simulation.engine: inprocess``): sites run one
+after the other in the launching process, without Ray.
 
 :class:`LocalGrid` is a Flower ``Grid`` that delivers each message straight to a
 ClientApp in the same process, one site after the other, with the node config Flower's
 simulation engine would give that site (``partition-id``, ``num-partitions``) and the
-same run config. The ServerApp and ClientApp are medfed's own, unchanged, so a local run
-gives the same metrics and weights as :func:`medfed.simulation.simulate` on the same
-CPU (the ClientApp fixes its thread count), minus Ray's start-up. It is no replacement
-for the simulation engine: no parallelism, no resource limits, no process isolation.
+same run config. The ServerApp and ClientApp are medfed's own, unchanged, so an
+in-process run gives the same metrics and weights as the Ray engine on the same CPU
+(the ClientApp fixes its thread count to ``simulation.cpus_per_site``; tested in
+``tests/simulation/test_end_to_end.py``).
+
+When to use which engine
+------------------------
+* ``inprocess`` (the default): no start-up cost (Ray's start-up and every actor's
+  imports took 13-18 s on the 2-core reference machine, see ``docs/performance.md``),
+  one copy of the model and data in memory, and on one GPU every site gets the whole
+  device in turn (set ``simulation.gpus_per_site`` > 0 to let sites use it). Sites
+  use ``cpus_per_site`` torch threads each, one site at a time.
+* ``ray``: sites in parallel on ``floor(cores / cpus_per_site)`` actors, fractional
+  GPUs (``gpus_per_site: 0.25``), process isolation and clusters (``ray_address``):
+  for many cores or many GPUs, and for long runs where parallel sites repay the
+  start-up.
+
+The in-process engine has no resource limits and no process isolation: a site that
+crashes the interpreter (a segfault, running out of memory) ends the run, which then
+continues with ``--resume``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Run an experiment on Flower's simulation engine (Ray backend), in this process.
 
+(:func:`simulate` is also the entry of the in-process engine, ``simulation.engine:
+inprocess``, which lives in :mod:`medfed.simulation.local`.)
+
 How the simulation is launched (decided for the pinned ``flwr==1.42.0``)
 ------------------------------------------------------------------------
 Flower 1.42 offers three ways in:
@@ -58,6 +61,11 @@ _CLIENT_APP = "medfed.client.client_app:app"
 def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: bool = False) -> Path:
     """Run (or resume) ``cfg`` as a simulated federation of ``cfg.federation.num_sites`` sites.
 
+    ``cfg.simulation.engine`` picks the engine: ``"inprocess"`` runs the sites one after
+    the other in this process (:func:`medfed.simulation.local.run_local`), ``"ray"`` on
+    Flower's simulation engine as described in this module's docstring. Both end with the
+    same weights.
+
     Parameters
     ----------
     cfg : ExperimentConfig
@@ -85,6 +93,10 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     run_dir = run_dir.expanduser().resolve()
     check_run_dir(cfg, run_dir, resume)  # fail before Ray starts; the ServerApp checks again
     _preflight(cfg)
+    if cfg.simulation.engine == "inprocess":
+        from medfed.simulation.local import run_local
+
+        return run_local(cfg, run_dir=run_dir, resume=resume)
     _set_thread_env(cfg)
 
     from flwr.app import Context, RecordDict

@@ -15,6 +15,8 @@ from medfed.models.neighborhood_attention import (
     natten_kernel_backend,
     neighborhood_attention,
     neighborhood_indices,
+    select_backend,
+    use_attention_backend,
 )
 
 # By module path: medfed.models re-exports the function under the module's own name.
@@ -176,6 +178,100 @@ def test_bfloat16_close_to_float32():
     # Assert
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), full, atol=3e-2, rtol=0)
+
+
+# --------------------------------------------------------------------------------------
+# (b') every backend that runs on CPU equals the reference, forward and backward
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["gather", "dense"])
+@pytest.mark.parametrize(("height", "width", "kernel_size", "dilation"), [(7, 9, 3, 2), (12, 10, 3, 3), (11, 7, 7, 1)])
+def test_each_cpu_backend_matches_dense_reference_forward_and_backward(backend, height, width, kernel_size, dilation):
+    # Prepare
+    shape = (2, height, width, 2, 4)
+    inputs = _qkv(shape, seed=height + 10 * dilation, dtype=torch.float64, requires_grad=True)
+    reference_inputs = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
+    grad_weights = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    # Execute
+    ours = neighborhood_attention(*inputs, kernel_size, dilation, implementation=backend)
+    reference = _dense_reference(*reference_inputs, kernel_size, dilation)
+    ours_grads = torch.autograd.grad((ours * grad_weights).sum(), inputs)
+    reference_grads = torch.autograd.grad((reference * grad_weights).sum(), reference_inputs)
+
+    # Assert
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-10)
+    for name, got, expected in zip("qkv", ours_grads, reference_grads):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10, msg=f"gradient of {name}")
+
+
+def test_dense_backend_in_float32_and_bfloat16_is_close_to_the_reference():
+    # Prepare
+    inputs = _qkv((2, 9, 9, 2, 16), seed=11)
+    reference = _dense_reference(*(t.double() for t in inputs), 5, 1)
+
+    # Execute
+    full = neighborhood_attention(*inputs, 5, 1, implementation="dense")
+    half = neighborhood_attention(*(t.bfloat16() for t in inputs), 5, 1, implementation="dense")
+
+    # Assert
+    torch.testing.assert_close(full.double(), reference, atol=1e-5, rtol=0)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), reference, atol=3e-2, rtol=0)
+
+
+def test_flex_backend_forward_matches_reference_and_refuses_backward_on_cpu(natten_flex_na2d):
+    # Prepare
+    inputs = _qkv((2, 9, 8, 2, 8), seed=4)
+    trainable = _qkv((2, 9, 8, 2, 8), seed=4, requires_grad=True)
+
+    # Execute
+    out = neighborhood_attention(*inputs, 3, 2, implementation="flex")
+
+    # Assert
+    torch.testing.assert_close(out.double(), _dense_reference(*(t.double() for t in inputs), 3, 2), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="'flex'.* no backward on CPU"):
+        neighborhood_attention(*trainable, 3, 2, implementation="flex")
+
+
+def test_auto_rule_on_cpu_is_dense_on_small_maps_and_gather_on_large_ones():
+    # Prepare
+    small = torch.zeros(4, 16, 16, 2, 8)
+    large = torch.zeros(4, 28, 28, 2, 8)
+    huge_batch = torch.zeros(2048, 16, 16, 2, 8)  # scores would take 2048*2*256*256*4 B = 1 GiB
+
+    # Execute / Assert
+    assert select_backend(small, small, small, 7) == "dense"
+    assert select_backend(large, large, large, 7) == "gather"
+    assert select_backend(huge_batch, huge_batch, huge_batch, 7) == "gather"
+
+
+def test_a_forced_backend_wins_over_the_rule_and_the_argument_over_both(monkeypatch):
+    # Prepare: record which implementation runs.
+    calls = []
+    monkeypatch.setattr(na_module, "_dense_neighborhood_attention", lambda *a: calls.append("dense") or a[0])
+    monkeypatch.setattr(na_module, "_torch_neighborhood_attention", lambda *a: calls.append("gather") or a[0])
+    small = _qkv((1, 7, 7, 1, 4), seed=0)
+
+    # Execute
+    neighborhood_attention(*small, 3)  # the rule: dense on a 7 x 7 map on CPU
+    with use_attention_backend("gather"):
+        neighborhood_attention(*small, 3)
+        neighborhood_attention(*small, 3, implementation="dense")
+    monkeypatch.setenv("MEDFED_ATTENTION_BACKEND", "gather")
+    neighborhood_attention(*small, 3)
+    with use_attention_backend("dense"):
+        neighborhood_attention(*small, 3)
+    monkeypatch.setenv("MEDFED_ATTENTION_BACKEND", "fastest")
+
+    # Assert
+    assert calls == ["dense", "gather", "dense", "gather", "dense"]
+    with pytest.raises(ValueError, match="environment variable MEDFED_ATTENTION_BACKEND must be .* Got 'fastest'"):
+        neighborhood_attention(*small, 3)
+    with pytest.raises(ValueError, match="'name' parameter of use_attention_backend"):
+        with use_attention_backend("fast"):
+            pass
 
 
 # --------------------------------------------------------------------------------------

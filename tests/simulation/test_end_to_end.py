@@ -1,7 +1,8 @@
 """End to end through Flower's simulation engine (Ray): a 3-site, 2-round federation of
-medvit_v2_nano on tiny generated data; a run SIGKILLed after round 1 and resumed ends
-with exactly the weights of the uninterrupted run. These are the slow tests (each
-launch pays Ray's start-up); test_local.py covers the same logic without Ray."""
+medvit_v2_nano on tiny generated data ends with exactly the weights of the in-process
+engine; a run SIGKILLed after round 1 and resumed ends with exactly the weights of the
+uninterrupted run. These are the slow tests (each launch pays Ray's start-up);
+test_local.py covers the same logic without Ray."""
 
 from __future__ import annotations
 
@@ -43,9 +44,12 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert [k for k in first if not np.array_equal(first[k], second[k])] == []
 
 
+RAY = {"cpus_per_site": 1.0, "engine": "ray"}
+
+
 @pytest.fixture(scope="module")
 def engine_run(tiny_root, tiny_config, tmp_path_factory) -> Path:
-    cfg = tiny_config(tiny_root, tmp_path_factory.mktemp("engine"))
+    cfg = tiny_config(tiny_root, tmp_path_factory.mktemp("engine"), simulation=RAY)
     return simulate(cfg)
 
 
@@ -61,6 +65,18 @@ def test_engine_run_completes_and_matches_the_in_process_run(engine_run, tiny_ro
     assert set(run.round_records[2]["evaluate"]) >= {"loss", "acc", "auc", "balanced_acc"}
     assert metric_records(engine_run) == metric_records(local)
     assert_same_weights(engine_run / "model.safetensors", local / "model.safetensors")
+
+
+def test_simulate_with_the_inprocess_engine_gives_the_ray_engines_weights(engine_run, tiny_root, tiny_config, tmp_path, metric_records):
+    # Prepare: the default engine, chosen through the config.
+    cfg = tiny_config(tiny_root, tmp_path)
+    assert cfg.simulation.engine == "inprocess"
+    # Execute
+    run_dir = simulate(cfg)
+    # Assert
+    assert run_dir == (tmp_path / cfg.name).resolve()
+    assert metric_records(run_dir) == metric_records(engine_run)
+    assert_same_weights(run_dir / "model.safetensors", engine_run / "model.safetensors")
 
 
 def _wait_for_round_checkpoint(process: subprocess.Popen, checkpoint: Path, server_round: int) -> None:
@@ -80,7 +96,7 @@ def _wait_for_round_checkpoint(process: subprocess.Popen, checkpoint: Path, serv
 def test_run_killed_after_round_1_resumes_to_the_uninterrupted_weights(engine_run, tiny_root, tiny_config, tmp_path):
     # Prepare: `medfed simulate` in its own process group, SIGKILLed (with its Ray
     # processes) as soon as round 1's checkpoint exists.
-    cfg = tiny_config(tiny_root, tmp_path / "runs")
+    cfg = tiny_config(tiny_root, tmp_path / "runs", simulation=RAY)
     save_config(cfg, tmp_path / "experiment.yaml")
     run_dir = tmp_path / "runs" / cfg.name
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}

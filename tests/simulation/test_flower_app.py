@@ -20,7 +20,7 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 def test_generated_app_pyproject_gives_back_the_experiment():
     # Prepare: values that need escaping or typing care.
     cfg = config_from_dict({
-        "seed": 3, "train": {"lr": 1e-5}, "simulation": {"ray_address": "10.0.0.2:6379"},
+        "seed": 3, "train": {"lr": 1e-5}, "simulation": {"ray_address": "10.0.0.2:6379", "engine": "ray"},
         "strategy": {"name": "fedprox", "params": {"proximal_mu": 0.1, "note": 'say "hi"'}},
     })
     # Execute

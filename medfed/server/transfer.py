@@ -1,0 +1,72 @@
+"""A Grid that sends arrays in ``federation.transfer_dtype`` and widens the replies' arrays
+back to float32 (see :mod:`medfed.transfer`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from medfed.transfer import decode_arrays, encode_arrays
+
+__all__ = ["TransferGrid"]
+
+
+def _map_arrays(message: Message, convert) -> Message:  # noqa: ANN001 - ArrayRecord -> ArrayRecord
+    if message.has_error() or not message.content.array_records:
+        return message
+    content = RecordDict({key: convert(record) if key in message.content.array_records else record
+                          for key, record in message.content.items()})
+    message.content = content
+    return message
+
+
+class TransferGrid(Grid):
+    """Delegates to ``grid``; encodes outgoing arrays and decodes incoming ones.
+
+    Wrap the recording grid with it, so that byte counts are those on the wire.
+
+    Parameters
+    ----------
+    grid : Grid
+        The Grid to delegate to.
+    dtype : {"float32", "float16", "bfloat16"}
+        Transfer dtype of float32 arrays.
+    """
+
+    def __init__(self, grid: Grid, dtype: str) -> None:
+        self._grid = grid
+        self.dtype = dtype
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201 - flwr's Run
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: ANN001
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201
+        return self._grid.get_nodes()
+
+    def _encode(self, messages: Iterable[Message]) -> list[Message]:
+        return [_map_arrays(m, lambda record: encode_arrays(record, self.dtype)) for m in messages]
+
+    @staticmethod
+    def _decode(replies: Iterable[Message]) -> list[Message]:
+        return [_map_arrays(m, decode_arrays) for m in replies]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(self._encode(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._decode(self._grid.pull_messages(message_ids))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._decode(self._grid.send_and_receive(self._encode(messages), timeout=timeout))

@@ -1,0 +1,75 @@
+"""Lower-precision weight transfer: the codec (hand-computed roundings) and a federation
+that sends bfloat16 (half the bytes, weights close to the float32 run's)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from medfed.server.checkpoint import load_arrays
+from medfed.simulation.local import run_local
+from medfed.transfer import decode_arrays, encode_arrays
+
+
+def _record() -> ArrayRecord:
+    return ArrayRecord({
+        "w": Array(np.array([1.0, 1.0 + 2.0**-9, 1.0 + 3 * 2.0**-9, -2.5, 65504.0], dtype=np.float32)),
+        "count": Array(np.array(7, dtype=np.int64)),
+    })
+
+
+def test_float16_halves_float_arrays_and_round_trips_representable_values():
+    # Execute
+    wire = encode_arrays(_record(), "float16")
+    back = decode_arrays(wire)
+    # Assert: all five values are float16 numbers (10-bit mantissa).
+    assert wire["w"].dtype == "float16" and wire["count"].dtype == "int64"
+    assert back["w"].dtype == "float32"
+    np.testing.assert_array_equal(back["w"].numpy(), _record()["w"].numpy())
+    assert back["count"].numpy() == 7
+
+
+def test_bfloat16_rounds_to_nearest_even_with_7_mantissa_bits():
+    # Execute
+    wire = encode_arrays(_record(), "bfloat16")
+    back = decode_arrays(wire)
+    # Assert: the bfloat16 step at 1 is 2^-7, so 1 + 2^-9 (a quarter step) rounds down to 1
+    # and 1 + 3 * 2^-9 (three quarters) up to 1 + 2^-7; 65504 = 2^16 - 32 rounds up to 2^16
+    # (the step below 2^16 is 2^8).
+    assert wire["w"].dtype == "bfloat16" and wire["w"].shape == (5,)
+    expected = np.array([1.0, 1.0, 1.0 + 2.0**-7, -2.5, 65536.0], dtype=np.float32)
+    np.testing.assert_array_equal(back["w"].numpy(), expected)
+    assert len(wire["w"].data) < len(_record()["w"].data)
+
+
+def test_float32_is_sent_as_is_and_unknown_dtypes_are_refused():
+    record = _record()
+    assert encode_arrays(record, "float32") is record
+    assert decode_arrays(record) is record
+    with pytest.raises(ValueError, match="'dtype' parameter of encode_arrays"):
+        encode_arrays(record, "int8")
+
+
+def _round_bytes(run_dir) -> list[int]:
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["bytes_sent"] + r["bytes_received"] for r in lines if r["event"] == "site" and r.get("phase") == "train"]
+
+
+def test_a_bfloat16_federation_sends_half_the_bytes_and_ends_near_the_float32_weights(tiny_root, tiny_config, tmp_path):
+    # Prepare
+    full = run_local(tiny_config(tiny_root, tmp_path / "fp32", rounds=1))
+    # Execute
+    half = run_local(tiny_config(tiny_root, tmp_path / "bf16", rounds=1,
+                                 federation={"num_sites": 3, "partition": "iid", "transfer_dtype": "bfloat16"}))
+    # Assert
+    full_bytes, half_bytes = _round_bytes(full), _round_bytes(half)
+    assert len(full_bytes) == len(half_bytes) == 3
+    assert all(0.45 < h / f < 0.55 for h, f in zip(half_bytes, full_bytes))
+    full_weights, half_weights = load_arrays(full / "model.safetensors"), load_arrays(half / "model.safetensors")
+    assert {k: v.dtype for k, v in half_weights.items()} == {k: v.dtype for k, v in full_weights.items()}
+    differences = [np.abs(half_weights[k] - full_weights[k]).max() for k in full_weights
+                   if full_weights[k].dtype == np.float32]
+    assert 0 < max(differences) < 0.05
