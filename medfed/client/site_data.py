@@ -4,16 +4,16 @@ The same ClientApp serves the simulation and the deployment; only the node confi
 differs:
 
 * simulation: Flower sets ``partition-id`` and ``num-partitions``; the site takes its
-  share of the configured MedMNIST dataset, made by :mod:`medfed.simulation.partition`
-  (pure NumPy, seeded, identical in every process) and cached per process;
+  share of the configured MedMNIST dataset, built by :mod:`medfed.sites` from the
+  experiment's federation (partition, site profile: corruptions, groups; pure NumPy,
+  seeded, identical in every process) and cached per process;
 * deployment: ``data-path`` names the site's data, either a folder holding the official
   ``{flag}.npz`` / ``{flag}_{size}.npz`` file or a site folder read by
   :func:`medfed.data.load_site_folder`. An optional ``site-name`` names the site in the
   server's logs and seeds its local randomness (set it so a resumed run repeats).
 
-Only :mod:`medfed.simulation.partition` is imported from the simulation package, and
-it knows neither Flower nor torch: the client stays independent of how a simulation is
-launched, while the partition maths lives with the rest of the simulation.
+:mod:`medfed.sites` knows neither Flower nor torch: the client stays independent of how
+a simulation is launched, while the maths of building sites lives in one place.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 
 from medfed.config import ExperimentConfig
 from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medmnist
-from medfed.simulation.partition import partition_labels
+from medfed.sites.partition import partition_labels
 
 __all__ = ["SiteData", "SiteDataError", "derive_seed", "load_site_data", "site_identity"]
 
