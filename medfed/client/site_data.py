@@ -32,11 +32,16 @@ import numpy as np
 
 from medfed.config import ExperimentConfig
 from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medmnist
-from medfed.sites.partition import partition_labels
+from medfed.config import FederationConfig
+from medfed.sites.profiles import build_site, num_nodes, plan_federation
 
 __all__ = ["SiteData", "SiteDataError", "derive_seed", "load_site_data", "site_identity"]
 
+# derive_seed and medfed.sites.profiles.site_seed must stay the same function: plain
+# federations split exactly as before the sites package existed.
+
 PARTITION_ID_KEY = "partition-id"
+HELD_OUT_KEY = "held-out"
 NUM_PARTITIONS_KEY = "num-partitions"
 DATA_PATH_KEY = "data-path"
 SITE_NAME_KEY = "site-name"
@@ -59,12 +64,17 @@ class SiteData:
         mixed into the site's seeds.
     train, test : ImageDataset
         The site's splits; ``test`` is what federated evaluation reports on.
+    held_out : bool
+        The site never trains; it only evaluates the global model (an unseen
+        hospital): a held-out profile in simulation, node config ``held-out=true``
+        in deployment.
     """
 
     name: str
     key: int
     train: ImageDataset
     test: ImageDataset
+    held_out: bool = False
 
     @property
     def info(self) -> DatasetInfo:
@@ -122,21 +132,23 @@ def load_site_data(node_config: Mapping[str, Any], node_id: int, cfg: Experiment
     name, key = site_identity(node_config, node_id)
     if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]).strip():
         train, test = _load_path(str(node_config[DATA_PATH_KEY]), cfg.data.dataset, cfg.data.img_size)
-        return SiteData(name=name, key=key, train=train, test=test)
+        held_out = str(node_config.get(HELD_OUT_KEY, "false")).strip().lower() in ("true", "1", "yes")
+        return SiteData(name=name, key=key, train=train, test=test, held_out=held_out)
     if PARTITION_ID_KEY in node_config:
         partition_id = int(node_config[PARTITION_ID_KEY])
-        num_partitions = int(node_config.get(NUM_PARTITIONS_KEY, cfg.federation.num_sites))
-        if num_partitions != cfg.federation.num_sites:
+        num_partitions = int(node_config.get(NUM_PARTITIONS_KEY, num_nodes(cfg.federation)))
+        if num_partitions != num_nodes(cfg.federation):
             raise SiteDataError(
-                f"The node config splits the data into {num_partitions} partitions but the experiment's "
-                f"'federation.num_sites' is {cfg.federation.num_sites}; make the number of simulated "
-                "SuperNodes (options.num-supernodes) equal to federation.num_sites."
+                f"The node config splits the data into {num_partitions} partitions but the experiment has "
+                f"{num_nodes(cfg.federation)} sites ('federation.num_sites' plus held-out sites); make the number "
+                "of simulated SuperNodes (options.num-supernodes) equal to that."
             )
-        train, test = _partition(
-            cfg.data.dataset, cfg.data.root, cfg.data.img_size, cfg.federation.num_sites,
-            cfg.federation.partition, cfg.federation.dirichlet_alpha, cfg.seed, partition_id,
+        site_name, held_out, train, test = _simulated_site(
+            cfg.data.dataset, cfg.data.root, cfg.data.img_size, cfg.federation, cfg.seed, partition_id,
         )
-        return SiteData(name=name, key=key, train=train, test=test)
+        if SITE_NAME_KEY not in node_config:
+            name = site_name
+        return SiteData(name=name, key=key, train=train, test=test, held_out=held_out)
     raise SiteDataError(
         f"The node config of node {node_id} names no data: give the SuperNode "
         "--node-config 'data-path=\"/path/to/site\"' (or run it in simulation, where Flower sets 'partition-id')."
@@ -153,27 +165,25 @@ def _load_dataset(flag: str, root: str | None, img_size: int) -> dict[str, Image
 
 
 @functools.lru_cache(maxsize=16)
-def _partition(
-    flag: str, root: str | None, img_size: int, num_sites: int, method: str, alpha: float, seed: int,
-    partition_id: int,
-) -> tuple[ImageDataset, ImageDataset]:
-    if not 0 <= partition_id < num_sites:
+def _simulated_site(
+    flag: str, root: str | None, img_size: int, federation: FederationConfig, seed: int, partition_id: int,
+) -> tuple[str, bool, ImageDataset, ImageDataset]:
+    """``(name, held out, train, test)`` of simulated site ``partition_id`` (see :mod:`medfed.sites.profiles`)."""
+    total = num_nodes(federation)
+    if not 0 <= partition_id < total:
         raise SiteDataError(
-            f"The node config's 'partition-id' must be in [0, {num_sites}). Got {partition_id} instead."
+            f"The node config's 'partition-id' must be in [0, {total}). Got {partition_id} instead."
         )
     splits = _load_dataset(flag, root, img_size)
     train, test = splits["train"], splits["test"]
-    num_classes = train.info.num_classes
-    train_parts, shares = partition_labels(
-        train.labels, num_sites, method=method, alpha=alpha, seed=derive_seed(seed, 0), num_classes=num_classes
+    plan = plan_federation(
+        federation, dataset=flag, num_classes=train.info.num_classes, channels=train.info.in_chans, seed=seed,
     )
-    # The test split is cut with the training split's class shares, so a skewed site is
-    # evaluated on data skewed like its own.
-    test_parts, _ = partition_labels(
-        test.labels, num_sites, method=method, alpha=alpha, seed=derive_seed(seed, 1),
-        num_classes=num_classes, proportions=shares,
-    )
-    return train.subset(train_parts[partition_id]), test.subset(test_parts[partition_id])
+    # The test split is dealt with the training split's class shares, so a skewed site is
+    # evaluated on data skewed like its own; its profile applies to both alike.
+    site_train, site_test = build_site(plan, partition_id, train, test, seed)
+    site = plan.sites[partition_id]
+    return site.name, site.held_out, site_train, site_test
 
 
 @functools.lru_cache(maxsize=2)

@@ -134,7 +134,9 @@ def run_local(
     if client_app is None:
         from medfed.client.client_app import app as client_app
     run_dir = (Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name).expanduser().resolve()
-    num_sites = cfg.federation.num_sites
+    from medfed.sites.profiles import num_nodes
+
+    num_sites = num_nodes(cfg.federation)  # training sites plus held-out sites
     node_configs = [{PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_sites} for i in range(num_sites)]
     grid = LocalGrid(client_app, node_configs, to_run_config(cfg))
     server_run_config = {**to_run_config(cfg), RUN_DIR_KEY: str(run_dir), RESUME_KEY: bool(resume)}
