@@ -35,7 +35,7 @@ from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medm
 from medfed.config import FederationConfig
 from medfed.sites.profiles import build_site, num_nodes, plan_federation
 
-__all__ = ["SiteData", "SiteDataError", "derive_seed", "load_site_data", "site_identity"]
+__all__ = ["SiteData", "SiteDataError", "derive_seed", "load_site_data", "site_identity", "site_role"]
 
 # derive_seed and medfed.sites.profiles.site_seed must stay the same function: plain
 # federations split exactly as before the sites package existed.
@@ -104,6 +104,27 @@ def site_identity(node_config: Mapping[str, Any], node_id: int) -> tuple[str, in
         partition_id = int(node_config[PARTITION_ID_KEY])
         return f"site-{partition_id}", partition_id
     return f"node-{node_id}", int(node_id) % 2**32
+
+
+def site_role(node_config: Mapping[str, Any], node_id: int, cfg: ExperimentConfig) -> tuple[str, bool]:
+    """``(site name, held out)`` of a node, without loading its images.
+
+    A simulated site is held out when its partition id comes after the
+    ``federation.num_sites`` training sites; a deployed one when its node config
+    says ``held-out=true``.
+    """
+    name, _ = site_identity(node_config, node_id)
+    if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]).strip():
+        return name, str(node_config.get(HELD_OUT_KEY, "false")).strip().lower() in ("true", "1", "yes")
+    if PARTITION_ID_KEY in node_config:
+        from medfed.sites.profiles import plan_for
+
+        partition_id = int(node_config[PARTITION_ID_KEY])
+        plan = plan_for(cfg)
+        if 0 <= partition_id < len(plan.sites):
+            site = plan.sites[partition_id]
+            return (name if SITE_NAME_KEY in node_config else site.name), site.held_out
+    return name, False
 
 
 def load_site_data(node_config: Mapping[str, Any], node_id: int, cfg: ExperimentConfig) -> SiteData:
