@@ -109,6 +109,33 @@ def _run_report(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def _add_sites(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sites",
+        help="preview a federation's sites without training (montage, sizes, class and group mix, corruptions)",
+        description="Build every site of an experiment as the simulation would and write DIR/sites.png (the same "
+        "training images through each site's profile) and DIR/sites.json, and print the same as a table. "
+        "Scenarios: federation.scenario=iid, label-skew, quantity-skew, scanner-shift, scanner-and-label-shift, "
+        "group-shift, unseen-hospital.",
+    )
+    p.add_argument("--config", default=None, help="experiment YAML (default: the built-in small federation)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set federation.scenario=scanner-shift (repeatable)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for sites.png and sites.json")
+    p.set_defaults(func=_run_sites)
+
+
+def _run_sites(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from medfed.config import load_config
+    from medfed.sites.preview import PREVIEW_IMAGE, PREVIEW_JSON, preview_sites, sites_table
+
+    summary = preview_sites(load_config(args.config, args.overrides), args.out)
+    Console(width=max(Console().width, 130)).print(sites_table(summary))
+    print(f"wrote {Path(args.out) / PREVIEW_IMAGE} and {Path(args.out) / PREVIEW_JSON}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medfed",
@@ -121,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_simulate(sub)
     _add_report(sub)
+    _add_sites(sub)
     return parser
 
 

@@ -34,7 +34,8 @@ shifts, zoom factors) take the values MedMNIST-C's registry gives its gray modal
 They do not depend on the image size. Spatial parameters (blur radii and sigmas,
 bubble and deposit sizes) are MedMNIST-C's values in pixels at 224 px, scaled by
 ``max(side / 224, 1/2)``: a 28 px image gets the blur of a 112 px one rather than of a
-true 8x downsampling, which would leave it nearly untouched. Motion blur's first
+true 8x downsampling, which would leave it nearly untouched; pixelation keeps
+``fraction ** scale`` of the side for the same reason. Motion blur's first
 severity uses sigma 3 instead of MedMNIST-C's 5, which its second severity repeats. Motion blur draws its
 direction, artefacts their positions, from the seed; the shapes of the stain deposits,
 bubbles and characters are our own simple renderings, not MedMNIST-C's images.
@@ -133,6 +134,9 @@ def _positions(rng: np.random.Generator, count: int, n: int, height: int, width:
 def _pixelate(x, fraction, rng, scale):
     from PIL import Image
 
+    # The kept fraction is raised to the spatial scale: at 224 px MedMNIST-C's value,
+    # at 28 px its square root (0.30 -> 0.55 of the side), or small images turn to blocks.
+    fraction = fraction ** scale
     height, width = x.shape[1:3]
     small = (max(1, round(width * fraction)), max(1, round(height * fraction)))
     return _per_image(x, lambda im, _: _from_pil(

@@ -19,8 +19,9 @@ it) is described by
     model (an unseen hospital). Held-out profiles are not cycled: each is one site,
     with partition ids after the training sites.
 
-* ``partition`` / ``dirichlet_alpha``: Dirichlet **label skew** for the sites without a
-  ``class_mix`` (Hsu et al., 2019; see :mod:`medfed.sites.partition`);
+* ``partition`` / ``dirichlet_alpha``: Dirichlet **label skew** for the training sites
+  without a ``class_mix`` (Hsu et al., 2019; see :mod:`medfed.sites.partition`);
+  held-out sites without one get the dataset's class mix;
 * ``quantity_skew``: ``{ratios: [r_0, r_1, ...]}`` (cycled) or ``{power_law: a}``
   (site ``i`` gets a share proportional to ``(i + 1) ** -a``); held-out sites get the
   mean share of the training sites unless their profile sets ``size``;
@@ -33,7 +34,10 @@ How the split is made: class ``c``'s samples are dealt to the sites in shares
 ``w_s * m_s[c]`` normalised over the sites, where ``w_s`` is the site's size weight and
 ``m_s`` its class mix (its Dirichlet draw under label skew; the dataset's class
 frequencies otherwise), so a site's class mix moves towards ``class_mix`` but is bounded
-by the samples there are. The test split is dealt with the training split's shares.
+by the samples there are. Under Dirichlet label skew the shares are drawn again (next
+seeds, up to 50 times) until every site holds at least a quarter of its intended size:
+a site of five images is no hospital. The test split is dealt with the training
+split's shares.
 Without profiles, groups or quantity skew, the split is exactly the plain
 :func:`medfed.sites.partition.partition_labels` one. Everything is seeded by the
 experiment seed: the same seed gives the same site datasets in every process.
@@ -430,23 +434,42 @@ def split_sites(
         bounds = np.rint(np.cumsum(weights) * labels.shape[0]).astype(np.int64)[:-1]
         return _fill_empty_sites([np.sort(p).astype(np.int64) for p in np.split(order, bounds)]), None
     labels = labels.reshape(-1).astype(np.int64)
-    if shares is None:
-        num_classes = max(plan.num_classes, int(labels.max()) + 1 if labels.size else 1)
-        prior = np.bincount(labels, minlength=num_classes) / max(labels.size, 1)
-        if plan.partition == "dirichlet":
-            mixes = dirichlet_proportions(num_classes, num_sites, plan.dirichlet_alpha, seed).T  # [S, C]
-            # A site's Dirichlet draw over classes, as a class mix: shares * prior.
-            mixes = mixes * prior[None, :] * num_sites
-        else:
-            mixes = np.tile(prior, (num_sites, 1))
-        for index, site in enumerate(plan.sites):
-            if site.class_mix is not None:
-                mix = np.asarray(site.class_mix, dtype=np.float64)
-                mixes[index] = mix / mix.sum()
-        raw = weights[:, None] * mixes  # [S, C]
-        totals = raw.sum(axis=0, keepdims=True)
-        shares = np.where(totals > 0, raw / np.where(totals > 0, totals, 1), 1.0 / num_sites).T  # [C, S]
-    return _fill_empty_sites(split_by_proportions(labels, shares, seed)), shares
+    if shares is not None:
+        return _fill_empty_sites(split_by_proportions(labels, shares, seed)), shares
+    num_classes = max(plan.num_classes, int(labels.max()) + 1 if labels.size else 1)
+    prior = np.bincount(labels, minlength=num_classes) / max(labels.size, 1)
+    # A Dirichlet draw can leave a site a handful of samples: draw again (next seeds) until
+    # every site holds at least _MIN_SHARE of its intended size, keeping the last draw.
+    for attempt in range(_MAX_REDRAWS if plan.partition == "dirichlet" else 1):
+        shares = _shares(plan, weights, prior, seed + attempt)
+        parts = split_by_proportions(labels, shares, seed)
+        if all(len(part) >= _MIN_SHARE * w * labels.size for part, w in zip(parts, weights)):
+            break
+    return _fill_empty_sites(parts), shares
+
+
+# Under Dirichlet label skew, a site must hold at least this fraction of its intended size.
+_MIN_SHARE = 0.25
+_MAX_REDRAWS = 50
+
+
+def _shares(plan: FederationPlan, weights: np.ndarray, prior: np.ndarray, seed: int) -> np.ndarray:
+    """``[C, S]``: class ``c``'s share for site ``s``, proportional to ``w_s * m_s[c]``."""
+    num_sites, num_classes = len(plan.sites), prior.size
+    mixes = np.tile(prior, (num_sites, 1))
+    training = [index for index, site in enumerate(plan.sites) if not site.held_out]
+    if plan.partition == "dirichlet" and training:
+        # A training site's Dirichlet draw over classes (Hsu et al.'s per-class shares),
+        # as a class mix; held-out sites keep the dataset's mix.
+        draws = dirichlet_proportions(num_classes, len(training), plan.dirichlet_alpha, seed).T
+        mixes[training] = draws * prior[None, :] * len(training)
+    for index, site in enumerate(plan.sites):
+        if site.class_mix is not None:
+            mix = np.asarray(site.class_mix, dtype=np.float64)
+            mixes[index] = mix / mix.sum()
+    raw = weights[:, None] * mixes  # [S, C]
+    totals = raw.sum(axis=0, keepdims=True)
+    return np.where(totals > 0, raw / np.where(totals > 0, totals, 1), 1.0 / num_sites).T
 
 
 def build_site(
