@@ -85,6 +85,9 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     run_dir = run_dir.expanduser().resolve()
     check_run_dir(cfg, run_dir, resume)  # fail before Ray starts; the ServerApp checks again
     _preflight(cfg)
+    from medfed.sites.preview import preview_run_sites
+
+    preview_run_sites(cfg, run_dir)  # the report shows the sites (the server never loads images)
     _set_thread_env(cfg)
 
     from flwr.app import Context, RecordDict

@@ -33,10 +33,20 @@ if TYPE_CHECKING:
 
     from medfed.config import ExperimentConfig
 
-__all__ = ["PREVIEW_IMAGE", "PREVIEW_JSON", "preview_sites", "sites_table"]
+__all__ = ["PREVIEW_IMAGE", "PREVIEW_JSON", "preview_run_sites", "preview_sites", "sites_table"]
 
 PREVIEW_IMAGE = "sites.png"
 PREVIEW_JSON = "sites.json"
+
+
+def preview_run_sites(cfg: ExperimentConfig, run_dir: str | Path) -> None:
+    """Write the site preview into a simulation's run directory when its sites have profiles.
+
+    The report embeds ``RUN_DIR/sites.png``. Plain federations (no profiles, groups or
+    quantity skew) get none: their sites differ by chance only.
+    """
+    if not plan_for(cfg).plain:
+        preview_sites(cfg, run_dir)
 
 
 def _load_splits(cfg: ExperimentConfig):

@@ -75,3 +75,14 @@ def test_held_out_site_is_evaluated_and_never_trains(sites_run):
     assert round_record["held_out"]["acc"] == evaluated["unseen"]["metrics"]["acc"]
     training_sizes = sum(evaluated[s]["num_examples"] for s in trained)
     assert round_record["evaluate_pooled"]["num_examples"] == training_sizes  # the held-out site is not pooled
+
+
+def test_report_shows_site_preview_pooled_held_out_and_group_figures(sites_run):
+    # Execute
+    html = (sites_run / "report.html").read_text()
+    # Assert: registered figures that apply to this run, and the run directory's sites.png.
+    for name in ("pooled_vs_mean", "held_out", "groups"):
+        assert (sites_run / "figures" / f"{name}.png").is_file()
+    assert (sites_run / "sites.png").is_file() and 'alt="sites"' in html
+    assert "unseen (held out)" in html and "pooled" in html and "held-out mean" in html
+    assert "Patient groups" in html and "ES-ACC" in html
