@@ -125,8 +125,8 @@ class RoundOffsetStrategy(Strategy):
         return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        if self.held_out_nodes:
-            replies = [r for r in replies if r.metadata.src_node_id not in self.held_out_nodes]
+        # By node id, and by the reply's own word (in case the start-of-run query missed it).
+        replies = [r for r in replies if r.metadata.src_node_id not in self.held_out_nodes and not _says_held_out(r)]
         metrics = self.strategy.aggregate_evaluate(server_round + self.offset, replies)
         self.recorder.aggregated("evaluate", metrics)
         if metrics is not None:
@@ -137,6 +137,12 @@ class RoundOffsetStrategy(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+
+def _says_held_out(reply: Message) -> bool:
+    if reply.has_error() or "site" not in reply.content.config_records:
+        return False
+    return bool(reply.content.config_records["site"].get("held-out", False))
 
 
 def get_rng_state() -> dict[str, Any]:
