@@ -17,7 +17,9 @@ Replies identify their site through a ConfigRecord ``"site"`` (``{"name", "time-
 Two kinds of global test figures go into each round line, named apart:
 
 * ``"evaluate"``: the strategy's aggregate, i.e. the **sample-weighted mean of the
-  per-site metrics** (a site's AUC weighted by its test size);
+  per-site metrics** (a site's AUC weighted by its test size; ``acc-group-<g>`` too,
+  weighted by the site's test size, not its count of group ``g``, with ``es_acc``
+  / ``es_auc`` from those);
 * ``"evaluate_pooled"``: the metrics of the **pooled test set** (the union of the
   training sites' test sets): ACC and balanced ACC exact from the summed confusion
   matrices, AUC from the summed score histograms (:mod:`medfed.data.pooled`, with
@@ -106,10 +108,11 @@ class RoundRecorder:
         """Keep the strategy's aggregate of ``phase`` ("train" or "evaluate") for the round line."""
         if metrics is not None:
             # Lists (the averaged confusion matrix) and counts are not round-level metrics.
-            self._aggregates[phase] = {
+            aggregate = {
                 k: float(v) for k, v in metrics.items()
                 if k not in _NOT_METRICS and not isinstance(v, list) and not k.startswith("n-group-")
             }
+            self._aggregates[phase] = {**aggregate, **_equity_scaled(aggregate)}
 
     def record_exchange(self, phase: str, sent: Mapping[int, int], replies: list[Message]) -> None:
         """Write one ``"site"`` line per reply and add the bytes to the round's counters."""
@@ -127,7 +130,7 @@ class RoundRecorder:
             answered = [r for r in replies if not r.has_error() and r.content.metric_records]
             federation = [r for r in answered if not _held_out(r)]
             held_out = [r for r in answered if _held_out(r)]
-            if self.task is not None and federation:
+            if self.task is not None and federation:  # pooled-test figures need the task's layout
                 pooled = pooled_round_metrics(self.task, [_metrics(r) for r in federation])
                 if pooled:
                     self._aggregates["evaluate_pooled"] = pooled

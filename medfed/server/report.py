@@ -764,6 +764,16 @@ def _round_series(run: RunMetrics, phase: str, key: str) -> tuple[list[int], lis
     return _series(run, [run.aggregate(r, phase).get(key) for r in run.rounds])
 
 
+def _finish_round_axes(axes: Axes, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axes.set_title(title)
+    axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+
+
 @register_figure("pooled_vs_mean", "Global test ACC and AUC per round: the sample-weighted mean of the sites' "
                  "metrics (solid) and the pooled test set's (dashed).")
 def _pooled_figure(run: RunMetrics, new_figure: Any) -> Figure | None:
@@ -775,10 +785,7 @@ def _pooled_figure(run: RunMetrics, new_figure: Any) -> Figure | None:
             x, y = _round_series(run, phase, metric)
             if x:
                 axes.plot(x, y, linestyle=style, marker="o", color="black", label=label)
-        axes.set_title(f"Global test {metric.upper()}")
-        axes.set_xlabel("round")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+        _finish_round_axes(axes, f"Global test {metric.upper()}")
     return figure
 
 
@@ -793,10 +800,7 @@ def _held_out_figure(run: RunMetrics, new_figure: Any) -> Figure | None:
             x, y = _round_series(run, phase, metric)
             if x:
                 axes.plot(x, y, linestyle=style, marker="o", label=label)
-        axes.set_title(f"Test {metric.upper()}: unseen vs training sites")
-        axes.set_xlabel("round")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+        _finish_round_axes(axes, f"Test {metric.upper()}: unseen vs training sites")
     return figure
 
 
@@ -816,10 +820,7 @@ def _groups_figure(run: RunMetrics, new_figure: Any) -> Figure | None:
         x, y = _round_series(run, "evaluate_pooled", f"es_{metric}")
         if x:
             axes.plot(x, y, color="black", linestyle="--", marker="o", label=f"ES-{metric.upper()}")
-        axes.set_title(f"Per-group test {metric.upper()} (pooled)")
-        axes.set_xlabel("round")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+        _finish_round_axes(axes, f"Per-group test {metric.upper()} (pooled)")
     return figure
 
 
