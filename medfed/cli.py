@@ -122,6 +122,79 @@ def _run_report(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def _add_sites(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sites",
+        help="preview a federation's sites without training (montage, sizes, class and group mix, corruptions)",
+        description="Build every site of an experiment as the simulation would and write DIR/sites.png (the same "
+        "training images through each site's profile) and DIR/sites.json, and print the same as a table. "
+        "Scenarios: federation.scenario=iid, label-skew, quantity-skew, scanner-shift, scanner-and-label-shift, "
+        "group-shift, unseen-hospital.",
+    )
+    p.add_argument("--config", default=None, help="experiment YAML (default: the built-in small federation)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set federation.scenario=scanner-shift (repeatable)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for sites.png and sites.json")
+    p.set_defaults(func=_run_sites)
+
+
+def _run_sites(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from medfed.config import load_config
+    from medfed.sites.preview import PREVIEW_IMAGE, PREVIEW_JSON, preview_sites, sites_table
+
+    summary = preview_sites(load_config(args.config, args.overrides), args.out)
+    Console(width=max(Console().width, 130)).print(sites_table(summary))
+    print(f"wrote {Path(args.out) / PREVIEW_IMAGE} and {Path(args.out) / PREVIEW_JSON}")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="robustness: test ACC, AUC and balanced error under every corruption and severity (MedMNIST-C)",
+        description="Evaluate a model on its dataset's test split, clean and under image corruptions at "
+        "severities 1..5; print a table and write robustness.json and robustness.png.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_DIR", help="a federated run folder (its final model.safetensors)")
+    source.add_argument("--model", metavar="FILE", help="a medfed train output (model.safetensors or its folder)")
+    p.add_argument("--dataset", default=None, help="MedMNIST flag (--model; default: from its metrics.json)")
+    p.add_argument("--data-root", default=None, help="folder with the official .npz files (--model)")
+    p.add_argument("--img-size", type=int, default=None, choices=(28, 64, 128, 224), help="(--model)")
+    p.add_argument("--model-name", default=None, help="variant, e.g. nano (--model; default: from metrics.json)")
+    p.add_argument("--corruptions", default="default",
+                   help="'default' (the dataset's MedMNIST-C corruptions), 'all', or names separated by commas")
+    p.add_argument("--severities", default="1,2,3,4,5", help="severities to run, e.g. 1,3,5")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruptions' random draws")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the run or model folder)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from medfed.robustness import evaluate_robustness, model_from_file, model_from_run, robustness_table
+
+    if args.run is not None:
+        spec, out = model_from_run(args.run), args.out or args.run
+    else:
+        spec = model_from_file(args.model, args.dataset, args.data_root, args.img_size, args.model_name)
+        out = args.out or spec.weights.parent
+    try:
+        severities = tuple(int(s) for s in args.severities.split(","))
+    except ValueError:
+        severities = ()
+    if not severities or any(s not in (1, 2, 3, 4, 5) for s in severities):
+        from medfed.errors import MedfedError
+
+        raise MedfedError(f"--severities must be numbers in 1..5 separated by commas. Got {args.severities!r}.")
+    names = args.corruptions if args.corruptions in ("default", "all") else args.corruptions.split(",")
+    result = evaluate_robustness(spec, names, severities, seed=args.seed, out_dir=out)
+    Console(width=max(Console().width, 100)).print(robustness_table(result))
+    print(f"wrote {Path(out) / 'robustness.json'} and {Path(out) / 'robustness.png'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medfed",
@@ -134,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_simulate(sub)
     _add_report(sub)
+    _add_sites(sub)
+    _add_evaluate(sub)
     return parser
 
 

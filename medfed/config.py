@@ -51,8 +51,10 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "from_run_config",
+    "list_scenarios",
     "load_config",
     "save_config",
+    "scenario_path",
     "to_run_config",
 ]
 
@@ -238,6 +240,33 @@ class _Params(_Constraint):
         return copy.deepcopy(dict(value))
 
 
+@dataclass(frozen=True)
+class _JsonList(_Params):
+    """A list of YAML/JSON values (site profiles, patient groups), carried as JSON in a run config."""
+
+    what: str = "a list"
+
+    @property
+    def description(self) -> str:
+        return f"{self.what} (a YAML list of mappings, str, numbers, bool or null)"
+
+    def coerce(self, value: Any) -> list[Any]:
+        if not isinstance(value, list) or not _is_json_like(value):
+            raise _Invalid
+        return copy.deepcopy(value)
+
+
+@dataclass(frozen=True)
+class _JsonMapping(_Params):
+    """A str-keyed mapping of YAML/JSON values, carried as JSON in a run config."""
+
+    what: str = "a mapping"
+
+    @property
+    def description(self) -> str:
+        return f"{self.what} (a YAML mapping of str keys to lists, numbers, str, bool or null)"
+
+
 # --------------------------------------------------------------------------------------
 # Error messages
 # --------------------------------------------------------------------------------------
@@ -410,6 +439,20 @@ class FederationConfig(_Validated):
     transfer_dtype : str
         ``"float32"``, ``"float16"`` or ``"bfloat16"``: precision of the weights on the
         wire (models and aggregation stay float32; :mod:`medfed.transfer`).
+    scenario : str or None
+        A named scenario (``medfed/sites/scenarios/NAME.yaml``: ``iid``,
+        ``label-skew``, ``quantity-skew``, ``scanner-shift``,
+        ``scanner-and-label-shift``, ``group-shift``, ``unseen-hospital``) or the path
+        of such a YAML file. It fills the keys of this section that the experiment does
+        not set itself (see :mod:`medfed.sites.profiles`).
+    sites : list
+        Site profiles (corruption chain, class mix, size, group mix, held out), one
+        mapping per site; assigned to the training sites in order, cycling; profiles
+        with ``held_out: true`` are extra sites that never train. Empty: plain sites.
+    groups : list
+        Patient groups of the federation: names, or mappings ``{name, corruptions}``.
+    quantity_skew : dict
+        Site sizes: ``{ratios: [...]}`` or ``{power_law: exponent}``; empty: equal.
     """
 
     _prefix: ClassVar[str] = "federation."
@@ -420,6 +463,19 @@ class FederationConfig(_Validated):
     fraction_train: float = _leaf(_Float(0.0, 1.0, low_closed=False), 1.0)
     fraction_evaluate: float = _leaf(_Float(0.0, 1.0), 1.0)
     transfer_dtype: str = _leaf(_Choice(("float32", "float16", "bfloat16")), "float32")
+    scenario: str | None = _leaf(_Optional(_Str()), None)
+    sites: list[Any] = _leaf(_JsonList(what="a list of site profiles"), default_factory=list, hash=False)
+    groups: list[Any] = _leaf(_JsonList(what="a list of patient groups"), default_factory=list, hash=False)
+    quantity_skew: dict[str, Any] = _leaf(
+        _JsonMapping(what="a quantity skew such as {power_law: 1.5}"), default_factory=dict, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Profiles, groups and skew are checked where they are understood (medfed.sites).
+        from medfed.sites.profiles import check_federation_profiles
+
+        check_federation_profiles(self)
 
 
 @dataclass(frozen=True)
@@ -586,6 +642,61 @@ def _build(cls: type, raw: Any, prefix: str, sources: _Sources) -> Any:
     return cls(**kwargs)
 
 
+#: Folder of the named scenarios shipped with medfed (package data of medfed.sites).
+SCENARIO_DIR = Path(__file__).resolve().parent / "sites" / "scenarios"
+
+
+def list_scenarios() -> list[str]:
+    """Names of the scenarios shipped with medfed (``federation.scenario``)."""
+    return sorted(path.stem for path in SCENARIO_DIR.glob("*.yaml"))
+
+
+def scenario_path(name: str) -> Path:
+    """The YAML file of a named scenario, or ``name`` itself when it is a YAML file path.
+
+    Raises
+    ------
+    ConfigError
+        If ``name`` is neither a shipped scenario nor an existing ``.yaml``/``.yml`` file.
+    """
+    shipped = SCENARIO_DIR / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    path = Path(name).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    close = difflib.get_close_matches(name, list_scenarios(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(
+        f"Config key 'federation.scenario' must name a scenario ({', '.join(list_scenarios())}) or a YAML "
+        f"file. Got {name!r}; {hint}copy one from {SCENARIO_DIR} to start your own."
+    )
+
+
+def _with_scenario(raw: Mapping[str, Any], sources: _Sources) -> Mapping[str, Any]:
+    """Fill the federation keys the experiment leaves unset from its named scenario.
+
+    A scenario file is a fragment of the ``federation`` section (plus a
+    ``description``); keys the experiment sets itself win.
+    """
+    federation = raw.get("federation") if isinstance(raw, Mapping) else None
+    if not isinstance(federation, Mapping) or not isinstance(federation.get("scenario"), str):
+        return raw
+    name = federation["scenario"]
+    path = scenario_path(name)
+    fragment = _read_yaml(path)
+    fragment.pop("description", None)
+    for key in fragment:
+        if key == "scenario" or key not in {f.name for f in fields(FederationConfig)}:
+            raise _unknown_key(f"federation.{key}", str(path))
+    merged = dict(raw)
+    merged["federation"] = {**fragment, **federation}
+    for key in fragment:
+        if key not in federation:
+            sources.add(f"federation.{key}", f"scenario {name!r} ({path})")
+    return merged
+
+
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
@@ -608,7 +719,8 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> Expe
     ConfigError
         If a key is unknown or a value breaks its constraint.
     """
-    return _build(ExperimentConfig, data, "", _Sources(source))
+    sources = _Sources(source)
+    return _build(ExperimentConfig, _with_scenario(data, sources), "", sources)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -767,7 +879,7 @@ def load_config(
         _check_override_key(key, label)
         _set_dotted(raw, key, value, sources)  # before add: a parent came from earlier
         sources.add(key, label)
-    return _build(ExperimentConfig, raw, "", sources)
+    return _build(ExperimentConfig, _with_scenario(raw, sources), "", sources)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -870,7 +982,7 @@ def from_run_config(
         elif isinstance(constraint, _Optional) and value == "":
             value = None
         _set_dotted(raw, key, value, sources)
-    return _build(ExperimentConfig, raw, "", sources)
+    return _build(ExperimentConfig, _with_scenario(raw, sources), "", sources)
 
 
 def _parse_params_json(key: str, value: Any) -> Any:

@@ -382,7 +382,7 @@ def test_run_config_keys_are_dotted_kebab_case():
     assert flat["data.root"] == ""
     assert flat["simulation.ray-address"] == ""
     assert json.loads(flat["strategy.params"]) == {"proximal_mu": 0.1}
-    assert len(flat) == 30
+    assert len(flat) == 28  # 24 + federation.scenario, sites, groups, quantity-skew
     assert all("_" not in key for key in flat)
 
 

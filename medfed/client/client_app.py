@@ -11,9 +11,20 @@ passes.
 
 Train reply metrics: ``num-examples``, ``loss`` (mean training loss of the last local
 epoch) and ``acc``/``auc``/``balanced_acc`` of that epoch's predictions (running
-metrics on augmented images, as the batches went by: no second pass over the data), plus ``acc-group-<g>``/``auc-group-<g>`` where samples carry a
-patient group. Evaluate reply metrics: the same on the site's test split, plus
-``confusion`` (the flattened ``[C, C]`` matrix, ints) and ``num-classes``.
+metrics on augmented images, as the batches went by: no second pass over the data). Evaluate reply metrics: the same on the site's test split, plus
+``confusion`` (the flattened ``[C, C]`` matrix, ints), ``num-classes`` and
+``score-hist`` (per-class histograms of the test scores over fixed bins,
+:func:`medfed.data.pooled.score_histograms`, flattened: what the server needs for
+pooled-test ACC and AUC without any per-sample score leaving the site).
+
+Patient groups: Flower requires the same MetricRecord keys from every reply, so every
+site sends the keys of every group the federation declares (``federation.groups``),
+whatever groups it holds: ``acc-group-<g>``/``auc-group-<g>`` (NaN when the site has
+none of group ``g``) and ``n-group-<g>`` (its count); evaluate replies add
+``confusion-group-<g>`` and ``score-hist-group-<g>``, which the server sums.
+
+A held-out site (:attr:`SiteData.held_out`) refuses to train; it answers the
+server's ``query`` (name, held out) so the server can leave it out of training.
 """
 
 from __future__ import annotations
@@ -28,14 +39,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from medfed.client.site_data import PARTITION_ID_KEY, SiteData, derive_seed, load_site_data
+from medfed.client.site_data import PARTITION_ID_KEY, SiteData, derive_seed, load_site_data, site_role
 from medfed.client.task import (
     TrainSettings, evaluate, make_loader, make_loss, make_optimizer, prediction_metrics, prepare_model,
     round_learning_rate,
     scores_from_logits, seed_everything, select_device, train_epoch,
 )
 from medfed.config import ExperimentConfig, from_run_config
-from medfed.data import train_augmentation
+from medfed.data import confusion, train_augmentation
+from medfed.data.pooled import score_histograms
 from medfed.models import create_model
 from medfed.transfer import decode_arrays, encode_arrays
 
@@ -51,6 +63,8 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model for the configured local epochs."""
     start = time.perf_counter()
     cfg, site, device = _setup(context)
+    if site.held_out:
+        raise RuntimeError(f"Site {site.name!r} is held out: it only evaluates the global model and never trains.")
     config = msg.content["config"]
     settings = _train_settings(config, cfg)
     model = _model(cfg, site, msg, device)
@@ -72,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
         log(INFO, "[%s] round %s epoch %d/%d  loss %.4f",
             site.name, config["server-round"], epoch, settings.epochs, fit["loss"])
     result = {"loss": fit["loss"], **seen.metrics(site.info.task)}
-    metrics = _metric_record(result, len(site.train), with_confusion=False)
+    metrics = _metric_record(result, len(site.train), with_confusion=False, num_groups=len(cfg.federation.groups))
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return _reply(msg, site, start, metrics, encode_arrays(arrays, cfg.federation.transfer_dtype))
 
@@ -86,8 +100,19 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     loss_fn = make_loss(site.info.task, site.train.class_counts())
     loader = make_loader(site.test, _EVAL_BATCH, shuffle=False)
     result = evaluate(model, loader, loss_fn, task=site.info.task, device=device, precision=cfg.train.precision,
-                      channels_last=cfg.train.channels_last)
-    return _reply(msg, site, start, _metric_record(result, len(site.test), with_confusion=True))
+                      channels_last=cfg.train.channels_last, keep_predictions=True)
+    num_groups = len(cfg.federation.groups)
+    metrics = _metric_record(result, len(site.test), with_confusion=True, num_groups=num_groups)
+    metrics.update(_pooling_counts(site.info.task, *result["predictions"], num_groups))
+    return _reply(msg, site, start, metrics)
+
+
+@app.query()
+def describe_site(msg: Message, context: Context) -> Message:
+    """Say who this site is (name, held out), without loading its images."""
+    cfg = from_run_config(context.run_config, strict=False)
+    name, held_out = site_role(context.node_config, context.node_id, cfg)
+    return Message(content=RecordDict({"site": ConfigRecord({"name": name, "held-out": held_out})}), reply_to=msg)
 
 
 def _setup(context: Context) -> tuple[ExperimentConfig, SiteData, torch.device]:
@@ -162,21 +187,43 @@ class _TrainingPredictions:
         return prediction_metrics(task, torch.cat(self.labels).numpy(), scores, torch.cat(self.groups).numpy())
 
 
-def _metric_record(result: dict, num_examples: int, *, with_confusion: bool) -> dict:
-    """Flatten :func:`medfed.client.task.evaluate`-style results into MetricRecord values."""
+def _metric_record(result: dict, num_examples: int, *, with_confusion: bool, num_groups: int = 0) -> dict:
+    """Flatten :func:`medfed.client.task.evaluate`-style results into MetricRecord values.
+
+    Group keys are written for groups ``0 .. num_groups - 1`` whether or not the site
+    holds them (NaN and a count of 0 when not), so that every site's reply has the
+    same keys; groups outside that range are not reported.
+    """
     metrics = {"num-examples": num_examples, **{k: float(result[k]) for k in ("loss", "acc", "auc", "balanced_acc")}}
     if with_confusion:
         matrix = np.asarray(result["confusion"])
         metrics["confusion"] = [int(v) for v in matrix.reshape(-1)]
         metrics["num-classes"] = int(matrix.shape[-1] if matrix.ndim == 2 else matrix.shape[0])
-    for group, values in result.get("groups", {}).items():
-        metrics[f"acc-group-{group}"] = float(values["acc"])
-        metrics[f"auc-group-{group}"] = float(values["auc"])
+    held = result.get("groups", {})
+    for group in range(num_groups):
+        values = held.get(group, {})
+        metrics[f"acc-group-{group}"] = float(values.get("acc", float("nan")))
+        metrics[f"auc-group-{group}"] = float(values.get("auc", float("nan")))
+        metrics[f"n-group-{group}"] = int(values.get("num_examples", 0))
     return metrics
 
 
+def _pooling_counts(task: str, y_true: np.ndarray, y_score: np.ndarray, groups: np.ndarray, num_groups: int) -> dict:
+    """Counts the server sums into pooled-test metrics: score histograms, per-group confusions."""
+    counts = {"score-hist": [int(v) for v in score_histograms(task, y_true, y_score).reshape(-1)]}
+    for group in range(num_groups):
+        members = np.asarray(groups) == group
+        counts[f"confusion-group-{group}"] = [int(v) for v in confusion(task, y_true[members], y_score[members]).reshape(-1)]
+        counts[f"score-hist-group-{group}"] = [
+            int(v) for v in score_histograms(task, y_true[members], y_score[members]).reshape(-1)
+        ]
+    return counts
+
+
 def _reply(msg: Message, site: SiteData, start: float, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    content = RecordDict({
+        "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "held-out": site.held_out}),
+    })
     if arrays is not None:
         content["arrays"] = arrays
     content["site"]["time-s"] = time.perf_counter() - start

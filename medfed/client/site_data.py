@@ -4,16 +4,16 @@ The same ClientApp serves the simulation and the deployment; only the node confi
 differs:
 
 * simulation: Flower sets ``partition-id`` and ``num-partitions``; the site takes its
-  share of the configured MedMNIST dataset, made by :mod:`medfed.simulation.partition`
-  (pure NumPy, seeded, identical in every process) and cached per process;
+  share of the configured MedMNIST dataset, built by :mod:`medfed.sites` from the
+  experiment's federation (partition, site profile: corruptions, groups; pure NumPy,
+  seeded, identical in every process) and cached per process;
 * deployment: ``data-path`` names the site's data, either a folder holding the official
   ``{flag}.npz`` / ``{flag}_{size}.npz`` file or a site folder read by
   :func:`medfed.data.load_site_folder`. An optional ``site-name`` names the site in the
   server's logs and seeds its local randomness (set it so a resumed run repeats).
 
-Only :mod:`medfed.simulation.partition` is imported from the simulation package, and
-it knows neither Flower nor torch: the client stays independent of how a simulation is
-launched, while the partition maths lives with the rest of the simulation.
+:mod:`medfed.sites` knows neither Flower nor torch: the client stays independent of how
+a simulation is launched, while the maths of building sites lives in one place.
 """
 
 from __future__ import annotations
@@ -32,11 +32,16 @@ import numpy as np
 
 from medfed.config import ExperimentConfig
 from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medmnist
-from medfed.simulation.partition import partition_labels
+from medfed.config import FederationConfig
+from medfed.sites.profiles import build_site, num_nodes, plan_federation
 
-__all__ = ["SiteData", "SiteDataError", "derive_seed", "load_site_data", "site_identity"]
+__all__ = ["SiteData", "SiteDataError", "derive_seed", "load_site_data", "site_identity", "site_role"]
+
+# derive_seed and medfed.sites.profiles.site_seed must stay the same function: plain
+# federations split exactly as before the sites package existed.
 
 PARTITION_ID_KEY = "partition-id"
+HELD_OUT_KEY = "held-out"
 NUM_PARTITIONS_KEY = "num-partitions"
 DATA_PATH_KEY = "data-path"
 SITE_NAME_KEY = "site-name"
@@ -59,12 +64,17 @@ class SiteData:
         mixed into the site's seeds.
     train, test : ImageDataset
         The site's splits; ``test`` is what federated evaluation reports on.
+    held_out : bool
+        The site never trains; it only evaluates the global model (an unseen
+        hospital): a held-out profile in simulation, node config ``held-out=true``
+        in deployment.
     """
 
     name: str
     key: int
     train: ImageDataset
     test: ImageDataset
+    held_out: bool = False
 
     @property
     def info(self) -> DatasetInfo:
@@ -96,6 +106,27 @@ def site_identity(node_config: Mapping[str, Any], node_id: int) -> tuple[str, in
     return f"node-{node_id}", int(node_id) % 2**32
 
 
+def site_role(node_config: Mapping[str, Any], node_id: int, cfg: ExperimentConfig) -> tuple[str, bool]:
+    """``(site name, held out)`` of a node, without loading its images.
+
+    A simulated site is held out when its partition id comes after the
+    ``federation.num_sites`` training sites; a deployed one when its node config
+    says ``held-out=true``.
+    """
+    name, _ = site_identity(node_config, node_id)
+    if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]).strip():
+        return name, str(node_config.get(HELD_OUT_KEY, "false")).strip().lower() in ("true", "1", "yes")
+    if PARTITION_ID_KEY in node_config:
+        from medfed.sites.profiles import plan_for
+
+        partition_id = int(node_config[PARTITION_ID_KEY])
+        plan = plan_for(cfg)
+        if 0 <= partition_id < len(plan.sites):
+            site = plan.sites[partition_id]
+            return (name if SITE_NAME_KEY in node_config else site.name), site.held_out
+    return name, False
+
+
 def load_site_data(node_config: Mapping[str, Any], node_id: int, cfg: ExperimentConfig) -> SiteData:
     """Load the site's splits as the node config describes them.
 
@@ -122,21 +153,23 @@ def load_site_data(node_config: Mapping[str, Any], node_id: int, cfg: Experiment
     name, key = site_identity(node_config, node_id)
     if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]).strip():
         train, test = _load_path(str(node_config[DATA_PATH_KEY]), cfg.data.dataset, cfg.data.img_size)
-        return SiteData(name=name, key=key, train=train, test=test)
+        held_out = str(node_config.get(HELD_OUT_KEY, "false")).strip().lower() in ("true", "1", "yes")
+        return SiteData(name=name, key=key, train=train, test=test, held_out=held_out)
     if PARTITION_ID_KEY in node_config:
         partition_id = int(node_config[PARTITION_ID_KEY])
-        num_partitions = int(node_config.get(NUM_PARTITIONS_KEY, cfg.federation.num_sites))
-        if num_partitions != cfg.federation.num_sites:
+        num_partitions = int(node_config.get(NUM_PARTITIONS_KEY, num_nodes(cfg.federation)))
+        if num_partitions != num_nodes(cfg.federation):
             raise SiteDataError(
-                f"The node config splits the data into {num_partitions} partitions but the experiment's "
-                f"'federation.num_sites' is {cfg.federation.num_sites}; make the number of simulated "
-                "SuperNodes (options.num-supernodes) equal to federation.num_sites."
+                f"The node config splits the data into {num_partitions} partitions but the experiment has "
+                f"{num_nodes(cfg.federation)} sites ('federation.num_sites' plus held-out sites); make the number "
+                "of simulated SuperNodes (options.num-supernodes) equal to that."
             )
-        train, test = _partition(
-            cfg.data.dataset, cfg.data.root, cfg.data.img_size, cfg.federation.num_sites,
-            cfg.federation.partition, cfg.federation.dirichlet_alpha, cfg.seed, partition_id,
+        site_name, held_out, train, test = _simulated_site(
+            cfg.data.dataset, cfg.data.root, cfg.data.img_size, cfg.federation, cfg.seed, partition_id,
         )
-        return SiteData(name=name, key=key, train=train, test=test)
+        if SITE_NAME_KEY not in node_config:
+            name = site_name
+        return SiteData(name=name, key=key, train=train, test=test, held_out=held_out)
     raise SiteDataError(
         f"The node config of node {node_id} names no data: give the SuperNode "
         "--node-config 'data-path=\"/path/to/site\"' (or run it in simulation, where Flower sets 'partition-id')."
@@ -153,27 +186,25 @@ def _load_dataset(flag: str, root: str | None, img_size: int) -> dict[str, Image
 
 
 @functools.lru_cache(maxsize=16)
-def _partition(
-    flag: str, root: str | None, img_size: int, num_sites: int, method: str, alpha: float, seed: int,
-    partition_id: int,
-) -> tuple[ImageDataset, ImageDataset]:
-    if not 0 <= partition_id < num_sites:
+def _simulated_site(
+    flag: str, root: str | None, img_size: int, federation: FederationConfig, seed: int, partition_id: int,
+) -> tuple[str, bool, ImageDataset, ImageDataset]:
+    """``(name, held out, train, test)`` of simulated site ``partition_id`` (see :mod:`medfed.sites.profiles`)."""
+    total = num_nodes(federation)
+    if not 0 <= partition_id < total:
         raise SiteDataError(
-            f"The node config's 'partition-id' must be in [0, {num_sites}). Got {partition_id} instead."
+            f"The node config's 'partition-id' must be in [0, {total}). Got {partition_id} instead."
         )
     splits = _load_dataset(flag, root, img_size)
     train, test = splits["train"], splits["test"]
-    num_classes = train.info.num_classes
-    train_parts, shares = partition_labels(
-        train.labels, num_sites, method=method, alpha=alpha, seed=derive_seed(seed, 0), num_classes=num_classes
+    plan = plan_federation(
+        federation, dataset=flag, num_classes=train.info.num_classes, channels=train.info.in_chans, seed=seed,
     )
-    # The test split is cut with the training split's class shares, so a skewed site is
-    # evaluated on data skewed like its own.
-    test_parts, _ = partition_labels(
-        test.labels, num_sites, method=method, alpha=alpha, seed=derive_seed(seed, 1),
-        num_classes=num_classes, proportions=shares,
-    )
-    return train.subset(train_parts[partition_id]), test.subset(test_parts[partition_id])
+    # The test split is dealt with the training split's class shares, so a skewed site is
+    # evaluated on data skewed like its own; its profile applies to both alike.
+    site_train, site_test = build_site(plan, partition_id, train, test, seed)
+    site = plan.sites[partition_id]
+    return site.name, site.held_out, site_train, site_test
 
 
 @functools.lru_cache(maxsize=2)

@@ -326,14 +326,21 @@ def prediction_metrics(task: str, y_true: np.ndarray, y_score: np.ndarray, group
 
 def evaluate(
     model: nn.Module, loader: Iterable, loss_fn: nn.Module, *, task: str, device: torch.device, mirror: bool = True,
-    precision: str = "auto", channels_last: bool = False,
+    precision: str = "auto", channels_last: bool = False, keep_predictions: bool = False,
 ) -> dict:
-    """Loss plus :func:`prediction_metrics` on a loader (one pass; see :func:`predict`)."""
+    """Loss plus :func:`prediction_metrics` on a loader (one pass; see :func:`predict`).
+
+    With ``keep_predictions``, the dict also holds ``"predictions"``:
+    ``(y_true, y_score, groups)`` as :func:`predict` returns them.
+    """
     y_score, y_true, groups, logits = predict(model, loader, task=task, device=device, mirror=mirror,
                                               precision=precision, channels_last=channels_last)
     targets = _targets(torch.as_tensor(y_true), task)
     loss = float(loss_fn.cpu()(logits, targets))
-    return {"loss": loss, **prediction_metrics(task, y_true, y_score, groups)}
+    result = {"loss": loss, **prediction_metrics(task, y_true, y_score, groups)}
+    if keep_predictions:
+        result["predictions"] = (y_true, y_score, groups)
+    return result
 
 
 def get_weights(model: nn.Module) -> dict[str, np.ndarray]:

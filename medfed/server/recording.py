@@ -11,8 +11,23 @@ Flower's round loop is used as it is (never forked). Two thin wrappers observe i
   metrics (reported by :class:`medfed.server.resume.RoundOffsetStrategy`) and writes the
   ``"round"`` line when the round ends.
 
-Replies identify their site through a ConfigRecord ``"site"`` (``{"name", "time-s"}``)
-that medfed's ClientApp adds; replies without it are named ``node-<id>``.
+Replies identify their site through a ConfigRecord ``"site"`` (``{"name", "time-s",
+"held-out"}``) that medfed's ClientApp adds; replies without it are named ``node-<id>``.
+
+Two kinds of global test figures go into each round line, named apart:
+
+* ``"evaluate"``: the strategy's aggregate, i.e. the **sample-weighted mean of the
+  per-site metrics** (a site's AUC weighted by its test size; ``acc-group-<g>`` too,
+  weighted by the site's test size, not its count of group ``g``, with ``es_acc``
+  / ``es_auc`` from those);
+* ``"evaluate_pooled"``: the metrics of the **pooled test set** (the union of the
+  training sites' test sets): ACC and balanced ACC exact from the summed confusion
+  matrices, AUC from the summed score histograms (:mod:`medfed.data.pooled`, with
+  ``auc_error_bound``); per patient group ``acc_group_<g>``/``auc_group_<g>`` likewise,
+  and the equity-scaled ``es_acc`` = ACC / (1 + sum_g |ACC_g - ACC|) and ``es_auc``.
+
+Held-out sites (``"held-out": true``) are left out of both; their sample-weighted mean
+goes to ``"held_out"`` and their site lines carry ``"held_out": true``.
 """
 
 from __future__ import annotations
@@ -30,10 +45,11 @@ from flwr.serverapp import Grid
 
 from medfed.server.report import MetricsLog
 
-__all__ = ["RecordingGrid", "RoundRecorder", "payload_bytes", "site_name"]
+__all__ = ["RecordingGrid", "RoundRecorder", "payload_bytes", "pooled_round_metrics", "site_name"]
 
 #: Keys of a reply's MetricRecord that are not metrics.
 _NOT_METRICS = ("num-examples", "confusion", "num-classes")
+_GROUP = re.compile(r"^(acc|auc)-group-(\d+)$")
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -68,8 +84,10 @@ class RoundRecorder:
         The run's metrics log.
     """
 
-    def __init__(self, log: MetricsLog) -> None:
+    def __init__(self, log: MetricsLog, task: str | None = None) -> None:
         self.log = log
+        #: The dataset's task: pooled-test metrics are computed when it is set.
+        self.task = task
         self.server_round = 0
         self.history: list[dict[str, Any]] = []
         self._reset()
@@ -90,9 +108,11 @@ class RoundRecorder:
         """Keep the strategy's aggregate of ``phase`` ("train" or "evaluate") for the round line."""
         if metrics is not None:
             # Lists (the averaged confusion matrix) and counts are not round-level metrics.
-            self._aggregates[phase] = {
-                k: float(v) for k, v in metrics.items() if k not in _NOT_METRICS and not isinstance(v, list)
+            aggregate = {
+                k: float(v) for k, v in metrics.items()
+                if k not in _NOT_METRICS and not isinstance(v, list) and not k.startswith("n-group-")
             }
+            self._aggregates[phase] = {**aggregate, **_equity_scaled(aggregate)}
 
     def record_exchange(self, phase: str, sent: Mapping[int, int], replies: list[Message]) -> None:
         """Write one ``"site"`` line per reply and add the bytes to the round's counters."""
@@ -106,16 +126,30 @@ class RoundRecorder:
             received = payload_bytes(reply.content)
             self._bytes_received += received
             self.log.write(self._site_record(phase, reply, sent.get(node_id, 0), received))
+        if phase == "evaluate":
+            answered = [r for r in replies if not r.has_error() and r.content.metric_records]
+            federation = [r for r in answered if not _held_out(r)]
+            held_out = [r for r in answered if _held_out(r)]
+            if self.task is not None and federation:  # pooled-test figures need the task's layout
+                pooled = pooled_round_metrics(self.task, [_metrics(r) for r in federation])
+                if pooled:
+                    self._aggregates["evaluate_pooled"] = pooled
+            if held_out:
+                self._aggregates["held_out"] = _weighted_mean([_metrics(r) for r in held_out])
 
     def _site_record(self, phase: str, reply: Message, sent: int, received: int) -> dict[str, Any]:
         content = reply.content
         metrics = dict(next(iter(content.metric_records.values()), {}))
+        scalars = {k: v for k, v in metrics.items() if k not in _NOT_METRICS and not isinstance(v, list)}
+        scalars.update(_equity_scaled(scalars))
         record: dict[str, Any] = {
             "event": "site", "round": self.server_round, "phase": phase, "site": site_name(reply),
             "num_examples": int(metrics.get("num-examples", 0)),
-            "metrics": {k: v for k, v in metrics.items() if k not in _NOT_METRICS},
+            "metrics": scalars,
             "bytes_sent": sent, "bytes_received": received,
         }
+        if _held_out(reply):
+            record["held_out"] = True
         if isinstance(metrics.get("confusion"), list) and metrics.get("num-classes"):
             record["confusion"] = _matrix(metrics["confusion"], int(metrics["num-classes"]))
         if "site" in content.config_records and "time-s" in content.config_records["site"]:
@@ -129,6 +163,7 @@ class RoundRecorder:
             "wall_time_s": time.perf_counter() - self._started,
             "bytes_sent": self._bytes_sent, "bytes_received": self._bytes_received,
             **{phase: self._aggregates.get(phase, {}) for phase in ("train", "evaluate")},
+            **{phase: self._aggregates[phase] for phase in ("evaluate_pooled", "held_out") if phase in self._aggregates},
         }
         self.log.write(record)
         self.history.append(record)
@@ -137,6 +172,85 @@ class RoundRecorder:
             self.server_round, num_rounds, _fmt(train.get("loss")), _fmt(evaluate.get("acc")),
             _fmt(evaluate.get("auc")), record["wall_time_s"], (self._bytes_sent + self._bytes_received) / 1e6)
         return record
+
+
+def _held_out(reply: Message) -> bool:
+    site = reply.content.config_records.get("site") if not reply.has_error() else None
+    return bool(site is not None and site.get("held-out", False))
+
+
+def _metrics(reply: Message) -> dict[str, Any]:
+    return dict(next(iter(reply.content.metric_records.values()), {}))
+
+
+def _weighted_mean(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """NaN-aware sample-weighted mean of the scalar metrics (not counts or lists)."""
+    from medfed.strategies._aggregation import nan_aware_weighted_mean
+
+    weights = [float(m.get("num-examples", 0)) for m in metrics]
+    keys = [k for k, v in metrics[0].items()
+            if k not in _NOT_METRICS and not isinstance(v, list) and not k.startswith("n-group-")]
+    out = {k: nan_aware_weighted_mean([float(m.get(k, float("nan"))) for m in metrics], weights) for k in keys}
+    out["num_examples"] = int(sum(weights))
+    return out
+
+
+def _equity_scaled(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """``es_acc``/``es_auc`` from ``acc``/``auc`` and the ``*-group-<g>`` values (none without groups)."""
+    from medfed.data import equity_scaled
+
+    out = {}
+    for name in ("acc", "auc"):
+        per_group = [float(v) for k, v in metrics.items() if (m := _GROUP.match(k)) and m.group(1) == name]
+        if per_group and isinstance(metrics.get(name), (int, float)):
+            out[f"es_{name}"] = equity_scaled(float(metrics[name]), per_group)
+    return out
+
+
+def pooled_round_metrics(task: str, replies: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Pooled-test metrics of one round from the sites' evaluate MetricRecords.
+
+    Sums the sites' ``confusion`` and ``score-hist`` (and the per-group
+    ``confusion-group-<g>`` / ``score-hist-group-<g>``) and computes ACC, balanced ACC,
+    AUC (see :func:`medfed.data.pooled.pooled_metrics`), per-group ACC/AUC and ES-ACC /
+    ES-AUC. Returns {} when the replies carry no confusion or histograms.
+    """
+    import numpy as np
+
+    from medfed.data.pooled import SCORE_BINS, pooled_metrics
+
+    def summed(key: str) -> np.ndarray | None:
+        arrays = [np.asarray(m[key], dtype=np.int64) for m in replies if isinstance(m.get(key), list)]
+        if len(arrays) != len(replies) or len({a.shape for a in arrays}) != 1:
+            return None
+        return np.sum(arrays, axis=0)
+
+    def reshaped(flat_confusion: np.ndarray, flat_hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        classes = int(replies[0].get("num-classes", 0))
+        if flat_confusion.size == classes * classes:
+            matrix = flat_confusion.reshape(classes, classes)
+        else:
+            matrix = flat_confusion.reshape(-1, 2, 2)
+        return matrix, flat_hist.reshape(-1, 2, SCORE_BINS)
+
+    confusion, hist = summed("confusion"), summed("score-hist")
+    if confusion is None or hist is None:
+        return {}
+    out = pooled_metrics(task, *reshaped(confusion, hist))
+    group = 0
+    while (g_conf := summed(f"confusion-group-{group}")) is not None and (g_hist := summed(f"score-hist-group-{group}")) is not None:
+        g_metrics = pooled_metrics(task, *reshaped(g_conf, g_hist))
+        out[f"acc_group_{group}"] = g_metrics["acc"]
+        out[f"auc_group_{group}"] = g_metrics["auc"]
+        out[f"n_group_{group}"] = g_metrics["num_examples"]
+        group += 1
+    if group:
+        from medfed.data import equity_scaled
+
+        for name in ("acc", "auc"):
+            out[f"es_{name}"] = equity_scaled(out[name], [out[f"{name}_group_{g}"] for g in range(group)
+                                                         if out[f"n_group_{g}"] > 0])
+    return out
 
 
 def _fmt(value: float | None) -> str:

@@ -14,6 +14,17 @@ Reading tolerates what crashes and resumes leave behind:
 :func:`build_report` writes ``report.html`` (self-contained: CSS inline, figures embedded as
 base64) and ``figures/*.png``; :func:`summary_table` / :func:`print_summary` give a
 one-screen summary in the terminal.
+
+Figures: the core ones (:data:`FIGURE_NAMES`) always; then every figure registered
+with :func:`register_figure` whose function has something to draw for this run (held-out
+sites, patient groups, pooled vs mean, ...); then every ``*.png`` the run directory
+itself holds (e.g. ``sites.png``, the site preview a simulation writes). A part of
+medfed adds a figure to the report by registering it; nothing here lists them.
+
+Two global test figures are shown and named apart: **mean of sites** (the strategy's
+sample-weighted mean of the per-site metrics, the round line's ``"evaluate"``) and
+**pooled** (metrics of the union of the training sites' test sets, ``"evaluate_pooled"``).
+Held-out sites appear as sites with "(held out)" and count in neither.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FIGURE_NAMES",
+    "register_figure",
     "MetricsLog",
     "ReportError",
     "RunMetrics",
@@ -288,6 +300,7 @@ class SiteSummary:
     balanced_acc: float | None
     loss: float | None
     num_examples: int | None
+    held_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -320,6 +333,8 @@ class RunSummary:
     wall_time_s: float
     bytes_sent: int
     bytes_received: int
+    pooled_row: SiteSummary | None = None
+    held_out_row: SiteSummary | None = None
 
     @property
     def megabytes_exchanged(self) -> float:
@@ -354,7 +369,23 @@ def _summarize(run_dir: Path, run: RunMetrics) -> RunSummary:
         wall_time_s=float(sum(_round_wall_time(run, r) or 0.0 for r in run.rounds)),
         bytes_sent=sum(_round_bytes(run, r, "bytes_sent") for r in run.rounds),
         bytes_received=sum(_round_bytes(run, r, "bytes_received") for r in run.rounds),
+        pooled_row=_phase_summary(run, "evaluate_pooled", "pooled"),
+        held_out_row=_phase_summary(run, "held_out", "held-out mean"),
     )
+
+
+def _phase_summary(run: RunMetrics, phase: str, name: str) -> SiteSummary | None:
+    """The last round's ``phase`` aggregate of the round lines, or None when the run has none."""
+    for server_round in reversed(run.rounds):
+        metrics = run.aggregate(server_round, phase)
+        if metrics:
+            count = metrics.get("num_examples")
+            return SiteSummary(
+                name=name, server_round=server_round, acc=_number(metrics.get("acc")), auc=_number(metrics.get("auc")),
+                balanced_acc=_number(metrics.get("balanced_acc")), loss=_number(metrics.get("loss")),
+                num_examples=int(count) if isinstance(count, (int, float)) else None,
+            )
+    return None
 
 
 def _site_summary(run: RunMetrics, site: str) -> SiteSummary:
@@ -370,6 +401,7 @@ def _site_summary(run: RunMetrics, site: str) -> SiteSummary:
                 balanced_acc=_number(metrics.get("balanced_acc")),
                 loss=_number(metrics.get("loss")),
                 num_examples=record.get("num_examples"),
+                held_out=bool(record.get("held_out", False)),
             )
     return SiteSummary(site, None, None, None, None, None, None)
 
@@ -379,7 +411,8 @@ def _global_summary(run: RunMetrics) -> SiteSummary:
         metrics = run.aggregate(server_round, "evaluate")
         if metrics:
             records = [run.site_record(server_round, "evaluate", site) for site in run.sites]
-            counts = [r["num_examples"] for r in records if r is not None and "num_examples" in r]
+            counts = [r["num_examples"] for r in records
+                      if r is not None and "num_examples" in r and not r.get("held_out")]
             return SiteSummary(
                 name="global",
                 server_round=server_round,
@@ -448,16 +481,17 @@ def summary_table(run_dir: str | Path) -> Table:
     )
     for header in ("Site", "Round", "ACC", "AUC", "Bal. ACC", "Loss", "Examples"):
         table.add_column(header, justify="left" if header == "Site" else "right")
-    for row in [*summary.sites, summary.global_row]:
+    extra = [row for row in (summary.pooled_row, summary.held_out_row) if row is not None]
+    for row in [*summary.sites, summary.global_row, *extra]:
         table.add_row(
-            row.name,
+            row.name + (" (held out)" if row.held_out else ""),
             "–" if row.server_round is None else str(row.server_round),
             _fmt(row.acc),
             _fmt(row.auc),
             _fmt(row.balanced_acc),
             _fmt(row.loss),
             "–" if row.num_examples is None else str(row.num_examples),
-            style="bold" if row.name == "global" else None,
+            style="bold" if row is summary.global_row or row is summary.pooled_row else None,
             end_section=row is summary.sites[-1] if summary.sites else False,
         )
     return table
@@ -486,15 +520,58 @@ def build_report(run_dir: str | Path) -> Path:
     summary = _summarize(run_dir, run)
     figure_dir = run_dir / "figures"
     figure_dir.mkdir(exist_ok=True)
-    figures = _make_figures(run)
+    figures = list(zip(FIGURE_NAMES, _make_figures(run)))
+    for name, (_, draw) in _REGISTERED.items():
+        figure = draw(run, _new_figure)
+        if figure is not None:
+            figures.append((name, figure))
     png_paths = []
-    for name, figure in zip(FIGURE_NAMES, figures):
+    for name, figure in figures:
         png_path = figure_dir / f"{name}.png"
         figure.savefig(png_path, dpi=100, bbox_inches="tight")
         png_paths.append(png_path)
+    # Images the run directory holds itself (the site preview, a robustness figure ...).
+    png_paths += sorted(run_dir.glob("*.png"))
     html_path = run_dir / "report.html"
     html_path.write_text(_html(summary, run, png_paths, _read_config(run_dir)), encoding="utf-8")
     return html_path
+
+
+# name -> (caption, draw(run, new_figure) -> Figure | None); filled by register_figure.
+_REGISTERED: dict[str, tuple[str, Any]] = {}
+
+#: Captions of images the run directory may hold itself (others are captioned by name).
+RUN_DIR_IMAGE_CAPTIONS = {
+    "sites": "The sites of this federation: the same training images through each site's profile "
+             "(its corruption chain, and its patient groups' own shift); see sites.json.",
+}
+
+
+def register_figure(name: str, caption: str):
+    """Add a figure to every report: ``@register_figure("held_out", "caption")``.
+
+    The decorated function takes ``(run: RunMetrics, new_figure)`` (``new_figure(width,
+    height)`` gives an Agg-backed Figure) and returns a Figure, or None when the run
+    has nothing for it (the report then leaves it out). Figures appear after the core
+    ones, in registration order, as ``figures/<name>.png``.
+    """
+
+    def decorator(draw):
+        if name in _REGISTERED or name in FIGURE_NAMES:
+            warnings.warn(f"Report figure {name!r} registered twice; the later one is used.", stacklevel=2)
+        _REGISTERED[name] = (caption, draw)
+        return draw
+
+    return decorator
+
+
+def _new_figure(width: float = 6.4, height: float = 4.0) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def _make_figures(run: RunMetrics) -> list[Figure]:
@@ -546,7 +623,9 @@ def _plot_metric(
         records = [run.site_record(r, phase, site) for r in run.rounds]
         x, y = _series(run, [(rec.get("metrics") or {}).get(metric) if rec else None for rec in records])
         if x:
-            axes.plot(x, y, color=colors[site], linewidth=1.2, marker=".", alpha=0.85, label=site)
+            held_out = any(rec.get("held_out") for rec in records if rec)
+            axes.plot(x, y, color=colors[site], linewidth=1.2, marker=".", alpha=0.85,
+                      linestyle="--" if held_out else "-", label=f"{site} (held out)" if held_out else site)
             plotted = True
     if not plotted:
         _no_data(axes, f"No {phase} {metric} in this run")
@@ -640,13 +719,110 @@ def _no_data(axes: Axes, text: str) -> None:
 
 
 _FIGURE_CAPTIONS = {
-    "acc": "Test accuracy per round: global (sample-weighted, black) and per site.",
-    "auc": "Test AUC per round: global (sample-weighted, black) and per site.",
+    "acc": "Test accuracy per round: global (sample-weighted mean of the sites, black) and per site "
+           "(held-out sites dashed).",
+    "auc": "Test AUC per round: global (sample-weighted mean of the sites, black) and per site "
+           "(held-out sites dashed).",
     "loss": "Train and test loss per round: global and per site.",
     "confusion": "Per-site test confusion matrices of the last round that has them.",
     "bytes": "Model payload sent to and received from the sites per round.",
     "wall_time": "Wall time per round.",
 }
+
+def _groups_html(run: RunMetrics) -> str:
+    """Per-group pooled ACC/AUC and ES-ACC/ES-AUC of the last round that has them ("" without groups)."""
+    for server_round in reversed(run.rounds):
+        pooled = run.aggregate(server_round, "evaluate_pooled")
+        if "es_acc" not in pooled:
+            continue
+        names = next((s.get("groups") for s in reversed(run.starts) if s.get("groups")), None) or []
+        count = sum(1 for key in pooled if key.startswith("acc_group_"))
+        rows = []
+        for g in range(count):
+            name = html.escape(names[g]) if g < len(names) else f"group {g}"
+            n = pooled.get(f"n_group_{g}")
+            rows.append(f"<tr><td>{name}</td><td>{_fmt(_number(pooled.get(f'acc_group_{g}')))}</td>"
+                        f"<td>{_fmt(_number(pooled.get(f'auc_group_{g}')))}</td><td>{'–' if n is None else int(n)}</td></tr>")
+        rows.append(f'<tr class="global"><td>all (ES-ACC / ES-AUC)</td><td>{_fmt(_number(pooled.get("acc")))} '
+                    f'({_fmt(_number(pooled.get("es_acc")))})</td><td>{_fmt(_number(pooled.get("auc")))} '
+                    f'({_fmt(_number(pooled.get("es_auc")))})</td><td>{pooled.get("num_examples", "–")}</td></tr>')
+        return (
+            f"<h2>Patient groups</h2><p>Pooled test metrics per group, round {server_round}; equity-scaled "
+            "ES-ACC = ACC / (1 + sum<sub>g</sub> |ACC<sub>g</sub> - ACC|), ES-AUC alike.</p>"
+            "<table><thead><tr><th>Group</th><th>ACC</th><th>AUC</th><th>Examples</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
+    return ""
+
+
+# --------------------------------------------------------------------------------------
+# Figures beyond the core ones: each draws only when the run has what it shows.
+# --------------------------------------------------------------------------------------
+
+
+def _round_series(run: RunMetrics, phase: str, key: str) -> tuple[list[int], list[float]]:
+    return _series(run, [run.aggregate(r, phase).get(key) for r in run.rounds])
+
+
+def _finish_round_axes(axes: Axes, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axes.set_title(title)
+    axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+
+
+@register_figure("pooled_vs_mean", "Global test ACC and AUC per round: the sample-weighted mean of the sites' "
+                 "metrics (solid) and the pooled test set's (dashed).")
+def _pooled_figure(run: RunMetrics, new_figure: Any) -> Figure | None:
+    if not any(run.aggregate(r, "evaluate_pooled") for r in run.rounds):
+        return None
+    figure = new_figure(10.0, 4.0)
+    for axes, metric in zip(figure.subplots(1, 2), ("acc", "auc")):
+        for phase, style, label in (("evaluate", "-", "mean of sites"), ("evaluate_pooled", "--", "pooled")):
+            x, y = _round_series(run, phase, metric)
+            if x:
+                axes.plot(x, y, linestyle=style, marker="o", color="black", label=label)
+        _finish_round_axes(axes, f"Global test {metric.upper()}")
+    return figure
+
+
+@register_figure("held_out", "Held-out sites (never trained on) against the federation's own test sets: "
+                 "test ACC and AUC of the global model per round.")
+def _held_out_figure(run: RunMetrics, new_figure: Any) -> Figure | None:
+    if not any(run.aggregate(r, "held_out") for r in run.rounds):
+        return None
+    figure = new_figure(10.0, 4.0)
+    for axes, metric in zip(figure.subplots(1, 2), ("acc", "auc")):
+        for phase, style, label in (("evaluate", "-", "training sites (mean)"), ("held_out", "--", "held-out sites")):
+            x, y = _round_series(run, phase, metric)
+            if x:
+                axes.plot(x, y, linestyle=style, marker="o", label=label)
+        _finish_round_axes(axes, f"Test {metric.upper()}: unseen vs training sites")
+    return figure
+
+
+@register_figure("groups", "Pooled test ACC and AUC per patient group and round, with the equity-scaled "
+                 "ES-ACC / ES-AUC (black, dashed).")
+def _groups_figure(run: RunMetrics, new_figure: Any) -> Figure | None:
+    if not any("es_acc" in run.aggregate(r, "evaluate_pooled") for r in run.rounds):
+        return None
+    names = next((s.get("groups") for s in reversed(run.starts) if s.get("groups")), None) or []
+    count = max(sum(1 for k in run.aggregate(r, "evaluate_pooled") if k.startswith("acc_group_")) for r in run.rounds)
+    figure = new_figure(10.0, 4.0)
+    for axes, metric in zip(figure.subplots(1, 2), ("acc", "auc")):
+        for g in range(count):
+            x, y = _round_series(run, "evaluate_pooled", f"{metric}_group_{g}")
+            if x:
+                axes.plot(x, y, marker=".", label=names[g] if g < len(names) else f"group {g}")
+        x, y = _round_series(run, "evaluate_pooled", f"es_{metric}")
+        if x:
+            axes.plot(x, y, color="black", linestyle="--", marker="o", label=f"ES-{metric.upper()}")
+        _finish_round_axes(axes, f"Per-group test {metric.upper()} (pooled)")
+    return figure
+
 
 _CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto;
@@ -666,14 +842,15 @@ pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; }
 def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: str | None) -> str:
     escape = html.escape
     rows = []
-    for row in [*summary.sites, summary.global_row]:
+    extra = [row for row in (summary.pooled_row, summary.held_out_row) if row is not None]
+    for row in [*summary.sites, summary.global_row, *extra]:
         cells = [
-            escape(row.name),
+            escape(row.name + (" (held out)" if row.held_out else "")),
             "–" if row.server_round is None else str(row.server_round),
             _fmt(row.acc), _fmt(row.auc), _fmt(row.balanced_acc), _fmt(row.loss),
             "–" if row.num_examples is None else str(row.num_examples),
         ]
-        css_class = ' class="global"' if row.name == "global" else ""
+        css_class = ' class="global"' if row is summary.global_row else ""
         rows.append(f"<tr{css_class}>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     headers = "".join(f"<th>{h}</th>" for h in ("Site", "Round", "ACC", "AUC", "Balanced ACC", "Loss", "Examples"))
     resumes = [s.get("resumed_from_round") for s in run.starts if s.get("resumed_from_round")]
@@ -691,10 +868,14 @@ def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: s
     for png_path in png_paths:
         name = png_path.stem
         encoded = base64.b64encode(png_path.read_bytes()).decode("ascii")
-        caption = escape(_FIGURE_CAPTIONS.get(name, name))
+        caption = escape(
+            _FIGURE_CAPTIONS.get(name) or (_REGISTERED[name][0] if name in _REGISTERED else None)
+            or RUN_DIR_IMAGE_CAPTIONS.get(name, name)
+        )
         figures.append(
             f'<figure><img src="data:image/png;base64,{encoded}" alt="{escape(name)}" '
-            f'title="figures/{escape(png_path.name)}"><figcaption>{caption}</figcaption></figure>'
+            f'title="{escape(png_path.parent.name + "/" if png_path.parent.name == "figures" else "")}'
+            f'{escape(png_path.name)}"><figcaption>{caption}</figcaption></figure>'
         )
     config_html = (
         f"<pre>{escape(config)}</pre>" if config is not None else f"<p>No {CONFIG_FILE} in the run directory.</p>"
@@ -707,8 +888,12 @@ def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: s
         f"<h1>{title}</h1>",
         f'<p class="meta">{" · ".join(meta)}</p>',
         "<h2>Summary</h2>",
-        "<p>Final test results: each site's last evaluated round, and the sample-weighted global aggregate.</p>",
+        "<p>Final test results: each site's last evaluated round; <b>global</b>: the sample-weighted mean of the "
+        "training sites' metrics; <b>pooled</b> (when sites send score histograms): the metrics of the union of "
+        "the training sites' test sets (ACC exact, AUC from histograms); <b>held-out mean</b>: the sites that "
+        "never train.</p>",
         f"<table><thead><tr>{headers}</tr></thead><tbody>{''.join(rows)}</tbody></table>",
+        _groups_html(run),
         f"<p>{totals}</p>",
         '<h2>Figures</h2><div class="figures">',
         *figures,

@@ -11,6 +11,9 @@ A resumed run therefore
    the strategy and the sites see, and
 4. calls ``start`` with the checkpoint's arrays and the ``rounds - R`` rounds left.
 
+The wrapper also keeps held-out sites (:mod:`medfed.server.held_out`) out of training
+and out of the federation's evaluation aggregate.
+
 Sites derive their local seeds from the true round number, the server restores the
 Python and NumPy RNG states that node sampling uses, and replies are aggregated in a
 fixed order (:class:`medfed.server.recording.RecordingGrid`): so a resumed run repeats
@@ -54,6 +57,9 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
+# Count lists in evaluate replies that only serve pooled-test metrics.
+_POOLING_COUNTS = ("score-hist", "confusion-group-")
+
 # Keys that may differ between a run and its resumption: where the run lives, how many
 # rounds it runs (may only grow), and which Ray cluster runs the simulation.
 _MAY_CHANGE = ("name", "output_dir", "rounds", "simulation.ray_address")
@@ -79,10 +85,15 @@ class RoundOffsetStrategy(Strategy):
         Receives round starts and aggregated metrics.
     """
 
-    def __init__(self, strategy: Strategy, offset: int, recorder: RoundRecorder) -> None:
+    def __init__(
+        self, strategy: Strategy, offset: int, recorder: RoundRecorder, held_out_nodes: Iterable[int] = ()
+    ) -> None:
         self.strategy = strategy
         self.offset = offset
         self.recorder = recorder
+        # Held-out sites never train: the strategy samples from a grid without them,
+        # and their evaluation replies stay out of the federation's aggregate.
+        self.held_out_nodes = frozenset(held_out_nodes)
 
     def __getattr__(self, name: str) -> Any:
         # Only called for attributes this wrapper lacks (e.g. fraction_train).
@@ -95,6 +106,10 @@ class RoundOffsetStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.recorder.round_started(server_round + self.offset)
+        if self.held_out_nodes:
+            from medfed.server.held_out import WithoutNodes
+
+            grid = WithoutNodes(grid, self.held_out_nodes)
         return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(
@@ -110,12 +125,24 @@ class RoundOffsetStrategy(Strategy):
         return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        # By node id, and by the reply's own word (in case the start-of-run query missed it).
+        replies = [r for r in replies if r.metadata.src_node_id not in self.held_out_nodes and not _says_held_out(r)]
         metrics = self.strategy.aggregate_evaluate(server_round + self.offset, replies)
         self.recorder.aggregated("evaluate", metrics)
+        if metrics is not None:
+            # Summed histograms served the recorder's pooled figures; kept in Flower's
+            # history they would fill its end-of-run summary with numbers.
+            metrics = MetricRecord({k: v for k, v in metrics.items() if not k.startswith(_POOLING_COUNTS)})
         return metrics
 
     def summary(self) -> None:
         self.strategy.summary()
+
+
+def _says_held_out(reply: Message) -> bool:
+    if reply.has_error() or "site" not in reply.content.config_records:
+        return False
+    return bool(reply.content.config_records["site"].get("held-out", False))
 
 
 def get_rng_state() -> dict[str, Any]:

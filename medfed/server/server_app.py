@@ -52,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg, run_dir, resume = read_run_config(context.run_config)
     start = prepare_run_dir(cfg, run_dir, resume)
     log = MetricsLog(run_dir / METRICS_FILE)
-    recorder = RoundRecorder(log)
+    recorder = RoundRecorder(log, task=dataset_info(cfg.data.dataset).task)
     recorder.history = start.history
     reference = initial_model_arrays(cfg)
     strategy = create_strategy(
@@ -67,8 +67,9 @@ def main(grid: Grid, context: Context) -> None:
         random.seed(cfg.seed)  # Flower samples nodes with Python's global RNG
         np.random.seed(cfg.seed)
         arrays = _to_record(reference)
+    held_out_nodes = _held_out_nodes(grid, cfg)
     log.write({"event": "start", "time": _now(), "resumed_from_round": start.completed_rounds,
-               "num_rounds": cfg.rounds})
+               "num_rounds": cfg.rounds, **_site_facts(cfg, held_out_nodes)})
 
     def end_of_round(local_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal arrays
@@ -86,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
 
     remaining = cfg.rounds - start.completed_rounds
     if remaining > 0:
-        RoundOffsetStrategy(strategy, start.completed_rounds, recorder).start(
+        RoundOffsetStrategy(strategy, start.completed_rounds, recorder, held_out_nodes).start(
             TransferGrid(RecordingGrid(grid, recorder), cfg.federation.transfer_dtype), arrays, num_rounds=remaining,
             train_config=train_config(cfg), evaluate_config=ConfigRecord(), evaluate_fn=end_of_round,
         )
@@ -107,6 +108,32 @@ def read_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, Path,
     cfg = from_run_config(flat)
     run_dir = Path(run_dir_value) if run_dir_value else Path(cfg.output_dir) / cfg.name
     return cfg, run_dir, resume
+
+
+def _held_out_nodes(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
+    """Node id -> name of the held-out sites (asked only when the experiment has some)."""
+    from medfed.sites.profiles import num_held_out, num_nodes
+
+    if num_held_out(cfg.federation) == 0:
+        return {}
+    from medfed.server.held_out import discover_held_out_nodes
+
+    return discover_held_out_nodes(grid, num_nodes(cfg.federation))
+
+
+def _site_facts(cfg: ExperimentConfig, held_out_nodes: dict[int, str]) -> dict[str, Any]:
+    """What the report needs to know about the sites: patient group names, held-out site names."""
+    from medfed.sites.profiles import plan_for
+
+    facts: dict[str, Any] = {}
+    plan = plan_for(cfg)
+    if plan.groups:
+        facts["groups"] = [group.name for group in plan.groups]
+    if held_out_nodes:
+        facts["held_out_sites"] = sorted(held_out_nodes.values())
+    if cfg.federation.scenario:
+        facts["scenario"] = cfg.federation.scenario
+    return facts
 
 
 def initial_model_arrays(cfg: ExperimentConfig) -> dict[str, np.ndarray]:

@@ -1,8 +1,8 @@
-"""Simulated federations: splitting a dataset among sites and running Flower's simulation engine.
+"""Simulated federations: running Flower's simulation engine.
 
 ``from medfed.simulation import simulate`` loads the launcher (Flower, Ray) on first use;
-importing the package itself stays light, because the ClientApp imports the pure-NumPy
-:mod:`medfed.simulation.partition` to find its share of a simulated dataset.
+importing the package itself stays light. How a dataset is split among simulated sites
+lives in :mod:`medfed.sites`.
 """
 
 from __future__ import annotations

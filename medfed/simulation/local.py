@@ -151,8 +151,13 @@ def run_local(
     if client_app is None:
         from medfed.client.client_app import app as client_app
     run_dir = (Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name).expanduser().resolve()
-    num_sites = cfg.federation.num_sites
+    from medfed.sites.profiles import num_nodes
+
+    num_sites = num_nodes(cfg.federation)  # training sites plus held-out sites
     node_configs = [{PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_sites} for i in range(num_sites)]
+    from medfed.sites.preview import preview_run_sites
+
+    preview_run_sites(cfg, run_dir)
     grid = LocalGrid(client_app, node_configs, to_run_config(cfg))
     server_run_config = {**to_run_config(cfg), RUN_DIR_KEY: str(run_dir), RESUME_KEY: bool(resume)}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)

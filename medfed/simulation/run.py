@@ -93,6 +93,9 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     run_dir = run_dir.expanduser().resolve()
     check_run_dir(cfg, run_dir, resume)  # fail before Ray starts; the ServerApp checks again
     _preflight(cfg)
+    from medfed.sites.preview import preview_run_sites
+
+    preview_run_sites(cfg, run_dir)  # the report shows the sites (the server never loads images)
     if cfg.simulation.engine == "inprocess":
         from medfed.simulation.local import run_local
 
@@ -105,6 +108,7 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
 
     from medfed.client.client_app import app as client_app
     from medfed.server.server_app import RESUME_KEY, RUN_DIR_KEY
+    from medfed.sites.profiles import num_nodes
     from medfed.server.server_app import app as server_app
 
     _check_flower_api(_run_simulation)
@@ -113,7 +117,7 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     with tempfile.TemporaryDirectory(prefix="medfed-flower-app-") as app_dir:
         (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
         _run_simulation(
-            num_supernodes=cfg.federation.num_sites,
+            num_supernodes=num_nodes(cfg.federation),  # training sites plus held-out sites
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=client_app,
             server_app=server_app,
@@ -158,6 +162,9 @@ def _preflight(cfg: ExperimentConfig) -> None:
         cfg.strategy.name, cfg.strategy.params, num_sites=cfg.federation.num_sites,
         fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate,
     )
+    from medfed.sites.profiles import plan_for
+
+    plan_for(cfg)  # class mixes and colour corruptions fit the dataset
     if cfg.data.root is not None:
         from medfed.data import DatasetNotFoundError
         from medfed.data.medmnist_files import medmnist_filename

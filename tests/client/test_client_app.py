@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
 from medfed.client.client_app import app as client_app
+from medfed.data.pooled import SCORE_BINS
 from medfed.config import to_run_config
 from medfed.models import create_model
 from medfed.simulation.local import LocalGrid
@@ -91,8 +92,9 @@ def test_evaluate_reply_carries_metrics_and_confusion_matrix(grid, global_arrays
     content = reply.content
     assert not content.array_records
     (metrics,) = content.metric_records.values()
-    assert set(metrics) == METRIC_KEYS | {"confusion", "num-classes"}
+    assert set(metrics) == METRIC_KEYS | {"confusion", "num-classes", "score-hist"}
     assert metrics["num-examples"] == 4 and metrics["num-classes"] == 2
+    assert len(metrics["score-hist"]) == 2 * SCORE_BINS and sum(metrics["score-hist"]) == 4  # binary: one class
     assert len(metrics["confusion"]) == 4 and sum(metrics["confusion"]) == 4
     assert content["site"]["name"] == "site-2"
     validate_message_reply_consistency([content], "num-examples", check_arrayrecord=False)

@@ -29,7 +29,7 @@ def test_partition_is_the_same_in_every_call(tiny_root, tiny_config, tmp_path):
     first = load_site_data(node, 5, cfg)
     from medfed.client import site_data
 
-    site_data._partition.cache_clear()  # recompute instead of reading the per-process cache
+    site_data._simulated_site.cache_clear()  # recompute instead of reading the per-process cache
     again = load_site_data(node, 5, cfg)
     # Assert
     np.testing.assert_array_equal(first.train.images, again.train.images)

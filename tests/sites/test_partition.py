@@ -1,11 +1,11 @@
-"""Partitioners: pure NumPy, seeded, every index once, every site non-empty."""
+"""Partitioners (medfed.sites.partition): pure NumPy, seeded, every index once, every site non-empty."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from medfed.simulation.partition import (
+from medfed.sites.partition import (
     PartitionError,
     dirichlet_partition,
     iid_partition,

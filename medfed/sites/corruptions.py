@@ -1,0 +1,488 @@
+"""Image corruptions in the families of MedMNIST-C: a site's scanner, protocol and artefacts.
+
+MedMNIST-C (Di Salvo, Doerrich and Ledig, "MedMNIST-C: Comprehensive benchmark and
+improved classifier robustness by simulating realistic image corruptions",
+arXiv:2406.17536) corrupts the MedMNIST+ test sets with task- and modality-specific
+corruptions at five severities. Its package needs ImageMagick and pins old versions, so
+the families are implemented here on NumPy, SciPy and Pillow:
+
+=========== ==========================================================================
+family      corruptions (severity parameters for severities 1..5)
+=========== ==========================================================================
+digital     ``pixelate`` (side kept, as a fraction of the image side), ``jpeg_compression``
+            (JPEG quality)
+noise       ``gaussian_noise`` (std), ``speckle_noise`` (std of the multiplicative
+            noise), ``impulse_noise`` (salt-and-pepper fraction), ``shot_noise``
+            (photons per unit intensity; fewer is noisier)
+blur        ``defocus_blur`` (disk radius px, alias blur sigma), ``motion_blur``
+            (length px, sigma px), ``gaussian_blur`` (sigma px), ``zoom_blur``
+            (largest zoom factor)
+colour      ``brightness_up``/``brightness_down`` (intensity factor),
+            ``contrast_up``/``contrast_down`` (factor on the distance to the image
+            mean), ``gamma_corr_up``/``gamma_corr_down`` (exponent on intensity in
+            [0, 1]), ``saturate`` (added HSV saturation; RGB only)
+artefacts   ``stain_deposit`` (number of deposits; pathology), ``bubble`` (number,
+            radius px; pathology), ``black_corner`` (radius of the dermatoscope's
+            field of view, as a fraction of the half diagonal), ``characters``
+            (number of printed characters; dermatoscopy)
+=========== ==========================================================================
+
+Which parameters follow MedMNIST-C: the intensity parameters (noise levels, JPEG
+qualities, pixelation fractions, brightness, contrast and gamma factors, saturation
+shifts, zoom factors) take the values MedMNIST-C's registry gives its gray modalities
+(chest X-ray) and, for colour and artefact corruptions, pathology and dermatoscopy.
+They do not depend on the image size. Spatial parameters (blur radii and sigmas,
+bubble and deposit sizes) are MedMNIST-C's values in pixels at 224 px, scaled by
+``max(side / 224, 1/2)``: a 28 px image gets the blur of a 112 px one rather than of a
+true 8x downsampling, which would leave it nearly untouched; pixelation keeps
+``fraction ** scale`` of the side for the same reason. Motion blur's first
+severity uses sigma 3 instead of MedMNIST-C's 5, which its second severity repeats. Motion blur draws its
+direction, artefacts their positions, from the seed; the shapes of the stain deposits,
+bubbles and characters are our own simple renderings, not MedMNIST-C's images.
+
+The random draws of one call are made so that a higher severity adds to a lower one
+(the same noise field scaled up, the same first artefacts plus more): with a fixed seed
+the change grows with the severity.
+
+Public API: :func:`list_corruptions`, :func:`corrupt`, :func:`default_corruptions`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from medfed.errors import MedfedError
+
+__all__ = [
+    "CORRUPTION_FAMILIES",
+    "CorruptionError",
+    "corrupt",
+    "default_corruptions",
+    "list_corruptions",
+]
+
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+class CorruptionError(MedfedError):
+    """A corruption name, severity or image array is not valid."""
+
+
+@dataclass(frozen=True)
+class _Corruption:
+    family: str
+    params: tuple  # one entry per severity 1..5
+    apply: Callable[[np.ndarray, object, np.random.Generator, float], np.ndarray]
+    rgb_only: bool = False
+
+
+_REGISTRY: dict[str, _Corruption] = {}
+
+
+def _register(name: str, family: str, params: tuple, *, rgb_only: bool = False):
+    def decorator(function):
+        if len(params) != len(SEVERITIES):
+            raise AssertionError(f"{name} needs one parameter per severity")
+        _REGISTRY[name] = _Corruption(family, tuple(params), function, rgb_only)
+        return function
+
+    return decorator
+
+
+# ----------------------------------------------------------------------------------
+# Helpers. Images inside the functions are float64 [N, H, W, C] in [0, 1].
+# ----------------------------------------------------------------------------------
+def _spatial_scale(side: int) -> float:
+    return max(side / 224.0, 0.5)
+
+
+def _per_image(images: np.ndarray, function: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+    return np.stack([function(image, index) for index, image in enumerate(images)])
+
+
+def _filter_channels(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return np.stack([ndimage.convolve(image[..., c], kernel, mode="reflect") for c in range(image.shape[-1])], -1)
+
+
+def _to_pil(image: np.ndarray):
+    from PIL import Image
+
+    array = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def _from_pil(picture, channels: int) -> np.ndarray:
+    array = np.asarray(picture, dtype=np.float64) / 255.0
+    return array[..., None] if channels == 1 and array.ndim == 2 else array
+
+
+def _positions(rng: np.random.Generator, count: int, n: int, height: int, width: int) -> np.ndarray:
+    """``[n, count, 2]`` (row, column) centres: the first ones are shared by every severity."""
+    return rng.uniform(0, 1, size=(n, count, 2)) * np.array([height, width])
+
+
+# ----------------------------------------------------------------------------------
+# digital
+# ----------------------------------------------------------------------------------
+@_register("pixelate", "digital", (0.30, 0.25, 0.20, 0.15, 0.10))
+def _pixelate(x, fraction, rng, scale):
+    from PIL import Image
+
+    # The kept fraction is raised to the spatial scale: at 224 px MedMNIST-C's value,
+    # at 28 px its square root (0.30 -> 0.55 of the side), or small images turn to blocks.
+    fraction = fraction ** scale
+    height, width = x.shape[1:3]
+    small = (max(1, round(width * fraction)), max(1, round(height * fraction)))
+    return _per_image(x, lambda im, _: _from_pil(
+        _to_pil(im).resize(small, Image.Resampling.BOX).resize((width, height), Image.Resampling.NEAREST), im.shape[-1]))
+
+
+@_register("jpeg_compression", "digital", (50, 30, 15, 10, 7))
+def _jpeg(x, quality, rng, scale):
+    from PIL import Image
+
+    def one(im, _):
+        buffer = io.BytesIO()
+        _to_pil(im).save(buffer, format="JPEG", quality=int(quality))
+        return _from_pil(Image.open(io.BytesIO(buffer.getvalue())), im.shape[-1])
+
+    return _per_image(x, one)
+
+
+# ----------------------------------------------------------------------------------
+# noise (std in intensity units: independent of the image size)
+# ----------------------------------------------------------------------------------
+@_register("gaussian_noise", "noise", (0.04, 0.08, 0.12, 0.18, 0.26))
+def _gaussian_noise(x, std, rng, scale):
+    return x + rng.standard_normal(x.shape) * std
+
+
+@_register("speckle_noise", "noise", (0.05, 0.15, 0.20, 0.35, 0.45))
+def _speckle_noise(x, std, rng, scale):
+    return x + x * rng.standard_normal(x.shape) * std
+
+
+@_register("impulse_noise", "noise", (0.01, 0.03, 0.06, 0.09, 0.17))
+def _impulse_noise(x, amount, rng, scale):
+    # One uniform draw per pixel: the pixels hit at a lower amount are hit at a higher one.
+    u = rng.uniform(size=x.shape[:3] + (1,))
+    salt = rng.uniform(size=x.shape[:3] + (1,)) < 0.5
+    hit = u < amount
+    return np.where(hit, np.where(salt, 1.0, 0.0), x)
+
+
+@_register("shot_noise", "noise", (60, 25, 18, 10, 5))
+def _shot_noise(x, photons, rng, scale):
+    return rng.poisson(np.clip(x, 0, 1) * photons) / photons
+
+
+# ----------------------------------------------------------------------------------
+# blur (spatial: pixels at 224 px, times the spatial scale)
+# ----------------------------------------------------------------------------------
+def _disk(radius: float) -> np.ndarray:
+    """A normalised disk kernel; edge pixels weighted by the area the disk covers
+    (8 x 8 sub-samples), so the blur grows smoothly with a fractional radius."""
+    reach = max(1, int(np.ceil(radius)))
+    offsets = (np.arange(8) + 0.5) / 8 - 0.5
+    yy, xx = np.mgrid[-reach:reach + 1, -reach:reach + 1].astype(np.float64)
+    sub_y = yy[..., None, None] + offsets[:, None]
+    sub_x = xx[..., None, None] + offsets[None, :]
+    kernel = ((sub_x**2 + sub_y**2) <= max(radius, 0.5) ** 2).mean(axis=(-2, -1))
+    return kernel / kernel.sum()
+
+
+@_register("defocus_blur", "blur", ((4, 0.1), (5, 0.2), (6, 0.3), (7, 0.4), (8, 0.5)))
+def _defocus_blur(x, params, rng, scale):
+    from scipy import ndimage
+
+    radius, alias = params
+    kernel = _disk(radius * scale)
+    blurred = _per_image(x, lambda im, _: _filter_channels(im, kernel))
+    return ndimage.gaussian_filter(blurred, sigma=(0, alias * scale, alias * scale, 0))
+
+
+@_register("motion_blur", "blur", ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)))
+def _motion_blur(x, params, rng, scale):
+    length, sigma = params[0] * scale, params[1] * scale
+    angles = rng.uniform(0, np.pi, size=x.shape[0])
+
+    def one(im, index):
+        # A one-sided streak (as a camera or patient moving): Gaussian weights along a
+        # line from the centre in the drawn direction.
+        reach = max(1, int(np.ceil(length)))
+        kernel = np.zeros((2 * reach + 1, 2 * reach + 1))
+        for step in np.linspace(0, length, num=4 * reach + 1):
+            row = reach + int(round(step * np.sin(angles[index])))
+            col = reach + int(round(step * np.cos(angles[index])))
+            kernel[row, col] += np.exp(-0.5 * (step / max(sigma, 1e-6)) ** 2)
+        return _filter_channels(im, kernel / kernel.sum())
+
+    return _per_image(x, one)
+
+
+@_register("gaussian_blur", "blur", (0.8, 1.1, 1.4, 1.7, 2.0))
+def _gaussian_blur(x, sigma, rng, scale):
+    # MedMNIST-C gives OpenCV kernel sizes 3..11 at 224 px; these are the sigmas OpenCV
+    # derives from them (0.3 * ((k - 1) / 2 - 1) + 0.8).
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(x, sigma=(0, sigma * scale, sigma * scale, 0))
+
+
+@_register("zoom_blur", "blur", (1.11, 1.16, 1.21, 1.26, 1.31))
+def _zoom_blur(x, largest, rng, scale):
+    from scipy import ndimage
+
+    height, width = x.shape[1:3]
+    factors = np.arange(1.01, largest, 0.01)
+
+    def zoomed(im, factor):
+        big = ndimage.zoom(im, (factor, factor, 1), order=1)
+        top, left = (big.shape[0] - height) // 2, (big.shape[1] - width) // 2
+        return big[top:top + height, left:left + width]
+
+    return _per_image(x, lambda im, _: (im + sum(zoomed(im, f) for f in factors)) / (len(factors) + 1))
+
+
+# ----------------------------------------------------------------------------------
+# colour and exposure
+# ----------------------------------------------------------------------------------
+@_register("brightness_up", "colour", (1.1, 1.2, 1.3, 1.4, 1.5))
+@_register("brightness_down", "colour", (0.9, 0.8, 0.7, 0.6, 0.5))
+def _brightness(x, factor, rng, scale):
+    return x * factor
+
+
+@_register("contrast_up", "colour", (1.1, 1.2, 1.3, 1.4, 1.6))
+@_register("contrast_down", "colour", (0.9, 0.8, 0.7, 0.6, 0.4))
+def _contrast(x, factor, rng, scale):
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    return mean + (x - mean) * factor
+
+
+@_register("gamma_corr_up", "colour", (1.1, 1.2, 1.3, 1.4, 1.6))
+@_register("gamma_corr_down", "colour", (0.9, 0.8, 0.7, 0.6, 0.4))
+def _gamma(x, gamma, rng, scale):
+    return np.clip(x, 0, 1) ** gamma
+
+
+@_register("saturate", "colour", (0.05, 0.10, 0.15, 0.20, 0.25), rgb_only=True)
+def _saturate(x, shift, rng, scale):
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    hsv = rgb2hsv(np.clip(x, 0, 1))
+    hsv[..., 1] = np.clip(hsv[..., 1] + shift, 0, 1)
+    return hsv2rgb(hsv)
+
+
+# ----------------------------------------------------------------------------------
+# modality artefacts
+# ----------------------------------------------------------------------------------
+_MAX_COUNT = 25  # artefact positions drawn per image, shared by all severities
+
+
+@_register("stain_deposit", "artefact", (1, 2, 3, 4, 5))
+def _stain_deposit(x, count, rng, scale):
+    n, height, width, channels = x.shape
+    centres = _positions(rng, _MAX_COUNT, n, height, width)
+    radii = rng.uniform(6, 14, size=(n, _MAX_COUNT)) * scale * 2
+    # Haematoxylin-like dark purple; gray images get its luminance.
+    stain = np.array([0.35, 0.15, 0.45]) if channels == 3 else np.array([0.25])
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = x.copy()
+    for i in range(n):
+        for k in range(int(count)):
+            distance = np.hypot(yy - centres[i, k, 0], xx - centres[i, k, 1]) / max(radii[i, k], 0.5)
+            alpha = np.clip(1.2 - distance, 0, 1)[..., None] * 0.85  # soft edge
+            out[i] = out[i] * (1 - alpha) + stain * alpha
+    return out
+
+
+@_register("bubble", "artefact", ((7, 15), (10, 15), (12, 15), (15, 20), (17, 25)))
+def _bubble(x, params, rng, scale):
+    count, radius = params
+    n, height, width, _ = x.shape
+    centres = _positions(rng, _MAX_COUNT, n, height, width)
+    sizes = rng.uniform(0.6, 1.0, size=(n, _MAX_COUNT))
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = x.copy()
+    for i in range(n):
+        for k in range(int(count)):
+            r = max(radius * scale * sizes[i, k], 1.0)
+            distance = np.hypot(yy - centres[i, k, 0], xx - centres[i, k, 1]) / r
+            inside = (distance < 1.0)[..., None]
+            rim = np.clip(1.0 - np.abs(distance - 0.9) / 0.15, 0, 1)[..., None]
+            # A bubble lightens what it covers and has a dark rim.
+            out[i] = np.where(inside, 0.6 * out[i] + 0.4, out[i]) * (1 - 0.6 * rim)
+    return out
+
+
+@_register("black_corner", "artefact", (0.95, 0.88, 0.80, 0.72, 0.64))
+def _black_corner(x, radius, rng, scale):
+    # The dermatoscope's round field of view: black outside a circle whose radius is a
+    # fraction of the half diagonal, with a soft edge. (MedMNIST-C's factors are not
+    # monotone in the severity; these are.)
+    _, height, width, _ = x.shape
+    yy, xx = np.mgrid[0:height, 0:width]
+    distance = np.hypot(yy - (height - 1) / 2, xx - (width - 1) / 2) / (radius * np.hypot(height, width) / 2)
+    keep = np.clip((1.0 - distance) * 8 + 1, 0, 1)[None, ..., None]
+    return x * keep
+
+
+@_register("characters", "artefact", (1, 2, 3, 4, 6))
+def _characters(x, count, rng, scale):
+    from PIL import ImageDraw, ImageFont
+
+    n, height, width, channels = x.shape
+    font = ImageFont.load_default(size=max(6, int(round(height / 5))))
+    symbols = rng.choice(list("ABCDEFGHKLMNPRSTUVXYZ0123456789"), size=(n, _MAX_COUNT))
+    centres = _positions(rng, _MAX_COUNT, n, height, width) * 0.8
+    shades = rng.choice([0, 255], size=(n, _MAX_COUNT))
+
+    def one(im, i):
+        picture = _to_pil(im)
+        draw = ImageDraw.Draw(picture)
+        for k in range(int(count)):
+            fill = int(shades[i, k]) if channels == 1 else (int(shades[i, k]),) * 3
+            draw.text((float(centres[i, k, 1]), float(centres[i, k, 0])), str(symbols[i, k]), fill=fill, font=font)
+        return _from_pil(picture, channels)
+
+    return _per_image(x, one)
+
+
+#: Family of every corruption, in the order of :func:`list_corruptions`.
+CORRUPTION_FAMILIES: dict[str, str] = {name: spec.family for name, spec in sorted(_REGISTRY.items())}
+
+# MedMNIST-C's choice of corruptions per dataset (its registry), by modality.
+_GRAY_RADIOLOGY = (
+    "pixelate", "jpeg_compression", "gaussian_noise", "speckle_noise", "impulse_noise", "shot_noise",
+    "gaussian_blur", "brightness_up", "brightness_down", "contrast_up", "contrast_down",
+    "gamma_corr_up", "gamma_corr_down",
+)
+_MICROSCOPY = (
+    "pixelate", "jpeg_compression", "defocus_blur", "motion_blur", "brightness_up", "brightness_down",
+    "contrast_up", "contrast_down", "saturate", "stain_deposit", "bubble",
+)
+_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "chestmnist": _GRAY_RADIOLOGY,
+    "pneumoniamnist": _GRAY_RADIOLOGY,
+    "organamnist": _GRAY_RADIOLOGY,
+    "organcmnist": _GRAY_RADIOLOGY,
+    "organsmnist": _GRAY_RADIOLOGY,
+    "breastmnist": ("pixelate", "jpeg_compression", "speckle_noise", "motion_blur", "brightness_up",
+                    "brightness_down", "contrast_down"),
+    "retinamnist": ("pixelate", "jpeg_compression", "gaussian_noise", "speckle_noise", "defocus_blur",
+                    "motion_blur", "brightness_down", "contrast_down"),
+    "pathmnist": _MICROSCOPY,
+    "bloodmnist": _MICROSCOPY,
+    "dermamnist": ("pixelate", "jpeg_compression", "gaussian_noise", "speckle_noise", "impulse_noise",
+                   "shot_noise", "defocus_blur", "motion_blur", "zoom_blur", "brightness_up", "brightness_down",
+                   "contrast_up", "contrast_down", "black_corner", "characters"),
+    "tissuemnist": ("pixelate", "jpeg_compression", "impulse_noise", "gaussian_blur", "brightness_up",
+                    "brightness_down", "contrast_up", "contrast_down"),
+    "octmnist": ("pixelate", "jpeg_compression", "speckle_noise", "defocus_blur", "motion_blur", "contrast_down"),
+}
+
+
+def list_corruptions() -> list[str]:
+    """Names of every corruption, sorted.
+
+    Returns
+    -------
+    list[str]
+        E.g. ``["bubble", "black_corner", ...]``; each is accepted by :func:`corrupt`.
+    """
+    return sorted(_REGISTRY)
+
+
+def default_corruptions(dataset: str, *, channels: int | None = None) -> list[str]:
+    """The corruptions MedMNIST-C applies to ``dataset`` (its per-modality choice).
+
+    Parameters
+    ----------
+    dataset : str
+        A MedMNIST flag, e.g. ``"pneumoniamnist"``. An unknown flag gets the gray
+        radiology list, plus the microscopy one when ``channels == 3``.
+    channels : int, optional
+        Image channels; RGB-only corruptions are left out for 1 channel.
+    """
+    names = list(_DEFAULTS.get(dataset, _GRAY_RADIOLOGY if channels != 3 else _GRAY_RADIOLOGY + _MICROSCOPY))
+    names = list(dict.fromkeys(names))
+    if channels == 1:
+        names = [name for name in names if not _REGISTRY[name].rgb_only]
+    return names
+
+
+def check_corruption(name: object, severity: object) -> tuple[str, int]:
+    """Validate a corruption name and severity; return them normalised.
+
+    Raises
+    ------
+    CorruptionError
+        For an unknown name or a severity outside 1..5.
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise CorruptionError(
+            f"Unknown corruption {name!r}{hint}; known: {', '.join(list_corruptions())}."
+        )
+    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or severity not in SEVERITIES:
+        raise CorruptionError(
+            f"The 'severity' of corruption {name!r} must be an int in 1..5. Got {severity!r} instead."
+        )
+    return name, int(severity)
+
+
+def corrupt(images: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
+    """Apply one corruption at one severity to a batch of images.
+
+    Parameters
+    ----------
+    images : np.ndarray
+        ``uint8`` ``[N, H, W]`` (gray), ``[N, H, W, 1]`` or ``[N, H, W, 3]`` (RGB), any
+        side (MedMNIST's 28..224 px).
+    name : str
+        One of :func:`list_corruptions`.
+    severity : int
+        1 (mild) .. 5 (strong).
+    seed : int
+        Seed of the corruption's random draws (noise, directions, positions).
+
+    Returns
+    -------
+    np.ndarray
+        New ``uint8`` array of the same shape, values in [0, 255]; ``images`` is not
+        modified. The same arguments give the same output.
+
+    Raises
+    ------
+    CorruptionError
+        For an unknown name, a severity outside 1..5, images that are not uint8
+        ``[N, H, W(, C)]`` with C in (1, 3), or an RGB-only corruption on gray images.
+    """
+    name, severity = check_corruption(name, severity)
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise CorruptionError(
+            f"corrupt({name!r}) needs uint8 images [N, H, W], [N, H, W, 1] or [N, H, W, 3]. "
+            f"Got {images.dtype} {tuple(images.shape)} instead."
+        )
+    spec = _REGISTRY[name]
+    x = images.astype(np.float64)[..., None] if images.ndim == 3 else images.astype(np.float64)
+    if spec.rgb_only and x.shape[-1] != 3:
+        raise CorruptionError(f"Corruption {name!r} changes colour saturation and needs RGB images [N, H, W, 3].")
+    if images.shape[0] == 0:
+        return images.copy()
+    rng = np.random.default_rng(seed)
+    out = spec.apply(x / 255.0, spec.params[severity - 1], rng, _spatial_scale(min(x.shape[1:3])))
+    out = np.clip(np.rint(np.asarray(out) * 255.0), 0, 255).astype(np.uint8)
+    return out.reshape(images.shape)

@@ -1,0 +1,54 @@
+"""Pooled-test metrics from summed confusion matrices and score histograms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medfed.data import confusion
+from medfed.data.pooled import SCORE_BINS, auc_from_histograms, pooled_metrics, score_histograms
+
+
+def test_histogram_auc_of_well_separated_bins_is_exact():
+    # Prepare: hand-computed: positives at 0.9, 0.8, 0.3; negatives at 0.1, 0.2, 0.35 (distinct
+    # bins): 8 of 9 pairs ordered right (0.3 < 0.35 is the one wrong pair) -> AUC 8/9.
+    y_true = np.array([1, 1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.3, 0.1, 0.2, 0.35])
+    # Execute
+    hist = score_histograms("binary-class", y_true, np.stack([1 - p, p], 1))
+    # Assert
+    assert hist.shape == (1, 2, SCORE_BINS) and hist.sum() == 6
+    assert auc_from_histograms(hist) == pytest.approx(8 / 9)
+
+
+def test_summed_site_histograms_give_the_pooled_auc_within_its_bound():
+    # Prepare: three sites' scores; the pooled AUC is sklearn's on the union.
+    rng = np.random.default_rng(0)
+    sites = []
+    for shift in (0.0, 0.5, 1.0):
+        y = rng.integers(0, 2, 200)
+        logits = rng.normal(size=200) + 1.5 * y + shift
+        p = 1 / (1 + np.exp(-logits))
+        sites.append((y, np.stack([1 - p, p], 1)))
+    # Execute
+    hist = sum(score_histograms("binary-class", y, s) for y, s in sites)
+    matrix = sum(confusion("binary-class", y, s) for y, s in sites)
+    pooled = pooled_metrics("binary-class", matrix, hist)
+    # Assert
+    y_all = np.concatenate([y for y, _ in sites])
+    s_all = np.concatenate([s[:, 1] for _, s in sites])
+    error = abs(pooled["auc"] - roc_auc_score(y_all, s_all))
+    assert error <= pooled["auc_error_bound"] + 1e-12
+    assert pooled["auc_error_bound"] < 0.01 and error < 0.002
+    assert pooled["acc"] == pytest.approx(np.mean((s_all > 0.5) == y_all))
+    assert pooled["num_examples"] == 600
+
+
+def test_multiclass_histograms_are_one_vs_rest_per_class():
+    y = np.array([0, 1, 2, 2])
+    scores = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.2, 0.2]])
+    hist = score_histograms("multi-class", y, scores)
+    assert hist.shape == (3, 2, SCORE_BINS)
+    assert hist[2, 1].sum() == 2 and hist[2, 0].sum() == 2
+    assert auc_from_histograms(hist[:1]) == 1.0  # class 0: positive 0.8 above negatives 0.1, 0.1, 0.6

@@ -1,0 +1,89 @@
+"""Corruptions (medfed.sites.corruptions): every registered one, on tiny generated batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medfed.sites.corruptions import (
+    CorruptionError, corrupt, default_corruptions, list_corruptions,
+)
+
+
+def _batch(side: int, channels: int, n: int = 4) -> np.ndarray:
+    """Smooth structure plus texture, mid-range intensities: every corruption has something to change."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side]
+    base = (np.sin(xx / side * 7) + np.cos(yy / side * 5)) * 50 + 128
+    images = np.clip(np.stack([base + rng.normal(0, 10, (side, side)) for _ in range(n)]), 0, 255).astype(np.uint8)
+    if channels == 3:
+        images = np.stack([images, images[:, ::-1], images.transpose(0, 2, 1)], axis=-1)
+    return images
+
+
+def _cases():
+    for name in list_corruptions():
+        for channels in (1, 3):
+            if name == "saturate" and channels == 1:
+                continue
+            yield pytest.param(name, channels, id=f"{name}-{'rgb' if channels == 3 else 'gray'}")
+
+
+@pytest.mark.parametrize(("name", "channels"), list(_cases()))
+def test_change_grows_with_severity_and_keeps_dtype_shape_and_seed(name, channels):
+    # Prepare
+    images = _batch(28, channels)
+    before = images.copy()
+    # Execute
+    outputs = [corrupt(images, name, severity, seed=3) for severity in range(1, 6)]
+    again = corrupt(images, name, 5, seed=3)
+    # Assert
+    differences = [np.abs(out.astype(float) - images).mean() for out in outputs]
+    assert differences[0] > 0
+    assert all(later > earlier for earlier, later in zip(differences, differences[1:])), differences
+    assert all(out.dtype == np.uint8 and out.shape == images.shape for out in outputs)
+    np.testing.assert_array_equal(again, outputs[-1])
+    np.testing.assert_array_equal(images, before)  # the input is not modified
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "motion_blur", "bubble", "characters"])
+def test_other_seed_gives_other_random_corruption(name):
+    images = _batch(28, 1)
+    assert not np.array_equal(corrupt(images, name, 3, seed=0), corrupt(images, name, 3, seed=1))
+
+
+def test_gray_without_channel_axis_and_larger_images_keep_their_shape():
+    # Prepare: [N, H, W] at 64 px, RGB at 128 px (one image: keep the test fast).
+    gray, rgb = _batch(64, 1, n=2), _batch(128, 3, n=1)
+    # Execute / Assert
+    for name in ("defocus_blur", "pixelate", "black_corner"):
+        assert corrupt(gray, name, 2, seed=0).shape == (2, 64, 64)
+        assert corrupt(rgb, name, 2, seed=0).shape == (1, 128, 128, 3)
+
+
+def test_brightness_multiplies_intensity_by_medmnist_c_factor_and_clips():
+    # Prepare: hand-computed: 100 * 1.1 = 110 (severity 1), 200 * 1.5 = 300 -> 255.
+    images = np.array([[[100, 200]]], dtype=np.uint8)
+    # Execute / Assert
+    assert corrupt(images, "brightness_up", 1, seed=0).tolist() == [[[110, 220]]]
+    assert corrupt(images, "brightness_up", 5, seed=0).tolist() == [[[150, 255]]]
+
+
+def test_bad_name_severity_or_images_raise_one_clear_error():
+    images = _batch(28, 1, n=1)
+    with pytest.raises(CorruptionError, match="did you mean 'gaussian_noise'"):
+        corrupt(images, "gausian_noise", 1, seed=0)
+    with pytest.raises(CorruptionError, match="int in 1..5"):
+        corrupt(images, "pixelate", 6, seed=0)
+    with pytest.raises(CorruptionError, match="uint8"):
+        corrupt(images.astype(np.float32), "pixelate", 1, seed=0)
+    with pytest.raises(CorruptionError, match="RGB"):
+        corrupt(images, "saturate", 1, seed=0)
+
+
+def test_default_corruptions_follow_medmnist_c_per_modality():
+    assert "stain_deposit" in default_corruptions("pathmnist")
+    assert "characters" in default_corruptions("dermamnist")
+    assert "gamma_corr_up" in default_corruptions("pneumoniamnist")
+    assert "saturate" not in default_corruptions("pneumoniamnist", channels=1)
+    assert set(default_corruptions("chestmnist")) <= set(list_corruptions())

@@ -1,0 +1,52 @@
+"""The site preview (medfed sites): montage and summary, seeded."""
+
+from __future__ import annotations
+
+import json
+
+from medfed.cli import main
+from medfed.config import load_config
+from medfed.sites.preview import preview_sites
+
+
+def test_preview_renders_montage_and_summary_and_repeats_byte_for_byte(tiny_root, tmp_path):
+    # Prepare: the tiny data has 24 training images; 2 sites with shift, 1 held out, 2 groups.
+    overrides = [
+        f"data.root={tiny_root}", "federation.num_sites=2", "federation.groups=[a, b]",
+        "federation.sites=[{corruptions: [[gaussian_noise, 3]]}, {group_mix: [1, 0]}, {held_out: true, name: new}]",
+    ]
+    cfg = load_config(overrides=overrides)
+    # Execute
+    summary = preview_sites(cfg, tmp_path / "one", images_per_site=4)
+    preview_sites(load_config(overrides=overrides), tmp_path / "two", images_per_site=4)
+    preview_sites(load_config(overrides=overrides + ["seed=3"]), tmp_path / "three", images_per_site=4)
+    # Assert
+    png = (tmp_path / "one" / "sites.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert png == (tmp_path / "two" / "sites.png").read_bytes()
+    assert (tmp_path / "one" / "sites.json").read_bytes() == (tmp_path / "two" / "sites.json").read_bytes()
+    assert (tmp_path / "one" / "sites.json").read_bytes() != (tmp_path / "three" / "sites.json").read_bytes()
+    on_disk = json.loads((tmp_path / "one" / "sites.json").read_text())
+    assert on_disk == summary
+    sites = summary["sites"]
+    assert [s["name"] for s in sites] == ["site-0", "site-1", "new"] and sites[2]["held_out"] is True
+    assert sum(s["train_size"] for s in sites) == 24
+    assert sites[0]["corruptions"] == [["gaussian_noise", 3]]
+    assert sites[1]["group_counts_train"][1] == 0 and sum(sites[1]["group_counts_train"]) == sites[1]["train_size"]
+    assert sites[0]["contrast"] > sites[1]["contrast"]  # noise raises the per-image spread
+
+
+def test_cli_sites_prints_a_table_and_writes_files(tiny_root, tmp_path, capsys):
+    # Execute
+    code = main(["sites", "--set", f"data.root={tiny_root}", "--set", "federation.scenario=scanner-shift",
+                 "--out", str(tmp_path)])
+    # Assert
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "sites.png").is_file() and (tmp_path / "sites.json").is_file()
+    assert "scanner-b" in out and "gaussian_noise:2" in out
+
+
+def test_cli_sites_bad_profile_is_one_line_error(tmp_path, capsys):
+    code = main(["sites", "--set", "federation.sites=[{corruptions: [[nope, 1]]}]", "--out", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -1,0 +1,157 @@
+"""Site profiles (medfed.sites.profiles): scenarios, splits, groups, held-out sites, seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medfed.config import ConfigError, config_from_dict, list_scenarios, load_config
+from medfed.data import ImageDataset, dataset_info
+from medfed.sites.profiles import build_site, num_nodes, plan_federation, plan_for
+
+
+def _splits(n_train: int = 200, n_test: int = 80, seed: int = 0):
+    """Generated BreastMNIST-shaped splits: 28 px gray, 2 balanced classes."""
+    info = dataset_info("breastmnist")
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = np.arange(n) % 2
+        images = (rng.integers(60, 140, size=(n, 28, 28)) + 40 * labels[:, None, None]).astype(np.uint8)
+        return ImageDataset(images, labels, info)
+
+    return split(n_train), split(n_test)
+
+
+def _sites(cfg, train, test):
+    plan = plan_for(cfg)
+    return plan, [build_site(plan, pid, train, test, cfg.seed) for pid in range(len(plan.sites))]
+
+
+def test_every_shipped_scenario_loads_and_plans(tmp_path):
+    for name in list_scenarios():
+        cfg = load_config(overrides=[f"federation.scenario={name}"])
+        plan = plan_for(cfg)
+        assert len(plan.sites) == num_nodes(cfg.federation) >= cfg.federation.num_sites
+    assert {"iid", "label-skew", "quantity-skew", "scanner-shift", "scanner-and-label-shift",
+            "group-shift", "unseen-hospital"} <= set(list_scenarios())
+
+
+def test_experiment_keys_win_over_the_scenario():
+    # Execute
+    cfg = load_config(overrides=["federation.scenario=label-skew", "federation.dirichlet_alpha=5"])
+    # Assert: the scenario sets partition and alpha 0.3; the experiment's alpha wins.
+    assert cfg.federation.partition == "dirichlet" and cfg.federation.dirichlet_alpha == 5.0
+
+
+def test_same_seed_gives_identical_site_datasets_and_another_seed_others():
+    # Prepare
+    train, test = _splits()
+    overrides = ["federation.scenario=scanner-and-label-shift"]
+    cfg = load_config(overrides=overrides)
+    # Execute
+    _, first = _sites(cfg, train, test)
+    _, again = _sites(load_config(overrides=overrides), train, test)
+    _, other = _sites(load_config(overrides=overrides + ["seed=1"]), train, test)
+    # Assert
+    for (a_train, a_test), (b_train, b_test) in zip(first, again):
+        np.testing.assert_array_equal(a_train.images, b_train.images)
+        np.testing.assert_array_equal(a_train.labels, b_train.labels)
+        np.testing.assert_array_equal(a_test.images, b_test.images)
+    assert any(a[0].images.shape != b[0].images.shape or not np.array_equal(a[0].images, b[0].images)
+               for a, b in zip(first, other))
+
+
+def test_scanner_chain_changes_train_and_test_alike_and_the_clean_site_is_untouched():
+    # Prepare
+    train, test = _splits()
+    cfg = load_config(overrides=["federation.scenario=scanner-shift"])
+    plan, sites = _sites(cfg, train, test)
+    plain_plan = plan_for(load_config(overrides=["federation.num_sites=4"]))
+    # Execute / Assert: scanner-a has no chain; scanner-b adds noise and lowers contrast.
+    assert plan.sites[0].corruptions == () and plan.sites[1].corruptions
+    originals = {row.tobytes() for row in train.images.reshape(len(train), -1)}
+    assert all(row.tobytes() in originals for row in sites[0][0].images.reshape(len(sites[0][0]), -1))
+    for split in (0, 1):
+        changed = sites[1][split].images.reshape(len(sites[1][split]), -1)
+        assert not any(row.tobytes() in originals | {r.tobytes() for r in test.images.reshape(len(test), -1)}
+                       for row in changed)
+    assert sites[1][0].images.std() != pytest.approx(sites[0][0].images.std(), abs=0.5)
+    assert plain_plan.plain and not plan.plain
+
+
+def test_small_alpha_label_skew_gives_measurably_different_class_mixes():
+    # Prepare
+    train, test = _splits(400, 100)
+    skewed = load_config(overrides=["federation.scenario=label-skew", "federation.dirichlet_alpha=0.1",
+                                    "federation.num_sites=4"])
+    even = load_config(overrides=["federation.num_sites=4", "federation.sites=[{}]"])  # non-plain, no skew
+    # Execute
+    fractions = {}
+    for label, cfg in (("skewed", skewed), ("even", even)):
+        _, sites = _sites(cfg, train, test)
+        fractions[label] = [float(site_train.labels.mean()) for site_train, _ in sites]
+    # Assert: class-1 fractions spread far apart under alpha 0.1, stay near 0.5 without skew.
+    assert max(fractions["skewed"]) - min(fractions["skewed"]) > 0.5
+    assert max(fractions["even"]) - min(fractions["even"]) < 0.1
+
+
+def test_fixed_class_mix_and_quantity_ratios():
+    # Prepare
+    train, test = _splits(400, 100)
+    cfg = load_config(overrides=[
+        "federation.num_sites=2", "federation.sites=[{class_mix: [0.9, 0.1]}, {class_mix: [0.1, 0.9]}]",
+    ])
+    sized = load_config(overrides=["federation.num_sites=3", "federation.quantity_skew={ratios: [4, 2, 2]}"])
+    # Execute
+    _, mixed = _sites(cfg, train, test)
+    _, sizes = _sites(sized, train, test)
+    # Assert: hand-computed shares: class 0 -> 0.9 / (0.9 + 0.1) to site 0, so site 0 holds
+    # 180 of class 0 and 20 of class 1; sizes 4:2:2 of 400 -> 200, 100, 100.
+    assert np.bincount(mixed[0][0].labels, minlength=2).tolist() == [180, 20]
+    assert [len(site_train) for site_train, _ in sizes] == [200, 100, 100]
+
+
+def test_groups_are_drawn_per_site_mix_and_carry_their_own_appearance():
+    # Prepare
+    train, test = _splits(400, 100)
+    cfg = load_config(overrides=["federation.scenario=group-shift"])
+    # Execute
+    plan, sites = _sites(cfg, train, test)
+    # Assert: group-b fraction follows the site mix (0.2, 0.5, 0.8); only group b's images change
+    # (the sites of this scenario have no scanner chain).
+    fractions = [float((site_train.groups == 1).mean()) for site_train, _ in sites]
+    assert fractions[0] < 0.35 < fractions[1] < 0.65 < fractions[2]
+    assert all(site_test.groups is not None for _, site_test in sites)
+    site_train = sites[1][0]
+    originals = {row.tobytes() for row in train.images.reshape(len(train), -1)}
+    unchanged = np.array([row.tobytes() in originals for row in site_train.images.reshape(len(site_train), -1)])
+    np.testing.assert_array_equal(unchanged, site_train.groups == 0)
+    assert [g.name for g in plan.groups] == ["group-a", "group-b"]
+
+
+def test_held_out_sites_come_after_the_training_sites():
+    cfg = load_config(overrides=["federation.scenario=unseen-hospital"])
+    plan = plan_for(cfg)
+    assert num_nodes(cfg.federation) == 5
+    assert [s.held_out for s in plan.sites] == [False] * 4 + [True]
+    assert plan.sites[-1].name == "unseen-hospital"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("federation.sites=[{corruptions: [[blur, 2]]}]", r"federation.sites\[0\].corruptions\[0\]"),
+    ("federation.sites=[{corruptions: [[pixelate, 9]]}]", "int in 1..5"),
+    ("federation.sites=[{colour: 1}]", "is not a site profile key"),
+    ("federation.sites=[{group_mix: [1, 1]}]", "one proportion per patient group"),
+    ("federation.quantity_skew={power: 1}", "power_law"),
+    ("federation.scenario=scaner-shift", "did you mean 'scanner-shift'"),
+])
+def test_bad_profiles_are_one_line_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_class_mix_must_fit_the_dataset():
+    cfg = config_from_dict({"federation": {"sites": [{"class_mix": [1, 1, 1]}]}})
+    with pytest.raises(Exception, match="one weight per class"):
+        plan_federation(cfg.federation, dataset="breastmnist", num_classes=2, channels=1, seed=0)
