@@ -48,7 +48,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="class weighting of the loss (default: balanced)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--hflip-p", type=float, default=None,
-                   help="mirroring probability in training (default: 0 for chest X-rays, else 0.5)")
+                   help="mirroring probability in training (default: 0.5)")
     p.add_argument("--selection-window", type=_positive(int), default=None,
                    help="epochs averaged when selecting the epoch by validation (default: epochs // 10, 1..5)")
     p.add_argument("--seed", type=int, default=0)
