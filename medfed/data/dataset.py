@@ -18,7 +18,11 @@ from torch.utils.data import Dataset
 from .errors import DatasetValidationError
 from .info import DatasetInfo
 
-__all__ = ["ImageDataset", "TrainAugmentation", "train_augmentation", "UNKNOWN_GROUP"]
+__all__ = ["ImageDataset", "TrainAugmentation", "default_hflip_p", "train_augmentation", "UNKNOWN_GROUP"]
+
+#: Datasets whose images are not mirrored in training: chest radiographs have a
+#: laterality (heart on the left) that a mirror breaks.
+NO_MIRROR_DATASETS = frozenset({"chestmnist", "pneumoniamnist"})
 
 #: Group id of a sample whose patient group is not known.
 UNKNOWN_GROUP = -1
@@ -256,6 +260,12 @@ class TrainAugmentation:
             f"TrainAugmentation(max_shift={self.max_shift}, hflip_p={self.hflip_p}, "
             f"padding_mode={self.padding_mode!r})"
         )
+
+
+def default_hflip_p(dataset: str) -> float:
+    """Mirroring probability of the training augmentation for ``dataset``:
+    0 for :data:`NO_MIRROR_DATASETS`, else 0.5."""
+    return 0.0 if dataset in NO_MIRROR_DATASETS else 0.5
 
 
 def train_augmentation(img_size: int, hflip_p: float = 0.5, padding_mode: str = "reflect") -> TrainAugmentation:
