@@ -118,7 +118,8 @@ def render_block(mode: str, record: dict, results_dir: Path) -> str:
     parts = [f"### `{record['command']}`", "", _machine(record),
              f"Total wall time {record['wall_time_s']:.0f} s.", ""]
     for name, status in record["benchmarks"].items():
-        parts.append(f"#### {name} ({status['wall_time_s']:.0f} s; `benchmarks/results/{status['json']}`)")
+        earlier = "; from an earlier run of this mode" if status.get("from_earlier_run") else ""
+        parts.append(f"#### {name} ({status['wall_time_s']:.0f} s{earlier}; `benchmarks/results/{status['json']}`)")
         parts.append("")
         if not status["ok"]:
             parts += [f"Failed: {status['error']}", ""]

@@ -89,3 +89,18 @@ def test_federation_table_shows_ratios_and_targets(tmp_path):
     assert "| inprocess | 10.5 | 1.0 | 2.00 | 1.50 | 0.5 | 2.0 | 1.05 | - | - | 1.0 / 2.0 | <= 1.1x: met |" in block
     assert "| ray | 14.0 | 1.0 | 2.00 | 1.50 | 0.5 | 2.0 | 1.40 | - | - | 1.0 / 2.0 | <= 1.3x: missed |" in block
     assert (tmp_path / "p.md").read_text() == f"<!-- BEGIN quick -->\n{block}<!-- END quick -->\n"
+
+
+def test_only_reruns_the_named_benchmark_and_keeps_the_others_results(tmp_path):
+    # Prepare: a full smoke run.
+    results, docs = tmp_path / "results", tmp_path / "p.md"
+    main(["--smoke", "--results-dir", str(results), "--docs", str(docs)])
+    first = json.loads((results / "run_smoke.json").read_text())
+    # Execute
+    main(["--smoke", "--only", "communication", "--results-dir", str(results), "--docs", str(docs)])
+    # Assert
+    again = json.loads((results / "run_smoke.json").read_text())
+    assert list(again["benchmarks"]) == list(first["benchmarks"])
+    assert again["benchmarks"]["attention"]["from_earlier_run"] is True
+    assert "from_earlier_run" not in again["benchmarks"]["communication"]
+    assert "#### attention" in docs.read_text() and "from an earlier run" in docs.read_text()
