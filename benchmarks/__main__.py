@@ -149,9 +149,13 @@ def run(mode: str, results_dir: Path, docs: Path | None, only: list[str] | None 
         if not torch.cuda.is_available():
             raise SystemExit("python -m benchmarks --gpu needs a CUDA device; this machine has none.")
     record = {"mode": mode, "machine": describe_machine(), "benchmarks": {}, "command": f"python -m benchmarks --{mode}"}
+    previous_path = results_dir / f"run_{mode}.json"
+    previous = json.loads(previous_path.read_text()) if only and previous_path.exists() else {"benchmarks": {}}
     started = time.perf_counter()
     for step in plan(mode):
         if only and step.name not in only:
+            if step.name in previous["benchmarks"]:  # keep the earlier run's result of this benchmark
+                record["benchmarks"][step.name] = {**previous["benchmarks"][step.name], "from_earlier_run": True}
             continue
         out = results_dir / step.json_name
         print(f"\n=== {step.name}: python -m benchmarks.{step.module} {' '.join(step.argv)} --out {out}", flush=True)

@@ -75,16 +75,22 @@ def _federation(data: dict) -> str:
         target = ""
         if "meets_target" in r:
             target = f"<= {r['target_ratio_total']}x: {'met' if r['meets_target'] else 'missed'}"
+        cpu = "-" if r.get("cpu_s") is None else f"{r['cpu_s']:.1f}"
+        cpu_ratio = "-" if r.get("ratio_cpu") is None else f"{r['ratio_cpu']:.2f}"
+        load = "-" if not r.get("load_avg_1m") else "{:.1f} / {:.1f}".format(*r["load_avg_1m"])
         rows.append([path, f"{r['total_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['round_s'][0]:.2f}",
                      f"{r['steady_round_s']:.2f}", f"{r['teardown_s']:.1f}", f"{r['fixed_s']:.1f}",
-                     f"{r['ratio_total']:.2f}", target])
+                     f"{r['ratio_total']:.2f}", cpu, cpu_ratio, load, target])
     preset = " (the default `medfed simulate`)" if data.get("preset") == "default" else ""
     return (f"Federation{preset}: {s['sites']} sites x {s['rounds']} rounds x {s['epochs']} local epochs, "
             f"{s['model']}, {s['dataset']} {s['img_size']} px, batch {s['batch_size']}, {s['device']}, "
             f"{s['cpus_per_site']} CPU per site; data: {data['data']}; identical final weights: "
-            f"{data['identical_final_weights']}. Seconds; fixed = to round 1 + (round 1 - later round) + teardown.\n\n"
+            f"{data['identical_final_weights']}. Seconds; fixed = to round 1 + (round 1 - later round) + teardown; "
+            "CPU s = CPU time of the path's process (all its work for plain and inprocess; not measured for ray, "
+            "whose work runs in its actor processes); load = 1-minute load average at the path's start / end; "
+            "the target is on total wall time.\n\n"
             + _table(["path", "total", "to round 1", "round 1", "later round", "teardown", "fixed", "x plain",
-                      "target"], rows))
+                      "CPU s", "CPU x plain", "load", "target (wall)"], rows))
 
 
 def _communication(data: dict) -> str:
@@ -112,7 +118,8 @@ def render_block(mode: str, record: dict, results_dir: Path) -> str:
     parts = [f"### `{record['command']}`", "", _machine(record),
              f"Total wall time {record['wall_time_s']:.0f} s.", ""]
     for name, status in record["benchmarks"].items():
-        parts.append(f"#### {name} ({status['wall_time_s']:.0f} s; `benchmarks/results/{status['json']}`)")
+        earlier = "; from an earlier run of this mode" if status.get("from_earlier_run") else ""
+        parts.append(f"#### {name} ({status['wall_time_s']:.0f} s{earlier}; `benchmarks/results/{status['json']}`)")
         parts.append("")
         if not status["ok"]:
             parts += [f"Failed: {status['error']}", ""]

@@ -79,9 +79,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate",
         help="simulate a whole federation on this machine (in-process, or Flower's Ray engine)",
-        description="Run an experiment YAML as a simulated federation (simulation.engine: inprocess, the "
-        "default, runs the sites one after the other in this process; ray runs them on Flower's simulation "
-        "engine). With no arguments: a small "
+        description="Run an experiment YAML as a simulated federation (simulation.engine: inprocess runs "
+        "the sites one after the other in this process; ray runs them on Flower's simulation engine; auto, the "
+        "default, picks per machine). With no arguments: a small "
         "3-site FedAvg federation on the embedded BreastMNIST that finishes on a CPU in a few minutes.",
     )
     p.add_argument("--config", default=None, help="experiment YAML (default: the built-in small federation)")

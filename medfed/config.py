@@ -490,13 +490,15 @@ class SimulationConfig(_Validated):
         GPU share per simulated site (0.25 runs four sites on one GPU).
     ray_address : str or None
         None starts a local Ray; ``"auto"`` or ``"host:port"`` joins a running one
-        (engine ``"ray"`` only).
+        (engine ``"ray"`` or ``"auto"``).
     engine : str
         ``"inprocess"`` runs the sites one after the other in the launching process
-        (no start-up cost; the choice for one GPU and for small CPU runs);
+        (no start-up cost; the choice for one GPU and for short CPU runs);
         ``"ray"`` runs them on Flower's simulation engine, in parallel on
         ``floor(cores / cpus_per_site)`` actors (many cores, fractional GPUs,
-        clusters). Both give the same weights (:mod:`medfed.simulation.local`).
+        clusters); ``"auto"`` picks one per machine
+        (:func:`medfed.simulation.run.resolve_engine`). Both engines give the same
+        weights (:mod:`medfed.simulation.local`), so the choice changes only the time.
     """
 
     _prefix: ClassVar[str] = "simulation."
@@ -504,14 +506,14 @@ class SimulationConfig(_Validated):
     cpus_per_site: float = _leaf(_Float(0.0, low_closed=False), 1.0)
     gpus_per_site: float = _leaf(_Float(0.0), 0.0)
     ray_address: str | None = _leaf(_Optional(_Str()), None)
-    engine: str = _leaf(_Choice(("inprocess", "ray")), "inprocess")
+    engine: str = _leaf(_Choice(("auto", "inprocess", "ray")), "auto")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ray_address is not None and self.engine != "ray":
+        if self.ray_address is not None and self.engine == "inprocess":
             raise ConfigError(
-                f"Config key 'simulation.ray_address' needs simulation.engine 'ray'. Got engine "
-                f"{self.engine!r} with ray_address {self.ray_address!r}; set simulation.engine: ray "
+                f"Config key 'simulation.ray_address' needs simulation.engine 'ray' or 'auto'. Got engine "
+                f"'inprocess' with ray_address {self.ray_address!r}; set simulation.engine: ray "
                 "or remove ray_address."
             )
 

@@ -105,7 +105,8 @@ def test_sections_must_have_their_type():
         ),
         ("simulation.cpus_per_site=0", "Config key 'simulation.cpus_per_site' must be a float > 0. Got 0"),
         ("simulation.gpus_per_site=-1", "Config key 'simulation.gpus_per_site' must be a float >= 0. Got -1"),
-        ("simulation.engine=dask", "Config key 'simulation.engine' must be one of 'inprocess', 'ray'. Got 'dask'"),
+        ("simulation.engine=dask",
+         "Config key 'simulation.engine' must be one of 'auto', 'inprocess', 'ray'. Got 'dask'"),
         (
             "strategy.params=[1, 2]",
             "Config key 'strategy.params' must be a mapping from parameter names (str) to null, "
@@ -450,12 +451,13 @@ def test_dataset_choices_are_medmnists_2d_flags():
     assert len(expected) == 12
 
 
-def test_simulation_engine_defaults_to_inprocess_and_ray_address_needs_ray():
+def test_simulation_engine_defaults_to_auto_and_ray_address_refuses_inprocess():
     # Execute
     default = load_config()
     on_cluster = load_config(overrides=["simulation.engine=ray", "simulation.ray_address=auto"])
     # Assert
-    assert default.simulation.engine == "inprocess"
+    assert default.simulation.engine == "auto"
     assert on_cluster.simulation.ray_address == "auto"
-    with pytest.raises(ConfigError, match=r"^Config key 'simulation.ray_address' needs simulation.engine 'ray'"):
-        load_config(overrides=["simulation.ray_address=auto"])
+    assert load_config(overrides=["simulation.ray_address=auto"]).simulation.engine == "auto"
+    with pytest.raises(ConfigError, match=r"^Config key 'simulation.ray_address' needs simulation.engine 'ray' or"):
+        load_config(overrides=["simulation.engine=inprocess", "simulation.ray_address=auto"])

@@ -287,6 +287,7 @@ def predict(
 
     With ``mirror`` (for models trained on mirrored images too) the logits are the mean
     over each image and its horizontal mirror: a cheap, steadier estimate.
+    ``precision`` and ``channels_last`` are speed knobs (:class:`TrainSettings`).
 
     Returns:
         ``(y_score [N, C], y_true [N] or [N, L], groups [N], logits [N, C])``;

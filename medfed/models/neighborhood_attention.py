@@ -44,11 +44,14 @@ device    condition                                       backend   evidence
 ========  ==============================================  ========  =====================================
 any       NATTEN fused kernels accept the inputs, k > 1    natten    NATTEN's own kernels (none built here)
 CPU       P <= 441 (maps up to 21 x 21) and scores         dense     measured on 2 shared CPU cores
-          <= 256 MiB                                                 (docs/performance.md): dense 3-14x
-                                                                     faster at 7-21 px maps, fwd and
-                                                                     fwd+bwd
-CPU       otherwise                                        gather    at 28 x 28 dense wins forward only;
-                                                                     at 56 x 56 gather wins both
+          <= 256 MiB                                                 (docs/performance.md), two runs:
+                                                                     dense 3-14x faster forward and
+                                                                     3x or more with backward on 7-21
+                                                                     px maps
+CPU       otherwise                                        gather    28 x 28: inconsistent across runs
+                                                                     (dense took 0.06-2.9x gather's
+                                                                     time); 56 x 56: gather 1.6-2.6x
+                                                                     faster in both runs
 CUDA      P <= 3136 (maps up to 56 x 56) and scores        dense     hypothesis from one H200 figure
           <= 1/4 of the device's memory                              (28 x 28, batch 16: gather 3.9 ms,
                                                                      dense 0.3 ms fwd), to be confirmed

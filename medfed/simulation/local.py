@@ -1,5 +1,6 @@
-"""The in-process simulation engine (``simulation.engine: inprocess``): sites run one
-after the other in the launching process, without Ray.
+"""The in-process simulation engine (``simulation.engine: inprocess``, or ``auto`` on one
+GPU or when at most one site fits the cores): sites run one after the other in the
+launching process, without Ray.
 
 :class:`LocalGrid` is a Flower ``Grid`` that delivers each message straight to a
 ClientApp in the same process, one site after the other, with the node config Flower's
@@ -11,7 +12,7 @@ in-process run gives the same metrics and weights as the Ray engine on the same 
 
 When to use which engine
 ------------------------
-* ``inprocess`` (the default): no start-up cost (Ray's start-up and every actor's
+* ``inprocess``: no start-up cost (Ray's start-up and every actor's
   imports took 13-18 s on the 2-core reference machine, see ``docs/performance.md``),
   one copy of the model and data in memory, and on one GPU every site gets the whole
   device in turn (set ``simulation.gpus_per_site`` > 0 to let sites use it). Sites
@@ -20,6 +21,8 @@ When to use which engine
   GPUs (``gpus_per_site: 0.25``), process isolation and clusters (``ray_address``):
   for many cores or many GPUs, and for long runs where parallel sites repay the
   start-up.
+* ``auto`` (the default) picks one per machine:
+  :func:`medfed.simulation.run.resolve_engine`.
 
 The in-process engine has no resource limits and no process isolation: a site that
 crashes the interpreter (a segfault, running out of memory) ends the run, which then

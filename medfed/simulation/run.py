@@ -52,7 +52,7 @@ from typing import Any
 
 from medfed.config import ExperimentConfig, to_run_config
 
-__all__ = ["app_pyproject", "simulate"]
+__all__ = ["app_pyproject", "resolve_engine", "simulate"]
 
 _SERVER_APP = "medfed.server.server_app:app"
 _CLIENT_APP = "medfed.client.client_app:app"
@@ -61,8 +61,8 @@ _CLIENT_APP = "medfed.client.client_app:app"
 def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: bool = False) -> Path:
     """Run (or resume) ``cfg`` as a simulated federation of ``cfg.federation.num_sites`` sites.
 
-    ``cfg.simulation.engine`` picks the engine: ``"inprocess"`` runs the sites one after
-    the other in this process (:func:`medfed.simulation.local.run_local`), ``"ray"`` on
+    The engine is :func:`resolve_engine`'s: ``"inprocess"`` runs the sites one after the
+    other in this process (:func:`medfed.simulation.local.run_local`), ``"ray"`` on
     Flower's simulation engine as described in this module's docstring. Both end with the
     same weights.
 
@@ -96,7 +96,9 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     from medfed.sites.preview import preview_run_sites
 
     preview_run_sites(cfg, run_dir)  # the report shows the sites (the server never loads images)
-    if cfg.simulation.engine == "inprocess":
+    engine = resolve_engine(cfg)
+    print(f"medfed simulate: engine {engine} (simulation.engine: {cfg.simulation.engine})", flush=True)
+    if engine == "inprocess":
         from medfed.simulation.local import run_local
 
         return run_local(cfg, run_dir=run_dir, resume=resume)
@@ -128,6 +130,52 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
             is_app=True,
         )
     return run_dir
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def resolve_engine(cfg: ExperimentConfig) -> str:
+    """The engine :func:`simulate` runs ``cfg`` on: ``"inprocess"`` or ``"ray"``.
+
+    ``simulation.engine`` when it names one; for ``"auto"`` (the default) the rule below,
+    from ``benchmarks/bench_federation.py`` (``docs/performance.md``). Both engines end
+    with the same weights, so the rule changes only the time a run takes.
+
+    ==========================================================  ===========
+    ``auto`` and ...                                            engine
+    ==========================================================  ===========
+    ``ray_address`` set (join a cluster)                        ray
+    sites use a GPU (``gpus_per_site > 0``) and one is visible  inprocess
+    sites use GPUs and several are visible                      ray
+    CPU, fewer than 2 sites fit at once (``min(num_sites,       inprocess
+    cores // cpus_per_site) < 2``): Ray would only add start-up
+    CPU, 2 or more sites at once                                ray
+    ==========================================================  ===========
+
+    On 2 cores with one CPU per site, the default 20-round federation ran faster on Ray
+    (parallel sites repay its 13-18 s start-up); short CPU runs are faster in-process:
+    set ``simulation.engine: inprocess`` for those.
+    """
+    sim = cfg.simulation
+    if sim.engine != "auto":
+        return sim.engine
+    if sim.ray_address:
+        return "ray"
+    if sim.gpus_per_site > 0:
+        return "inprocess" if _visible_gpus() <= 1 else "ray"
+    parallel_sites = min(cfg.federation.num_sites, int(_available_cpus() // sim.cpus_per_site))
+    return "ray" if parallel_sites >= 2 else "inprocess"
 
 
 def _backend_config(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -67,7 +67,8 @@ def test_federation_table_shows_ratios_and_targets(tmp_path):
     # Prepare: a hand-made federation result.
     def path(total, ratio, **extra):
         return {"total_s": total, "startup_s": 1.0, "round_s": [2.0, 1.5], "steady_round_s": 1.5, "teardown_s": 0.5,
-                "fixed_s": 2.0, "ratio_total": ratio, **extra}
+                "fixed_s": 2.0, "ratio_total": ratio, "cpu_s": None, "ratio_cpu": None, "load_avg_1m": [1.0, 2.0],
+                **extra}
 
     data = {"settings": {"sites": 3, "rounds": 2, "epochs": 2, "model": "medvit_v2_nano", "dataset": "breastmnist",
                          "img_size": 28, "batch_size": 32, "device": "cpu", "cpus_per_site": 1.0},
@@ -85,6 +86,21 @@ def test_federation_table_shows_ratios_and_targets(tmp_path):
     write_block(tmp_path / "p.md", "quick", record, tmp_path)
     # Assert
     assert "(the default `medfed simulate`)" in block
-    assert "| inprocess | 10.5 | 1.0 | 2.00 | 1.50 | 0.5 | 2.0 | 1.05 | <= 1.1x: met |" in block
-    assert "| ray | 14.0 | 1.0 | 2.00 | 1.50 | 0.5 | 2.0 | 1.40 | <= 1.3x: missed |" in block
+    assert "| inprocess | 10.5 | 1.0 | 2.00 | 1.50 | 0.5 | 2.0 | 1.05 | - | - | 1.0 / 2.0 | <= 1.1x: met |" in block
+    assert "| ray | 14.0 | 1.0 | 2.00 | 1.50 | 0.5 | 2.0 | 1.40 | - | - | 1.0 / 2.0 | <= 1.3x: missed |" in block
     assert (tmp_path / "p.md").read_text() == f"<!-- BEGIN quick -->\n{block}<!-- END quick -->\n"
+
+
+def test_only_reruns_the_named_benchmark_and_keeps_the_others_results(tmp_path):
+    # Prepare: a full smoke run.
+    results, docs = tmp_path / "results", tmp_path / "p.md"
+    main(["--smoke", "--results-dir", str(results), "--docs", str(docs)])
+    first = json.loads((results / "run_smoke.json").read_text())
+    # Execute
+    main(["--smoke", "--only", "communication", "--results-dir", str(results), "--docs", str(docs)])
+    # Assert
+    again = json.loads((results / "run_smoke.json").read_text())
+    assert list(again["benchmarks"]) == list(first["benchmarks"])
+    assert again["benchmarks"]["attention"]["from_earlier_run"] is True
+    assert "from_earlier_run" not in again["benchmarks"]["communication"]
+    assert "#### attention" in docs.read_text() and "from an earlier run" in docs.read_text()

@@ -68,9 +68,8 @@ def test_engine_run_completes_and_matches_the_in_process_run(engine_run, tiny_ro
 
 
 def test_simulate_with_the_inprocess_engine_gives_the_ray_engines_weights(engine_run, tiny_root, tiny_config, tmp_path, metric_records):
-    # Prepare: the default engine, chosen through the config.
-    cfg = tiny_config(tiny_root, tmp_path)
-    assert cfg.simulation.engine == "inprocess"
+    # Prepare: the in-process engine, chosen through the config.
+    cfg = tiny_config(tiny_root, tmp_path, simulation={"cpus_per_site": 1.0, "engine": "inprocess"})
     # Execute
     run_dir = simulate(cfg)
     # Assert
