@@ -21,6 +21,7 @@ Usage::
 
     python benchmarks/bench_sites.py                       # 3 seeds, 8 rounds x 1 epoch, nano, 28 px
     python benchmarks/bench_sites.py --seeds 0 --rounds 2  # a quick look
+    python benchmarks/bench_sites.py --merge a.json b.json --out all.json   # seeds run apart
 """
 
 from __future__ import annotations
@@ -196,6 +197,18 @@ def print_table(rows: list[dict], seeds: list[int]) -> None:
     Console(width=120).print(table)
 
 
+def _merge(paths: list[str], out: Path) -> int:
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    per_seed = sorted((s for r in results for s in r["per_seed"]), key=lambda s: s["seed"])
+    merged = {**results[0], "seeds_done": [s["seed"] for s in per_seed], "per_seed": per_seed,
+              "rows": summarize(per_seed), "merged_from": [str(p) for p in paths],
+              "machine": [r["machine"] for r in results]}
+    out.write_text(json.dumps(merged, indent=2, default=float) + "\n")
+    print_table(merged["rows"], merged["seeds_done"])
+    print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -205,7 +218,11 @@ def main() -> int:
     parser.add_argument("--model", default="medvit_v2_nano")
     parser.add_argument("--data-root", default=str(DATA))
     parser.add_argument("--out", default=str(RESULTS / "sites_pneumoniamnist.json"))
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="combine the seeds of earlier result files (e.g. seeds run in parallel) into --out")
     args = parser.parse_args()
+    if args.merge:
+        return _merge(args.merge, Path(args.out))
     if not (Path(args.data_root) / "pneumoniamnist.npz").is_file():
         print(f"skipped: no pneumoniamnist.npz in {args.data_root}", file=sys.stderr)
         return 0
