@@ -380,7 +380,7 @@ def test_run_config_keys_are_dotted_kebab_case():
     assert flat["data.root"] == ""
     assert flat["simulation.ray-address"] == ""
     assert json.loads(flat["strategy.params"]) == {"proximal_mu": 0.1}
-    assert len(flat) == 24
+    assert len(flat) == 27
     assert all("_" not in key for key in flat)
 
 
@@ -419,7 +419,7 @@ def test_config_to_dict_is_the_yaml_layout():
         "federation", "simulation",
     ]
     assert data["train"]["local_epochs"] == 2
-    assert data["strategy"] == {"name": "fedavg", "params": {"mu": 1}}
+    assert data["strategy"] == {"name": "fedavg", "params": {"mu": 1}, "max_update_norm_z": 6.0, "clip_update_norm": None}
     assert config_from_dict(data) == load_config(overrides=["strategy.params.mu=1"])
 
 

@@ -164,6 +164,7 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean training loss.
 
@@ -173,6 +174,8 @@ def train_epoch(
             (FedProx's proximal term, FedLD's margin).
         on_batch: Called after every step with ``(logits, labels, groups)`` (detached):
             progress display, or metrics of the training pass without a second pass.
+        forward: Optional ``f(model, images, groups) -> logits`` replacing
+            ``model(images)`` (a strategy's hook: FairLoRA passes the group ids).
     """
     model.train()
     loss_fn = loss_fn.to(device)
@@ -181,7 +184,7 @@ def train_epoch(
         images = images.to(device, non_blocking=True)
         targets = _targets(labels, task).to(device)
         with _autocast(device):
-            logits = model(images)
+            logits = model(images) if forward is None else forward(model, images, _groups)
             loss = loss_fn(logits.float(), targets)
             if extra_loss is not None:
                 loss = loss + extra_loss(logits.float(), targets)
@@ -203,7 +206,14 @@ def train_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, *, task: str, device: torch.device) -> tuple[np.ndarray, ...]:
+def predict(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    task: str,
+    device: torch.device,
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[np.ndarray, ...]:
     """Probabilities, labels and groups over a loader, averaged over horizontal mirroring.
 
     Returns:
@@ -211,13 +221,16 @@ def predict(model: nn.Module, loader: Iterable, *, task: str, device: torch.devi
         scores are softmax probabilities (sigmoid for multi-label).
     """
     model.eval()
+    if forward is None:
+        forward = _plain_forward
     scores, trues, groups, logits_all = [], [], [], []
     for images, labels, group in loader:
         images = images.to(device)
         with _autocast(device):
             # Training mirrors images (train_augmentation), so the prediction is the
             # mean over the image and its mirror: a cheap, steadier estimate.
-            logits = 0.5 * (model(images).float() + model(torch.flip(images, dims=[3])).float())
+            mirrored = torch.flip(images, dims=[3])
+            logits = 0.5 * (forward(model, images, group).float() + forward(model, mirrored, group).float())
         scores.append(scores_from_logits(logits, task))
         logits_all.append(logits.cpu())
         trues.append(labels.numpy())
@@ -225,6 +238,10 @@ def predict(model: nn.Module, loader: Iterable, *, task: str, device: torch.devi
     if not scores:
         raise ValueError("Cannot evaluate on an empty dataset.")
     return np.concatenate(scores), np.concatenate(trues), np.concatenate(groups), torch.cat(logits_all)
+
+
+def _plain_forward(model: nn.Module, images: torch.Tensor, _groups: torch.Tensor) -> torch.Tensor:
+    return model(images)
 
 
 def scores_from_logits(logits: torch.Tensor, task: str) -> np.ndarray:
@@ -243,10 +260,17 @@ def prediction_metrics(task: str, y_true: np.ndarray, y_score: np.ndarray, group
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable, loss_fn: nn.Module, *, task: str, device: torch.device
+    model: nn.Module,
+    loader: Iterable,
+    loss_fn: nn.Module,
+    *,
+    task: str,
+    device: torch.device,
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
-    """Loss plus :func:`prediction_metrics` on a loader (one pass, mirrored)."""
-    y_score, y_true, groups, logits = predict(model, loader, task=task, device=device)
+    """Loss plus :func:`prediction_metrics` on a loader (one pass, mirrored; ``forward`` as in
+    :func:`train_epoch`)."""
+    y_score, y_true, groups, logits = predict(model, loader, task=task, device=device, forward=forward)
     targets = _targets(torch.as_tensor(y_true), task)
     loss = float(loss_fn.cpu()(logits, targets))
     return {"loss": loss, **prediction_metrics(task, y_true, y_score, groups)}

@@ -696,6 +696,14 @@ def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: s
             f'<figure><img src="data:image/png;base64,{encoded}" alt="{escape(name)}" '
             f'title="figures/{escape(png_path.name)}"><figcaption>{caption}</figcaption></figure>'
         )
+    dropped = [
+        f"<li>round {r}: {escape(str(d.get('site')))}: {escape(str(d.get('reason')))}</li>"
+        for r in run.rounds for d in run.round_records.get(r, {}).get("dropped", [])
+    ]
+    dropped_html = (
+        f"<h2>Dropped replies</h2><p>Training replies the strategy left out of the aggregate.</p><ul>{''.join(dropped)}</ul>"
+        if dropped else ""
+    )
     config_html = (
         f"<pre>{escape(config)}</pre>" if config is not None else f"<p>No {CONFIG_FILE} in the run directory.</p>"
     )
@@ -710,6 +718,7 @@ def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: s
         "<p>Final test results: each site's last evaluated round, and the sample-weighted global aggregate.</p>",
         f"<table><thead><tr>{headers}</tr></thead><tbody>{''.join(rows)}</tbody></table>",
         f"<p>{totals}</p>",
+        dropped_html,
         '<h2>Figures</h2><div class="figures">',
         *figures,
         "</div>",

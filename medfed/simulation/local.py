@@ -127,7 +127,9 @@ def run_local(
         The run directory.
     """
     from medfed.client.site_data import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+    from medfed.client.site_state import SITE_STATE_DIR_KEY
     from medfed.server.server_app import RESUME_KEY, RUN_DIR_KEY
+    from medfed.simulation.run import SITE_STATE_FOLDER
 
     if server_app is None:
         from medfed.server.server_app import app as server_app
@@ -136,7 +138,8 @@ def run_local(
     run_dir = (Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name).expanduser().resolve()
     num_sites = cfg.federation.num_sites
     node_configs = [{PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_sites} for i in range(num_sites)]
-    grid = LocalGrid(client_app, node_configs, to_run_config(cfg))
+    client_run_config = {**to_run_config(cfg), SITE_STATE_DIR_KEY: str(run_dir / SITE_STATE_FOLDER)}
+    grid = LocalGrid(client_app, node_configs, client_run_config)
     server_run_config = {**to_run_config(cfg), RUN_DIR_KEY: str(run_dir), RESUME_KEY: bool(resume)}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)
     import torch
