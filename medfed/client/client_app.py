@@ -77,8 +77,8 @@ def train(msg: Message, context: Context) -> Message:
         log(INFO, "[%s] round %s epoch %d/%d  loss %.4f",
             site.name, server_round, epoch, settings.epochs, fit["loss"])
     result = {"loss": fit["loss"], **seen.metrics(site.info.task)}
-    metrics = _metric_record(result, len(site.train), with_confusion=False)
-    metrics.update(hooks.reply_metrics(site.train.groups))
+    # The hooks' entries first: the site's own metrics win over their defaults.
+    metrics = {**hooks.reply_metrics(site.train.groups), **_metric_record(result, len(site.train), with_confusion=False)}
     save_site_state(context, site.name, server_round, hooks.local_state(model))
     arrays = ArrayRecord(hooks.sent_arrays(model))
     return _reply(msg, site, start, metrics, arrays)
@@ -96,8 +96,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     loss_fn = make_loss(site.info.task, site.train.class_counts())
     loader = make_loader(site.test, _EVAL_BATCH, shuffle=False)
     result = evaluate(model, loader, loss_fn, task=site.info.task, device=device, forward=hooks.forward)
-    metrics = _metric_record(result, len(site.test), with_confusion=True)
-    metrics.update(hooks.reply_metrics(site.test.groups))
+    metrics = {**hooks.reply_metrics(site.test.groups), **_metric_record(result, len(site.test), with_confusion=True)}
     return _reply(msg, site, start, metrics)
 
 

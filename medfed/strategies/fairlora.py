@@ -168,7 +168,10 @@ class FairLoRAHooks(ClientHooks):
         return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable}
 
     def reply_metrics(self, groups: Any) -> dict[str, int | float]:
-        return group_count_metrics(groups, self.num_groups)
+        """Group counts, and NaN per-group metrics for groups the split lacks: Flower
+        aggregates only replies whose MetricRecords share their keys."""
+        defaults = {f"{m}-group-{g}": float("nan") for g in range(self.num_groups) for m in ("acc", "auc")}
+        return {**defaults, **group_count_metrics(groups, self.num_groups)}
 
 
 @register_strategy("fairlora")
