@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from medfed.config import TrainConfig
 from medfed.data import classification_metrics, confusion, group_metrics
 
 __all__ = [
@@ -40,16 +41,23 @@ __all__ = [
 MULTI_LABEL = "multi-label, binary-class"
 
 
+_DEFAULTS = TrainConfig()  # the experiment config is the one source of default values
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local optimisation settings (one site, one round, or a whole pooled run)."""
+    """Local optimisation settings (one site, one round, or a whole pooled run).
 
-    epochs: int = 1
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
+    Defaults are those of the experiment config's ``train`` section
+    (:class:`medfed.config.TrainConfig`).
+    """
+
+    epochs: int = _DEFAULTS.local_epochs
+    batch_size: int = _DEFAULTS.batch_size
+    optimizer: str = _DEFAULTS.optimizer
+    lr: float = _DEFAULTS.lr
+    weight_decay: float = _DEFAULTS.weight_decay
+    momentum: float = _DEFAULTS.momentum
 
 
 def select_device(preferred: str | None = None) -> torch.device:

@@ -11,6 +11,8 @@ for the simulation engine: no parallelism, no resource limits, no process isolat
 
 from __future__ import annotations
 
+import shutil
+
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -139,6 +141,8 @@ def run_local(
     num_sites = cfg.federation.num_sites
     node_configs = [{PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_sites} for i in range(num_sites)]
     client_run_config = {**to_run_config(cfg), SITE_STATE_DIR_KEY: str(run_dir / SITE_STATE_FOLDER)}
+    if not resume:  # a fresh run must not find an older run's site state
+        shutil.rmtree(run_dir / SITE_STATE_FOLDER, ignore_errors=True)
     grid = LocalGrid(client_app, node_configs, client_run_config)
     server_run_config = {**to_run_config(cfg), RUN_DIR_KEY: str(run_dir), RESUME_KEY: bool(resume)}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)

@@ -40,6 +40,8 @@ draws at random at every launch, so which sites take part in a round is not repr
 
 from __future__ import annotations
 
+import shutil
+
 import inspect
 import json
 import os
@@ -102,6 +104,8 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     _check_flower_api(_run_simulation)
     server_run_config = {**to_run_config(cfg), RUN_DIR_KEY: str(run_dir), RESUME_KEY: bool(resume)}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)
+    if not resume:  # a fresh run must not find an older run's site state
+        shutil.rmtree(run_dir / SITE_STATE_FOLDER, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="medfed-flower-app-") as app_dir:
         client_run_config = {**to_run_config(cfg), SITE_STATE_DIR_KEY: str(run_dir / SITE_STATE_FOLDER)}
         (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(client_run_config), encoding="utf-8")

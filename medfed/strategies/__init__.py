@@ -8,12 +8,12 @@ checks, :class:`~medfed.strategies.base.MedfedStrategy`) and a client half
   ``"package.module:ClassName"``, sized for the federation; :func:`client_hooks_for`
   gives its client half.
 - :func:`register_strategy` adds a name; medfed's plug-ins register themselves:
-  ``fedavg``, ``fedprox``, ``fedbn``, ``fedld``, ``fairlora``.
+  ``fedavg``, ``fedprox``, ``fedbn``, ``fedld``, ``fairlora`` and ``local`` (no federation).
 - :func:`strategy_state` / :func:`load_strategy_state` save and restore what a
   strategy keeps between rounds, for bit-exact resume.
 """
 
-from . import fairlora, fedbn, fedld, fedprox
+from . import fairlora, fedbn, fedld, fedprox, local
 from .base import MedfedStrategy, ReplyPolicy
 from .fairlora import FairLoRA
 from .fedavg import FedAvg

@@ -56,3 +56,11 @@ def test_fedprox_hooks_take_mu_from_the_strategy_and_penalise_distance():
     assert isinstance(hooks, ProximalHooks)
     assert term(torch.zeros(1, 1), torch.zeros(1)).item() == 1.0
     assert ProximalHooks({}).extra_loss(model) is None
+
+
+def test_local_only_sends_nothing_and_keeps_the_whole_model():
+    from medfed.strategies.local import LocalOnlyHooks
+
+    net = _Net()
+    assert LocalOnlyHooks({}).sent_arrays(net) == {}
+    assert set(LocalOnlyHooks({}).local_state(net)) == set(net.state_dict())
