@@ -17,6 +17,8 @@ alike (the registry wraps Flower's own classes and users' classes with it too):
   client-side hyper-parameters, e.g. FedProx's mu) are added to the config of every
   train and evaluate instruction: the experiment config is their only source, the
   strategy their only carrier.
+* **Fairness metrics.** Where sites report per-group counts, evaluation adds
+  group-count-weighted per-group metrics and ES-ACC / ES-AUC.
 * **Client hooks.** :attr:`MedfedStrategy.client_hooks` names the plug-in's client
   half (:class:`medfed.strategies.hooks.ClientHooks`).
 """
@@ -34,6 +36,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from ._groups import equity_scaled_metrics
 from ._validation import clip_update, find_invalid_replies, find_norm_outliers, update_norm
 from .hooks import ClientHooks
 
@@ -143,6 +146,18 @@ class MedfedStrategy:
         self._clip(kept)
         arrays, metrics = self.aggregate_valid_replies(server_round, kept)
         return self._complete(arrays), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The strategy's aggregate plus, where sites report group counts, per-group
+        metrics weighted by those counts and ``es-acc`` / ``es-auc``."""
+        replies = list(replies)
+        aggregated = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+        if aggregated is None:
+            return None
+        records = [dict(next(iter(m.content.metric_records.values()))) for m in replies if not m.has_error()]
+        for key, value in equity_scaled_metrics(aggregated, records).items():
+            aggregated[key] = value
+        return aggregated
 
     def aggregate_valid_replies(
         self, server_round: int, replies: list[Message]

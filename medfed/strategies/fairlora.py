@@ -19,7 +19,9 @@ the authors' EMA with the previous global adapters,
 
 Evaluation adds ``es-acc`` and ``es-auc`` (equity-scaled ACC and AUC,
 ``metric / (1 + sum_g |metric_g - metric|)``) computed from the per-group metrics,
-weighted by each site's group counts, to the aggregated evaluation metrics.
+weighted by each site's group counts, to the aggregated evaluation metrics (done by
+:class:`~medfed.strategies.base.MedfedStrategy` for every strategy whose sites report
+group counts).
 
 Why a pretrained backbone: the adapters are low-rank corrections of features the
 backbone already computes; on a randomly initialised, frozen backbone those features
@@ -28,7 +30,6 @@ carry little about the images, and a rank-4 correction cannot make up for it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,7 +39,6 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr_strategy
 from torch import nn
 
-from medfed.data.metrics import equity_scaled
 from medfed.models import create_model
 from medfed.models.lora import GroupLoRAModel
 from medfed.models.pretrained import PretrainedError, load_pretrained
@@ -267,26 +267,3 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
         )
         arrays = ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in new.items()})
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Flower's aggregate plus group-count-weighted ``acc-group-<g>``, ``es-acc`` and ``es-auc``."""
-        replies = list(replies)
-        aggregated = super().aggregate_evaluate(server_round, replies)
-        if aggregated is None:
-            return None
-        metrics = [next(iter(m.content.metric_records.values())) for m in replies if not m.has_error()]
-        for metric in ("acc", "auc"):
-            per_group = {}
-            for g in range(self.num_groups):
-                pairs = [
-                    (float(m[f"{metric}-group-{g}"]), read_group_counts(m, self.num_groups)[g])
-                    for m in metrics
-                    if f"{metric}-group-{g}" in m and math.isfinite(float(m[f"{metric}-group-{g}"]))
-                ]
-                total = sum(n for _, n in pairs)
-                if total > 0:
-                    per_group[g] = sum(v * n for v, n in pairs) / total
-                    aggregated[f"{metric}-group-{g}"] = per_group[g]
-            if metric in aggregated and per_group:
-                aggregated[f"es-{metric}"] = equity_scaled(float(aggregated[metric]), per_group)
-        return aggregated
