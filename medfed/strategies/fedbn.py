@@ -16,11 +16,10 @@ site evaluates with its own BatchNorm (personalised evaluation, as in the paper)
 
 from __future__ import annotations
 
+import torch
+from flwr.serverapp import strategy as flwr_strategy
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-from flwr.serverapp import strategy as flwr_strategy
-import torch
 
 from .base import MedfedStrategy
 from .hooks import ClientHooks

@@ -1,6 +1,5 @@
 """Every registered strategy drops bad replies the same way (medfed's MedfedStrategy checks)."""
 
-import logging
 
 import numpy as np
 import pytest
@@ -81,6 +80,7 @@ def test_an_update_far_larger_than_the_others_is_dropped_and_recorded(make_reply
     # Assert
     assert list(strategy.dropped_replies) == [14]
     assert "robust standard deviations above the median" in strategy.dropped_replies[14]
+    assert any("dropping the reply of node 14" in r.getMessage() for r in flwr_records.records)
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 1.0], rtol=1e-6)
 
 

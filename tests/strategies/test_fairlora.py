@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord
 
 from medfed.strategies import FairLoRA, StrategyError
