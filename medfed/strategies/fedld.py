@@ -83,9 +83,15 @@ def principal_gradient_aggregate(
     5. the global update is the mean of the rebuilt updates.
 
     (Step 3 cannot change step 4, which only sees ``sign(<Delta_i, v_j>) v_j``; it is
-    kept to follow the paper.) The mean in step 5 is computed as
-    ``sum_j c_j v_j / ||v_j||`` with ``c_j = (s_j / sum s) * mean_i ||Delta_i|| sign(.)``,
-    which needs no ``m x d`` array of rebuilt updates.
+    kept to follow the paper.)
+
+    Everything but the last step follows from the ``m x m`` Gram matrix, because
+    ``G u_j = s_j u_j``: ``||Delta_i||^2 = m G_ii``, ``<Delta_i, v_j> = m s_j u_ij`` and
+    ``||v_j||^2 = m s_j``. The mean of the rebuilt updates is then
+    ``w^T Delta`` with ``w = U_k (c / ||v||)`` and
+    ``c_j = (s_j / sum s) * mean_i ||Delta_i|| sign(<Delta_i, v_j>)``: two passes over
+    the updates (Gram matrix, final combination), no ``m x d`` intermediate besides
+    the stacked updates.
 
     Parameters
     ----------
@@ -121,24 +127,22 @@ def principal_gradient_aggregate(
 
     gram = (delta @ delta.T).astype(np.float64) / m  # [m, m]
     u, s, _ = np.linalg.svd(gram, hermitian=True)
+    s = np.clip(s, 0.0, None)  # round-off can make the smallest slightly negative
     if s.sum() <= 0:  # every update is zero
         return np.zeros(shape, dtype=dtype)
     k = max(1, int(np.floor(m * k_proportion)))
-    directions = (delta.T @ u[:, :k].astype(work)).T  # [k, d]
-    projections = (delta @ directions.T).astype(np.float64)  # [m, k]: <Delta_i, v_j>
+    u_k, s_k = u[:, :k], s[:k]
+    projections = m * u_k * s_k  # [m, k]: <Delta_i, v_j> with v_j = Delta^T u_j
     flip = (projections < 0).sum(axis=0) > m / 2
     signs = np.where(flip, -1.0, 1.0)
-    directions *= signs[:, None].astype(work)
-    projections *= signs[None, :]
+    u_k, projections = u_k * signs, projections * signs
 
-    update_norms = np.linalg.norm(delta.astype(np.float64), axis=1)  # [m]
-    direction_norms = np.linalg.norm(directions.astype(np.float64), axis=1)  # [k]
-    weights = s[:k] / s.sum()
-    coefficients = weights * (update_norms[:, None] * np.sign(projections)).mean(axis=0)  # [k]
-    usable = direction_norms > 0
-    scale = np.zeros(k)
-    scale[usable] = coefficients[usable] / direction_norms[usable]
-    return (scale.astype(work) @ directions).reshape(shape).astype(dtype)
+    update_norms = np.sqrt(np.clip(m * np.diag(gram), 0.0, None))  # [m]
+    direction_norms = np.sqrt(m * s_k)  # [k]
+    coefficients = (s_k / s.sum()) * (update_norms[:, None] * np.sign(projections)).mean(axis=0)  # [k]
+    scale = np.divide(coefficients, direction_norms, out=np.zeros(k), where=direction_norms > 0)
+    site_weights = u_k @ scale  # [m]: the result is sum_i site_weights_i Delta_i
+    return (site_weights.astype(work) @ delta).reshape(shape).astype(dtype)
 
 
 @register_strategy("fedld")
