@@ -175,12 +175,14 @@ def create_strategy(
             0 if fraction_evaluate == 0 else max(1, math.ceil(fraction_evaluate * num_sites))
         ),
     }
-    if num_rounds is not None:
-        derived["num_rounds"] = num_rounds
     # Sites with a single class report AUC = NaN; don't let one poison the mean.
     derived["train_metrics_aggr_fn"] = aggregate_metrics_ignoring_nan
     derived["evaluate_metrics_aggr_fn"] = aggregate_metrics_ignoring_nan
-    kwargs = {key: value for key, value in derived.items() if key in accepted}
+    # A constructor with **kwargs (FedLD, FairLoRA) hands them to Flower's FedAvg, which
+    # takes every key above; ``num_rounds`` only goes where it is named.
+    kwargs = {key: value for key, value in derived.items() if key in accepted or takes_any}
+    if num_rounds is not None and "num_rounds" in accepted:
+        kwargs["num_rounds"] = num_rounds
     kwargs.update(_typed_params(name, factory, params))
 
     missing = [

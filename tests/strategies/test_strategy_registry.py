@@ -51,6 +51,10 @@ def clean_registry(monkeypatch):
         ("fedadagrad", flwr_strategy.FedAdagrad),
         ("fedavgm", flwr_strategy.FedAvgM),
         ("fedmedian", flwr_strategy.FedMedian),
+        ("fedbn", strategies.FedBN),
+        ("fedld", strategies.FedLD),  # takes **kwargs: the sizes must still reach FedAvg
+        ("fairlora", strategies.FairLoRA),
+        ("local", strategies.local.LocalOnly),
     ],
 )
 def test_each_name_builds_its_class_sized_for_the_federation(name, cls):
@@ -65,6 +69,7 @@ def test_each_name_builds_its_class_sized_for_the_federation(name, cls):
     assert strategy.fraction_train == 0.5
     assert strategy.fraction_evaluate == 0.25
     assert strategy.weighted_by_key == "num-examples"
+    assert strategy.evaluate_metrics_aggr_fn is registry_module.aggregate_metrics_ignoring_nan
 
 
 def test_list_strategies_is_sorted_and_complete():
@@ -288,3 +293,9 @@ def test_package_exports_the_agreed_api():
         "load_strategy_state",
         "FedAvg",
     }
+
+
+def test_num_rounds_reaches_only_strategies_that_name_it():
+    fairlora = create_strategy("fairlora", {}, num_sites=3, num_rounds=7)
+    fedld = create_strategy("fedld", {}, num_sites=3, num_rounds=7)  # would fail if passed on
+    assert fairlora.num_rounds == 7 and not hasattr(fedld, "num_rounds")
