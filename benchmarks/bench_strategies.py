@@ -103,7 +103,9 @@ def main() -> None:
 
     base = load_config(args.config, args.overrides)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="medfed-bench-strategies-"))
-    order = ["fedavg", *[s for s in args.strategies if s != "fedavg"]]  # FedAvg first: FairLoRA's backbone
+    needs_fedavg = "fedavg" in args.strategies or ("fairlora" in args.strategies and args.backbone is None)
+    # FedAvg first: without --backbone it is FairLoRA's backbone.
+    order = (["fedavg"] if needs_fedavg else []) + [s for s in args.strategies if s != "fedavg"]
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in order}
     for seed in args.seeds:
         for label in order:
@@ -118,7 +120,7 @@ def main() -> None:
             )
             start = time.perf_counter()
             threads = torch.get_num_threads()
-            run_dir = run_local(cfg)
+            run_dir = run_local(cfg, resume=(work / cfg.name / "model.safetensors").exists())
             torch.set_num_threads(threads)
             metrics = {**run_metrics(run_dir), "seed": seed, "wall_s": round(time.perf_counter() - start, 1)}
             results[label].append(metrics)
