@@ -61,6 +61,10 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
         raise PretrainedError(f"model.init_from: cannot read {file}: {error}.") from error
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
+    for key in own:
+        # Federated runs store 0-d entries (BatchNorm counters) with shape (1,).
+        if key in state and own[key].dim() == 0 and tuple(state[key].shape) == (1,):
+            state[key] = state[key].reshape(())
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or wrong:
         what = f"lacks {missing[:3]}" if missing else f"has {wrong[0]!r} of shape {tuple(state[wrong[0]].shape)}"
