@@ -32,7 +32,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="pooled (centralised) training: the upper bound a federation is compared with",
         description="Train a MedViTV2 variant on one dataset's pooled training split, select the epoch "
-        "by validation AUC and report test ACC/AUC.",
+        "by the mean of validation ACC and AUC (averaged over a trailing window of epochs) and report "
+        "test ACC/AUC.",
     )
     p.add_argument("--dataset", default="breastmnist", help="MedMNIST 2D flag (default: breastmnist)")
     p.add_argument("--data-root", default=None, help="folder with the official .npz files (default: the embedded BreastMNIST)")
@@ -46,6 +47,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", default=train.optimizer, choices=("adamw", "sgd"))
     p.add_argument("--lr", type=_positive(float), default=train.lr)
     p.add_argument("--weight-decay", type=float, default=train.weight_decay)
+    p.add_argument("--loss-weighting", default=None, choices=("none", "sqrt", "balanced"),
+                   help="class weighting of the loss (default: balanced)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--hflip-p", type=float, default=None,
+                   help="mirroring probability in training (default: 0.5)")
+    p.add_argument("--selection-window", type=_positive(int), default=None,
+                   help="epochs averaged when selecting the epoch by validation (default: epochs // 10, 1..5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--out", default="runs/train", help="run folder for model.safetensors and metrics.json")
@@ -61,9 +69,12 @@ def _run_train(args: argparse.Namespace) -> None:
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, weight_decay=args.weight_decay,
     )
+    recipe = {"label_smoothing": args.label_smoothing, "hflip_p": args.hflip_p, "selection_window": args.selection_window}
+    if args.loss_weighting is not None:
+        recipe["loss_weighting"] = args.loss_weighting
     train_pooled(
         dataset=args.dataset, data_root=args.data_root, model_name=model, img_size=args.img_size,
-        settings=settings, out_dir=args.out, seed=args.seed, device=args.device,
+        settings=settings, out_dir=args.out, seed=args.seed, device=args.device, **recipe,
     )
 
 

@@ -3,6 +3,12 @@
 ``medfed train`` trains one MedViTV2 variant on all of a dataset's training
 split, picks the epoch by validation ACC and AUC (never by test), and reports test
 metrics of that epoch.
+
+MedMNIST validation splits can be small (78 images in BreastMNIST, 120 in
+RetinaMNIST), so a single epoch's validation score is noisy and often peaks by luck in
+the first epochs. The epoch is therefore chosen by the mean score of the last
+``selection_window`` epochs (a trailing moving average; the weights are those of the
+window's last epoch), and only once a full window has been seen.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medfed.client.task import (
+    DEFAULT_LOSS_WEIGHTING,
     TrainSettings,
     evaluate,
     get_weights,
@@ -29,11 +37,16 @@ from medfed.client.task import (
     select_device,
     train_epoch,
 )
-from medfed.data import load_medmnist, train_augmentation
+from medfed.data import default_hflip_p, load_medmnist, train_augmentation
 from medfed.models import create_model
 from medfed.server.checkpoint import save_arrays
 
-__all__ = ["train_pooled"]
+__all__ = ["train_pooled", "default_selection_window"]
+
+
+def default_selection_window(epochs: int) -> int:
+    """Epochs averaged for selection: a tenth of the run, between 1 and 5."""
+    return min(5, max(1, epochs // 10))
 
 
 def _jsonable(metrics: dict) -> dict:
@@ -51,8 +64,21 @@ def train_pooled(
     seed: int = 0,
     device: str | None = None,
     console: Console | None = None,
+    loss_weighting: str = DEFAULT_LOSS_WEIGHTING,
+    label_smoothing: float = 0.0,
+    hflip_p: float | None = None,
+    selection_window: int | None = None,
+    on_epoch: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> dict:
     """Train on the pooled training split; select by validation (ACC + AUC) / 2; test once.
+
+    ``loss_weighting`` and ``label_smoothing`` go to :func:`medfed.client.task.make_loss`;
+    ``hflip_p`` (``None``: :func:`medfed.data.default_hflip_p` of the dataset) is the
+    mirroring probability of the training augmentation, and predictions average the
+    mirror only when training mirrors; ``selection_window`` (``None``:
+    :func:`default_selection_window`) is the trailing window of the epoch selection;
+    ``on_epoch(epoch, model)`` is called after each epoch's validation (benchmarks use
+    it to follow test metrics; selection never sees them).
 
     Writes ``out_dir/model.safetensors`` (the selected weights) and
     ``out_dir/metrics.json`` ``{"test": {...}, "val": {...}, "best_epoch": int,
@@ -68,14 +94,20 @@ def train_pooled(
     dev = select_device(device)
     splits = load_medmnist(dataset, data_root, size=img_size)
     info = splits["train"].info
-    train_set = splits["train"].with_transform(train_augmentation(img_size))
+    hflip_p = default_hflip_p(dataset) if hflip_p is None else hflip_p
+    mirror = hflip_p > 0
+    window = default_selection_window(settings.epochs) if selection_window is None else selection_window
+    window = max(1, min(window, settings.epochs))
+    train_set = splits["train"].with_transform(train_augmentation(img_size, hflip_p=hflip_p))
     model = create_model(model_name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=img_size).to(dev)
     loaders = {
         "train": make_loader(train_set, settings.batch_size, shuffle=True, seed=seed),
         "val": make_loader(splits["val"], 256, shuffle=False),
         "test": make_loader(splits["test"], 256, shuffle=False),
     }
-    loss_fn = make_loss(info.task, splits["train"].class_counts())
+    loss_fn = make_loss(
+        info.task, splits["train"].class_counts(), weighting=loss_weighting, label_smoothing=label_smoothing
+    )
     optimizer = make_optimizer(model, settings)
     steps = settings.epochs * len(loaders["train"])
     scheduler = make_scheduler(optimizer, steps, warmup_steps=min(len(loaders["train"]), steps // 10))
@@ -84,7 +116,7 @@ def train_pooled(
         f"{len(splits['test'])} test, {img_size} px) on {dev}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
     )
-    best_score, best_epoch, best_state, history = -float("inf"), 0, None, []
+    best_score, best_epoch, best_state, history, scores = -float("inf"), 0, None, [], []
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -95,21 +127,24 @@ def train_pooled(
                 model, loaders["train"], loss_fn, optimizer, task=info.task, device=dev,
                 scheduler=scheduler, on_batch=lambda *_batch: progress.advance(bar),
             )
-            val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev)
+            val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev, mirror=mirror)
             # The mean of the two metrics MedMNIST reports: AUC alone can pick an
             # epoch whose decision threshold is off (high AUC, poor ACC).
-            score = (val["acc"] + val["auc"]) / 2 if val["auc"] == val["auc"] else val["acc"]
-            improved = score > best_score
+            scores.append((val["acc"] + val["auc"]) / 2 if val["auc"] == val["auc"] else val["acc"])
+            score = sum(scores[-window:]) / window
+            improved = len(scores) >= window and score > best_score
             if improved:
                 best_score, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
+            if on_epoch is not None:
+                on_epoch(epoch, model)
             history.append({"epoch": epoch, "train_loss": fit["loss"], **_jsonable({k: v for k, v in val.items() if k not in ("confusion", "groups")})})
             progress.console.print(
                 f"epoch {epoch:3d}  loss {fit['loss']:.4f}  val acc {val['acc']:.4f} auc {val['auc']:.4f}"
                 + ("  *" if improved else "")
             )
     model.load_state_dict(best_state)
-    val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev)
-    test = evaluate(model, loaders["test"], loss_fn, task=info.task, device=dev)
+    val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev, mirror=mirror)
+    test = evaluate(model, loaders["test"], loss_fn, task=info.task, device=dev, mirror=mirror)
     save_arrays(out_dir / "model.safetensors", get_weights(model))
     result = {
         "test": _jsonable(test),
@@ -119,12 +154,13 @@ def train_pooled(
         "history": history,
         "config": {
             "dataset": dataset, "model": model_name, "img_size": img_size, "seed": seed,
-            "device": str(dev), **asdict(settings),
+            "device": str(dev), **asdict(settings), "loss_weighting": loss_weighting,
+            "label_smoothing": label_smoothing, "hflip_p": hflip_p, "selection_window": window,
         },
     }
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     console.print(
-        f"best epoch {best_epoch} by val (ACC + AUC) / 2; [bold]test ACC {test['acc']:.4f} AUC {test['auc']:.4f}[/] "
+        f"best epoch {best_epoch} by val (ACC + AUC) / 2 over {window} epoch(s); [bold]test ACC {test['acc']:.4f} AUC {test['auc']:.4f}[/] "
         f"(balanced acc {test['balanced_acc']:.4f}); saved to {out_dir}"
     )
     return result

@@ -27,6 +27,28 @@ def test_train_writes_selected_model_and_metrics(tiny_root, tmp_path, capsys):
     assert "test ACC" in capsys.readouterr().out
 
 
+def test_train_selects_only_after_a_full_window_and_records_the_recipe(tiny_root, tmp_path):
+    # Prepare: a 2-epoch trailing window over 3 epochs can only pick epoch 2 or 3.
+    out = tmp_path / "run"
+    # Execute
+    with pytest.warns(UserWarning, match="breastmnist"):
+        code = main(["train", "--data-root", str(tiny_root), "--epochs", "3", "--batch-size", "8",
+                     "--selection-window", "2", "--loss-weighting", "none", "--hflip-p", "0", "--out", str(out)])
+    # Assert
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_epoch"] in (2, 3)
+    assert metrics["config"]["selection_window"] == 2
+    assert metrics["config"]["loss_weighting"] == "none"
+    assert metrics["config"]["hflip_p"] == 0.0
+
+
+def test_default_selection_window_is_a_tenth_of_the_run_between_1_and_5():
+    from medfed.train import default_selection_window
+
+    assert [default_selection_window(e) for e in (1, 9, 20, 30, 100, 300)] == [1, 1, 2, 3, 5, 5]
+
+
 def test_train_on_a_missing_dataset_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     import medfed.data.medmnist_files as files
 

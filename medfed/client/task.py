@@ -26,6 +26,7 @@ __all__ = [
     "seed_everything",
     "make_loader",
     "make_loss",
+    "LOSS_WEIGHTINGS",
     "make_optimizer",
     "make_scheduler",
     "cosine_factor",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 MULTI_LABEL = "multi-label, binary-class"
+
+#: Default class weighting of the training loss (see :func:`make_loss`).
+DEFAULT_LOSS_WEIGHTING = "balanced"
 
 
 _DEFAULTS = TrainConfig()  # the experiment config is the one source of default values
@@ -95,23 +99,48 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     )
 
 
-def make_loss(task: str, class_counts: np.ndarray | None = None) -> nn.Module:
-    """Cross-entropy (BCE for multi-label), weighted to balance classes.
+#: Class weightings of :func:`make_loss`.
+LOSS_WEIGHTINGS = ("none", "sqrt", "balanced")
 
-    Medical sets are often imbalanced (the shared PneumoniaMNIST train split has
-    9x more pneumonia than normal images), so classes are weighted by
-    ``n / (C * n_c)`` (scikit-learn's "balanced"). Multi-label tasks keep an
-    unweighted BCE, as MedMNIST's baselines do.
+
+def make_loss(
+    task: str,
+    class_counts: np.ndarray | None = None,
+    *,
+    weighting: str = DEFAULT_LOSS_WEIGHTING,
+    label_smoothing: float = 0.0,
+) -> nn.Module:
+    """Cross-entropy (BCE for multi-label), optionally weighted by class frequency.
+
+    Parameters
+    ----------
+    task : str
+        MedMNIST task string; multi-label tasks get an unweighted BCE, as MedMNIST's
+        baselines do.
+    class_counts : array of int, optional
+        Training samples per class ``[C]``; needed for a weighting other than "none".
+    weighting : {"none", "sqrt", "balanced"}
+        Class ``c`` (``n_c`` samples of ``n``) is weighted by 1, by ``sqrt(n / (C n_c))``
+        or by ``n / (C n_c)`` (scikit-learn's "balanced"); the mean-reduced loss divides
+        by the targets' summed weights, so only ratios matter. "balanced" optimises
+        balanced accuracy, which moves
+        the decision threshold away from the class prior that plain ACC rewards.
+    label_smoothing : float
+        Cross-entropy label smoothing in ``[0, 1)``.
     """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"Unknown loss weighting {weighting!r}. Expected one of {list(LOSS_WEIGHTINGS)}.")
     if task == MULTI_LABEL:
         return nn.BCEWithLogitsLoss()
     weight = None
-    if class_counts is not None:
+    if class_counts is not None and weighting != "none":
         counts = np.asarray(class_counts, dtype=np.float64)
         present = counts > 0
         balanced = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+        if weighting == "sqrt":
+            balanced = np.sqrt(balanced)
         weight = torch.tensor(balanced, dtype=torch.float32)
-    return nn.CrossEntropyLoss(weight=weight)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -220,9 +249,14 @@ def predict(
     *,
     task: str,
     device: torch.device,
+    mirror: bool = True,
     forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, ...]:
-    """Probabilities, labels and groups over a loader, averaged over horizontal mirroring.
+    """Probabilities, labels and groups over a loader.
+
+    With ``mirror`` (for models trained on mirrored images too) the logits are the mean
+    over each image and its horizontal mirror: a cheap, steadier estimate. ``forward``
+    as in :func:`train_epoch` (a strategy's hook: FairLoRA passes the group ids).
 
     Returns:
         ``(y_score [N, C], y_true [N] or [N, L], groups [N], logits [N, C])``;
@@ -235,10 +269,9 @@ def predict(
     for images, labels, group in loader:
         images = images.to(device)
         with _autocast(device):
-            # Training mirrors images (train_augmentation), so the prediction is the
-            # mean over the image and its mirror: a cheap, steadier estimate.
-            mirrored = torch.flip(images, dims=[3])
-            logits = 0.5 * (forward(model, images, group).float() + forward(model, mirrored, group).float())
+            logits = forward(model, images, group).float()
+            if mirror:
+                logits = 0.5 * (logits + forward(model, torch.flip(images, dims=[3]), group).float())
         scores.append(scores_from_logits(logits, task))
         logits_all.append(logits.cpu())
         trues.append(labels.numpy())
@@ -274,11 +307,11 @@ def evaluate(
     *,
     task: str,
     device: torch.device,
+    mirror: bool = True,
     forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
-    """Loss plus :func:`prediction_metrics` on a loader (one pass, mirrored; ``forward`` as in
-    :func:`train_epoch`)."""
-    y_score, y_true, groups, logits = predict(model, loader, task=task, device=device, forward=forward)
+    """Loss plus :func:`prediction_metrics` on a loader (one pass; see :func:`predict`)."""
+    y_score, y_true, groups, logits = predict(model, loader, task=task, device=device, mirror=mirror, forward=forward)
     targets = _targets(torch.as_tensor(y_true), task)
     loss = float(loss_fn.cpu()(logits, targets))
     return {"loss": loss, **prediction_metrics(task, y_true, y_score, groups)}

@@ -4,7 +4,7 @@ Knows nothing of federation: imports numpy, torch, Pillow, medmnist (metadata on
 scikit-learn, never flwr or medfed's client, server or simulation parts.
 """
 
-from .dataset import ImageDataset, TrainAugmentation, train_augmentation
+from .dataset import ImageDataset, TrainAugmentation, default_hflip_p, train_augmentation
 from .errors import DatasetNotFoundError, DatasetSizeWarning, DatasetValidationError
 from .info import DatasetInfo, dataset_info
 from .medmnist_files import default_data_root, load_medmnist, medmnist_filename, medmnist_url
@@ -21,6 +21,7 @@ __all__ = [
     "group_metrics",
     "equity_scaled",
     "train_augmentation",
+    "default_hflip_p",
     "TrainAugmentation",
     "DatasetNotFoundError",
     "DatasetValidationError",

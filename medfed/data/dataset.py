@@ -18,7 +18,13 @@ from torch.utils.data import Dataset
 from .errors import DatasetValidationError
 from .info import DatasetInfo
 
-__all__ = ["ImageDataset", "TrainAugmentation", "train_augmentation", "UNKNOWN_GROUP"]
+__all__ = ["ImageDataset", "TrainAugmentation", "default_hflip_p", "train_augmentation", "UNKNOWN_GROUP"]
+
+#: Datasets whose images are not mirrored in training. Chest radiographs have a
+#: laterality (heart on the left) that a mirror breaks, but whether that hurts
+#: PneumoniaMNIST's labels is not yet measured (benchmarks/bench_recipe.py --ablation
+#: mirror no-mirror), so none is listed: every dataset is mirrored, as before.
+NO_MIRROR_DATASETS: frozenset[str] = frozenset()
 
 #: Group id of a sample whose patient group is not known.
 UNKNOWN_GROUP = -1
@@ -256,6 +262,12 @@ class TrainAugmentation:
             f"TrainAugmentation(max_shift={self.max_shift}, hflip_p={self.hflip_p}, "
             f"padding_mode={self.padding_mode!r})"
         )
+
+
+def default_hflip_p(dataset: str) -> float:
+    """Mirroring probability of the training augmentation for ``dataset``:
+    0 for :data:`NO_MIRROR_DATASETS`, else 0.5."""
+    return 0.0 if dataset in NO_MIRROR_DATASETS else 0.5
 
 
 def train_augmentation(img_size: int, hflip_p: float = 0.5, padding_mode: str = "reflect") -> TrainAugmentation:

@@ -9,9 +9,9 @@ instead of B-splines, reflectional switch activation functions (RSWAF)::
 on a fixed grid ``g_1 < ... < g_G``; a layer maps ``[..., in]`` to
 ``[..., out]`` as ``Linear(flatten(phi(LayerNorm(x))))``.
 
-Difference from FasterKAN's defaults: the bump width ``h`` defaults to the grid
-spacing (so neighbouring bumps overlap by about half), where FasterKAN fixes
-``1 / h = 0.5`` regardless of the grid.
+The grid (8 points on [-2, 2]) and the bump width ``h = 0.33`` are those of the
+FasterKAN copy that the public MedViTV2 code vendors (its ``denominator``; upstream
+FasterKAN's default differs).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class RSWAFBasis(nn.Module):
         grid_min: Smallest grid point.
         grid_max: Largest grid point.
         num_grids: Number of grid points ``G``.
-        width: Bump width ``h``; ``None`` means the grid spacing.
+        width: Bump width ``h`` (the public MedViTV2 code's ``denominator``).
 
     Shapes:
         input ``[..., D]`` -> output ``[..., D, G]``.
@@ -42,14 +42,16 @@ class RSWAFBasis(nn.Module):
         grid_min: float = -2.0,
         grid_max: float = 2.0,
         num_grids: int = 8,
-        width: float | None = None,
+        width: float = 0.33,
     ) -> None:
         super().__init__()
         if num_grids < 2:
             raise ValueError(f"RSWAFBasis needs num_grids >= 2. Got {num_grids}.")
         grid = torch.linspace(grid_min, grid_max, num_grids)
         self.register_buffer("grid", grid, persistent=False)
-        self.inv_width = 1.0 / (width if width is not None else (grid_max - grid_min) / (num_grids - 1))
+        if width <= 0:
+            raise ValueError(f"RSWAFBasis needs width > 0. Got {width}.")
+        self.inv_width = 1.0 / width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = torch.tanh((x.unsqueeze(-1) - self.grid) * self.inv_width)

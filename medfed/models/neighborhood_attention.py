@@ -393,12 +393,22 @@ def neighborhood_attention(
     return _torch_neighborhood_attention(query, key, value, kernel_size, dilation)
 
 
+def _full_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """Every position attends to every position: ``[B, H, W, heads, dim]`` in and out."""
+    batch, height, width, heads, dim = query.shape
+    q, k, v = (t.reshape(batch, height * width, heads, dim).transpose(1, 2) for t in (query, key, value))
+    out = nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch, height, width, heads, dim)
+
+
 class NeighborhoodAttention2D(nn.Module):
     """Multi-head 2-D dilated neighborhood self-attention on channels-last maps.
 
-    The window is clamped to the map at forward time (:func:`clamp_window`), so small maps
-    (1 x 1, 2 x 2, ...) work with a large ``kernel_size``. There is no relative position bias
-    (NATTEN dropped it in 0.20).
+    Where the window covers the whole map (``kernel_size >= max(H, W)``), every query
+    attends to every key: NATTEN's semantics for such a window, computed as plain full
+    attention. Otherwise the window is clamped to the map at forward time
+    (:func:`clamp_window`), for maps narrower than ``kernel_size * dilation``. There is no
+    relative position bias (NATTEN dropped it in 0.20).
 
     Parameters
     ----------
@@ -466,10 +476,15 @@ class NeighborhoodAttention2D(nn.Module):
                 f"NeighborhoodAttention2D expects a [B, H, W, {self.dim}] input. Got shape {tuple(x.shape)}."
             )
         batch, height, width, _ = x.shape
-        kernel_size, dilation = clamp_window(height, width, self.kernel_size, self.dilation)
         qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.unbind(dim=3)
-        out = neighborhood_attention(query, key, value, kernel_size, dilation)
+        if self.kernel_size >= max(height, width):
+            # The window covers the map: NATTEN's semantics give full attention, which
+            # is what a shrunken kernel would not (a 2 x 2 map would clamp to kernel 1).
+            out = _full_attention(query, key, value)
+        else:
+            kernel_size, dilation = clamp_window(height, width, self.kernel_size, self.dilation)
+            out = neighborhood_attention(query, key, value, kernel_size, dilation)
         return self.proj_drop(self.proj(out.reshape(batch, height, width, self.dim)))
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -29,6 +30,16 @@ def test_balanced_class_weights_follow_sklearn_formula():
     # n / (C * n_c): 400 / (2 * 100) = 2, 400 / (2 * 300) = 2/3
     torch.testing.assert_close(loss.weight, torch.tensor([2.0, 2.0 / 3.0]))
     assert isinstance(make_loss("multi-label, binary-class", np.array([3, 4])), nn.BCEWithLogitsLoss)
+
+
+def test_sqrt_and_no_class_weighting_and_label_smoothing():
+    counts = np.array([100, 300])
+    sqrt = make_loss("binary-class", counts, weighting="sqrt")
+    torch.testing.assert_close(sqrt.weight, torch.tensor([2.0, 2.0 / 3.0]).sqrt())
+    assert make_loss("binary-class", counts, weighting="none").weight is None
+    assert make_loss("binary-class", counts, label_smoothing=0.1).label_smoothing == 0.1
+    with pytest.raises(ValueError, match="Unknown loss weighting 'inverse'"):
+        make_loss("binary-class", counts, weighting="inverse")
 
 
 def test_norms_and_biases_get_no_weight_decay():
