@@ -39,11 +39,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None, help="folder with the official .npz files (default: the embedded BreastMNIST)")
     p.add_argument("--model", default="nano", help="variant: nano, tiny, small, base, large (default: nano)")
     p.add_argument("--img-size", type=int, default=28, choices=(28, 64, 128, 224))
+    from medfed.config import TrainConfig
+
+    train = TrainConfig()  # defaults shared with the experiment config's train section
     p.add_argument("--epochs", type=_positive(int), default=100)
-    p.add_argument("--batch-size", type=_positive(int), default=32)
-    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
-    p.add_argument("--lr", type=_positive(float), default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--batch-size", type=_positive(int), default=train.batch_size)
+    p.add_argument("--optimizer", default=train.optimizer, choices=("adamw", "sgd"))
+    p.add_argument("--lr", type=_positive(float), default=train.lr)
+    p.add_argument("--weight-decay", type=float, default=train.weight_decay)
     p.add_argument("--loss-weighting", default=None, choices=("none", "sqrt", "balanced"),
                    help="class weighting of the loss (default: balanced)")
     p.add_argument("--label-smoothing", type=float, default=0.0)

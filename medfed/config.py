@@ -349,11 +349,16 @@ class ModelConfig(_Validated):
     ----------
     name : str
         A name registered in ``medfed.models`` (checked when the model is built).
+    init_from : str or None
+        Start from these weights instead of a random model: a ``model.safetensors``
+        written by ``medfed train`` or ``medfed simulate``, or such a run folder.
+        FairLoRA needs it (its frozen backbone); every site must find the same file.
     """
 
     _prefix: ClassVar[str] = "model."
 
     name: str = _leaf(_Str(), "medvit_v2_nano")
+    init_from: str | None = _leaf(_Optional(_Str()), None)
 
 
 @dataclass(frozen=True)
@@ -410,14 +415,23 @@ class StrategyConfig(_Validated):
         A name from ``medfed.strategies.list_strategies()`` or a
         ``"package.module:ClassName"`` path (checked when the strategy is built).
     params : dict
-        Keyword arguments of that strategy. A plain dict: ``frozen`` is shallow, do
+        Keyword arguments of that strategy, client-side ones included (FedProx's
+        ``proximal_mu``, FedLD's ``margin_lambda``, FairLoRA's ``rank``...): the
+        strategy sends those to the sites. A plain dict: ``frozen`` is shallow, do
         not mutate it.
+    max_update_norm_z : float or None
+        Drop a training reply whose update norm lies more than this many robust
+        standard deviations above the round's median (>= 3 replies); null: off.
+    clip_update_norm : float or None
+        Scale every site's update down to at most this L2 norm; null: off.
     """
 
     _prefix: ClassVar[str] = "strategy."
 
     name: str = _leaf(_Str(), "fedavg")
     params: dict[str, Any] = _leaf(_Params(), default_factory=dict, hash=False)
+    max_update_norm_z: float | None = _leaf(_Optional(_Float(0.0, low_closed=False)), 6.0)
+    clip_update_norm: float | None = _leaf(_Optional(_Float(0.0, low_closed=False)), None)
 
 
 @dataclass(frozen=True)

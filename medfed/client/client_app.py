@@ -3,8 +3,12 @@
 The same app serves Flower's simulation engine and a deployed SuperNode. The experiment
 comes from ``context.run_config`` (:func:`medfed.config.from_run_config`), the site's
 data from ``context.node_config`` (:func:`medfed.client.site_data.load_site_data`), the
-round's settings from the ConfigRecord the strategy sends. A reply carries the model's
-arrays (train only), one MetricRecord and a ConfigRecord ``"site"`` with the site's
+round's settings from the ConfigRecord the strategy sends. What differs between
+strategies (the model a site builds, how it loads the global arrays, an extra loss,
+which arrays it sends back, what it keeps between rounds) is asked of the strategy's
+client hooks (:func:`medfed.strategies.client_hooks_for`); what a site keeps lives in
+its ``context.state`` and on disk (:mod:`medfed.client.site_state`). A reply carries the
+arrays the hooks send (train only), one MetricRecord and a ConfigRecord ``"site"`` with the site's
 name and wall time: never paths, file names, images or labels. Strategies that validate
 replies (FedAvg) only count ArrayRecords and MetricRecords, so the extra ConfigRecord
 passes.
@@ -29,8 +33,8 @@ server's ``query`` (name, held out) so the server can leave it out of training.
 
 from __future__ import annotations
 
-import functools
 import time
+from collections import OrderedDict
 from logging import INFO
 
 import numpy as np
@@ -40,6 +44,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from medfed.client.site_data import PARTITION_ID_KEY, SiteData, derive_seed, load_site_data, site_role
+from medfed.client.site_state import load_site_state, save_site_state
 from medfed.client.task import (
     TrainSettings, evaluate, make_loader, make_loss, make_optimizer, prediction_metrics, prepare_model,
     round_learning_rate,
@@ -48,7 +53,7 @@ from medfed.client.task import (
 from medfed.config import ExperimentConfig, from_run_config
 from medfed.data import confusion, train_augmentation
 from medfed.data.pooled import score_histograms
-from medfed.models import create_model
+from medfed.strategies import ClientHooks, ModelSpec, client_hooks_for
 from medfed.transfer import decode_arrays, encode_arrays
 
 __all__ = ["app"]
@@ -66,43 +71,58 @@ def train(msg: Message, context: Context) -> Message:
     if site.held_out:
         raise RuntimeError(f"Site {site.name!r} is held out: it only evaluates the global model and never trains.")
     config = msg.content["config"]
+    server_round = int(config["server-round"])
     settings = _train_settings(config, cfg)
-    model = _model(cfg, site, msg, device)
+    hooks = client_hooks_for(cfg.strategy.name)(config)
+    kept = load_site_state(context, site.name, latest_round=server_round - 1)
+    model = _model(cfg, site, hooks, msg, kept, device)
     # Seeded after the model is built: building it draws from the RNG only in a fresh process.
-    seed = derive_seed(cfg.seed, int(config["server-round"]), site.key)
+    seed = derive_seed(cfg.seed, server_round, site.key)
     seed_everything(seed)
     train_set = site.train.with_transform(train_augmentation(cfg.data.img_size))
     loader = make_loader(train_set, settings.batch_size, shuffle=True, seed=seed, device=device,
                          on_device=cfg.train.data_on_device)
     loss_fn = make_loss(site.info.task, site.train.class_counts())
     optimizer = make_optimizer(model, settings)
-    extra_loss = _proximal_term(model, float(config.get("proximal-mu", 0.0)))
+    extra_loss = hooks.extra_loss(model)
     for epoch in range(1, settings.epochs + 1):
         seen = _TrainingPredictions()  # the last epoch's are reported: no second pass
         fit = train_epoch(
             model, loader, loss_fn, optimizer, task=site.info.task, device=device, extra_loss=extra_loss,
             on_batch=seen, precision=cfg.train.precision, channels_last=cfg.train.channels_last,
+            forward=hooks.forward,
         )
         log(INFO, "[%s] round %s epoch %d/%d  loss %.4f",
-            site.name, config["server-round"], epoch, settings.epochs, fit["loss"])
+            site.name, server_round, epoch, settings.epochs, fit["loss"])
     result = {"loss": fit["loss"], **seen.metrics(site.info.task)}
-    metrics = _metric_record(result, len(site.train), with_confusion=False, num_groups=len(cfg.federation.groups))
-    arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    # The hooks' entries first: the site's own metrics win over their defaults.
+    metrics = {
+        **hooks.reply_metrics(site.train.groups),
+        **_metric_record(result, len(site.train), with_confusion=False, num_groups=len(cfg.federation.groups)),
+    }
+    save_site_state(context, site.name, server_round, hooks.local_state(model))
+    arrays = ArrayRecord(hooks.sent_arrays(model))
     return _reply(msg, site, start, metrics, encode_arrays(arrays, cfg.federation.transfer_dtype))
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on the site's test split."""
+    """Evaluate the received global model (with what the site keeps) on the site's test split."""
     start = time.perf_counter()
     cfg, site, device = _setup(context)
-    model = _model(cfg, site, msg, device)
+    config = msg.content["config"]
+    hooks = client_hooks_for(cfg.strategy.name)(config)
+    kept = load_site_state(context, site.name, latest_round=int(config.get("server-round", 0)))
+    model = _model(cfg, site, hooks, msg, kept, device)
     loss_fn = make_loss(site.info.task, site.train.class_counts())
     loader = make_loader(site.test, _EVAL_BATCH, shuffle=False)
     result = evaluate(model, loader, loss_fn, task=site.info.task, device=device, precision=cfg.train.precision,
-                      channels_last=cfg.train.channels_last, keep_predictions=True)
+                      channels_last=cfg.train.channels_last, forward=hooks.forward, keep_predictions=True)
     num_groups = len(cfg.federation.groups)
-    metrics = _metric_record(result, len(site.test), with_confusion=True, num_groups=num_groups)
+    metrics = {
+        **hooks.reply_metrics(site.test.groups),
+        **_metric_record(result, len(site.test), with_confusion=True, num_groups=num_groups),
+    }
     metrics.update(_pooling_counts(site.info.task, *result["predictions"], num_groups))
     return _reply(msg, site, start, metrics)
 
@@ -130,42 +150,48 @@ def _setup(context: Context) -> tuple[ExperimentConfig, SiteData, torch.device]:
     return cfg, site, device
 
 
+#: ConfigRecord keys of the round's local-training settings (sent by the strategy,
+#: from ``server_app.train_config``) -> TrainSettings fields.
+_TRAIN_KEYS = {
+    "local-epochs": ("epochs", int), "batch-size": ("batch_size", int), "optimizer": ("optimizer", str),
+    "lr": ("lr", float), "weight-decay": ("weight_decay", float), "momentum": ("momentum", float),
+}
+
+
 def _train_settings(config: ConfigRecord, cfg: ExperimentConfig) -> TrainSettings:
-    """The round's settings: the strategy's ConfigRecord, else the experiment's;
-    the learning rate decays over the rounds (:func:`round_learning_rate`)."""
-    lr = round_learning_rate(float(config.get("lr", cfg.train.lr)), int(config["server-round"]), cfg.rounds)
-    return TrainSettings(
-        epochs=int(config.get("local-epochs", cfg.train.local_epochs)),
-        batch_size=int(config.get("batch-size", cfg.train.batch_size)),
-        optimizer=str(config.get("optimizer", cfg.train.optimizer)),
-        lr=lr,
-        weight_decay=float(config.get("weight-decay", cfg.train.weight_decay)),
-        momentum=float(config.get("momentum", cfg.train.momentum)),
-    )
+    """The round's settings, from the strategy's ConfigRecord only (one source: the
+    experiment config the server read); the learning rate decays over the rounds
+    (:func:`round_learning_rate`)."""
+    missing = [key for key in _TRAIN_KEYS if key not in config]
+    if missing:
+        raise ValueError(
+            f"The training instruction lacks {missing}; the server sends them from the experiment's 'train' "
+            "section (is it a medfed server of the same version?)."
+        )
+    values = {field: kind(config[key]) for key, (field, kind) in _TRAIN_KEYS.items()}
+    values["lr"] = round_learning_rate(values["lr"], int(config["server-round"]), cfg.rounds)
+    return TrainSettings(**values)
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_model(name: str, num_classes: int, in_chans: int, img_size: int) -> torch.nn.Module:
-    # Built once per process: every message loads all of the model's state anyway.
-    return create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+#: Built models, per process: (hooks class, structure, ModelSpec) -> model. Every message
+#: overwrites all of a model's changing state (global arrays, then what the site kept),
+#: so sites served by one worker share the network but never each other's weights.
+_MODELS: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+_MAX_MODELS = 2
 
 
-def _model(cfg: ExperimentConfig, site: SiteData, msg: Message, device: torch.device) -> torch.nn.Module:
-    model = _cached_model(cfg.model.name, site.info.num_classes, site.info.in_chans, cfg.data.img_size)
-    model.load_state_dict(decode_arrays(msg.content["arrays"]).to_torch_state_dict(), strict=True)
+def _model(
+    cfg: ExperimentConfig, site: SiteData, hooks: ClientHooks, msg: Message, kept: dict, device: torch.device
+) -> torch.nn.Module:
+    spec = ModelSpec(cfg.model.name, site.info.num_classes, site.info.in_chans, cfg.data.img_size, cfg.model.init_from)
+    key = (type(hooks), hooks.model_key(), spec)
+    if key not in _MODELS:
+        _MODELS[key] = hooks.build_model(spec)
+        while len(_MODELS) > _MAX_MODELS:
+            _MODELS.popitem(last=False)
+    model = _MODELS[key]
+    hooks.load_global(model, decode_arrays(msg.content["arrays"]).to_torch_state_dict(), kept)
     return prepare_model(model, device, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
-
-
-def _proximal_term(model: torch.nn.Module, mu: float):
-    """FedProx's ``mu / 2 * ||w - w_global||^2`` as an extra loss, or None when mu is 0."""
-    if mu <= 0:
-        return None
-    anchors = [p.detach().clone() for p in model.parameters()]
-
-    def term(_logits: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
-        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors))
-
-    return term
 
 
 class _TrainingPredictions:

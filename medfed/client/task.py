@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from medfed.config import TrainConfig
 from medfed.data import classification_metrics, confusion, group_metrics
 
 __all__ = [
@@ -45,11 +46,15 @@ MULTI_LABEL = "multi-label, binary-class"
 DEFAULT_LOSS_WEIGHTING = "balanced"
 
 
+_DEFAULTS = TrainConfig()  # the experiment config is the one source of default values
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Local optimisation settings (one site, one round, or a whole pooled run).
 
-    The last four are speed knobs (``train.*`` in the experiment config; measured in
+    Defaults are those of the experiment config's ``train`` section
+    (:class:`medfed.config.TrainConfig`). The last four are speed knobs (measured in
     ``docs/performance.md``): ``precision`` ("auto": bfloat16 autocast on CUDA, float32
     elsewhere; or "float32" / "bfloat16" everywhere), ``channels_last`` (model and
     images in channels-last memory format), ``compile`` (``torch.compile`` the model) and
@@ -57,16 +62,16 @@ class TrainSettings:
     :mod:`medfed.client.device_loader`).
     """
 
-    epochs: int = 1
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    precision: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    data_on_device: bool = True
+    epochs: int = _DEFAULTS.local_epochs
+    batch_size: int = _DEFAULTS.batch_size
+    optimizer: str = _DEFAULTS.optimizer
+    lr: float = _DEFAULTS.lr
+    weight_decay: float = _DEFAULTS.weight_decay
+    momentum: float = _DEFAULTS.momentum
+    precision: str = _DEFAULTS.precision
+    channels_last: bool = _DEFAULTS.channels_last
+    compile: bool = _DEFAULTS.compile
+    data_on_device: bool = _DEFAULTS.data_on_device
 
 
 def select_device(preferred: str | None = None) -> torch.device:
@@ -239,6 +244,7 @@ def train_epoch(
     on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     precision: str = "auto",
     channels_last: bool = False,
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean training loss.
 
@@ -249,6 +255,8 @@ def train_epoch(
         on_batch: Called after every step with ``(logits, labels, groups)`` (detached):
             progress display, or metrics of the training pass without a second pass.
         precision, channels_last: Speed knobs (:class:`TrainSettings`).
+        forward: Optional ``f(model, images, groups) -> logits`` replacing
+            ``model(images)`` (a strategy's hook: FairLoRA passes the group ids).
     """
     model.train()
     loss_fn = loss_fn.to(device)
@@ -257,7 +265,7 @@ def train_epoch(
         images = images.to(device, non_blocking=True, memory_format=_memory_format(channels_last))
         targets = _targets(labels, task).to(device)
         with _autocast(device, precision):
-            logits = model(images)
+            logits = model(images) if forward is None else forward(model, images, _groups)
             loss = loss_fn(logits.float(), targets)
             if extra_loss is not None:
                 loss = loss + extra_loss(logits.float(), targets)
@@ -280,27 +288,37 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: Iterable, *, task: str, device: torch.device, mirror: bool = True,
-    precision: str = "auto", channels_last: bool = False,
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    task: str,
+    device: torch.device,
+    mirror: bool = True,
+    precision: str = "auto",
+    channels_last: bool = False,
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Probabilities, labels and groups over a loader.
 
     With ``mirror`` (for models trained on mirrored images too) the logits are the mean
     over each image and its horizontal mirror: a cheap, steadier estimate.
-    ``precision`` and ``channels_last`` are speed knobs (:class:`TrainSettings`).
+    ``precision`` and ``channels_last`` are speed knobs (:class:`TrainSettings`); ``forward``
+    as in :func:`train_epoch` (a strategy's hook: FairLoRA passes the group ids).
 
     Returns:
         ``(y_score [N, C], y_true [N] or [N, L], groups [N], logits [N, C])``;
         scores are softmax probabilities (sigmoid for multi-label).
     """
     model.eval()
+    if forward is None:
+        forward = _plain_forward
     scores, trues, groups, logits_all = [], [], [], []
     for images, labels, group in loader:
         images = images.to(device, memory_format=_memory_format(channels_last))
         with _autocast(device, precision):
-            logits = model(images).float()
+            logits = forward(model, images, group).float()
             if mirror:
-                logits = 0.5 * (logits + model(torch.flip(images, dims=[3])).float())
+                logits = 0.5 * (logits + forward(model, torch.flip(images, dims=[3]), group).float())
         scores.append(scores_from_logits(logits, task))
         logits_all.append(logits.cpu())
         trues.append(labels.numpy())
@@ -308,6 +326,10 @@ def predict(
     if not scores:
         raise ValueError("Cannot evaluate on an empty dataset.")
     return np.concatenate(scores), np.concatenate(trues), np.concatenate(groups), torch.cat(logits_all)
+
+
+def _plain_forward(model: nn.Module, images: torch.Tensor, _groups: torch.Tensor) -> torch.Tensor:
+    return model(images)
 
 
 def scores_from_logits(logits: torch.Tensor, task: str) -> np.ndarray:
@@ -326,8 +348,17 @@ def prediction_metrics(task: str, y_true: np.ndarray, y_score: np.ndarray, group
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable, loss_fn: nn.Module, *, task: str, device: torch.device, mirror: bool = True,
-    precision: str = "auto", channels_last: bool = False, keep_predictions: bool = False,
+    model: nn.Module,
+    loader: Iterable,
+    loss_fn: nn.Module,
+    *,
+    task: str,
+    device: torch.device,
+    mirror: bool = True,
+    precision: str = "auto",
+    channels_last: bool = False,
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    keep_predictions: bool = False,
 ) -> dict:
     """Loss plus :func:`prediction_metrics` on a loader (one pass; see :func:`predict`).
 
@@ -335,7 +366,7 @@ def evaluate(
     ``(y_true, y_score, groups)`` as :func:`predict` returns them.
     """
     y_score, y_true, groups, logits = predict(model, loader, task=task, device=device, mirror=mirror,
-                                              precision=precision, channels_last=channels_last)
+                                              precision=precision, channels_last=channels_last, forward=forward)
     targets = _targets(torch.as_tensor(y_true), task)
     loss = float(loss_fn.cpu()(logits, targets))
     result = {"loss": loss, **prediction_metrics(task, y_true, y_score, groups)}

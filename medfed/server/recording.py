@@ -97,6 +97,8 @@ class RoundRecorder:
         self._bytes_sent = 0
         self._bytes_received = 0
         self._aggregates: dict[str, dict[str, float]] = {}
+        self._dropped: dict[int, str] = {}
+        self._site_names: dict[int, str] = {}
 
     def round_started(self, server_round: int) -> None:
         """Start the clock and the counters of ``server_round`` (true round number)."""
@@ -114,6 +116,10 @@ class RoundRecorder:
             }
             self._aggregates[phase] = {**aggregate, **_equity_scaled(aggregate)}
 
+    def dropped(self, reasons: Mapping[int, str]) -> None:
+        """Keep the strategy's dropped training replies (node id -> reason) for the round line."""
+        self._dropped = dict(reasons)
+
     def record_exchange(self, phase: str, sent: Mapping[int, int], replies: list[Message]) -> None:
         """Write one ``"site"`` line per reply and add the bytes to the round's counters."""
         self._bytes_sent += sum(sent.values())
@@ -123,6 +129,7 @@ class RoundRecorder:
                 log(WARNING, "Round %d %s: node %d replied with an error: %s",
                     self.server_round, phase, node_id, reply.error.reason)
                 continue
+            self._site_names[node_id] = site_name(reply)
             received = payload_bytes(reply.content)
             self._bytes_received += received
             self.log.write(self._site_record(phase, reply, sent.get(node_id, 0), received))
@@ -165,6 +172,12 @@ class RoundRecorder:
             **{phase: self._aggregates.get(phase, {}) for phase in ("train", "evaluate")},
             **{phase: self._aggregates[phase] for phase in ("evaluate_pooled", "held_out") if phase in self._aggregates},
         }
+        if self._dropped:
+            # Which sites' training replies the strategy left out, and why.
+            record["dropped"] = [
+                {"site": self._site_names.get(node, f"node-{node}"), "reason": reason}
+                for node, reason in self._dropped.items()
+            ]
         self.log.write(record)
         self.history.append(record)
         train, evaluate = record["train"], record["evaluate"]

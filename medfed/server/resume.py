@@ -117,6 +117,7 @@ class RoundOffsetStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = self.strategy.aggregate_train(server_round + self.offset, replies)
         self.recorder.aggregated("train", metrics)
+        self.recorder.dropped(getattr(self.strategy, "dropped_replies", {}))
         return arrays, metrics
 
     def configure_evaluate(

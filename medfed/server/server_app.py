@@ -28,7 +28,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from medfed.config import ExperimentConfig, config_to_dict, from_run_config
 from medfed.data import dataset_info
-from medfed.models import create_model
 from medfed.server.checkpoint import save_arrays, save_checkpoint
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.report import MetricsLog, build_report, print_summary
@@ -36,9 +35,10 @@ from medfed.server.transfer import TransferGrid
 from medfed.server.resume import (
     CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RoundOffsetStrategy, get_rng_state, prepare_run_dir, set_rng_state,
 )
-from medfed.strategies import create_strategy, load_strategy_state, strategy_state
+from medfed.strategies import ModelSpec, ReplyPolicy, create_strategy, load_strategy_state, strategy_state
+from medfed.strategies.base import MedfedStrategy
 
-__all__ = ["RESUME_KEY", "RUN_DIR_KEY", "app", "read_run_config"]
+__all__ = ["RESUME_KEY", "RUN_DIR_KEY", "app", "build_strategy", "initial_model_arrays", "read_run_config"]
 
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
@@ -54,11 +54,8 @@ def main(grid: Grid, context: Context) -> None:
     log = MetricsLog(run_dir / METRICS_FILE)
     recorder = RoundRecorder(log, task=dataset_info(cfg.data.dataset).task)
     recorder.history = start.history
-    reference = initial_model_arrays(cfg)
-    strategy = create_strategy(
-        cfg.strategy.name, cfg.strategy.params, num_sites=cfg.federation.num_sites,
-        fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate,
-    )
+    strategy = build_strategy(cfg)
+    reference = initial_model_arrays(cfg, strategy)
     if start.checkpoint is not None:
         load_strategy_state(strategy, start.checkpoint.strategy_state)
         set_rng_state(start.checkpoint.state["rng"])
@@ -136,14 +133,28 @@ def _site_facts(cfg: ExperimentConfig, held_out_nodes: dict[int, str]) -> dict[s
     return facts
 
 
-def initial_model_arrays(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
-    """The seeded initial global model's state, built from the dataset's metadata only."""
-    info = dataset_info(cfg.data.dataset)
-    torch.manual_seed(cfg.seed)
-    model = create_model(
-        cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size
+def build_strategy(cfg: ExperimentConfig) -> MedfedStrategy:
+    """The experiment's strategy plug-in, sized for the federation, with its reply policy."""
+    return create_strategy(
+        cfg.strategy.name, cfg.strategy.params, num_sites=cfg.federation.num_sites,
+        fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate,
+        num_rounds=cfg.rounds,
+        reply_policy=ReplyPolicy(cfg.strategy.max_update_norm_z, cfg.strategy.clip_update_norm),
     )
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def initial_model_arrays(cfg: ExperimentConfig, strategy: MedfedStrategy | None = None) -> dict[str, np.ndarray]:
+    """The seeded initial global arrays, built from the dataset's metadata only.
+
+    The strategy's client hooks decide what they are: the whole model (from
+    ``model.init_from`` when set), or FairLoRA's adapters and head.
+    """
+    info = dataset_info(cfg.data.dataset)
+    strategy = strategy if strategy is not None else build_strategy(cfg)
+    hooks = strategy.client_hooks(strategy.client_params())
+    spec = ModelSpec(cfg.model.name, info.num_classes, info.in_chans, cfg.data.img_size, cfg.model.init_from)
+    torch.manual_seed(cfg.seed)
+    return {k: v.detach().cpu().numpy().copy() for k, v in hooks.initial_arrays(spec).items()}
 
 
 def train_config(cfg: ExperimentConfig) -> ConfigRecord:

@@ -31,6 +31,8 @@ continues with ``--resume``.
 
 from __future__ import annotations
 
+import shutil
+
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -147,7 +149,9 @@ def run_local(
         The run directory.
     """
     from medfed.client.site_data import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+    from medfed.client.site_state import SITE_STATE_DIR_KEY
     from medfed.server.server_app import RESUME_KEY, RUN_DIR_KEY
+    from medfed.simulation.run import SITE_STATE_FOLDER
 
     if server_app is None:
         from medfed.server.server_app import app as server_app
@@ -161,7 +165,10 @@ def run_local(
     from medfed.sites.preview import preview_run_sites
 
     preview_run_sites(cfg, run_dir)
-    grid = LocalGrid(client_app, node_configs, to_run_config(cfg))
+    client_run_config = {**to_run_config(cfg), SITE_STATE_DIR_KEY: str(run_dir / SITE_STATE_FOLDER)}
+    if not resume:  # a fresh run must not find an older run's site state
+        shutil.rmtree(run_dir / SITE_STATE_FOLDER, ignore_errors=True)
+    grid = LocalGrid(client_app, node_configs, client_run_config)
     server_run_config = {**to_run_config(cfg), RUN_DIR_KEY: str(run_dir), RESUME_KEY: bool(resume)}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)
     import torch

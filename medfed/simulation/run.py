@@ -43,6 +43,8 @@ draws at random at every launch, so which sites take part in a round is not repr
 
 from __future__ import annotations
 
+import shutil
+
 import inspect
 import json
 import os
@@ -52,7 +54,10 @@ from typing import Any
 
 from medfed.config import ExperimentConfig, to_run_config
 
-__all__ = ["app_pyproject", "resolve_engine", "simulate"]
+__all__ = ["SITE_STATE_FOLDER", "app_pyproject", "resolve_engine", "simulate"]
+
+#: Folder of the run directory where simulated sites keep their local state per round.
+SITE_STATE_FOLDER = "site-state"
 
 _SERVER_APP = "medfed.server.server_app:app"
 _CLIENT_APP = "medfed.client.client_app:app"
@@ -109,6 +114,7 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     from flwr.supercore.telemetry import EventType
 
     from medfed.client.client_app import app as client_app
+    from medfed.client.site_state import SITE_STATE_DIR_KEY
     from medfed.server.server_app import RESUME_KEY, RUN_DIR_KEY
     from medfed.sites.profiles import num_nodes
     from medfed.server.server_app import app as server_app
@@ -116,8 +122,11 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     _check_flower_api(_run_simulation)
     server_run_config = {**to_run_config(cfg), RUN_DIR_KEY: str(run_dir), RESUME_KEY: bool(resume)}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)
+    if not resume:  # a fresh run must not find an older run's site state
+        shutil.rmtree(run_dir / SITE_STATE_FOLDER, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="medfed-flower-app-") as app_dir:
-        (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
+        client_run_config = {**to_run_config(cfg), SITE_STATE_DIR_KEY: str(run_dir / SITE_STATE_FOLDER)}
+        (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(client_run_config), encoding="utf-8")
         _run_simulation(
             num_supernodes=num_nodes(cfg.federation),  # training sites plus held-out sites
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -200,16 +209,13 @@ def _set_thread_env(cfg: ExperimentConfig) -> None:
 def _preflight(cfg: ExperimentConfig) -> None:
     """Check names and data before Ray starts (each raises a one-line error)."""
     from medfed.models import list_models
-    from medfed.strategies import create_strategy
+    from medfed.server.server_app import build_strategy
 
     if cfg.model.name not in list_models():
         raise ValueError(
             f"Config key 'model.name' must be one of {', '.join(list_models())}. Got {cfg.model.name!r} instead."
         )
-    create_strategy(
-        cfg.strategy.name, cfg.strategy.params, num_sites=cfg.federation.num_sites,
-        fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate,
-    )
+    build_strategy(cfg)
     from medfed.sites.profiles import plan_for
 
     plan_for(cfg)  # class mixes and colour corruptions fit the dataset

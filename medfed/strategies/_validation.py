@@ -15,7 +15,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import RecordDict
 
-__all__ = ["array_layout", "count_non_finite", "describe_layout_mismatch", "find_invalid_replies"]
+__all__ = [
+    "array_layout",
+    "clip_update",
+    "count_non_finite",
+    "describe_layout_mismatch",
+    "find_invalid_replies",
+    "find_norm_outliers",
+    "update_norm",
+]
 
 #: Layout of a set of named arrays: ``((name, shape), ...)`` sorted by name.
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
@@ -92,8 +100,8 @@ def find_invalid_replies(
     A reply is invalid when it does not carry exactly one ArrayRecord and one
     MetricRecord, when its weight (``weighted_by_key`` in the MetricRecord) is not a
     finite number > 0, when any of its arrays holds NaN or inf, or when its array
-    names and shapes differ from those of most valid replies (ties go to the reply
-    that came first). Checks run in that order, so non-finite replies do not vote on
+    names, shapes or dtypes differ from those of most valid replies (ties go to the
+    reply that came first). Checks run in that order, so non-finite replies do not vote on
     the expected layout.
 
     Parameters
@@ -126,13 +134,14 @@ def find_invalid_replies(
                 layouts[index] = (
                     record_name,
                     array_layout({name: array.shape for name, array in record.items()}),
+                    tuple(sorted((name, array.dtype) for name, array in record.items())),
                 )
         if reason is not None:
             invalid[index] = reason
 
     if layouts:
-        expected_name, expected = Counter(layouts.values()).most_common(1)[0][0]
-        for index, (record_name, layout) in layouts.items():
+        expected_name, expected, expected_dtypes = Counter(layouts.values()).most_common(1)[0][0]
+        for index, (record_name, layout, dtypes) in layouts.items():
             if record_name != expected_name:
                 invalid[index] = (
                     f"its ArrayRecord is named {record_name!r}, the others' {expected_name!r}"
@@ -141,6 +150,14 @@ def find_invalid_replies(
                 invalid[index] = (
                     "its arrays differ from the other replies': "
                     + describe_layout_mismatch(layout, expected)
+                )
+            elif dtypes != expected_dtypes:
+                name, dtype, wanted = next(
+                    (n, d, w) for (n, d), (_, w) in zip(dtypes, expected_dtypes) if d != w
+                )
+                invalid[index] = (
+                    f"its arrays differ from the other replies': array {name!r} has dtype "
+                    f"{dtype}, expected {wanted}"
                 )
     return dict(sorted(invalid.items()))
 
@@ -163,3 +180,113 @@ def _structure_problem(content: RecordDict, weighted_by_key: str) -> str | None:
     ):
         return f"its weight {weighted_by_key!r} is {weight!r}, expected a finite number > 0"
     return None
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``arrays - reference`` over the float arrays both hold.
+
+    Parameters
+    ----------
+    arrays : Mapping[str, np.ndarray]
+        A site's returned arrays.
+    reference : Mapping[str, np.ndarray]
+        The global arrays the site started from; names it lacks are skipped.
+
+    Returns
+    -------
+    float
+        ``sqrt(sum_k ||arrays[k] - reference[k]||^2)``, computed in float64; integer
+        arrays (BatchNorm counters) do not count.
+    """
+    total = 0.0
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        if name not in reference or not np.issubdtype(array.dtype, np.floating):
+            continue
+        delta = array.astype(np.float64) - np.asarray(reference[name], dtype=np.float64)
+        total += float(np.dot(delta.ravel(), delta.ravel()))
+    return math.sqrt(total)
+
+
+#: 1.4826 * MAD estimates the standard deviation of normally distributed values.
+_MAD_TO_STD = 1.4826
+
+
+def find_norm_outliers(norms: Sequence[float], max_z: float) -> dict[int, str]:
+    """Updates whose norm lies far above the others', by a robust z-score.
+
+    ``z_i = (norm_i - median) / scale`` with ``scale = max(1.4826 * MAD, 0.1 * median)``:
+    median and MAD (median absolute deviation) are not moved by the outlier itself,
+    and the floor at 10 % of the median keeps sites whose norms nearly agree (MAD
+    ~ 0) from being flagged for tiny differences. Only norms *above* the median are
+    flagged: a site that barely moved harms no average.
+
+    Parameters
+    ----------
+    norms : Sequence[float]
+        Update norm of each reply (:func:`update_norm`), all finite.
+    max_z : float
+        Threshold, > 0; e.g. 6 flags an update about 6 robust standard deviations
+        above the median.
+
+    Returns
+    -------
+    dict[int, str]
+        Index -> reason for each outlier; empty with fewer than 3 norms (with two,
+        no majority says which one is off).
+
+    Examples
+    --------
+    >>> find_norm_outliers([1.0, 1.1, 0.9, 50.0], max_z=6)
+    {3: 'its update norm 50 is 490.0 robust standard deviations above the median 1.05 (limit 6)'}
+    """
+    values = np.asarray(norms, dtype=np.float64)
+    if values.size < 3:
+        return {}
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median)))
+    scale = max(_MAD_TO_STD * mad, 0.1 * median)
+    if scale <= 0:  # every site sent back the global model unchanged
+        return {}
+    outliers = {}
+    for index, norm in enumerate(values):
+        z = (norm - median) / scale
+        if z > max_z:
+            outliers[index] = (
+                f"its update norm {norm:.3g} is {z:.1f} robust standard deviations above the "
+                f"median {median:.3g} (limit {max_z:g})"
+            )
+    return outliers
+
+
+def clip_update(
+    arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], max_norm: float
+) -> dict[str, np.ndarray]:
+    """Scale ``arrays - reference`` down to norm ``max_norm`` (norm clipping).
+
+    Parameters
+    ----------
+    arrays, reference : Mapping[str, np.ndarray]
+        As for :func:`update_norm`.
+    max_norm : float
+        Largest update norm kept, > 0.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        ``reference + delta * min(1, max_norm / ||delta||)`` for float arrays the
+        reference holds, in their dtype; other arrays unchanged. ``arrays`` itself
+        (same objects) when the update is already short enough.
+    """
+    norm = update_norm(arrays, reference)
+    if norm <= max_norm:
+        return dict(arrays)
+    factor = max_norm / norm
+    clipped = {}
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        if name in reference and np.issubdtype(array.dtype, np.floating):
+            base = np.asarray(reference[name], dtype=np.float64)
+            array = (base + (array.astype(np.float64) - base) * factor).astype(array.dtype)
+        clipped[name] = array
+    return clipped

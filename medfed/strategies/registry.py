@@ -1,10 +1,16 @@
 """Strategy registry: names (and ``package.module:ClassName`` paths) to Flower strategies.
 
-Built in: ``"fedavg"`` (medfed's :class:`~medfed.strategies.fedavg.FedAvg`, which drops
-non-finite or inconsistent replies) and Flower's own ``"fedprox"``, ``"fedadam"``,
-``"fedyogi"``, ``"fedadagrad"``, ``"fedavgm"`` and ``"fedmedian"``. New strategies
-register themselves with :func:`register_strategy`; any other
+Built in: medfed's plug-ins ``"fedavg"``, ``"fedprox"``, ``"fedbn"``, ``"fedld"`` and
+``"fairlora"`` (each with its client hooks) and Flower's own ``"fedadam"``,
+``"fedyogi"``, ``"fedadagrad"``, ``"fedavgm"``, ``"fedmedian"`` and ``"fedtrimmedavg"``.
+New strategies register themselves with :func:`register_strategy`; any other
 ``flwr.serverapp.strategy.Strategy`` subclass can be named by its import path.
+
+Every strategy :func:`create_strategy` builds is a
+:class:`~medfed.strategies.base.MedfedStrategy`: a class that is not one (Flower's,
+a user's) is given the mixin, so all of them drop bad replies the same way, and
+:func:`client_hooks_for` finds the client half (a class's ``client_hooks``
+attribute; FedAvg's :class:`~medfed.strategies.hooks.ClientHooks` otherwise).
 
 :func:`create_strategy` fills in the sampling arguments that follow from the federation
 (``fraction_*``, ``min_*_nodes``) for every class that accepts them, then the user's
@@ -28,8 +34,10 @@ from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Strategy
 
 from ._aggregation import aggregate_metrics_ignoring_nan
+from .base import MedfedStrategy, ReplyPolicy
+from .hooks import ClientHooks
 
-__all__ = ["StrategyError", "create_strategy", "list_strategies", "register_strategy"]
+__all__ = ["StrategyError", "client_hooks_for", "create_strategy", "list_strategies", "register_strategy"]
 
 StrategyFactory = Callable[..., Strategy]
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -97,6 +105,8 @@ def create_strategy(
     num_sites: int,
     fraction_train: float = 1.0,
     fraction_evaluate: float = 1.0,
+    num_rounds: int | None = None,
+    reply_policy: ReplyPolicy | None = None,
 ) -> Strategy:
     """Build a Flower strategy for a federation of ``num_sites`` sites.
 
@@ -114,6 +124,11 @@ def create_strategy(
     fraction_train, fraction_evaluate : float
         Fractions of sites sampled per round for training, in (0, 1], and
         evaluation, in [0, 1] (0 turns federated evaluation off).
+    num_rounds : int, optional
+        Rounds of the run, passed to strategies whose constructor takes
+        ``num_rounds`` (FairLoRA's EMA schedule).
+    reply_policy : ReplyPolicy, optional
+        Outlier and clipping settings of the reply checks (default ``ReplyPolicy()``).
 
     Returns
     -------
@@ -163,7 +178,11 @@ def create_strategy(
     # Sites with a single class report AUC = NaN; don't let one poison the mean.
     derived["train_metrics_aggr_fn"] = aggregate_metrics_ignoring_nan
     derived["evaluate_metrics_aggr_fn"] = aggregate_metrics_ignoring_nan
-    kwargs = {key: value for key, value in derived.items() if key in accepted}
+    # A constructor with **kwargs (FedLD, FairLoRA) hands them to Flower's FedAvg, which
+    # takes every key above; ``num_rounds`` only goes where it is named.
+    kwargs = {key: value for key, value in derived.items() if key in accepted or takes_any}
+    if num_rounds is not None and "num_rounds" in accepted:
+        kwargs["num_rounds"] = num_rounds
     kwargs.update(_typed_params(name, factory, params))
 
     missing = [
@@ -177,13 +196,60 @@ def create_strategy(
             "in strategy.params."
         )
 
+    if isinstance(factory, type) and not issubclass(factory, MedfedStrategy):
+        # Flower's and users' classes get the same reply checks as medfed's own.
+        factory = _with_medfed_checks(factory)
     instance = factory(**kwargs)
     if not isinstance(instance, Strategy):
         raise StrategyError(
             f"Strategy {name!r} must build a flwr.serverapp.strategy.Strategy. Got "
             f"{type(instance).__name__} instead."
         )
+    if not isinstance(instance, MedfedStrategy):
+        raise StrategyError(
+            f"Strategy {name!r} is a function that built a {type(instance).__name__}; a factory function "
+            "must build a medfed.strategies.MedfedStrategy (mix it in first) so that its replies are checked."
+        )
+    if reply_policy is not None:
+        instance.reply_policy = reply_policy
     return instance
+
+
+def client_hooks_for(name: str) -> type[ClientHooks]:
+    """The client half of the strategy ``name`` (registered name or import path).
+
+    Returns
+    -------
+    type[ClientHooks]
+        The class's ``client_hooks`` attribute; :class:`ClientHooks` (FedAvg's: the
+        whole model travels) when it has none or ``name`` is a factory function.
+
+    Raises
+    ------
+    StrategyError
+        As :func:`create_strategy` for unknown names and bad import paths.
+    """
+    factory = _resolve(name)
+    hooks = getattr(factory, "client_hooks", ClientHooks) if isinstance(factory, type) else ClientHooks
+    if not (isinstance(hooks, type) and issubclass(hooks, ClientHooks)):
+        raise StrategyError(
+            f"Strategy {name!r} has client_hooks = {hooks!r}; it must be a subclass of "
+            "medfed.strategies.hooks.ClientHooks."
+        )
+    return hooks
+
+
+_WRAPPED: dict[type, type] = {}
+
+
+def _with_medfed_checks(cls: type) -> type:
+    """``cls`` with :class:`MedfedStrategy` mixed in front (one subclass per class)."""
+    if cls not in _WRAPPED:
+        _WRAPPED[cls] = type(
+            cls.__name__, (MedfedStrategy, cls),
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__},
+        )
+    return _WRAPPED[cls]
 
 
 # --------------------------------------------------------------------------------------
@@ -309,13 +375,14 @@ def _typed_params(name: str, factory: StrategyFactory, params: dict[str, Any]) -
     return checked
 
 
-# Flower's own strategies, by name. medfed's "fedavg" registers itself in fedavg.py.
+# Flower's own strategies, by name (create_strategy adds medfed's reply checks).
+# medfed's plug-ins (fedavg, fedprox, fedbn, fedld, fairlora) register themselves.
 for _name, _cls in {
     "fedadagrad": flwr_strategy.FedAdagrad,
     "fedadam": flwr_strategy.FedAdam,
     "fedavgm": flwr_strategy.FedAvgM,
     "fedmedian": flwr_strategy.FedMedian,
-    "fedprox": flwr_strategy.FedProx,
+    "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
     "fedyogi": flwr_strategy.FedYogi,
 }.items():
     register_strategy(_name)(_cls)

@@ -12,6 +12,7 @@ from medfed.client.client_app import app as client_app
 from medfed.data.pooled import SCORE_BINS
 from medfed.config import to_run_config
 from medfed.models import create_model
+from medfed.server.server_app import train_config
 from medfed.simulation.local import LocalGrid
 
 METRIC_KEYS = {"num-examples", "loss", "acc", "auc", "balanced_acc"}
@@ -24,17 +25,30 @@ def global_arrays() -> dict[str, np.ndarray]:
     return {k: v.numpy().copy() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture()
-def grid(tiny_root, tiny_config, tmp_path) -> LocalGrid:
-    cfg = tiny_config(tiny_root, tmp_path)
+def _grid(cfg) -> LocalGrid:
     nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
     return LocalGrid(client_app, nodes, to_run_config(cfg))
 
 
+@pytest.fixture()
+def grid(tiny_root, tiny_config, tmp_path) -> LocalGrid:
+    return _grid(tiny_config(tiny_root, tmp_path))
+
+
+#: The training settings the server sends every round (here: the tiny config's).
+SETTINGS = {"local-epochs": 1, "batch-size": 8, "optimizer": "adamw", "lr": 1e-3, "weight-decay": 0.05,
+            "momentum": 0.9}
+
+
 def _message(arrays, message_type: str, node_id: int = 2, **config) -> Message:
     record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    content = RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 1, **config})})
+    content = RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 1, **SETTINGS, **config})})
     return Message(content, node_id, message_type)
+
+
+def test_message_settings_are_those_the_server_sends(tiny_root, tiny_config, tmp_path):
+    # The helper above must speak the server's language, key for key and value for value.
+    assert dict(train_config(tiny_config(tiny_root, tmp_path))) == SETTINGS
 
 
 def _exchange(grid: LocalGrid, message: Message) -> Message:
@@ -71,8 +85,10 @@ def test_training_changes_the_weights_and_repeats_exactly(grid, global_arrays):
     assert all(np.array_equal(first[k].numpy(), again[k].numpy()) for k in global_arrays)
 
 
-def test_proximal_term_keeps_weights_closer_to_the_global_model(grid, global_arrays):
-    # Prepare: 4 steps (the proximal gradient is zero at the first step, where w = w_global).
+def test_proximal_term_keeps_weights_closer_to_the_global_model(tiny_root, tiny_config, tmp_path, global_arrays):
+    # Prepare: 4 steps (the proximal gradient is zero at the first step, where w = w_global);
+    # a FedProx experiment, so the site applies FedProx's client hooks.
+    grid = _grid(tiny_config(tiny_root, tmp_path, strategy={"name": "fedprox"}))
     settings = {"lr": 0.01, "batch-size": 2}
     # Execute: the same round with and without FedProx's proximal term (a large mu).
     plain = _exchange(grid, _message(global_arrays, MessageType.TRAIN, **settings)).content["arrays"]
@@ -98,6 +114,16 @@ def test_evaluate_reply_carries_metrics_and_confusion_matrix(grid, global_arrays
     assert len(metrics["confusion"]) == 4 and sum(metrics["confusion"]) == 4
     assert content["site"]["name"] == "site-2"
     validate_message_reply_consistency([content], "num-examples", check_arrayrecord=False)
+
+
+def test_training_instruction_without_settings_is_an_error_reply(grid, global_arrays):
+    # Prepare: an instruction without the server's training settings (no fallback at the site).
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in global_arrays.items()}),
+                          "config": ConfigRecord({"server-round": 1})})
+    # Execute
+    (reply,) = grid.send_and_receive([Message(content, 2, MessageType.TRAIN)])
+    # Assert
+    assert reply.has_error() and "lacks ['local-epochs'" in reply.error.reason
 
 
 def test_site_failure_becomes_an_error_reply(tiny_root, tiny_config, tmp_path, global_arrays):

@@ -8,6 +8,7 @@ from flwr.serverapp import strategy as flwr_strategy
 import medfed.strategies as strategies
 from medfed.strategies import (
     FedAvg,
+    MedfedStrategy,
     StrategyError,
     create_strategy,
     list_strategies,
@@ -50,20 +51,25 @@ def clean_registry(monkeypatch):
         ("fedadagrad", flwr_strategy.FedAdagrad),
         ("fedavgm", flwr_strategy.FedAvgM),
         ("fedmedian", flwr_strategy.FedMedian),
+        ("fedbn", strategies.FedBN),
+        ("fedld", strategies.FedLD),  # takes **kwargs: the sizes must still reach FedAvg
+        ("fairlora", strategies.FairLoRA),
+        ("local", strategies.local.LocalOnly),
     ],
 )
 def test_each_name_builds_its_class_sized_for_the_federation(name, cls):
     # Execute
     strategy = create_strategy(name, {}, num_sites=7, fraction_train=0.5, fraction_evaluate=0.25)
 
-    # Assert: ceil(0.5 * 7) = 4, ceil(0.25 * 7) = 2.
-    assert type(strategy) is cls
+    # Assert: ceil(0.5 * 7) = 4, ceil(0.25 * 7) = 2; Flower's classes get medfed's reply checks.
+    assert isinstance(strategy, cls) and isinstance(strategy, MedfedStrategy)
     assert strategy.min_available_nodes == 7
     assert strategy.min_train_nodes == 4
     assert strategy.min_evaluate_nodes == 2
     assert strategy.fraction_train == 0.5
     assert strategy.fraction_evaluate == 0.25
     assert strategy.weighted_by_key == "num-examples"
+    assert strategy.evaluate_metrics_aggr_fn is registry_module.aggregate_metrics_ignoring_nan
 
 
 def test_list_strategies_is_sorted_and_complete():
@@ -102,8 +108,9 @@ def test_import_path_builds_a_user_class_with_the_arguments_it_accepts():
     # Execute
     strategy = create_strategy(path, {"alpha": 2}, num_sites=4, fraction_train=0.5)
 
-    # Assert: min_train_nodes/min_evaluate_nodes are not in LocalAvg's signature.
-    assert type(strategy) is LocalAvg
+    # Assert: min_train_nodes/min_evaluate_nodes are not in LocalAvg's signature; the
+    # user's class gets medfed's reply checks.
+    assert isinstance(strategy, LocalAvg) and isinstance(strategy, MedfedStrategy)
     assert strategy.alpha == 2.0
     assert strategy.min_available_nodes == 4
     assert strategy.fraction_train == 0.5
@@ -224,23 +231,29 @@ def test_bad_federation_arguments_are_refused(kwargs, message):
 @pytest.mark.usefixtures("clean_registry")
 def test_registered_factory_function_is_used_and_its_result_checked():
     # Prepare
-    @register_strategy("median_of_three")
-    def median_of_three(*, min_available_nodes: int = 2):
-        return flwr_strategy.FedMedian(min_available_nodes=min_available_nodes)
+    @register_strategy("average_of_three")
+    def average_of_three(*, min_available_nodes: int = 2):
+        return FedAvg(min_available_nodes=min_available_nodes)
+
+    @register_strategy("unchecked_median")
+    def unchecked_median():
+        return flwr_strategy.FedMedian()
 
     @register_strategy("broken")
     def broken():
         return object()
 
     # Execute
-    strategy = create_strategy("median_of_three", {}, num_sites=3)
+    strategy = create_strategy("average_of_three", {}, num_sites=3)
 
-    # Assert
-    assert type(strategy) is flwr_strategy.FedMedian
+    # Assert: a factory's strategy must carry medfed's reply checks.
+    assert type(strategy) is FedAvg
     assert strategy.min_available_nodes == 3
-    assert "median_of_three" in list_strategies()
+    assert "average_of_three" in list_strategies()
     with pytest.raises(StrategyError, match="^Strategy 'broken' must build a flwr"):
         create_strategy("broken", {}, num_sites=3)
+    with pytest.raises(StrategyError, match="^Strategy 'unchecked_median' is a function that built a FedMedian"):
+        create_strategy("unchecked_median", {}, num_sites=3)
 
 
 @pytest.mark.usefixtures("clean_registry")
@@ -280,3 +293,9 @@ def test_package_exports_the_agreed_api():
         "load_strategy_state",
         "FedAvg",
     }
+
+
+def test_num_rounds_reaches_only_strategies_that_name_it():
+    fairlora = create_strategy("fairlora", {}, num_sites=3, num_rounds=7)
+    fedld = create_strategy("fedld", {}, num_sites=3, num_rounds=7)  # would fail if passed on
+    assert fairlora.num_rounds == 7 and not hasattr(fedld, "num_rounds")

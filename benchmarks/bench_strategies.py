@@ -1,0 +1,149 @@
+"""Local-only, FedAvg, FedProx, FedBN, FedLD and FairLoRA on one federation, over seeds.
+
+The federation (dataset, sites, partition or scenario, rounds, training) comes from an
+experiment YAML; only ``strategy`` and ``seed`` change between runs. Every run goes
+through medfed's own ServerApp and ClientApp in one process
+(:func:`medfed.simulation.local.run_local`, same results as ``medfed simulate`` on a CPU).
+
+FairLoRA adapts a pretrained backbone: unless ``--backbone`` names one, it starts from
+the same seed's FedAvg run (so "fairlora" means FedAvg's rounds, then FairLoRA's: it has
+had twice the rounds of the others, which the table says). Its groups come from the
+sites' data (site folders' ``group`` column, or a scenario that simulates groups); without
+groups every sample has weight ``1 / G`` on each group and FairLoRA is plain LoRA.
+
+Per run, from ``metrics.jsonl``'s last round: test ACC and AUC (sample-weighted over
+the sites' test splits; for Local-only and FedBN each site evaluates its own model),
+worst-site ACC, held-out ACC (sites whose name starts with ``held-out``, when the
+federation has any), ES-AUC (when sites report groups) and bytes per round (sent +
+received, mean over rounds). The table gives mean ± std over seeds.
+
+Usage::
+
+    python benchmarks/bench_strategies.py --config experiments/pneumoniamnist-fedavg-4sites.yaml \\
+        --seeds 0 1 2 --set data.root=../shared/data
+    python benchmarks/bench_strategies.py --config experiments/breastmnist-dirichlet-3sites.yaml --seeds 0 \\
+        --set rounds=5 --out benchmarks/results/strategies_breastmnist_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = {
+    "local": ("local", {}),
+    "fedavg": ("fedavg", {}),
+    "fedprox": ("fedprox", {"proximal_mu": 0.01}),  # FedLD's authors' baseline mu
+    "fedbn": ("fedbn", {}),
+    "fedld": ("fedld", {"margin_lambda": 0.03}),
+    "fairlora": ("fairlora", {"num_groups": 2, "rank": 4}),
+}
+COLUMNS = ("acc", "auc", "worst_site_acc", "held_out_acc", "es_auc", "bytes_per_round")
+
+
+def run_metrics(run_dir: Path) -> dict[str, float | None]:
+    """The table's numbers for one finished run."""
+    from medfed.server.report import load_run_metrics
+
+    run = load_run_metrics(run_dir)
+    last = run.rounds[-1]
+    evaluate = run.aggregate(last, "evaluate")
+    site_acc = {
+        site: run.site_record(last, "evaluate", site)["metrics"]["acc"]
+        for site in run.sites if run.site_record(last, "evaluate", site)
+    }
+    held_out = [v for site, v in site_acc.items() if site.startswith("held-out")]
+    in_federation = [v for site, v in site_acc.items() if not site.startswith("held-out")]
+    per_round = [r["bytes_sent"] + r["bytes_received"] for r in run.round_records.values()]
+    return {
+        "acc": evaluate.get("acc"), "auc": evaluate.get("auc"),
+        "worst_site_acc": min(in_federation) if in_federation else None,
+        "held_out_acc": statistics.mean(held_out) if held_out else None,
+        "es_auc": evaluate.get("es-auc"),
+        "bytes_per_round": statistics.mean(per_round) if per_round else None,
+    }
+
+
+def _fmt(values: list[float | None], kind: str) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "-"
+    if kind == "bytes_per_round":
+        return f"{statistics.mean(values) / 1e6:.2f} MB"
+    mean = statistics.mean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="experiment YAML: the federation")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--backbone", default=None, help="FairLoRA backbone (default: the seed's FedAvg run)")
+    parser.add_argument("--work-dir", default=None, help="where run folders go (default: a temporary folder)")
+    parser.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/strategies_<name>.json)")
+    args = parser.parse_args()
+
+    import dataclasses
+
+    import torch
+
+    from medfed.config import StrategyConfig, load_config
+    from medfed.simulation.local import run_local
+
+    base = load_config(args.config, args.overrides)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="medfed-bench-strategies-"))
+    needs_fedavg = "fedavg" in args.strategies or ("fairlora" in args.strategies and args.backbone is None)
+    # FedAvg first: without --backbone it is FairLoRA's backbone.
+    order = (["fedavg"] if needs_fedavg else []) + [s for s in args.strategies if s != "fedavg"]
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in order}
+    for seed in args.seeds:
+        for label in order:
+            name, params = STRATEGIES[label]
+            model = base.model
+            if label == "fairlora":
+                backbone = args.backbone or str(work / f"fedavg-seed{seed}")
+                model = dataclasses.replace(base.model, init_from=backbone)
+            cfg = dataclasses.replace(
+                base, name=f"{label}-seed{seed}", seed=seed, output_dir=str(work), model=model,
+                strategy=dataclasses.replace(base.strategy, name=name, params=params) if base.strategy else StrategyConfig(),
+            )
+            start = time.perf_counter()
+            threads = torch.get_num_threads()
+            run_dir = run_local(cfg, resume=(work / cfg.name / "model.safetensors").exists())
+            torch.set_num_threads(threads)
+            metrics = {**run_metrics(run_dir), "seed": seed, "wall_s": round(time.perf_counter() - start, 1)}
+            results[label].append(metrics)
+            print(f"{label:>9} seed {seed}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()), flush=True)
+
+    header = f"{'strategy':<10}" + "".join(f"{c:>18}" for c in COLUMNS)
+    print(f"\n{base.data.dataset}, {base.federation.num_sites} sites ({base.federation.partition}), "
+          f"{base.rounds} rounds, seeds {args.seeds}\n{header}")
+    for label in args.strategies:
+        row = f"{label:<10}" + "".join(f"{_fmt([r[c] for r in results[label]], c):>18}" for c in COLUMNS)
+        print(row)
+    out = Path(args.out or Path(__file__).parent / "results" / f"strategies_{base.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "config": args.config, "overrides": args.overrides, "seeds": args.seeds, "rounds": base.rounds,
+        "dataset": base.data.dataset, "num_sites": base.federation.num_sites,
+        "partition": base.federation.partition, "strategies": {k: STRATEGIES[k] for k in args.strategies},
+        "fairlora_backbone": args.backbone or "the same seed's FedAvg run",
+        "runs": {label: results[label] for label in args.strategies},
+        "machine": platform.processor() or platform.machine(), "time": datetime.now(timezone.utc).isoformat(),
+    }, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

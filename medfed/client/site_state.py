@@ -1,0 +1,102 @@
+"""What a site keeps between rounds (its strategy's local state), per site and resumable.
+
+A strategy's client hooks name what stays at the site (FedBN: its BatchNorm). The
+ClientApp keeps it
+
+* in Flower's ``context.state`` (one per site, so simulated sites served by the same
+  worker never see each other's), as an ArrayRecord plus the round it was written in;
+* and, where a state folder is configured, on disk, so that a restarted process (a
+  resumed simulation, a rebooted SuperNode) continues with it: one safetensors file per
+  completed round, ``{state_dir}/{site}/round-000007.safetensors``, written atomically.
+  The folder comes from the node config key ``state-dir`` (deployment: a folder at the
+  site) or the run config key ``site-state-dir`` (simulation: ``{run_dir}/site-state``,
+  set by the launchers).
+
+A round ``t`` loads the newest state written before it (training: ``r < t``;
+evaluation, which follows training in the same round: ``r <= t``). A resumed run
+restarts at the round after its checkpoint, so files a killed process wrote for a round
+that the server never completed are never read; the newest three files per site are
+kept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from safetensors.torch import load_file, save_file
+
+__all__ = ["NODE_STATE_DIR_KEY", "SITE_STATE_DIR_KEY", "load_site_state", "save_site_state", "site_state_dir"]
+
+NODE_STATE_DIR_KEY = "state-dir"
+SITE_STATE_DIR_KEY = "site-state-dir"
+_ARRAYS = "medfed-site-state"
+_ROUND = "medfed-site-state-round"
+_KEEP = 3
+_FILE = re.compile(r"round-(\d{6})\.safetensors")
+
+
+def site_state_dir(context: Context, site_name: str) -> Path | None:
+    """This site's state folder, or None when neither config names one."""
+    root = context.node_config.get(NODE_STATE_DIR_KEY) or context.run_config.get(SITE_STATE_DIR_KEY)
+    if not root:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", site_name).lstrip(".") or "site"
+    return Path(str(root)).expanduser() / safe
+
+
+def load_site_state(context: Context, site_name: str, *, latest_round: int) -> dict[str, torch.Tensor]:
+    """The newest state written in a round ``<= latest_round`` (``{}`` if none).
+
+    Parameters
+    ----------
+    context : Context
+        The site's Flower context.
+    site_name : str
+        The site's name (its folder under the state folder).
+    latest_round : int
+        Newest round whose state may be used: ``t - 1`` to train round ``t``, ``t`` to
+        evaluate it.
+    """
+    state = context.state
+    if _ARRAYS in state.array_records and _ROUND in state.config_records:
+        if int(state.config_records[_ROUND]["round"]) <= latest_round:
+            return state.array_records[_ARRAYS].to_torch_state_dict()
+    folder = site_state_dir(context, site_name)
+    if folder is None or not folder.is_dir():
+        return {}
+    rounds = sorted(r for r in _rounds_on_disk(folder) if r <= latest_round)
+    return load_file(str(folder / f"round-{rounds[-1]:06d}.safetensors")) if rounds else {}
+
+
+def save_site_state(context: Context, site_name: str, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
+    """Keep ``state`` as written in ``server_round`` (nothing happens when it is empty)."""
+    if not state:
+        return
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    context.state[_ARRAYS] = ArrayRecord(tensors)
+    context.state[_ROUND] = ConfigRecord({"round": int(server_round)})
+    folder = site_state_dir(context, site_name)
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"round-{server_round:06d}.safetensors"
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(temporary))
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    for old in sorted(_rounds_on_disk(folder))[:-_KEEP]:
+        (folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)
+
+
+def _rounds_on_disk(folder: Path) -> list[int]:
+    return [int(m.group(1)) for p in folder.iterdir() if (m := _FILE.fullmatch(p.name))]

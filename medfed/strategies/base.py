@@ -1,0 +1,213 @@
+"""What every medfed strategy does around its aggregation: the plug-in's server half.
+
+:class:`MedfedStrategy` is a mixin placed before a Flower strategy class
+(``class FedBN(MedfedStrategy, flwr_strategy.FedAvg)``). It adds, for every strategy
+alike (the registry wraps Flower's own classes and users' classes with it too):
+
+* **Reply checks.** Before the strategy's own ``aggregate_train`` sees them, replies
+  with NaN/inf arrays, other array names, shapes or dtypes, a bad weight, or (with
+  ``ReplyPolicy.max_update_norm_z``) an update norm far above the others' are dropped
+  with a WARNING; :attr:`MedfedStrategy.dropped_replies` tells the server which.
+* **Norm clipping** (``ReplyPolicy.clip_update_norm``): each kept update
+  ``w_i - w_global`` is scaled down to that norm before aggregation.
+* **Partial updates.** Sites of some strategies send only part of the model (FedBN
+  keeps BatchNorm at home, FairLoRA sends adapters and head): the aggregate is merged
+  into the previous global arrays, so the global ArrayRecord stays complete.
+* **Client settings.** :meth:`MedfedStrategy.client_params` (the strategy's
+  client-side hyper-parameters, e.g. FedProx's mu) are added to the config of every
+  train and evaluate instruction: the experiment config is their only source, the
+  strategy their only carrier.
+* **Fairness metrics.** Where sites report per-group counts, evaluation adds
+  group-count-weighted per-group metrics and ES-ACC / ES-AUC.
+* **Client hooks.** :attr:`MedfedStrategy.client_hooks` names the plug-in's client
+  half (:class:`medfed.strategies.hooks.ClientHooks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from logging import WARNING
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from ._groups import equity_scaled_metrics
+from ._validation import clip_update, find_invalid_replies, find_norm_outliers, update_norm
+from .hooks import ClientHooks
+
+__all__ = ["MedfedStrategy", "ReplyPolicy"]
+
+
+@dataclass(frozen=True)
+class ReplyPolicy:
+    """How strictly replies are screened, beyond the always-on checks.
+
+    Attributes
+    ----------
+    max_update_norm_z : float or None
+        Drop a reply whose update norm ``||w_i - w_global||`` lies more than this many
+        robust standard deviations above the median of the round's replies
+        (:func:`~medfed.strategies._validation.find_norm_outliers`; needs >= 3
+        replies). None turns the check off.
+    clip_update_norm : float or None
+        Scale every update down to at most this L2 norm before aggregation. None
+        turns clipping off.
+    """
+
+    max_update_norm_z: float | None = 6.0
+    clip_update_norm: float | None = None
+
+
+class MedfedStrategy:
+    """Mixin that makes a Flower strategy a medfed plug-in (see the module docstring).
+
+    Attributes
+    ----------
+    client_hooks : type[ClientHooks]
+        The plug-in's client half; plain :class:`ClientHooks` (FedAvg's) by default.
+    reply_policy : ReplyPolicy
+        Set by :func:`~medfed.strategies.create_strategy` from the experiment config.
+    dropped_replies : Mapping[int, str]
+        Node id -> reason, for the replies the latest ``aggregate_train`` left out.
+    global_arrays : ArrayRecord or None
+        The arrays of the round being trained (set by ``configure_train``): the
+        reference of update norms, clipping and partial updates.
+    """
+
+    client_hooks: ClassVar[type[ClientHooks]] = ClientHooks
+    reply_policy: ReplyPolicy = ReplyPolicy()
+    dropped_replies: Mapping[int, str] = MappingProxyType({})
+    global_arrays: ArrayRecord | None = None
+
+    def client_params(self) -> dict[str, Any]:
+        """Client-side hyper-parameters sent with every instruction (ConfigRecord values).
+
+        Returns
+        -------
+        dict[str, Any]
+            Kebab-case key -> bool, int, float, str or list of those; ``{}`` here.
+        """
+        return {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the round's global arrays, add :meth:`client_params`, then sample as Flower does."""
+        self.global_arrays = arrays
+        for key, value in self.client_params().items():
+            config[key] = value
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Add :meth:`client_params` (e.g. FairLoRA's adapter shape), then as Flower does."""
+        for key, value in self.client_params().items():
+            config[key] = value
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop bad replies (WARNING each), clip, aggregate the rest, merge into the global arrays.
+
+        Returns
+        -------
+        tuple[ArrayRecord | None, MetricRecord | None]
+            The new global arrays and the training metrics, or ``(None, None)`` when
+            no valid reply is left (Flower then keeps the previous global arrays).
+        """
+        replies = list(replies)
+        answered = [msg for msg in replies if not msg.has_error()]
+        invalid = find_invalid_replies(
+            [msg.content for msg in answered], getattr(self, "weighted_by_key", "num-examples")
+        )
+        invalid.update(self._norm_outliers(answered, invalid))
+
+        dropped: dict[int, str] = {}
+        for index, reason in sorted(invalid.items()):
+            node_id = answered[index].metadata.src_node_id
+            dropped[node_id] = reason
+            log(WARNING, "aggregate_train: round %s: dropping the reply of node %s: %s.",
+                server_round, node_id, reason)
+        # An instance attribute shadows the empty class-level default.
+        self.dropped_replies = MappingProxyType(dropped)
+        if invalid and len(invalid) == len(answered):
+            log(WARNING, "aggregate_train: round %s: no valid reply left after dropping %s; the "
+                "global arrays stay unchanged this round.", server_round, len(invalid))
+
+        dropped_messages = {id(answered[index]) for index in invalid}
+        kept = [msg for msg in replies if id(msg) not in dropped_messages]
+        self._clip(kept)
+        arrays, metrics = self.aggregate_valid_replies(server_round, kept)
+        return self._complete(arrays), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The strategy's aggregate plus, where sites report group counts, per-group
+        metrics weighted by those counts and ``es-acc`` / ``es-auc``."""
+        replies = list(replies)
+        aggregated = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+        if aggregated is None:
+            return None
+        records = [dict(next(iter(m.content.metric_records.values()))) for m in replies if not m.has_error()]
+        for key, value in equity_scaled_metrics(aggregated, records).items():
+            aggregated[key] = value
+        return aggregated
+
+    def aggregate_valid_replies(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The strategy's own aggregation of checked replies (Flower's by default)."""
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+    # ----------------------------------------------------------------------------------
+    def _reference(self) -> dict[str, np.ndarray] | None:
+        if self.global_arrays is None:
+            return None
+        return {name: array.numpy() for name, array in self.global_arrays.items()}
+
+    def _norm_outliers(self, answered: list[Message], invalid: Mapping[int, str]) -> dict[int, str]:
+        max_z = self.reply_policy.max_update_norm_z
+        reference = self._reference()
+        if max_z is None or reference is None:
+            return {}
+        indices = [index for index in range(len(answered)) if index not in invalid]
+        norms = [update_norm(_arrays_of(answered[index]), reference) for index in indices]
+        return {indices[i]: reason for i, reason in find_norm_outliers(norms, max_z).items()}
+
+    def _clip(self, kept: list[Message]) -> None:
+        max_norm = self.reply_policy.clip_update_norm
+        reference = self._reference()
+        if max_norm is None or reference is None:
+            return
+        for msg in kept:
+            if msg.has_error():
+                continue
+            name = next(iter(msg.content.array_records))
+            clipped = clip_update(_arrays_of(msg), reference, max_norm)
+            msg.content[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in clipped.items()})
+
+    def _complete(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """Arrays the sites did not send keep their previous global value."""
+        if arrays is None or self.global_arrays is None:
+            return arrays
+        missing = [name for name in self.global_arrays if name not in arrays]
+        if not missing:
+            return arrays
+        merged = ArrayRecord()
+        for name, array in self.global_arrays.items():
+            merged[name] = arrays[name] if name in arrays else array
+        for name, array in arrays.items():
+            if name not in merged:
+                merged[name] = array
+        return merged
+
+
+def _arrays_of(msg: Message) -> dict[str, np.ndarray]:
+    record = next(iter(msg.content.array_records.values()))
+    return {name: array.numpy() for name, array in record.items()}

@@ -1,0 +1,124 @@
+"""Every registered strategy drops bad replies the same way (medfed's MedfedStrategy checks)."""
+
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+from medfed.simulation.local import _ensure_task_identity
+from medfed.strategies import MedfedStrategy, ReplyPolicy, create_strategy, list_strategies
+from medfed.strategies._validation import clip_update, find_norm_outliers, update_norm
+
+GLOBAL = {"w": np.array([0.0, 0.0], dtype=np.float32), "b": np.array([0.0], dtype=np.float32)}
+
+
+class _FourNodes:
+    """Just enough of a Grid for configure_train: four nodes, messages built locally."""
+
+    def __init__(self):
+        _ensure_task_identity()  # Flower 1.42 stamps new Messages with the task identity
+
+    def get_node_ids(self):
+        return [11, 12, 13, 14]
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id)
+
+
+def _strategy(name: str, **kwargs) -> MedfedStrategy:
+    strategy = create_strategy(name, {}, num_sites=4, **kwargs)
+    # Round 2 is configured as the server would: the strategy sees the global arrays.
+    arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    list(strategy.configure_train(2, arrays, ConfigRecord(), _FourNodes()))
+    return strategy
+
+
+def _good(make_reply, node_id, w, weight=10):
+    return make_reply(node_id, {"w": np.array(w, dtype=np.float32), "b": np.array([1.0], dtype=np.float32)},
+                      weight, {"loss": 1.0}, server_round=2)
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_a_nan_reply_is_dropped_by_every_registered_strategy(name, make_reply):
+    # Prepare: three sane replies and one with a NaN.
+    strategy = _strategy(name)
+    replies = [_good(make_reply, 11, [1.0, 1.0]), _good(make_reply, 12, [1.2, 0.8]), _good(make_reply, 13, [0.9, 1.1])]
+    replies.append(make_reply(14, {"w": np.array([np.nan, 1.0], dtype=np.float32),
+                                   "b": np.array([1.0], dtype=np.float32)}, 10, {"loss": 1.0}, server_round=2))
+    # Execute
+    arrays, _ = strategy.aggregate_train(2, replies)
+    # Assert
+    assert isinstance(strategy, MedfedStrategy)
+    assert dict(strategy.dropped_replies) == {14: "array 'w' holds 1 NaN/inf value"}
+    assert arrays is not None and all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_wrong_dtype_and_wrong_keys_are_dropped_by_every_registered_strategy(name, make_reply):
+    # Prepare
+    strategy = _strategy(name)
+    replies = [_good(make_reply, 11, [1.0, 1.0]), _good(make_reply, 12, [1.2, 0.8]), _good(make_reply, 13, [0.9, 1.1])]
+    replies.append(make_reply(14, {"w": np.array([1.0, 1.0]), "b": np.array([1.0], dtype=np.float32)}, 10,
+                              {"loss": 1.0}, server_round=2))  # float64
+    replies.append(make_reply(15, {"w": np.array([1.0, 1.0], dtype=np.float32)}, 10, {"loss": 1.0}, server_round=2))
+    # Execute
+    strategy.aggregate_train(2, replies)
+    # Assert
+    assert dict(strategy.dropped_replies) == {
+        14: "its arrays differ from the other replies': array 'w' has dtype float64, expected float32",
+        15: "its arrays differ from the other replies': missing arrays ['b']",
+    }
+
+
+def test_an_update_far_larger_than_the_others_is_dropped_and_recorded(make_reply, flwr_records):
+    # Prepare: update norms about 1.4, 1.4, 1.4 and 1400.
+    strategy = _strategy("fedavg")
+    replies = [_good(make_reply, 11, [1.0, 1.0]), _good(make_reply, 12, [1.1, 0.9]), _good(make_reply, 13, [0.9, 1.1]),
+               _good(make_reply, 14, [1000.0, 1000.0])]
+    # Execute
+    arrays, _ = strategy.aggregate_train(2, replies)
+    # Assert
+    assert list(strategy.dropped_replies) == [14]
+    assert "robust standard deviations above the median" in strategy.dropped_replies[14]
+    assert any("dropping the reply of node 14" in r.getMessage() for r in flwr_records.records)
+    np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 1.0], rtol=1e-6)
+
+
+def test_the_outlier_check_can_be_turned_off(make_reply):
+    strategy = _strategy("fedavg", reply_policy=ReplyPolicy(max_update_norm_z=None))
+    replies = [_good(make_reply, 11, [1.0, 1.0]), _good(make_reply, 12, [1.1, 0.9]), _good(make_reply, 13, [0.9, 1.1]),
+               _good(make_reply, 14, [1000.0, 1000.0])]
+    strategy.aggregate_train(2, replies)
+    assert dict(strategy.dropped_replies) == {}
+
+
+def test_clipping_scales_each_update_to_the_limit_before_averaging(make_reply):
+    # Prepare: updates of w ([3, 4], norm 5 with b's 0) and ([0, 1]) with b unchanged; clip at 1.
+    strategy = _strategy("fedavg", reply_policy=ReplyPolicy(max_update_norm_z=None, clip_update_norm=1.0))
+    replies = [
+        make_reply(11, {"w": np.array([3.0, 4.0], dtype=np.float32), "b": np.zeros(1, np.float32)}, 1, server_round=2),
+        make_reply(12, {"w": np.array([0.0, 1.0], dtype=np.float32), "b": np.zeros(1, np.float32)}, 1, server_round=2),
+    ]
+    # Execute
+    arrays, _ = strategy.aggregate_train(2, replies)
+    # Assert: [3, 4] -> [0.6, 0.8]; mean with [0, 1] = [0.3, 0.9].
+    np.testing.assert_allclose(arrays["w"].numpy(), [0.3, 0.9], rtol=1e-6)
+
+
+def test_arrays_a_site_does_not_send_keep_their_global_value(make_reply):
+    # FedBN's and FairLoRA's sites send part of the model; the global arrays stay complete.
+    strategy = _strategy("fedbn")
+    replies = [make_reply(11, {"w": np.array([2.0, 2.0], dtype=np.float32)}, 1, server_round=2)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert list(arrays) == ["w", "b"]
+    np.testing.assert_array_equal(arrays["b"].numpy(), GLOBAL["b"])
+
+
+def test_norm_helpers_match_hand_computations():
+    reference = {"w": np.array([1.0, 1.0]), "n": np.array([3])}
+    arrays = {"w": np.array([4.0, 5.0]), "n": np.array([100])}  # integer arrays do not count
+    assert update_norm(arrays, reference) == pytest.approx(5.0)
+    np.testing.assert_allclose(clip_update(arrays, reference, 2.5)["w"], [2.5, 3.0])
+    assert find_norm_outliers([1.0, 50.0], max_z=1) == {}  # two sites: no majority
+    assert list(find_norm_outliers([1.0, 1.1, 0.9, 50.0], max_z=6)) == [3]
+    assert find_norm_outliers([1.0, 1.05, 0.95, 1.2], max_z=6) == {}  # near-equal norms are fine

@@ -1,0 +1,109 @@
+"""FairLoRA's server step against hand computations, and its client hooks."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from medfed.strategies import FairLoRA, StrategyError
+from medfed.strategies._groups import group_count_metrics, read_group_counts
+from medfed.strategies.fairlora import FairLoRAHooks, fairlora_aggregate
+
+
+def _sites():
+    # Two sites; S is [G=2, r=2]; A is a 1-element stand-in for every non-S array.
+    return [
+        {"a.A": np.array([1.0]), "a.S": np.array([[1.0, 2.0], [3.0, 4.0]])},
+        {"a.A": np.array([4.0]), "a.S": np.array([[5.0, 6.0], [7.0, 8.0]])},
+    ]
+
+
+PREVIOUS = {"a.A": np.array([0.0]), "a.S": np.array([[9.0, 9.0], [9.0, 9.0]])}
+
+
+def test_A_by_sample_counts_and_each_S_row_by_its_group_counts():
+    # Prepare: samples 10 and 30; group counts site 1 = [3, 0], site 2 = [1, 5].
+    counts = np.array([[3, 0], [1, 5]])
+    # Execute
+    new = fairlora_aggregate(_sites(), [10, 30], counts, PREVIOUS, singular_value_keys=["a.S"])
+    # Assert: A = (10 * 1 + 30 * 4) / 40 = 3.25; S_0 = (3 * [1, 2] + 1 * [5, 6]) / 4 = [2, 3];
+    # S_1 = only site 2 holds group 1 = [7, 8].
+    np.testing.assert_allclose(new["a.A"], [3.25])
+    np.testing.assert_allclose(new["a.S"], [[2.0, 3.0], [7.0, 8.0]])
+
+
+def test_group_no_site_holds_keeps_its_row_and_shared_half_is_averaged_over_groups():
+    counts = np.array([[3, 0], [1, 0]])
+    new = fairlora_aggregate(_sites(), [1, 1], counts, PREVIOUS, singular_value_keys=["a.S"], shared_half_s=True)
+    # S_0 = [2, 3]; S_1 kept at [9, 9]; first column (r // 2 = 1) averaged: (2 + 9) / 2 = 5.5.
+    np.testing.assert_allclose(new["a.S"], [[5.5, 3.0], [5.5, 9.0]])
+
+
+def test_ema_mixes_in_the_previous_global_arrays():
+    new = fairlora_aggregate(_sites(), [1, 1], np.ones((2, 2)), PREVIOUS, singular_value_keys=[], beta=0.25)
+    # A: 0.75 * 2.5 + 0.25 * 0 = 1.875.
+    np.testing.assert_allclose(new["a.A"], [1.875])
+
+
+def test_strategy_applies_the_authors_beta_schedule_and_group_counts(make_reply):
+    # Prepare: round 2 of 4 -> beta = 0.999 * 2 / 4.
+    strategy = FairLoRA(num_groups=2, num_rounds=4)
+    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in PREVIOUS.items()})
+    sites = _sites()
+    replies = [
+        make_reply(11, sites[0], 10, group_count_metrics(np.array([0, 0, 0]), 2), server_round=2),
+        make_reply(12, sites[1], 30, group_count_metrics(np.array([0, 1, 1, 1, 1, 1]), 2), server_round=2),
+    ]
+    # Execute
+    arrays, _ = strategy.aggregate_train(2, replies)
+    # Assert
+    beta = 0.999 * 0.5
+    np.testing.assert_allclose(arrays["a.A"].numpy(), [(1 - beta) * 3.25])
+    np.testing.assert_allclose(arrays["a.S"].numpy(), (1 - beta) * np.array([[2.0, 3.0], [7.0, 8.0]]) + beta * 9)
+
+
+def test_evaluation_adds_group_weighted_metrics_and_equity_scaled_ones(make_reply):
+    # Prepare: site 1 holds 3 of group 0 (acc 1.0); site 2 holds 1 of group 0 (acc 0.0)
+    # and 4 of group 1 (acc 0.5); overall acc is the sample-weighted mean. A group a site
+    # does not hold has a NaN metric (Flower needs the same keys in every reply).
+    strategy = FairLoRA(num_groups=2)
+    replies = [
+        make_reply(11, None, 3, {"acc": 1.0, "acc-group-0": 1.0, "acc-group-1": float("nan"),
+                                 **group_count_metrics([0, 0, 0], 2)}),
+        make_reply(12, None, 5, {"acc": 0.4, "acc-group-0": 0.0, "acc-group-1": 0.5,
+                                 **group_count_metrics([0, 1, 1, 1, 1], 2)}),
+    ]
+    # Execute
+    metrics = strategy.aggregate_evaluate(1, replies)
+    # Assert: acc = (3 + 2) / 8 = 0.625; group 0 = 3/4 = 0.75, group 1 = 0.5;
+    # ES-ACC = 0.625 / (1 + 0.125 + 0.125) = 0.5.
+    assert metrics["acc"] == pytest.approx(0.625)
+    assert metrics["acc-group-0"] == pytest.approx(0.75) and metrics["acc-group-1"] == pytest.approx(0.5)
+    assert metrics["es-acc"] == pytest.approx(0.5)
+
+
+def test_group_counts_round_trip_and_unknown_groups_are_not_counted():
+    metrics = group_count_metrics(np.array([0, 2, 2, -1]), 3)
+    assert metrics == {"num-examples-group-0": 1, "num-examples-group-1": 0, "num-examples-group-2": 2}
+    np.testing.assert_array_equal(read_group_counts(metrics, 3), [1, 0, 2])
+    assert group_count_metrics(None, 2) == {"num-examples-group-0": 0, "num-examples-group-1": 0}
+
+
+def test_hooks_need_a_pretrained_backbone_and_read_the_strategy_settings():
+    strategy = FairLoRA(num_groups=3, rank=2, targets=["*.kan.*"])
+    hooks = FairLoRAHooks(strategy.client_params())
+    assert (hooks.num_groups, hooks.rank, hooks.targets) == (3, 2, ("*.kan.*",))
+    from medfed.strategies import ModelSpec
+    from medfed.models.pretrained import PretrainedError
+
+    with pytest.raises(PretrainedError, match="set model.init_from"):
+        hooks.build_model(ModelSpec("medvit_v2_nano", 2, 1, 28))
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"rank": 0}, "'rank' parameter of strategy 'fairlora' must be an int >= 1"),
+    ({"ema_beta_max": 1.0}, "'ema_beta_max'"),
+    ({"targets": "*"}, "'targets'"),
+])
+def test_bad_parameters_are_one_line_errors(params, message):
+    with pytest.raises(StrategyError, match=message):
+        FairLoRA(**params)
