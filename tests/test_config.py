@@ -380,7 +380,7 @@ def test_run_config_keys_are_dotted_kebab_case():
     assert flat["data.root"] == ""
     assert flat["simulation.ray-address"] == ""
     assert json.loads(flat["strategy.params"]) == {"proximal_mu": 0.1}
-    assert len(flat) == 24
+    assert len(flat) == 27
     assert all("_" not in key for key in flat)
 
 
@@ -444,3 +444,12 @@ def test_dataset_choices_are_medmnists_2d_flags():
     expected = sorted(flag for flag in medmnist.INFO if "3d" not in flag)
     assert list(_medmnist_2d_flags()) == expected
     assert len(expected) == 12
+
+
+def test_quorum_defaults_to_a_majority_and_cannot_exceed_the_sites():
+    assert load_config(overrides=["federation.num_sites=4"]).federation.quorum == 3
+    assert load_config(overrides=["federation.num_sites=3", "federation.min_sites=1"]).federation.quorum == 1
+    with pytest.raises(ConfigError, match="'federation.min_sites' must be an int <= federation.num_sites"):
+        load_config(overrides=["federation.num_sites=2", "federation.min_sites=3"])
+    with pytest.raises(ConfigError, match="round_timeout_s"):
+        load_config(overrides=["federation.round_timeout_s=0"])
