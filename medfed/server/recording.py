@@ -13,6 +13,16 @@ Flower's round loop is used as it is (never forked). Two thin wrappers observe i
 
 Replies identify their site through a ConfigRecord ``"site"`` (``{"name", "time-s"}``)
 that medfed's ClientApp adds; replies without it are named ``node-<id>``.
+
+A site that was sent a message but replied with an error, or not at all before the
+round's deadline (``federation.round_timeout_s``), gets a ``"dropout"`` line
+(``{"event": "dropout", "round", "phase", "site", "reason"}``). Its name comes from an
+earlier reply of that node or from the name it was registered under at the SuperLink.
+
+In deployment (a SuperLink behind the Grid), :class:`RecordingGrid` waits for replies
+with its own short poll (``poll_interval_s``) built on the Grid's public
+``push_messages``/``pull_messages``, instead of Flower's ``send_and_receive``, which
+sleeps 3 s between pulls.
 """
 
 from __future__ import annotations
@@ -72,6 +82,8 @@ class RoundRecorder:
         self.log = log
         self.server_round = 0
         self.history: list[dict[str, Any]] = []
+        #: Node id -> site name, learnt from replies and from the SuperLink's node list.
+        self.node_names: dict[int, str] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -102,10 +114,19 @@ class RoundRecorder:
             if reply.has_error():
                 log(WARNING, "Round %d %s: node %d replied with an error: %s",
                     self.server_round, phase, node_id, reply.error.reason)
+                self.record_dropout(phase, node_id, f"error reply: {reply.error.reason}")
                 continue
+            self.node_names[node_id] = site_name(reply)
             received = payload_bytes(reply.content)
             self._bytes_received += received
             self.log.write(self._site_record(phase, reply, sent.get(node_id, 0), received))
+
+    def record_dropout(self, phase: str, node_id: int, reason: str) -> None:
+        """Write a ``"dropout"`` line: the node's site took no part in this phase of the round."""
+        site = self.node_names.get(node_id, f"node-{node_id}")
+        log(WARNING, "Round %d %s: site %s dropped out: %s", self.server_round, phase, site, reason)
+        self.log.write({"event": "dropout", "round": self.server_round, "phase": phase, "site": site,
+                        "reason": reason})
 
     def _site_record(self, phase: str, reply: Message, sent: int, received: int) -> dict[str, Any]:
         content = reply.content
@@ -166,9 +187,10 @@ class RecordingGrid(Grid):
         Receives the byte counts and the replies.
     """
 
-    def __init__(self, grid: Grid, recorder: RoundRecorder) -> None:
+    def __init__(self, grid: Grid, recorder: RoundRecorder, *, poll_interval_s: float | None = None) -> None:
         self._grid = grid
         self.recorder = recorder
+        self.poll_interval_s = poll_interval_s
 
     def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
         self._grid.set_run(run)
@@ -202,6 +224,40 @@ class RecordingGrid(Grid):
         for message in messages:
             node_id = message.metadata.dst_node_id
             sent[node_id] = sent.get(node_id, 0) + payload_bytes(message.content)
-        replies = sorted(self._grid.send_and_receive(messages, timeout=timeout), key=_sort_key)
+        self._learn_node_names()
+        if self.poll_interval_s is None:
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        else:
+            replies = self._push_and_poll(messages, timeout)
+        replies = sorted(replies, key=_sort_key)
         self.recorder.record_exchange(phase, sent, replies)
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node_id in sent:
+            if node_id not in answered:
+                self.recorder.record_dropout(phase, node_id, f"no reply within {timeout:g} s" if timeout else "no reply")
         return replies
+
+    def _push_and_poll(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Flower's ``send_and_receive``, polling every ``poll_interval_s`` instead of every 3 s."""
+        pending = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            pulled = list(self._grid.pull_messages(pending))
+            replies.extend(pulled)
+            pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_interval_s)
+        return replies
+
+    def _learn_node_names(self) -> None:
+        # Deployed sites are registered at the SuperLink under their site names.
+        try:
+            nodes = list(self._grid.get_nodes())
+        except Exception:  # noqa: BLE001 - a name is a nicety; the simulation's grid may lack it
+            return
+        for node in nodes:
+            name = getattr(node, "name", "")
+            if name and node.node_id not in self.recorder.node_names:
+                self.recorder.node_names[node.node_id] = name
