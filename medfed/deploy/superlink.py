@@ -1,0 +1,342 @@
+"""``medfed server``: Flower's SuperLink with TLS and site keys, then the experiment on it.
+
+What :func:`run_server` does, in order:
+
+1. checks the experiment, the run folder (fresh, or ``resume``) and the certificate
+   folder, before anything starts;
+2. starts ``flower-superlink`` with TLS (``ca.crt``, ``server.crt``, ``server.key``),
+   SuperNode authentication and a persistent SQLite state in
+   ``RUN_DIR/flower/state.db`` (node registrations survive a restart, so the sites
+   reconnect on their own), its log in ``RUN_DIR/flower/superlink.log``;
+3. registers every site of ``trusted_sites.txt`` under its name (once; a restarted
+   server finds them registered) through Flower's Control API;
+4. waits for ``federation.num_sites`` of them to connect, printing each by name;
+5. submits the run with ``flwr run`` (``FLWR_HOME=RUN_DIR/flower``; a generated Flower
+   app whose run config is the experiment and nothing else) and streams its log: the
+   same ServerApp as ``medfed simulate`` runs the rounds and writes ``RUN_DIR``
+   (given to it through ``MEDFED_RUN_DIR``, never through the run config that the sites
+   receive);
+6. on success, on error and on Ctrl-C (or SIGTERM), stops every process it started
+   (:class:`~medfed.deploy.processes.ProcessSet`). The run folder then resumes with
+   ``medfed server --resume --run-dir RUN_DIR``.
+
+Latency settings (all supported by Flower 1.42): the SuperExec that starts the ServerApp
+polls every 0.1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), and the ServerApp pulls
+replies every 0.2 s (:class:`medfed.server.recording.RecordingGrid`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medfed.config import ExperimentConfig, to_run_config
+from medfed.deploy.certs import ServerCerts, server_certs
+from medfed.deploy.processes import ProcessSet, flower_executable, interrupt_on_sigterm, wait_for_port
+from medfed.errors import MedfedError
+
+__all__ = ["DEFAULT_ADDRESS", "DeployError", "parse_address", "run_server"]
+
+DEFAULT_ADDRESS = "0.0.0.0:9092"
+CONNECTION = "medfed"
+FLOWER_HOME = "flower"
+STATE_DB = "state.db"
+SUPERLINK_LOG = "superlink.log"
+#: Environment every Flower process of the server gets (see the module docstring).
+FLOWER_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
+class DeployError(MedfedError):
+    """A deployment command cannot start or went wrong in a way the user can act on."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """``host:port`` split (IPv6 hosts without brackets)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def local(self) -> Address:
+        """Where a process on this machine reaches a server bound to this address."""
+        if self.host in ("0.0.0.0", "", "::"):
+            return Address("127.0.0.1", self.port)
+        return self
+
+
+def parse_address(text: str, what: str = "--address") -> Address:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) or raise a one-line :class:`DeployError`."""
+    text = (text or "").strip()
+    host, sep, port_text = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise DeployError(f"{what} must be HOST:PORT, e.g. 0.0.0.0:9092 or hospital.example.org:9092. Got {text!r}.")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise DeployError(f"{what}: {host!r} is not an IPv6 address; write IPv6 hosts as [addr]:port.") from None
+    return Address(host, int(port_text))
+
+
+def run_server(
+    cfg: ExperimentConfig, *, certs: str | Path | None, address: str = DEFAULT_ADDRESS,
+    run_dir: str | Path | None = None, resume: bool = False, insecure: bool = False,
+    join_timeout_s: float | None = None, out=None,
+) -> Path:
+    """Start the SuperLink, wait for the sites and run ``cfg``; see the module docstring.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment (every site receives it).
+    certs : str or Path or None
+        The ``medfed certs`` folder; may be None only with ``insecure``.
+    address : str
+        ``HOST:PORT`` to listen on (the one port the sites connect to).
+    run_dir : str or Path, optional
+        Run folder; default ``{cfg.output_dir}/{cfg.name}``.
+    resume : bool
+        Continue the run in ``run_dir`` from its last complete round.
+    insecure : bool
+        No TLS and no site authentication (testing only; warns).
+    join_timeout_s : float, optional
+        Give up when the sites have not all connected after this many seconds
+        (default: wait until Ctrl-C).
+    out : file, optional
+        Where progress lines go (default stdout).
+
+    Returns
+    -------
+    Path
+        The run folder, holding the finished run.
+
+    Raises
+    ------
+    DeployError, CertsError, ResumeError, ConfigError
+        Bad input, a SuperLink that does not start, or a run that did not finish.
+    """
+    from medfed.server.resume import check_run_dir
+    from medfed.simulation.run import _preflight, app_pyproject
+
+    out = out or sys.stdout
+    listen = parse_address(address)
+    run_dir = Path(run_dir if run_dir is not None else Path(cfg.output_dir) / cfg.name).expanduser().resolve()
+    check_run_dir(cfg, run_dir, resume)
+    _preflight(cfg)
+    if insecure:
+        _say(out, "WARNING: --insecure: no TLS and no site authentication. Updates travel in clear text and "
+                  "any machine that reaches the port can join. Use only for a test on a closed network.")
+        tls = None
+    else:
+        if certs is None:
+            raise DeployError("medfed server needs --certs DIR (made by 'medfed certs'), or --insecure for a test.")
+        tls = server_certs(certs)
+        if len(tls.trusted_sites) < cfg.federation.num_sites:
+            raise DeployError(
+                f"The experiment has federation.num_sites={cfg.federation.num_sites} but {certs} trusts only "
+                f"{len(tls.trusted_sites)} site(s) ({', '.join(tls.trusted_sites)}); make keys for every site."
+            )
+
+    home = run_dir / FLOWER_HOME
+    (home / "app").mkdir(parents=True, exist_ok=True)
+    (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
+    _write_flower_config(home, listen.local, tls)
+
+    env = {
+        **FLOWER_ENV, "FLWR_HOME": str(home), "MEDFED_RUN_DIR": str(run_dir), "MEDFED_RESUME": "1" if resume else "0",
+        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+    }
+    processes = ProcessSet(env)
+    try:
+        with interrupt_on_sigterm():
+            superlink = processes.start(_superlink_command(listen, home, tls), log=home / SUPERLINK_LOG)
+            if not wait_for_port(listen.local.host, listen.port, 60.0, alive=lambda: superlink.poll() is None):
+                raise DeployError(
+                    f"The SuperLink did not start on {listen}: {_last_line(home / SUPERLINK_LOG)} "
+                    f"(full log: {home / SUPERLINK_LOG})."
+                )
+            scheme = "http (INSECURE)" if tls is None else "https with TLS and site keys"
+            _say(out, f"medfed server: listening on {listen} ({scheme}); run folder {run_dir}")
+            control = _Control(listen.local, tls)
+            try:
+                if tls is not None:
+                    control.register(tls.trusted_sites)
+                _wait_for_sites(control, cfg.federation.num_sites, join_timeout_s, out)
+                watcher = _SiteWatcher(control, out)
+                watcher.start()
+                flwr_run = processes.start(
+                    [flower_executable("flwr"), "run", str(home / "app"), CONNECTION, "--stream"],
+                    env={"FLWR_HOME": str(home)}, stdout=out if _has_fileno(out) else None,
+                )
+                flwr_run.wait()
+                watcher.stop()
+            finally:
+                control.close()
+    except KeyboardInterrupt:
+        _say(out, f"medfed server: interrupted; stopping. Resume with: medfed server --resume --run-dir {run_dir} ...")
+        raise
+    finally:
+        processes.stop()
+    _check_finished(run_dir, home)
+    return run_dir
+
+
+def _superlink_command(listen: Address, home: Path, tls: ServerCerts | None) -> list[str]:
+    command = [
+        flower_executable("flower-superlink"), "--host", listen.host, "--port", str(listen.port),
+        "--database", str(home / STATE_DB), "--disable-runtime-dependency-installation",
+    ]
+    if tls is None:
+        return command + ["--insecure"]
+    return command + [
+        "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+        "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth",
+    ]
+
+
+def _write_flower_config(home: Path, local: Address, tls: ServerCerts | None) -> None:
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{local}"']
+    if tls is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{tls.ca_cert}"')
+    (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+class _Control:
+    """Flower's Control API client (what the ``flwr`` CLI uses), for node registration and listing."""
+
+    def __init__(self, local: Address, tls: ServerCerts | None) -> None:
+        from flwr.cli.typing import SuperLinkConnection
+        from flwr.cli.utils import init_http_client_from_connection
+
+        connection = SuperLinkConnection(
+            name=CONNECTION, address=str(local), root_certificates=None if tls is None else str(tls.ca_cert),
+            insecure=tls is None,
+        )
+        self.client = init_http_client_from_connection(connection)
+
+    def register(self, sites: dict[str, str]) -> None:
+        """Register each site's public key under its name; keys already registered are kept."""
+        from cryptography.hazmat.primitives import serialization
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+        known = {node.name for node in self.nodes()}
+        for name, key_text in sites.items():
+            if name in known:
+                continue
+            key = serialization.load_ssh_public_key(key_text.encode("ascii"))
+            self.client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name))
+
+    def nodes(self) -> list:
+        """The SuperLink's nodes (``NodeInfo``: ``node_id``, ``name``, ``status``)."""
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        return list(self.client.ListNodes(ListNodesRequest()).nodes_info)
+
+    def online(self) -> dict[int, str]:
+        """Node id -> site name (``node-<id>`` without one) of the connected nodes."""
+        return {node.node_id: node.name or f"node-{node.node_id}" for node in self.nodes() if node.status == "online"}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _wait_for_sites(control: _Control, count: int, timeout_s: float | None, out) -> None:
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    seen: set[str] = set()
+    _say(out, f"medfed server: waiting for {count} site(s) to connect (Ctrl-C to stop)")
+    while True:
+        online = control.online()
+        for name in sorted(set(online.values()) - seen):
+            seen.add(name)
+            _say(out, f"medfed server: site {name} joined ({len(seen)}/{count})")
+        seen = set(online.values())
+        if len(online) >= count:
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeployError(
+                f"Only {len(online)} of {count} site(s) connected within {timeout_s:g} s "
+                f"({', '.join(sorted(seen)) or 'none'}); check the sites' 'medfed client' and the firewall."
+            )
+        time.sleep(0.5)
+
+
+class _SiteWatcher(threading.Thread):
+    """Prints sites that leave or (re)join while the run goes on."""
+
+    def __init__(self, control: _Control, out) -> None:
+        super().__init__(daemon=True)
+        self.control = control
+        self.out = out
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            before = set(self.control.online().values())
+            while not self._stop_event.wait(2.0):
+                now = set(self.control.online().values())
+                for name in sorted(now - before):
+                    _say(self.out, f"medfed server: site {name} joined")
+                for name in sorted(before - now):
+                    _say(self.out, f"medfed server: site {name} went offline")
+                before = now
+        except Exception:  # noqa: BLE001 - the SuperLink is stopping; nothing to report
+            return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def _check_finished(run_dir: Path, home: Path) -> None:
+    from medfed.server.report import read_metrics
+    from medfed.server.resume import METRICS_FILE
+
+    path = run_dir / METRICS_FILE
+    records = read_metrics(path) if path.is_file() else []
+    if records and records[-1].get("event") == "end":
+        return
+    missed = [r for r in records if r.get("event") == "quorum_missed"]
+    if missed and records[-1] is missed[-1]:
+        last = missed[-1]
+        reason = (f"round {last['round']} had {last['sites']} site(s) {last['stage']}, below the quorum of "
+                  f"{last['needed']} (federation.min_sites), {last['attempt']} time(s) in a row")
+    else:
+        reason = f"the ServerApp failed: {_last_line(home / SUPERLINK_LOG)}"
+    raise DeployError(
+        f"The run did not finish: {reason}. Resume it with 'medfed server --resume --run-dir {run_dir}' "
+        f"(log: {home / SUPERLINK_LOG})."
+    )
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    errors = [line for line in lines if "ERROR" in line or "Error" in line or "exception" in line]
+    return (errors or lines or ["no log"])[-1][:300]
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _say(out, text: str) -> None:
+    print(text, file=out, flush=True)
+
