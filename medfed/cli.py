@@ -152,7 +152,8 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, metavar="DIR", help="run folder (default: OUTPUT_DIR/NAME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last complete round")
     p.add_argument("--join-timeout", type=_positive(float), default=None, metavar="SECONDS",
-                   help="stop if the sites have not all connected after this long (default: wait)")
+                   help="after this long, start with the sites connected if they make the quorum "
+                   "(federation.min_sites), else stop (default: wait for all sites)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site keys: a test on a closed network only")
     p.set_defaults(func=_run_server)
 

@@ -110,8 +110,9 @@ def run_server(
     insecure : bool
         No TLS and no site authentication (testing only; warns).
     join_timeout_s : float, optional
-        Give up when the sites have not all connected after this many seconds
-        (default: wait until Ctrl-C).
+        When the sites have not all connected after this many seconds, start with
+        those connected if they make the quorum (``federation.min_sites``), else stop
+        (default: wait for all until Ctrl-C).
     out : file, optional
         Where progress lines go (default stdout).
 
@@ -171,7 +172,7 @@ def run_server(
             try:
                 if tls is not None:
                     control.register(tls.trusted_sites)
-                _wait_for_sites(control, cfg.federation.num_sites, join_timeout_s, out)
+                _wait_for_sites(control, cfg.federation.num_sites, cfg.federation.quorum, join_timeout_s, out)
                 watcher = _SiteWatcher(control, out)
                 watcher.start()
                 flwr_run = processes.start(
@@ -253,7 +254,8 @@ class _Control:
         self.client.close()
 
 
-def _wait_for_sites(control: _Control, count: int, timeout_s: float | None, out) -> None:
+def _wait_for_sites(control: _Control, count: int, quorum: int, timeout_s: float | None, out) -> None:
+    """Wait for ``count`` sites; after ``timeout_s`` go on with a quorum, else raise."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     seen: set[str] = set()
     _say(out, f"medfed server: waiting for {count} site(s) to connect (Ctrl-C to stop)")
@@ -266,6 +268,9 @@ def _wait_for_sites(control: _Control, count: int, timeout_s: float | None, out)
         if len(online) >= count:
             return
         if deadline is not None and time.monotonic() >= deadline:
+            if len(online) >= quorum:
+                _say(out, f"medfed server: starting with {len(online)} of {count} sites (quorum {quorum})")
+                return
             raise DeployError(
                 f"Only {len(online)} of {count} site(s) connected within {timeout_s:g} s "
                 f"({', '.join(sorted(seen)) or 'none'}); check the sites' 'medfed client' and the firewall."

@@ -163,16 +163,10 @@ def run_client(
         processes.stop()
     if code not in (0, -2, -15):
         raise DeployError(
-            f"The SuperNode of site {site} stopped with exit code {code}: "
-            + _EXIT_HINTS.get(code, "see the lines above")
+            f"The SuperNode of site {site} stopped (exit code {code}); Flower's reason is above. 'Exit Code: 305' "
+            "means the server refused this site's key: is the site in the server's trusted_sites.txt? (A site that "
+            "restarts within a minute of a crash is refused until the server marks it offline; start it again.)"
         )
-
-
-_EXIT_HINTS = {
-    305: "the server refused this site's key (is it in the server's trusted_sites.txt, and was the server "
-         "restarted after 'medfed certs'? A site restarting within a minute is refused until the server marks "
-         "it offline)",
-}
 
 
 def _quoted(text: str) -> str:

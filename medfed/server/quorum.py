@@ -19,7 +19,7 @@ of sites, so one hospital offline stops the federation forever. Here:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
 
@@ -104,10 +104,15 @@ class QuorumGuard(Strategy):
         Sites in the federation (waited for before the first round).
     timeout_s : float
         Longest wait for sites to connect before a round.
+    on_rejected : callable, optional
+        Called with ``(node_id, reason)`` for each training reply the strategy left out
+        (its ``dropped_replies``), e.g. to record it under the site's name.
     """
 
-    def __init__(self, strategy: Strategy, *, min_sites: int, num_sites: int, timeout_s: float) -> None:
+    def __init__(self, strategy: Strategy, *, min_sites: int, num_sites: int, timeout_s: float,
+                 on_rejected: Callable[[int, str], None] | None = None) -> None:
         self.strategy = strategy
+        self.on_rejected = on_rejected
         self.min_sites = min_sites
         self.num_sites = num_sites
         self.timeout_s = timeout_s
@@ -137,7 +142,11 @@ class QuorumGuard(Strategy):
         if answered < self.min_sites:  # checked first: the strategy's state stays as it was
             raise QuorumNotMet(server_round, answered, self.min_sites, "replied")
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        kept = answered - len(getattr(self.strategy, "dropped_replies", {}) or {})
+        rejected = dict(getattr(self.strategy, "dropped_replies", {}) or {})
+        if self.on_rejected is not None:
+            for node_id, reason in rejected.items():
+                self.on_rejected(node_id, reason)
+        kept = answered - len(rejected)
         if arrays is None or kept < self.min_sites:
             log(WARNING, "[medfed] round %d: %d valid training repl%s, quorum is %d; the global model "
                 "is not replaced", server_round, kept, "y" if kept == 1 else "ies", self.min_sites)

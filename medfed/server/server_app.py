@@ -54,7 +54,8 @@ RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
 RUN_DIR_ENV = "MEDFED_RUN_DIR"
 RESUME_ENV = "MEDFED_RESUME"
-#: Seconds between two pulls for replies from a SuperLink (Flower's own loop sleeps 3 s).
+#: Seconds between two pulls for replies from a SuperLink (Flower's own loop sleeps 3 s);
+#: ``MEDFED_REPLY_POLL_S`` overrides it (benchmarks/bench_deployment.py compares the two).
 DEPLOYED_POLL_INTERVAL_S = 0.2
 
 app = ServerApp()
@@ -123,8 +124,9 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
     remaining = cfg.rounds - start.completed_rounds
     if remaining > 0:
         guarded = QuorumGuard(strategy, min_sites=cfg.federation.quorum, num_sites=cfg.federation.num_sites,
-                              timeout_s=cfg.federation.round_timeout_s)
-        poll = DEPLOYED_POLL_INTERVAL_S if _is_deployed(grid) else None
+                              timeout_s=cfg.federation.round_timeout_s,
+                              on_rejected=lambda node, why: recorder.record_dropout("train", node, f"update rejected: {why}"))
+        poll = float(os.environ.get("MEDFED_REPLY_POLL_S", DEPLOYED_POLL_INTERVAL_S)) if _is_deployed(grid) else None
         RoundOffsetStrategy(guarded, start.completed_rounds, recorder).start(
             RecordingGrid(grid, recorder, poll_interval_s=poll), arrays, num_rounds=remaining,
             timeout=cfg.federation.round_timeout_s,

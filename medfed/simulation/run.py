@@ -30,6 +30,14 @@ and :func:`_check_flower_api` fails with one clear line if its signature changes
 ``simulation.ray_address`` is passed to ``ray.init(address=...)``: the sites then run on
 that cluster's workers (checked against a local cluster: same weights as a private Ray).
 
+Ctrl-C: Flower runs the ServerApp in a non-daemon thread that a KeyboardInterrupt in the
+main thread does not stop (sent to the whole process group, SIGINT used to leave the run
+going to its last round). :func:`simulate` therefore handles SIGINT and SIGTERM itself:
+the first one raises KeyboardInterrupt in the main thread (Flower then stops its
+runtime and Ray) and arms a watchdog that shuts Ray down and ends the process
+(exit 130) after a few seconds if anything still runs. The checkpoint of the last
+complete round is written atomically, so ``--resume`` continues from it.
+
 Reproducibility: the sites seed themselves from ``(seed, round, site)``, use a fixed
 number of torch threads (``simulation.cpus_per_site``), and the server aggregates replies
 in site order; so the same config gives the same metrics on a CPU, and a resumed run
@@ -43,7 +51,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
+import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +112,7 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     _check_flower_api(_run_simulation)
     server_run_config = {**to_run_config(cfg), RUN_DIR_KEY: str(run_dir), RESUME_KEY: bool(resume)}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)
-    with tempfile.TemporaryDirectory(prefix="medfed-flower-app-") as app_dir:
+    with _stop_on_interrupt(), tempfile.TemporaryDirectory(prefix="medfed-flower-app-") as app_dir:
         (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
         _run_simulation(
             num_supernodes=cfg.federation.num_sites,
@@ -112,6 +126,44 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
             is_app=True,
         )
     return run_dir
+
+
+#: Seconds between Ctrl-C and the forced end of a simulation that did not stop by itself.
+INTERRUPT_GRACE_S = 5.0
+
+
+@contextmanager
+def _stop_on_interrupt() -> Iterator[None]:
+    """SIGINT/SIGTERM: KeyboardInterrupt now, and a forced exit after ``INTERRUPT_GRACE_S``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(_signum, _frame) -> None:
+        if not getattr(handler, "armed", False):
+            handler.armed = True
+            threading.Thread(target=_force_exit, name="medfed-interrupt-watchdog", daemon=True).start()
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _force_exit() -> None:
+    time.sleep(INTERRUPT_GRACE_S)
+    try:
+        import ray
+
+        ray.shutdown()  # stops the local Ray cluster this process started (workers, raylet, GCS)
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+    print("medfed simulate: interrupted; resume the last complete round with --resume RUN_DIR",
+          file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 def _backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
