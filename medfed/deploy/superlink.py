@@ -12,10 +12,12 @@ What :func:`run_server` does, in order:
    server finds them registered) through Flower's Control API;
 4. waits for ``federation.num_sites`` of them to connect, printing each by name;
 5. submits the run with ``flwr run`` (``FLWR_HOME=RUN_DIR/flower``; a generated Flower
-   app whose run config is the experiment and nothing else) and streams its log: the
-   same ServerApp as ``medfed simulate`` runs the rounds and writes ``RUN_DIR``
-   (given to it through ``MEDFED_RUN_DIR``, never through the run config that the sites
-   receive);
+   app whose run config is the experiment and nothing else): the same ServerApp as
+   ``medfed simulate`` runs the rounds and writes ``RUN_DIR`` (given to it through
+   ``MEDFED_RUN_DIR``, never through the run config that the sites receive). Progress
+   (rounds, sites left out, quorum) is printed from ``RUN_DIR/metrics.jsonl``, and the
+   run's end read from its status in the SuperLink; Flower's own log, the ServerApp's
+   included, goes to ``RUN_DIR/flower/superlink.log``;
 6. on success, on error and on Ctrl-C (or SIGTERM), stops every process it started
    (:class:`~medfed.deploy.processes.ProcessSet`). The run folder then resumes with
    ``medfed server --resume --run-dir RUN_DIR``.
@@ -28,7 +30,10 @@ replies every 0.2 s (:class:`medfed.server.recording.RecordingGrid`).
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
+import subprocess
 import sys
 import threading
 import time
@@ -172,14 +177,14 @@ def run_server(
             try:
                 if tls is not None:
                     control.register(tls.trusted_sites)
+                for run_id in control.stop_unfinished_runs():
+                    _say(out, f"medfed server: stopped run {run_id}, left unfinished by the previous server")
                 _wait_for_sites(control, cfg.federation.num_sites, cfg.federation.quorum, join_timeout_s, out)
                 watcher = _SiteWatcher(control, out)
                 watcher.start()
-                flwr_run = processes.start(
-                    [flower_executable("flwr"), "run", str(home / "app"), CONNECTION, "--stream"],
-                    env={"FLWR_HOME": str(home)}, stdout=out if _has_fileno(out) else None,
-                )
-                flwr_run.wait()
+                run_id = _submit(home, processes.env)
+                _say(out, f"medfed server: run {run_id} started; Flower's log: {home / SUPERLINK_LOG}")
+                _follow(control, run_id, run_dir, cfg.rounds, out)
                 watcher.stop()
             finally:
                 control.close()
@@ -190,6 +195,84 @@ def run_server(
         processes.stop()
     _check_finished(run_dir, home)
     return run_dir
+
+
+def _submit(home: Path, env: dict[str, str]) -> int:
+    """Submit the generated app with ``flwr run`` and return the run id."""
+    command = [flower_executable("flwr"), "run", str(home / "app"), CONNECTION, "--format", "json"]
+    done = subprocess.run(command, env={**env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=300)
+    try:
+        reply = json.loads(done.stdout[done.stdout.index("{"):])
+        return int(reply["run-id"])
+    except (ValueError, KeyError, TypeError):
+        detail = " ".join((done.stdout + done.stderr).split())[-300:]
+        raise DeployError(f"Flower did not accept the run: {detail}") from None
+
+
+def _follow(control: _Control, run_id: int, run_dir: Path, rounds: int, out) -> None:
+    """Print the run's progress from ``metrics.jsonl`` until Flower reports the run finished.
+
+    The run's own log stream (``flwr run --stream``) ends on the first transient
+    SuperLink error, so the run's end is read from its status instead.
+    """
+    from medfed.server.resume import METRICS_FILE
+
+    metrics = run_dir / METRICS_FILE
+    offset = metrics.stat().st_size if metrics.exists() else 0
+    status_due = 0.0
+    while True:
+        offset = _print_progress(metrics, offset, rounds, out)
+        if time.monotonic() >= status_due:
+            status_due = time.monotonic() + 2.0
+            try:
+                if control.run_status(run_id) == "finished":
+                    _print_progress(metrics, offset, rounds, out)
+                    return
+            except Exception:  # noqa: BLE001 - a busy SuperLink; ask again
+                pass
+        time.sleep(0.5)
+
+
+def _print_progress(metrics: Path, offset: int, rounds: int, out) -> int:
+    if not metrics.exists():
+        return offset
+    with metrics.open("rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    for line in complete.decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        text = _progress_line(record, rounds)
+        if text:
+            _say(out, text)
+    return offset + len(complete)
+
+
+def _progress_line(record: dict, rounds: int) -> str | None:
+    event = record.get("event")
+    if event == "start":
+        resumed = record.get("resumed_from_round") or 0
+        return f"medfed server: training {rounds} rounds" + (f", resuming after round {resumed}" if resumed else "")
+    if event == "round":
+        train, evaluate = record.get("train", {}), record.get("evaluate", {})
+        parts = [f"round {record['round']}/{rounds} done in {record.get('wall_time_s', 0):.1f} s"]
+        if "loss" in train:
+            parts.append(f"train loss {train['loss']:.4f}")
+        if "acc" in evaluate:
+            parts.append(f"test acc {evaluate['acc']:.4f}" + (f" auc {evaluate['auc']:.4f}" if "auc" in evaluate else ""))
+        return "medfed server: " + ", ".join(parts)
+    if event == "dropout":
+        return (f"medfed server: round {record['round']} {record['phase']}: site {record['site']} left out: "
+                f"{record['reason']}")
+    if event == "quorum_missed":
+        return (f"medfed server: round {record['round']}: {record['sites']} site(s) {record['stage']}, quorum "
+                f"{record['needed']}: the global model is unchanged; retrying the round")
+    if event == "end":
+        return f"medfed server: finished {record.get('rounds_done', rounds)} rounds"
+    return None
 
 
 def _superlink_command(listen: Address, home: Path, tls: ServerCerts | None) -> list[str]:
@@ -245,6 +328,23 @@ class _Control:
         from flwr.proto.control_pb2 import ListNodesRequest
 
         return list(self.client.ListNodes(ListNodesRequest()).nodes_info)
+
+    def run_status(self, run_id: int) -> str:
+        """The run's status: ``pending``, ``starting``, ``running`` or ``finished``."""
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        return self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id].status.status
+
+    def stop_unfinished_runs(self) -> list[int]:
+        """Stop the runs a killed server left unfinished in the state database (resume starts a new one)."""
+        from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest
+
+        stopped = []
+        for run_id, run in self.client.ListRuns(ListRunsRequest()).run_dict.items():
+            if run.status.status != "finished":
+                self.client.StopRun(StopRunRequest(run_id=run_id))
+                stopped.append(run_id)
+        return stopped
 
     def online(self) -> dict[int, str]:
         """Node id -> site name (``node-<id>`` without one) of the connected nodes."""
@@ -318,11 +418,25 @@ def _check_finished(run_dir: Path, home: Path) -> None:
         reason = (f"round {last['round']} had {last['sites']} site(s) {last['stage']}, below the quorum of "
                   f"{last['needed']} (federation.min_sites), {last['attempt']} time(s) in a row")
     else:
-        reason = f"the ServerApp failed: {_last_line(home / SUPERLINK_LOG)}"
+        reason = f"the ServerApp failed: {_server_app_error(home / SUPERLINK_LOG)}"
     raise DeployError(
         f"The run did not finish: {reason}. Resume it with 'medfed server --resume --run-dir {run_dir}' "
         f"(log: {home / SUPERLINK_LOG})."
     )
+
+
+def _server_app_error(path: Path) -> str:
+    """The exception that ended the ServerApp, from Flower's log (else its last error line)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    starts = [i for i, line in enumerate(lines) if "ServerApp raised an exception" in line]
+    if starts:
+        for line in lines[starts[-1]:]:
+            if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b[^:]*: ", line):
+                return line.strip()[:400]
+    return _last_line(path)
 
 
 def _last_line(path: Path) -> str:
@@ -332,14 +446,6 @@ def _last_line(path: Path) -> str:
         return "no log"
     errors = [line for line in lines if "ERROR" in line or "Error" in line or "exception" in line]
     return (errors or lines or ["no log"])[-1][:300]
-
-
-def _has_fileno(stream) -> bool:
-    try:
-        stream.fileno()
-        return True
-    except (AttributeError, OSError, ValueError):
-        return False
 
 
 def _say(out, text: str) -> None:

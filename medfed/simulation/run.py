@@ -161,8 +161,8 @@ def _force_exit() -> None:
         ray.shutdown()  # stops the local Ray cluster this process started (workers, raylet, GCS)
     except Exception:  # noqa: BLE001 - exiting anyway
         pass
-    print("medfed simulate: interrupted; resume the last complete round with --resume RUN_DIR",
-          file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    sys.stdout.flush()
     os._exit(130)
 
 
