@@ -5,7 +5,7 @@ For each number of sites (default 2 and 4) the script runs the same tiny experim
 
 - ``deploy``: ``medfed certs`` + ``medfed server`` (TLS, site keys) + one ``medfed client``
   per site, all on 127.0.0.1, each a separate process tree as in a real federation;
-- ``deploy-stock-polls`` (with ``--stock``): the same, with Flower's default latencies
+- ``deploy-stock-polls`` (mode ``stock``): the same, with Flower's default latencies
   that medfed changes: SuperExec task poll 1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``)
   and the ServerApp pulling replies every 3 s (``MEDFED_REPLY_POLL_S=3``, Flower's
   ``HttpGrid.send_and_receive`` interval);
@@ -21,8 +21,8 @@ its imports (torch, the model), and the server's reply polling.
 
 Usage::
 
-    python benchmarks/bench_deployment.py                  # 2 and 4 sites, 4 rounds
-    python benchmarks/bench_deployment.py --sites 2 --rounds 3 --stock
+    python benchmarks/bench_deployment.py                  # 2 and 4 sites, 4 rounds, all three modes
+    python benchmarks/bench_deployment.py --sites 2 --rounds 3 --modes deploy stock
 
 Writes ``benchmarks/results/deployment_cpu.json`` and prints a table.
 """
@@ -156,16 +156,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--stock", action="store_true", help="also run with Flower's default poll intervals")
-    parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument("--modes", nargs="+", default=["deploy", "stock", "simulate"],
+                        choices=["deploy", "stock", "simulate"],
+                        help="deploy: medfed's settings; stock: Flower's default polls; simulate: Ray")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "deployment_cpu.json"))
     args = parser.parse_args()
 
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "load_avg_at_start": os.getloadavg()},
                "rounds": args.rounds, "cases": []}
-    modes = [("deploy", {})]
-    if args.stock:
+    modes = []
+    if "deploy" in args.modes:
+        modes.append(("deploy", {}))
+    if "stock" in args.modes:
         modes.append(("deploy-stock-polls", {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0", "MEDFED_REPLY_POLL_S": "3"}))
     for sites in args.sites:
         for mode, extra in modes:
@@ -175,7 +178,7 @@ def main() -> None:
                 results["cases"].append({"mode": mode, "sites": sites, "rounds": rows, "median": summarise(rows),
                                          "total_s": time.perf_counter() - started})
                 print(json.dumps(results["cases"][-1]["median"] | {"mode": mode, "sites": sites}), flush=True)
-        if not args.skip_simulation:
+        if "simulate" in args.modes:
             with tempfile.TemporaryDirectory(prefix="medfed-bench-sim-") as tmp:
                 started = time.perf_counter()
                 rows = per_round(run_simulation(Path(tmp), sites, args.rounds))
