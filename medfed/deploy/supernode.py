@@ -14,6 +14,7 @@ labels, file names and the data path never do.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -21,11 +22,13 @@ from pathlib import Path
 
 from medfed.deploy.certs import site_certs, validate_site_name
 from medfed.deploy.processes import ProcessSet, flower_executable, free_port, interrupt_on_sigterm
-from medfed.deploy.superlink import FLOWER_ENV, DeployError, parse_address
+from medfed.deploy.superlink import DeployError, parse_address
 
 __all__ = ["check_site_data", "run_client"]
 
 #: ``{flag}.npz`` or ``{flag}_{size}.npz``: an official MedMNIST file.
+#: Seconds between the SuperNode's checks for a message to run (Flower's default: 1 s).
+CLIENTAPP_POLL_S = "0.1"
 _MEDMNIST_FILE = re.compile(r"(?P<flag>[a-z0-9]+?)(?:_(?P<size>28|64|128|224))?\.npz")
 _TASKS = ("multi-class", "multi-label, binary-class")
 
@@ -151,7 +154,11 @@ def run_client(
         command += ["--root-certificates", str(files.ca_cert), "--auth-supernode-private-key", str(files.site_key)]
     _say(out, f"medfed client: site {site}: data {data_path} ({summary}); connecting to {address}"
               f"{' (INSECURE)' if insecure else ' with TLS'}")
-    processes = ProcessSet({**FLOWER_ENV})
+    # The SuperNode's SuperExec starts one ClientApp process per message; it looks for work
+    # every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower: 1 s) in the SuperNode's
+    # in-memory state, so polling often costs next to nothing.
+    poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", CLIENTAPP_POLL_S)
+    processes = ProcessSet({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll})
     try:
         with interrupt_on_sigterm():
             supernode = processes.start(command)

@@ -22,7 +22,8 @@ earlier reply of that node or from the name it was registered under at the Super
 In deployment (a SuperLink behind the Grid), :class:`RecordingGrid` waits for replies
 with its own short poll (``poll_interval_s``) built on the Grid's public
 ``push_messages``/``pull_messages``, instead of Flower's ``send_and_receive``, which
-sleeps 3 s between pulls.
+sleeps 3 s between pulls; a transient server error (HTTP 5xx: the SuperLink's SQLite
+state locked under load) is retried instead of ending the run.
 """
 
 from __future__ import annotations
@@ -58,6 +59,33 @@ def site_name(reply: Message) -> str:
         if isinstance(name, str) and name:
             return name
     return f"node-{reply.metadata.src_node_id}"
+
+
+def _retry_transient(call, what: str, attempts: int = 6):
+    """``call()``, retried with back-off when the SuperLink answers 5xx or cannot be reached.
+
+    An overloaded SuperLink answers 500 when its SQLite state stays locked for more
+    than 5 s ("database is locked"); the write was rolled back, so asking again is safe.
+    """
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - filtered just below
+            if attempt == attempts - 1 or not _is_transient(err):
+                raise
+            log(WARNING, "[medfed] could not %s (%s); retrying", what, " ".join(str(err).split())[:200])
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _is_transient(err: Exception) -> bool:
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - flwr depends on httpx
+        return False
+    if isinstance(err, httpx.HTTPStatusError):
+        return err.response.status_code >= 500
+    return isinstance(err, httpx.TransportError)
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -239,11 +267,11 @@ class RecordingGrid(Grid):
 
     def _push_and_poll(self, messages: list[Message], timeout: float | None) -> list[Message]:
         """Flower's ``send_and_receive``, polling every ``poll_interval_s`` instead of every 3 s."""
-        pending = set(self._grid.push_messages(messages))
+        pending = set(_retry_transient(lambda: list(self._grid.push_messages(messages)), "push the messages"))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
-            pulled = list(self._grid.pull_messages(pending))
+            pulled = _retry_transient(lambda: list(self._grid.pull_messages(pending)), "pull the replies")
             replies.extend(pulled)
             pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
             if not pending or (deadline is not None and time.monotonic() >= deadline):

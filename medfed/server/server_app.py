@@ -54,9 +54,10 @@ RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
 RUN_DIR_ENV = "MEDFED_RUN_DIR"
 RESUME_ENV = "MEDFED_RESUME"
-#: Seconds between two pulls for replies from a SuperLink (Flower's own loop sleeps 3 s);
+#: Seconds between two pulls for replies from a SuperLink (Flower's own loop sleeps 3 s; each
+#: pull is a write to the SuperLink's SQLite state, so not much shorter);
 #: ``MEDFED_REPLY_POLL_S`` overrides it (benchmarks/bench_deployment.py compares the two).
-DEPLOYED_POLL_INTERVAL_S = 0.2
+DEPLOYED_POLL_INTERVAL_S = 0.5
 
 app = ServerApp()
 

@@ -78,3 +78,44 @@ def test_a_round_is_not_started_without_a_quorum_connected():
     # Execute / Assert
     with pytest.raises(QuorumNotMet, match="1 site\\(s\\) connected, quorum is 2"):
         guard.configure_train(1, ArrayRecord(), None, _Grid([1]))
+
+
+def test_a_locked_superlink_is_asked_again_not_fatal():
+    # Prepare: the first pull answers 500 (SQLite "database is locked"), the second the reply.
+    import httpx
+
+    from medfed.server.recording import RecordingGrid, RoundRecorder
+
+    reply = _reply(7, [1.0])
+    request = httpx.Request("POST", "https://superlink/v1/runtime/pull-messages")
+
+    class Grid:
+        pulls = 0
+
+        def get_nodes(self):
+            return []
+
+        def push_messages(self, messages):
+            return ["i7"]
+
+        def pull_messages(self, ids):
+            Grid.pulls += 1
+            if Grid.pulls == 1:
+                raise httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
+            return [reply]
+
+    class Log:
+        lines = []
+
+        def write(self, record):
+            Log.lines.append(record)
+
+    grid = RecordingGrid(Grid(), RoundRecorder(Log()), poll_interval_s=0.01)
+    message = Message(content=RecordDict(), metadata=Metadata(
+        run_id=1, message_id="i7", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+        created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN))
+    # Execute
+    replies = grid.send_and_receive([message], timeout=5)
+    # Assert
+    assert replies == [reply] and Grid.pulls == 2
+    assert [line["event"] for line in Log.lines] == ["site"]
