@@ -436,7 +436,7 @@ class FederationConfig(_Validated):
     fraction_train: float = _leaf(_Float(0.0, 1.0, low_closed=False), 1.0)
     fraction_evaluate: float = _leaf(_Float(0.0, 1.0), 1.0)
     min_sites: int | None = _leaf(_Optional(_Int(1)), None)
-    round_timeout_s: float = _leaf(_Float(0.0, low_closed=False), 600.0)
+    round_timeout_s: float = _leaf(_Float(0.0, low_closed=False), 1800.0)
     round_retries: int = _leaf(_Int(0), 2)
 
     def __post_init__(self) -> None:
