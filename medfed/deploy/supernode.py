@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -120,7 +122,9 @@ def run_client(
     device : str, optional
         Torch device for local training (``cpu``, ``cuda``, ``cuda:1``); default CUDA when present.
     max_wait_s : float, optional
-        Stop when the server cannot be reached for this long (default: keep trying).
+        Stop when the server cannot be reached, or refuses the site's key, for this long
+        (default: keep trying to reach it; accept a refusal for ``REFUSED_RETRY_S``, which
+        covers a server still registering its sites and a site restarted after a crash).
     out : file, optional
         Where progress lines go (default stdout).
 
@@ -158,22 +162,55 @@ def run_client(
     # every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower: 1 s) in the SuperNode's
     # in-memory state, so polling often costs next to nothing.
     poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", CLIENTAPP_POLL_S)
-    processes = ProcessSet({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll})
+    refused_for = REFUSED_RETRY_S if max_wait_s is None else max_wait_s
+    first_refusal = None
+    while True:
+        code, refused = _run_supernode(command, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll}, site, out)
+        if not refused:
+            break
+        # Refused keys: the server may still be registering the sites, or may not yet
+        # have marked this site offline after a crash (Flower: up to a minute).
+        first_refusal = first_refusal or time.monotonic()
+        if time.monotonic() - first_refusal >= refused_for:
+            break
+        _say(out, f"medfed client: site {site}: the server refused this site's key; trying again in "
+                  f"{REFUSED_PAUSE_S:g} s")
+        time.sleep(REFUSED_PAUSE_S)
+    if refused:
+        raise DeployError(
+            f"The server refused the key of site {site} for {refused_for:g} s: is {site!r} in the server's "
+            "trusted_sites.txt, and is this the site's own folder from 'medfed certs'?"
+        )
+    if code not in (0, -2, -15):
+        raise DeployError(f"The SuperNode of site {site} stopped (exit code {code}); Flower's reason is above.")
+
+
+def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> tuple[int, bool]:
+    """Run the SuperNode until it exits, echoing its output; return (exit code, key refused)."""
+    processes = ProcessSet(env)
+    refused = False
     try:
         with interrupt_on_sigterm():
-            supernode = processes.start(command)
+            supernode = processes.start(command, stdout=subprocess.PIPE)
+            for raw in supernode.stdout:
+                line = raw.decode("utf-8", errors="replace")
+                refused = refused or _REFUSED in line
+                out.write(line)
+                out.flush()
             code = supernode.wait()
     except KeyboardInterrupt:
         _say(out, f"medfed client: site {site}: stopping")
         raise
     finally:
         processes.stop()
-    if code not in (0, -2, -15):
-        raise DeployError(
-            f"The SuperNode of site {site} stopped (exit code {code}); Flower's reason is above. 'Exit Code: 305' "
-            "means the server refused this site's key: is the site in the server's trusted_sites.txt? (A site that "
-            "restarts within a minute of a crash is refused until the server marks it offline; start it again.)"
-        )
+    return code, refused
+
+
+#: What Flower's SuperNode prints when the SuperLink does not accept its key.
+_REFUSED = "Exit Code: 305"
+#: How long a refused site keeps trying by default, and the pause between tries (s).
+REFUSED_RETRY_S = 120.0
+REFUSED_PAUSE_S = 10.0
 
 
 def _quoted(text: str) -> str:
