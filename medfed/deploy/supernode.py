@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -188,22 +189,33 @@ def run_client(
 def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> tuple[int, bool]:
     """Run the SuperNode until it exits, echoing its output; return (exit code, key refused)."""
     processes = ProcessSet(env)
-    refused = False
+    refused = threading.Event()
+
+    def echo(stream) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", errors="replace")
+            if _REFUSED in line:
+                refused.set()
+            out.write(line)
+            out.flush()
+
+    reader = None
     try:
         with interrupt_on_sigterm():
             supernode = processes.start(command, stdout=subprocess.PIPE)
-            for raw in supernode.stdout:
-                line = raw.decode("utf-8", errors="replace")
-                refused = refused or _REFUSED in line
-                out.write(line)
-                out.flush()
+            # Read in a thread and wait here: the SuperNode's helpers keep the pipe open
+            # after it exits, and watch for its pid to vanish, which needs this wait().
+            reader = threading.Thread(target=echo, args=(supernode.stdout,), daemon=True)
+            reader.start()
             code = supernode.wait()
     except KeyboardInterrupt:
         _say(out, f"medfed client: site {site}: stopping")
         raise
     finally:
         processes.stop()
-    return code, refused
+        if reader is not None:
+            reader.join(timeout=5)
+    return code, refused.is_set()
 
 
 #: What Flower's SuperNode prints when the SuperLink does not accept its key.
