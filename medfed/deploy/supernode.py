@@ -222,7 +222,7 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> t
 _REFUSED = "Exit Code: 305"
 #: How long a refused site keeps trying by default, and the pause between tries (s).
 REFUSED_RETRY_S = 120.0
-REFUSED_PAUSE_S = 10.0
+REFUSED_PAUSE_S = 5.0
 
 
 def _quoted(text: str) -> str:
