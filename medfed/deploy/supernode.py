@@ -177,6 +177,11 @@ def run_client(
         _say(out, f"medfed client: site {site}: the server refused this site's key; trying again in "
                   f"{REFUSED_PAUSE_S:g} s")
         time.sleep(REFUSED_PAUSE_S)
+    if refused and insecure:
+        raise DeployError(
+            f"The server at {address} did not accept site {site} without TLS for {refused_for:g} s; a server "
+            "started without --insecure needs TLS and the site's key: drop --insecure and give --certs."
+        )
     if refused:
         raise DeployError(
             f"The server refused the key of site {site} for {refused_for:g} s: is {site!r} in the server's "

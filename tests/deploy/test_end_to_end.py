@@ -201,6 +201,7 @@ def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher
     assert mallory_code != 0 and insecure_code != 0
     assert "mallory" not in launcher.text("server")
     assert "WARNING: --insecure" in launcher.text("insecure")
+    assert "drop --insecure" in launcher.text("insecure")
     # Clients stop on SIGTERM and take their Flower processes with them.
     for site in ("alpha", "beta", "gamma"):
         os.killpg(launcher.procs[site].pid, signal.SIGTERM)
