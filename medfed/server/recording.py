@@ -88,6 +88,15 @@ def _is_transient(err: Exception) -> bool:
     return isinstance(err, httpx.TransportError)
 
 
+def replying_node(reply: Message, addressees: Mapping[str, int] | None) -> int:
+    """The node a reply answers for: the addressee of the message it replies to, if known."""
+    if addressees:
+        node_id = addressees.get(reply.metadata.reply_to_message_id)
+        if node_id is not None:
+            return node_id
+    return reply.metadata.src_node_id
+
+
 def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -134,11 +143,18 @@ class RoundRecorder:
                 k: float(v) for k, v in metrics.items() if k not in _NOT_METRICS and not isinstance(v, list)
             }
 
-    def record_exchange(self, phase: str, sent: Mapping[int, int], replies: list[Message]) -> None:
-        """Write one ``"site"`` line per reply and add the bytes to the round's counters."""
+    def record_exchange(
+        self, phase: str, sent: Mapping[int, int], replies: list[Message], addressees: Mapping[str, int] | None = None
+    ) -> None:
+        """Write one ``"site"`` line per reply and add the bytes to the round's counters.
+
+        ``addressees`` maps sent message ids to their destination nodes: an error reply
+        that the SuperLink makes for an unreachable node carries the SuperLink as its
+        source, and is attributed to the node the message was for.
+        """
         self._bytes_sent += sum(sent.values())
         for reply in replies:
-            node_id = reply.metadata.src_node_id
+            node_id = replying_node(reply, addressees)
             if reply.has_error():
                 log(WARNING, "Round %d %s: node %d replied with an error: %s",
                     self.server_round, phase, node_id, reply.error.reason)
@@ -258,8 +274,9 @@ class RecordingGrid(Grid):
         else:
             replies = self._push_and_poll(messages, timeout)
         replies = sorted(replies, key=_sort_key)
-        self.recorder.record_exchange(phase, sent, replies)
-        answered = {reply.metadata.src_node_id for reply in replies}
+        addressees = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
+        self.recorder.record_exchange(phase, sent, replies, addressees)
+        answered = {replying_node(reply, addressees) for reply in replies}
         for node_id in sent:
             if node_id not in answered:
                 self.recorder.record_dropout(phase, node_id, f"no reply within {timeout:g} s" if timeout else "no reply")

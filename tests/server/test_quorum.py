@@ -119,3 +119,20 @@ def test_a_locked_superlink_is_asked_again_not_fatal():
     # Assert
     assert replies == [reply] and Grid.pulls == 2
     assert [line["event"] for line in Log.lines] == ["site"]
+
+
+def test_an_error_reply_made_by_the_superlink_is_charged_to_the_unreachable_site():
+    # Prepare: the SuperLink (node 1) answers for node 7, which stopped sending heartbeats.
+    from medfed.server.recording import RoundRecorder
+
+    lines = []
+    recorder = RoundRecorder(type("Log", (), {"write": staticmethod(lines.append)})())
+    recorder.node_names[7] = "beta"
+    error = Message(error=Error(code=5, reason="Node Unavailable"), metadata=Metadata(
+        run_id=1, message_id="e", src_node_id=1, dst_node_id=0, reply_to_message_id="i7", group_id="1",
+        created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN))
+    # Execute
+    recorder.record_exchange("train", {7: 10}, [error], {"i7": 7})
+    # Assert
+    assert lines == [{"event": "dropout", "round": 0, "phase": "train", "site": "beta",
+                      "reason": "error reply: Node Unavailable"}]
