@@ -107,16 +107,20 @@ class QuorumGuard(Strategy):
     on_rejected : callable, optional
         Called with ``(node_id, reason)`` for each training reply the strategy left out
         (its ``dropped_replies``), e.g. to record it under the site's name.
+    wait_for_all_first : bool
+        Wait for all ``num_sites`` before the first round (simulation: the simulated
+        nodes connect while the ServerApp starts). ``medfed server`` waits for the sites
+        itself and may start with a quorum, so in deployment only the quorum is awaited.
     """
 
     def __init__(self, strategy: Strategy, *, min_sites: int, num_sites: int, timeout_s: float,
-                 on_rejected: Callable[[int, str], None] | None = None) -> None:
+                 on_rejected: Callable[[int, str], None] | None = None, wait_for_all_first: bool = True) -> None:
         self.strategy = strategy
         self.on_rejected = on_rejected
         self.min_sites = min_sites
         self.num_sites = num_sites
         self.timeout_s = timeout_s
-        self._first_round = True
+        self._first_round = wait_for_all_first
 
     def __getattr__(self, name: str) -> Any:
         strategy = self.__dict__.get("strategy")

@@ -124,10 +124,11 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
 
     remaining = cfg.rounds - start.completed_rounds
     if remaining > 0:
+        deployed = _is_deployed(grid)
         guarded = QuorumGuard(strategy, min_sites=cfg.federation.quorum, num_sites=cfg.federation.num_sites,
-                              timeout_s=cfg.federation.round_timeout_s,
+                              timeout_s=cfg.federation.round_timeout_s, wait_for_all_first=not deployed,
                               on_rejected=lambda node, why: recorder.record_dropout("train", node, f"update rejected: {why}"))
-        poll = float(os.environ.get("MEDFED_REPLY_POLL_S", DEPLOYED_POLL_INTERVAL_S)) if _is_deployed(grid) else None
+        poll = float(os.environ.get("MEDFED_REPLY_POLL_S", DEPLOYED_POLL_INTERVAL_S)) if deployed else None
         RoundOffsetStrategy(guarded, start.completed_rounds, recorder).start(
             RecordingGrid(grid, recorder, poll_interval_s=poll), arrays, num_rounds=remaining,
             timeout=cfg.federation.round_timeout_s,
