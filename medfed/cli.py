@@ -196,6 +196,94 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     result = evaluate_robustness(spec, names, severities, seed=args.seed, out_dir=out)
     Console(width=max(Console().width, 100)).print(robustness_table(result))
     print(f"wrote {Path(out) / 'robustness.json'} and {Path(out) / 'robustness.png'}")
+def _add_certs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "certs", help="make the CA, the server certificate and one key per site for a real federation",
+        description="Write a certificate authority, the server's TLS certificate and one ECDSA key pair per "
+        "site into DIR. Give each site its folder DIR/sites/NAME; keep DIR/ca.key offline.",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--server-host", required=True, metavar="HOST",
+                   help="DNS name or IP address the sites use to reach the server")
+    p.add_argument("--sites", required=True, metavar="NAME[,NAME...]", help="comma-separated site names")
+    p.add_argument("--force", action="store_true", help="replace existing files (sites then need their new keys)")
+    p.set_defaults(func=_run_certs)
+
+
+def _run_certs(args: argparse.Namespace) -> None:
+    from medfed.deploy.certs import make_certs
+
+    sites = [name.strip() for name in args.sites.split(",") if name.strip()]
+    written = make_certs(args.out, args.server_host, sites, force=args.force)
+    out = Path(args.out)
+    print(f"medfed certs: wrote {len(written)} files to {out}")
+    print(f"  server: keep {out / 'ca.key'} offline; the server uses ca.crt, server.crt, server.key, trusted_sites.txt")
+    for name in sites:
+        print(f"  site {name}: copy {out / 'sites' / name} to the site (its site.key must stay there)")
+
+
+def _add_server(sub: argparse._SubParsersAction) -> None:
+    from medfed.deploy.superlink import DEFAULT_ADDRESS
+
+    p = sub.add_parser(
+        "server", help="run the federation's server (Flower SuperLink) and the experiment on it",
+        description="Start Flower's SuperLink with TLS and site keys, wait for the sites, run the experiment. "
+        "Ctrl-C stops it; --resume continues from the last complete round.",
+    )
+    p.add_argument("--config", default=None, help="experiment YAML (default: the built-in small federation)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--certs", default=None, metavar="DIR", help="the folder 'medfed certs' wrote")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
+                   help=f"where to listen; the one port sites connect to (default: {DEFAULT_ADDRESS})")
+    p.add_argument("--run-dir", default=None, metavar="DIR", help="run folder (default: OUTPUT_DIR/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last complete round")
+    p.add_argument("--join-timeout", type=_positive(float), default=None, metavar="SECONDS",
+                   help="after this long, start with the sites connected if they make the quorum "
+                   "(federation.min_sites), else stop (default: wait for all sites)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no site keys: a test on a closed network only")
+    p.set_defaults(func=_run_server)
+
+
+def _run_server(args: argparse.Namespace) -> None:
+    from medfed.config import load_config
+    from medfed.deploy.superlink import run_server
+
+    config = args.config
+    if args.resume:
+        if args.run_dir is None:
+            raise FileNotFoundError("--resume needs --run-dir DIR, the run folder to continue.")
+        stored = Path(args.run_dir) / "config.yaml"
+        if not stored.is_file():
+            raise FileNotFoundError(f"No config.yaml in {args.run_dir}: --resume needs a medfed run folder.")
+        config = config or stored
+    cfg = load_config(config, args.overrides)
+    run_server(cfg, certs=args.certs, address=args.address, run_dir=args.run_dir, resume=args.resume,
+               insecure=args.insecure, join_timeout_s=args.join_timeout)
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "client", help="run one site of a real federation (Flower SuperNode)",
+        description="Check the site's data, then connect to the server and train when it asks. Only model "
+        "weights and metrics leave the site.",
+    )
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
+    p.add_argument("--site", required=True, metavar="NAME", help="this site's name, as given to 'medfed certs'")
+    p.add_argument("--data", required=True, metavar="PATH", help="the site's data folder")
+    p.add_argument("--certs", default=None, metavar="DIR", help="this site's folder from 'medfed certs'")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--max-wait", type=_positive(float), default=None, metavar="SECONDS",
+                   help="give up when the server is unreachable for this long (default: keep trying)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no site key: a test on a closed network only")
+    p.set_defaults(func=_run_client)
+
+
+def _run_client(args: argparse.Namespace) -> None:
+    from medfed.deploy.supernode import run_client
+
+    run_client(server=args.server, site=args.site, data=args.data, certs=args.certs, insecure=args.insecure,
+               device=args.device, max_wait_s=args.max_wait)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_sites(sub)
     _add_evaluate(sub)
+    _add_certs(sub)
+    _add_server(sub)
+    _add_client(sub)
     return parser
 
 
@@ -227,7 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("medfed: interrupted; a simulation can continue with --resume RUN_DIR", file=sys.stderr)
+        hints = {"simulate": "; continue with medfed simulate --resume RUN_DIR",
+                 "server": "; continue with medfed server --resume --run-dir RUN_DIR"}
+        print(f"medfed: interrupted{hints.get(args.command, '')}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - only known input errors become one line
         if _is_input_error(err):

@@ -467,6 +467,19 @@ class FederationConfig(_Validated):
         Patient groups of the federation: names, or mappings ``{name, corruptions}``.
     quantity_skew : dict
         Site sizes: ``{ratios: [...]}`` or ``{power_law: exponent}``; empty: equal.
+    min_sites : int or None
+        Quorum: a round's aggregate replaces the global model only if at least this
+        many sites sent a valid training reply; below it the round is retried
+        (``round_retries`` times) from the last complete round, then the run stops.
+        None means a majority, ``num_sites // 2 + 1``. At most ``num_sites``.
+    round_timeout_s : float
+        Seconds the server waits for the sites' replies in each phase of a round (and
+        for a quorum of sites to be connected); a site that has not answered by then is
+        recorded as dropped out for that round. Must exceed the slowest site's local
+        training time.
+    round_retries : int
+        How many times in a row a round that missed the quorum is retried before the
+        run stops (resumable) with an error.
     """
 
     _prefix: ClassVar[str] = "federation."
@@ -483,13 +496,26 @@ class FederationConfig(_Validated):
     quantity_skew: dict[str, Any] = _leaf(
         _JsonMapping(what="a quantity skew such as {power_law: 1.5}"), default_factory=dict, hash=False
     )
+    min_sites: int | None = _leaf(_Optional(_Int(1)), None)
+    round_timeout_s: float = _leaf(_Float(0.0, low_closed=False), 1800.0)
+    round_retries: int = _leaf(_Int(0), 2)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.min_sites is not None and self.min_sites > self.num_sites:
+            raise _invalid_value(
+                "federation.min_sites", f"an int <= federation.num_sites ({self.num_sites}) or null",
+                self.min_sites, None,
+            )
         # Profiles, groups and skew are checked where they are understood (medfed.sites).
         from medfed.sites.profiles import check_federation_profiles
 
         check_federation_profiles(self)
+
+    @property
+    def quorum(self) -> int:
+        """``min_sites``, or a majority of ``num_sites`` when it is None."""
+        return self.min_sites if self.min_sites is not None else self.num_sites // 2 + 1
 
 
 @dataclass(frozen=True)

@@ -461,3 +461,10 @@ def test_simulation_engine_defaults_to_auto_and_ray_address_refuses_inprocess():
     assert load_config(overrides=["simulation.ray_address=auto"]).simulation.engine == "auto"
     with pytest.raises(ConfigError, match=r"^Config key 'simulation.ray_address' needs simulation.engine 'ray' or"):
         load_config(overrides=["simulation.engine=inprocess", "simulation.ray_address=auto"])
+def test_quorum_defaults_to_a_majority_and_cannot_exceed_the_sites():
+    assert load_config(overrides=["federation.num_sites=4"]).federation.quorum == 3
+    assert load_config(overrides=["federation.num_sites=3", "federation.min_sites=1"]).federation.quorum == 1
+    with pytest.raises(ConfigError, match="'federation.min_sites' must be an int <= federation.num_sites"):
+        load_config(overrides=["federation.num_sites=2", "federation.min_sites=3"])
+    with pytest.raises(ConfigError, match="round_timeout_s"):
+        load_config(overrides=["federation.round_timeout_s=0"])

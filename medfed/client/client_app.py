@@ -138,7 +138,7 @@ def describe_site(msg: Message, context: Context) -> Message:
 def _setup(context: Context) -> tuple[ExperimentConfig, SiteData, torch.device]:
     # strict=False: a run config may carry server-only keys (run-dir, resume).
     cfg = from_run_config(context.run_config, strict=False)
-    device = select_device()
+    device = select_device(str(context.node_config.get("device", "")) or None)  # a deployed site may choose
     if PARTITION_ID_KEY in context.node_config:
         # Simulated sites share one machine: a fixed thread count per site keeps CPU
         # results identical from run to run (reduction order depends on threads), and

@@ -28,6 +28,17 @@ Two kinds of global test figures go into each round line, named apart:
 
 Held-out sites (``"held-out": true``) are left out of both; their sample-weighted mean
 goes to ``"held_out"`` and their site lines carry ``"held_out": true``.
+
+A site that was sent a message but replied with an error, or not at all before the
+round's deadline (``federation.round_timeout_s``), gets a ``"dropout"`` line
+(``{"event": "dropout", "round", "phase", "site", "reason"}``). Its name comes from an
+earlier reply of that node or from the name it was registered under at the SuperLink.
+
+In deployment (a SuperLink behind the Grid), :class:`RecordingGrid` waits for replies
+with its own short poll (``poll_interval_s``) built on the Grid's public
+``push_messages``/``pull_messages``, instead of Flower's ``send_and_receive``, which
+sleeps 3 s between pulls; a transient server error (HTTP 5xx: the SuperLink's SQLite
+state locked under load) is retried instead of ending the run.
 """
 
 from __future__ import annotations
@@ -66,6 +77,42 @@ def site_name(reply: Message) -> str:
     return f"node-{reply.metadata.src_node_id}"
 
 
+def _retry_transient(call, what: str, attempts: int = 6):
+    """``call()``, retried with back-off when the SuperLink answers 5xx or cannot be reached.
+
+    An overloaded SuperLink answers 500 when its SQLite state stays locked for more
+    than 5 s ("database is locked"); the write was rolled back, so asking again is safe.
+    """
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - filtered just below
+            if attempt == attempts - 1 or not _is_transient(err):
+                raise
+            log(WARNING, "[medfed] could not %s (%s); retrying", what, " ".join(str(err).split())[:200])
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _is_transient(err: Exception) -> bool:
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - flwr depends on httpx
+        return False
+    if isinstance(err, httpx.HTTPStatusError):
+        return err.response.status_code >= 500
+    return isinstance(err, httpx.TransportError)
+
+
+def replying_node(reply: Message, addressees: Mapping[str, int] | None) -> int:
+    """The node a reply answers for: the addressee of the message it replies to, if known."""
+    if addressees:
+        node_id = addressees.get(reply.metadata.reply_to_message_id)
+        if node_id is not None:
+            return node_id
+    return reply.metadata.src_node_id
+
+
 def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -90,6 +137,8 @@ class RoundRecorder:
         self.task = task
         self.server_round = 0
         self.history: list[dict[str, Any]] = []
+        #: Node id -> site name, learnt from replies and from the SuperLink's node list.
+        self.node_names: dict[int, str] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -98,7 +147,6 @@ class RoundRecorder:
         self._bytes_received = 0
         self._aggregates: dict[str, dict[str, float]] = {}
         self._dropped: dict[int, str] = {}
-        self._site_names: dict[int, str] = {}
 
     def round_started(self, server_round: int) -> None:
         """Start the clock and the counters of ``server_round`` (true round number)."""
@@ -120,16 +168,24 @@ class RoundRecorder:
         """Keep the strategy's dropped training replies (node id -> reason) for the round line."""
         self._dropped = dict(reasons)
 
-    def record_exchange(self, phase: str, sent: Mapping[int, int], replies: list[Message]) -> None:
-        """Write one ``"site"`` line per reply and add the bytes to the round's counters."""
+    def record_exchange(
+        self, phase: str, sent: Mapping[int, int], replies: list[Message], addressees: Mapping[str, int] | None = None
+    ) -> None:
+        """Write one ``"site"`` line per reply and add the bytes to the round's counters.
+
+        ``addressees`` maps sent message ids to their destination nodes: an error reply
+        that the SuperLink makes for an unreachable node carries the SuperLink as its
+        source, and is attributed to the node the message was for.
+        """
         self._bytes_sent += sum(sent.values())
         for reply in replies:
-            node_id = reply.metadata.src_node_id
+            node_id = replying_node(reply, addressees)
             if reply.has_error():
                 log(WARNING, "Round %d %s: node %d replied with an error: %s",
                     self.server_round, phase, node_id, reply.error.reason)
+                self.record_dropout(phase, node_id, f"error reply: {reply.error.reason}")
                 continue
-            self._site_names[node_id] = site_name(reply)
+            self.node_names[node_id] = site_name(reply)
             received = payload_bytes(reply.content)
             self._bytes_received += received
             self.log.write(self._site_record(phase, reply, sent.get(node_id, 0), received))
@@ -143,6 +199,13 @@ class RoundRecorder:
                     self._aggregates["evaluate_pooled"] = pooled
             if held_out:
                 self._aggregates["held_out"] = _weighted_mean([_metrics(r) for r in held_out])
+
+    def record_dropout(self, phase: str, node_id: int, reason: str) -> None:
+        """Write a ``"dropout"`` line: the node's site took no part in this phase of the round."""
+        site = self.node_names.get(node_id, f"node-{node_id}")
+        log(WARNING, "Round %d %s: site %s dropped out: %s", self.server_round, phase, site, reason)
+        self.log.write({"event": "dropout", "round": self.server_round, "phase": phase, "site": site,
+                        "reason": reason})
 
     def _site_record(self, phase: str, reply: Message, sent: int, received: int) -> dict[str, Any]:
         content = reply.content
@@ -175,7 +238,7 @@ class RoundRecorder:
         if self._dropped:
             # Which sites' training replies the strategy left out, and why.
             record["dropped"] = [
-                {"site": self._site_names.get(node, f"node-{node}"), "reason": reason}
+                {"site": self.node_names.get(node, f"node-{node}"), "reason": reason}
                 for node, reason in self._dropped.items()
             ]
         self.log.write(record)
@@ -293,9 +356,10 @@ class RecordingGrid(Grid):
         Receives the byte counts and the replies.
     """
 
-    def __init__(self, grid: Grid, recorder: RoundRecorder) -> None:
+    def __init__(self, grid: Grid, recorder: RoundRecorder, *, poll_interval_s: float | None = None) -> None:
         self._grid = grid
         self.recorder = recorder
+        self.poll_interval_s = poll_interval_s
 
     def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
         self._grid.set_run(run)
@@ -329,6 +393,41 @@ class RecordingGrid(Grid):
         for message in messages:
             node_id = message.metadata.dst_node_id
             sent[node_id] = sent.get(node_id, 0) + payload_bytes(message.content)
-        replies = sorted(self._grid.send_and_receive(messages, timeout=timeout), key=_sort_key)
-        self.recorder.record_exchange(phase, sent, replies)
+        self._learn_node_names()
+        if self.poll_interval_s is None:
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        else:
+            replies = self._push_and_poll(messages, timeout)
+        replies = sorted(replies, key=_sort_key)
+        addressees = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
+        self.recorder.record_exchange(phase, sent, replies, addressees)
+        answered = {replying_node(reply, addressees) for reply in replies}
+        for node_id in sent:
+            if node_id not in answered:
+                self.recorder.record_dropout(phase, node_id, f"no reply within {timeout:g} s" if timeout else "no reply")
         return replies
+
+    def _push_and_poll(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Flower's ``send_and_receive``, polling every ``poll_interval_s`` instead of every 3 s."""
+        pending = set(_retry_transient(lambda: list(self._grid.push_messages(messages)), "push the messages"))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            pulled = _retry_transient(lambda: list(self._grid.pull_messages(pending)), "pull the replies")
+            replies.extend(pulled)
+            pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_interval_s)
+        return replies
+
+    def _learn_node_names(self) -> None:
+        # Deployed sites are registered at the SuperLink under their site names.
+        try:
+            nodes = list(self._grid.get_nodes())
+        except Exception:  # noqa: BLE001 - a name is a nicety; the simulation's grid may lack it
+            return
+        for node in nodes:
+            name = getattr(node, "name", "")
+            if name and node.node_id not in self.recorder.node_names:
+                self.recorder.node_names[node.node_id] = name

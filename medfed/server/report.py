@@ -233,6 +233,10 @@ class RunMetrics:
     site_records: dict[tuple[int, str, str], dict[str, Any]] = field(default_factory=dict)
     starts: list[dict[str, Any]] = field(default_factory=list)
     ends: list[dict[str, Any]] = field(default_factory=list)
+    #: ``"dropout"`` records (a site left out of a round: no reply, error, rejected update)
+    #: and ``"quorum_missed"`` records, in file order.
+    dropouts: list[dict[str, Any]] = field(default_factory=list)
+    quorum_misses: list[dict[str, Any]] = field(default_factory=list)
 
     def site_record(self, server_round: int, phase: str, site: str) -> dict[str, Any] | None:
         """The site record of that round and phase, or None."""
@@ -271,6 +275,10 @@ def load_run_metrics(run_dir: str | Path) -> RunMetrics:
             run.round_records[int(record["round"])] = record
         elif event == "site":
             run.site_records[(int(record["round"]), str(record["phase"]), str(record["site"]))] = record
+        elif event == "dropout":
+            run.dropouts.append(record)
+        elif event == "quorum_missed":
+            run.quorum_misses.append(record)
     run.rounds = sorted(set(run.round_records) | {key[0] for key in run.site_records})
     run.sites = sorted({key[2] for key in run.site_records}, key=_natural_key)
     return run
@@ -839,6 +847,26 @@ pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; }
 """
 
 
+def _dropouts_html(run: RunMetrics) -> list[str]:
+    """A table of the sites left out of rounds, and of the rounds retried for lack of a quorum."""
+    if not run.dropouts and not run.quorum_misses:
+        return []
+    escape = html.escape
+    rows = [
+        "<tr>" + "".join(f"<td>{escape(str(record.get(key, '')))}</td>" for key in ("round", "phase", "site", "reason"))
+        + "</tr>"
+        for record in run.dropouts
+    ]
+    rows += [
+        f"<tr><td>{escape(str(r.get('round', '')))}</td><td>train</td><td>–</td><td>quorum missed: "
+        f"{escape(str(r.get('sites', '')))} site(s) {escape(str(r.get('stage', '')))}, needed "
+        f"{escape(str(r.get('needed', '')))}; round retried</td></tr>"
+        for r in run.quorum_misses
+    ]
+    headers = "".join(f"<th>{h}</th>" for h in ("Round", "Phase", "Site", "Reason"))
+    return ["<h2>Sites left out</h2>", f"<table><thead><tr>{headers}</tr></thead><tbody>{''.join(rows)}</tbody></table>"]
+
+
 def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: str | None) -> str:
     escape = html.escape
     rows = []
@@ -904,6 +932,7 @@ def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: s
         _groups_html(run),
         f"<p>{totals}</p>",
         dropped_html,
+        *_dropouts_html(run),
         '<h2>Figures</h2><div class="figures">',
         *figures,
         "</div>",

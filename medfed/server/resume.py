@@ -62,7 +62,7 @@ _POOLING_COUNTS = ("score-hist", "confusion-group-")
 
 # Keys that may differ between a run and its resumption: where the run lives, how many
 # rounds it runs (may only grow), and which Ray cluster runs the simulation.
-_MAY_CHANGE = ("name", "output_dir", "rounds", "simulation.ray_address")
+_MAY_CHANGE = ("name", "output_dir", "rounds", "simulation.ray_address", "federation.round_timeout_s")
 
 
 class ResumeError(MedfedError):

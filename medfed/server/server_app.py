@@ -6,6 +6,15 @@ the same in simulation and deployment, plus two server-only keys:
 * ``run-dir`` (str, ``""`` -> ``{output_dir}/{name}``): where the run's files go;
 * ``resume`` (bool): continue the run in ``run-dir`` from its last complete round.
 
+``medfed server`` gives these two through the environment instead
+(``MEDFED_RUN_DIR``, ``MEDFED_RESUME=1``): a deployed run config reaches every site, and a
+server path is none of their business.
+
+Sites may drop out: each phase of a round waits at most ``federation.round_timeout_s``,
+and a round whose valid training replies fall below the quorum
+(:mod:`medfed.server.quorum`) leaves the global model as it was and is retried from the
+last checkpoint, up to ``federation.round_retries`` times in a row.
+
 The rounds are Flower's own ``Strategy.start``. ``evaluate_fn``, which ``start`` calls
 after every round's training and evaluation (and once before round 1), is the
 end-of-round hook: it writes the ``"round"`` line of ``metrics.jsonl`` and then the
@@ -16,6 +25,7 @@ dataset's metadata alone.
 
 from __future__ import annotations
 
+import os
 import random
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from medfed.config import ExperimentConfig, config_to_dict, from_run_config
 from medfed.data import dataset_info
 from medfed.server.checkpoint import save_arrays, save_checkpoint
+from medfed.server.quorum import QuorumError, QuorumGuard, QuorumNotMet, apply_quorum
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.report import MetricsLog, build_report, print_summary
 from medfed.server.transfer import TransferGrid
@@ -38,10 +49,19 @@ from medfed.server.resume import (
 from medfed.strategies import ModelSpec, ReplyPolicy, create_strategy, load_strategy_state, strategy_state
 from medfed.strategies.base import MedfedStrategy
 
-__all__ = ["RESUME_KEY", "RUN_DIR_KEY", "app", "build_strategy", "initial_model_arrays", "read_run_config"]
+__all__ = [
+    "RESUME_ENV", "RESUME_KEY", "RUN_DIR_ENV", "RUN_DIR_KEY", "app", "build_strategy", "initial_model_arrays",
+    "read_run_config",
+]
 
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
+RUN_DIR_ENV = "MEDFED_RUN_DIR"
+RESUME_ENV = "MEDFED_RESUME"
+#: Seconds between two pulls for replies from a SuperLink (Flower's own loop sleeps 3 s; each
+#: pull is a write to the SuperLink's SQLite state, so not much shorter);
+#: ``MEDFED_REPLY_POLL_S`` overrides it (benchmarks/bench_deployment.py compares the two).
+DEPLOYED_POLL_INTERVAL_S = 0.5
 
 app = ServerApp()
 
@@ -50,12 +70,34 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the experiment described by the run config."""
     cfg, run_dir, resume = read_run_config(context.run_config)
+    missed = 0
+    while True:
+        try:
+            _run(grid, cfg, run_dir, resume)
+            return
+        except QuorumNotMet as err:
+            missed += 1
+            MetricsLog(run_dir / METRICS_FILE).write({
+                "event": "quorum_missed", "time": _now(), "round": err.server_round, "sites": err.sites,
+                "needed": err.needed, "stage": err.stage, "attempt": missed,
+            })
+            if missed > cfg.federation.round_retries:
+                raise QuorumError(
+                    f"Round {err.server_round} had {err.sites} site(s) {err.stage} but the quorum "
+                    f"(federation.min_sites) is {err.needed}, {missed} time(s) in a row; the run stopped after "
+                    f"round {err.server_round - 1}. Bring the sites back and resume the run in {run_dir}."
+                ) from None
+            resume = True  # retry the round from the last checkpoint
+
+
+def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     start = prepare_run_dir(cfg, run_dir, resume)
     log = MetricsLog(run_dir / METRICS_FILE)
     recorder = RoundRecorder(log, task=dataset_info(cfg.data.dataset).task)
     recorder.history = start.history
     strategy = build_strategy(cfg)
     reference = initial_model_arrays(cfg, strategy)
+    apply_quorum(strategy, cfg.federation.quorum)
     if start.checkpoint is not None:
         load_strategy_state(strategy, start.checkpoint.strategy_state)
         set_rng_state(start.checkpoint.state["rng"])
@@ -84,8 +126,14 @@ def main(grid: Grid, context: Context) -> None:
 
     remaining = cfg.rounds - start.completed_rounds
     if remaining > 0:
-        RoundOffsetStrategy(strategy, start.completed_rounds, recorder, held_out_nodes).start(
-            TransferGrid(RecordingGrid(grid, recorder), cfg.federation.transfer_dtype), arrays, num_rounds=remaining,
+        deployed = _is_deployed(grid)
+        guarded = QuorumGuard(strategy, min_sites=cfg.federation.quorum, num_sites=cfg.federation.num_sites,
+                              timeout_s=cfg.federation.round_timeout_s, wait_for_all_first=not deployed,
+                              on_rejected=lambda node, why: recorder.record_dropout("train", node, f"update rejected: {why}"))
+        poll = float(os.environ.get("MEDFED_REPLY_POLL_S", DEPLOYED_POLL_INTERVAL_S)) if deployed else None
+        RoundOffsetStrategy(guarded, start.completed_rounds, recorder, held_out_nodes).start(
+            TransferGrid(RecordingGrid(grid, recorder, poll_interval_s=poll), cfg.federation.transfer_dtype), arrays,
+            num_rounds=remaining, timeout=cfg.federation.round_timeout_s,
             train_config=train_config(cfg), evaluate_config=ConfigRecord(), evaluate_fn=end_of_round,
         )
     final = {k: v.astype(reference[k].dtype, copy=False) for k, v in _to_numpy(arrays).items()}
@@ -98,8 +146,8 @@ def main(grid: Grid, context: Context) -> None:
 def read_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, Path, bool]:
     """Split the run config into the experiment, the run directory and the resume flag."""
     flat = dict(run_config)
-    run_dir_value = str(flat.pop(RUN_DIR_KEY, "") or "")
-    resume = flat.pop(RESUME_KEY, False)
+    run_dir_value = str(flat.pop(RUN_DIR_KEY, "") or os.environ.get(RUN_DIR_ENV, ""))
+    resume = flat.pop(RESUME_KEY, os.environ.get(RESUME_ENV, "") == "1")
     if not isinstance(resume, bool):
         raise ValueError(f"Run config key '{RESUME_KEY}' must be true or false. Got {resume!r} instead.")
     cfg = from_run_config(flat)
@@ -164,6 +212,13 @@ def train_config(cfg: ExperimentConfig) -> ConfigRecord:
         "local-epochs": t.local_epochs, "batch-size": t.batch_size, "optimizer": t.optimizer,
         "lr": t.lr, "weight-decay": t.weight_decay, "momentum": t.momentum,
     })
+
+
+def _is_deployed(grid: Grid) -> bool:
+    """True for the Grid of a ServerApp that a SuperLink runs (not the simulation's in-memory one)."""
+    from flwr.superlink.grid import HttpGrid
+
+    return isinstance(grid, HttpGrid)
 
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

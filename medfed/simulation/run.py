@@ -33,6 +33,14 @@ and :func:`_check_flower_api` fails with one clear line if its signature changes
 ``simulation.ray_address`` is passed to ``ray.init(address=...)``: the sites then run on
 that cluster's workers (checked against a local cluster: same weights as a private Ray).
 
+Ctrl-C: Flower runs the ServerApp in a non-daemon thread that a KeyboardInterrupt in the
+main thread does not stop (sent to the whole process group, SIGINT used to leave the run
+going to its last round). :func:`simulate` therefore handles SIGINT and SIGTERM itself:
+the first one raises KeyboardInterrupt in the main thread (Flower then stops its
+runtime and Ray) and arms a watchdog that shuts Ray down and ends the process
+(exit 130) after a few seconds if anything still runs. The checkpoint of the last
+complete round is written atomically, so ``--resume`` continues from it.
+
 Reproducibility: the sites seed themselves from ``(seed, round, site)``, use a fixed
 number of torch threads (``simulation.cpus_per_site``), and the server aggregates replies
 in site order; so the same config gives the same metrics on a CPU, and a resumed run
@@ -48,7 +56,13 @@ import shutil
 import inspect
 import json
 import os
+import signal
+import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +138,7 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)
     if not resume:  # a fresh run must not find an older run's site state
         shutil.rmtree(run_dir / SITE_STATE_FOLDER, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix="medfed-flower-app-") as app_dir:
+    with _stop_on_interrupt(), tempfile.TemporaryDirectory(prefix="medfed-flower-app-") as app_dir:
         client_run_config = {**to_run_config(cfg), SITE_STATE_DIR_KEY: str(run_dir / SITE_STATE_FOLDER)}
         (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(client_run_config), encoding="utf-8")
         _run_simulation(
@@ -185,6 +199,44 @@ def resolve_engine(cfg: ExperimentConfig) -> str:
         return "inprocess" if _visible_gpus() <= 1 else "ray"
     parallel_sites = min(cfg.federation.num_sites, int(_available_cpus() // sim.cpus_per_site))
     return "ray" if parallel_sites >= 2 else "inprocess"
+
+
+#: Seconds between Ctrl-C and the forced end of a simulation that did not stop by itself.
+INTERRUPT_GRACE_S = 5.0
+
+
+@contextmanager
+def _stop_on_interrupt() -> Iterator[None]:
+    """SIGINT/SIGTERM: KeyboardInterrupt now, and a forced exit after ``INTERRUPT_GRACE_S``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(_signum, _frame) -> None:
+        if not getattr(handler, "armed", False):
+            handler.armed = True
+            threading.Thread(target=_force_exit, name="medfed-interrupt-watchdog", daemon=True).start()
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _force_exit() -> None:
+    time.sleep(INTERRUPT_GRACE_S)
+    try:
+        import ray
+
+        ray.shutdown()  # stops the local Ray cluster this process started (workers, raylet, GCS)
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def _backend_config(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -373,3 +373,25 @@ def test_metrics_log_keeps_complete_last_line_without_newline(tmp_path: Path) ->
 
     # Assert
     assert path.read_text() == '{"event": "start"}\n{"event": "end"}\n'
+
+
+def test_sites_left_out_are_listed_in_the_report(tmp_path):
+    # Prepare: one round in which site-2 sent no reply.
+    import json
+
+    from medfed.server.report import build_report, load_run_metrics
+
+    records = [
+        {"event": "start", "time": "t", "resumed_from_round": 0, "num_rounds": 1},
+        {"event": "site", "round": 1, "phase": "train", "site": "site-1", "num_examples": 4, "metrics": {"loss": 1.0}},
+        {"event": "dropout", "round": 1, "phase": "train", "site": "site-2", "reason": "no reply within 60 s"},
+        {"event": "round", "round": 1, "wall_time_s": 1.0, "train": {"loss": 1.0}, "evaluate": {}},
+        {"event": "end", "time": "t", "rounds_done": 1},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Execute
+    run = load_run_metrics(tmp_path)
+    html = build_report(tmp_path).read_text()
+    # Assert
+    assert [(d["round"], d["site"]) for d in run.dropouts] == [(1, "site-2")]
+    assert "Sites left out" in html and "no reply within 60 s" in html

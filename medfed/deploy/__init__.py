@@ -1,0 +1,1 @@
+"""Deployment: certificates, the SuperLink behind ``medfed server`` and the SuperNode behind ``medfed client``."""

@@ -1,0 +1,318 @@
+"""Certificates and site keys for a deployed federation, made with ``cryptography``.
+
+``medfed certs --out DIR --server-host HOST --sites A,B`` writes::
+
+    DIR/
+      ca.crt               the federation's certificate authority (public; every site gets it)
+      ca.key               its private key (0600; keep it offline, it signs server certificates)
+      server.crt           the SuperLink's TLS certificate, for HOST, localhost and 127.0.0.1
+      server.key           its private key (0600; stays on the server)
+      trusted_sites.txt    one "<OpenSSH public key> <site name>" line per site: the
+                           SuperNodes the server lets in
+      sites/A/             the folder to hand to site A:
+        ca.crt             a copy of the CA certificate (to check the server)
+        site.key           the site's private key (0600; never leaves the site)
+        site.pub           its public key (also in trusted_sites.txt)
+
+TLS keys are ECDSA P-256; site keys ECDSA P-384 in OpenSSH format, which is what Flower's
+SuperNode authentication reads (``--auth-supernode-private-key``; it rejects ed25519).
+Existing files are never overwritten unless ``force`` is set; private keys are created
+with mode 0600 from the start (no window in which they are world-readable).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from medfed.errors import MedfedError
+
+__all__ = [
+    "CA_CERT",
+    "CertsError",
+    "ServerCerts",
+    "SiteCerts",
+    "TRUSTED_SITES",
+    "make_certs",
+    "read_trusted_sites",
+    "server_certs",
+    "site_certs",
+    "validate_site_name",
+]
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.crt"
+SERVER_KEY = "server.key"
+TRUSTED_SITES = "trusted_sites.txt"
+SITES_DIR = "sites"
+SITE_KEY = "site.key"
+SITE_PUB = "site.pub"
+
+#: Validity of the CA and server certificates.
+VALIDITY_DAYS = 825
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class CertsError(MedfedError):
+    """A certificate folder is missing, incomplete or would be overwritten, or a name is invalid."""
+
+
+def validate_site_name(name: str) -> str:
+    """Return ``name`` if it can name a site (a safe file name and Flower node name), else raise."""
+    if not isinstance(name, str) or not _SITE_NAME.fullmatch(name):
+        raise CertsError(
+            f"Site name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit."
+        )
+    return name
+
+
+def make_certs(out: str | Path, server_host: str, sites: list[str], *, force: bool = False) -> list[Path]:
+    """Write a CA, the server certificate and one key pair per site into ``out``.
+
+    Parameters
+    ----------
+    out : str or Path
+        Folder to write (created if missing).
+    server_host : str
+        DNS name or IP address the sites use to reach the server; it goes into the
+        server certificate's subject alternative names with ``localhost`` and ``127.0.0.1``.
+    sites : list of str
+        Site names, unique (see :func:`validate_site_name`).
+    force : bool
+        Overwrite existing files. Without it, any file that would be written and
+        already exists is an error and nothing is written.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+
+    Raises
+    ------
+    CertsError
+        Bad host or site names, or files that exist without ``force``.
+    """
+    out = Path(out).expanduser()
+    host = _validate_host(server_host)
+    if not sites:
+        raise CertsError("Give at least one site name (--sites NAME[,NAME...]).")
+    for name in sites:
+        validate_site_name(name)
+    duplicates = sorted({name for name in sites if sites.count(name) > 1})
+    if duplicates:
+        raise CertsError(f"Site names must be unique; {', '.join(duplicates)} appears more than once.")
+
+    targets = [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, TRUSTED_SITES]
+    for name in sites:
+        targets += [f"{SITES_DIR}/{name}/{CA_CERT}", f"{SITES_DIR}/{name}/{SITE_KEY}", f"{SITES_DIR}/{name}/{SITE_PUB}"]
+    existing = [t for t in targets if (out / t).exists()]
+    if existing and not force:
+        raise CertsError(
+            f"{out} already holds {existing[0]}" + (f" and {len(existing) - 1} more file(s)" if len(existing) > 1 else "")
+            + "; give another --out folder, or --force to replace them (sites then need their new keys)."
+        )
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "medfed federation CA")])
+    ca_cert = (
+        _builder(ca_name, ca_name, ca_key.public_key(), now)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_host)])
+    server_cert = (
+        _builder(server_name, ca_name, server_key.public_key(), now)
+        .add_extension(x509.SubjectAlternativeName(_alt_names(host)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+
+    written = [
+        _write(out / CA_CERT, ca_pem, private=False),
+        _write(out / CA_KEY, _pem_key(ca_key), private=True),
+        _write(out / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), private=False),
+        _write(out / SERVER_KEY, _pem_key(server_key), private=True),
+    ]
+    trusted = []
+    for name in sites:
+        site_key = ec.generate_private_key(ec.SECP384R1())
+        public = site_key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        ).decode("ascii")
+        folder = out / SITES_DIR / name
+        written += [
+            _write(folder / CA_CERT, ca_pem, private=False),
+            _write(folder / SITE_KEY, site_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ), private=True),
+            _write(folder / SITE_PUB, f"{public} {name}\n".encode("ascii"), private=False),
+        ]
+        trusted.append(f"{public} {name}")
+    written.append(_write(out / TRUSTED_SITES, ("\n".join(trusted) + "\n").encode("ascii"), private=False))
+    return written
+
+
+@dataclass(frozen=True)
+class ServerCerts:
+    """What the server needs from a certificate folder (absolute paths)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    trusted_sites: dict[str, str]  # site name -> OpenSSH public key line (without the name)
+
+
+@dataclass(frozen=True)
+class SiteCerts:
+    """What one site needs: the CA to check the server and its own private key."""
+
+    ca_cert: Path
+    site_key: Path
+
+
+def server_certs(folder: str | Path) -> ServerCerts:
+    """Find the server's files in a ``medfed certs`` folder, or raise one clear :class:`CertsError`."""
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise CertsError(f"Certificate folder {folder} does not exist; create it with 'medfed certs --out {folder} ...'.")
+    for name in (CA_CERT, SERVER_CERT, SERVER_KEY, TRUSTED_SITES):
+        if not (folder / name).is_file():
+            raise CertsError(f"Certificate folder {folder} has no {name}; is it the folder 'medfed certs' wrote?")
+    return ServerCerts(
+        ca_cert=folder / CA_CERT, server_cert=folder / SERVER_CERT, server_key=folder / SERVER_KEY,
+        trusted_sites=read_trusted_sites(folder / TRUSTED_SITES),
+    )
+
+
+def site_certs(folder: str | Path, site: str) -> SiteCerts:
+    """Find one site's files: ``folder`` is the site's own folder or the whole ``medfed certs`` folder."""
+    validate_site_name(site)
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise CertsError(f"Certificate folder {folder} does not exist; copy the site's folder from 'medfed certs' there.")
+    for candidate in (folder, folder / SITES_DIR / site):
+        if (candidate / SITE_KEY).is_file():
+            if not (candidate / CA_CERT).is_file():
+                raise CertsError(f"{candidate} has {SITE_KEY} but no {CA_CERT}; copy the whole site folder.")
+            return SiteCerts(ca_cert=candidate / CA_CERT, site_key=candidate / SITE_KEY)
+    raise CertsError(
+        f"No key for site {site!r} in {folder}: expected {SITE_KEY} there or in {SITES_DIR}/{site}/ "
+        "(the folder 'medfed certs' wrote for this site)."
+    )
+
+
+def read_trusted_sites(path: str | Path) -> dict[str, str]:
+    """Read ``trusted_sites.txt``: site name -> OpenSSH public key (``"<type> <base64>"``).
+
+    Blank lines and ``#`` comments are skipped. Each key must be a NIST-curve EC key,
+    which is what Flower accepts for SuperNode authentication.
+    """
+    path = Path(path)
+    sites: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 3:
+            raise CertsError(f"{path} line {number} must read '<key type> <base64 key> <site name>'.")
+        key_text, name = " ".join(parts[:2]), parts[2]
+        validate_site_name(name)
+        try:
+            key = serialization.load_ssh_public_key(key_text.encode("ascii"))
+        except (ValueError, TypeError) as err:
+            raise CertsError(f"{path} line {number}: the key of site {name!r} cannot be read ({err}).") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise CertsError(f"{path} line {number}: site {name!r} must have an ECDSA key (Flower rejects others).")
+        if name in sites:
+            raise CertsError(f"{path} lists site {name!r} twice; keep one line per site.")
+        sites[name] = key_text
+    if not sites:
+        raise CertsError(f"{path} lists no site; run 'medfed certs' with --sites.")
+    return sites
+
+
+def _validate_host(host: str) -> x509.GeneralName:
+    if not isinstance(host, str) or not host.strip():
+        raise CertsError("--server-host must be the DNS name or IP address the sites use to reach the server.")
+    host = host.strip()
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not re.fullmatch(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", host):
+        raise CertsError(f"--server-host {host!r} is neither an IP address nor a DNS name (no scheme, no port).")
+    return x509.DNSName(host)
+
+
+def _alt_names(host: x509.GeneralName) -> list[x509.GeneralName]:
+    # The SuperLink's own helpers (SuperExec, the flwr CLI) reach it on 127.0.0.1.
+    names: list[x509.GeneralName] = [host]
+    for extra in (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))):
+        if extra not in names:
+            names.append(extra)
+    return names
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: dt.datetime) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate small clock skew between machines
+        .not_valid_after(now + dt.timedelta(days=VALIDITY_DAYS))
+    )
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+        key_agreement=not cert_sign, key_cert_sign=cert_sign, crl_sign=cert_sign,
+        encipher_only=False, decipher_only=False,
+    )
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write(path: Path, data: bytes, *, private: bool) -> Path:
+    """Write atomically; a private file is created 0600 before any byte is written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if private:
+        os.chmod(path, 0o600)  # an umask cannot widen it, but be explicit
+    return path

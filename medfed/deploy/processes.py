@@ -1,0 +1,163 @@
+"""Starting Flower's processes and making sure none outlives the medfed command.
+
+Flower's SuperLink and SuperNode start helpers of their own (SuperExec, one
+``flwr-serverapp`` or ``flwr-clientapp`` process per task), some in new sessions, so
+killing the process we started is not enough. :class:`ProcessSet` starts each child in
+its own session with a marker in its environment (inherited by every descendant) and,
+on :meth:`ProcessSet.stop`, terminates the children's process groups and then every
+process that carries the marker: nothing is left behind, whatever Flower detached.
+On Linux each child also gets SIGTERM when the medfed process dies, even when it is
+killed with SIGKILL (``PR_SET_PDEATHSIG``); Flower's helpers follow their parents.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+__all__ = ["ProcessSet", "flower_executable", "free_port", "interrupt_on_sigterm", "wait_for_port"]
+
+#: Environment variable that marks every process a :class:`ProcessSet` started.
+MARKER_ENV = "MEDFED_PROCESS_SET"
+
+
+def flower_executable(name: str) -> str:
+    """Path of a Flower console script (``flower-superlink``...) next to this Python."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it: bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, alive=lambda: True) -> bool:
+    """Wait until something accepts TCP connections on ``host:port``; False on timeout or when ``alive()`` is False."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+class ProcessSet:
+    """Child processes started together and stopped together.
+
+    Parameters
+    ----------
+    env : Mapping[str, str], optional
+        Extra environment for every child (on top of this process's).
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.marker = uuid.uuid4().hex
+        # Flower starts its helpers (flower-superexec, flwr-serverapp...) by name, from PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, "PATH": path, **(env or {}), MARKER_ENV: self.marker}
+        self.children: list[subprocess.Popen] = []
+
+    def start(self, command: Sequence[str], *, log: Path | None = None, env: Mapping[str, str] | None = None,
+              stdout: int | IO | None = None) -> subprocess.Popen:
+        """Start ``command`` in a new session, its output appended to ``log`` (else ``stdout``)."""
+        handle = open(log, "ab") if log is not None else None  # noqa: SIM115 - the child owns it
+        try:
+            child = subprocess.Popen(
+                list(command), env={**self.env, **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL, stdout=handle if handle is not None else stdout,
+                stderr=subprocess.STDOUT if (handle is not None or stdout is not None) else None,
+            )
+        finally:
+            if handle is not None:
+                handle.close()
+        self.children.append(child)
+        return child
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """SIGTERM every child's group, SIGKILL what is left after ``grace_s``, then every marked process."""
+        for child in self.children:
+            _signal_group(child, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for child in self.children:
+            _signal_group(child, signal.SIGKILL)
+            try:
+                child.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in marked_processes(self.marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def __enter__(self) -> ProcessSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Pids of this user's processes whose environment carries ``MARKER_ENV=marker`` (Linux; else [])."""
+    needle = f"{MARKER_ENV}={marker}".encode()
+    found = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the medfed process dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _signal_group(child: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(child.pid, sig)  # the child leads its own session and group
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt for the block, so the same clean-up runs for both."""
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,453 @@
+"""``medfed server``: Flower's SuperLink with TLS and site keys, then the experiment on it.
+
+What :func:`run_server` does, in order:
+
+1. checks the experiment, the run folder (fresh, or ``resume``) and the certificate
+   folder, before anything starts;
+2. starts ``flower-superlink`` with TLS (``ca.crt``, ``server.crt``, ``server.key``),
+   SuperNode authentication and a persistent SQLite state in
+   ``RUN_DIR/flower/state.db`` (node registrations survive a restart, so the sites
+   reconnect on their own), its log in ``RUN_DIR/flower/superlink.log``;
+3. registers every site of ``trusted_sites.txt`` under its name (once; a restarted
+   server finds them registered) through Flower's Control API;
+4. waits for ``federation.num_sites`` of them to connect, printing each by name;
+5. submits the run with ``flwr run`` (``FLWR_HOME=RUN_DIR/flower``; a generated Flower
+   app whose run config is the experiment and nothing else): the same ServerApp as
+   ``medfed simulate`` runs the rounds and writes ``RUN_DIR`` (given to it through
+   ``MEDFED_RUN_DIR``, never through the run config that the sites receive). Progress
+   (rounds, sites left out, quorum) is printed from ``RUN_DIR/metrics.jsonl``, and the
+   run's end read from its status in the SuperLink; Flower's own log, the ServerApp's
+   included, goes to ``RUN_DIR/flower/superlink.log``;
+6. on success, on error and on Ctrl-C (or SIGTERM), stops every process it started
+   (:class:`~medfed.deploy.processes.ProcessSet`). The run folder then resumes with
+   ``medfed server --resume --run-dir RUN_DIR``.
+
+Latency: the ServerApp pulls replies every 0.5 s instead of Flower's 3 s
+(:class:`medfed.server.recording.RecordingGrid`); the SuperNodes start a ClientApp within
+0.1 s of a message (:mod:`medfed.deploy.supernode`). The SuperLink's own task poll stays
+at Flower's 1 s: it only delays the start of a run, and each poll writes to the SQLite
+state, which an overloaded machine then reports as "database is locked".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medfed.config import ExperimentConfig, to_run_config
+from medfed.deploy.certs import ServerCerts, server_certs
+from medfed.deploy.processes import ProcessSet, flower_executable, interrupt_on_sigterm, wait_for_port
+from medfed.errors import MedfedError
+
+__all__ = ["DEFAULT_ADDRESS", "DeployError", "parse_address", "run_server"]
+
+DEFAULT_ADDRESS = "0.0.0.0:9092"
+CONNECTION = "medfed"
+FLOWER_HOME = "flower"
+STATE_DB = "state.db"
+SUPERLINK_LOG = "superlink.log"
+
+
+class DeployError(MedfedError):
+    """A deployment command cannot start or went wrong in a way the user can act on."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """``host:port`` split (IPv6 hosts without brackets)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def local(self) -> Address:
+        """Where a process on this machine reaches a server bound to this address."""
+        if self.host in ("0.0.0.0", "", "::"):
+            return Address("127.0.0.1", self.port)
+        return self
+
+
+def parse_address(text: str, what: str = "--address") -> Address:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) or raise a one-line :class:`DeployError`."""
+    text = (text or "").strip()
+    host, sep, port_text = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise DeployError(f"{what} must be HOST:PORT, e.g. 0.0.0.0:9092 or hospital.example.org:9092. Got {text!r}.")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise DeployError(f"{what}: {host!r} is not an IPv6 address; write IPv6 hosts as [addr]:port.") from None
+    return Address(host, int(port_text))
+
+
+def run_server(
+    cfg: ExperimentConfig, *, certs: str | Path | None, address: str = DEFAULT_ADDRESS,
+    run_dir: str | Path | None = None, resume: bool = False, insecure: bool = False,
+    join_timeout_s: float | None = None, out=None,
+) -> Path:
+    """Start the SuperLink, wait for the sites and run ``cfg``; see the module docstring.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment (every site receives it).
+    certs : str or Path or None
+        The ``medfed certs`` folder; may be None only with ``insecure``.
+    address : str
+        ``HOST:PORT`` to listen on (the one port the sites connect to).
+    run_dir : str or Path, optional
+        Run folder; default ``{cfg.output_dir}/{cfg.name}``.
+    resume : bool
+        Continue the run in ``run_dir`` from its last complete round.
+    insecure : bool
+        No TLS and no site authentication (testing only; warns).
+    join_timeout_s : float, optional
+        When the sites have not all connected after this many seconds, start with
+        those connected if they make the quorum (``federation.min_sites``), else stop
+        (default: wait for all until Ctrl-C).
+    out : file, optional
+        Where progress lines go (default stdout).
+
+    Returns
+    -------
+    Path
+        The run folder, holding the finished run.
+
+    Raises
+    ------
+    DeployError, CertsError, ResumeError, ConfigError
+        Bad input, a SuperLink that does not start, or a run that did not finish.
+    """
+    from medfed.server.resume import check_run_dir
+    from medfed.simulation.run import _preflight, app_pyproject
+
+    out = out or sys.stdout
+    listen = parse_address(address)
+    run_dir = Path(run_dir if run_dir is not None else Path(cfg.output_dir) / cfg.name).expanduser().resolve()
+    check_run_dir(cfg, run_dir, resume)
+    _preflight(cfg)
+    if insecure:
+        _say(out, "WARNING: --insecure: no TLS and no site authentication. Updates travel in clear text and "
+                  "any machine that reaches the port can join. Use only for a test on a closed network.")
+        tls = None
+    else:
+        if certs is None:
+            raise DeployError("medfed server needs --certs DIR (made by 'medfed certs'), or --insecure for a test.")
+        tls = server_certs(certs)
+        if len(tls.trusted_sites) < cfg.federation.num_sites:
+            raise DeployError(
+                f"The experiment has federation.num_sites={cfg.federation.num_sites} but {certs} trusts only "
+                f"{len(tls.trusted_sites)} site(s) ({', '.join(tls.trusted_sites)}); make keys for every site."
+            )
+
+    home = run_dir / FLOWER_HOME
+    (home / "app").mkdir(parents=True, exist_ok=True)
+    (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
+    _write_flower_config(home, listen.local, tls)
+
+    env = {
+        "FLWR_HOME": str(home), "MEDFED_RUN_DIR": str(run_dir), "MEDFED_RESUME": "1" if resume else "0",
+        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+    }
+    processes = ProcessSet(env)
+    try:
+        with interrupt_on_sigterm():
+            superlink = processes.start(_superlink_command(listen, home, tls), log=home / SUPERLINK_LOG)
+            if not wait_for_port(listen.local.host, listen.port, 60.0, alive=lambda: superlink.poll() is None):
+                raise DeployError(
+                    f"The SuperLink did not start on {listen}: {_last_line(home / SUPERLINK_LOG)} "
+                    f"(full log: {home / SUPERLINK_LOG})."
+                )
+            scheme = "http (INSECURE)" if tls is None else "https with TLS and site keys"
+            _say(out, f"medfed server: listening on {listen} ({scheme}); run folder {run_dir}")
+            control = _Control(listen.local, tls)
+            try:
+                if tls is not None:
+                    control.register(tls.trusted_sites)
+                for run_id in control.stop_unfinished_runs():
+                    _say(out, f"medfed server: stopped run {run_id}, left unfinished by the previous server")
+                _wait_for_sites(control, cfg.federation.num_sites, cfg.federation.quorum, join_timeout_s, out)
+                watcher = _SiteWatcher(control, out)
+                watcher.start()
+                run_id = _submit(home, processes.env)
+                _say(out, f"medfed server: run {run_id} started; Flower's log: {home / SUPERLINK_LOG}")
+                _follow(control, run_id, run_dir, cfg.rounds, out)
+                watcher.stop()
+            finally:
+                control.close()
+    except KeyboardInterrupt:
+        _say(out, f"medfed server: interrupted; stopping. Resume with: medfed server --resume --run-dir {run_dir} ...")
+        raise
+    finally:
+        processes.stop()
+    _check_finished(run_dir, home)
+    return run_dir
+
+
+def _submit(home: Path, env: dict[str, str]) -> int:
+    """Submit the generated app with ``flwr run`` and return the run id."""
+    command = [flower_executable("flwr"), "run", str(home / "app"), CONNECTION, "--format", "json"]
+    done = subprocess.run(command, env={**env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=300)
+    try:
+        reply = json.loads(done.stdout[done.stdout.index("{"):])
+        return int(reply["run-id"])
+    except (ValueError, KeyError, TypeError):
+        detail = " ".join((done.stdout + done.stderr).split())[-300:]
+        raise DeployError(f"Flower did not accept the run: {detail}") from None
+
+
+def _follow(control: _Control, run_id: int, run_dir: Path, rounds: int, out) -> None:
+    """Print the run's progress from ``metrics.jsonl`` until Flower reports the run finished.
+
+    The run's own log stream (``flwr run --stream``) ends on the first transient
+    SuperLink error, so the run's end is read from its status instead.
+    """
+    from medfed.server.resume import METRICS_FILE
+
+    metrics = run_dir / METRICS_FILE
+    offset = metrics.stat().st_size if metrics.exists() else 0
+    status_due = 0.0
+    while True:
+        offset = _print_progress(metrics, offset, rounds, out)
+        if time.monotonic() >= status_due:
+            status_due = time.monotonic() + 5.0
+            try:
+                if control.run_status(run_id) == "finished":
+                    _print_progress(metrics, offset, rounds, out)
+                    return
+            except Exception:  # noqa: BLE001 - a busy SuperLink; ask again
+                pass
+        time.sleep(0.5)
+
+
+def _print_progress(metrics: Path, offset: int, rounds: int, out) -> int:
+    if not metrics.exists():
+        return offset
+    with metrics.open("rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    for line in complete.decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        text = _progress_line(record, rounds)
+        if text:
+            _say(out, text)
+    return offset + len(complete)
+
+
+def _progress_line(record: dict, rounds: int) -> str | None:
+    event = record.get("event")
+    if event == "start":
+        resumed = record.get("resumed_from_round") or 0
+        return f"medfed server: training {rounds} rounds" + (f", resuming after round {resumed}" if resumed else "")
+    if event == "round":
+        train, evaluate = record.get("train", {}), record.get("evaluate", {})
+        parts = [f"round {record['round']}/{rounds} done in {record.get('wall_time_s', 0):.1f} s"]
+        if "loss" in train:
+            parts.append(f"train loss {train['loss']:.4f}")
+        if "acc" in evaluate:
+            parts.append(f"test acc {evaluate['acc']:.4f}" + (f" auc {evaluate['auc']:.4f}" if "auc" in evaluate else ""))
+        return "medfed server: " + ", ".join(parts)
+    if event == "dropout":
+        return (f"medfed server: round {record['round']} {record['phase']}: site {record['site']} left out: "
+                f"{record['reason']}")
+    if event == "quorum_missed":
+        return (f"medfed server: round {record['round']}: {record['sites']} site(s) {record['stage']}, quorum "
+                f"{record['needed']}: the global model is unchanged; retrying the round")
+    if event == "end":
+        return f"medfed server: finished {record.get('rounds_done', rounds)} rounds"
+    return None
+
+
+def _superlink_command(listen: Address, home: Path, tls: ServerCerts | None) -> list[str]:
+    command = [
+        flower_executable("flower-superlink"), "--host", listen.host, "--port", str(listen.port),
+        "--database", str(home / STATE_DB), "--disable-runtime-dependency-installation",
+    ]
+    if tls is None:
+        return command + ["--insecure"]
+    return command + [
+        "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+        "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth",
+    ]
+
+
+def _write_flower_config(home: Path, local: Address, tls: ServerCerts | None) -> None:
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{local}"']
+    if tls is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{tls.ca_cert}"')
+    (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+class _Control:
+    """Flower's Control API client (what the ``flwr`` CLI uses), for node registration and listing."""
+
+    def __init__(self, local: Address, tls: ServerCerts | None) -> None:
+        from flwr.cli.typing import SuperLinkConnection
+        from flwr.cli.utils import init_http_client_from_connection
+
+        connection = SuperLinkConnection(
+            name=CONNECTION, address=str(local), root_certificates=None if tls is None else str(tls.ca_cert),
+            insecure=tls is None,
+        )
+        self.client = init_http_client_from_connection(connection)
+
+    def register(self, sites: dict[str, str]) -> None:
+        """Register each site's public key under its name; keys already registered are kept."""
+        from cryptography.hazmat.primitives import serialization
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+        known = {node.name for node in self.nodes()}
+        for name, key_text in sites.items():
+            if name in known:
+                continue
+            key = serialization.load_ssh_public_key(key_text.encode("ascii"))
+            self.client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name))
+
+    def nodes(self) -> list:
+        """The SuperLink's nodes (``NodeInfo``: ``node_id``, ``name``, ``status``)."""
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        return list(self.client.ListNodes(ListNodesRequest()).nodes_info)
+
+    def run_status(self, run_id: int) -> str:
+        """The run's status: ``pending``, ``starting``, ``running`` or ``finished``."""
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        return self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id].status.status
+
+    def stop_unfinished_runs(self) -> list[int]:
+        """Stop the runs a killed server left unfinished in the state database (resume starts a new one)."""
+        from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest
+
+        stopped = []
+        for run_id, run in self.client.ListRuns(ListRunsRequest()).run_dict.items():
+            if run.status.status != "finished":
+                self.client.StopRun(StopRunRequest(run_id=run_id))
+                stopped.append(run_id)
+        return stopped
+
+    def online(self) -> dict[int, str]:
+        """Node id -> site name (``node-<id>`` without one) of the connected nodes."""
+        return {node.node_id: node.name or f"node-{node.node_id}" for node in self.nodes() if node.status == "online"}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _wait_for_sites(control: _Control, count: int, quorum: int, timeout_s: float | None, out) -> None:
+    """Wait for ``count`` sites; after ``timeout_s`` go on with a quorum, else raise."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    seen: set[str] = set()
+    _say(out, f"medfed server: waiting for {count} site(s) to connect (Ctrl-C to stop)")
+    while True:
+        online = control.online()
+        for name in sorted(set(online.values()) - seen):
+            seen.add(name)
+            _say(out, f"medfed server: site {name} joined ({len(seen)}/{count})")
+        seen = set(online.values())
+        if len(online) >= count:
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            if len(online) >= quorum:
+                _say(out, f"medfed server: starting with {len(online)} of {count} sites (quorum {quorum})")
+                return
+            raise DeployError(
+                f"Only {len(online)} of {count} site(s) connected within {timeout_s:g} s "
+                f"({', '.join(sorted(seen)) or 'none'}); check the sites' 'medfed client' and the firewall."
+            )
+        time.sleep(0.5)
+
+
+class _SiteWatcher(threading.Thread):
+    """Prints sites that leave or (re)join while the run goes on."""
+
+    def __init__(self, control: _Control, out) -> None:
+        super().__init__(daemon=True)
+        self.control = control
+        self.out = out
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            before = set(self.control.online().values())
+            while not self._stop_event.wait(5.0):
+                now = set(self.control.online().values())
+                for name in sorted(now - before):
+                    _say(self.out, f"medfed server: site {name} joined")
+                for name in sorted(before - now):
+                    _say(self.out, f"medfed server: site {name} went offline")
+                before = now
+        except Exception:  # noqa: BLE001 - the SuperLink is stopping; nothing to report
+            return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def _check_finished(run_dir: Path, home: Path) -> None:
+    from medfed.server.report import read_metrics
+    from medfed.server.resume import METRICS_FILE
+
+    path = run_dir / METRICS_FILE
+    records = read_metrics(path) if path.is_file() else []
+    if records and records[-1].get("event") == "end":
+        return
+    missed = [r for r in records if r.get("event") == "quorum_missed"]
+    if missed and records[-1] is missed[-1]:
+        last = missed[-1]
+        reason = (f"round {last['round']} had {last['sites']} site(s) {last['stage']}, below the quorum of "
+                  f"{last['needed']} (federation.min_sites), {last['attempt']} time(s) in a row")
+    else:
+        reason = f"the ServerApp failed: {_server_app_error(home / SUPERLINK_LOG)}"
+    raise DeployError(
+        f"The run did not finish: {reason}. Resume it with 'medfed server --resume --run-dir {run_dir}' "
+        f"(log: {home / SUPERLINK_LOG})."
+    )
+
+
+def _server_app_error(path: Path) -> str:
+    """The exception that ended the ServerApp, from Flower's log (else its last error line)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    starts = [i for i, line in enumerate(lines) if "ServerApp raised an exception" in line]
+    if starts:
+        for line in lines[starts[-1]:]:
+            if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b[^:]*: ", line):
+                return line.strip()[:400]
+    return _last_line(path)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    errors = [line for line in lines if "ERROR" in line or "Error" in line or "exception" in line]
+    return (errors or lines or ["no log"])[-1][:300]
+
+
+def _say(out, text: str) -> None:
+    print(text, file=out, flush=True)
+

@@ -1,0 +1,169 @@
+"""A quorum of sites per round, and waits that always end.
+
+Flower's strategies wait for ``min_available_nodes`` connected nodes with no deadline
+(``sample_nodes`` loops on a 1 s sleep), and ``create_strategy`` sets that to the number
+of sites, so one hospital offline stops the federation forever. Here:
+
+* :func:`apply_quorum` lowers the strategy's ``min_available_nodes`` /
+  ``min_train_nodes`` / ``min_evaluate_nodes`` to the quorum
+  (``federation.min_sites``), so that a round can go on without an absent site;
+* :class:`QuorumGuard` wraps the strategy. Before a round it waits, at most
+  ``federation.round_timeout_s``, for the sites to be connected (for all of them before
+  the first round of a ``start`` call, so that every site is sampled when all are up;
+  for the quorum later); after training it counts the replies that entered the
+  aggregate. Below the quorum it raises :class:`QuorumNotMet` *before* the strategy can
+  replace the global model, and the ServerApp retries the round from the last
+  checkpoint (``federation.round_retries`` times) or stops with :class:`QuorumError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from medfed.errors import MedfedError
+
+__all__ = ["QuorumError", "QuorumGuard", "QuorumNotMet", "apply_quorum", "wait_for_nodes"]
+
+_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+
+
+class QuorumError(MedfedError):
+    """The run stopped: too few sites took part in a round, too many times in a row."""
+
+
+class QuorumNotMet(Exception):
+    """A round had fewer sites than the quorum; the global model was left unchanged.
+
+    Attributes
+    ----------
+    server_round : int
+        True round number.
+    sites : int
+        Sites connected (before training) or valid training replies (after).
+    needed : int
+        The quorum.
+    stage : str
+        ``"connected"`` or ``"valid replies"``.
+    """
+
+    def __init__(self, server_round: int, sites: int, needed: int, stage: str) -> None:
+        super().__init__(f"round {server_round}: {sites} site(s) {stage}, quorum is {needed}")
+        self.server_round = server_round
+        self.sites = sites
+        self.needed = needed
+        self.stage = stage
+
+
+def apply_quorum(strategy: Strategy, min_sites: int) -> None:
+    """Lower the strategy's node minimums (where it has them) to ``min_sites``."""
+    for name in _MINIMUMS:
+        value = getattr(strategy, name, None)
+        if isinstance(value, int) and value > min_sites:
+            setattr(strategy, name, min_sites)
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout_s: float, poll_s: float = 0.5) -> int:
+    """Wait until ``count`` nodes are connected or ``timeout_s`` has passed.
+
+    Returns
+    -------
+    int
+        Nodes connected when the wait ended (may be below ``count``).
+    """
+    deadline = time.monotonic() + timeout_s
+    logged = False
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= count or time.monotonic() >= deadline:
+            return connected
+        if not logged:
+            log(INFO, "[medfed] waiting up to %.0f s for %d site(s) to connect (%d connected)",
+                timeout_s, count, connected)
+            logged = True
+        time.sleep(poll_s)
+
+
+class QuorumGuard(Strategy):
+    """Delegate to ``strategy``; refuse a round that fewer than ``min_sites`` sites made.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The experiment's strategy, with :func:`apply_quorum` applied.
+    min_sites : int
+        The quorum.
+    num_sites : int
+        Sites in the federation (waited for before the first round).
+    timeout_s : float
+        Longest wait for sites to connect before a round.
+    on_rejected : callable, optional
+        Called with ``(node_id, reason)`` for each training reply the strategy left out
+        (its ``dropped_replies``), e.g. to record it under the site's name.
+    wait_for_all_first : bool
+        Wait for all ``num_sites`` before the first round (simulation: the simulated
+        nodes connect while the ServerApp starts). ``medfed server`` waits for the sites
+        itself and may start with a quorum, so in deployment only the quorum is awaited.
+    """
+
+    def __init__(self, strategy: Strategy, *, min_sites: int, num_sites: int, timeout_s: float,
+                 on_rejected: Callable[[int, str], None] | None = None, wait_for_all_first: bool = True) -> None:
+        self.strategy = strategy
+        self.on_rejected = on_rejected
+        self.min_sites = min_sites
+        self.num_sites = num_sites
+        self.timeout_s = timeout_s
+        self._first_round = wait_for_all_first
+
+    def __getattr__(self, name: str) -> Any:
+        strategy = self.__dict__.get("strategy")
+        if strategy is None:
+            raise AttributeError(name)
+        return getattr(strategy, name)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        wanted = self.num_sites if self._first_round else self.min_sites
+        self._first_round = False
+        connected = wait_for_nodes(grid, wanted, self.timeout_s)
+        if connected < self.min_sites:
+            raise QuorumNotMet(server_round, connected, self.min_sites, "connected")
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        answered = sum(not reply.has_error() for reply in replies)
+        if answered < self.min_sites:  # checked first: the strategy's state stays as it was
+            raise QuorumNotMet(server_round, answered, self.min_sites, "replied")
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        rejected = dict(getattr(self.strategy, "dropped_replies", {}) or {})
+        if self.on_rejected is not None:
+            for node_id, reason in rejected.items():
+                self.on_rejected(node_id, reason)
+        kept = answered - len(rejected)
+        if arrays is None or kept < self.min_sites:
+            log(WARNING, "[medfed] round %d: %d valid training repl%s, quorum is %d; the global model "
+                "is not replaced", server_round, kept, "y" if kept == 1 else "ies", self.min_sites)
+            raise QuorumNotMet(server_round, kept if arrays is not None else 0, self.min_sites, "valid replies")
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()

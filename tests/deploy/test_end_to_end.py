@@ -1,0 +1,284 @@
+"""`medfed certs`, `medfed server` and `medfed client` as real processes on 127.0.0.1.
+
+Each test starts its processes in their own sessions with a marker in their
+environment, bounds every wait, and in ``finally`` kills whatever still carries the
+marker; it then asserts that nothing did (the commands must clean up after
+themselves). Sites train ``medvit_v2_nano`` on a few generated 28 px images.
+
+Timing: a round here costs a few seconds of Flower latency plus one ``flwr-clientapp``
+process start per message (importing torch), far more than the training itself; on an
+idle 2-core machine about 10-20 s. ``round_timeout_s`` must exceed the slowest honest
+reply (``MEDFED_E2E_ROUND_TIMEOUT``, default 60 s; raise it on a loaded machine, where a
+round took over 200 s). The dropout test is the slow one (a few minutes): it must wait
+out the deadline for the killed site at least once, and a SIGKILLed SuperNode stays
+"online" at the SuperLink for up to a minute (Flower's fixed 30 s heartbeat x 2), so it
+may be sampled and waited for again in the evaluation phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from medfed.deploy.certs import TRUSTED_SITES, make_certs
+from medfed.deploy.processes import free_port, marked_processes
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process checks read /proc (Linux)")
+
+REPO = Path(__file__).resolve().parents[2]
+POISON = Path(__file__).resolve().parent / "_poison"
+ROUND_TIMEOUT_S = float(os.environ.get("MEDFED_E2E_ROUND_TIMEOUT", "60"))
+TEST_MARKER = "MEDFED_E2E_MARKER"
+
+
+class Launcher:
+    """Starts ``medfed`` commands as marked process groups and kills every trace of them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.marker = uuid.uuid4().hex
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list[str], pythonpath: list[Path] = ()) -> subprocess.Popen:
+        env = {
+            **os.environ, TEST_MARKER: self.marker, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([*map(str, pythonpath), str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1",
+        }
+        with open(self.log(name), "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "medfed.cli", *args], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> Path:
+        return self.folder / f"{name}.log"
+
+    def text(self, name: str) -> str:
+        return self.log(name).read_text(errors="replace") if self.log(name).exists() else ""
+
+    def wait(self, name: str, timeout_s: float) -> int:
+        try:
+            return self.procs[name].wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running after {timeout_s:.0f} s; its log:\n{self.text(name)[-4000:]}")
+
+    def leftovers(self) -> list[int]:
+        return [pid for pid in _marked(self.marker) if pid != os.getpid()]
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in self.leftovers():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _marked(marker: str) -> list[int]:
+    needle = f"{TEST_MARKER}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def wait_until(predicate, timeout_s: float, what: str, launcher: Launcher, log: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; {log} log:\n"
+                         f"{launcher.text(log)[-4000:]}")
+
+
+def write_site(folder: Path, seed: int) -> Path:
+    """A site folder with a tiny breastmnist.npz (28 px, 2 balanced classes)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", 8), ("val", 2), ("test", 4)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 80, size=(n, 28, 28)) + 100 * labels[:, None, None]
+        arrays[f"{split}_images"] = images.astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.reshape(n, 1).astype(np.uint8)
+    folder.mkdir(parents=True)
+    np.savez(folder / "breastmnist.npz", **arrays)
+    return folder
+
+
+def write_experiment(path: Path, rounds: int) -> Path:
+    path.write_text(yaml.safe_dump({
+        "name": "e2e", "seed": 0, "rounds": rounds,
+        "data": {"dataset": "breastmnist", "root": None, "img_size": 28},
+        "model": {"name": "medvit_v2_nano"},
+        "train": {"local_epochs": 1, "batch_size": 8},
+        "federation": {"num_sites": 3, "min_sites": 2, "round_timeout_s": ROUND_TIMEOUT_S, "round_retries": 1},
+    }))
+    return path
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    launcher = Launcher(tmp_path)
+    try:
+        yield launcher
+    finally:
+        launcher.kill_all()
+
+
+def client_args(site: str, port: int, tmp_path: Path, certs: Path) -> list[str]:
+    return ["client", "--server", f"127.0.0.1:{port}", "--site", site, "--data", str(tmp_path / "data" / site),
+            "--certs", str(certs / "sites" / site)]
+
+
+def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher, tmp_path):
+    # Prepare: keys for four sites, of which the server trusts three; gamma replies NaN weights.
+    certs = tmp_path / "certs"
+    make_certs(certs, "127.0.0.1", ["alpha", "beta", "gamma", "mallory"])
+    trusted = certs / TRUSTED_SITES
+    trusted.write_text("".join(line + "\n" for line in trusted.read_text().splitlines()
+                               if not line.endswith(" mallory")))
+    for seed, site in enumerate(["alpha", "beta", "gamma", "mallory"]):
+        write_site(tmp_path / "data" / site, seed)
+    port = free_port()
+    run_dir = tmp_path / "run"
+    experiment = write_experiment(tmp_path / "exp.yaml", rounds=2)
+
+    # Execute
+    launcher.start("server", ["server", "--config", str(experiment), "--certs", str(certs),
+                              "--address", f"127.0.0.1:{port}", "--run-dir", str(run_dir)])
+    wait_until(lambda: "listening on" in launcher.text("server"), 120, "the server to listen", launcher, "server")
+    launcher.start("alpha", client_args("alpha", port, tmp_path, certs))
+    launcher.start("beta", client_args("beta", port, tmp_path, certs))
+    launcher.start("gamma", client_args("gamma", port, tmp_path, certs), pythonpath=[POISON])
+    launcher.start("mallory", client_args("mallory", port, tmp_path, certs) + ["--max-wait", "20"])
+    launcher.start("insecure", ["client", "--server", f"127.0.0.1:{port}", "--site", "alpha", "--data",
+                                str(tmp_path / "data" / "alpha"), "--insecure", "--max-wait", "20"])
+    mallory_code = launcher.wait("mallory", 180)
+    insecure_code = launcher.wait("insecure", 180)
+    server_code = launcher.wait("server", 8 * ROUND_TIMEOUT_S)
+
+    # Assert: two complete rounds, gamma's update rejected both times under its name.
+    assert server_code == 0, launcher.text("server")[-4000:]
+    records = events(run_dir)
+    assert [r["round"] for r in records if r["event"] == "round"] == [1, 2]
+    # gamma is left out of every round's aggregate: its update is rejected (or, on a machine
+    # so loaded that it misses the deadline, it is dropped for that); never averaged in.
+    left_out = {(r["round"], r["site"]): r["reason"] for r in records if r["event"] == "dropout"}
+    assert {(1, "gamma"), (2, "gamma")} <= set(left_out)
+    rejected = [reason for reason in left_out.values() if reason.startswith("update rejected")]
+    assert rejected and all("NaN/inf" in reason for reason in rejected)
+    assert not {site for (_, site) in left_out} - {"gamma"}
+    trained = {(r["round"], r["site"]) for r in records if r["event"] == "site" and r["phase"] == "train"}
+    assert {(1, "alpha"), (1, "beta"), (2, "alpha"), (2, "beta")} <= trained
+    from medfed.server.checkpoint import load_arrays
+
+    assert all(np.isfinite(v).all() for v in load_arrays(run_dir / "model.safetensors").values())
+    # The intruders never joined: the untrusted key and the client without TLS gave up.
+    assert mallory_code != 0 and insecure_code != 0
+    assert "mallory" not in launcher.text("server")
+    assert "WARNING: --insecure" in launcher.text("insecure")
+    assert "drop --insecure" in launcher.text("insecure")
+    # Clients stop on SIGTERM and take their Flower processes with them.
+    for site in ("alpha", "beta", "gamma"):
+        os.killpg(launcher.procs[site].pid, signal.SIGTERM)
+    for site in ("alpha", "beta", "gamma"):
+        launcher.wait(site, 30)
+    wait_until(lambda: not launcher.leftovers(), 15, "no process left", launcher, "server")
+
+
+def test_a_site_killed_mid_round_and_a_killed_server_resumed(launcher, tmp_path):
+    # Prepare
+    certs = tmp_path / "certs"
+    make_certs(certs, "127.0.0.1", ["alpha", "beta", "gamma"])
+    for seed, site in enumerate(["alpha", "beta", "gamma"]):
+        write_site(tmp_path / "data" / site, seed)
+    port = free_port()
+    run_dir = tmp_path / "run"
+    experiment = write_experiment(tmp_path / "exp.yaml", rounds=2)
+    server_args = ["server", "--config", str(experiment), "--certs", str(certs), "--address", f"127.0.0.1:{port}",
+                   "--run-dir", str(run_dir)]
+    server = launcher.start("server", server_args)
+    for site in ("alpha", "beta", "gamma"):
+        launcher.start(site, client_args(site, port, tmp_path, certs))
+
+    # Execute: beta dies (SIGKILL) once round 1's training messages are out ...
+    wait_until(lambda: "Receiving: train" in launcher.text("beta"), 600, "beta's train message", launcher, "beta")
+    os.killpg(launcher.procs["beta"].pid, signal.SIGKILL)
+    # ... and the server dies (SIGKILL) once round 1 is complete.
+    wait_until(lambda: any(r["event"] == "round" for r in events(run_dir)), 4 * ROUND_TIMEOUT_S,
+               "round 1 to complete", launcher, "server")
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(10)
+    superlink_gone = lambda: not any("flower-superlink" in _cmdline(pid) or "flwr-serverapp" in _cmdline(pid)
+                                     for pid in launcher.leftovers())
+    wait_until(superlink_gone, 20, "the killed server's Flower processes to exit", launcher, "server")
+    launcher.start("resumed", server_args + ["--resume", "--join-timeout", "20"])
+    resumed_code = launcher.wait("resumed", 6 * ROUND_TIMEOUT_S)
+
+    # Assert: round 1 completed without beta (recorded), round 2 ran after the restart.
+    assert resumed_code == 0, launcher.text("resumed")[-4000:]
+    records = events(run_dir)
+    assert [r["round"] for r in records if r["event"] == "round"] == [1, 2]
+    dropouts = {(r["round"], r["phase"], r["site"]): r["reason"] for r in records if r["event"] == "dropout"}
+    assert (1, "train", "beta") in dropouts
+    assert {site for (_, _, site) in dropouts} == {"beta"}
+    # No reply by the deadline, or Flower's "Node Unavailable" once beta's heartbeats stopped.
+    assert dropouts[(1, "train", "beta")].startswith(("no reply within", "error reply"))
+    starts = [r for r in records if r["event"] == "start"]
+    assert starts[-1]["resumed_from_round"] == 1
+    round_2 = {r["site"] for r in records if r["event"] == "site" and r["round"] == 2 and r["phase"] == "train"}
+    assert round_2 == {"alpha", "gamma"}
+    for site in ("alpha", "gamma"):
+        os.killpg(launcher.procs[site].pid, signal.SIGTERM)
+        launcher.wait(site, 30)
+    wait_until(lambda: not launcher.leftovers(), 15, "no process left", launcher, "resumed")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_certs_refuses_to_overwrite_and_keeps_private_keys_private(tmp_path):
+    # Prepare
+    from medfed.cli import main
+
+    # Execute
+    first = main(["certs", "--out", str(tmp_path), "--server-host", "fl.example.org", "--sites", "a,b"])
+    second = main(["certs", "--out", str(tmp_path), "--server-host", "fl.example.org", "--sites", "a,b"])
+
+    # Assert
+    assert (first, second) == (0, 2)
+    for key in ("ca.key", "server.key", "sites/a/site.key", "sites/b/site.key"):
+        assert (tmp_path / key).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "sites/a/ca.crt").read_bytes() == (tmp_path / "ca.crt").read_bytes()

@@ -1,0 +1,138 @@
+"""The quorum guard: a round below federation.min_sites never replaces the global model."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+from medfed.server.quorum import QuorumGuard, QuorumNotMet, apply_quorum, wait_for_nodes
+from medfed.strategies import FedAvg
+
+
+def _reply(node_id: int, w: list[float], error: bool = False) -> Message:
+    metadata = Metadata(run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
+                        reply_to_message_id=f"i{node_id}", group_id="1", created_at=0.0, ttl=60.0,
+                        message_type=MessageType.TRAIN)
+    if error:
+        return Message(error=Error(code=5, reason="node unavailable"), metadata=metadata)
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.asarray(w))}),
+                          "metrics": MetricRecord({"num-examples": 1})})
+    return Message(content=content, metadata=metadata)
+
+
+class _Grid:
+    def __init__(self, counts):
+        self.counts = list(counts)
+
+    def get_node_ids(self):
+        count = self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+        return list(range(count))
+
+
+def test_apply_quorum_lowers_only_the_minimums_above_it():
+    # Prepare
+    strategy = FedAvg(min_available_nodes=5, min_train_nodes=5, min_evaluate_nodes=1)
+    # Execute
+    apply_quorum(strategy, 3)
+    # Assert
+    assert (strategy.min_available_nodes, strategy.min_train_nodes, strategy.min_evaluate_nodes) == (3, 3, 1)
+
+
+def test_enough_valid_replies_are_averaged_and_rejections_reported():
+    # Prepare: 3 replies, one NaN; quorum 2.
+    rejected = []
+    guard = QuorumGuard(FedAvg(), min_sites=2, num_sites=3, timeout_s=1,
+                        on_rejected=lambda node, why: rejected.append((node, why)))
+    replies = [_reply(1, [0.0]), _reply(2, [2.0]), _reply(3, [np.nan])]
+    # Execute
+    arrays, _ = guard.aggregate_train(1, replies)
+    # Assert: (0 + 2) / 2 = 1; node 3 reported with the strategy's reason.
+    np.testing.assert_allclose(arrays["w"].numpy(), [1.0])
+    assert rejected == [(3, "array 'w' holds 1 NaN/inf value")]
+
+
+@pytest.mark.parametrize("replies, stage", [
+    ([_reply(1, [0.0]), _reply(2, [1.0], error=True), _reply(3, [1.0], error=True)], "replied"),
+    ([_reply(1, [0.0]), _reply(2, [np.inf]), _reply(3, [np.nan])], "valid replies"),
+])
+def test_below_the_quorum_the_round_is_refused(replies, stage):
+    # Prepare
+    guard = QuorumGuard(FedAvg(), min_sites=2, num_sites=3, timeout_s=1)
+    # Execute / Assert
+    with pytest.raises(QuorumNotMet) as info:
+        guard.aggregate_train(4, replies)
+    assert (info.value.server_round, info.value.sites, info.value.needed, info.value.stage) == (4, 1, 2, stage)
+
+
+def test_waits_are_bounded_and_report_what_they_found():
+    # Prepare: 1 node forever.
+    grid = _Grid([1])
+    # Execute
+    connected = wait_for_nodes(grid, 3, timeout_s=0.3, poll_s=0.05)
+    # Assert
+    assert connected == 1
+
+
+def test_a_round_is_not_started_without_a_quorum_connected():
+    # Prepare
+    guard = QuorumGuard(FedAvg(), min_sites=2, num_sites=3, timeout_s=0.2)
+    # Execute / Assert
+    with pytest.raises(QuorumNotMet, match="1 site\\(s\\) connected, quorum is 2"):
+        guard.configure_train(1, ArrayRecord(), None, _Grid([1]))
+
+
+def test_a_locked_superlink_is_asked_again_not_fatal():
+    # Prepare: the first pull answers 500 (SQLite "database is locked"), the second the reply.
+    import httpx
+
+    from medfed.server.recording import RecordingGrid, RoundRecorder
+
+    reply = _reply(7, [1.0])
+    request = httpx.Request("POST", "https://superlink/v1/runtime/pull-messages")
+
+    class Grid:
+        pulls = 0
+
+        def get_nodes(self):
+            return []
+
+        def push_messages(self, messages):
+            return ["i7"]
+
+        def pull_messages(self, ids):
+            Grid.pulls += 1
+            if Grid.pulls == 1:
+                raise httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
+            return [reply]
+
+    class Log:
+        lines = []
+
+        def write(self, record):
+            Log.lines.append(record)
+
+    grid = RecordingGrid(Grid(), RoundRecorder(Log()), poll_interval_s=0.01)
+    message = Message(content=RecordDict(), metadata=Metadata(
+        run_id=1, message_id="i7", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+        created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN))
+    # Execute
+    replies = grid.send_and_receive([message], timeout=5)
+    # Assert
+    assert replies == [reply] and Grid.pulls == 2
+    assert [line["event"] for line in Log.lines] == ["site"]
+
+
+def test_an_error_reply_made_by_the_superlink_is_charged_to_the_unreachable_site():
+    # Prepare: the SuperLink (node 1) answers for node 7, which stopped sending heartbeats.
+    from medfed.server.recording import RoundRecorder
+
+    lines = []
+    recorder = RoundRecorder(type("Log", (), {"write": staticmethod(lines.append)})())
+    recorder.node_names[7] = "beta"
+    error = Message(error=Error(code=5, reason="Node Unavailable"), metadata=Metadata(
+        run_id=1, message_id="e", src_node_id=1, dst_node_id=0, reply_to_message_id="i7", group_id="1",
+        created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN))
+    # Execute
+    recorder.record_exchange("train", {7: 10}, [error], {"i7": 7})
+    # Assert
+    assert lines == [{"event": "dropout", "round": 0, "phase": "train", "site": "beta",
+                      "reason": "error reply: Node Unavailable"}]

@@ -1,0 +1,72 @@
+"""Ctrl-C stops `medfed simulate` within seconds and leaves no process behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find leftovers")
+
+
+def _marked(marker: str) -> list[int]:
+    needle = f"MEDFED_TEST_MARKER={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_sigint_to_the_process_group_stops_the_run_after_a_complete_round(tiny_root, tmp_path):
+    # Prepare: 8 rounds; SIGINT to the whole group (what a terminal's Ctrl-C does) after round 1.
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "interrupted", "output_dir": str(tmp_path), "rounds": 8, "data": {"root": str(tiny_root)},
+        "train": {"local_epochs": 1, "batch_size": 8}, "federation": {"num_sites": 2},
+    }))
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "MEDFED_TEST_MARKER": marker, "PYTHONPATH": str(REPO), "FLWR_TELEMETRY_ENABLED": "0"}
+    metrics = tmp_path / "interrupted" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "medfed.cli", "simulate", "--config", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (metrics.exists() and '"event": "round"' in metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the simulation ended before round 1"
+            time.sleep(0.5)
+
+        # Execute
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - sent
+
+        # Assert
+        assert code == 130
+        assert took < 20, f"stopped {took:.1f} s after SIGINT"
+        rounds = [json.loads(line)["round"] for line in metrics.read_text().splitlines()
+                  if '"event": "round"' in line]
+        assert rounds and rounds[-1] < 8
+        assert "--resume" in proc.stderr.read().decode()
+        time.sleep(2)
+        assert _marked(marker) == []
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)
