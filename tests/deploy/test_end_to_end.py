@@ -238,7 +238,7 @@ def test_a_site_killed_mid_round_and_a_killed_server_resumed(launcher, tmp_path)
     server.wait(10)
     superlink_gone = lambda: not any("flower-superlink" in _cmdline(pid) or "flwr-serverapp" in _cmdline(pid)
                                      for pid in launcher.leftovers())
-    wait_until(superlink_gone, 20, "the killed server's Flower processes to exit", launcher, "server")
+    wait_until(superlink_gone, 60, "the killed server's Flower processes to exit", launcher, "server")
     launcher.start("resumed", server_args + ["--resume", "--join-timeout", "20"])
     resumed_code = launcher.wait("resumed", 6 * ROUND_TIMEOUT_S)
 
