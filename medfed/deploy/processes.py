@@ -6,8 +6,8 @@ killing the process we started is not enough. :class:`ProcessSet` starts each ch
 its own session with a marker in its environment (inherited by every descendant) and,
 on :meth:`ProcessSet.stop`, terminates the children's process groups and then every
 process that carries the marker: nothing is left behind, whatever Flower detached.
-On Linux each child also gets SIGTERM when the medfed process dies, even when it is
-killed with SIGKILL (``PR_SET_PDEATHSIG``); Flower's helpers follow their parents.
+On Linux each child also gets SIGKILL when the medfed process dies without cleaning
+up, e.g. killed with SIGKILL (``PR_SET_PDEATHSIG``); Flower's helpers follow their parents.
 """
 
 from __future__ import annotations
@@ -135,12 +135,17 @@ def marked_processes(marker: str) -> list[int]:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the medfed process dies, even by SIGKILL (Linux)."""
+    """In the child, before exec: get SIGKILL when the medfed process dies without cleaning up (Linux).
+
+    SIGKILL, not SIGTERM: a SIGTERMed SuperLink waits for open connections to close,
+    which took over 20 s on a loaded machine. Its state is SQLite with a write-ahead log,
+    made to survive a kill; its helpers watch its pid and exit after it.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _signal_group(child: subprocess.Popen, sig: int) -> None:

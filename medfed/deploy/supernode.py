@@ -125,7 +125,9 @@ def run_client(
     max_wait_s : float, optional
         Stop when the server cannot be reached, or refuses the site's key, for this long
         (default: keep trying to reach it; accept a refusal for ``REFUSED_RETRY_S``, which
-        covers a server still registering its sites and a site restarted after a crash).
+        covers a server still registering its sites and a site restarted after a crash;
+        and start a SuperNode that stopped unexpectedly again). With it, a SuperNode that
+        stops is not started again.
     out : file, optional
         Where progress lines go (default stdout).
 
@@ -165,8 +167,19 @@ def run_client(
     poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", CLIENTAPP_POLL_S)
     refused_for = REFUSED_RETRY_S if max_wait_s is None else max_wait_s
     first_refusal = None
+    crashes: list[float] = []
     while True:
         code, refused = _run_supernode(command, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll}, site, out)
+        if not refused and code not in (0, -2, -15) and max_wait_s is None:
+            # Flower's SuperNode exits on some transient server errors (an HTTP 500 while
+            # pulling messages from an overloaded SuperLink): start it again, within limits.
+            now = time.monotonic()
+            crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
+            if len(crashes) <= MAX_CRASHES:
+                _say(out, f"medfed client: site {site}: the SuperNode stopped (exit code {code}); "
+                          f"starting it again in {REFUSED_PAUSE_S:g} s")
+                time.sleep(REFUSED_PAUSE_S)
+                continue
         if not refused:
             break
         # Refused keys: the server may still be registering the sites, or may not yet
@@ -188,7 +201,10 @@ def run_client(
             "trusted_sites.txt, and is this the site's own folder from 'medfed certs'?"
         )
     if code not in (0, -2, -15):
-        raise DeployError(f"The SuperNode of site {site} stopped (exit code {code}); Flower's reason is above.")
+        raise DeployError(
+            f"The SuperNode of site {site} stopped {len(crashes)} times in {CRASH_WINDOW_S:g} s (last exit code "
+            f"{code}); Flower's reason is above."
+        )
 
 
 def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> tuple[int, bool]:
@@ -228,6 +244,10 @@ _REFUSED = "Exit Code: 305"
 #: How long a refused site keeps trying by default, and the pause between tries (s).
 REFUSED_RETRY_S = 120.0
 REFUSED_PAUSE_S = 5.0
+#: A SuperNode that stops unexpectedly is started again, unless it did so more than
+#: MAX_CRASHES times within CRASH_WINDOW_S seconds.
+MAX_CRASHES = 5
+CRASH_WINDOW_S = 300.0
 
 
 def _quoted(text: str) -> str:
