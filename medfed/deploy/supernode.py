@@ -103,7 +103,7 @@ def _check_site_folder(folder: Path) -> dict[str, int]:
 
 def run_client(
     *, server: str, site: str, data: str | Path, certs: str | Path | None, insecure: bool = False,
-    device: str | None = None, max_wait_s: float | None = None, out=None,
+    device: str | None = None, max_wait_s: float | None = None, state_dir: str | Path | None = None, out=None,
 ) -> None:
     """Validate the site's data, then run its SuperNode until the server is done or Ctrl-C.
 
@@ -128,6 +128,10 @@ def run_client(
         covers a server still registering its sites and a site restarted after a crash;
         and start a SuperNode that stopped unexpectedly again). With it, a SuperNode that
         stops is not started again.
+    state_dir : str or Path, optional
+        Where the site keeps what its strategy keeps between rounds (FedBN's BatchNorm,
+        FairLoRA's state): ``medfed-state/SITE`` in the working directory by default.
+        It never leaves the site.
     out : file, optional
         Where progress lines go (default stdout).
 
@@ -141,7 +145,9 @@ def run_client(
     address = parse_address(server, "--server")
     summary = check_site_data(data)
     data_path = Path(data).expanduser().resolve()
-    node_config = f'site-name="{site}" data-path="{_quoted(str(data_path))}"'
+    state_path = Path(state_dir if state_dir is not None else Path("medfed-state") / site).expanduser().resolve()
+    node_config = (f'site-name="{site}" data-path="{_quoted(str(data_path))}" '
+                   f'state-dir="{_quoted(str(state_path))}"')
     if device:
         node_config += f' device="{_quoted(device)}"'
     command = [
