@@ -98,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
     # The hooks' entries first: the site's own metrics win over their defaults.
     metrics = {
         **hooks.reply_metrics(site.train.groups),
-        **_metric_record(result, len(site.train), with_confusion=False, num_groups=len(cfg.federation.groups)),
+        **_metric_record(result, len(site.train), with_confusion=False, num_groups=_num_groups(cfg, hooks)),
     }
     save_site_state(context, site.name, server_round, hooks.local_state(model))
     arrays = ArrayRecord(hooks.sent_arrays(model))
@@ -118,7 +118,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     loader = make_loader(site.test, _EVAL_BATCH, shuffle=False)
     result = evaluate(model, loader, loss_fn, task=site.info.task, device=device, precision=cfg.train.precision,
                       channels_last=cfg.train.channels_last, forward=hooks.forward, keep_predictions=True)
-    num_groups = len(cfg.federation.groups)
+    num_groups = _num_groups(cfg, hooks)
     metrics = {
         **hooks.reply_metrics(site.test.groups),
         **_metric_record(result, len(site.test), with_confusion=True, num_groups=num_groups),
@@ -211,6 +211,12 @@ class _TrainingPredictions:
         """Metrics of the pass: taken while the weights moved, on augmented images."""
         scores = scores_from_logits(torch.cat(self.logits), task)
         return prediction_metrics(task, torch.cat(self.labels).numpy(), scores, torch.cat(self.groups).numpy())
+
+
+def _num_groups(cfg: ExperimentConfig, hooks: ClientHooks) -> int:
+    """Patient groups every reply reports: the federation's declared groups, else those
+    of a group-aware strategy (FairLoRA's ``num_groups``), else none."""
+    return len(cfg.federation.groups) or int(getattr(hooks, "num_groups", 0))
 
 
 def _metric_record(result: dict, num_examples: int, *, with_confusion: bool, num_groups: int = 0) -> dict:
