@@ -15,8 +15,6 @@ Models: a federated run folder (``RUN_DIR/model.safetensors`` with the run's
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from medfed._io import write_bytes_atomic
 from medfed.errors import MedfedError
 
 __all__ = ["ModelSpec", "RobustnessError", "evaluate_robustness", "model_from_run", "model_from_file",
@@ -163,7 +162,7 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / ROBUSTNESS_JSON, (json.dumps(result, indent=2) + "\n").encode())
+        write_bytes_atomic(out_dir / ROBUSTNESS_JSON, (json.dumps(result, indent=2) + "\n").encode())
         _write_figure(out_dir / ROBUSTNESS_FIGURE, result)
     return result
 
@@ -187,20 +186,7 @@ def _write_figure(path: Path, result: dict[str, Any]) -> None:
     figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside right", fontsize="small")
     buffer = BytesIO()
     figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    _write_atomic(path, buffer.getvalue())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def robustness_table(result: dict[str, Any]):

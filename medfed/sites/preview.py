@@ -18,14 +18,13 @@ seed) gives byte-identical files; no model, no network.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medfed._io import write_bytes_atomic
 from medfed.sites.profiles import apply_profile, build_site, describe_chain, plan_for
 
 if TYPE_CHECKING:
@@ -132,7 +131,7 @@ def preview_sites(cfg: ExperimentConfig, out_dir: str | Path, *, images_per_site
         "groups": [{"name": g.name, "corruptions": [list(c) for c in g.corruptions]} for g in plan.groups],
         "sites": summaries,
     }
-    _write_atomic(out_dir / PREVIEW_JSON, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    write_bytes_atomic(out_dir / PREVIEW_JSON, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     _write_montage(out_dir / PREVIEW_IMAGE, plan, rows, sources, info)
     return summary
 
@@ -170,20 +169,7 @@ def _write_montage(path: Path, plan, rows: list[np.ndarray], sources, info) -> N
     buffer = BytesIO()
     # No date or version in the PNG: the same config gives the same bytes.
     figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    _write_atomic(path, buffer.getvalue())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def sites_table(summary: dict[str, Any]) -> Table:
