@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from medfed._io import write_bytes_atomic
 from medfed.errors import MedfedError
 
 __all__ = [
@@ -299,20 +300,9 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> Path:
-    """Write atomically; a private file is created 0600 before any byte is written."""
+    """Write atomically; the temporary file is created 0600 (``mkstemp``), so a private
+    key is never readable by others, and a public file is opened up only once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if private:
-        os.chmod(path, 0o600)  # an umask cannot widen it, but be explicit
+    write_bytes_atomic(path, data)
+    os.chmod(path, 0o600 if private else 0o644)
     return path

@@ -54,6 +54,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from medfed.server.grid import DelegatingGrid
 from medfed.server.report import MetricsLog
 
 __all__ = ["RecordingGrid", "RoundRecorder", "payload_bytes", "pooled_round_metrics", "site_name"]
@@ -342,7 +343,7 @@ def _matrix(flat: list[int], num_classes: int) -> list:
     return flat
 
 
-class RecordingGrid(Grid):
+class RecordingGrid(DelegatingGrid):
     """A Grid that delegates to another and records every ``send_and_receive``.
 
     Only ``send_and_receive`` is recorded (what ``Strategy.start`` uses); ``push_messages``
@@ -357,32 +358,13 @@ class RecordingGrid(Grid):
     """
 
     def __init__(self, grid: Grid, recorder: RoundRecorder, *, poll_interval_s: float | None = None) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.recorder = recorder
         self.poll_interval_s = poll_interval_s
-
-    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201 - flwr's Run
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: ANN001
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         # Sorted: strategies sample from this list, so its order must not vary.
         return sorted(self._grid.get_node_ids())
-
-    def get_nodes(self):  # noqa: ANN201
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

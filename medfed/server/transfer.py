@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from medfed.server.grid import DelegatingGrid
 from medfed.transfer import decode_arrays, encode_arrays
 
 __all__ = ["TransferGrid"]
@@ -22,7 +23,7 @@ def _map_arrays(message: Message, convert) -> Message:  # noqa: ANN001 - ArrayRe
     return message
 
 
-class TransferGrid(Grid):
+class TransferGrid(DelegatingGrid):
     """Delegates to ``grid``; encodes outgoing arrays and decodes incoming ones.
 
     Wrap the recording grid with it, so that byte counts are those on the wire.
@@ -36,24 +37,8 @@ class TransferGrid(Grid):
     """
 
     def __init__(self, grid: Grid, dtype: str) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.dtype = dtype
-
-    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201 - flwr's Run
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: ANN001
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):  # noqa: ANN201
-        return self._grid.get_nodes()
 
     def _encode(self, messages: Iterable[Message]) -> list[Message]:
         return [_map_arrays(m, lambda record: encode_arrays(record, self.dtype)) for m in messages]

@@ -1,0 +1,49 @@
+"""A Grid that hands every call to another Grid: the base of medfed's Grid wrappers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+__all__ = ["DelegatingGrid"]
+
+
+class DelegatingGrid(Grid):
+    """Delegates every :class:`flwr.serverapp.Grid` method to ``grid``; subclasses
+    override only what they change (recording, transfer encoding).
+
+    Parameters
+    ----------
+    grid : Grid
+        The Grid the ServerApp received, or another wrapper.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201 - flwr's Run
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: ANN001
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
