@@ -20,8 +20,6 @@ registries check them when the run is built.
 
 from __future__ import annotations
 
-from medfed.errors import MedfedError
-
 import copy
 import dataclasses
 import difflib
@@ -30,13 +28,15 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
+
+from medfed._io import write_bytes_atomic
+from medfed.errors import MedfedError
 
 __all__ = [
     "ConfigError",
@@ -946,16 +946,7 @@ def save_config(cfg: ExperimentConfig, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, text.encode("utf-8"))
     return path
 
 

@@ -18,8 +18,6 @@ a simulation is launched, while the maths of building sites lives in one place.
 
 from __future__ import annotations
 
-from medfed.errors import MedfedError
-
 import functools
 import warnings
 import zlib
@@ -30,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from medfed.errors import MedfedError
 from medfed.config import ExperimentConfig
 from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medmnist
 from medfed.config import FederationConfig

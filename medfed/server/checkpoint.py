@@ -15,8 +15,6 @@ either the old complete file or the new complete file, never a truncated one.
 
 from __future__ import annotations
 
-from medfed.errors import MedfedError
-
 import json
 import os
 from collections.abc import Mapping
@@ -27,6 +25,8 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from medfed.errors import MedfedError
 
 __all__ = [
     "CHECKPOINT_FORMAT",

@@ -29,8 +29,6 @@ Held-out sites appear as sites with "(held out)" and count in neither.
 
 from __future__ import annotations
 
-from medfed.errors import MedfedError
-
 import base64
 import html
 import json
@@ -46,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+
+from medfed.errors import MedfedError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

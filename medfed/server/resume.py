@@ -22,8 +22,6 @@ the rounds an uninterrupted run would have made, bit for bit on a CPU.
 
 from __future__ import annotations
 
-from medfed.errors import MedfedError
-
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from medfed.errors import MedfedError
 from medfed.config import ExperimentConfig, config_to_dict, load_config, save_config
 from medfed.server.checkpoint import Checkpoint, load_checkpoint
 from medfed.server.recording import RoundRecorder

@@ -15,9 +15,9 @@ split can be drawn with the same shares as its training split.
 
 from __future__ import annotations
 
-from medfed.errors import MedfedError
-
 import numpy as np
+
+from medfed.errors import MedfedError
 
 __all__ = [
     "PARTITIONERS",

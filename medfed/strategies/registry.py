@@ -19,8 +19,6 @@ parameters, after checking their names and simple types against the constructor.
 
 from __future__ import annotations
 
-from medfed.errors import MedfedError
-
 import difflib
 import importlib
 import inspect
@@ -33,6 +31,7 @@ from typing import Any, TypeVar
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Strategy
 
+from medfed.errors import MedfedError
 from ._aggregation import aggregate_metrics_ignoring_nan
 from .base import MedfedStrategy, ReplyPolicy
 from .hooks import ClientHooks

@@ -24,8 +24,6 @@ Where the state comes from, first match wins:
 
 from __future__ import annotations
 
-from medfed.errors import MedfedError
-
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +35,8 @@ from flwr.serverapp.strategy import Strategy
 # Not re-exported by flwr.serverapp.strategy, but the base of FedAdam/FedYogi/FedAdagrad
 # that owns their state (flwr is pinned to 1.42.0).
 from flwr.serverapp.strategy.fedopt import FedOpt
+
+from medfed.errors import MedfedError
 
 __all__ = ["StrategyStateError", "load_strategy_state", "strategy_state"]
 
