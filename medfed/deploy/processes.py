@@ -116,9 +116,10 @@ class ProcessSet:
         self.stop()
 
 
-def marked_processes(marker: str) -> list[int]:
-    """Pids of this user's processes whose environment carries ``MARKER_ENV=marker`` (Linux; else [])."""
-    needle = f"{MARKER_ENV}={marker}".encode()
+def marked_processes(marker: str, env: str = MARKER_ENV) -> list[int]:
+    """Pids of this user's processes (but this one) whose environment carries
+    ``env=marker`` (Linux; else [])."""
+    needle = f"{env}={marker}".encode()
     found = []
     proc = Path("/proc")
     if not proc.is_dir():

@@ -90,16 +90,7 @@ class Launcher:
 
 
 def _marked(marker: str) -> list[int]:
-    needle = f"{TEST_MARKER}={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
+    return marked_processes(marker, env=TEST_MARKER)
 
 
 def wait_until(predicate, timeout_s: float, what: str, launcher: Launcher, log: str) -> None:

@@ -12,22 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medfed.deploy.processes import marked_processes
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find leftovers")
 
 
 def _marked(marker: str) -> list[int]:
-    needle = f"MEDFED_TEST_MARKER={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
+    return marked_processes(marker, env="MEDFED_TEST_MARKER")
 
 
 def test_sigint_to_the_process_group_stops_the_run_after_a_complete_round(tiny_root, tmp_path):
