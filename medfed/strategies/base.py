@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -166,6 +166,15 @@ class MedfedStrategy:
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     # ----------------------------------------------------------------------------------
+    def _answered_contents(self, replies: list[Message]) -> list[RecordDict]:
+        """The contents of the replies without an error, for an aggregation that needs the
+        round's global arrays (set by :meth:`configure_train`)."""
+        contents = [msg.content for msg in replies if not msg.has_error()]
+        if contents and self.global_arrays is None:
+            raise RuntimeError(f"{type(self).__name__}.aggregate_train needs configure_train first "
+                               "(it sets the global arrays).")
+        return contents
+
     def _reference(self) -> dict[str, np.ndarray] | None:
         if self.global_arrays is None:
             return None

@@ -248,11 +248,9 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
     def aggregate_valid_replies(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        contents = [msg.content for msg in replies if not msg.has_error()]
+        contents = self._answered_contents(replies)
         if not contents:
             return None, None
-        if self.global_arrays is None:
-            raise RuntimeError("FairLoRA.aggregate_train needs configure_train first (it sets the global arrays).")
         records = [next(iter(c.array_records.values())) for c in contents]
         metrics = [next(iter(c.metric_records.values())) for c in contents]
         previous = {name: array.numpy() for name, array in self.global_arrays.items()}

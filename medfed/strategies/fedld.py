@@ -177,11 +177,9 @@ class FedLD(MedfedStrategy, flwr_strategy.FedAvg):
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Principal-gradient step per float tensor, plain mean per integer tensor."""
-        contents = [msg.content for msg in replies if not msg.has_error()]
+        contents = self._answered_contents(replies)
         if not contents:
             return None, None
-        if self.global_arrays is None:
-            raise RuntimeError("FedLD.aggregate_train needs configure_train first (it sets the global arrays).")
         records = [next(iter(c.array_records.values())) for c in contents]
         result = ArrayRecord()
         for name in records[0]:

@@ -49,6 +49,8 @@ def test_fedprox_hooks_take_mu_from_the_strategy_and_penalise_distance():
     strategy = FedProx(proximal_mu=0.5)
     hooks = client_hooks_for("fedprox")({"proximal-mu": strategy.proximal_mu})
     model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()  # exact arithmetic below, whatever the RNG state
     term = hooks.extra_loss(model)
     with torch.no_grad():
         model.weight.add_(2.0)
