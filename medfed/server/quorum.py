@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -29,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from medfed.errors import MedfedError
+from medfed.server.delegating_strategy import DelegatingStrategy
 
 __all__ = ["QuorumError", "QuorumGuard", "QuorumNotMet", "apply_quorum", "wait_for_nodes"]
 
@@ -91,7 +91,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float, poll_s: float = 0.5
         time.sleep(poll_s)
 
 
-class QuorumGuard(Strategy):
+class QuorumGuard(DelegatingStrategy):
     """Delegate to ``strategy``; refuse a round that fewer than ``min_sites`` sites made.
 
     Parameters
@@ -115,18 +115,12 @@ class QuorumGuard(Strategy):
 
     def __init__(self, strategy: Strategy, *, min_sites: int, num_sites: int, timeout_s: float,
                  on_rejected: Callable[[int, str], None] | None = None, wait_for_all_first: bool = True) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.on_rejected = on_rejected
         self.min_sites = min_sites
         self.num_sites = num_sites
         self.timeout_s = timeout_s
         self._first_round = wait_for_all_first
-
-    def __getattr__(self, name: str) -> Any:
-        strategy = self.__dict__.get("strategy")
-        if strategy is None:
-            raise AttributeError(name)
-        return getattr(strategy, name)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -156,14 +150,3 @@ class QuorumGuard(Strategy):
                 "is not replaced", server_round, kept, "y" if kept == 1 else "ies", self.min_sites)
             raise QuorumNotMet(server_round, kept if arrays is not None else 0, self.min_sites, "valid replies")
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()

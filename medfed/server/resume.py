@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from medfed.errors import MedfedError
 from medfed.config import ExperimentConfig, config_to_dict, load_config, save_config
 from medfed.server.checkpoint import Checkpoint, load_checkpoint
+from medfed.server.delegating_strategy import DelegatingStrategy
 from medfed.server.recording import RoundRecorder
 
 __all__ = [
@@ -68,7 +69,7 @@ class ResumeError(MedfedError):
     """A run directory cannot be started or resumed as asked."""
 
 
-class RoundOffsetStrategy(Strategy):
+class RoundOffsetStrategy(DelegatingStrategy):
     """Delegate to ``strategy`` with round numbers shifted by ``offset``.
 
     It also reports each round's start and aggregated metrics to a
@@ -87,19 +88,12 @@ class RoundOffsetStrategy(Strategy):
     def __init__(
         self, strategy: Strategy, offset: int, recorder: RoundRecorder, held_out_nodes: Iterable[int] = ()
     ) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.offset = offset
         self.recorder = recorder
         # Held-out sites never train: the strategy samples from a grid without them,
         # and their evaluation replies stay out of the federation's aggregate.
         self.held_out_nodes = frozenset(held_out_nodes)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only called for attributes this wrapper lacks (e.g. fraction_train).
-        strategy = self.__dict__.get("strategy")
-        if strategy is None:
-            raise AttributeError(name)
-        return getattr(strategy, name)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -116,7 +110,6 @@ class RoundOffsetStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = self.strategy.aggregate_train(server_round + self.offset, replies)
         self.recorder.aggregated("train", metrics)
-        self.recorder.dropped(getattr(self.strategy, "dropped_replies", {}))
         return arrays, metrics
 
     def configure_evaluate(
@@ -134,9 +127,6 @@ class RoundOffsetStrategy(Strategy):
             # history they would fill its end-of-run summary with numbers.
             metrics = MetricRecord({k: v for k, v in metrics.items() if not k.startswith(_POOLING_COUNTS)})
         return metrics
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
 
 def _says_held_out(reply: Message) -> bool:
