@@ -17,9 +17,9 @@ Replies identify their site through a ConfigRecord ``"site"`` (``{"name", "time-
 Two kinds of global test figures go into each round line, named apart:
 
 * ``"evaluate"``: the strategy's aggregate, i.e. the **sample-weighted mean of the
-  per-site metrics** (a site's AUC weighted by its test size; ``acc-group-<g>`` too,
-  weighted by the site's test size, not its count of group ``g``, with ``es_acc``
-  / ``es_auc`` from those);
+  per-site metrics** (a site's AUC weighted by its test size; ``acc-group-<g>``
+  weighted by the sites' ``num-examples-group-<g>`` counts, with ``es-acc`` /
+  ``es-auc`` from those: :func:`medfed.strategies._groups.equity_scaled_metrics`);
 * ``"evaluate_pooled"``: the metrics of the **pooled test set** (the union of the
   training sites' test sets): ACC and balanced ACC exact from the summed confusion
   matrices, AUC from the summed score histograms (:mod:`medfed.data.pooled`, with
@@ -55,6 +55,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from medfed.server.grid import DelegatingGrid
+from medfed.strategies._groups import GROUP_COUNT_PREFIX
 from medfed.server.report import MetricsLog
 
 __all__ = ["RecordingGrid", "RoundRecorder", "payload_bytes", "pooled_round_metrics", "site_name"]
@@ -147,7 +148,6 @@ class RoundRecorder:
         self._bytes_sent = 0
         self._bytes_received = 0
         self._aggregates: dict[str, dict[str, float]] = {}
-        self._dropped: dict[int, str] = {}
 
     def round_started(self, server_round: int) -> None:
         """Start the clock and the counters of ``server_round`` (true round number)."""
@@ -161,13 +161,10 @@ class RoundRecorder:
             # Lists (the averaged confusion matrix) and counts are not round-level metrics.
             aggregate = {
                 k: float(v) for k, v in metrics.items()
-                if k not in _NOT_METRICS and not isinstance(v, list) and not k.startswith("n-group-")
+                if k not in _NOT_METRICS and not isinstance(v, list) and not k.startswith(GROUP_COUNT_PREFIX)
             }
-            self._aggregates[phase] = {**aggregate, **_equity_scaled(aggregate)}
-
-    def dropped(self, reasons: Mapping[int, str]) -> None:
-        """Keep the strategy's dropped training replies (node id -> reason) for the round line."""
-        self._dropped = dict(reasons)
+            # The strategy's own ES (group-count weighted, MedfedStrategy) wins over ours.
+            self._aggregates[phase] = {**_equity_scaled(aggregate), **aggregate}
 
     def record_exchange(
         self, phase: str, sent: Mapping[int, int], replies: list[Message], addressees: Mapping[str, int] | None = None
@@ -236,12 +233,6 @@ class RoundRecorder:
             **{phase: self._aggregates.get(phase, {}) for phase in ("train", "evaluate")},
             **{phase: self._aggregates[phase] for phase in ("evaluate_pooled", "held_out") if phase in self._aggregates},
         }
-        if self._dropped:
-            # Which sites' training replies the strategy left out, and why.
-            record["dropped"] = [
-                {"site": self.node_names.get(node, f"node-{node}"), "reason": reason}
-                for node, reason in self._dropped.items()
-            ]
         self.log.write(record)
         self.history.append(record)
         train, evaluate = record["train"], record["evaluate"]
@@ -266,21 +257,21 @@ def _weighted_mean(metrics: list[dict[str, Any]]) -> dict[str, float]:
 
     weights = [float(m.get("num-examples", 0)) for m in metrics]
     keys = [k for k, v in metrics[0].items()
-            if k not in _NOT_METRICS and not isinstance(v, list) and not k.startswith("n-group-")]
+            if k not in _NOT_METRICS and not isinstance(v, list) and not k.startswith(GROUP_COUNT_PREFIX)]
     out = {k: nan_aware_weighted_mean([float(m.get(k, float("nan"))) for m in metrics], weights) for k in keys}
     out["num_examples"] = int(sum(weights))
     return out
 
 
 def _equity_scaled(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """``es_acc``/``es_auc`` from ``acc``/``auc`` and the ``*-group-<g>`` values (none without groups)."""
+    """``es-acc``/``es-auc`` from ``acc``/``auc`` and the ``*-group-<g>`` values (none without groups)."""
     from medfed.data import equity_scaled
 
     out = {}
     for name in ("acc", "auc"):
         per_group = [float(v) for k, v in metrics.items() if (m := _GROUP.match(k)) and m.group(1) == name]
         if per_group and isinstance(metrics.get(name), (int, float)):
-            out[f"es_{name}"] = equity_scaled(float(metrics[name]), per_group)
+            out[f"es-{name}"] = equity_scaled(float(metrics[name]), per_group)
     return out
 
 

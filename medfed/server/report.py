@@ -905,14 +905,6 @@ def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: s
             f'title="{escape(png_path.parent.name + "/" if png_path.parent.name == "figures" else "")}'
             f'{escape(png_path.name)}"><figcaption>{caption}</figcaption></figure>'
         )
-    dropped = [
-        f"<li>round {r}: {escape(str(d.get('site')))}: {escape(str(d.get('reason')))}</li>"
-        for r in run.rounds for d in run.round_records.get(r, {}).get("dropped", [])
-    ]
-    dropped_html = (
-        f"<h2>Dropped replies</h2><p>Training replies the strategy left out of the aggregate.</p><ul>{''.join(dropped)}</ul>"
-        if dropped else ""
-    )
     config_html = (
         f"<pre>{escape(config)}</pre>" if config is not None else f"<p>No {CONFIG_FILE} in the run directory.</p>"
     )
@@ -931,7 +923,6 @@ def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: s
         f"<table><thead><tr>{headers}</tr></thead><tbody>{''.join(rows)}</tbody></table>",
         _groups_html(run),
         f"<p>{totals}</p>",
-        dropped_html,
         *_dropouts_html(run),
         '<h2>Figures</h2><div class="figures">',
         *figures,

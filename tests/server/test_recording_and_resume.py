@@ -183,22 +183,3 @@ def test_resume_needs_a_run_directory(tmp_path):
         check_run_dir(config_from_dict({}), tmp_path / "nothing", resume=True)
     # Assert
     assert "has no config.yaml" in str(info.value)
-
-
-def test_dropped_replies_reach_the_round_line_by_site_name_and_the_report(tmp_path):
-    # Prepare: two sites answer; the strategy dropped the second one's reply.
-    from medfed.server.report import build_report
-
-    inner = LocalGrid(_echo_app(), [{"site-name": "a"}, {"site-name": "b"}], run_config={})
-    recorder = RoundRecorder(MetricsLog(tmp_path / "metrics.jsonl"))
-    grid = RecordingGrid(inner, recorder)
-    recorder.round_started(1)
-    replies = grid.send_and_receive(_train_messages(grid, grid.get_node_ids()))
-    node_b = replies[1].metadata.src_node_id
-    # Execute
-    recorder.dropped({node_b: "array 'w' holds 1 NaN/inf value"})
-    record = recorder.round_finished(num_rounds=1)
-    html = build_report(tmp_path).read_text()
-    # Assert
-    assert record["dropped"] == [{"site": "b", "reason": "array 'w' holds 1 NaN/inf value"}]
-    assert "Dropped replies" in html and "round 1: b: array &#x27;w&#x27; holds 1 NaN/inf value" in html
