@@ -24,7 +24,7 @@ pooled-test ACC and AUC without any per-sample score leaving the site).
 Patient groups: Flower requires the same MetricRecord keys from every reply, so every
 site sends the keys of every group the federation declares (``federation.groups``),
 whatever groups it holds: ``acc-group-<g>``/``auc-group-<g>`` (NaN when the site has
-none of group ``g``) and ``n-group-<g>`` (its count); evaluate replies add
+none of group ``g``) and ``num-examples-group-<g>`` (its count); evaluate replies add
 ``confusion-group-<g>`` and ``score-hist-group-<g>``, which the server sums.
 
 A held-out site (:attr:`SiteData.held_out`) refuses to train; it answers the
@@ -51,9 +51,10 @@ from medfed.client.task import (
     scores_from_logits, seed_everything, select_device, train_epoch,
 )
 from medfed.config import ExperimentConfig, from_run_config
-from medfed.data import confusion, train_augmentation
+from medfed.data import ImageDataset, confusion, train_augmentation
 from medfed.data.pooled import score_histograms
 from medfed.strategies import ClientHooks, ModelSpec, client_hooks_for
+from medfed.strategies._groups import group_count_metrics
 from medfed.transfer import decode_arrays, encode_arrays
 
 __all__ = ["app"]
@@ -98,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
     # The hooks' entries first: the site's own metrics win over their defaults.
     metrics = {
         **hooks.reply_metrics(site.train.groups),
-        **_metric_record(result, len(site.train), with_confusion=False, num_groups=_num_groups(cfg, hooks)),
+        **_metric_record(result, site.train, with_confusion=False, num_groups=_num_groups(cfg, hooks)),
     }
     save_site_state(context, site.name, server_round, hooks.local_state(model))
     arrays = ArrayRecord(hooks.sent_arrays(model))
@@ -121,7 +122,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     num_groups = _num_groups(cfg, hooks)
     metrics = {
         **hooks.reply_metrics(site.test.groups),
-        **_metric_record(result, len(site.test), with_confusion=True, num_groups=num_groups),
+        **_metric_record(result, site.test, with_confusion=True, num_groups=num_groups),
     }
     metrics.update(_pooling_counts(site.info.task, *result["predictions"], num_groups))
     return _reply(msg, site, start, metrics)
@@ -219,14 +220,15 @@ def _num_groups(cfg: ExperimentConfig, hooks: ClientHooks) -> int:
     return len(cfg.federation.groups) or int(getattr(hooks, "num_groups", 0))
 
 
-def _metric_record(result: dict, num_examples: int, *, with_confusion: bool, num_groups: int = 0) -> dict:
-    """Flatten :func:`medfed.client.task.evaluate`-style results into MetricRecord values.
+def _metric_record(result: dict, split: ImageDataset, *, with_confusion: bool, num_groups: int = 0) -> dict:
+    """Flatten :func:`medfed.client.task.evaluate`-style results on ``split`` into MetricRecord values.
 
     Group keys are written for groups ``0 .. num_groups - 1`` whether or not the site
     holds them (NaN and a count of 0 when not), so that every site's reply has the
-    same keys; groups outside that range are not reported.
+    same keys; groups outside that range are not reported. Counts are the split's
+    (``num-examples`` too), not those of the batches a training epoch happened to see.
     """
-    metrics = {"num-examples": num_examples, **{k: float(result[k]) for k in ("loss", "acc", "auc", "balanced_acc")}}
+    metrics = {"num-examples": len(split), **{k: float(result[k]) for k in ("loss", "acc", "auc", "balanced_acc")}}
     if with_confusion:
         matrix = np.asarray(result["confusion"])
         metrics["confusion"] = [int(v) for v in matrix.reshape(-1)]
@@ -236,8 +238,7 @@ def _metric_record(result: dict, num_examples: int, *, with_confusion: bool, num
         values = held.get(group, {})
         metrics[f"acc-group-{group}"] = float(values.get("acc", float("nan")))
         metrics[f"auc-group-{group}"] = float(values.get("auc", float("nan")))
-        metrics[f"n-group-{group}"] = int(values.get("num_examples", 0))
-    return metrics
+    return {**metrics, **group_count_metrics(split.groups, num_groups)}
 
 
 def _pooling_counts(task: str, y_true: np.ndarray, y_score: np.ndarray, groups: np.ndarray, num_groups: int) -> dict:

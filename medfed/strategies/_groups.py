@@ -1,8 +1,8 @@
 """Per-group sample counts in MetricRecords: the one place their key format lives.
 
-FairLoRA's server averages each group's singular values by that group's sample
-counts across sites, and weighs per-group metrics the same way; sites report the
-counts as ``num-examples-group-<g>``.
+Every site's reply carries ``num-examples-group-<g>`` for each declared group (written
+by the ClientApp). FairLoRA's server averages each group's singular values by those
+counts across sites, and every MedfedStrategy weighs per-group metrics by them.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from medfed.models import create_model
 from medfed.models.lora import GroupLoRAModel
 from medfed.models.pretrained import PretrainedError, load_pretrained
 
-from ._groups import group_count_metrics, read_group_counts
+from ._groups import read_group_counts
 from .base import MedfedStrategy
 from .hooks import ClientHooks, ModelSpec
 from .registry import StrategyError, register_strategy
@@ -166,12 +166,6 @@ class FairLoRAHooks(ClientHooks):
     def sent_arrays(self, model: nn.Module) -> dict[str, torch.Tensor]:
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable}
-
-    def reply_metrics(self, groups: Any) -> dict[str, int | float]:
-        """Group counts, and NaN per-group metrics for groups the split lacks: Flower
-        aggregates only replies whose MetricRecords share their keys."""
-        defaults = {f"{m}-group-{g}": float("nan") for g in range(self.num_groups) for m in ("acc", "auc")}
-        return {**defaults, **group_count_metrics(groups, self.num_groups)}
 
 
 @register_strategy("fairlora")

@@ -84,14 +84,20 @@ def test_prediction_metrics_add_per_group_figures_only_for_known_groups():
 
 def test_client_metric_record_flattens_confusion_and_groups():
     from medfed.client.client_app import _metric_record
+    from medfed.data import ImageDataset
+    from medfed.data.info import dataset_info
 
     result = {"loss": 0.5, "acc": 0.75, "auc": 0.8, "balanced_acc": 0.7,
               "confusion": np.array([[3, 1], [0, 4]]), "groups": {2: {"acc": 1.0, "auc": 0.9, "num_examples": 3}}}
-    record = _metric_record(result, 8, with_confusion=True, num_groups=3)
+    split = ImageDataset(np.zeros((8, 4, 4), np.uint8), np.zeros((8, 1), np.int64), dataset_info("breastmnist"),
+                         groups=np.array([2, 2, 2, 0, 0, 0, 0, 0]))
+    record = _metric_record(result, split, with_confusion=True, num_groups=3)
     # Every declared group has its keys (NaN and 0 for the groups the site does not hold).
     groups = {k: record.pop(k) for k in list(record) if "group" in k}
     assert record == {"num-examples": 8, "loss": 0.5, "acc": 0.75, "auc": 0.8, "balanced_acc": 0.7,
                       "confusion": [3, 1, 0, 4], "num-classes": 2}
-    assert groups["acc-group-2"] == 1.0 and groups["auc-group-2"] == 0.9 and groups["n-group-2"] == 3
-    assert np.isnan(groups["acc-group-0"]) and np.isnan(groups["auc-group-1"]) and groups["n-group-1"] == 0
-    assert sorted(groups) == sorted(f"{m}-group-{g}" for m in ("acc", "auc", "n") for g in range(3))
+    assert groups["acc-group-2"] == 1.0 and groups["auc-group-2"] == 0.9
+    assert np.isnan(groups["acc-group-0"]) and np.isnan(groups["auc-group-1"])
+    # Counts are the split's, whatever the results saw.
+    assert [groups[f"num-examples-group-{g}"] for g in range(3)] == [5, 0, 3]
+    assert sorted(groups) == sorted(f"{m}-group-{g}" for m in ("acc", "auc", "num-examples") for g in range(3))

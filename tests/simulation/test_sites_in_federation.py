@@ -42,12 +42,16 @@ def test_sites_with_different_groups_complete_a_round_with_per_group_metrics(sit
     # reported every group's keys, NaN for the group it does not hold.
     assert round_record["train"], "no training aggregate: the replies were rejected"
     site_0 = run.site_record(1, "evaluate", "site-0")["metrics"]
-    assert math.isnan(site_0["acc-group-1"]) and site_0["n-group-1"] == 0 and site_0["n-group-0"] > 0
+    assert math.isnan(site_0["acc-group-1"]) and site_0["num-examples-group-1"] == 0 and site_0["num-examples-group-0"] > 0
     pooled = round_record["evaluate_pooled"]
     assert {"acc", "auc", "acc_group_0", "acc_group_1", "auc_group_0", "es_acc", "es_auc"} <= set(pooled)
     sizes = [run.site_record(1, "evaluate", s)["num_examples"] for s in ("site-0", "site-1", "site-2")]
     assert pooled["n_group_0"] + pooled["n_group_1"] == pooled["num_examples"] == sum(sizes)
     assert 0.0 <= pooled["es_acc"] <= pooled["acc"] <= 1.0
+    # The strategy's aggregate weighs each group's metric by the sites' counts of that
+    # group, so site-0's NaN for group 1 does not make it NaN.
+    evaluate = round_record["evaluate"]
+    assert math.isfinite(evaluate["acc-group-1"]) and 0.0 <= evaluate["es-acc"] <= evaluate["acc"]
 
 
 def test_pooled_accuracy_is_the_accuracy_of_the_summed_confusion(sites_run):
