@@ -34,11 +34,11 @@ def model_bytes(variant: str, dtype: str) -> int:
     from flwr.app import ArrayRecord
 
     from medfed.models import create_model
-    from medfed.transfer import encode_arrays
+    from medfed.transfer import to_wire
 
     model = create_model(f"medvit_v2_{variant}", num_classes=2, in_chans=1, img_size=28)
     record = ArrayRecord({k: v.detach() for k, v in model.state_dict().items()})
-    return encode_arrays(record, dtype).count_bytes()
+    return to_wire(record, dtype).count_bytes()
 
 
 def federation_effect(dtype: str, args: argparse.Namespace, output_dir: Path) -> dict:

@@ -1,4 +1,16 @@
-"""Lower-precision weight transfer (``federation.transfer_dtype``).
+"""How weights travel: packed into one array, optionally in lower precision.
+
+**Packing.** Flower 1.42 sends every :class:`~flwr.app.Array` of a message as its own
+object (plus one object per 5 MB chunk), and its SuperLink handles each object in a
+separate request with its own database writes, run-status check and (with node
+authentication) signature check. A MedViTV2 state dict has hundreds of arrays, so a
+round moved thousands of small objects and spent about a minute in that bookkeeping on
+a 2-core machine for 1.4 M parameters. :func:`to_wire` therefore packs a record's
+arrays into a single uint8 array (a JSON manifest of names, dtypes, shapes and byte
+counts, then the arrays' serialized bytes, back to back); :func:`from_wire` unpacks it,
+bit for bit. A record that is not packed passes through unchanged.
+
+**Lower precision** (``federation.transfer_dtype``).
 
 The server's global model and every site's model stay float32; only the float32 arrays
 of a message travel as float16 or bfloat16 (half the bytes) and are widened back to
@@ -13,11 +25,14 @@ ClientApp decodes what it receives and encodes what it sends.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["TRANSFER_DTYPES", "decode_arrays", "encode_arrays"]
+__all__ = ["PACKED_KEY", "TRANSFER_DTYPES", "decode_arrays", "encode_arrays", "from_wire", "pack_arrays",
+           "to_wire", "unpack_arrays"]
 
 #: The values of ``federation.transfer_dtype``.
 TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
@@ -70,3 +85,59 @@ def decode_arrays(record: ArrayRecord) -> ArrayRecord:
     if not any(array.dtype in ("float16", _BFLOAT16) for array in record.values()):
         return record
     return ArrayRecord({key: _decode(array) for key, array in record.items()})
+
+
+#: The single key of a packed ArrayRecord.
+PACKED_KEY = "medfed.packed-arrays"
+_LENGTH_BYTES = 8  # little-endian uint64: the manifest's length
+
+
+def pack_arrays(record: ArrayRecord) -> ArrayRecord:
+    """``record``'s arrays as one uint8 array under :data:`PACKED_KEY` (lossless).
+
+    Layout: the manifest's byte length (uint64, little-endian), the manifest (JSON: a list
+    of ``[name, dtype, shape, stype, nbytes]`` in the record's order), then each array's
+    serialized bytes (``Array.data``) in that order.
+    """
+    manifest = json.dumps([[key, a.dtype, list(a.shape), a.stype, len(a.data)] for key, a in record.items()]).encode()
+    blob = b"".join([len(manifest).to_bytes(_LENGTH_BYTES, "little"), manifest, *(a.data for a in record.values())])
+    return ArrayRecord({PACKED_KEY: Array(np.frombuffer(blob, dtype=np.uint8))})
+
+
+def unpack_arrays(record: ArrayRecord) -> ArrayRecord:
+    """The ArrayRecord that :func:`pack_arrays` packed (``record`` itself when it is not packed).
+
+    Raises
+    ------
+    ValueError
+        If the packed bytes do not hold a well-formed manifest and exactly the bytes it lists.
+    """
+    if list(record.keys()) != [PACKED_KEY]:
+        return record
+    blob = record[PACKED_KEY].numpy().tobytes()
+    try:
+        size = int.from_bytes(blob[:_LENGTH_BYTES], "little")
+        manifest = json.loads(blob[_LENGTH_BYTES:_LENGTH_BYTES + size])
+        arrays, offset = {}, _LENGTH_BYTES + size
+        for key, dtype, shape, stype, nbytes in manifest:
+            if not (isinstance(nbytes, int) and 0 <= nbytes <= len(blob) - offset):
+                raise ValueError(f"array {key!r} claims {nbytes} bytes, {len(blob) - offset} are left")
+            arrays[str(key)] = Array(dtype=str(dtype), shape=tuple(int(d) for d in shape), stype=str(stype),
+                                     data=blob[offset:offset + nbytes])
+            offset += nbytes
+    except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"Packed arrays are malformed ({error}); the sender is not a medfed site of this "
+                         "version, or the message was damaged.") from None
+    if offset != len(blob):
+        raise ValueError(f"Packed arrays are malformed ({len(blob) - offset} bytes after the last array).")
+    return ArrayRecord(arrays)
+
+
+def to_wire(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """``record`` as it travels: float32 arrays in ``dtype`` (:func:`encode_arrays`), then packed."""
+    return pack_arrays(encode_arrays(record, dtype))
+
+
+def from_wire(record: ArrayRecord) -> ArrayRecord:
+    """The inverse of :func:`to_wire`: unpacked, and widened back to float32."""
+    return decode_arrays(unpack_arrays(record))

@@ -1,5 +1,6 @@
-"""Lower-precision weight transfer: the codec (hand-computed roundings) and a federation
-that sends bfloat16 (half the bytes, weights close to the float32 run's)."""
+"""How weights travel: packing (one array per message, bit for bit), lower precision (the
+codec with hand-computed roundings) and a federation that sends bfloat16 (half the bytes,
+weights close to the float32 run's)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from flwr.app import Array, ArrayRecord
 
 from medfed.server.checkpoint import load_arrays
 from medfed.simulation.local import run_local
-from medfed.transfer import decode_arrays, encode_arrays
+from medfed.transfer import PACKED_KEY, decode_arrays, encode_arrays, from_wire, pack_arrays, to_wire, unpack_arrays
 
 
 def _record() -> ArrayRecord:
@@ -51,6 +52,41 @@ def test_float32_is_sent_as_is_and_unknown_dtypes_are_refused():
     assert decode_arrays(record) is record
     with pytest.raises(ValueError, match="'dtype' parameter of encode_arrays"):
         encode_arrays(record, "int8")
+
+
+def test_packing_sends_one_array_and_gives_back_every_array_bit_for_bit():
+    # Prepare: float32, int64 scalar, a 0-d and an empty array, a bfloat16 pattern array.
+    record = ArrayRecord({
+        **_record(), "empty": Array(np.zeros((0, 3), dtype=np.float32)),
+        "scalar": Array(np.array(2.5, dtype=np.float64)),
+    })
+    # Execute
+    wire = to_wire(record, "float32")
+    back = from_wire(wire)
+    half = from_wire(to_wire(record, "bfloat16"))
+    # Assert
+    assert list(wire.keys()) == [PACKED_KEY] and wire[PACKED_KEY].dtype == "uint8"
+    assert list(back.keys()) == list(record.keys())
+    for key, array in record.items():
+        assert (back[key].dtype, back[key].shape, back[key].data) == (array.dtype, array.shape, array.data)
+    assert half["w"].dtype == "float32" and half["count"].numpy() == 7
+    plain = _record()
+    assert unpack_arrays(plain) is plain  # a record that is not packed passes through
+
+
+@pytest.mark.parametrize("damage", [
+    lambda blob: blob[:-3],                                   # truncated
+    lambda blob: blob + b"xyz",                               # trailing bytes
+    lambda blob: (10**9).to_bytes(8, "little") + blob[8:],    # manifest longer than the message
+    lambda blob: blob[:8] + b"{" + blob[9:],                  # manifest not JSON
+])
+def test_damaged_packed_arrays_are_a_clear_error(damage):
+    # Prepare
+    blob = pack_arrays(_record())[PACKED_KEY].numpy().tobytes()
+    damaged = ArrayRecord({PACKED_KEY: Array(np.frombuffer(damage(blob), dtype=np.uint8))})
+    # Execute / Assert
+    with pytest.raises(ValueError, match="Packed arrays are malformed"):
+        unpack_arrays(damaged)
 
 
 def _round_bytes(run_dir) -> list[int]:

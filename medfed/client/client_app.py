@@ -55,7 +55,7 @@ from medfed.data import ImageDataset, confusion, train_augmentation
 from medfed.data.pooled import score_histograms
 from medfed.strategies import ClientHooks, ModelSpec, client_hooks_for
 from medfed.strategies._groups import group_count_metrics
-from medfed.transfer import decode_arrays, encode_arrays
+from medfed.transfer import from_wire, to_wire
 
 __all__ = ["app"]
 
@@ -103,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     save_site_state(context, site.name, server_round, hooks.local_state(model))
     arrays = ArrayRecord(hooks.sent_arrays(model))
-    return _reply(msg, site, start, metrics, encode_arrays(arrays, cfg.federation.transfer_dtype))
+    return _reply(msg, site, start, metrics, to_wire(arrays, cfg.federation.transfer_dtype))
 
 
 @app.evaluate()
@@ -191,7 +191,7 @@ def _model(
         while len(_MODELS) > _MAX_MODELS:
             _MODELS.popitem(last=False)
     model = _MODELS[key]
-    hooks.load_global(model, decode_arrays(msg.content["arrays"]).to_torch_state_dict(), kept)
+    hooks.load_global(model, from_wire(msg.content["arrays"]).to_torch_state_dict(), kept)
     return prepare_model(model, device, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
 
 

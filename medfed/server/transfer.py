@@ -1,15 +1,17 @@
-"""A Grid that sends arrays in ``federation.transfer_dtype`` and widens the replies' arrays
-back to float32 (see :mod:`medfed.transfer`)."""
+"""A Grid that sends arrays packed and in ``federation.transfer_dtype``, and unpacks and
+widens the replies' arrays back to float32 (see :mod:`medfed.transfer`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import WARNING
 
 from flwr.app import Message, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from medfed.server.grid import DelegatingGrid
-from medfed.transfer import decode_arrays, encode_arrays
+from medfed.transfer import from_wire, to_wire
 
 __all__ = ["TransferGrid"]
 
@@ -17,14 +19,20 @@ __all__ = ["TransferGrid"]
 def _map_arrays(message: Message, convert) -> Message:  # noqa: ANN001 - ArrayRecord -> ArrayRecord
     if message.has_error() or not message.content.array_records:
         return message
-    content = RecordDict({key: convert(record) if key in message.content.array_records else record
-                          for key, record in message.content.items()})
+    try:
+        content = RecordDict({key: convert(record) if key in message.content.array_records else record
+                              for key, record in message.content.items()})
+    except ValueError as error:
+        # A reply that cannot be unpacked keeps its packed record: the strategy's reply
+        # check then drops it (its array names are not the model's), under the site's name.
+        log(WARNING, "Reply of node %s: %s", message.metadata.src_node_id, error)
+        return message
     message.content = content
     return message
 
 
 class TransferGrid(DelegatingGrid):
-    """Delegates to ``grid``; encodes outgoing arrays and decodes incoming ones.
+    """Delegates to ``grid``; packs and encodes outgoing arrays, unpacks and decodes incoming ones.
 
     Wrap the recording grid with it, so that byte counts are those on the wire.
 
@@ -41,11 +49,11 @@ class TransferGrid(DelegatingGrid):
         self.dtype = dtype
 
     def _encode(self, messages: Iterable[Message]) -> list[Message]:
-        return [_map_arrays(m, lambda record: encode_arrays(record, self.dtype)) for m in messages]
+        return [_map_arrays(m, lambda record: to_wire(record, self.dtype)) for m in messages]
 
     @staticmethod
     def _decode(replies: Iterable[Message]) -> list[Message]:
-        return [_map_arrays(m, decode_arrays) for m in replies]
+        return [_map_arrays(m, from_wire) for m in replies]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(self._encode(messages))

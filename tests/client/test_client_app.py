@@ -14,6 +14,7 @@ from medfed.config import to_run_config
 from medfed.models import create_model
 from medfed.server.server_app import train_config
 from medfed.simulation.local import LocalGrid
+from medfed.transfer import PACKED_KEY, from_wire
 
 METRIC_KEYS = {"num-examples", "loss", "acc", "auc", "balanced_acc"}
 
@@ -63,7 +64,8 @@ def test_train_reply_carries_weights_metrics_and_site_name_only(grid, global_arr
     # Assert
     content = reply.content
     assert list(content.array_records) == ["arrays"]
-    assert list(content["arrays"].keys()) == list(global_arrays)
+    assert list(content["arrays"].keys()) == [PACKED_KEY]  # one array on the wire (medfed.transfer)
+    assert list(from_wire(content["arrays"]).keys()) == list(global_arrays)
     (metrics,) = content.metric_records.values()
     assert set(metrics) == METRIC_KEYS
     assert metrics["num-examples"] == 8
@@ -78,8 +80,8 @@ def test_train_reply_carries_weights_metrics_and_site_name_only(grid, global_arr
 
 def test_training_changes_the_weights_and_repeats_exactly(grid, global_arrays):
     # Execute
-    first = _exchange(grid, _message(global_arrays, MessageType.TRAIN)).content["arrays"]
-    again = _exchange(grid, _message(global_arrays, MessageType.TRAIN)).content["arrays"]
+    first = from_wire(_exchange(grid, _message(global_arrays, MessageType.TRAIN)).content["arrays"])
+    again = from_wire(_exchange(grid, _message(global_arrays, MessageType.TRAIN)).content["arrays"])
     # Assert
     assert any(not np.array_equal(first[k].numpy(), global_arrays[k]) for k in global_arrays)
     assert all(np.array_equal(first[k].numpy(), again[k].numpy()) for k in global_arrays)
@@ -91,9 +93,9 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model(tiny_root, tiny_
     grid = _grid(tiny_config(tiny_root, tmp_path, strategy={"name": "fedprox"}))
     settings = {"lr": 0.01, "batch-size": 2}
     # Execute: the same round with and without FedProx's proximal term (a large mu).
-    plain = _exchange(grid, _message(global_arrays, MessageType.TRAIN, **settings)).content["arrays"]
+    plain = from_wire(_exchange(grid, _message(global_arrays, MessageType.TRAIN, **settings)).content["arrays"])
     proximal = {**settings, "proximal-mu": 100.0}
-    prox = _exchange(grid, _message(global_arrays, MessageType.TRAIN, **proximal)).content["arrays"]
+    prox = from_wire(_exchange(grid, _message(global_arrays, MessageType.TRAIN, **proximal)).content["arrays"])
     # Assert
     def distance(record):
         return sum(float(((record[k].numpy() - v) ** 2).sum()) for k, v in global_arrays.items() if v.dtype.kind == "f")

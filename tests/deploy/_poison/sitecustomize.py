@@ -18,19 +18,21 @@ def _poison(module) -> None:
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
+    from medfed.transfer import pack_arrays, unpack_arrays
+
     original = module.ClientApp.__call__
 
     def call(self, message, context):
         reply = original(self, message, context)
         if not reply.has_error() and "arrays" in reply.content.array_records:
-            record = reply.content.array_records["arrays"]
+            record = unpack_arrays(reply.content.array_records["arrays"])
             poisoned = {}
             for key, array in record.items():
                 values = array.numpy()
                 if np.issubdtype(values.dtype, np.floating):
                     values = np.full_like(values, np.nan)
                 poisoned[key] = Array(values)
-            reply.content["arrays"] = ArrayRecord(poisoned)
+            reply.content["arrays"] = pack_arrays(ArrayRecord(poisoned))
         return reply
 
     module.ClientApp.__call__ = call
