@@ -222,7 +222,7 @@ def _is_deployed(grid: Grid) -> bool:
 
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

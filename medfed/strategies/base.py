@@ -199,7 +199,7 @@ class MedfedStrategy:
                 continue
             name = next(iter(msg.content.array_records))
             clipped = clip_update(_arrays_of(msg), reference, max_norm)
-            msg.content[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in clipped.items()})
+            msg.content[name] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in clipped.items()})
 
     def _complete(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """Arrays the sites did not send keep their previous global value."""

@@ -257,5 +257,5 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
             beta=self.ema_beta_max * min(server_round, self.num_rounds) / self.num_rounds,
             shared_half_s=self.shared_half_s,
         )
-        arrays = ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in new.items()})
+        arrays = ArrayRecord({name: Array(np.asarray(value, order="C")) for name, value in new.items()})
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)

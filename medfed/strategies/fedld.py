@@ -192,6 +192,6 @@ class FedLD(MedfedStrategy, flwr_strategy.FedAvg):
                 new = previous + step
             else:
                 new = np.rint(np.mean(np.stack(values).astype(np.float64), axis=0)).astype(values[0].dtype)
-            result[name] = Array(np.ascontiguousarray(new))
+            result[name] = Array(np.asarray(new, order="C"))
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return result, metrics
