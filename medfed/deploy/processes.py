@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["ProcessSet", "flower_executable", "free_port", "interrupt_on_sigterm", "wait_for_port"]
+__all__ = ["ProcessSet", "flower_executable", "free_port", "interrupt_on_sigterm", "marked_processes", "wait_for_port"]
 
 #: Environment variable that marks every process a :class:`ProcessSet` started.
 MARKER_ENV = "MEDFED_PROCESS_SET"

@@ -20,7 +20,12 @@ What :func:`run_server` does, in order:
    included, goes to ``RUN_DIR/flower/superlink.log``;
 6. on success, on error and on Ctrl-C (or SIGTERM), stops every process it started
    (:class:`~medfed.deploy.processes.ProcessSet`). The run folder then resumes with
-   ``medfed server --resume --run-dir RUN_DIR``.
+   ``medfed server --resume --run-dir RUN_DIR``. A server killed outright (SIGKILL, a
+   crash) cannot clean up: its SuperLink dies with it, but Flower's ``flwr-serverapp``
+   may go on retrying for minutes, still holding the run folder. So the server notes its
+   process marker in ``RUN_DIR/flower/server.json``, and the next server on that folder
+   first stops whatever still carries the previous marker (and refuses to start while
+   the previous server itself is alive).
 
 Latency: the ServerApp pulls replies every 0.5 s instead of Flower's 3 s
 (:class:`medfed.server.recording.RecordingGrid`); the SuperNodes start a ClientApp within
@@ -35,6 +40,7 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -44,7 +50,13 @@ from pathlib import Path
 
 from medfed.config import ExperimentConfig, to_run_config
 from medfed.deploy.certs import ServerCerts, server_certs
-from medfed.deploy.processes import ProcessSet, flower_executable, interrupt_on_sigterm, wait_for_port
+from medfed.deploy.processes import (
+    ProcessSet,
+    flower_executable,
+    interrupt_on_sigterm,
+    marked_processes,
+    wait_for_port,
+)
 from medfed.errors import MedfedError
 
 __all__ = ["DEFAULT_ADDRESS", "DeployError", "parse_address", "run_server"]
@@ -54,6 +66,7 @@ CONNECTION = "medfed"
 FLOWER_HOME = "flower"
 STATE_DB = "state.db"
 SUPERLINK_LOG = "superlink.log"
+SERVER_FILE = "server.json"
 
 
 class DeployError(MedfedError):
@@ -163,6 +176,7 @@ def run_server(
         "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
     }
     processes = ProcessSet(env)
+    _take_over(home, processes.marker, out)
     try:
         with interrupt_on_sigterm():
             superlink = processes.start(_superlink_command(listen, home, tls), log=home / SUPERLINK_LOG)
@@ -195,6 +209,41 @@ def run_server(
         processes.stop()
     _check_finished(run_dir, home)
     return run_dir
+
+
+def _take_over(home: Path, marker: str, out) -> None:
+    """Stop what a previous server of this run folder left running; note this server's marker."""
+    path = home / SERVER_FILE
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        pid, old_marker, started = int(previous["pid"]), str(previous["marker"]), previous.get("started")
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = None
+    if previous is not None:
+        if pid != os.getpid() and started is not None and _start_time(pid) == started:
+            raise DeployError(
+                f"Another medfed server (pid {pid}) is using the run folder {home.parent}; stop it first, or "
+                "give this server its own --run-dir."
+            )
+        leftovers = marked_processes(old_marker)
+        for leftover in leftovers:
+            try:
+                os.kill(leftover, signal.SIGKILL)
+            except OSError:
+                pass
+        if leftovers:
+            _say(out, f"medfed server: stopped {len(leftovers)} Flower process(es) left by the previous server")
+    path.write_text(json.dumps({"pid": os.getpid(), "started": _start_time(os.getpid()), "marker": marker}),
+                    encoding="utf-8")
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: field 22 of /proc/PID/stat; None elsewhere or when gone):
+    with the pid, it names one process even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _submit(home: Path, env: dict[str, str]) -> int:

@@ -204,7 +204,7 @@ def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher
     wait_until(lambda: not launcher.leftovers(), 15, "no process left", launcher, "server")
 
 
-def test_a_site_killed_mid_round_and_a_killed_server_resumed(launcher, tmp_path):
+def test_a_site_killed_mid_round_rejoins_and_a_killed_server_resumes(launcher, tmp_path):
     # Prepare
     certs = tmp_path / "certs"
     make_certs(certs, "127.0.0.1", ["alpha", "beta", "gamma"])
@@ -227,13 +227,16 @@ def test_a_site_killed_mid_round_and_a_killed_server_resumed(launcher, tmp_path)
                "round 1 to complete", launcher, "server")
     os.kill(server.pid, signal.SIGKILL)
     server.wait(10)
-    superlink_gone = lambda: not any("flower-superlink" in _cmdline(pid) or "flwr-serverapp" in _cmdline(pid)
-                                     for pid in launcher.leftovers())
-    wait_until(superlink_gone, 60, "the killed server's Flower processes to exit", launcher, "server")
-    launcher.start("resumed", server_args + ["--resume", "--join-timeout", "20"])
-    resumed_code = launcher.wait("resumed", 6 * ROUND_TIMEOUT_S)
+    # Flower's flwr-serverapp of the killed server may still be retrying: the resumed
+    # server stops it (medfed.deploy.superlink._take_over) before it starts its own.
+    # The hospital restarts beta with the same command; the resumed server waits for all
+    # three sites (beta's key may be refused until its dead node is marked offline).
+    launcher.start("beta-again", client_args("beta", port, tmp_path, certs))
+    launcher.start("resumed", server_args + ["--resume", "--join-timeout", "150"])
+    resumed_code = launcher.wait("resumed", 150 + 6 * ROUND_TIMEOUT_S)
 
-    # Assert: round 1 completed without beta (recorded), round 2 ran after the restart.
+    # Assert: round 1 completed without beta (recorded), round 2 ran after the restart,
+    # with beta back.
     assert resumed_code == 0, launcher.text("resumed")[-4000:]
     records = events(run_dir)
     assert [r["round"] for r in records if r["event"] == "round"] == [1, 2]
@@ -244,18 +247,46 @@ def test_a_site_killed_mid_round_and_a_killed_server_resumed(launcher, tmp_path)
     starts = [r for r in records if r["event"] == "start"]
     assert starts[-1]["resumed_from_round"] == 1
     round_2 = {r["site"] for r in records if r["event"] == "site" and r["round"] == 2 and r["phase"] == "train"}
-    assert round_2 == {"alpha", "gamma"}
-    for site in ("alpha", "gamma"):
+    assert round_2 == {"alpha", "beta", "gamma"}, launcher.text("beta-again")[-4000:]
+    for site in ("alpha", "beta-again", "gamma"):
         os.killpg(launcher.procs[site].pid, signal.SIGTERM)
         launcher.wait(site, 30)
     wait_until(lambda: not launcher.leftovers(), 15, "no process left", launcher, "resumed")
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+def test_an_insecure_server_warns_and_runs_with_insecure_sites(launcher, tmp_path):
+    # Prepare: no certificates at all, two sites.
+    for seed, site in enumerate(["alpha", "beta"]):
+        write_site(tmp_path / "data" / site, seed)
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(yaml.safe_dump({
+        "name": "e2e-insecure", "seed": 0, "rounds": 1,
+        "data": {"dataset": "breastmnist", "root": None, "img_size": 28},
+        "model": {"name": "medvit_v2_nano"}, "train": {"local_epochs": 1, "batch_size": 8},
+        "federation": {"num_sites": 2, "round_timeout_s": ROUND_TIMEOUT_S},
+    }))
+    port = free_port()
+    run_dir = tmp_path / "run"
+
+    # Execute
+    launcher.start("server", ["server", "--config", str(experiment), "--insecure", "--address", f"127.0.0.1:{port}",
+                              "--run-dir", str(run_dir)])
+    for site in ("alpha", "beta"):
+        launcher.start(site, ["client", "--server", f"127.0.0.1:{port}", "--site", site, "--data",
+                              str(tmp_path / "data" / site), "--insecure"])
+    server_code = launcher.wait("server", 4 * ROUND_TIMEOUT_S)
+
+    # Assert: both ends warned, the round ran with both sites.
+    assert server_code == 0, launcher.text("server")[-4000:]
+    assert "WARNING: --insecure" in launcher.text("server")
+    assert all("WARNING: --insecure" in launcher.text(site) for site in ("alpha", "beta"))
+    records = events(run_dir)
+    assert [r["round"] for r in records if r["event"] == "round"] == [1]
+    assert {r["site"] for r in records if r["event"] == "site" and r["phase"] == "train"} == {"alpha", "beta"}
+    for site in ("alpha", "beta"):
+        os.killpg(launcher.procs[site].pid, signal.SIGTERM)
+        launcher.wait(site, 30)
+    wait_until(lambda: not launcher.leftovers(), 15, "no process left", launcher, "server")
 
 
 def test_certs_refuses_to_overwrite_and_keeps_private_keys_private(tmp_path):
