@@ -23,6 +23,8 @@ Usage::
 
     python benchmarks/bench_deployment.py                  # 2 and 4 sites, 4 rounds, all three modes
     python benchmarks/bench_deployment.py --sites 2 --rounds 3 --modes deploy stock
+    python benchmarks/bench_deployment.py --sites 2 --rounds 2 --modes deploy --model medvit_v2_large \\
+        --out benchmarks/results/deployment_large_cpu.json      # MedViTV2-large's message goes through
 
 Writes ``benchmarks/results/deployment_cpu.json`` and prints a table.
 """
@@ -63,11 +65,11 @@ def write_site(folder: Path, seed: int, n_train: int) -> None:
     np.savez(folder / "breastmnist.npz", **arrays)
 
 
-def experiment(path: Path, sites: int, rounds: int, data_root: Path | None) -> Path:
+def experiment(path: Path, sites: int, rounds: int, data_root: Path | None, model: str = "medvit_v2_nano") -> Path:
     path.write_text(yaml.safe_dump({
         "name": "bench", "seed": 0, "rounds": rounds,
         "data": {"dataset": "breastmnist", "root": str(data_root) if data_root else None, "img_size": 28},
-        "model": {"name": "medvit_v2_nano"}, "train": {"local_epochs": 1, "batch_size": 16},
+        "model": {"name": model}, "train": {"local_epochs": 1, "batch_size": 16},
         "federation": {"num_sites": sites, "min_sites": sites, "round_timeout_s": 1800},
     }))
     return path
@@ -78,7 +80,7 @@ def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
             "FLWR_TELEMETRY_ENABLED": "0", **(extra or {})}
 
 
-def run_deployment(work: Path, sites: int, rounds: int, extra_env: dict[str, str]) -> Path:
+def run_deployment(work: Path, sites: int, rounds: int, extra_env: dict[str, str], model: str) -> Path:
     names = [f"site{i}" for i in range(sites)]
     certs = work / "certs"
     make_certs(certs, "127.0.0.1", names, force=True)
@@ -91,7 +93,7 @@ def run_deployment(work: Path, sites: int, rounds: int, extra_env: dict[str, str
     procs = []
     try:
         server = subprocess.Popen(
-            medfed + ["server", "--config", str(experiment(work / "exp.yaml", sites, rounds, None)), "--certs",
+            medfed + ["server", "--config", str(experiment(work / "exp.yaml", sites, rounds, None, model)), "--certs",
                       str(certs), "--address", f"127.0.0.1:{port}", "--run-dir", str(run_dir)],
             env=env, stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(server)
@@ -117,11 +119,11 @@ def run_deployment(work: Path, sites: int, rounds: int, extra_env: dict[str, str
     return run_dir
 
 
-def run_simulation(work: Path, sites: int, rounds: int) -> Path:
+def run_simulation(work: Path, sites: int, rounds: int, model: str) -> Path:
     root = work / "pooled"
     write_site(root, 0, 32 * sites)
     run_dir = work / "sim-run"
-    cfg = experiment(work / "sim.yaml", sites, rounds, root)
+    cfg = experiment(work / "sim.yaml", sites, rounds, root, model)
     subprocess.run([sys.executable, "-m", "medfed.cli", "simulate", "--config", str(cfg),
                     "--set", f"output_dir={work}", "--set", "name=sim-run"],
                    env={**environment(), "OMP_NUM_THREADS": "1"}, check=True, timeout=3600,
@@ -143,13 +145,14 @@ def per_round(run_dir: Path) -> list[dict]:
         }
         compute = phase_max["train"] + phase_max["evaluate"]
         rows.append({"round": r, "wall_s": record["wall_time_s"], "compute_s": compute,
-                     "overhead_s": record["wall_time_s"] - compute})
+                     "overhead_s": record["wall_time_s"] - compute,
+                     "bytes": record["bytes_sent"] + record["bytes_received"]})
     return rows
 
 
 def summarise(rows: list[dict]) -> dict:
     later = rows[1:] or rows
-    return {key: statistics.median(row[key] for row in later) for key in ("wall_s", "compute_s", "overhead_s")}
+    return {key: statistics.median(row[key] for row in later) for key in ("wall_s", "compute_s", "overhead_s", "bytes")}
 
 
 def main() -> None:
@@ -159,12 +162,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["deploy", "stock", "simulate"],
                         choices=["deploy", "stock", "simulate"],
                         help="deploy: medfed's settings; stock: Flower's default polls; simulate: Ray")
+    parser.add_argument("--model", default="medvit_v2_nano",
+                        help="e.g. medvit_v2_large: a ~430 MB message through the TLS deployment")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "deployment_cpu.json"))
     args = parser.parse_args()
 
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "load_avg_at_start": os.getloadavg()},
-               "rounds": args.rounds, "cases": []}
+               "rounds": args.rounds, "model": args.model, "cases": []}
     modes = []
     if "deploy" in args.modes:
         modes.append(("deploy", {}))
@@ -174,14 +179,14 @@ def main() -> None:
         for mode, extra in modes:
             with tempfile.TemporaryDirectory(prefix=f"medfed-bench-{mode}-") as tmp:
                 started = time.perf_counter()
-                rows = per_round(run_deployment(Path(tmp), sites, args.rounds, extra))
+                rows = per_round(run_deployment(Path(tmp), sites, args.rounds, extra, args.model))
                 results["cases"].append({"mode": mode, "sites": sites, "rounds": rows, "median": summarise(rows),
                                          "total_s": time.perf_counter() - started})
                 print(json.dumps(results["cases"][-1]["median"] | {"mode": mode, "sites": sites}), flush=True)
         if "simulate" in args.modes:
             with tempfile.TemporaryDirectory(prefix="medfed-bench-sim-") as tmp:
                 started = time.perf_counter()
-                rows = per_round(run_simulation(Path(tmp), sites, args.rounds))
+                rows = per_round(run_simulation(Path(tmp), sites, args.rounds, args.model))
                 results["cases"].append({"mode": "simulate", "sites": sites, "rounds": rows,
                                          "median": summarise(rows), "total_s": time.perf_counter() - started})
                 print(json.dumps(results["cases"][-1]["median"] | {"mode": "simulate", "sites": sites}), flush=True)
@@ -189,11 +194,12 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
 
-    print(f"\n{'mode':<20} {'sites':>5} {'wall s/round':>13} {'compute s':>10} {'overhead s':>11} {'total s':>8}")
+    print(f"\n{args.model}\n{'mode':<20} {'sites':>5} {'wall s/round':>13} {'compute s':>10} {'overhead s':>11} "
+          f"{'MB/round':>9} {'total s':>8}")
     for case in results["cases"]:
         m = case["median"]
         print(f"{case['mode']:<20} {case['sites']:>5} {m['wall_s']:>13.2f} {m['compute_s']:>10.2f} "
-              f"{m['overhead_s']:>11.2f} {case['total_s']:>8.0f}")
+              f"{m['overhead_s']:>11.2f} {m['bytes'] / 1e6:>9.1f} {case['total_s']:>8.0f}")
     print(f"\nmedian over rounds 2..{args.rounds}; load average {results['machine']['load_avg_at_start']} at start; "
           f"written to {args.out}")
 
