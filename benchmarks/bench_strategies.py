@@ -13,16 +13,15 @@ groups every sample has weight ``1 / G`` on each group and FairLoRA is plain LoR
 
 Per run, from ``metrics.jsonl``'s last round: test ACC and AUC (sample-weighted over
 the sites' test splits; for Local-only and FedBN each site evaluates its own model),
-worst-site ACC, held-out ACC (sites whose name starts with ``held-out``, when the
+worst-site ACC, held-out ACC (the ``held_out: true`` sites, which never train, when the
 federation has any), ES-AUC (when sites report groups) and bytes per round (sent +
 received, mean over rounds). The table gives mean ± std over seeds.
 
-Usage::
+Usage (the issue's two federations; ``benchmarks/results/strategies_*.json``)::
 
-    python benchmarks/bench_strategies.py --config experiments/pneumoniamnist-fedavg-4sites.yaml \\
-        --seeds 0 1 2 --set data.root=../shared/data
-    python benchmarks/bench_strategies.py --config experiments/breastmnist-dirichlet-3sites.yaml --seeds 0 \\
-        --set rounds=5 --out benchmarks/results/strategies_breastmnist_cpu.json
+    python benchmarks/bench_strategies.py --config experiments/pneumoniamnist-scanner-and-label-shift.yaml \\
+        --seeds 0 1 2
+    python benchmarks/bench_strategies.py --config experiments/breastmnist-group-shift.yaml --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -56,17 +55,14 @@ def run_metrics(run_dir: Path) -> dict[str, float | None]:
     run = load_run_metrics(run_dir)
     last = run.rounds[-1]
     evaluate = run.aggregate(last, "evaluate")
-    site_acc = {
-        site: run.site_record(last, "evaluate", site)["metrics"]["acc"]
-        for site in run.sites if run.site_record(last, "evaluate", site)
-    }
-    held_out = [v for site, v in site_acc.items() if site.startswith("held-out")]
-    in_federation = [v for site, v in site_acc.items() if not site.startswith("held-out")]
+    records = {site: run.site_record(last, "evaluate", site) for site in run.sites}
+    in_federation = [r["metrics"]["acc"] for r in records.values() if r and not r.get("held_out")]
+    held_out = run.aggregate(last, "held_out") or {}
     per_round = [r["bytes_sent"] + r["bytes_received"] for r in run.round_records.values()]
     return {
         "acc": evaluate.get("acc"), "auc": evaluate.get("auc"),
         "worst_site_acc": min(in_federation) if in_federation else None,
-        "held_out_acc": statistics.mean(held_out) if held_out else None,
+        "held_out_acc": held_out.get("acc"),
         "es_auc": evaluate.get("es-auc"),
         "bytes_per_round": statistics.mean(per_round) if per_round else None,
     }
@@ -136,6 +132,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "config": args.config, "overrides": args.overrides, "seeds": args.seeds, "rounds": base.rounds,
+        "scenario": base.federation.scenario, "local_epochs": base.train.local_epochs,
         "dataset": base.data.dataset, "num_sites": base.federation.num_sites,
         "partition": base.federation.partition, "strategies": {k: STRATEGIES[k] for k in args.strategies},
         "fairlora_backbone": args.backbone or "the same seed's FedAvg run",
