@@ -21,14 +21,15 @@ kept.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from medfed._io import write_bytes_atomic
 
 __all__ = ["NODE_STATE_DIR_KEY", "SITE_STATE_DIR_KEY", "load_site_state", "save_site_state", "site_state_dir"]
 
@@ -85,15 +86,7 @@ def save_site_state(context: Context, site_name: str, server_round: int, state: 
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{server_round:06d}.safetensors"
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(temporary))
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, save(tensors))
     for old in sorted(_rounds_on_disk(folder))[:-_KEEP]:
         (folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)
 

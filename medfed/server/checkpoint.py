@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
+from medfed._io import write_bytes_atomic
 from medfed.errors import MedfedError
 
 __all__ = [
@@ -212,16 +213,7 @@ def _as_storable(key: str, value: np.ndarray, path: Path) -> np.ndarray:
 def _write_atomically(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """Write ``tensors`` to a temporary sibling of ``path``, fsync it and move it onto ``path``."""
     storable = {key: _as_storable(key, value, path) for key, value in tensors.items()}
-    # Same directory as the target, so os.replace is an atomic rename on one filesystem.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(storable, str(temporary), metadata=metadata)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, save(storable, metadata=metadata))
     _fsync_directory(path.parent)
 
 

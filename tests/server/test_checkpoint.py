@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from medfed import _io as io_module
 from medfed.server import checkpoint as checkpoint_module
 from medfed.server.checkpoint import (
     Checkpoint,
@@ -107,13 +109,11 @@ def test_failed_write_keeps_old_checkpoint_and_leaves_no_temp_file(
     arrays, _, _ = _save_example(path, server_round=4)
     old_bytes = path.read_bytes()
 
-    def dying_save_file(tensors, filename, metadata=None):
-        save_file(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as handle:  # leave a truncated file behind, as a crash would
-            handle.truncate(20)
+    def dying_fsync(descriptor):
+        os.ftruncate(descriptor, 20)  # leave a truncated temporary file behind, as a crash would
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(checkpoint_module, "save_file", dying_save_file)
+    monkeypatch.setattr(io_module.os, "fsync", dying_fsync)
 
     # Execute
     with pytest.raises(KeyboardInterrupt):
