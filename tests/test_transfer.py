@@ -109,3 +109,24 @@ def test_a_bfloat16_federation_sends_half_the_bytes_and_ends_near_the_float32_we
     differences = [np.abs(half_weights[k] - full_weights[k]).max() for k in full_weights
                    if full_weights[k].dtype == np.float32]
     assert 0 < max(differences) < 0.05
+
+
+def test_the_server_packs_a_model_shared_by_its_messages_once(monkeypatch):
+    # Prepare: three sites' messages carrying one RecordDict, as Flower's strategies send them.
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.clientapp import ClientApp
+
+    import medfed.server.transfer as transfer_module
+    from medfed.simulation.local import LocalGrid
+
+    grid = transfer_module.TransferGrid(LocalGrid(ClientApp(), [{}, {}, {}], run_config={}), "float32")
+    content = RecordDict({"arrays": _record(), "config": ConfigRecord({"server-round": 1})})
+    messages = [Message(content, node, MessageType.TRAIN) for node in grid.get_node_ids()]
+    calls = []
+    monkeypatch.setattr(transfer_module, "to_wire", lambda record, dtype: calls.append(1) or to_wire(record, dtype))
+    # Execute
+    encoded = grid._encode(messages)
+    # Assert: one pack, every message carries it, the strategy's record is untouched.
+    assert len(calls) == 1
+    assert all(list(m.content["arrays"].keys()) == [PACKED_KEY] for m in encoded)
+    assert list(content["arrays"].keys()) == ["w", "count"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import WARNING
 
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -49,7 +49,16 @@ class TransferGrid(DelegatingGrid):
         self.dtype = dtype
 
     def _encode(self, messages: Iterable[Message]) -> list[Message]:
-        return [_map_arrays(m, lambda record: to_wire(record, self.dtype)) for m in messages]
+        # A strategy sends every site the same ArrayRecord object: pack it once per call,
+        # not once per site (a copy of the whole model each).
+        packed: dict[int, tuple[ArrayRecord, ArrayRecord]] = {}
+
+        def convert(record: ArrayRecord) -> ArrayRecord:
+            if id(record) not in packed:  # the record is kept with its id so the id stays its own
+                packed[id(record)] = (record, to_wire(record, self.dtype))
+            return packed[id(record)][1]
+
+        return [_map_arrays(m, convert) for m in messages]
 
     @staticmethod
     def _decode(replies: Iterable[Message]) -> list[Message]:
