@@ -25,11 +25,13 @@ ClientApp decodes what it receives and encodes what it sends.
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
 __all__ = ["PACKED_KEY", "TRANSFER_DTYPES", "decode_arrays", "encode_arrays", "from_wire", "pack_arrays",
            "to_wire", "unpack_arrays"]
@@ -100,8 +102,15 @@ def pack_arrays(record: ArrayRecord) -> ArrayRecord:
     serialized bytes (``Array.data``) in that order.
     """
     manifest = json.dumps([[key, a.dtype, list(a.shape), a.stype, len(a.data)] for key, a in record.items()]).encode()
-    blob = b"".join([len(manifest).to_bytes(_LENGTH_BYTES, "little"), manifest, *(a.data for a in record.values())])
-    return ArrayRecord({PACKED_KEY: Array(np.frombuffer(blob, dtype=np.uint8))})
+    parts = [len(manifest).to_bytes(_LENGTH_BYTES, "little"), manifest, *(a.data for a in record.values())]
+    size = sum(len(part) for part in parts)
+    # The .npy bytes that Array(np.frombuffer(blob, np.uint8)) would hold, joined in one
+    # copy: going through NumPy would copy the whole model twice more (a model of
+    # medvit_v2_large is 426 MB).
+    npy_header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy_header, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
+    data = b"".join([npy_header.getvalue(), *parts])
+    return ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(size,), stype=SType.NUMPY, data=data)})
 
 
 def unpack_arrays(record: ArrayRecord) -> ArrayRecord:
@@ -114,16 +123,20 @@ def unpack_arrays(record: ArrayRecord) -> ArrayRecord:
     """
     if list(record.keys()) != [PACKED_KEY]:
         return record
-    blob = record[PACKED_KEY].numpy().tobytes()
+    packed = record[PACKED_KEY].numpy()
+    if packed.dtype != np.uint8 or packed.ndim != 1:
+        raise ValueError(f"Packed arrays are malformed (a {packed.dtype} array of shape {packed.shape}, "
+                         "expected 1-d uint8).")
+    blob = memoryview(packed)  # the slices below copy each array once, not the whole model twice more
     try:
         size = int.from_bytes(blob[:_LENGTH_BYTES], "little")
-        manifest = json.loads(blob[_LENGTH_BYTES:_LENGTH_BYTES + size])
+        manifest = json.loads(bytes(blob[_LENGTH_BYTES:_LENGTH_BYTES + size]))
         arrays, offset = {}, _LENGTH_BYTES + size
         for key, dtype, shape, stype, nbytes in manifest:
             if not (isinstance(nbytes, int) and 0 <= nbytes <= len(blob) - offset):
                 raise ValueError(f"array {key!r} claims {nbytes} bytes, {len(blob) - offset} are left")
             arrays[str(key)] = Array(dtype=str(dtype), shape=tuple(int(d) for d in shape), stype=str(stype),
-                                     data=blob[offset:offset + nbytes])
+                                     data=bytes(blob[offset:offset + nbytes]))
             offset += nbytes
     except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise ValueError(f"Packed arrays are malformed ({error}); the sender is not a medfed site of this "

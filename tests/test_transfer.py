@@ -74,6 +74,19 @@ def test_packing_sends_one_array_and_gives_back_every_array_bit_for_bit():
     assert unpack_arrays(plain) is plain  # a record that is not packed passes through
 
 
+def test_the_packed_array_is_what_flower_itself_would_serialise():
+    # pack_arrays writes the .npy bytes itself (one copy of the model, not three).
+    packed = pack_arrays(_record())[PACKED_KEY]
+    reference = Array(packed.numpy())
+    assert (packed.dtype, packed.shape, packed.stype, packed.data) == (
+        reference.dtype, reference.shape, reference.stype, reference.data)
+
+
+def test_a_packed_array_of_another_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="Packed arrays are malformed.*expected 1-d uint8"):
+        unpack_arrays(ArrayRecord({PACKED_KEY: Array(np.zeros((2, 3), dtype=np.float32))}))
+
+
 @pytest.mark.parametrize("damage", [
     lambda blob: blob[:-3],                                   # truncated
     lambda blob: blob + b"xyz",                               # trailing bytes
