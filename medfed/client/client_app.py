@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from logging import INFO
 
 import numpy as np
@@ -115,6 +116,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     hooks = client_hooks_for(cfg.strategy.name)(config)
     kept = load_site_state(context, site.name, latest_round=int(config.get("server-round", 0)))
     model = _model(cfg, site, hooks, msg, kept, device)
+    hooks.before_evaluation(model, kept, _images(site.train), device)
     loss_fn = make_loss(site.info.task, site.train.class_counts())
     loader = make_loader(site.test, _EVAL_BATCH, shuffle=False)
     result = evaluate(model, loader, loss_fn, task=site.info.task, device=device, precision=cfg.train.precision,
@@ -134,6 +136,12 @@ def describe_site(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config, strict=False)
     name, held_out = site_role(context.node_config, context.node_id, cfg)
     return Message(content=RecordDict({"site": ConfigRecord({"name": name, "held-out": held_out})}), reply_to=msg)
+
+
+def _images(split: ImageDataset) -> Iterator[torch.Tensor]:
+    """The split's images, ``[B, C, H, W]`` batches, without labels or augmentation (lazy)."""
+    for images, _labels, _groups in make_loader(split, _EVAL_BATCH, shuffle=False):
+        yield images
 
 
 def _setup(context: Context) -> tuple[ExperimentConfig, SiteData, torch.device]:

@@ -9,14 +9,24 @@ BatchNorm layers are found by module type (``torch.nn.modules.batchnorm._BatchNo
 BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants), never by name.
 
 The server's global arrays still hold BatchNorm entries (those of the initial model):
-a site in its first round starts from them, later rounds from its own. The global
-``model.safetensors`` of a FedBN run is therefore no complete model for a new site: a
-site evaluates with its own BatchNorm (personalised evaluation, as in the paper).
+a site in its first round starts from them, later rounds from its own. A site evaluates
+with its own BatchNorm (personalised evaluation, as in the paper). A site that has never
+trained (a held-out hospital, a site evaluated before its first round) has none: it
+estimates the BatchNorm statistics from its own training images before evaluating
+(AdaBN, Li et al. 2016, https://arxiv.org/abs/1603.04779; labels unused, nothing kept or
+sent). Its affine BatchNorm weights stay the initial model's, which no site trained:
+the global ``model.safetensors`` of a FedBN run is no complete model for a new site.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Mapping
+
+from logging import INFO
+
 import torch
+from flwr.common.logger import log
 from flwr.serverapp import strategy as flwr_strategy
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -25,7 +35,7 @@ from .base import MedfedStrategy
 from .hooks import ClientHooks
 from .registry import register_strategy
 
-__all__ = ["FedBN", "FedBNHooks", "batchnorm_keys"]
+__all__ = ["FedBN", "FedBNHooks", "batchnorm_keys", "estimate_batchnorm_statistics"]
 
 
 def batchnorm_keys(model: nn.Module) -> list[str]:
@@ -38,6 +48,51 @@ def batchnorm_keys(model: nn.Module) -> list[str]:
     return keys
 
 
+@torch.no_grad()
+def estimate_batchnorm_statistics(model: nn.Module, images: Iterable[torch.Tensor], device: torch.device) -> int:
+    """Replace every BatchNorm layer's running mean and variance by their average over ``images``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        On ``device``; left in eval mode.
+    images : iterable of Tensor
+        ``[B, C, H, W]`` batches (one pass).
+    device : torch.device
+        Where the batches go.
+
+    Returns
+    -------
+    int
+        Images seen; 0 leaves the statistics as they were.
+
+    Unlike ``torch.optim.swa_utils.update_bn``, only the BatchNorm layers run in
+    training mode: in a whole model in training mode stochastic depth would drop blocks
+    and the statistics would describe features that evaluation never sees.
+    """
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    batches = iter(images)
+    first = next(batches, None)
+    if not layers or first is None:
+        return 0
+    momenta = {layer: layer.momentum for layer in layers}
+    model.eval()
+    seen = 0
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over every batch, not an exponential one
+        layer.train()
+    try:
+        for batch in itertools.chain([first], batches):
+            model(batch.to(device))
+            seen += len(batch)
+    finally:
+        for layer, momentum in momenta.items():
+            layer.momentum = momentum
+        model.eval()
+    return seen
+
+
 class FedBNHooks(ClientHooks):
     """Send everything but BatchNorm; keep BatchNorm as the site's local state."""
 
@@ -48,6 +103,16 @@ class FedBNHooks(ClientHooks):
     def local_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = model.state_dict()
         return {k: state[k].detach().cpu().clone() for k in batchnorm_keys(model)}
+
+    def before_evaluation(
+        self, model: nn.Module, local_state: Mapping[str, torch.Tensor], images: Iterable[torch.Tensor],
+        device: torch.device,
+    ) -> None:
+        """At a site without BatchNorm of its own, estimate its statistics from ``images``."""
+        if not local_state:
+            seen = estimate_batchnorm_statistics(model, images, device)
+            log(INFO, "FedBN: no BatchNorm of this site's own yet; statistics estimated from its %d training "
+                "images.", seen)
 
 
 @register_strategy("fedbn")

@@ -16,6 +16,8 @@ hook                          used for
 :meth:`~ClientHooks.sent_arrays`     what travels back (FairLoRA: adapters and head)
 :meth:`~ClientHooks.local_state`     what stays at the site until the next round
 :meth:`~ClientHooks.reply_metrics`   extra counts for the server (FairLoRA: per group)
+:meth:`~ClientHooks.before_evaluation`  fit what the site owns but never trained
+                                     (FedBN: BatchNorm statistics at an unseen site)
 ============================  ==========================================================
 
 A hooks object is built per message from the instruction's ConfigRecord (the
@@ -27,7 +29,7 @@ on disk by the ClientApp), never in a hooks object or a cached model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +112,18 @@ class ClientHooks:
     def extra_loss(self, model: nn.Module) -> ExtraLoss | None:
         """A term added to the training loss (called after :meth:`load_global`), or None."""
         return None
+
+    # --- evaluation ---------------------------------------------------------------------
+    def before_evaluation(
+        self, model: nn.Module, local_state: Mapping[str, torch.Tensor], images: Iterable[torch.Tensor],
+        device: torch.device,
+    ) -> None:
+        """Adapt the loaded model to the site before it is evaluated; here nothing.
+
+        ``local_state`` is what the site kept (empty at a site that never trained);
+        ``images`` yields ``[B, C, H, W]`` batches of the site's training split, unlabeled
+        and unaugmented, read only if a hook iterates it; the model is on ``device``.
+        """
 
     # --- reply ------------------------------------------------------------------------
     def sent_arrays(self, model: nn.Module) -> dict[str, torch.Tensor]:

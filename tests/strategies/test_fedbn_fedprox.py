@@ -66,3 +66,64 @@ def test_local_only_sends_nothing_and_keeps_the_whole_model():
     net = _Net()
     assert LocalOnlyHooks({}).sent_arrays(net) == {}
     assert set(LocalOnlyHooks({}).local_state(net)) == set(net.state_dict())
+
+
+class _DropoutThenBatchNorm(nn.Module):
+    """Dropout before BatchNorm: estimated statistics must not see dropped activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(p=0.9)
+        self.bn = nn.BatchNorm2d(2, momentum=0.3)
+
+    def forward(self, x):
+        return self.bn(self.drop(x))
+
+
+def _batches(images: torch.Tensor, size: int):
+    return [images[i:i + size] for i in range(0, len(images), size)]
+
+
+def test_estimated_batchnorm_statistics_are_those_of_the_site_images_with_the_rest_in_eval_mode():
+    # Prepare: channel 0 around 3, channel 1 around -2; two equal batches.
+    from medfed.strategies.fedbn import estimate_batchnorm_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 2, 4, 4, generator=generator) + torch.tensor([3.0, -2.0]).view(1, 2, 1, 1)
+    net = _DropoutThenBatchNorm().eval()
+    # Execute
+    seen = estimate_batchnorm_statistics(net, _batches(images, 4), torch.device("cpu"))
+    # Assert: dropout stayed off (p=0.9 would shrink the mean tenfold), the mean is over
+    # every image, the variance is the mean of the per-batch (unbiased) variances.
+    assert seen == 8
+    torch.testing.assert_close(net.bn.running_mean, images.mean(dim=(0, 2, 3)))
+    per_batch_var = torch.stack([b.transpose(0, 1).reshape(2, -1).var(dim=1) for b in _batches(images, 4)])
+    torch.testing.assert_close(net.bn.running_var, per_batch_var.mean(dim=0))
+    assert net.bn.momentum == 0.3 and not net.training and not net.bn.training
+
+
+def test_no_images_leave_the_statistics_as_they_were():
+    from medfed.strategies.fedbn import estimate_batchnorm_statistics
+
+    net = _DropoutThenBatchNorm()
+    with torch.no_grad():
+        net.bn.running_mean.fill_(5.0)
+    assert estimate_batchnorm_statistics(net, [], torch.device("cpu")) == 0
+    torch.testing.assert_close(net.bn.running_mean, torch.full((2,), 5.0))
+
+
+def test_fedbn_estimates_statistics_only_at_a_site_without_its_own_batchnorm():
+    # Prepare
+    hooks, net = FedBNHooks({}), _DropoutThenBatchNorm().eval()
+    images = torch.full((4, 2, 3, 3), 6.0)
+
+    def untouchable():
+        raise AssertionError("a site with its own BatchNorm must not read its training images")
+        yield  # pragma: no cover
+
+    # Execute / Assert: with kept BatchNorm nothing changes and no image is read.
+    hooks.before_evaluation(net, hooks.local_state(net), untouchable(), torch.device("cpu"))
+    torch.testing.assert_close(net.bn.running_mean, torch.zeros(2))
+    # Execute / Assert: a site that never trained estimates them.
+    hooks.before_evaluation(net, {}, [images], torch.device("cpu"))
+    torch.testing.assert_close(net.bn.running_mean, torch.full((2,), 6.0))
