@@ -5,9 +5,10 @@ comes from ``context.run_config`` (:func:`medfed.config.from_run_config`), the s
 data from ``context.node_config`` (:func:`medfed.client.site_data.load_site_data`), the
 round's settings from the ConfigRecord the strategy sends. What differs between
 strategies (the model a site builds, how it loads the global arrays, an extra loss,
-which arrays it sends back, what it keeps between rounds) is asked of the strategy's
-client hooks (:func:`medfed.strategies.client_hooks_for`); what a site keeps lives in
-its ``context.state`` and on disk (:mod:`medfed.client.site_state`). A reply carries the
+which arrays it sends back, what it keeps between rounds, what it fits to its own images
+before evaluating) is asked of the strategy's client hooks
+(:func:`medfed.strategies.client_hooks_for`); what a site keeps lives in its
+``context.state`` and on disk (:mod:`medfed.client.site_state`). A reply carries the
 arrays the hooks send (train only), one MetricRecord and a ConfigRecord ``"site"`` with the site's
 name and wall time: never paths, file names, images or labels. Strategies that validate
 replies (FedAvg) only count ArrayRecords and MetricRecords, so the extra ConfigRecord
