@@ -194,6 +194,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         raise MedfedError(f"--severities must be numbers in 1..5 separated by commas. Got {args.severities!r}.")
     names = args.corruptions if args.corruptions in ("default", "all") else args.corruptions.split(",")
     result = evaluate_robustness(spec, names, severities, seed=args.seed, out_dir=out)
+    if result["adapted"]:
+        print(f"{result['adapted']}.")
     Console(width=max(Console().width, 100)).print(robustness_table(result))
     print(f"wrote {Path(out) / 'robustness.json'} and {Path(out) / 'robustness.png'}")
 def _add_certs(sub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,11 @@ the raw balanced error is reported, with the clean one for reference.
 
 Models: a federated run folder (``RUN_DIR/model.safetensors`` with the run's
 ``config.yaml``) or a ``medfed train`` output (``model.safetensors`` beside its
-``metrics.json``, which names the model, dataset and image size).
+``metrics.json``, which names the model, dataset and image size). A run's model is
+first adapted as its strategy adapts it at a site that never trained
+(:meth:`~medfed.strategies.ClientHooks.before_evaluation`): a FedBN run's global model
+holds no site's BatchNorm, so its statistics are estimated from the dataset's training
+images (recorded under ``"adapted"``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class ModelSpec:
     dataset: str
     data_root: str | None
     img_size: int
+    strategy: str = "fedavg"  # whose client hooks adapt the model before evaluation
 
 
 def model_from_run(run_dir: str | Path) -> ModelSpec:
@@ -58,7 +63,7 @@ def model_from_run(run_dir: str | Path) -> ModelSpec:
             f"{run_dir} is not a finished medfed run folder: it needs config.yaml and model.safetensors."
         )
     cfg = load_config(run_dir / "config.yaml")
-    return ModelSpec(weights, cfg.model.name, cfg.data.dataset, cfg.data.root, cfg.data.img_size)
+    return ModelSpec(weights, cfg.model.name, cfg.data.dataset, cfg.data.root, cfg.data.img_size, cfg.strategy.name)
 
 
 def model_from_file(path: str | Path, dataset: str | None, data_root: str | None, img_size: int | None,
@@ -114,10 +119,12 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
     from medfed.models import create_model
     from medfed.server.checkpoint import load_arrays
     from medfed.sites.corruptions import corrupt, default_corruptions, list_corruptions
+    from medfed.strategies import client_hooks_for
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DatasetSizeWarning)
-        test = load_medmnist(spec.dataset, spec.data_root, size=spec.img_size)["test"]
+        splits = load_medmnist(spec.dataset, spec.data_root, size=spec.img_size)
+    test = splits["test"]
     info = test.info
     if corruptions == "default":
         names = default_corruptions(spec.dataset, channels=info.in_chans)
@@ -138,6 +145,8 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
         ) from None
     device = select_device()
     model.to(device)
+    train_images = (images for images, _labels, _groups in make_loader(splits["train"], batch_size, shuffle=False))
+    adapted = client_hooks_for(spec.strategy)({}).before_evaluation(model, {}, train_images, device)
 
     def measure(images: np.ndarray) -> dict[str, float]:
         data = ImageDataset(images, test.labels, info)
@@ -147,7 +156,8 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
 
     result: dict[str, Any] = {
         "model": str(spec.weights), "model_name": spec.model_name, "dataset": spec.dataset,
-        "img_size": spec.img_size, "seed": seed, "num_test": len(test), "clean": measure(test.images),
+        "img_size": spec.img_size, "seed": seed, "num_test": len(test), "adapted": adapted,
+        "clean": measure(test.images),
         "corruptions": {},
     }
     for name in names:

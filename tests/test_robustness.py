@@ -52,6 +52,25 @@ def test_evaluate_a_run_folder_uses_its_config(tiny_root, tmp_path):
     assert code == 0 and "brightness_up" in json.loads((run / "robustness.json").read_text())["corruptions"]
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedbn"])
+def test_a_fedbn_run_is_evaluated_with_batchnorm_statistics_of_the_evaluation_data(tiny_root, tmp_path, capsys,
+                                                                                   strategy):
+    # Prepare: a FedBN run's global model holds the initial BatchNorm of no site.
+    run = tmp_path / "run"
+    _save_model(run)
+    save_config(load_config(overrides=[f"data.root={tiny_root}", f"strategy.name={strategy}"]), run / "config.yaml")
+    # Execute
+    code = main(["evaluate", "--run", str(run), "--corruptions", "pixelate", "--severities", "1"])
+    # Assert: the training split (24 tiny images) was read, for FedBN only.
+    adapted = json.loads((run / "robustness.json").read_text())["adapted"]
+    assert code == 0
+    if strategy == "fedbn":
+        assert adapted == "FedBN: BatchNorm statistics estimated from 24 training images (the site has none of its own)"
+        assert adapted in capsys.readouterr().out
+    else:
+        assert adapted is None
+
+
 @pytest.mark.parametrize("args", [["--corruptions", "nope"], ["--severities", "0,9"]])
 def test_evaluate_bad_arguments_are_one_line_errors(tiny_root, tmp_path, capsys, args):
     run = tmp_path / "run"

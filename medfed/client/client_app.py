@@ -117,7 +117,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     hooks = client_hooks_for(cfg.strategy.name)(config)
     kept = load_site_state(context, site.name, latest_round=int(config.get("server-round", 0)))
     model = _model(cfg, site, hooks, msg, kept, device)
-    hooks.before_evaluation(model, kept, _images(site.train), device)
+    adapted = hooks.before_evaluation(model, kept, _images(site.train), device)
+    if adapted:
+        log(INFO, "[%s] %s.", site.name, adapted)
     loss_fn = make_loss(site.info.task, site.train.class_counts())
     loader = make_loader(site.test, _EVAL_BATCH, shuffle=False)
     result = evaluate(model, loader, loss_fn, task=site.info.task, device=device, precision=cfg.train.precision,

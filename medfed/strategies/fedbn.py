@@ -23,10 +23,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Mapping
 
-from logging import INFO
-
 import torch
-from flwr.common.logger import log
 from flwr.serverapp import strategy as flwr_strategy
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -107,12 +104,12 @@ class FedBNHooks(ClientHooks):
     def before_evaluation(
         self, model: nn.Module, local_state: Mapping[str, torch.Tensor], images: Iterable[torch.Tensor],
         device: torch.device,
-    ) -> None:
+    ) -> str | None:
         """At a site without BatchNorm of its own, estimate its statistics from ``images``."""
-        if not local_state:
-            seen = estimate_batchnorm_statistics(model, images, device)
-            log(INFO, "FedBN: no BatchNorm of this site's own yet; statistics estimated from its %d training "
-                "images.", seen)
+        if local_state:
+            return None
+        seen = estimate_batchnorm_statistics(model, images, device)
+        return f"FedBN: BatchNorm statistics estimated from {seen} training images (the site has none of its own)"
 
 
 @register_strategy("fedbn")

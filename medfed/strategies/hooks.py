@@ -117,13 +117,16 @@ class ClientHooks:
     def before_evaluation(
         self, model: nn.Module, local_state: Mapping[str, torch.Tensor], images: Iterable[torch.Tensor],
         device: torch.device,
-    ) -> None:
+    ) -> str | None:
         """Adapt the loaded model to the site before it is evaluated; here nothing.
 
-        ``local_state`` is what the site kept (empty at a site that never trained);
-        ``images`` yields ``[B, C, H, W]`` batches of the site's training split, unlabeled
-        and unaugmented, read only if a hook iterates it; the model is on ``device``.
+        ``local_state`` is what the site kept (empty at a site that never trained, and for
+        ``medfed evaluate``); ``images`` yields ``[B, C, H, W]`` batches of the site's
+        training split, unlabeled and unaugmented, read only if a hook iterates it; the
+        model is on ``device``. Returns one line saying what was fitted (logged by the
+        caller), or None.
         """
+        return None
 
     # --- reply ------------------------------------------------------------------------
     def sent_arrays(self, model: nn.Module) -> dict[str, torch.Tensor]:

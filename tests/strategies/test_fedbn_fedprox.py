@@ -122,8 +122,9 @@ def test_fedbn_estimates_statistics_only_at_a_site_without_its_own_batchnorm():
         yield  # pragma: no cover
 
     # Execute / Assert: with kept BatchNorm nothing changes and no image is read.
-    hooks.before_evaluation(net, hooks.local_state(net), untouchable(), torch.device("cpu"))
+    assert hooks.before_evaluation(net, hooks.local_state(net), untouchable(), torch.device("cpu")) is None
     torch.testing.assert_close(net.bn.running_mean, torch.zeros(2))
     # Execute / Assert: a site that never trained estimates them.
-    hooks.before_evaluation(net, {}, [images], torch.device("cpu"))
+    said = hooks.before_evaluation(net, {}, [images], torch.device("cpu"))
+    assert said == "FedBN: BatchNorm statistics estimated from 4 training images (the site has none of its own)"
     torch.testing.assert_close(net.bn.running_mean, torch.full((2,), 6.0))
