@@ -109,6 +109,8 @@ class FedBNHooks(ClientHooks):
         if local_state:
             return None
         seen = estimate_batchnorm_statistics(model, images, device)
+        if not seen:
+            return "FedBN: the site has no BatchNorm of its own and no training images to estimate it from"
         return f"FedBN: BatchNorm statistics estimated from {seen} training images (the site has none of its own)"
 
 

@@ -127,4 +127,5 @@ def test_fedbn_estimates_statistics_only_at_a_site_without_its_own_batchnorm():
     # Execute / Assert: a site that never trained estimates them.
     said = hooks.before_evaluation(net, {}, [images], torch.device("cpu"))
     assert said == "FedBN: BatchNorm statistics estimated from 4 training images (the site has none of its own)"
+    assert "no training images" in hooks.before_evaluation(_DropoutThenBatchNorm(), {}, [], torch.device("cpu"))
     torch.testing.assert_close(net.bn.running_mean, torch.full((2,), 6.0))
