@@ -114,7 +114,7 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
     """
     import torch
 
-    from medfed.client.task import make_loader, predict, select_device
+    from medfed.client.task import image_batches, make_loader, predict, select_device
     from medfed.data import DatasetSizeWarning, ImageDataset, classification_metrics, load_medmnist
     from medfed.models import create_model
     from medfed.server.checkpoint import load_arrays
@@ -145,8 +145,8 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
         ) from None
     device = select_device()
     model.to(device)
-    train_images = (images for images, _labels, _groups in make_loader(splits["train"], batch_size, shuffle=False))
-    adapted = client_hooks_for(spec.strategy)({}).before_evaluation(model, {}, train_images, device)
+    adapted = client_hooks_for(spec.strategy)({}).before_evaluation(
+        model, {}, image_batches(splits["train"], batch_size), device)
 
     def measure(images: np.ndarray) -> dict[str, float]:
         data = ImageDataset(images, test.labels, info)

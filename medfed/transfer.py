@@ -127,7 +127,7 @@ def unpack_arrays(record: ArrayRecord) -> ArrayRecord:
     if packed.dtype != np.uint8 or packed.ndim != 1:
         raise ValueError(f"Packed arrays are malformed (a {packed.dtype} array of shape {packed.shape}, "
                          "expected 1-d uint8).")
-    blob = memoryview(packed)  # the slices below copy each array once, not the whole model twice more
+    blob = memoryview(packed)  # no .tobytes() copy of the whole model; each slice below copies its array once
     try:
         size = int.from_bytes(blob[:_LENGTH_BYTES], "little")
         manifest = json.loads(bytes(blob[_LENGTH_BYTES:_LENGTH_BYTES + size]))

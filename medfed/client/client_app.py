@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from logging import INFO
 
 import numpy as np
@@ -48,7 +47,7 @@ from flwr.common.logger import log
 from medfed.client.site_data import PARTITION_ID_KEY, SiteData, derive_seed, load_site_data, site_role
 from medfed.client.site_state import load_site_state, save_site_state
 from medfed.client.task import (
-    TrainSettings, evaluate, make_loader, make_loss, make_optimizer, prediction_metrics, prepare_model,
+    TrainSettings, evaluate, image_batches, make_loader, make_loss, make_optimizer, prediction_metrics, prepare_model,
     round_learning_rate,
     scores_from_logits, seed_everything, select_device, train_epoch,
 )
@@ -117,7 +116,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     hooks = client_hooks_for(cfg.strategy.name)(config)
     kept = load_site_state(context, site.name, latest_round=int(config.get("server-round", 0)))
     model = _model(cfg, site, hooks, msg, kept, device)
-    adapted = hooks.before_evaluation(model, kept, _images(site.train), device)
+    adapted = hooks.before_evaluation(model, kept, image_batches(site.train, _EVAL_BATCH), device)
     if adapted:
         log(INFO, "[%s] %s.", site.name, adapted)
     loss_fn = make_loss(site.info.task, site.train.class_counts())
@@ -139,12 +138,6 @@ def describe_site(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config, strict=False)
     name, held_out = site_role(context.node_config, context.node_id, cfg)
     return Message(content=RecordDict({"site": ConfigRecord({"name": name, "held-out": held_out})}), reply_to=msg)
-
-
-def _images(split: ImageDataset) -> Iterator[torch.Tensor]:
-    """The split's images, ``[B, C, H, W]`` batches, without labels or augmentation (lazy)."""
-    for images, _labels, _groups in make_loader(split, _EVAL_BATCH, shuffle=False):
-        yield images
 
 
 def _setup(context: Context) -> tuple[ExperimentConfig, SiteData, torch.device]:

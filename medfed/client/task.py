@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,7 @@ __all__ = [
     "select_device",
     "seed_everything",
     "make_loader",
+    "image_batches",
     "make_loss",
     "LOSS_WEIGHTINGS",
     "make_optimizer",
@@ -138,6 +139,12 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
         generator=generator,
         num_workers=0,
     )
+
+
+def image_batches(dataset: Dataset, batch_size: int) -> Iterator[torch.Tensor]:
+    """The dataset's images as ``[B, C, H, W]`` batches, in order, without labels or groups (lazy)."""
+    for images, _labels, _groups in make_loader(dataset, batch_size, shuffle=False):
+        yield images
 
 
 #: Class weightings of :func:`make_loss`.
