@@ -421,7 +421,8 @@ class StrategyConfig(_Validated):
         not mutate it.
     max_update_norm_z : float or None
         Drop a training reply whose update norm lies more than this many robust
-        standard deviations above the round's median (>= 3 replies); null: off.
+        standard deviations above the round's median (>= 3 replies); null (default):
+        off, since with few sites of unequal size it drops honest large sites.
     clip_update_norm : float or None
         Scale every site's update down to at most this L2 norm; null: off.
     """
@@ -430,7 +431,7 @@ class StrategyConfig(_Validated):
 
     name: str = _leaf(_Str(), "fedavg")
     params: dict[str, Any] = _leaf(_Params(), default_factory=dict, hash=False)
-    max_update_norm_z: float | None = _leaf(_Optional(_Float(0.0, low_closed=False)), 6.0)
+    max_update_norm_z: float | None = _leaf(_Optional(_Float(0.0, low_closed=False)), None)
     clip_update_norm: float | None = _leaf(_Optional(_Float(0.0, low_closed=False)), None)
 
 

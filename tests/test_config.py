@@ -424,7 +424,7 @@ def test_config_to_dict_is_the_yaml_layout():
         "federation", "simulation",
     ]
     assert data["train"]["local_epochs"] == 2
-    assert data["strategy"] == {"name": "fedavg", "params": {"mu": 1}, "max_update_norm_z": 6.0, "clip_update_norm": None}
+    assert data["strategy"] == {"name": "fedavg", "params": {"mu": 1}, "max_update_norm_z": None, "clip_update_norm": None}
     assert config_from_dict(data) == load_config(overrides=["strategy.params.mu=1"])
 
 

@@ -186,7 +186,7 @@ def build_strategy(cfg: ExperimentConfig) -> MedfedStrategy:
     return create_strategy(
         cfg.strategy.name, cfg.strategy.params, num_sites=cfg.federation.num_sites,
         fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate,
-        num_rounds=cfg.rounds,
+        num_rounds=cfg.rounds, num_groups=len(cfg.federation.groups) or None,
         reply_policy=ReplyPolicy(cfg.strategy.max_update_norm_z, cfg.strategy.clip_update_norm),
     )
 

@@ -20,6 +20,7 @@ __all__ = [
     "clip_update",
     "count_non_finite",
     "describe_layout_mismatch",
+    "find_invalid_evaluate_replies",
     "find_invalid_replies",
     "find_norm_outliers",
     "update_norm",
@@ -93,16 +94,21 @@ def _short_list(names: list[str], limit: int = 3) -> str:
 
 
 def find_invalid_replies(
-    contents: Sequence[RecordDict], weighted_by_key: str = "num-examples"
+    contents: Sequence[RecordDict],
+    weighted_by_key: str = "num-examples",
+    reference: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
 ) -> dict[int, str]:
     """Find training replies that must not enter a weighted average.
 
     A reply is invalid when it does not carry exactly one ArrayRecord and one
     MetricRecord, when its weight (``weighted_by_key`` in the MetricRecord) is not a
-    finite number > 0, when any of its arrays holds NaN or inf, or when its array
-    names, shapes or dtypes differ from those of most valid replies (ties go to the
-    reply that came first). Checks run in that order, so non-finite replies do not vote on
-    the expected layout.
+    finite number > 0 or a per-group count (``<weighted_by_key>-group-*``) is not a
+    finite number >= 0, when any of its arrays holds NaN or inf, when an array is not
+    one of ``reference``'s (the global model's) or has another shape or dtype there, when
+    its array names, shapes or dtypes differ from those of most valid replies (ties go
+    to the reply that came first), or when its metric names differ from most valid
+    replies'. Checks run in that order, so a reply that fails one does not vote in the
+    next.
 
     Parameters
     ----------
@@ -110,6 +116,11 @@ def find_invalid_replies(
         Contents of the replies that carry no error.
     weighted_by_key : str
         MetricRecord key holding the reply's weight (its number of examples).
+    reference : Mapping[str, tuple[tuple[int, ...], str]], optional
+        Name -> (shape, dtype) of the global arrays the sites started from. A site may
+        send a subset of them (FedBN keeps its BatchNorm), never an array they lack: with
+        only two replies the majority cannot tell a broken reply from a good one, the
+        global model can.
 
     Returns
     -------
@@ -118,7 +129,7 @@ def find_invalid_replies(
         valid. Reasons are short phrases such as ``"array 'w' holds 2 NaN/inf values"``.
     """
     invalid: dict[int, str] = {}
-    layouts: dict[int, tuple[str, Layout]] = {}
+    layouts: dict[int, tuple[str, Layout, tuple]] = {}
     for index, content in enumerate(contents):
         reason = _structure_problem(content, weighted_by_key)
         if reason is None:
@@ -130,7 +141,9 @@ def find_invalid_replies(
                 others = f" (and {more} more array{'s' if more > 1 else ''})" if more else ""
                 values = "value" if count == 1 else "values"
                 reason = f"array {name!r} holds {count} NaN/inf {values}{others}"
-            else:
+            elif reference is not None:
+                reason = _misfit(record, reference)
+            if reason is None:
                 layouts[index] = (
                     record_name,
                     array_layout({name: array.shape for name, array in record.items()}),
@@ -159,27 +172,101 @@ def find_invalid_replies(
                     f"its arrays differ from the other replies': array {name!r} has dtype "
                     f"{dtype}, expected {wanted}"
                 )
+    kept = {index: contents[index] for index in range(len(contents)) if index not in invalid}
+    invalid.update(_metric_key_mismatches(kept))
     return dict(sorted(invalid.items()))
 
 
+def find_invalid_evaluate_replies(
+    contents: Sequence[RecordDict], weighted_by_key: str = "num-examples"
+) -> dict[int, str]:
+    """Find evaluation replies that cannot be averaged with the others.
+
+    Flower's metric aggregation raises on the first reply whose metric names differ from
+    the others', ending the run; such a reply, one without exactly one MetricRecord, or
+    one whose weight or per-group counts are not finite (weight > 0, counts >= 0), is
+    reported here instead.
+
+    Parameters
+    ----------
+    contents : Sequence[RecordDict]
+        Contents of the replies that carry no error.
+    weighted_by_key : str
+        MetricRecord key holding the reply's weight (its number of test examples).
+
+    Returns
+    -------
+    dict[int, str]
+        Index into ``contents`` -> reason; empty if all are valid.
+    """
+    invalid = {}
+    for index, content in enumerate(contents):
+        reason = _metrics_problem(content, weighted_by_key)
+        if reason is not None:
+            invalid[index] = reason
+    kept = {index: contents[index] for index in range(len(contents)) if index not in invalid}
+    invalid.update(_metric_key_mismatches(kept))
+    return dict(sorted(invalid.items()))
+
+
+def _misfit(record: Mapping, reference: Mapping[str, tuple[tuple[int, ...], str]]) -> str | None:
+    """Why ``record`` does not fit the global arrays, or None."""
+    extra = [name for name in record if name not in reference]
+    if extra:
+        return f"its arrays are not the global model's: unexpected arrays {_short_list(extra)}"
+    for name, array in record.items():
+        shape, dtype = reference[name]
+        if tuple(array.shape) != tuple(shape):
+            return f"array {name!r} has shape {tuple(array.shape)}, the global model's {tuple(shape)}"
+        if array.dtype != dtype:
+            return f"array {name!r} has dtype {array.dtype}, the global model's {dtype}"
+    return None
+
+
+def _metric_key_mismatches(contents: Mapping[int, RecordDict]) -> dict[int, str]:
+    """Replies whose metric names differ from most replies' (ties: the first reply's)."""
+    keys = {index: frozenset(next(iter(c.metric_records.values())).keys()) for index, c in contents.items()}
+    if not keys:
+        return {}
+    expected = Counter(keys.values()).most_common(1)[0][0]
+    mismatches = {}
+    for index, names in keys.items():
+        if names != expected:
+            parts = []
+            if expected - names:
+                parts.append(f"missing {_short_list(sorted(expected - names))}")
+            if names - expected:
+                parts.append(f"unexpected {_short_list(sorted(names - expected))}")
+            mismatches[index] = "its metrics differ from the other replies': " + "; ".join(parts)
+    return mismatches
+
+
 def _structure_problem(content: RecordDict, weighted_by_key: str) -> str | None:
-    num_arrays, num_metrics = len(content.array_records), len(content.metric_records)
+    num_arrays = len(content.array_records)
     if num_arrays != 1:
         return f"it carries {num_arrays} ArrayRecords, expected exactly 1"
+    return _metrics_problem(content, weighted_by_key)
+
+
+def _metrics_problem(content: RecordDict, weighted_by_key: str) -> str | None:
+    num_metrics = len(content.metric_records)
     if num_metrics != 1:
         return f"it carries {num_metrics} MetricRecords, expected exactly 1"
     metrics = next(iter(content.metric_records.values()))
     if weighted_by_key not in metrics:
         return f"its MetricRecord lacks the weight key {weighted_by_key!r}"
     weight = metrics[weighted_by_key]
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, (int, float))
-        or not math.isfinite(weight)
-        or weight <= 0
-    ):
+    if not _is_finite_number(weight) or weight <= 0:
         return f"its weight {weighted_by_key!r} is {weight!r}, expected a finite number > 0"
+    # Per-group counts weight FairLoRA's singular values and the per-group metrics.
+    for key, value in metrics.items():
+        if key.startswith(f"{weighted_by_key}-group-") and (not _is_finite_number(value) or value < 0):
+            return f"its group count {key!r} is {value!r}, expected a finite number >= 0"
     return None
+
+
+def _is_finite_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:

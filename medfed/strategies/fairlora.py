@@ -31,11 +31,13 @@ carry little about the images, and a rank-4 correction cannot make up for it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import strategy as flwr_strategy
 from torch import nn
 
@@ -248,10 +250,15 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
         records = [next(iter(c.array_records.values())) for c in contents]
         metrics = [next(iter(c.metric_records.values())) for c in contents]
         previous = {name: array.numpy() for name, array in self.global_arrays.items()}
+        group_counts = np.stack([read_group_counts(m, self.num_groups) for m in metrics])
+        if not group_counts.any():
+            log(WARNING, "FairLoRA: round %s: no site reports a sample of any patient group, so the "
+                "per-group singular values keep their values; declare federation.groups (simulation) or "
+                "give each site folder's labels.csv a 'group' column.", server_round)
         new = fairlora_aggregate(
             [{name: array.numpy() for name, array in record.items()} for record in records],
             [float(m[self.weighted_by_key]) for m in metrics],
-            np.stack([read_group_counts(m, self.num_groups) for m in metrics]),
+            group_counts,
             previous,
             singular_value_keys=[name for name in previous if name.endswith(".S")],
             beta=self.ema_beta_max * min(server_round, self.num_rounds) / self.num_rounds,

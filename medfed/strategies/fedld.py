@@ -7,9 +7,12 @@ Client half: the local loss is cross-entropy plus a margin term
 
 Server half: per floating-point state tensor, the updates ``Delta_i = w_i - w_global``
 are combined by :func:`principal_gradient_aggregate` (round 1: their plain mean), which
-keeps the principal directions the sites agree on; integer tensors (BatchNorm counters)
-take the plain mean of the sites' values. As in the authors' code the sites are not
-weighted by their sample counts.
+keeps the principal directions the sites agree on. BatchNorm's running statistics
+take the plain mean of the sites' values: they are estimates, not descent directions,
+and the principal-gradient step can push a running variance below zero (NaN at
+evaluation; the authors' code steps them too). Integer tensors (BatchNorm counters) take
+the rounded mean. As in the authors' code the sites are not weighted by their sample
+counts.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from .registry import StrategyError, register_strategy
 __all__ = ["FedLD", "FedLDHooks", "margin_loss", "principal_gradient_aggregate"]
 
 MARGIN_KEY = "fedld-margin-lambda"
+#: State-dict suffixes of BatchNorm's running statistics (averaged, never stepped).
+RUNNING_STATISTICS = (".running_mean", ".running_var")
 
 
 def margin_loss(logits: torch.Tensor, margin_lambda: float) -> torch.Tensor:
@@ -176,7 +181,7 @@ class FedLD(MedfedStrategy, flwr_strategy.FedAvg):
     def aggregate_valid_replies(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Principal-gradient step per float tensor, plain mean per integer tensor."""
+        """Principal-gradient step per float parameter, plain mean of running statistics and counters."""
         contents = self._answered_contents(replies)
         if not contents:
             return None, None
@@ -184,7 +189,9 @@ class FedLD(MedfedStrategy, flwr_strategy.FedAvg):
         result = ArrayRecord()
         for name in records[0]:
             values = [record[name].numpy() for record in records]
-            if np.issubdtype(values[0].dtype, np.floating):
+            if name.endswith(RUNNING_STATISTICS):
+                new = np.mean(np.stack(values), axis=0, dtype=np.float64).astype(values[0].dtype)
+            elif np.issubdtype(values[0].dtype, np.floating):
                 previous = self.global_arrays[name].numpy()
                 step = principal_gradient_aggregate(
                     [v - previous for v in values], self.k_proportion, first_round=server_round == 1

@@ -105,6 +105,7 @@ def create_strategy(
     fraction_train: float = 1.0,
     fraction_evaluate: float = 1.0,
     num_rounds: int | None = None,
+    num_groups: int | None = None,
     reply_policy: ReplyPolicy | None = None,
 ) -> Strategy:
     """Build a Flower strategy for a federation of ``num_sites`` sites.
@@ -126,6 +127,10 @@ def create_strategy(
     num_rounds : int, optional
         Rounds of the run, passed to strategies whose constructor takes
         ``num_rounds`` (FairLoRA's EMA schedule).
+    num_groups : int, optional
+        Patient groups the federation declares (``federation.groups``), passed to
+        strategies whose constructor takes ``num_groups`` (FairLoRA); a different
+        ``num_groups`` in ``params`` is an error.
     reply_policy : ReplyPolicy, optional
         Outlier and clipping settings of the reply checks (default ``ReplyPolicy()``).
 
@@ -182,6 +187,13 @@ def create_strategy(
     kwargs = {key: value for key, value in derived.items() if key in accepted or takes_any}
     if num_rounds is not None and "num_rounds" in accepted:
         kwargs["num_rounds"] = num_rounds
+    if num_groups is not None and "num_groups" in accepted:
+        if params.get("num_groups", num_groups) != num_groups:
+            raise StrategyError(
+                f"strategy.params.num_groups is {params['num_groups']!r}, but federation.groups declares "
+                f"{num_groups} groups; remove num_groups from strategy.params (it follows federation.groups)."
+            )
+        kwargs["num_groups"] = num_groups
     kwargs.update(_typed_params(name, factory, params))
 
     missing = [

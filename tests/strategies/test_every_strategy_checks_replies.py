@@ -65,14 +65,75 @@ def test_wrong_dtype_and_wrong_keys_are_dropped_by_every_registered_strategy(nam
     strategy.aggregate_train(2, replies)
     # Assert
     assert dict(strategy.dropped_replies) == {
-        14: "its arrays differ from the other replies': array 'w' has dtype float64, expected float32",
+        14: "array 'w' has dtype float64, the global model's float32",
         15: "its arrays differ from the other replies': missing arrays ['b']",
     }
 
 
-def test_an_update_far_larger_than_the_others_is_dropped_and_recorded(make_reply, flwr_records):
+@pytest.mark.parametrize("name", list_strategies())
+def test_with_two_replies_a_broken_one_loses_to_the_global_model_even_when_it_comes_first(name, make_reply):
+    # Prepare: an unpackable reply keeps its packed blob (medfed.server.transfer); with two
+    # replies the majority is a tie, which used to go to the first, broken, reply.
+    strategy = _strategy(name)
+    broken = make_reply(11, {"medfed.packed-arrays": np.zeros(8, np.uint8)}, 10, {"loss": 1.0}, server_round=2)
+    replies = [broken, _good(make_reply, 12, [1.0, 1.0])]
+    # Execute
+    arrays, _ = strategy.aggregate_train(2, replies)
+    # Assert: the broken reply is dropped and the global model keeps its own arrays.
+    assert dict(strategy.dropped_replies) == {
+        11: "its arrays are not the global model's: unexpected arrays ['medfed.packed-arrays']"}
+    if arrays is not None:  # "local" aggregates nothing
+        assert sorted(arrays) == ["b", "w"]
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_a_reply_with_other_metric_names_is_dropped_not_fatal(name, make_reply, flwr_records):
+    # Flower's metric aggregation raises on differing keys, which would end the run.
+    strategy = _strategy(name)
+    replies = [_good(make_reply, 11, [1.0, 1.0]), _good(make_reply, 12, [1.2, 0.8]),
+               make_reply(13, {"w": np.array([0.9, 1.1], dtype=np.float32), "b": np.array([1.0], dtype=np.float32)},
+                          10, {"loss": 1.0, "acc-group-0": 0.5}, server_round=2)]
+    # Execute
+    strategy.aggregate_train(2, replies)
+    evaluated = strategy.aggregate_evaluate(2, [make_reply(11, None, 10, {"acc": 0.5}),
+                                                make_reply(12, None, 10, {"acc": 0.7}),
+                                                make_reply(13, None, 10, {"acc": 0.9, "extra": 1.0})])
+    # Assert
+    assert dict(strategy.dropped_replies) == {
+        13: "its metrics differ from the other replies': unexpected ['acc-group-0']"}
+    assert evaluated["acc"] == pytest.approx(0.6)
+    assert any("aggregate_evaluate: round 2: dropping the reply of node 13: its metrics differ from the other "
+               "replies': unexpected ['extra']" in r.getMessage() for r in flwr_records.records)
+
+
+@pytest.mark.parametrize("count", [float("inf"), float("nan"), -1.0])
+def test_a_reply_with_a_non_finite_or_negative_group_count_is_dropped(count, make_reply):
+    # FairLoRA weights each group's singular values by these counts: inf turned S into NaN.
+    strategy = _strategy("fairlora")
+    replies = [make_reply(n, {"w": np.array([1.0, 1.0], dtype=np.float32), "b": np.array([1.0], dtype=np.float32)},
+                          10, {"num-examples-group-0": 10.0 if n != 13 else count}, server_round=2)
+               for n in (11, 12, 13)]
+    strategy.aggregate_train(2, replies)
+    assert dict(strategy.dropped_replies) == {
+        13: f"its group count 'num-examples-group-0' is {count!r}, expected a finite number >= 0"}
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedld", "fedmedian"])
+def test_integer_arrays_keep_their_dtype_in_the_global_model(name, make_reply):
+    # Flower's mean made BatchNorm's int64 counter float64; the next round's replies (int64)
+    # would then not fit the global model.
+    strategy = create_strategy(name, {}, num_sites=2)
+    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32)), "n": Array(np.array(4, np.int64))})
+    list(strategy.configure_train(2, arrays, ConfigRecord(), _FourNodes()))
+    replies = [make_reply(11, {"w": np.ones(2, np.float32), "n": np.array(5, np.int64)}, 10, server_round=2),
+               make_reply(12, {"w": np.ones(2, np.float32), "n": np.array(8, np.int64)}, 30, server_round=2)]
+    new, _ = strategy.aggregate_train(2, replies)
+    assert new["n"].dtype == "int64" and new["w"].dtype == "float32"
+
+
+def test_an_update_far_larger_than_the_others_is_dropped_and_recorded_when_asked(make_reply, flwr_records):
     # Prepare: update norms about 1.4, 1.4, 1.4 and 1400.
-    strategy = _strategy("fedavg")
+    strategy = _strategy("fedavg", reply_policy=ReplyPolicy(max_update_norm_z=6.0))
     replies = [_good(make_reply, 11, [1.0, 1.0]), _good(make_reply, 12, [1.1, 0.9]), _good(make_reply, 13, [0.9, 1.1]),
                _good(make_reply, 14, [1000.0, 1000.0])]
     # Execute
@@ -84,8 +145,10 @@ def test_an_update_far_larger_than_the_others_is_dropped_and_recorded(make_reply
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 1.0], rtol=1e-6)
 
 
-def test_the_outlier_check_can_be_turned_off(make_reply):
-    strategy = _strategy("fedavg", reply_policy=ReplyPolicy(max_update_norm_z=None))
+def test_the_outlier_check_is_off_by_default(make_reply):
+    # Off: a site with four times the data moved 6x as far as the others in a measured
+    # round (see ReplyPolicy), and an honest large site must not be dropped.
+    strategy = _strategy("fedavg")
     replies = [_good(make_reply, 11, [1.0, 1.0]), _good(make_reply, 12, [1.1, 0.9]), _good(make_reply, 13, [0.9, 1.1]),
                _good(make_reply, 14, [1000.0, 1000.0])]
     strategy.aggregate_train(2, replies)

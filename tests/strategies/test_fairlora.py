@@ -61,6 +61,18 @@ def test_strategy_applies_the_authors_beta_schedule_and_group_counts(make_reply)
     np.testing.assert_allclose(arrays["a.S"].numpy(), (1 - beta) * np.array([[2.0, 3.0], [7.0, 8.0]]) + beta * 9)
 
 
+def test_a_round_in_which_no_site_reports_a_group_warns_that_S_cannot_learn(make_reply, flwr_records):
+    # Without groups every sample has group -1: S gets gradients, but no group count
+    # weights its rows, so the server keeps them; say so instead of a silent no-op.
+    strategy = FairLoRA(num_groups=2, num_rounds=4)
+    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in PREVIOUS.items()})
+    replies = [make_reply(11 + i, site, 10, group_count_metrics(np.array([-1, -1]), 2), server_round=2)
+               for i, site in enumerate(_sites())]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    np.testing.assert_array_equal(arrays["a.S"].numpy(), PREVIOUS["a.S"])
+    assert any("no site reports a sample of any patient group" in r.getMessage() for r in flwr_records.records)
+
+
 def test_evaluation_adds_group_weighted_metrics_and_equity_scaled_ones(make_reply):
     # Prepare: site 1 holds 3 of group 0 (acc 1.0); site 2 holds 1 of group 0 (acc 0.0)
     # and 4 of group 1 (acc 0.5); overall acc is the sample-weighted mean. A group a site

@@ -89,6 +89,24 @@ def test_strategy_steps_float_arrays_by_principal_gradient_and_averages_counters
     np.testing.assert_array_equal(arrays["n"].numpy(), [8])
 
 
+def test_running_statistics_take_the_plain_mean_and_stay_positive(make_reply):
+    # Three sites' positive running variances (found by a random search) that the
+    # principal-gradient step would push below zero (-0.022 in channel 4): NaN in BatchNorm.
+    previous = np.array([1.7, 1.6, 0.81, 0.78, 0.25, 1.11])
+    sites = [np.array([0.43, 1.06, 0.61, 0.46, 5.5, 1.37]), np.array([1.02, 2.51, 0.61, 0.88, 0.5, 0.43]),
+             np.array([1.45, 0.93, 0.5, 0.38, 0.06, 11.76])]
+    stepped = previous + principal_gradient_aggregate([v - previous for v in sites], 0.8)
+    assert stepped[4] < 0
+    strategy = FedLD()
+    strategy.global_arrays = ArrayRecord({"bn.running_var": Array(previous), "bn.running_mean": Array(previous)})
+    replies = [make_reply(11 + i, {"bn.running_var": v, "bn.running_mean": v}, 10, server_round=2)
+               for i, v in enumerate(sites)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    expected = np.mean(np.stack(sites), axis=0)
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), expected)
+    np.testing.assert_allclose(arrays["bn.running_mean"].numpy(), expected)
+
+
 def test_margin_loss_is_lambda_log_one_plus_squared_frobenius_norm_of_softmax():
     # Prepare: softmax([0, 0]) = [0.5, 0.5]; softmax([ln 3, 0]) = [0.75, 0.25].
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])

@@ -299,3 +299,12 @@ def test_num_rounds_reaches_only_strategies_that_name_it():
     fairlora = create_strategy("fairlora", {}, num_sites=3, num_rounds=7)
     fedld = create_strategy("fedld", {}, num_sites=3, num_rounds=7)  # would fail if passed on
     assert fairlora.num_rounds == 7 and not hasattr(fedld, "num_rounds")
+
+
+def test_num_groups_follows_the_federations_groups_and_a_different_one_is_an_error():
+    fairlora = create_strategy("fairlora", {}, num_sites=3, num_groups=3)
+    fedavg = create_strategy("fedavg", {}, num_sites=3, num_groups=3)  # would fail if passed on
+    assert fairlora.num_groups == 3 and not hasattr(fedavg, "num_groups")
+    assert create_strategy("fairlora", {"num_groups": 3}, num_sites=3, num_groups=3).num_groups == 3
+    with pytest.raises(StrategyError, match=r"^strategy.params.num_groups is 2, but federation.groups declares 3 "):
+        create_strategy("fairlora", {"num_groups": 2}, num_sites=3, num_groups=3)
