@@ -242,7 +242,8 @@ def _in_dtype(array: Array, dtype: str) -> Array:
     values = array.numpy()
     if not np.issubdtype(np.dtype(dtype), np.inexact):
         values = np.rint(values)
-    return Array(np.ascontiguousarray(values.astype(dtype)))
+    # np.asarray, not np.ascontiguousarray, which makes a 0-d counter 1-d.
+    return Array(np.asarray(values.astype(dtype), order="C"))
 
 
 def _arrays_of(msg: Message) -> dict[str, np.ndarray]:

@@ -128,7 +128,12 @@ def test_integer_arrays_keep_their_dtype_in_the_global_model(name, make_reply):
     replies = [make_reply(11, {"w": np.ones(2, np.float32), "n": np.array(5, np.int64)}, 10, server_round=2),
                make_reply(12, {"w": np.ones(2, np.float32), "n": np.array(8, np.int64)}, 30, server_round=2)]
     new, _ = strategy.aggregate_train(2, replies)
-    assert new["n"].dtype == "int64" and new["w"].dtype == "float32"
+    assert new["n"].dtype == "int64" and new["n"].shape == () and new["w"].dtype == "float32"
+    # The next round's replies fit the new global model.
+    list(strategy.configure_train(3, new, ConfigRecord(), _FourNodes()))
+    strategy.aggregate_train(3, [make_reply(11, {"w": np.ones(2, np.float32), "n": np.array(9, np.int64)}, 10,
+                                            server_round=3)])
+    assert dict(strategy.dropped_replies) == {}
 
 
 def test_an_update_far_larger_than_the_others_is_dropped_and_recorded_when_asked(make_reply, flwr_records):
