@@ -146,8 +146,9 @@ def load_site_data(node_config: Mapping[str, Any], node_id: int, cfg: Experiment
     Raises
     ------
     SiteDataError
-        If the node config names no data, or its partition count disagrees with the
-        experiment's ``federation.num_sites``.
+        If the node config names no data, its partition count disagrees with the
+        experiment's ``federation.num_sites``, or a site folder's images do not have the
+        experiment's channels and ``data.img_size``.
     """
     name, key = site_identity(node_config, node_id)
     if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]).strip():
@@ -218,9 +219,35 @@ def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, 
 
         info = dataset_info(flag)
         splits = load_site_folder(path, task=info.task, num_classes=info.num_classes, flag=flag)
+        # The .npz file is checked against flag and size when read; a site folder takes
+        # both from its images, so compare them with what the model is built for.
+        _check_site_folder_images(path, splits, flag, info.in_chans, img_size)
     if "train" not in splits or len(splits["train"]) == 0:
         raise SiteDataError(f"The site data at {path} has no training images; add a 'train' split.")
     test = splits.get("test") or splits.get("val")
     if test is None or len(test) == 0:
         raise SiteDataError(f"The site data at {path} has no 'test' (or 'val') images to evaluate on; add one.")
     return splits["train"], test
+
+
+def _check_site_folder_images(
+    path: Path, splits: Mapping[str, ImageDataset], flag: str, in_chans: int, img_size: int,
+) -> None:
+    """Raise SiteDataError unless a site folder's images have the experiment's channels and size.
+
+    Otherwise wrong channels fail at the model's first forward with a raw RuntimeError,
+    and a wrong size trains silently on images unlike the other sites'.
+    """
+    for dataset in splits.values():
+        _, height, width, channels = dataset.images.shape
+        if channels != in_chans:
+            kind = "grayscale" if in_chans == 1 else "RGB"
+            raise SiteDataError(
+                f"The site folder {path} holds {channels}-channel images but the experiment's dataset {flag} has "
+                f"{in_chans} channel{'s' if in_chans > 1 else ''}; save the images as {kind}."
+            )
+        if (height, width) != (img_size, img_size):
+            raise SiteDataError(
+                f"The site folder {path} holds {width}x{height} px images (width x height) but the experiment's "
+                f"data.img_size is {img_size}; resize the images to {img_size}x{img_size}."
+            )

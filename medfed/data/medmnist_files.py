@@ -132,13 +132,15 @@ def load_medmnist(
     flag : str
         A MedMNIST 2D flag, e.g. ``"breastmnist"``, ``"chestmnist"``, ``"pathmnist"``.
     root : str, Path or None, optional
-        Folder holding ``{flag}.npz`` (28 px) or ``{flag}_{size}.npz``. None -> the
-        embedded default data (:func:`default_data_root`; only breastmnist at 28 px).
+        Folder holding ``{flag}.npz`` (28 px) or ``{flag}_{size}.npz`` (not the file
+        itself). None -> the embedded default data (:func:`default_data_root`; only
+        breastmnist at 28 px).
     size : int, optional
         Image side in pixels: 28, 64, 128 or 224.
     download : bool, optional
         Where the file is missing under a given ``root``, try to download it from the
-        official URL into ``root`` (never into the embedded folder).
+        official URL into ``root`` (never into the embedded folder). A missing ``root``
+        is created for the download and removed again if the download fails.
     downloader : callable or None, optional
         ``downloader(url, destination)`` writing the file; None -> :func:`download_file`
         with the official MD5 check. Injected by tests (no network in tests).
@@ -153,8 +155,8 @@ def load_medmnist(
     ValueError
         Unknown flag or unsupported size.
     DatasetNotFoundError
-        The file is missing and could not be downloaded; the message names the expected
-        path and the official URL.
+        ``root`` is a file, or the file is missing and could not be downloaded; the
+        message names the expected path and the official URL.
     DatasetValidationError
         The file is unreadable or its arrays are not as described in the module docstring.
 
@@ -170,7 +172,15 @@ def load_medmnist(
         )
     filename = medmnist_filename(flag, size)
     url = medmnist_url(flag, size)
-    path = (default_data_root() if root is None else Path(root).expanduser()) / filename
+    folder = default_data_root() if root is None else Path(root).expanduser()
+    if folder.is_file():
+        # Else the messages below would ask to save the file as <file>/<name>.
+        parent = f"; pass {folder.parent}" if folder.suffix == ".npz" else ""
+        raise DatasetNotFoundError(
+            f"The data root {folder} is a file: --data-root / data.root (root=) must be the folder holding "
+            f"{filename}, not the file itself{parent}."
+        )
+    path = folder / filename
     if not path.is_file():
         if downloader is None:
             downloader = functools.partial(download_file, expected_md5=_official_md5(flag, size))
@@ -206,19 +216,29 @@ def _fetch_missing(path: Path, url: str, *, embedded: bool, download: bool, down
         raise DatasetNotFoundError(
             f"MedMNIST file {path} not found and download=False. Download {url} and save it as {path}."
         )
+    # A mistyped root must not stay behind as a new empty folder when nothing was
+    # downloaded into it: remove the folders made here unless the file arrived.
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _LOGGER.info("Downloading %s to %s", url, path)
-        downloader(url, path)
-    except (OSError, http.client.HTTPException) as error:
-        raise DatasetNotFoundError(
-            f"MedMNIST file {path} not found and its download failed ({type(error).__name__}: {error}). "
-            f"Download {url} and save it as {path}."
-        ) from error
-    if not path.is_file():
-        raise DatasetNotFoundError(
-            f"MedMNIST file {path} not found after downloading {url}. Download it by hand and save it there."
-        )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _LOGGER.info("Downloading %s to %s", url, path)
+            downloader(url, path)
+        except (OSError, http.client.HTTPException) as error:
+            typo = f" ({path.parent} did not exist: check the data root's spelling)" if created else ""
+            raise DatasetNotFoundError(
+                f"MedMNIST file {path} not found and its download failed ({type(error).__name__}: {error}). "
+                f"Download {url} and save it as {path}{typo}."
+            ) from error
+        if not path.is_file():
+            raise DatasetNotFoundError(
+                f"MedMNIST file {path} not found after downloading {url}. Download it by hand and save it there."
+            )
+    except BaseException:
+        for folder in created:  # deepest first; rmdir leaves a folder that is not empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _read_npz(path: Path, url: str) -> dict[str, np.ndarray]:

@@ -7,10 +7,11 @@ Two layouts are accepted::
       val/labels.csv    + images         images/...
       test/labels.csv   + images
 
-``labels.csv`` has a header row with the columns ``filename`` (path relative to the
-CSV's folder) and ``label``, and optionally ``group`` (an integer patient-group id >= 0;
-empty or -1 = unknown) and, in the single-CSV layout, ``split`` (``train``/``val``/
-``test``; without it every row belongs to ``train``). Labels are integer class indices;
+``labels.csv`` is UTF-8 text (a byte-order mark is allowed) with a header row holding
+the columns ``filename`` (path relative to the CSV's folder) and ``label``, and
+optionally ``group`` (an integer patient-group id >= 0; empty or -1 = unknown) and, in
+the single-CSV layout, ``split`` (``train``/``val``/``test``; without it every row
+belongs to ``train``). Labels are integer class indices;
 for the multi-label task a label is a list of 0/1 values separated by spaces or ``;``
 (e.g. ``0;1;0``). Only the splits present are returned.
 
@@ -22,6 +23,7 @@ grayscale is scaled to 8 bits (value / 257). All images must then have the same 
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +86,8 @@ def load_site_folder(
     DatasetNotFoundError
         The folder, a ``labels.csv`` or an image file is missing.
     DatasetValidationError
-        Bad CSV header, non-integer or out-of-range label, duplicate filename, unknown
-        split, unreadable image, or images of different sizes.
+        A CSV that is not UTF-8, bad CSV header, non-integer or out-of-range label,
+        duplicate filename, unknown split, unreadable image, or images of different sizes.
     """
     root = Path(path).expanduser()
     task = normalize_task(task)
@@ -152,7 +154,7 @@ def _read_rows(root: Path, task: str) -> tuple[list[_Row], bool]:
 
 def _parse_csv(csv_path: Path, task: str, split: str | None) -> tuple[list[_Row], bool]:
     """Parse one labels.csv; ``split`` None means the split comes from a 'split' column."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(_read_text(csv_path), newline="") as handle:
         reader = csv.DictReader(handle)
         header = [name.strip().lower() for name in (reader.fieldnames or [])]
         if "filename" not in header or "label" not in header:
@@ -190,6 +192,22 @@ def _parse_csv(csv_path: Path, task: str, split: str | None) -> tuple[list[_Row]
     if not rows:
         raise DatasetValidationError(f"{csv_path} lists no images; expected at least one row after the header.")
     return rows, has_groups
+
+
+def _read_text(csv_path: Path) -> str:
+    """The CSV's text, decoded as UTF-8 with an optional byte-order mark (Excel writes one)."""
+    data = csv_path.read_bytes()
+    try:
+        # Decoded whole, not through a text file: the error's position is then the file's
+        # byte offset (a text file reports it within its current 8 KiB chunk).
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DatasetValidationError(
+            f"{csv_path} is not UTF-8 text: byte 0x{data[error.start]:02x} at byte offset {error.start} (line {line}) "
+            "is invalid; save the file as UTF-8 (e.g. 'CSV UTF-8' in Excel)."
+        ) from None
+    return text.removeprefix("\ufeff")
 
 
 def _parse_split(value: str, where: str) -> str:

@@ -81,8 +81,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from medfed.errors import MedfedError
+
 __all__ = [
     "BACKENDS",
+    "AttentionBackendError",
     "NeighborhoodAttention2D",
     "clamp_window",
     "natten_kernel_backend",
@@ -110,6 +113,14 @@ _forced_backend: str | None = None
 # backward, and uncompiled it materialises the full score matrix).
 _NATTEN_KERNEL_BACKENDS = ("blackwell-fna", "hopper-fna", "cutlass-fna")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class AttentionBackendError(MedfedError):
+    """The requested attention backend is unknown or cannot run on these inputs.
+
+    The backend is a user setting (``MEDFED_ATTENTION_BACKEND``, ``implementation``,
+    :func:`use_attention_backend`), so the CLI prints this as one line, not a traceback.
+    """
 
 
 # --------------------------------------------------------------------------------------
@@ -396,9 +407,11 @@ def _natten_package() -> ModuleType | None:
 def _flex_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int) -> Tensor:
     natten = _natten_package()
     if natten is None:
-        raise ValueError("neighborhood_attention(implementation='flex') needs NATTEN (pip install natten==0.21.7).")
+        raise AttentionBackendError(
+            "neighborhood_attention(implementation='flex') needs NATTEN (pip install natten==0.21.7)."
+        )
     if not query.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        raise ValueError(
+        raise AttentionBackendError(
             "neighborhood_attention(implementation='flex') has no backward on CPU (FlexAttention); "
             "use 'gather' or 'dense' for training on CPU."
         )
@@ -416,7 +429,7 @@ def _flex_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kern
 
 def _check_backend_name(name: object, where: str) -> str:
     if name not in _CHOICES:
-        raise ValueError(
+        raise AttentionBackendError(
             f"The {where} must be a str among {{{', '.join(repr(c) for c in _CHOICES[:-1])}}}. "
             f"Got {name!r} instead."
         )
@@ -562,6 +575,15 @@ def neighborhood_attention(
     -------
     Tensor
         ``[B, H, W, heads, dim]``: ``softmax(q . k / sqrt(dim)) @ v`` over each window.
+
+    Raises
+    ------
+    AttentionBackendError
+        The backend (argument, :func:`use_attention_backend` or ``MEDFED_ATTENTION_BACKEND``)
+        is unknown, or cannot run these inputs ("natten" without its CUDA kernels, "flex"
+        without NATTEN or for training on CPU).
+    ValueError
+        Malformed inputs (shapes, devices, dtypes, window larger than the map).
     """
     _validate(query, key, value, kernel_size, dilation)
     backend = _requested_backend(implementation)
@@ -570,7 +592,7 @@ def neighborhood_attention(
     if backend == "natten":
         kernels = natten_kernel_backend(query, key, value) if kernel_size > 1 else None
         if kernels is None:
-            raise ValueError(
+            raise AttentionBackendError(
                 "neighborhood_attention(implementation='natten') needs kernel_size >= 2, CUDA tensors and NATTEN "
                 f"built with CUDA kernels that accept them. Got kernel_size={kernel_size} and {query.device} "
                 f"{query.dtype} tensors; use implementation='auto'."

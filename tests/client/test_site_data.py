@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
+
 from medfed.client.site_data import SiteDataError, derive_seed, load_site_data, site_identity
 
 
@@ -78,3 +82,44 @@ def test_bad_node_configs_raise_one_line_errors(tiny_root, tiny_config, tmp_path
     # Assert
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def _write_site_folder(root: Path, size: int, channels: int) -> Path:
+    """A site folder (single labels.csv with a split column) of 4 train + 2 test PNGs."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["filename,label,split"]
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    for i, split in enumerate(["train"] * 4 + ["test"] * 2):
+        pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i}.png")
+        lines.append(f"{i}.png,{i % 2},{split}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_site_folder_matching_the_experiment_loads(tiny_root, tiny_config, tmp_path):
+    cfg = tiny_config(tiny_root, tmp_path)
+    site = load_site_data({"data-path": str(_write_site_folder(tmp_path / "site", 28, 1))}, 1, cfg)
+    assert site.train.images.shape == (4, 28, 28, 1) and len(site.test) == 2
+
+
+@pytest.mark.parametrize(
+    ("size", "channels", "fragments"),
+    [
+        (28, 3, ["holds 3-channel images", "dataset breastmnist has 1 channel;", "save the images as grayscale"]),
+        (64, 1, ["holds 64x64 px images", "data.img_size is 28", "resize the images to 28x28"]),
+    ],
+)
+def test_site_folder_unlike_the_experiment_is_refused(tiny_root, tiny_config, tmp_path, size, channels, fragments):
+    # Prepare: a BreastMNIST (1 channel, 28 px) experiment and a site folder that differs
+    cfg = tiny_config(tiny_root, tmp_path)
+    folder = _write_site_folder(tmp_path / "site", size, channels)
+    # Execute
+    with pytest.raises(SiteDataError) as info:
+        load_site_data({"data-path": str(folder)}, 1, cfg)
+    # Assert
+    message = str(info.value)
+    assert f"The site folder {folder} " in message and "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"

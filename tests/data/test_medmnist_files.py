@@ -280,6 +280,39 @@ def test_missing_file_is_downloaded_to_root_then_validated(tmp_path, make_arrays
     assert len(datasets["train"]) == 3
 
 
+def test_failed_download_does_not_leave_a_mistyped_root_folder(tmp_path):
+    # Prepare: a root that does not exist (a typo), and no network
+    def failing(url, destination):
+        assert destination.parent.is_dir()  # the downloader still gets a folder to write to
+        raise urllib.error.URLError("Name or service not known")
+
+    root = tmp_path / "medmnsit" / "data"
+    # Execute
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_medmnist("breastmnist", root=root, downloader=failing)
+    # Assert
+    assert list(tmp_path.iterdir()) == []
+    assert f"{root} did not exist: check the data root's spelling" in str(caught.value)
+
+
+def test_data_root_that_is_the_file_itself_says_to_pass_its_folder(tmp_path, make_arrays, write_npz):
+    # Prepare: --data-root .../breastmnist.npz instead of its folder
+    file = tmp_path / "breastmnist.npz"
+    write_npz(file, make_arrays(counts=(3, 1, 1)))
+
+    def must_not_run(url, destination):
+        raise AssertionError(f"downloader called with {destination}")
+
+    # Execute
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_medmnist("breastmnist", root=file, downloader=must_not_run)
+    # Assert
+    message = str(caught.value)
+    assert f"The data root {file} is a file" in message
+    assert "must be the folder holding breastmnist.npz, not the file itself" in message
+    assert f"pass {tmp_path}." in message and "breastmnist.npz/breastmnist.npz" not in message
+
+
 def test_download_disabled_raises_with_path_and_url(tmp_path):
     def must_not_run(url, destination):
         raise AssertionError("downloader called although download=False")

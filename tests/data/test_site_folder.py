@@ -160,6 +160,27 @@ def test_csv_errors_name_line_and_value(tmp_path, lines, kwargs, fragments):
         assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
+def test_csv_that_is_not_utf8_names_the_byte_and_asks_for_utf8(tmp_path):
+    # Prepare: a labels.csv saved as Latin-1 (Excel's "CSV" on Windows); "é" is byte 0xe9
+    _write_png(tmp_path / "a.png", _gray(0))
+    _write_png(tmp_path / "caf\u00e9.png", _gray(1))
+    (tmp_path / "labels.csv").write_bytes("filename,label\na.png,0\ncaf\u00e9.png,1\n".encode("latin-1"))
+    # Execute
+    with pytest.raises(DatasetValidationError) as caught:
+        load_site_folder(tmp_path)
+    # Assert: 0xe9 is byte 26 (0-based: 15 + 8 + len("caf")) of the file, on line 3
+    message = str(caught.value)
+    assert str(tmp_path / "labels.csv") in message
+    assert "0xe9 at byte offset 26 (line 3)" in message and "save the file as UTF-8" in message
+
+
+def test_csv_with_utf8_byte_order_mark_loads(tmp_path):
+    _write_png(tmp_path / "a.png", _gray(0))
+    (tmp_path / "labels.csv").write_bytes("\ufefffilename,label\r\na.png,1\r\n".encode("utf-8"))
+    datasets = load_site_folder(tmp_path)
+    assert datasets["train"].labels.tolist() == [1]
+
+
 def test_missing_image_files_are_named(tmp_path):
     _one_image_site(tmp_path, ["filename,label", "a.png,0", "gone.png,1", "also_gone.png,0"])
     with pytest.raises(DatasetNotFoundError) as caught:

@@ -9,7 +9,9 @@ import warnings
 import pytest
 import torch
 
+from medfed.errors import MedfedError
 from medfed.models.neighborhood_attention import (
+    AttentionBackendError,
     NeighborhoodAttention2D,
     clamp_window,
     natten_kernel_backend,
@@ -477,6 +479,27 @@ def test_unknown_implementation_rejected():
 def test_natten_implementation_refused_on_cpu():
     with pytest.raises(ValueError, match="implementation='natten'.* Got kernel_size=3 and cpu"):
         neighborhood_attention(_GOOD, _GOOD, _GOOD, 3, implementation="natten")
+
+
+def test_backend_errors_are_one_line_medfed_errors(monkeypatch):
+    # A backend is a user setting: the CLI must print these as one line (MedfedError),
+    # while callers catching ValueError keep working.
+    trainable = _qkv((1, 6, 6, 1, 4), seed=0, requires_grad=True)
+    monkeypatch.setenv("MEDFED_ATTENTION_BACKEND", "fastest")
+    with pytest.raises(AttentionBackendError, match="environment variable MEDFED_ATTENTION_BACKEND must be"):
+        neighborhood_attention(_GOOD, _GOOD, _GOOD, 3)
+    monkeypatch.setenv("MEDFED_ATTENTION_BACKEND", "natten")
+    with pytest.raises(AttentionBackendError, match="implementation='natten'.* Got kernel_size=3 and cpu"):
+        neighborhood_attention(_GOOD, _GOOD, _GOOD, 3)
+    monkeypatch.setenv("MEDFED_ATTENTION_BACKEND", "flex")
+    monkeypatch.setattr(na_module, "_natten_package", lambda: None)
+    with pytest.raises(AttentionBackendError, match="'flex'.* needs NATTEN"):
+        neighborhood_attention(_GOOD, _GOOD, _GOOD, 3)
+    monkeypatch.setattr(na_module, "_natten_package", lambda: types.SimpleNamespace())  # NATTEN without kernels
+    with pytest.raises(AttentionBackendError, match="'flex'.* no backward on CPU") as caught:
+        neighborhood_attention(*trainable, 3)
+    assert isinstance(caught.value, MedfedError) and isinstance(caught.value, ValueError)
+    assert "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
