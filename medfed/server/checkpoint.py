@@ -162,7 +162,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state = json.loads(metadata["state"])
     except (KeyError, ValueError) as error:
         raise CheckpointError(
-            f"Checkpoint {path} has damaged metadata ({error!r}); resume from an earlier copy or start fresh."
+            f"Checkpoint {path} has damaged metadata ({error!r}); restore it from a backup, or start the run afresh in a new folder."
         ) from error
     arrays = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
     strategy_state = {k[len(_STRATEGY_PREFIX):]: v for k, v in tensors.items() if k.startswith(_STRATEGY_PREFIX)}
@@ -240,6 +240,6 @@ def _read(path: Path, *, what: str) -> tuple[dict[str, np.ndarray], dict[str, st
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(
-            f"The {what} {path} is truncated or corrupt ({error}); resume from an earlier copy or start fresh."
+            f"The {what} {path} is truncated or corrupt ({error}); restore it from a backup, or start the run afresh in a new folder."
         ) from error
     return tensors, metadata

@@ -61,8 +61,10 @@ METRICS_FILE = "metrics.jsonl"
 _POOLING_COUNTS = ("score-hist", "confusion-group-")
 
 # Keys that may differ between a run and its resumption: where the run lives, how many
-# rounds it runs (may only grow), and which Ray cluster runs the simulation.
-_MAY_CHANGE = ("name", "output_dir", "rounds", "simulation.ray_address", "federation.round_timeout_s")
+# rounds it runs (may only grow), and which engine or Ray cluster runs the simulation (both
+# engines give the same weights).
+_MAY_CHANGE = ("name", "output_dir", "rounds", "simulation.engine", "simulation.ray_address",
+               "federation.round_timeout_s")
 
 
 class ResumeError(MedfedError):
@@ -223,9 +225,11 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> RunSt
     """
     run_dir = Path(run_dir)
     check_run_dir(cfg, run_dir, resume)
+    start = RunStart()
+    if resume and (run_dir / CHECKPOINT_FILE).exists():
+        # Read before config.yaml is written: a resume that fails leaves the run as it was.
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        start = RunStart(checkpoint.server_round, checkpoint, list(checkpoint.state.get("history", [])))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / CONFIG_FILE)
-    if not resume or not (run_dir / CHECKPOINT_FILE).exists():
-        return RunStart()
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    return RunStart(checkpoint.server_round, checkpoint, list(checkpoint.state.get("history", [])))
+    return start

@@ -120,7 +120,8 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     if engine == "inprocess":
         from medfed.simulation.local import run_local
 
-        return run_local(cfg, run_dir=run_dir, resume=resume)
+        with _stop_on_interrupt():  # SIGTERM too: a message and exit 130, as on Ray
+            return run_local(cfg, run_dir=run_dir, resume=resume)
     _set_thread_env(cfg)
 
     from flwr.app import Context, RecordDict
@@ -259,12 +260,19 @@ def _set_thread_env(cfg: ExperimentConfig) -> None:
 
 
 def _preflight(cfg: ExperimentConfig) -> None:
-    """Check names and data before Ray starts (each raises a one-line error)."""
+    """Check names and data before the run starts (each raises a one-line error).
+
+    The dataset file is read and validated here, as every site will read it: a missing,
+    corrupt or mis-shaped file otherwise fails at each site, and the run folder it leaves
+    behind can be neither resumed nor started afresh.
+    """
+    from medfed.client.site_data import _load_dataset
+    from medfed.config import ConfigError
     from medfed.models import list_models
     from medfed.server.server_app import build_strategy
 
     if cfg.model.name not in list_models():
-        raise ValueError(
+        raise ConfigError(
             f"Config key 'model.name' must be one of {', '.join(list_models())}. Got {cfg.model.name!r} instead."
         )
     build_strategy(cfg)
@@ -281,6 +289,7 @@ def _preflight(cfg: ExperimentConfig) -> None:
                 f"Config key 'data.root' points to {path.parent}, which has no {path.name}; "
                 "put the MedMNIST file there or set data.root to null for the embedded BreastMNIST."
             )
+    _load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.img_size)  # cached: in-process sites reuse it
 
 
 def _check_flower_api(function: Any) -> None:

@@ -168,7 +168,7 @@ def test_truncated_checkpoint_error(tmp_path: Path, keep_bytes: int) -> None:
     message = str(info.value)
     assert str(path) in message
     assert "truncated or corrupt" in message
-    assert "earlier copy or start fresh" in message
+    assert "restore it from a backup, or start the run afresh in a new folder" in message
 
 
 def test_garbage_file_error(tmp_path: Path) -> None:

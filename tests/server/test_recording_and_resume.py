@@ -14,7 +14,15 @@ from flwr.serverapp.strategy import FedAvg
 from medfed.config import config_from_dict, save_config
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.report import MetricsLog
-from medfed.server.resume import ResumeError, RoundOffsetStrategy, check_run_dir, get_rng_state, set_rng_state
+from medfed.server.checkpoint import CheckpointError
+from medfed.server.resume import (
+    ResumeError,
+    RoundOffsetStrategy,
+    check_run_dir,
+    get_rng_state,
+    prepare_run_dir,
+    set_rng_state,
+)
 from medfed.simulation.local import LocalGrid
 
 WEIGHTS = np.arange(6, dtype=np.float32)  # 24 bytes of payload
@@ -155,6 +163,25 @@ def test_resume_accepts_the_stored_config_with_more_rounds(stored_run):
     stored = check_run_dir(config_from_dict({"rounds": 5, "output_dir": cfg.output_dir}), run_dir, resume=True)
     # Assert
     assert stored == cfg
+
+
+def test_resume_may_switch_engine(stored_run):
+    # Both engines give the same weights (tests/simulation/test_end_to_end.py).
+    cfg, run_dir = stored_run
+    other = config_from_dict({"rounds": 3, "output_dir": cfg.output_dir, "simulation": {"engine": "ray"}})
+    assert check_run_dir(other, run_dir, resume=True) == cfg
+
+
+def test_a_resume_that_fails_on_its_checkpoint_leaves_config_yaml_alone(stored_run):
+    # Prepare: a corrupt checkpoint, and a resume that asks for more rounds.
+    cfg, run_dir = stored_run
+    (run_dir / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    before = (run_dir / "config.yaml").read_bytes()
+    # Execute
+    with pytest.raises(CheckpointError):
+        prepare_run_dir(config_from_dict({"rounds": 5, "output_dir": cfg.output_dir}), run_dir, resume=True)
+    # Assert
+    assert (run_dir / "config.yaml").read_bytes() == before
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,31 @@
+"""`medfed simulate` refuses bad names and data in one line before any run folder exists."""
+
+import pytest
+
+from medfed.cli import main
+
+
+@pytest.mark.parametrize(
+    ("overrides", "content", "message"),
+    [
+        ([], b"PK\x03\x04 truncated", "is not a readable .npz archive"),
+        (["model.name=bogus"], None, "Config key 'model.name' must be one of medvit_v2_base"),
+        (["data.dataset=pneumoniamnist", "data.root=null"], None, "pneumoniamnist.npz is not embedded"),
+    ],
+)
+def test_bad_data_or_model_stops_before_the_run_starts(overrides, content, message, tmp_path, capsys):
+    # Prepare: a corrupt breastmnist.npz under data.root, or a bad name with good data.
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "breastmnist.npz").write_bytes(content or b"")
+    settings = [f"data.root={root}", f"output_dir={tmp_path / 'runs'}", "name=bad", "simulation.engine=inprocess"]
+    if content is None:  # the name is what is wrong: use the embedded data
+        settings[0] = "data.root=null"
+    args = ["simulate"] + [a for s in settings + overrides for a in ("--set", s)]
+    # Execute
+    code = main(args)
+    # Assert: one line, exit 2, no run folder that would block the corrected run.
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "runs" / "bad").exists()
