@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,9 +299,8 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> Path:
-    """Write atomically; the temporary file is created 0600 (``mkstemp``), so a private
-    key is never readable by others, and a public file is opened up only once complete."""
+    """Write atomically with the mode set before the data, so a private key is never
+    readable by others."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, data)
-    os.chmod(path, 0o600 if private else 0o644)
+    write_bytes_atomic(path, data, mode=0o600 if private else 0o644)
     return path

@@ -34,6 +34,13 @@ def test_site_keys_are_p384_and_trusted_by_name(tmp_path):
     assert site_certs(tmp_path / "sites" / "north", "north") == site_certs(tmp_path, "north")
 
 
+def test_keys_are_private_and_certificates_public(tmp_path):
+    make_certs(tmp_path, "fl.example.org", ["a"])
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes["ca.key"] == modes["server.key"] == modes["sites/a/site.key"] == 0o600
+    assert modes["ca.crt"] == modes["server.crt"] == modes["sites/a/site.pub"] == 0o644
+
+
 @pytest.mark.parametrize("host, sites, match", [
     ("https://x:1", ["a"], "neither an IP address nor a DNS name"),
     ("x.org", ["a", "a"], "appears more than once"),

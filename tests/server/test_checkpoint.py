@@ -260,3 +260,17 @@ def test_save_arrays_round_trip_with_plain_keys(tmp_path: Path) -> None:
 def test_load_arrays_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"^No model file at "):
         load_arrays(tmp_path / "model.safetensors")
+
+
+def test_written_files_get_the_mode_open_would_give_them(tmp_path: Path) -> None:
+    # mkstemp's private 0600 kept colleagues on a shared server from reading a run's model.
+    import os
+
+    from medfed._io import write_bytes_atomic
+
+    previous = os.umask(0o027)
+    try:
+        write_bytes_atomic(tmp_path / "model.safetensors", b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o640
