@@ -33,13 +33,20 @@ none of group ``g``) and ``num-examples-group-<g>`` (its count); evaluate replie
 
 A held-out site (:attr:`SiteData.held_out`) refuses to train; it answers the
 server's ``query`` (name, held out) so the server can leave it out of training.
+
+Errors: Flower sends an exception's text to the server as the error reply's reason, and
+a site's errors name its files and folders. Each handler therefore logs the error in full
+at the site and replies with its type only (:class:`SiteFailure`), unless it is a
+:class:`SiteRefusal`, whose text is written to be shared.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
-from logging import INFO
+from collections.abc import Callable
+from logging import ERROR, INFO
 
 import numpy as np
 import torch
@@ -61,20 +68,46 @@ from medfed.strategies import ClientHooks, ModelSpec, client_hooks_for
 from medfed.strategies._groups import group_count_metrics
 from medfed.transfer import from_wire, to_wire
 
-__all__ = ["app"]
+__all__ = ["SiteFailure", "SiteRefusal", "app"]
 
 app = ClientApp()
+
+
+class SiteRefusal(RuntimeError):
+    """A site declines an instruction; the message names no file and may reach the server."""
+
+
+class SiteFailure(RuntimeError):
+    """What the server learns of any other error at a site: its type, not its text."""
+
+
+def _errors_stay_at_the_site(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Log a handler's error in full here; let only its type travel (see the module docstring)."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except SiteRefusal:
+            raise
+        except Exception as error:
+            log(ERROR, "[medfed] %s failed at this site: %s: %s", handler.__name__, type(error).__name__, error,
+                exc_info=True)
+            raise SiteFailure(f"{type(error).__name__} at the site; the site's log has the details") from None
+
+    return guarded
 
 _EVAL_BATCH = 256
 
 
 @app.train()
+@_errors_stay_at_the_site
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model for the configured local epochs."""
     start = time.perf_counter()
     cfg, site, device = _setup(context)
     if site.held_out:
-        raise RuntimeError(f"Site {site.name!r} is held out: it only evaluates the global model and never trains.")
+        raise SiteRefusal(f"Site {site.name!r} is held out: it only evaluates the global model and never trains.")
     config = msg.content["config"]
     server_round = int(config["server-round"])
     settings = _train_settings(config, cfg)
@@ -111,6 +144,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_errors_stay_at_the_site
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received global model (with what the site keeps) on the site's test split."""
     start = time.perf_counter()
@@ -136,6 +170,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 
 
 @app.query()
+@_errors_stay_at_the_site
 def describe_site(msg: Message, context: Context) -> Message:
     """Say who this site is (name, held out), without loading its images."""
     cfg = from_run_config(context.run_config, strict=False)

@@ -125,7 +125,7 @@ def test_training_instruction_without_settings_is_an_error_reply(grid, global_ar
     # Execute
     (reply,) = grid.send_and_receive([Message(content, 2, MessageType.TRAIN)])
     # Assert
-    assert reply.has_error() and "lacks ['local-epochs'" in reply.error.reason
+    assert reply.has_error() and "ValueError at the site" in reply.error.reason
 
 
 def test_site_failure_becomes_an_error_reply(tiny_root, tiny_config, tmp_path, global_arrays):
@@ -135,4 +135,20 @@ def test_site_failure_becomes_an_error_reply(tiny_root, tiny_config, tmp_path, g
     (reply,) = grid.send_and_receive([_message(global_arrays, MessageType.TRAIN)])
     # Assert
     assert reply.has_error()
-    assert "names no data" in reply.error.reason
+    assert "SiteDataError at the site; the site's log has the details" in reply.error.reason
+
+
+@pytest.mark.parametrize("message_type", [MessageType.TRAIN, MessageType.EVALUATE])
+def test_an_error_at_a_site_reaches_the_server_without_the_sites_paths(
+    message_type, tiny_root, tiny_config, tmp_path, global_arrays, caplog
+):
+    # Prepare: a hospital whose data folder is gone; Flower sends an exception's text as the
+    # error reason, and this one names the folder.
+    folder = tmp_path / "hospital-a" / "patients-2026"
+    grid = LocalGrid(client_app, [{"data-path": str(folder)}], to_run_config(tiny_config(tiny_root, tmp_path)))
+    # Execute
+    (reply,) = grid.send_and_receive([_message(global_arrays, message_type)])
+    # Assert: the server learns the error's type; the site's log has the folder.
+    assert reply.has_error() and "at the site; the site's log has the details" in reply.error.reason
+    assert "patients-2026" not in reply.error.reason and "hospital-a" not in reply.error.reason
+    assert "patients-2026" in caplog.text
