@@ -186,8 +186,8 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
     if not resume:
         if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists():
             raise ResumeError(
-                f"{run_dir} already holds a run; resume it (medfed simulate --resume {run_dir}) "
-                "or give the experiment another 'name'."
+                f"{run_dir} already holds a run; continue it with --resume (medfed simulate --resume {run_dir}, "
+                f"or medfed server --resume --run-dir {run_dir}), or start the new run in another folder."
             )
         return None
     if not (run_dir / CONFIG_FILE).is_file():

@@ -187,7 +187,7 @@ def test_a_resume_that_fails_on_its_checkpoint_leaves_config_yaml_alone(stored_r
 @pytest.mark.parametrize(
     ("changes", "resume", "message"),
     [
-        ({}, False, "already holds a run; resume it"),
+        ({}, False, "already holds a run; continue it with --resume"),
         ({"train": {"lr": 0.5}}, True, "has train.lr=0.001 but this run asks for train.lr=0.5"),
         ({"rounds": 2}, True, "'rounds' may only grow"),
     ],
