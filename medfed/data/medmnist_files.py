@@ -263,7 +263,7 @@ def _read_npz(path: Path, url: str) -> dict[str, np.ndarray]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise DatasetValidationError(
             f"MedMNIST file {path} is not a readable .npz archive ({type(error).__name__}: {error}); it may be "
-            f"truncated or corrupt. Delete it and download it again from {url}."
+            f"truncated or corrupt. Replace it with an intact copy (a site: its own export; the public release: {url})."
         ) from error
 
 
