@@ -27,6 +27,19 @@ def _positive(kind: type) -> callable:
     return parse
 
 
+def _number(ok: callable, what: str) -> callable:
+    """An argparse float type for values where ``ok(value)`` (argparse prints the one-line error)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not ok(value):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -42,15 +55,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from medfed.config import TrainConfig
 
     train = TrainConfig()  # defaults shared with the experiment config's train section
+
     p.add_argument("--epochs", type=_positive(int), default=100)
     p.add_argument("--batch-size", type=_positive(int), default=train.batch_size)
     p.add_argument("--optimizer", default=train.optimizer, choices=("adamw", "sgd"))
     p.add_argument("--lr", type=_positive(float), default=train.lr)
-    p.add_argument("--weight-decay", type=float, default=train.weight_decay)
+    p.add_argument("--weight-decay", type=_number(lambda v: 0 <= v < float("inf"), "a number >= 0"),
+                   default=train.weight_decay)
     p.add_argument("--loss-weighting", default=None, choices=("none", "sqrt", "balanced"),
                    help="class weighting of the loss (default: balanced)")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--hflip-p", type=float, default=None,
+    p.add_argument("--label-smoothing", type=_number(lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0)
+    p.add_argument("--hflip-p", type=_number(lambda v: 0 <= v <= 1, "in [0, 1]"), default=None,
                    help="mirroring probability in training (default: 0.5)")
     p.add_argument("--selection-window", type=_positive(int), default=None,
                    help="epochs averaged when selecting the epoch by validation (default: epochs // 10, 1..5)")
@@ -105,9 +120,11 @@ def _run_simulate(args: argparse.Namespace) -> None:
         if not config.is_file():
             raise FileNotFoundError(f"No config.yaml in {run_dir}: --resume needs a medfed run folder.")
         cfg = load_config(args.config or config, args.overrides)
+        args.run_dir = run_dir  # for the hint after an interrupt
         simulate(cfg, run_dir=run_dir, resume=True)
     else:
         cfg = load_config(args.config, args.overrides)
+        args.run_dir = Path(cfg.output_dir) / cfg.name
         simulate(cfg)
 
 
@@ -162,10 +179,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="RUN_DIR", help="a federated run folder (its final model.safetensors)")
     source.add_argument("--model", metavar="FILE", help="a medfed train output (model.safetensors or its folder)")
-    p.add_argument("--dataset", default=None, help="MedMNIST flag (--model; default: from its metrics.json)")
+    p.add_argument("--dataset", default=None,
+                   help="MedMNIST flag (--model; default: from its metrics.json, which it must match)")
     p.add_argument("--data-root", default=None, help="folder with the official .npz files (--model)")
     p.add_argument("--img-size", type=int, default=None, choices=(28, 64, 128, 224), help="(--model)")
-    p.add_argument("--model-name", default=None, help="variant, e.g. nano (--model; default: from metrics.json)")
+    p.add_argument("--model-name", default=None,
+                   help="variant, e.g. nano (--model; default: from metrics.json, which it must match)")
     p.add_argument("--corruptions", default="default",
                    help="'default' (the dataset's MedMNIST-C corruptions), 'all', or names separated by commas")
     p.add_argument("--severities", default="1,2,3,4,5", help="severities to run, e.g. 1,3,5")
@@ -314,7 +333,8 @@ def _is_input_error(err: BaseException) -> bool:
     """medfed's input errors (each one line: what was expected, what to do) and missing files."""
     from medfed.errors import MedfedError
 
-    return isinstance(err, (MedfedError, FileNotFoundError))
+    # A path that is a file where a folder is expected (or the reverse) is the same kind of mistake.
+    return isinstance(err, (MedfedError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -322,8 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        hints = {"simulate": "; continue with medfed simulate --resume RUN_DIR",
-                 "server": "; continue with medfed server --resume --run-dir RUN_DIR"}
+        run_dir = getattr(args, "run_dir", None) or "RUN_DIR"
+        hints = {"simulate": f"; continue with medfed simulate --resume {run_dir}",
+                 "server": f"; continue with medfed server --resume --run-dir {run_dir}"}
         print(f"medfed: interrupted{hints.get(args.command, '')}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - only known input errors become one line

@@ -13,7 +13,10 @@ Models: a federated run folder (``RUN_DIR/model.safetensors`` with the run's
 first adapted as its strategy adapts it at a site that never trained
 (:meth:`~medfed.strategies.ClientHooks.before_evaluation`): a FedBN run's global model
 holds no site's BatchNorm, so its statistics are estimated from the dataset's training
-images (recorded under ``"adapted"``).
+images (recorded under ``"adapted"``). Predictions average each image and its mirror
+as the model's own evaluation did (recorded under ``"mirror"``): always for a run, as
+a site's ClientApp evaluates; for a ``medfed train`` model only when it trained on
+mirrored images (``hflip_p`` > 0), as ``medfed train`` tested it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ class ModelSpec:
     data_root: str | None
     img_size: int
     strategy: str = "fedavg"  # whose client hooks adapt the model before evaluation
+    # Average the predictions over each image and its mirror, as the model's own
+    # evaluation did (``medfed train`` does only when it trained on mirrored images).
+    mirror: bool = True
 
 
 def model_from_run(run_dir: str | Path) -> ModelSpec:
@@ -63,29 +69,63 @@ def model_from_run(run_dir: str | Path) -> ModelSpec:
             f"{run_dir} is not a finished medfed run folder: it needs config.yaml and model.safetensors."
         )
     cfg = load_config(run_dir / "config.yaml")
-    return ModelSpec(weights, cfg.model.name, cfg.data.dataset, cfg.data.root, cfg.data.img_size, cfg.strategy.name)
+    # A site's ClientApp evaluates with predict's default: the mean over the mirror.
+    return ModelSpec(weights, cfg.model.name, cfg.data.dataset, cfg.data.root, cfg.data.img_size, cfg.strategy.name,
+                     mirror=True)
 
 
 def model_from_file(path: str | Path, dataset: str | None, data_root: str | None, img_size: int | None,
                     model_name: str | None) -> ModelSpec:
-    """A ``medfed train`` model; missing settings come from the ``metrics.json`` beside it."""
+    """A ``medfed train`` model; missing settings come from the ``metrics.json`` beside it.
+
+    A ``dataset`` or ``model_name`` that contradicts ``metrics.json`` is refused. Predictions
+    average the mirror when the model trained on mirrored images (its recorded
+    ``hflip_p``, else ``medfed train``'s default for the dataset), as ``medfed train``
+    tested it.
+    """
+    from medfed.data import default_hflip_p
+
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
         raise RobustnessError(f"No model file at {path}; give a medfed train output (model.safetensors).")
     recorded: dict[str, Any] = {}
-    if (path.parent / "metrics.json").is_file():
-        recorded = json.loads((path.parent / "metrics.json").read_text()).get("config", {})
+    metrics_file = path.parent / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            content = json.loads(metrics_file.read_text())
+            recorded = content.get("config", {}) if isinstance(content, dict) else None
+            if not isinstance(recorded, dict):
+                raise ValueError("no 'config' mapping")
+        except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise RobustnessError(
+                f"{metrics_file} is not a readable medfed train metrics.json ({error}): restore it, "
+                "or move it away and give --dataset and --model-name."
+            ) from None
+    # An override would evaluate the weights on data or a network they were not trained for.
+    for flag, given, trained in (("--dataset", dataset, recorded.get("dataset")),
+                                 ("--model-name", _variant(model_name), _variant(recorded.get("model")))):
+        if given and trained and given != trained:
+            raise RobustnessError(
+                f"{path} was trained with {flag} {trained} (its metrics.json says so), but {flag} {given} was asked: "
+                f"leave out {flag}, or give a model trained with {given}."
+            )
     dataset = dataset or recorded.get("dataset")
-    model_name = model_name or recorded.get("model")
+    model_name = _variant(model_name or recorded.get("model"))
     img_size = img_size or recorded.get("img_size") or 28
     if not dataset or not model_name:
         raise RobustnessError(
             f"{path} has no metrics.json beside it naming its dataset and model: give --dataset and --model-name."
         )
-    model_name = model_name if model_name.startswith("medvit_v2_") else f"medvit_v2_{model_name}"
-    return ModelSpec(path, model_name, dataset, data_root, int(img_size))
+    hflip_p = recorded.get("hflip_p")  # None: no metrics.json, or one older than the option
+    mirror = (hflip_p if isinstance(hflip_p, (int, float)) else default_hflip_p(dataset)) > 0
+    return ModelSpec(path, model_name, dataset, data_root, int(img_size), mirror=mirror)
+
+
+def _variant(name: str | None) -> str | None:
+    """The full model name of a variant ("nano" -> "medvit_v2_nano")."""
+    return name if not name or name.startswith("medvit_v2_") else f"medvit_v2_{name}"
 
 
 def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default",
@@ -110,7 +150,8 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
     -------
     dict
         ``{"clean": {...}, "corruptions": {name: {"severities": {s: {...}}, "mean": {...}}}, ...}``
-        with ``acc``, ``auc`` and ``balanced_error`` at every level.
+        with ``acc``, ``auc`` and ``balanced_error`` at every level, and ``"mirror"``: whether
+        predictions averaged each image's mirror (:attr:`ModelSpec.mirror`).
     """
     import torch
 
@@ -136,13 +177,13 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
             corrupt(test.images[:1], name, 1, seed)  # one-line error for unknown or unfit names
     model = create_model(spec.model_name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=spec.img_size)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in load_arrays(spec.weights).items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
+    misfit = _misfit(model.state_dict(), state)
+    if misfit:
         raise RobustnessError(
             f"The weights in {spec.weights} do not fit {spec.model_name} for {spec.dataset} at {spec.img_size} px: "
-            f"{str(error).splitlines()[0]}"
-        ) from None
+            f"{misfit} (were they written for another model variant, dataset or image size?)."
+        )
+    model.load_state_dict(state, strict=True)
     device = select_device()
     model.to(device)
     adapted = client_hooks_for(spec.strategy)({}).before_evaluation(
@@ -150,13 +191,14 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
 
     def measure(images: np.ndarray) -> dict[str, float]:
         data = ImageDataset(images, test.labels, info)
-        y_score, y_true, _, _ = predict(model, make_loader(data, batch_size, shuffle=False), task=info.task, device=device)
+        y_score, y_true, _, _ = predict(model, make_loader(data, batch_size, shuffle=False), task=info.task,
+                                        device=device, mirror=spec.mirror)
         metrics = classification_metrics(info.task, y_true, y_score)
         return {"acc": metrics["acc"], "auc": metrics["auc"], "balanced_error": 1.0 - metrics["balanced_acc"]}
 
     result: dict[str, Any] = {
         "model": str(spec.weights), "model_name": spec.model_name, "dataset": spec.dataset,
-        "img_size": spec.img_size, "seed": seed, "num_test": len(test), "adapted": adapted,
+        "img_size": spec.img_size, "seed": seed, "num_test": len(test), "adapted": adapted, "mirror": spec.mirror,
         "clean": measure(test.images),
         "corruptions": {},
     }
@@ -175,6 +217,21 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
         write_bytes_atomic(out_dir / ROBUSTNESS_JSON, (json.dumps(result, indent=2) + "\n").encode())
         _write_figure(out_dir / ROBUSTNESS_FIGURE, result)
     return result
+
+
+def _misfit(own: dict[str, Any], state: dict[str, Any]) -> str | None:
+    """The first key that ``state`` lacks, has in excess or holds in another shape than ``own``."""
+    missing = [k for k in own if k not in state]
+    if missing:
+        return f"they lack {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        return f"they hold {unexpected[0]!r}, which the model has not"
+    for key, value in own.items():
+        # load_state_dict takes a (1,) entry for a 0-d one (BatchNorm counters).
+        if tuple(state[key].shape) != tuple(value.shape) and not (value.dim() == 0 and tuple(state[key].shape) == (1,)):
+            return f"their {key!r} has shape {tuple(state[key].shape)}, the model's {tuple(value.shape)}"
+    return None
 
 
 def _write_figure(path: Path, result: dict[str, Any]) -> None:

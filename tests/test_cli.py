@@ -68,6 +68,29 @@ def test_bad_numbers_are_refused_by_the_parser(capsys):
     assert "must be > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--hflip-p", "2"], "--hflip-p: must be in [0, 1], got 2"),
+    (["--hflip-p", "-0.5"], "--hflip-p: must be in [0, 1], got -0.5"),
+    (["--label-smoothing", "1.5"], "--label-smoothing: must be in [0, 1), got 1.5"),
+    (["--label-smoothing", "-0.5"], "--label-smoothing: must be in [0, 1), got -0.5"),
+    (["--weight-decay", "-1"], "--weight-decay: must be a number >= 0, got -1"),
+])
+def test_train_options_out_of_range_are_refused_by_the_parser(tiny_root, tmp_path, capsys, args, expected):
+    with pytest.raises(SystemExit) as exit_info:  # tiny and short, should it get past the parser
+        main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--out", str(tmp_path / "run"), *args])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:7"])
+def test_train_on_a_device_that_is_not_there_is_one_line_and_exit_2(tiny_root, tmp_path, capsys, device):
+    code = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--device", device,
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert repr(device) in err and "cpu" in err
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
@@ -84,3 +107,12 @@ def test_simulate_with_a_malformed_yaml_is_one_line_and_exit_2(tmp_path, capsys,
     assert code == 2
     assert len(err.splitlines()) == 1
     assert expected in err and "exp.yaml" in err
+
+
+def test_a_file_where_a_folder_is_expected_is_one_line_and_exit_2(tmp_path, capsys):
+    # `medfed certs --out experiment.yaml` raised FileExistsError with a traceback.
+    target = tmp_path / "experiment.yaml"
+    target.write_text("name: x\n")
+    code = main(["certs", "--out", str(target), "--server-host", "localhost", "--sites", "a"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("medfed certs: error: ") and "\n" not in err

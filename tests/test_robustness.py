@@ -78,3 +78,99 @@ def test_evaluate_bad_arguments_are_one_line_errors(tiny_root, tmp_path, capsys,
     save_config(load_config(overrides=[f"data.root={tiny_root}"]), run / "config.yaml")
     assert main(["evaluate", "--run", str(run), *args]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("hflip_p", [0.0, 0.5])
+def test_evaluate_predicts_as_medfed_train_tested_the_model(tiny_root, tmp_path, hflip_p):
+    # Prepare: a 1-epoch medfed train output; it averages the mirror only when it trained mirrored.
+    from rich.console import Console
+
+    from medfed.client.task import TrainSettings
+    from medfed.robustness import evaluate_robustness, model_from_file
+    from medfed.train import train_pooled
+
+    with pytest.warns(UserWarning, match="breastmnist"):  # the tiny split's counts differ from the official
+        recorded = train_pooled(dataset="breastmnist", data_root=tiny_root, model_name="medvit_v2_nano", img_size=28,
+                                settings=TrainSettings(epochs=1, batch_size=8), out_dir=tmp_path, hflip_p=hflip_p,
+                                console=Console(quiet=True))["test"]
+    # Execute
+    result = evaluate_robustness(model_from_file(tmp_path, None, str(tiny_root), None, None), [], (1,))
+    # Assert: the clean metrics are the ones medfed train reported for these weights.
+    assert result["mirror"] is (hflip_p > 0)
+    assert result["clean"] == pytest.approx(
+        {"acc": recorded["acc"], "auc": recorded["auc"], "balanced_error": 1.0 - recorded["balanced_acc"]})
+
+
+def test_a_run_is_evaluated_on_mirrored_images_as_its_sites_evaluate(tiny_root, tmp_path):
+    # A site's ClientApp evaluates with predict's default (mirror) whatever the dataset.
+    run = tmp_path / "run"
+    _save_model(run)
+    save_config(load_config(overrides=[f"data.root={tiny_root}"]), run / "config.yaml")
+    assert main(["evaluate", "--run", str(run), "--corruptions", "pixelate", "--severities", "1"]) == 0
+    assert json.loads((run / "robustness.json").read_text())["mirror"] is True
+
+
+def _train_output(folder, **config):
+    _save_model(folder)
+    (folder / "metrics.json").write_text(json.dumps(
+        {"config": {"dataset": "breastmnist", "model": "medvit_v2_nano", "img_size": 28, **config}}))
+
+
+@pytest.mark.parametrize("text", ["{\"config\": {", "[1, 2]", "\xff"])
+def test_a_corrupt_metrics_json_is_a_one_line_error(tiny_root, tmp_path, capsys, text):
+    _save_model(tmp_path)
+    (tmp_path / "metrics.json").write_bytes(text.encode("latin-1"))
+    assert main(["evaluate", "--model", str(tmp_path), "--data-root", str(tiny_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.json" in err and "--dataset and --model-name" in err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--dataset", "pneumoniamnist"], "--dataset breastmnist (its metrics.json says so), but --dataset pneumoniamnist"),
+    (["--model-name", "tiny"], "--model-name medvit_v2_nano (its metrics.json says so), but --model-name medvit_v2_tiny"),
+])
+def test_evaluate_refuses_a_dataset_or_model_other_than_the_recorded_one(tiny_root, tmp_path, capsys, args, expected):
+    _train_output(tmp_path)
+    assert main(["evaluate", "--model", str(tmp_path), "--data-root", str(tiny_root), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+    assert not (tmp_path / "robustness.json").exists()
+
+
+def test_evaluate_takes_dataset_and_model_name_that_agree_or_replace_a_missing_metrics_json(tiny_root, tmp_path):
+    from medfed.robustness import model_from_file
+
+    _train_output(tmp_path / "recorded")
+    _save_model(tmp_path / "bare")
+    same = model_from_file(tmp_path / "recorded", "breastmnist", None, None, "nano")
+    bare = model_from_file(tmp_path / "bare", "pneumoniamnist", None, None, "tiny")
+    assert (same.dataset, same.model_name) == ("breastmnist", "medvit_v2_nano")
+    assert (bare.dataset, bare.model_name, bare.mirror) == ("pneumoniamnist", "medvit_v2_tiny", True)
+
+
+def test_weights_that_do_not_fit_name_the_first_misfit_key_and_shapes(tiny_root, tmp_path, capsys):
+    # Prepare: a 3-class model's weights, for a 2-class dataset.
+    torch.manual_seed(0)
+    model = create_model("medvit_v2_nano", num_classes=3, in_chans=1, img_size=28)
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    fits = create_model("medvit_v2_nano", num_classes=2, in_chans=1, img_size=28).state_dict()
+    head = next(k for k, v in state.items() if v.shape != tuple(fits[k].shape))
+    save_arrays(tmp_path / "model.safetensors", state)
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": {"dataset": "breastmnist", "model": "nano"}}))
+    # Execute
+    code = main(["evaluate", "--model", str(tmp_path), "--data-root", str(tiny_root)])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"their '{head}' has shape {state[head].shape}, the model's {tuple(fits[head].shape)}" in err
+    assert not err.rstrip().endswith(":")
+
+
+def test_misfit_names_the_first_missing_unexpected_or_reshaped_key():
+    from medfed.robustness import _misfit
+
+    own = {"a": torch.zeros(2, 3), "b": torch.zeros(4), "n": torch.zeros((), dtype=torch.long)}
+    assert _misfit(own, {"a": torch.zeros(2, 3), "b": torch.zeros(4), "n": torch.zeros(1)}) is None  # (1,) for 0-d
+    assert _misfit(own, {"a": torch.zeros(2, 3)}) == "they lack 'b' and 1 more"
+    assert _misfit(own, {**own, "c": torch.zeros(1)}) == "they hold 'c', which the model has not"
+    assert _misfit(own, {**own, "a": torch.zeros(3, 3)}) == "their 'a' has shape (3, 3), the model's (2, 3)"

@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from medfed.config import TrainConfig
 from medfed.data import classification_metrics, confusion, group_metrics
+from medfed.errors import MedfedError
 
 __all__ = [
     "TrainSettings",
     "prepare_model",
     "select_device",
+    "DeviceError",
     "seed_everything",
     "make_loader",
     "image_batches",
@@ -75,11 +77,36 @@ class TrainSettings:
     data_on_device: bool = _DEFAULTS.data_on_device
 
 
+class DeviceError(MedfedError):
+    """A requested torch device is unknown or not on this machine."""
+
+
+def _available_devices() -> list[str]:
+    devices = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0))]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
+
+
 def select_device(preferred: str | None = None) -> torch.device:
-    """The site's accelerator when it has one (CUDA), else the CPU."""
-    if preferred:
-        return torch.device(preferred)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The site's accelerator when it has one (CUDA), else the CPU.
+
+    Raises
+    ------
+    DeviceError
+        If ``preferred`` is not a device string or names a device this machine lacks
+        (found here rather than at the first tensor moved, after the data is loaded).
+    """
+    if not preferred:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available = _available_devices()
+    try:
+        device = torch.device(preferred)
+    except RuntimeError:
+        raise DeviceError(f"Unknown device {preferred!r}: use one this machine has ({', '.join(available)}).") from None
+    # Other torch device types (meta, xpu, ...) are none that medfed trains on.
+    name = {"cpu": "cpu", "cuda": f"cuda:{device.index or 0}"}.get(device.type, device.type)
+    if name not in available:
+        raise DeviceError(f"Device {preferred!r} is not on this machine: use one it has ({', '.join(available)}).")
+    return device
 
 
 def seed_everything(seed: int) -> None:

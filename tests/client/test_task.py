@@ -101,3 +101,25 @@ def test_client_metric_record_flattens_confusion_and_groups():
     # Counts are the split's, whatever the results saw.
     assert [groups[f"num-examples-group-{g}"] for g in range(3)] == [5, 0, 3]
     assert sorted(groups) == sorted(f"{m}-group-{g}" for m in ("acc", "auc", "num-examples") for g in range(3))
+
+
+def test_select_device_refuses_unknown_or_absent_devices_and_names_the_ones_there(monkeypatch):
+    from medfed.client.task import DeviceError, select_device
+    from medfed.errors import MedfedError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device() == torch.device("cpu") and select_device("cpu") == torch.device("cpu")
+    with pytest.raises(DeviceError, match=r"Unknown device 'bogus': use one this machine has \(cpu\)"):
+        select_device("bogus")
+    with pytest.raises(MedfedError, match=r"Device 'cuda' is not on this machine: use one it has \(cpu\)"):
+        select_device("cuda")
+
+
+def test_select_device_takes_a_present_gpu_and_refuses_a_missing_index(monkeypatch):
+    from medfed.client.task import DeviceError, select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert select_device("cuda") == torch.device("cuda") and select_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DeviceError, match=r"'cuda:2' is not on this machine: use one it has \(cpu, cuda:0, cuda:1\)"):
+        select_device("cuda:2")
