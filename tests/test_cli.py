@@ -82,7 +82,7 @@ def test_train_options_out_of_range_are_refused_by_the_parser(tiny_root, tmp_pat
     assert expected in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("device", ["bogus", "cuda:7"])
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"])
 def test_train_on_a_device_that_is_not_there_is_one_line_and_exit_2(tiny_root, tmp_path, capsys, device):
     code = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--device", device,
                  "--out", str(tmp_path / "run")])

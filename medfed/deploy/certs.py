@@ -12,7 +12,8 @@
       sites/A/             the folder to hand to site A:
         ca.crt             a copy of the CA certificate (to check the server)
         site.key           the site's private key (0600; never leaves the site)
-        site.pub           its public key (also in trusted_sites.txt)
+        site.pub           its public key and name, as in trusted_sites.txt (checked
+                           against site.key and --site by medfed client)
 
 TLS keys are ECDSA P-256; site keys ECDSA P-384 in OpenSSH format, which is what Flower's
 SuperNode authentication reads (``--auth-supernode-private-key``; it rejects ed25519).
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -189,13 +191,32 @@ class SiteCerts:
 
 
 def server_certs(folder: str | Path) -> ServerCerts:
-    """Find the server's files in a ``medfed certs`` folder, or raise one clear :class:`CertsError`."""
+    """Find the server's files in a ``medfed certs`` folder, or raise one clear :class:`CertsError`.
+
+    The certificates and the key are read here, so that a damaged or mismatched file is
+    named now rather than reported by the SuperLink as an OpenSSL error.
+    """
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise CertsError(f"Certificate folder {folder} does not exist; create it with 'medfed certs --out {folder} ...'.")
     for name in (CA_CERT, SERVER_CERT, SERVER_KEY, TRUSTED_SITES):
         if not (folder / name).is_file():
             raise CertsError(f"Certificate folder {folder} has no {name}; is it the folder 'medfed certs' wrote?")
+    redo = f"re-run 'medfed certs --out {folder} ... --force' (sites then need their new folders)"
+    ca = _load_cert(folder / CA_CERT, redo)
+    cert = _load_cert(folder / SERVER_CERT, redo)
+    try:
+        key = serialization.load_pem_private_key((folder / SERVER_KEY).read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise CertsError(
+            f"{folder / SERVER_KEY} is not a readable PEM private key ({_reason(err)}); {redo}."
+        ) from None
+    if _public_der(key.public_key()) != _public_der(cert.public_key()):
+        raise CertsError(f"{folder / SERVER_KEY} is not the key of {folder / SERVER_CERT}; {redo}.")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CertsError(f"{folder / SERVER_CERT} is not signed by {folder / CA_CERT}; {redo}.") from None
     return ServerCerts(
         ca_cert=folder / CA_CERT, server_cert=folder / SERVER_CERT, server_key=folder / SERVER_KEY,
         trusted_sites=read_trusted_sites(folder / TRUSTED_SITES),
@@ -203,20 +224,65 @@ def server_certs(folder: str | Path) -> ServerCerts:
 
 
 def site_certs(folder: str | Path, site: str) -> SiteCerts:
-    """Find one site's files: ``folder`` is the site's own folder or the whole ``medfed certs`` folder."""
+    """Find one site's files: ``folder`` is the site's own folder or the whole ``medfed certs`` folder.
+
+    ``site.key`` is read here (a damaged key is named now, not after minutes of
+    retries) and must be the key of ``site``: ``site.pub`` names the site it was made for.
+    """
     validate_site_name(site)
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise CertsError(f"Certificate folder {folder} does not exist; copy the site's folder from 'medfed certs' there.")
     for candidate in (folder, folder / SITES_DIR / site):
         if (candidate / SITE_KEY).is_file():
-            if not (candidate / CA_CERT).is_file():
-                raise CertsError(f"{candidate} has {SITE_KEY} but no {CA_CERT}; copy the whole site folder.")
+            for name in (CA_CERT, SITE_PUB):
+                if not (candidate / name).is_file():
+                    raise CertsError(f"{candidate} has {SITE_KEY} but no {name}; copy the whole site folder.")
+            _check_site_key(candidate, site)
             return SiteCerts(ca_cert=candidate / CA_CERT, site_key=candidate / SITE_KEY)
     raise CertsError(
         f"No key for site {site!r} in {folder}: expected {SITE_KEY} there or in {SITES_DIR}/{site}/ "
         "(the folder 'medfed certs' wrote for this site)."
     )
+
+
+def _check_site_key(folder: Path, site: str) -> None:
+    """Raise unless ``folder/site.key`` is an EC key that ``folder/site.pub`` assigns to ``site``."""
+    again = f"copy the folder 'medfed certs' wrote for site {site!r} again"
+    parts = (folder / SITE_PUB).read_text(encoding="utf-8", errors="replace").split()
+    if len(parts) != 3:
+        raise CertsError(f"{folder / SITE_PUB} must read '<key type> <base64 key> <site name>'; {again}.")
+    if parts[2] != site:
+        raise CertsError(
+            f"{folder} holds the key of site {parts[2]!r}, not of site {site!r}: give --site {parts[2]}, "
+            f"or --certs with the folder of site {site!r}."
+        )
+    try:
+        key = serialization.load_ssh_private_key((folder / SITE_KEY).read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise CertsError(
+            f"{folder / SITE_KEY} is not a readable OpenSSH private key ({_reason(err)}); {again}."
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertsError(f"{folder / SITE_KEY} must be an ECDSA key (Flower rejects others); {again}.")
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    if public.decode("ascii") != " ".join(parts[:2]):
+        raise CertsError(f"{folder / SITE_KEY} is not the key of {folder / SITE_PUB}; {again}.")
+
+
+def _load_cert(path: Path, redo: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError as err:
+        raise CertsError(f"{path} is not a readable PEM certificate ({_reason(err)}); {redo}.") from None
+
+
+def _public_der(key) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _reason(err: Exception) -> str:
+    return " ".join(str(err).split()).split(". ")[0][:120] or type(err).__name__
 
 
 def read_trusted_sites(path: str | Path) -> dict[str, str]:

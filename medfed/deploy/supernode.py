@@ -4,8 +4,11 @@
 a bad folder fails here, in one line, not in round 3), then starts ``flower-supernode``
 with the site's private key (SuperNode authentication), the CA certificate that checks
 the server, and the node config the ClientApp reads (``site-name``, ``data-path``,
-``device``). The SuperNode reconnects on its own when the server restarts. Ctrl-C (or
-SIGTERM) stops it and every ClientApp process it started.
+``device``). The SuperNode reconnects on its own when the server restarts, and is
+started again when it ends by itself (a server on a new run folder does not know its
+node). Before each start, and when it could not connect, :func:`probe_server` checks
+the server's address and certificate, so that the message names the real cause. Ctrl-C
+(or SIGTERM) stops it and every ClientApp process it started.
 
 What leaves the site: the model's weights after local training and the metrics of
 :mod:`medfed.client.client_app` (counts, loss, ACC/AUC, confusion matrix). Images,
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,13 +30,15 @@ from pathlib import Path
 
 from medfed.deploy.certs import site_certs, validate_site_name
 from medfed.deploy.processes import ProcessSet, flower_executable, free_port, interrupt_on_sigterm
-from medfed.deploy.superlink import DeployError, parse_address
+from medfed.deploy.superlink import Address, DeployError, parse_address
 
-__all__ = ["check_site_data", "run_client"]
+__all__ = ["check_site_data", "probe_server", "run_client"]
 
 #: ``{flag}.npz`` or ``{flag}_{size}.npz``: an official MedMNIST file.
 #: Seconds between the SuperNode's checks for a message to run (Flower's default: 1 s).
 CLIENTAPP_POLL_S = "0.1"
+#: Seconds :func:`probe_server` waits for a connection or a TLS handshake.
+PROBE_TIMEOUT_S = 5.0
 _MEDMNIST_FILE = re.compile(r"(?P<flag>[a-z0-9]+?)(?:_(?P<size>28|64|128|224))?\.npz")
 _TASKS = ("multi-class", "multi-label, binary-class")
 
@@ -105,7 +112,7 @@ def run_client(
     *, server: str, site: str, data: str | Path, certs: str | Path | None, insecure: bool = False,
     device: str | None = None, max_wait_s: float | None = None, state_dir: str | Path | None = None, out=None,
 ) -> None:
-    """Validate the site's data, then run its SuperNode until the server is done or Ctrl-C.
+    """Validate the site's data, then run its SuperNode until Ctrl-C (or SIGTERM).
 
     Parameters
     ----------
@@ -124,10 +131,12 @@ def run_client(
         Torch device for local training (``cpu``, ``cuda``, ``cuda:1``); default CUDA when present.
     max_wait_s : float, optional
         Stop when the server cannot be reached, or refuses the site's key, for this long
-        (default: keep trying to reach it; accept a refusal for ``REFUSED_RETRY_S``, which
-        covers a server still registering its sites and a site restarted after a crash;
-        and start a SuperNode that stopped unexpectedly again). With it, a SuperNode that
-        stops is not started again.
+        in all (default: keep trying to reach it; accept a refusal for ``REFUSED_RETRY_S``,
+        which covers a server still registering its sites and a site restarted after a
+        crash). Either way a SuperNode that ends by itself (the server started a new study,
+        a transient server error) is started again, up to ``MAX_CRASHES`` times in
+        ``CRASH_WINDOW_S``; a server with the wrong certificate or without TLS stops the
+        client at once.
     state_dir : str or Path, optional
         Where the site keeps what its strategy keeps between rounds (FedBN's BatchNorm,
         FairLoRA's state): ``medfed-state/SITE`` in the working directory by default.
@@ -149,80 +158,186 @@ def run_client(
     node_config = (f'site-name="{site}" data-path="{_quoted(str(data_path))}" '
                    f'state-dir="{_quoted(str(state_path))}"')
     if device:
+        from medfed.client.task import select_device
+
+        select_device(device)  # an absent or unknown device is one line now, not an error every round
         node_config += f' device="{_quoted(device)}"'
     command = [
         flower_executable("flower-supernode"), "--superlink", str(address), "--node-config", node_config,
         "--host", "127.0.0.1", "--port", str(free_port()),
     ]
-    if max_wait_s is not None:
-        command += ["--max-wait-time", str(max_wait_s)]
     if insecure:
         _say(out, "WARNING: --insecure: no TLS and no site key. The model updates travel in clear text and the "
                   "server cannot tell this site from any other machine. Use only for a test on a closed network.")
         command += ["--insecure"]
+        ca_cert = None
     else:
         if certs is None:
             raise DeployError("medfed client needs --certs DIR (this site's folder from 'medfed certs'), or --insecure.")
         files = site_certs(certs, site)
         command += ["--root-certificates", str(files.ca_cert), "--auth-supernode-private-key", str(files.site_key)]
+        ca_cert = files.ca_cert
     _say(out, f"medfed client: site {site}: data {data_path} ({summary}); connecting to {address}"
               f"{' (INSECURE)' if insecure else ' with TLS'}")
     # The SuperNode's SuperExec starts one ClientApp process per message; it looks for work
     # every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower: 1 s) in the SuperNode's
     # in-memory state, so polling often costs next to nothing.
-    poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", CLIENTAPP_POLL_S)
-    refused_for = REFUSED_RETRY_S if max_wait_s is None else max_wait_s
-    first_refusal = None
-    crashes: list[float] = []
+    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", CLIENTAPP_POLL_S)}
+    with interrupt_on_sigterm():
+        _keep_running(command, env, address, ca_cert, site, max_wait_s, out)
+
+
+def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_cert: Path | None, site: str,
+                  max_wait_s: float | None, out) -> None:
+    """Run the SuperNode, and again whenever it ends by itself, until Ctrl-C or a problem to report.
+
+    ``waiting`` is when the server became unreachable or started refusing the key (None
+    while it is fine); ``max_wait_s`` bounds the time since then, Flower's own retries included.
+    """
+    waiting = first_refusal = None
+    restarts: list[float] = []
     while True:
-        code, refused = _run_supernode(command, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll}, site, out)
-        if not refused and code not in (0, -2, -15) and max_wait_s is None:
-            # Flower's SuperNode exits on some transient server errors (an HTTP 500 while
-            # pulling messages from an overloaded SuperLink): start it again, within limits.
-            now = time.monotonic()
-            crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
-            if len(crashes) <= MAX_CRASHES:
-                _say(out, f"medfed client: site {site}: the SuperNode stopped (exit code {code}); "
-                          f"starting it again in {REFUSED_PAUSE_S:g} s")
-                time.sleep(REFUSED_PAUSE_S)
+        waiting = _wait_for_server(address, ca_cert, site, max_wait_s, waiting, out)
+        run_command = command
+        if max_wait_s is not None:  # Flower gives up on an unreachable server after what is left
+            left = max_wait_s - (time.monotonic() - waiting) if waiting is not None else max_wait_s
+            run_command = command + ["--max-wait-time", f"{max(left, 1.0):g}"]
+        code, refused, connected, failing_since = _run_supernode(run_command, env, site, out)
+        if connected:
+            waiting, first_refusal = failing_since, None
+        elif waiting is None:
+            waiting = failing_since
+        now = time.monotonic()
+        if refused:
+            problem = probe_server(address, ca_cert)
+            if problem is not None:  # not a refused key: the server went away, or TLS does not match
+                waiting = now if waiting is None else waiting
                 continue
-        if not refused:
-            break
-        # Refused keys: the server may still be registering the sites, or may not yet
-        # have marked this site offline after a crash (Flower: up to a minute).
-        first_refusal = first_refusal or time.monotonic()
-        if time.monotonic() - first_refusal >= refused_for:
-            break
-        _say(out, f"medfed client: site {site}: the server refused this site's key; trying again in "
-                  f"{REFUSED_PAUSE_S:g} s")
+            # Refused keys: the server may still be registering the sites, or may not yet
+            # have marked this site offline after a crash (Flower: up to a minute).
+            first_refusal = now if first_refusal is None else first_refusal
+            waiting = now if waiting is None else waiting
+            refused_for = REFUSED_RETRY_S if max_wait_s is None else max_wait_s
+            left = refused_for - (now - (first_refusal if max_wait_s is None else waiting))
+            if left <= 0:
+                if ca_cert is None:
+                    raise DeployError(
+                        f"The server at {address} did not accept site {site} without TLS for {refused_for:g} s; a "
+                        "server started without --insecure needs TLS and the site's key: drop --insecure and give "
+                        "--certs."
+                    )
+                raise DeployError(
+                    f"The server refused the key of site {site} for {refused_for:g} s: is {site!r} in the server's "
+                    "trusted_sites.txt, and is this the site's own folder from 'medfed certs'?"
+                )
+            pause = min(REFUSED_PAUSE_S, left)
+            _say(out, f"medfed client: site {site}: the server refused this site's key; trying again in {pause:.3g} s")
+            time.sleep(pause)
+            continue
+        # The SuperNode ended by itself: Flower's SuperNode exits (0) when the server no
+        # longer knows its node (a restarted server on a new run folder, i.e. a new study;
+        # it registers the trusted keys again at start, so a new SuperNode gets in) or after
+        # transient server errors (an HTTP 500 from an overloaded SuperLink): start it again,
+        # within limits.
+        restarts = [t for t in restarts if now - t < CRASH_WINDOW_S] + [now]
+        if len(restarts) > MAX_CRASHES:
+            raise DeployError(
+                f"The SuperNode of site {site} stopped {len(restarts)} times in {CRASH_WINDOW_S:g} s (last exit code "
+                f"{code}); Flower's reason is above."
+            )
+        how = "ended (the server restarted or forgot this site)" if code == 0 else f"stopped (exit code {code})"
+        _say(out, f"medfed client: site {site}: the SuperNode {how}; starting it again in {REFUSED_PAUSE_S:g} s")
         time.sleep(REFUSED_PAUSE_S)
-    if refused and insecure:
-        raise DeployError(
-            f"The server at {address} did not accept site {site} without TLS for {refused_for:g} s; a server "
-            "started without --insecure needs TLS and the site's key: drop --insecure and give --certs."
-        )
-    if refused:
-        raise DeployError(
-            f"The server refused the key of site {site} for {refused_for:g} s: is {site!r} in the server's "
-            "trusted_sites.txt, and is this the site's own folder from 'medfed certs'?"
-        )
-    if code not in (0, -2, -15):
-        raise DeployError(
-            f"The SuperNode of site {site} stopped {len(crashes)} times in {CRASH_WINDOW_S:g} s (last exit code "
-            f"{code}); Flower's reason is above."
-        )
 
 
-def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> tuple[int, bool]:
-    """Run the SuperNode until it exits, echoing its output; return (exit code, key refused)."""
+def _wait_for_server(address: Address, ca_cert: Path | None, site: str, max_wait_s: float | None,
+                     waiting: float | None, out) -> float | None:
+    """Return once the server answers at ``address`` (TLS checked with ``ca_cert``); return ``waiting``,
+    set if this had to wait. Raise on a lasting problem, or when ``max_wait_s`` has passed since ``waiting``."""
+    said = False
+    while (problem := probe_server(address, ca_cert)) is not None:
+        lasting, text = problem
+        if lasting:
+            raise DeployError(f"Site {site}: {text}.")
+        now = time.monotonic()
+        waiting = now if waiting is None else waiting
+        if max_wait_s is not None and now - waiting >= max_wait_s:
+            raise DeployError(f"Site {site}: {text} (gave up after {max_wait_s:g} s, --max-wait).")
+        if not said:
+            _say(out, f"medfed client: site {site}: {text} Trying again every {REFUSED_PAUSE_S:g} s.")
+            said = True
+        pause = REFUSED_PAUSE_S if max_wait_s is None else min(REFUSED_PAUSE_S, waiting + max_wait_s - now)
+        time.sleep(max(pause, 0.1))
+    return waiting
+
+
+def probe_server(address: Address, ca_cert: Path | None, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str] | None:
+    """Connect to the server as the SuperNode will: None when that works, else (lasting, reason).
+
+    With ``ca_cert``, a TLS handshake checks the server's certificate against it and the
+    host name. A lasting reason (wrong CA, wrong name, no TLS) will not go away by waiting.
+    """
+    try:
+        sock = socket.create_connection((address.host, address.port), timeout=timeout_s)
+    except OSError as err:
+        if isinstance(err, socket.gaierror):
+            why = "name not resolved"
+        elif isinstance(err, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(err, TimeoutError):
+            why = f"no answer within {timeout_s:g} s"
+        else:
+            why = err.strerror or str(err)
+        return False, f"cannot reach {address} ({why}): is the server running and the address right?"
+    with sock:
+        if ca_cert is None:
+            return None
+        context = ssl.create_default_context(cafile=str(ca_cert))
+        try:
+            context.wrap_socket(sock, server_hostname=address.host).close()
+        except ssl.SSLCertVerificationError as err:
+            if err.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+                return True, (f"the server's certificate is not valid for {address.host}: use the name given to "
+                              "'medfed certs --server-host' in --server")
+            if err.verify_code in (2, 18, 19, 20, 21):  # no issuer / self-signed: another CA
+                return True, (f"the server's certificate at {address} is not signed by this site's {ca_cert}: copy "
+                              "the site folder 'medfed certs' wrote for this study")
+            return True, (f"the server's certificate at {address} was not accepted ({err.verify_message}): ask the "
+                          "coordinator to re-run 'medfed certs' and send this site its new folder")
+        except ssl.SSLError as err:
+            if err.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"):
+                return True, (f"the server at {address} does not speak TLS (started with --insecure?): start it with "
+                              "--certs, or use --insecure on both sides for a test")
+            if isinstance(err, ssl.SSLEOFError):
+                return False, f"cannot reach {address} (closed during the TLS handshake): is the server running?"
+            return True, f"the TLS handshake with {address} failed ({err.reason or err})"
+        except OSError as err:
+            why = err.strerror or str(err)
+            return False, f"cannot reach {address} ({why} during the TLS handshake): is the server running?"
+    return None
+
+
+def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> tuple[int, bool, bool, float | None]:
+    """Run the SuperNode until it exits, echoing its output.
+
+    Returns (exit code, key refused or no connection, connected once, when Flower began
+    retrying an unreachable server if it had not got through again: None if not).
+    """
     processes = ProcessSet(env)
     refused = threading.Event()
+    connected = threading.Event()
+    failing_since: list[float] = []
 
     def echo(stream) -> None:
         for raw in stream:
             line = raw.decode("utf-8", errors="replace")
             if _REFUSED in line:
                 refused.set()
+            elif _CONNECTED in line or _RECONNECTED in line:
+                connected.set()
+                failing_since.clear()
+            elif _RETRYING in line and not failing_since:
+                failing_since.append(time.monotonic())
             out.write(line)
             out.flush()
 
@@ -242,11 +357,16 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> t
         processes.stop()
         if reader is not None:
             reader.join(timeout=5)
-    return code, refused.is_set()
+    return code, refused.is_set(), connected.is_set(), (failing_since or [None])[0]
 
 
-#: What Flower's SuperNode prints when the SuperLink does not accept its key.
+#: What Flower's SuperNode prints when it cannot open a connection to the SuperLink: a
+#: refused key, or (told apart by :func:`probe_server`) an unreachable server or TLS mismatch.
 _REFUSED = "Exit Code: 305"
+#: ... when it connected, when it reconnected, and while it retries an unreachable server.
+_CONNECTED = "SuperNode ID:"
+_RECONNECTED = "Connection successful after"
+_RETRYING = "Connection attempt failed"
 #: How long a refused site keeps trying by default, and the pause between tries (s).
 REFUSED_RETRY_S = 120.0
 REFUSED_PAUSE_S = 5.0

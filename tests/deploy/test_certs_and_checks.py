@@ -109,3 +109,59 @@ def test_bad_site_folders_fail_before_connecting(tmp_path, setup, match):
     setup(folder)
     with pytest.raises(SiteDataError, match=match):
         check_site_data(folder)
+
+
+def test_a_site_folder_of_another_site_is_refused(tmp_path):
+    # Prepare
+    make_certs(tmp_path, "x.org", ["hospital-a", "hospital-b"])
+    renamed = tmp_path / "hospital-b-folder"
+    (tmp_path / "sites" / "hospital-b").rename(renamed)
+    # Execute / Assert: the name comes from site.pub, not from the folder's name.
+    assert site_certs(renamed, "hospital-b").site_key == renamed / "site.key"
+    with pytest.raises(CertsError, match="holds the key of site 'hospital-b', not of site 'hospital-a': give --site "
+                                         "hospital-b, or --certs with the folder of site 'hospital-a'"):
+        site_certs(renamed, "hospital-a")
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: (d / "site.key").write_text("garbage\n"), "site.key is not a readable OpenSSH private key"),
+    (lambda d: (d / "site.pub").write_text((d.parent / "b" / "site.pub").read_text().replace(" b", " a")),
+     "site.key is not the key of .*site.pub"),
+    (lambda d: (d / "site.pub").write_text("ecdsa-sha2-nistp384 AAAA\n"), "site.pub must read"),
+    (lambda d: (d / "site.pub").unlink(), "has site.key but no site.pub; copy the whole site folder"),
+])
+def test_a_damaged_site_folder_is_named_before_connecting(tmp_path, damage, match):
+    # Prepare
+    make_certs(tmp_path, "x.org", ["a", "b"])
+    damage(tmp_path / "sites" / "a")
+    # Execute / Assert
+    with pytest.raises(CertsError, match=match):
+        site_certs(tmp_path / "sites" / "a", "a")
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d, other: (d / "server.key").write_text("garbage\n"), "server.key is not a readable PEM private key"),
+    (lambda d, other: (d / "server.crt").write_text("garbage\n"), "server.crt is not a readable PEM certificate"),
+    (lambda d, other: (d / "ca.crt").write_bytes(b""), "ca.crt is not a readable PEM certificate"),
+    (lambda d, other: (d / "server.key").write_bytes((other / "server.key").read_bytes()),
+     "server.key is not the key of .*server.crt"),
+    (lambda d, other: (d / "ca.crt").write_bytes((other / "ca.crt").read_bytes()),
+     "server.crt is not signed by .*ca.crt"),
+])
+def test_damaged_server_certificates_are_named_before_starting(tmp_path, damage, match):
+    # Prepare: the server's folder, and another 'medfed certs' folder to take files from.
+    make_certs(tmp_path / "certs", "x.org", ["a"])
+    make_certs(tmp_path / "other", "x.org", ["a"])
+    damage(tmp_path / "certs", tmp_path / "other")
+    # Execute / Assert
+    with pytest.raises(CertsError, match=match + r".*re-run 'medfed certs --out .* --force'"):
+        server_certs(tmp_path / "certs")
+
+
+def test_a_device_the_site_lacks_stops_the_client_before_connecting(tmp_path):
+    from medfed.client.task import DeviceError
+    from medfed.deploy.supernode import run_client
+
+    with pytest.raises(DeviceError, match="Device 'cuda:99' is not on this machine"):
+        run_client(server="localhost:1", site="a", data=_npz(tmp_path / "site"), certs=None, insecure=True,
+                   device="cuda:99")

@@ -1,0 +1,203 @@
+"""`medfed client` keeps its SuperNode running and names the real reason it cannot connect.
+
+Flower's SuperNode is replaced by a shell script (one scripted behaviour per start);
+the server by a local TLS (or plain) listener, so no Flower process runs here.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import ssl
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medfed.cli import main
+from medfed.deploy import supernode
+from medfed.deploy.certs import make_certs
+from medfed.deploy.processes import free_port
+from medfed.deploy.superlink import DeployError, parse_address
+from medfed.deploy.supernode import probe_server, run_client
+
+pytestmark = pytest.mark.skipif(sys.platform.startswith("win"), reason="the stand-in SuperNode is a shell script")
+
+CONNECTED = 'echo "INFO :      SuperNode ID: 7"'
+RETRYING = 'echo "WARNING :   Connection attempt failed, retrying in 1.00 seconds"'
+REFUSED = 'echo "ERROR :     Exit Code: 305"; exit 1'
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """Certificates for sites a and b, a's data, and no pause between SuperNode starts."""
+    make_certs(tmp_path / "certs", "127.0.0.1", ["a", "b"])
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "breastmnist.npz", **{
+        f"{split}_{kind}": np.zeros((2, 28, 28) if kind == "images" else (2, 1), np.uint8)
+        for split in ("train", "val", "test") for kind in ("images", "labels")})
+    monkeypatch.setattr(supernode, "REFUSED_PAUSE_S", 0.05)
+    return tmp_path
+
+
+def fake_supernode(tmp_path: Path, monkeypatch, *runs: str) -> Path:
+    """Stand in for flower-supernode: start i runs shell snippet i (the last one repeats);
+    ``$wait`` is its --max-wait-time. Returns the file that gets one line of arguments per start."""
+    cases = "".join(f"  {i}) {body};;\n" for i, body in enumerate(runs[:-1], start=1)) + f"  *) {runs[-1]};;\n"
+    script = tmp_path / "flower-supernode"
+    script.write_text(
+        f'#!/bin/sh\nn=$(($(cat "{tmp_path}/runs" 2>/dev/null || echo 0) + 1)); echo $n > "{tmp_path}/runs"\n'
+        f'echo "$@" >> "{tmp_path}/args"\n'
+        'wait=0; prev=; for a in "$@"; do [ "$prev" = --max-wait-time ] && wait=$a; prev=$a; done\n'
+        f"case $n in\n{cases}esac\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr(supernode, "flower_executable", lambda name: str(script))
+    return tmp_path / "args"
+
+
+@contextmanager
+def listener(certs: Path | None, host: str = "127.0.0.1"):
+    """A server on 127.0.0.1 that completes TLS handshakes with ``certs``' server.crt, or
+    (None) answers like an HTTP server without TLS. Yields its port."""
+    context = None
+    if certs is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certs / "server.crt", certs / "server.key")
+    server = socket.create_server((host, 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    if context is not None:
+                        context.wrap_socket(conn, server_side=True).close()
+                    else:
+                        conn.recv(1024)
+                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def client(tmp_path: Path, port: int | str, **kwargs) -> None:
+    run_client(server=f"127.0.0.1:{port}" if isinstance(port, int) else port, site="a", data=tmp_path / "data",
+               certs=tmp_path / "certs" / "sites" / "a", out=kwargs.pop("out", io.StringIO()), **kwargs)
+
+
+def test_a_supernode_that_ends_by_itself_is_started_again_until_sigterm(site, monkeypatch):
+    # Prepare: the first SuperNode connects, then ends with exit 0, as Flower's does when a
+    # server on a new run folder does not know its node; the second is stopped by SIGTERM.
+    args = fake_supernode(site, monkeypatch, f'{CONNECTED}; echo "SuperNode terminated gracefully."; exit 0',
+                          "kill -TERM $PPID; sleep 30")
+    out = io.StringIO()
+    with listener(site / "certs") as port:
+        # Execute / Assert: started again, and SIGTERM still stops the client.
+        with pytest.raises(KeyboardInterrupt):
+            client(site, port, out=out)
+    assert len(args.read_text().splitlines()) == 2
+    assert "site a: the SuperNode ended (the server restarted or forgot this site); starting it again" in out.getvalue()
+    assert "site a: stopping" in out.getvalue()
+
+
+def test_a_supernode_that_keeps_ending_stops_the_client(site, monkeypatch):
+    # Prepare
+    monkeypatch.setattr(supernode, "MAX_CRASHES", 2)
+    args = fake_supernode(site, monkeypatch, "exit 3")
+    with listener(site / "certs") as port:
+        # Execute / Assert
+        with pytest.raises(DeployError, match=r"stopped 3 times in 300 s \(last exit code 3\)"):
+            client(site, port)
+    assert len(args.read_text().splitlines()) == 3
+
+
+def test_probe_tells_the_causes_apart(tmp_path):
+    # Prepare: this site's certificates, and another study's.
+    make_certs(tmp_path / "ours", "127.0.0.1", ["a"])
+    make_certs(tmp_path / "theirs", "127.0.0.1", ["a"])
+    ca = tmp_path / "ours" / "sites" / "a" / "ca.crt"
+    closed = parse_address(f"127.0.0.1:{free_port()}")
+    # Execute / Assert
+    assert probe_server(closed, ca) == (False, f"cannot reach {closed} (connection refused): is the server "
+                                               "running and the address right?")
+    lasting, text = probe_server(parse_address("no-such-host.invalid:9092"), ca)
+    assert not lasting and "cannot reach no-such-host.invalid:9092 (name not resolved)" in text
+    with listener(tmp_path / "ours") as port:
+        assert probe_server(parse_address(f"127.0.0.1:{port}"), ca) is None
+        assert probe_server(parse_address(f"localhost:{port}"), ca) is None
+        assert probe_server(parse_address(f"127.0.0.1:{port}"), None) is None  # --insecure: TCP only
+    with listener(tmp_path / "ours", host="127.0.0.2") as port:  # not a name in the certificate
+        lasting, text = probe_server(parse_address(f"127.0.0.2:{port}"), ca)
+        assert lasting and "the server's certificate is not valid for 127.0.0.2" in text
+    with listener(tmp_path / "theirs") as port:
+        lasting, text = probe_server(parse_address(f"127.0.0.1:{port}"), ca)
+        assert lasting and f"is not signed by this site's {ca}" in text
+    with listener(None) as port:
+        lasting, text = probe_server(parse_address(f"127.0.0.1:{port}"), ca)
+        assert lasting and "does not speak TLS (started with --insecure?)" in text
+
+
+@pytest.mark.parametrize("server, expected", [
+    ("theirs", "is not signed by this site's"),
+    ("plain", "does not speak TLS (started with --insecure?)"),
+    ("closed", "(connection refused): is the server running and the address right? (gave up after 1 s, --max-wait)"),
+])
+def test_client_names_the_real_cause_not_a_refused_key(site, monkeypatch, capsys, server, expected):
+    # Prepare: a SuperNode that fails to connect the way Flower's does (exit code 305).
+    args = fake_supernode(site, monkeypatch, REFUSED)
+    make_certs(site / "theirs", "127.0.0.1", ["a"])
+    argv = ["client", "--site", "a", "--data", str(site / "data"), "--certs", str(site / "certs" / "sites" / "a"),
+            "--max-wait", "1"]
+    # Execute
+    if server == "closed":
+        code = main(argv + ["--server", f"127.0.0.1:{free_port()}"])
+    else:
+        with listener(site / "theirs" if server == "theirs" else None) as port:
+            code = main(argv + ["--server", f"127.0.0.1:{port}"])
+    # Assert: one line naming the cause; the SuperNode never started.
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert expected in err and "refused the key" not in err
+    assert not args.exists()
+
+
+def test_a_refused_key_is_reported_when_the_server_answers(site, monkeypatch):
+    # Prepare
+    fake_supernode(site, monkeypatch, REFUSED)
+    with listener(site / "certs") as port:
+        # Execute / Assert
+        with pytest.raises(DeployError, match="The server refused the key of site a for 0.5 s"):
+            client(site, port, max_wait_s=0.5)
+
+
+def test_max_wait_bounds_the_total_wait(site, monkeypatch):
+    # Prepare: the server answers the first probe, then goes away; the SuperNode retries for
+    # its --max-wait-time, then fails to connect (Flower: exit code 305).
+    fake_supernode(site, monkeypatch, f'{RETRYING}; sleep "$wait"; {REFUSED}')
+    probes = iter([None])
+    gone = (False, "cannot reach 127.0.0.1:9 (connection refused): is the server running and the address right?")
+    monkeypatch.setattr(supernode, "probe_server", lambda address, ca: next(probes, gone))
+    start = time.monotonic()
+    # Execute / Assert
+    with pytest.raises(DeployError, match=r"connection refused.*gave up after 2 s, --max-wait"):
+        client(site, "127.0.0.1:9", max_wait_s=2)
+    assert time.monotonic() - start < 3.5  # 2 s of waiting, not 2 x 2 s
