@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from medfed._io import write_bytes_atomic
 from medfed.client.task import (
     DEFAULT_LOSS_WEIGHTING,
     TrainSettings,
@@ -89,10 +90,10 @@ def train_pooled(
     """
     console = console or Console()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     dev = select_device(device)
     splits = load_medmnist(dataset, data_root, size=img_size)
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the data checks: a failed start leaves no folder
     info = splits["train"].info
     hflip_p = default_hflip_p(dataset) if hflip_p is None else hflip_p
     mirror = hflip_p > 0
@@ -158,7 +159,7 @@ def train_pooled(
             "label_smoothing": label_smoothing, "hflip_p": hflip_p, "selection_window": window,
         },
     }
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_bytes_atomic(out_dir / "metrics.json", json.dumps(result, indent=2).encode("utf-8"))
     console.print(
         f"best epoch {best_epoch} by val (ACC + AUC) / 2 over {window} epoch(s); [bold]test ACC {test['acc']:.4f} AUC {test['auc']:.4f}[/] "
         f"(balanced acc {test['balanced_acc']:.4f}); saved to {out_dir}"

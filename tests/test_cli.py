@@ -59,6 +59,7 @@ def test_train_on_a_missing_dataset_is_one_line_and_exit_2(tmp_path, capsys, mon
     assert code == 2
     assert len(err.splitlines()) == 1
     assert "pneumoniamnist.npz" in err
+    assert not (tmp_path / "run").exists()  # a failed start leaves no output folder
 
 
 def test_bad_numbers_are_refused_by_the_parser(capsys):
