@@ -205,12 +205,7 @@ def server_certs(folder: str | Path) -> ServerCerts:
     redo = f"re-run 'medfed certs --out {folder} ... --force' (sites then need their new folders)"
     ca = _load_cert(folder / CA_CERT, redo)
     cert = _load_cert(folder / SERVER_CERT, redo)
-    try:
-        key = serialization.load_pem_private_key((folder / SERVER_KEY).read_bytes(), password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise CertsError(
-            f"{folder / SERVER_KEY} is not a readable PEM private key ({_reason(err)}); {redo}."
-        ) from None
+    key = _load_key(folder / SERVER_KEY, serialization.load_pem_private_key, "PEM", redo)
     if _public_der(key.public_key()) != _public_der(cert.public_key()):
         raise CertsError(f"{folder / SERVER_KEY} is not the key of {folder / SERVER_CERT}; {redo}.")
     try:
@@ -257,17 +252,19 @@ def _check_site_key(folder: Path, site: str) -> None:
             f"{folder} holds the key of site {parts[2]!r}, not of site {site!r}: give --site {parts[2]}, "
             f"or --certs with the folder of site {site!r}."
         )
-    try:
-        key = serialization.load_ssh_private_key((folder / SITE_KEY).read_bytes(), password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise CertsError(
-            f"{folder / SITE_KEY} is not a readable OpenSSH private key ({_reason(err)}); {again}."
-        ) from None
+    key = _load_key(folder / SITE_KEY, serialization.load_ssh_private_key, "OpenSSH", again)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertsError(f"{folder / SITE_KEY} must be an ECDSA key (Flower rejects others); {again}.")
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     if public.decode("ascii") != " ".join(parts[:2]):
         raise CertsError(f"{folder / SITE_KEY} is not the key of {folder / SITE_PUB}; {again}.")
+
+
+def _load_key(path: Path, load, kind: str, advice: str):  # noqa: ANN001, ANN202 - a cryptography loader and key
+    try:
+        return load(path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise CertsError(f"{path} is not a readable {kind} private key ({_reason(err)}); {advice}.") from None
 
 
 def _load_cert(path: Path, redo: str) -> x509.Certificate:
