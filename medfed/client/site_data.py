@@ -34,7 +34,7 @@ from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medm
 from medfed.config import FederationConfig
 from medfed.sites.profiles import build_site, num_nodes, plan_federation
 
-__all__ = ["SiteData", "SiteDataError", "derive_seed", "load_site_data", "site_identity", "site_role"]
+__all__ = ["SiteData", "SiteDataError", "derive_seed", "load_dataset_once", "load_site_data", "site_identity", "site_role"]
 
 # derive_seed and medfed.sites.profiles.site_seed must stay the same function: plain
 # federations split exactly as before the sites package existed.
@@ -177,8 +177,9 @@ def load_site_data(node_config: Mapping[str, Any], node_id: int, cfg: Experiment
 
 
 @functools.lru_cache(maxsize=4)
-def _load_dataset(flag: str, root: str | None, img_size: int) -> dict[str, ImageDataset]:
-    # Every simulated site of a process reads the same file: load it once.
+def load_dataset_once(flag: str, root: str | None, img_size: int) -> dict[str, ImageDataset]:
+    """:func:`~medfed.data.load_medmnist`, cached: every simulated site of a process (and
+    ``medfed simulate``'s check before the run) reads the same file once."""
     with warnings.catch_warnings():
         # A site's file may legitimately hold fewer samples than the official release.
         warnings.simplefilter("ignore", DatasetSizeWarning)
@@ -195,7 +196,7 @@ def _simulated_site(
         raise SiteDataError(
             f"The node config's 'partition-id' must be in [0, {total}). Got {partition_id} instead."
         )
-    splits = _load_dataset(flag, root, img_size)
+    splits = load_dataset_once(flag, root, img_size)
     train, test = splits["train"], splits["test"]
     plan = plan_federation(
         federation, dataset=flag, num_classes=train.info.num_classes, channels=train.info.in_chans, seed=seed,
@@ -213,7 +214,7 @@ def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, 
     from medfed.data import medmnist_filename
 
     if (path / medmnist_filename(flag, img_size)).is_file():
-        splits = _load_dataset(flag, str(path), img_size)
+        splits = load_dataset_once(flag, str(path), img_size)
     else:
         from medfed.data import dataset_info, load_site_folder
 

@@ -266,7 +266,7 @@ def _preflight(cfg: ExperimentConfig) -> None:
     corrupt or mis-shaped file otherwise fails at each site, and the run folder it leaves
     behind can be neither resumed nor started afresh.
     """
-    from medfed.client.site_data import _load_dataset
+    from medfed.client.site_data import load_dataset_once
     from medfed.config import ConfigError
     from medfed.models import list_models
     from medfed.server.server_app import build_strategy
@@ -289,7 +289,7 @@ def _preflight(cfg: ExperimentConfig) -> None:
                 f"Config key 'data.root' points to {path.parent}, which has no {path.name}; "
                 "put the MedMNIST file there or set data.root to null for the embedded BreastMNIST."
             )
-    _load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.img_size)  # cached: in-process sites reuse it
+    load_dataset_once(cfg.data.dataset, cfg.data.root, cfg.data.img_size)  # cached: in-process sites reuse it
 
 
 def _check_flower_api(function: Any) -> None:
