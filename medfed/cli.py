@@ -182,7 +182,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None,
                    help="MedMNIST flag (--model; default: from its metrics.json, which it must match)")
     p.add_argument("--data-root", default=None, help="folder with the official .npz files (--model)")
-    p.add_argument("--img-size", type=int, default=None, choices=(28, 64, 128, 224), help="(--model)")
+    p.add_argument("--img-size", type=int, default=None, choices=(28, 64, 128, 224),
+                   help="image size (--model; default: from metrics.json, which it must match)")
     p.add_argument("--model-name", default=None,
                    help="variant, e.g. nano (--model; default: from metrics.json, which it must match)")
     p.add_argument("--corruptions", default="default",

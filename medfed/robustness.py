@@ -78,7 +78,7 @@ def model_from_file(path: str | Path, dataset: str | None, data_root: str | None
                     model_name: str | None) -> ModelSpec:
     """A ``medfed train`` model; missing settings come from the ``metrics.json`` beside it.
 
-    A ``dataset`` or ``model_name`` that contradicts ``metrics.json`` is refused. Predictions
+    A ``dataset``, ``model_name`` or ``img_size`` that contradicts ``metrics.json`` is refused. Predictions
     average the mirror when the model trained on mirrored images (its recorded
     ``hflip_p``, else ``medfed train``'s default for the dataset), as ``medfed train``
     tested it.
@@ -105,7 +105,8 @@ def model_from_file(path: str | Path, dataset: str | None, data_root: str | None
             ) from None
     # An override would evaluate the weights on data or a network they were not trained for.
     for flag, given, trained in (("--dataset", dataset, recorded.get("dataset")),
-                                 ("--model-name", _variant(model_name), _variant(recorded.get("model")))):
+                                 ("--model-name", _variant(model_name), _variant(recorded.get("model"))),
+                                 ("--img-size", img_size, recorded.get("img_size"))):
         if given and trained and given != trained:
             raise RobustnessError(
                 f"{path} was trained with {flag} {trained} (its metrics.json says so), but {flag} {given} was asked: "

@@ -128,8 +128,10 @@ def test_a_corrupt_metrics_json_is_a_one_line_error(tiny_root, tmp_path, capsys,
 @pytest.mark.parametrize("args, expected", [
     (["--dataset", "pneumoniamnist"], "--dataset breastmnist (its metrics.json says so), but --dataset pneumoniamnist"),
     (["--model-name", "tiny"], "--model-name medvit_v2_nano (its metrics.json says so), but --model-name medvit_v2_tiny"),
+    # MedViTV2's weights load at any size: without the check, a 28 px model ran on 64 px images unnoticed.
+    (["--img-size", "64"], "--img-size 28 (its metrics.json says so), but --img-size 64"),
 ])
-def test_evaluate_refuses_a_dataset_or_model_other_than_the_recorded_one(tiny_root, tmp_path, capsys, args, expected):
+def test_evaluate_refuses_a_dataset_model_or_size_other_than_the_recorded_one(tiny_root, tmp_path, capsys, args, expected):
     _train_output(tmp_path)
     assert main(["evaluate", "--model", str(tmp_path), "--data-root", str(tiny_root), *args]) == 2
     err = capsys.readouterr().err
