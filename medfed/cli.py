@@ -280,6 +280,7 @@ def _run_server(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"No config.yaml in {args.run_dir}: --resume needs a medfed run folder.")
         config = config or stored
     cfg = load_config(config, args.overrides)
+    args.run_dir = args.run_dir or Path(cfg.output_dir) / cfg.name  # run_server's default; for the hint
     run_server(cfg, certs=args.certs, address=args.address, run_dir=args.run_dir, resume=args.resume,
                insecure=args.insecure, join_timeout_s=args.join_timeout)
 
@@ -338,15 +339,25 @@ def _is_input_error(err: BaseException) -> bool:
     return isinstance(err, (MedfedError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError))
 
 
+def _interrupted_message(args: argparse.Namespace) -> str:
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None:  # interrupted before the run folder was known
+        return "medfed: interrupted"
+    if args.command == "simulate":
+        from medfed.simulation.run import resume_hint
+
+        return resume_hint(run_dir)
+    if args.command == "server":
+        return f"medfed: interrupted; continue with medfed server --resume --run-dir {run_dir}"
+    return "medfed: interrupted"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:
-        run_dir = getattr(args, "run_dir", None) or "RUN_DIR"
-        hints = {"simulate": f"; continue with medfed simulate --resume {run_dir}",
-                 "server": f"; continue with medfed server --resume --run-dir {run_dir}"}
-        print(f"medfed: interrupted{hints.get(args.command, '')}", file=sys.stderr)
+        print(_interrupted_message(args), file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - only known input errors become one line
         if _is_input_error(err):

@@ -39,7 +39,9 @@ going to its last round). :func:`simulate` therefore handles SIGINT and SIGTERM 
 the first one raises KeyboardInterrupt in the main thread (Flower then stops its
 runtime and Ray) and arms a watchdog that shuts Ray down and ends the process
 (exit 130) after a few seconds if anything still runs. The checkpoint of the last
-complete round is written atomically, so ``--resume`` continues from it.
+complete round is written atomically, so ``--resume`` continues from it. ``ray.init``
+installs its own SIGTERM handler (which aborts the process), so :func:`simulate` starts
+Ray itself, before installing medfed's handlers, rather than leaving that to Flower.
 
 Reproducibility: the sites seed themselves from ``(seed, round, site)``, use a fixed
 number of torch threads (``simulation.cpus_per_site``), and the server aggregates replies
@@ -68,7 +70,7 @@ from typing import Any
 
 from medfed.config import ExperimentConfig, to_run_config
 
-__all__ = ["SITE_STATE_FOLDER", "app_pyproject", "resolve_engine", "simulate"]
+__all__ = ["SITE_STATE_FOLDER", "app_pyproject", "resolve_engine", "resume_hint", "simulate"]
 
 #: Folder of the run directory where simulated sites keep their local state per round.
 SITE_STATE_FOLDER = "site-state"
@@ -120,7 +122,7 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     if engine == "inprocess":
         from medfed.simulation.local import run_local
 
-        with _stop_on_interrupt():  # SIGTERM too: a message and exit 130, as on Ray
+        with _stop_on_interrupt(run_dir):  # SIGTERM too: a message and exit 130, as on Ray
             return run_local(cfg, run_dir=run_dir, resume=resume)
     _set_thread_env(cfg)
 
@@ -139,7 +141,9 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)
     if not resume:  # a fresh run must not find an older run's site state
         shutil.rmtree(run_dir / SITE_STATE_FOLDER, ignore_errors=True)
-    with _stop_on_interrupt(), tempfile.TemporaryDirectory(prefix="medfed-flower-app-") as app_dir:
+    app_dir_made = tempfile.TemporaryDirectory(prefix="medfed-flower-app-")
+    # Ray first: ray.init replaces SIGTERM's handler, so ours must be installed after it.
+    with _ray_started(cfg), _stop_on_interrupt(run_dir), app_dir_made as app_dir:
         client_run_config = {**to_run_config(cfg), SITE_STATE_DIR_KEY: str(run_dir / SITE_STATE_FOLDER)}
         (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(client_run_config), encoding="utf-8")
         _run_simulation(
@@ -206,29 +210,45 @@ def resolve_engine(cfg: ExperimentConfig) -> str:
 INTERRUPT_GRACE_S = 5.0
 
 
+def resume_hint(run_dir: str | Path) -> str:
+    """What ``medfed simulate`` prints when a signal stops it."""
+    return f"medfed: interrupted; continue with medfed simulate --resume {run_dir}"
+
+
 @contextmanager
-def _stop_on_interrupt() -> Iterator[None]:
-    """SIGINT/SIGTERM: KeyboardInterrupt now, and a forced exit after ``INTERRUPT_GRACE_S``."""
+def _stop_on_interrupt(run_dir: Path) -> Iterator[None]:
+    """SIGINT/SIGTERM: KeyboardInterrupt now, and a forced exit (130) after ``INTERRUPT_GRACE_S``.
+
+    The KeyboardInterrupt leaves the block and the CLI prints :func:`resume_hint`; the
+    forced exit then only ends threads that Flower leaves running. When the main thread is
+    still in the block at the forced exit, the forced exit prints the hint: after SIGTERM
+    to the process group, Ray's own processes are gone and Ray's shutdown waits for them.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
+    left = threading.Event()
 
     def handler(_signum, _frame) -> None:
         if not getattr(handler, "armed", False):
             handler.armed = True
-            threading.Thread(target=_force_exit, name="medfed-interrupt-watchdog", daemon=True).start()
+            threading.Thread(target=_force_exit, args=(left, run_dir), name="medfed-interrupt-watchdog",
+                             daemon=True).start()
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
+        left.set()
         for sig, old in previous.items():
             signal.signal(sig, old)
 
 
-def _force_exit() -> None:
+def _force_exit(left: threading.Event, run_dir: Path) -> None:
     time.sleep(INTERRUPT_GRACE_S)
+    if not left.is_set():
+        print(resume_hint(run_dir), file=sys.stderr)
     try:
         import ray
 
@@ -241,13 +261,43 @@ def _force_exit() -> None:
 
 
 def _backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    init_args: dict[str, Any] = {}
-    if cfg.simulation.ray_address:
-        init_args["address"] = cfg.simulation.ray_address
     return {
         "client_resources": {"num_cpus": cfg.simulation.cpus_per_site, "num_gpus": cfg.simulation.gpus_per_site},
-        "init_args": init_args,
+        "init_args": _ray_init_args(cfg),
     }
+
+
+def _ray_init_args(cfg: ExperimentConfig) -> dict[str, Any]:
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if cfg.simulation.ray_address:
+        init_args["address"] = cfg.simulation.ray_address
+    return init_args
+
+
+@contextmanager
+def _ray_started(cfg: ExperimentConfig) -> Iterator[None]:
+    """Start (or join) Ray with the arguments Flower's ``RayBackend.init_ray`` uses; shut it down after.
+
+    Left to Flower, ``ray.init`` runs inside ``_run_simulation``, after
+    :func:`_stop_on_interrupt` has installed medfed's handlers, and replaces SIGTERM's
+    with Ray's C++ failure handler, which aborts the process (exit 134, no resume hint).
+    Started here, Ray is left alone by Flower (it skips ``ray.init`` when Ray is
+    initialised) and medfed's handlers are installed after it. Flower's backend shuts Ray
+    down at the end of a run; the shutdown here covers a run that failed before that.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        # Ray's workers inherit the environment but not this process's sys.path (as in Flower).
+        pythonpath = os.pathsep.join(sys.path)
+        if os.environ.get("PYTHONPATH"):
+            pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+        os.environ["PYTHONPATH"] = pythonpath
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **_ray_init_args(cfg))
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _set_thread_env(cfg: ExperimentConfig) -> None:
