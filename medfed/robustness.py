@@ -159,6 +159,7 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
     from medfed.client.task import image_batches, make_loader, predict, select_device
     from medfed.data import DatasetSizeWarning, ImageDataset, classification_metrics, load_medmnist
     from medfed.models import create_model
+    from medfed.models.pretrained import state_dict_misfit
     from medfed.server.checkpoint import load_arrays
     from medfed.sites.corruptions import corrupt, default_corruptions, list_corruptions
     from medfed.strategies import client_hooks_for
@@ -178,7 +179,7 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
             corrupt(test.images[:1], name, 1, seed)  # one-line error for unknown or unfit names
     model = create_model(spec.model_name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=spec.img_size)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in load_arrays(spec.weights).items()}
-    misfit = _misfit(model.state_dict(), state)
+    misfit = state_dict_misfit(model.state_dict(), state)
     if misfit:
         raise RobustnessError(
             f"The weights in {spec.weights} do not fit {spec.model_name} for {spec.dataset} at {spec.img_size} px: "
@@ -218,21 +219,6 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
         write_bytes_atomic(out_dir / ROBUSTNESS_JSON, (json.dumps(result, indent=2) + "\n").encode())
         _write_figure(out_dir / ROBUSTNESS_FIGURE, result)
     return result
-
-
-def _misfit(own: dict[str, Any], state: dict[str, Any]) -> str | None:
-    """The first key that ``state`` lacks, has in excess or holds in another shape than ``own``."""
-    missing = [k for k in own if k not in state]
-    if missing:
-        return f"they lack {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
-        return f"they hold {unexpected[0]!r}, which the model has not"
-    for key, value in own.items():
-        # load_state_dict takes a (1,) entry for a 0-d one (BatchNorm counters).
-        if tuple(state[key].shape) != tuple(value.shape) and not (value.dim() == 0 and tuple(state[key].shape) == (1,)):
-            return f"their {key!r} has shape {tuple(state[key].shape)}, the model's {tuple(value.shape)}"
-    return None
 
 
 def _write_figure(path: Path, result: dict[str, Any]) -> None:

@@ -166,13 +166,3 @@ def test_weights_that_do_not_fit_name_the_first_misfit_key_and_shapes(tiny_root,
     assert code == 2 and err.count("\n") == 1
     assert f"their '{head}' has shape {state[head].shape}, the model's {tuple(fits[head].shape)}" in err
     assert not err.rstrip().endswith(":")
-
-
-def test_misfit_names_the_first_missing_unexpected_or_reshaped_key():
-    from medfed.robustness import _misfit
-
-    own = {"a": torch.zeros(2, 3), "b": torch.zeros(4), "n": torch.zeros((), dtype=torch.long)}
-    assert _misfit(own, {"a": torch.zeros(2, 3), "b": torch.zeros(4), "n": torch.zeros(1)}) is None  # (1,) for 0-d
-    assert _misfit(own, {"a": torch.zeros(2, 3)}) == "they lack 'b' and 1 more"
-    assert _misfit(own, {**own, "c": torch.zeros(1)}) == "they hold 'c', which the model has not"
-    assert _misfit(own, {**own, "a": torch.zeros(3, 3)}) == "their 'a' has shape (3, 3), the model's (2, 3)"

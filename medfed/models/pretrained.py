@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -11,7 +13,7 @@ from torch import nn
 
 from medfed.errors import MedfedError
 
-__all__ = ["PretrainedError", "load_pretrained", "resolve_checkpoint"]
+__all__ = ["PretrainedError", "load_pretrained", "resolve_checkpoint", "state_dict_misfit"]
 
 _MODEL_FILE = "model.safetensors"
 
@@ -60,18 +62,32 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     except (SafetensorError, OSError) as error:
         raise PretrainedError(f"model.init_from: cannot read {file}: {error}.") from error
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    for key in own:
-        # Federated runs store 0-d entries (BatchNorm counters) with shape (1,).
-        if key in state and own[key].dim() == 0 and tuple(state[key].shape) == (1,):
-            state[key] = state[key].reshape(())
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or wrong:
-        what = f"lacks {missing[:3]}" if missing else f"has {wrong[0]!r} of shape {tuple(state[wrong[0]].shape)}"
+    misfit = state_dict_misfit(own, state)
+    if misfit:
         raise PretrainedError(
-            f"model.init_from: {file} does not fit this model: it {what} "
-            "(was it written for another model variant, dataset or image size?)."
+            f"model.init_from: the weights in {file} do not fit this model: {misfit} "
+            "(were they written for another model variant, dataset or image size?)."
         )
     with torch.no_grad():
         model.load_state_dict({k: state[k].to(own[k].dtype) for k in own}, strict=True)
     return model
+
+
+def state_dict_misfit(own: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> str | None:
+    """Why ``state`` cannot be loaded into a model whose state dict is ``own``, or None.
+
+    Names the first key that ``state`` lacks, holds in excess, or holds in another shape.
+    A ``(1,)`` entry fits a 0-d one: federated runs store BatchNorm's counters so, and
+    ``load_state_dict`` takes them.
+    """
+    missing = [k for k in own if k not in state]
+    if missing:
+        return f"they lack {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        return f"they hold {unexpected[0]!r}, which the model has not"
+    for key, value in own.items():
+        shape = tuple(state[key].shape)
+        if shape != tuple(value.shape) and not (value.dim() == 0 and shape == (1,)):
+            return f"their {key!r} has shape {shape}, the model's {tuple(value.shape)}"
+    return None
