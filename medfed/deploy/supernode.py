@@ -275,7 +275,9 @@ def probe_server(address: Address, ca_cert: Path | None, timeout_s: float = PROB
     """Connect to the server as the SuperNode will: None when that works, else (lasting, reason).
 
     With ``ca_cert``, a TLS handshake checks the server's certificate against it and the
-    host name. A lasting reason (wrong CA, wrong name, no TLS) will not go away by waiting.
+    host name. Without (``--insecure``), a handshake that succeeds means the server wants
+    TLS, which the SuperNode would learn only as refusals. A lasting reason (wrong CA,
+    wrong name, TLS on one side only) will not go away by waiting.
     """
     try:
         sock = socket.create_connection((address.host, address.port), timeout=timeout_s)
@@ -291,7 +293,7 @@ def probe_server(address: Address, ca_cert: Path | None, timeout_s: float = PROB
         return False, f"cannot reach {address} ({why}): is the server running and the address right?"
     with sock:
         if ca_cert is None:
-            return None
+            return _speaks_tls(sock, address)
         context = ssl.create_default_context(cafile=str(ca_cert))
         try:
             context.wrap_socket(sock, server_hostname=address.host).close()
@@ -315,6 +317,19 @@ def probe_server(address: Address, ca_cert: Path | None, timeout_s: float = PROB
             why = err.strerror or str(err)
             return False, f"cannot reach {address} ({why} during the TLS handshake): is the server running?"
     return None
+
+
+def _speaks_tls(sock: socket.socket, address: Address) -> tuple[bool, str] | None:
+    """(lasting, reason) when the server at ``address`` completes a TLS handshake, else None."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only asks whether TLS is spoken; nothing is sent after
+    try:
+        context.wrap_socket(sock).close()
+    except OSError:  # ssl.SSLError included: a server without TLS, as --insecure expects
+        return None
+    return True, (f"the server at {address} uses TLS, and this site was started with --insecure: drop --insecure "
+                  "and give --certs, the site folder 'medfed certs' wrote")
 
 
 def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> tuple[int, bool, bool, float | None]:

@@ -144,7 +144,8 @@ def test_probe_tells_the_causes_apart(tmp_path):
     with listener(tmp_path / "ours") as port:
         assert probe_server(parse_address(f"127.0.0.1:{port}"), ca) is None
         assert probe_server(parse_address(f"localhost:{port}"), ca) is None
-        assert probe_server(parse_address(f"127.0.0.1:{port}"), None) is None  # --insecure: TCP only
+        lasting, text = probe_server(parse_address(f"127.0.0.1:{port}"), None)  # --insecure against TLS
+        assert lasting and "uses TLS, and this site was started with --insecure: drop --insecure" in text
     with listener(tmp_path / "ours", host="127.0.0.2") as port:  # not a name in the certificate
         lasting, text = probe_server(parse_address(f"127.0.0.2:{port}"), ca)
         assert lasting and "the server's certificate is not valid for 127.0.0.2" in text
@@ -154,6 +155,7 @@ def test_probe_tells_the_causes_apart(tmp_path):
     with listener(None) as port:
         lasting, text = probe_server(parse_address(f"127.0.0.1:{port}"), ca)
         assert lasting and "does not speak TLS (started with --insecure?)" in text
+        assert probe_server(parse_address(f"127.0.0.1:{port}"), None) is None  # --insecure on both sides
 
 
 @pytest.mark.parametrize("server, expected", [
