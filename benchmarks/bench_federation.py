@@ -121,6 +121,7 @@ def _worker_plain(args: dict, output_dir: str) -> dict:
     n = cfg.federation.num_sites
     sites = [load_site_data({"partition-id": i, "num-partitions": n}, i, cfg) for i in range(n)]
     global_arrays = initial_model_arrays(cfg)
+    reference = {k: np.asarray(v) for k, v in global_arrays.items()}
     info = sites[0].info
     model = create_model(
         cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size
@@ -159,17 +160,18 @@ def _worker_plain(args: dict, output_dir: str) -> dict:
                     aggregated[key] += value * (count / total)
                 else:
                     aggregated[key] = value * (count / total)
-        global_arrays = aggregated
+        # Back to each array's dtype, integer counters rounded, as medfed's strategies do.
+        global_arrays = {k: (v if np.issubdtype(reference[k].dtype, np.inexact) else np.rint(v))
+                         .astype(reference[k].dtype) for k, v in aggregated.items()}
         load(global_arrays)
         for site in sites:  # as in medfed.client.client_app.evaluate_global
             evaluate(model, make_loader(site.test, 256, shuffle=False), make_loss(info.task, site.train.class_counts()),
                      task=info.task, device=device)
         round_s.append(time.perf_counter() - round_started)
     last_end = time.time()
-    reference = initial_model_arrays(cfg)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     weights = Path(output_dir) / "plain.safetensors"
-    save_arrays(weights, {k: v.astype(reference[k].dtype, copy=False) for k, v in global_arrays.items()})
+    save_arrays(weights, global_arrays)
     returned = time.time()
     return {
         "total_s": returned - launched, "startup_s": first_start - launched, "rounds_s": last_end - first_start,
