@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -216,9 +217,10 @@ def train_config(cfg: ExperimentConfig) -> ConfigRecord:
 
 def _is_deployed(grid: Grid) -> bool:
     """True for the Grid of a ServerApp that a SuperLink runs (not the simulation's in-memory one)."""
-    from flwr.superlink.grid import HttpGrid
-
-    return isinstance(grid, HttpGrid)
+    # Looked up, not imported: importing Flower's SuperLink grids takes about a second
+    # (the in-process engine never needs them), and no HttpGrid exists before its module.
+    http_grid = sys.modules.get("flwr.superlink.grid.http_grid")
+    return http_grid is not None and isinstance(grid, http_grid.HttpGrid)
 
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
