@@ -59,6 +59,7 @@ import inspect
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -69,11 +70,18 @@ from pathlib import Path
 from typing import Any
 
 from medfed.config import ExperimentConfig, to_run_config
+from medfed.errors import MedfedError
 
-__all__ = ["SITE_STATE_FOLDER", "app_pyproject", "resolve_engine", "resume_hint", "simulate"]
+__all__ = ["SITE_STATE_FOLDER", "RayClusterError", "app_pyproject", "resolve_engine", "resume_hint", "simulate"]
 
 #: Folder of the run directory where simulated sites keep their local state per round.
 SITE_STATE_FOLDER = "site-state"
+#: Seconds to wait for a Ray cluster named by ``simulation.ray_address`` to accept a connection.
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+class RayClusterError(MedfedError):
+    """``simulation.ray_address`` names no Ray cluster that can be joined."""
 
 _SERVER_APP = "medfed.server.server_app:app"
 _CLIENT_APP = "medfed.client.client_app:app"
@@ -293,7 +301,14 @@ def _ray_started(cfg: ExperimentConfig) -> Iterator[None]:
         if os.environ.get("PYTHONPATH"):
             pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
         os.environ["PYTHONPATH"] = pythonpath
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **_ray_init_args(cfg))
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **_ray_init_args(cfg))
+        except ConnectionError as err:  # ray_address "auto" with no cluster on this machine
+            raise RayClusterError(
+                f"Config key 'simulation.ray_address': Ray found no cluster to join at "
+                f"{cfg.simulation.ray_address!r}; start one with 'ray start --head', or remove ray_address to "
+                "run on this machine."
+            ) from err
     try:
         yield
     finally:
@@ -340,6 +355,26 @@ def _preflight(cfg: ExperimentConfig) -> None:
                 "put the MedMNIST file there or set data.root to null for the embedded BreastMNIST."
             )
     load_dataset_once(cfg.data.dataset, cfg.data.root, cfg.data.img_size)  # cached: in-process sites reuse it
+    if cfg.simulation.ray_address:
+        _check_ray_address(cfg.simulation.ray_address)
+
+
+def _check_ray_address(address: str) -> None:
+    """Fail within seconds when ``host:port`` does not answer: ``ray.init`` retries for minutes.
+
+    Other forms (``auto``, ``ray://...``) are left to ``ray.init``.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        why = err.strerror or str(err) or "no answer"
+        raise RayClusterError(
+            f"Config key 'simulation.ray_address': no Ray cluster answers at {address} ({why}); start one there "
+            f"with 'ray start --head --port {port}', or remove ray_address to run on this machine."
+        ) from err
 
 
 def _check_flower_api(function: Any) -> None:

@@ -29,3 +29,20 @@ def test_bad_data_or_model_stops_before_the_run_starts(overrides, content, messa
     assert code == 2
     assert message in err and "\n" not in err
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_a_ray_address_where_no_cluster_answers_is_one_line_within_seconds(tmp_path, capsys):
+    # Prepare: a port nothing listens on (ray.init would retry for minutes).
+    from medfed.deploy.processes import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    settings = [f"output_dir={tmp_path / 'runs'}", "name=bad", "simulation.engine=ray",
+                f"simulation.ray_address={address}"]
+    # Execute
+    code = main(["simulate"] + [a for s in settings for a in ("--set", s)])
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert f"no Ray cluster answers at {address} (Connection refused)" in err
+    assert "remove ray_address to run on this machine" in err
+    assert not (tmp_path / "runs" / "bad").exists()
