@@ -122,16 +122,16 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     run_dir = run_dir.expanduser().resolve()
     check_run_dir(cfg, run_dir, resume)  # fail before Ray starts; the ServerApp checks again
     _preflight(cfg)
-    from medfed.sites.preview import preview_run_sites
-
-    preview_run_sites(cfg, run_dir)  # the report shows the sites (the server never loads images)
     engine = resolve_engine(cfg)
     print(f"medfed simulate: engine {engine} (simulation.engine: {cfg.simulation.engine})", flush=True)
     if engine == "inprocess":
         from medfed.simulation.local import run_local
 
         with _stop_on_interrupt(run_dir):  # SIGTERM too: a message and exit 130, as on Ray
-            return run_local(cfg, run_dir=run_dir, resume=resume)
+            return run_local(cfg, run_dir=run_dir, resume=resume)  # writes the site preview too
+    from medfed.sites.preview import preview_run_sites
+
+    preview_run_sites(cfg, run_dir)  # the report shows the sites (the server never loads images)
     _set_thread_env(cfg)
 
     from flwr.app import Context, RecordDict
