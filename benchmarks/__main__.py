@@ -54,7 +54,7 @@ def plan(mode: str) -> list[Step]:
             Step("models", "bench_models", ["--device", "cpu", "--variants", "nano", "tiny", "--sizes", "28", "64",
                                             "224", "--warmup", "1", "--steps", "3", "--case-budget", "8"],
                  "models_cpu.json"),
-            Step("federation", "bench_federation", ["--preset", "default"], "federation_cpu.json"),
+            Step("federation", "bench_federation", ["--preset", "default", "--repeats", "2"], "federation_cpu.json"),
             Step("communication", "bench_communication", ["--device", "cpu"], "communication_cpu.json"),
         ]
     if mode == "gpu":

@@ -90,7 +90,17 @@ def _federation(data: dict) -> str:
             "whose work runs in its actor processes); load = 1-minute load average at the path's start / end; "
             "the target is on total wall time.\n\n"
             + _table(["path", "total", "to round 1", "round 1", "later round", "teardown", "fixed", "x plain",
-                      "CPU s", "CPU x plain", "load", "target (wall)"], rows))
+                      "CPU s", "CPU x plain", "load", "target (wall)"], rows)
+            + _federation_repeats(data))
+
+
+def _federation_repeats(data: dict) -> str:
+    if data.get("repeats", 1) <= 1:
+        return ""
+    per_path = "; ".join(f"{path} {', '.join(f'{x:.2f}' for x in r['ratio_total_repeats'])}"
+                         for path, r in data["results"].items() if path != "plain")
+    return (f"\n\nThe paths ran in turn {data['repeats']} times; each row is the repeat whose ratio to that "
+            f"repeat's plain loop is the median. x plain per repeat: {per_path}.")
 
 
 def _communication(data: dict) -> str:

@@ -25,7 +25,10 @@ torch and medfed when the first messages arrive), so the fixed cost is: time to 
 + (round 1 - mean later round) + teardown; the steady-state ratio compares later rounds.
 Round start/end come from ``metrics.jsonl`` (``round`` records carry their end time and
 wall time). Ratios are path / plain. On a CPU the paths end with bit-identical weights
-(checked and reported; on a GPU some kernels are not deterministic).
+(checked and reported; on a GPU some kernels are not deterministic). The paths run one
+after the other, minutes apart, and a shared machine's speed drifts over minutes:
+``--repeats N`` runs them in turn N times and reports, per path, the repeat with the
+median ratio to the plain loop of the same repeat.
 
 Without ``--root`` the embedded BreastMNIST (28 px) is used; at other ``--img-size`` it
 is upsampled (bilinear) into a temporary folder: fine for speed, not for accuracy.
@@ -33,6 +36,7 @@ is upsampled (bilinear) into a temporary folder: fine for speed, not for accurac
 Usage::
 
     python benchmarks/bench_federation.py --preset default    # the default `medfed simulate`
+    python benchmarks/bench_federation.py --preset default --repeats 3    # on a shared machine
     python benchmarks/bench_federation.py                     # 4 sites, 3 rounds, embedded BreastMNIST
     python benchmarks/bench_federation.py --device cuda --paths plain inprocess --model medvit_v2_tiny \
         --img-size 64 --sites 4 --rounds 3 --out benchmarks/results/federation_cuda.json
@@ -44,6 +48,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -225,6 +230,25 @@ def _run_path(path: str, args: dict, output_dir: Path, timeout_s: float) -> dict
     return result
 
 
+def _add_ratios(run: dict[str, dict]) -> None:
+    """Add each path's steady-state round, fixed cost and ratios to the plain loop of the same repeat."""
+    for r in run.values():
+        # Round 1 also pays one-off costs (Ray actor processes and their imports, first
+        # use of each input shape); later rounds are the steady state.
+        steady = r["round_s"][1:] or r["round_s"]
+        r["steady_round_s"] = sum(steady) / len(steady)
+        r["first_round_extra_s"] = r["round_s"][0] - r["steady_round_s"]
+        r["fixed_s"] = r["startup_s"] + r["first_round_extra_s"] + r["teardown_s"]
+    plain = run["plain"]
+    for r in run.values():
+        r["ratio_total"] = r["total_s"] / plain["total_s"]
+        # On a shared machine wall time follows the load; CPU time follows the work.
+        r["ratio_cpu"] = r["cpu_s"] / plain["cpu_s"] if r.get("cpu_s") is not None else None
+        r["ratio_rounds"] = r["rounds_s"] / plain["rounds_s"]
+        r["ratio_steady_round"] = r["steady_round_s"] / plain["steady_round_s"]
+        r["fixed_beyond_plain_s"] = r["fixed_s"] - plain["fixed_s"]
+
+
 def _same_weights(paths: list[str]) -> bool:
     import numpy as np
 
@@ -254,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpus-per-site", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per path")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the paths in turn this many times and report, per path, the repeat whose ratio "
+                        "to that repeat's plain loop is the median: a shared machine's speed drifts over minutes")
     parser.add_argument("--out", default="benchmarks/results/federation_cpu.json")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-args", help=argparse.SUPPRESS)
@@ -282,23 +309,19 @@ def main(argv: list[str] | None = None) -> dict:
             data_note = f"embedded BreastMNIST upsampled from 28 to {args['img_size']} px (speed only)"
         elif args["root"] is None:
             data_note = "embedded BreastMNIST (28 px)"
-        results = {path: _run_path(path, args, Path(tmp), ns.timeout) for path in ns.paths}
-        identical = _same_weights([results[p]["weights"] for p in ns.paths])
-    plain = results["plain"]
-    for r in results.values():
-        # Round 1 also pays one-off costs (Ray actor processes and their imports, first
-        # use of each input shape); later rounds are the steady state.
-        steady = r["round_s"][1:] or r["round_s"]
-        r["steady_round_s"] = sum(steady) / len(steady)
-        r["first_round_extra_s"] = r["round_s"][0] - r["steady_round_s"]
-        r["fixed_s"] = r["startup_s"] + r["first_round_extra_s"] + r["teardown_s"]
+        repeats = []
+        for repeat in range(ns.repeats):
+            run = {path: _run_path(path, args, Path(tmp) / f"repeat-{repeat}", ns.timeout) for path in ns.paths}
+            _add_ratios(run)
+            repeats.append(run)
+        identical = _same_weights([run[p]["weights"] for run in repeats for p in ns.paths])
+    # Per path, the repeat with the median ratio (the lower middle one of an even count).
+    results = {}
+    for path in ns.paths:
+        ratios = [run[path]["ratio_total"] for run in repeats]
+        results[path] = dict(repeats[ratios.index(statistics.median_low(ratios))][path])
+        results[path]["ratio_total_repeats"] = ratios
     for path, r in results.items():
-        r["ratio_total"] = r["total_s"] / plain["total_s"]
-        # On a shared machine wall time follows the load; CPU time follows the work.
-        r["ratio_cpu"] = r["cpu_s"] / plain["cpu_s"] if r.get("cpu_s") is not None else None
-        r["ratio_rounds"] = r["rounds_s"] / plain["rounds_s"]
-        r["ratio_steady_round"] = r["steady_round_s"] / plain["steady_round_s"]
-        r["fixed_beyond_plain_s"] = r["fixed_s"] - plain["fixed_s"]
         if path in TARGETS:
             r["target_ratio_total"] = TARGETS[path]
             r["meets_target"] = r["ratio_total"] <= TARGETS[path]
@@ -312,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "load_avg_1m_at_end": os.getloadavg()[0], "actors": int((os.cpu_count() or 1) // ns.cpus_per_site)},
         "results": {p: {k: v for k, v in r.items() if k != "weights"} for p, r in results.items()},
         "identical_final_weights": identical,
+        "repeats": ns.repeats,
     }
     _print_table(report)
     out = Path(ns.out)
@@ -346,6 +370,10 @@ def _print_table(report: dict) -> None:
         "fixed = to round 1 + (round 1 - later round) + teardown; "
         f"identical final weights: {report['identical_final_weights']}; data: {report['data']}"
     )
+    if report["repeats"] > 1:
+        console.print(f"{report['repeats']} repeats, each row the median one; x plain per repeat: " + "; ".join(
+            f"{path} {', '.join(f'{x:.2f}' for x in r['ratio_total_repeats'])}"
+            for path, r in report["results"].items() if path != "plain"))
 
 
 LABELS = {"plain": "plain loop", "inprocess": "medfed simulate, engine inprocess", "ray": "medfed simulate, engine ray"}
