@@ -353,9 +353,12 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from medfed.deploy.processes import interrupt_on_sigterm
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with interrupt_on_sigterm():  # a scheduler's SIGTERM gets Ctrl-C's clean-up and message
+            args.func(args)
     except KeyboardInterrupt:
         print(_interrupted_message(args), file=sys.stderr)
         return 130

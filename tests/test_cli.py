@@ -1,6 +1,11 @@
 """The `medfed` command: pooled training end to end, and one-line errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +30,28 @@ def test_train_writes_selected_model_and_metrics(tiny_root, tmp_path, capsys):
     weights = load_arrays(out / "model.safetensors")
     assert any(k.endswith("head.weight") for k in weights)
     assert "test ACC" in capsys.readouterr().out
+
+
+def test_sigterm_stops_train_like_ctrl_c(tiny_root, tmp_path):
+    # Prepare: a long training run, stopped by SIGTERM (a batch scheduler's stop) after epoch 1.
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "medfed.cli", "train", "--data-root", str(tiny_root), "--epochs",
+                             "500", "--batch-size", "8", "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch   1"):
+                break
+        # Execute
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        # Assert: Ctrl-C's exit code and message, and no temporary file left in the run folder.
+        assert code == 130
+        assert "medfed: interrupted" in proc.stderr.read()
+        assert list(out.rglob("*.tmp")) == []
+    finally:
+        proc.kill()
 
 
 def test_train_selects_only_after_a_full_window_and_records_the_recipe(tiny_root, tmp_path):
