@@ -368,7 +368,7 @@ def _check_ray_address(address: str) -> None:
     if not sep or not port.isdigit() or "://" in address:
         return
     try:
-        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()  # [::1]:6379
     except OSError as err:
         why = err.strerror or str(err) or "no answer"
         raise RayClusterError(
