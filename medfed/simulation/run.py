@@ -227,8 +227,9 @@ def resume_hint(run_dir: str | Path) -> str:
 def _stop_on_interrupt(run_dir: Path) -> Iterator[None]:
     """SIGINT/SIGTERM: KeyboardInterrupt now, and a forced exit (130) after ``INTERRUPT_GRACE_S``.
 
-    The KeyboardInterrupt leaves the block and the CLI prints :func:`resume_hint`; the
-    forced exit then only ends threads that Flower leaves running. When the main thread is
+    The KeyboardInterrupt leaves the block (as does any exception raised after the signal)
+    and the CLI prints :func:`resume_hint`; the forced exit then only ends threads that
+    Flower leaves running. When the main thread is
     still in the block at the forced exit, the forced exit prints the hint: after SIGTERM
     to the process group, Ray's own processes are gone and Ray's shutdown waits for them.
     """
@@ -247,6 +248,13 @@ def _stop_on_interrupt(run_dir: Path) -> Iterator[None]:
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except Exception as error:
+        if getattr(handler, "armed", False):
+            # Stopping can fail in ways of its own (Ray's processes got the signal too, and
+            # Flower re-raises what its threads met), replacing the KeyboardInterrupt: the
+            # run was interrupted all the same.
+            raise KeyboardInterrupt from error
+        raise
     finally:
         left.set()
         for sig, old in previous.items():

@@ -74,3 +74,22 @@ def test_a_signal_stops_the_run_after_a_complete_round(signum, engine, to, tiny_
             pass
         for pid in _marked(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_failure_while_stopping_still_ends_as_an_interrupt(monkeypatch, tmp_path):
+    # Prepare: no forced exit (it would end pytest); the block fails while it stops, as
+    # Flower's clean-up can when Ray's processes got the signal too (exit 1 once in CI).
+    from medfed.simulation import run
+
+    monkeypatch.setattr(run, "_force_exit", lambda left, run_dir: None)
+    # Execute / Assert
+    with pytest.raises(KeyboardInterrupt):
+        with run._stop_on_interrupt(tmp_path):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here
+            except KeyboardInterrupt:
+                raise RuntimeError("Simulation Runtime crashed.")
+    with pytest.raises(RuntimeError, match="a bug"):  # without a signal, an error stays an error
+        with run._stop_on_interrupt(tmp_path):
+            raise RuntimeError("a bug")
