@@ -277,17 +277,8 @@ def _force_exit(left: threading.Event, run_dir: Path) -> None:
 
 
 def _backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {
-        "client_resources": {"num_cpus": cfg.simulation.cpus_per_site, "num_gpus": cfg.simulation.gpus_per_site},
-        "init_args": _ray_init_args(cfg),
-    }
-
-
-def _ray_init_args(cfg: ExperimentConfig) -> dict[str, Any]:
-    init_args: dict[str, Any] = {"include_dashboard": False}
-    if cfg.simulation.ray_address:
-        init_args["address"] = cfg.simulation.ray_address
-    return init_args
+    # No "init_args": Ray is already up (_ray_started), so Flower does not call ray.init.
+    return {"client_resources": {"num_cpus": cfg.simulation.cpus_per_site, "num_gpus": cfg.simulation.gpus_per_site}}
 
 
 @contextmanager
@@ -310,7 +301,8 @@ def _ray_started(cfg: ExperimentConfig) -> Iterator[None]:
             pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
         os.environ["PYTHONPATH"] = pythonpath
         try:
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **_ray_init_args(cfg))
+            ray.init(address=cfg.simulation.ray_address, include_dashboard=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
         except ConnectionError as err:  # ray_address "auto" with no cluster on this machine
             raise RayClusterError(
                 f"Config key 'simulation.ray_address': Ray found no cluster to join at "
