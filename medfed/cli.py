@@ -7,6 +7,7 @@ known input errors end in one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -348,8 +349,24 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
         return resume_hint(run_dir)
     if args.command == "server":
-        return f"medfed: interrupted; continue with medfed server --resume --run-dir {run_dir}"
+        return f"medfed: interrupted; continue with {_server_resume_command(args)}"
     return "medfed: interrupted"
+
+
+def _server_resume_command(args: argparse.Namespace) -> str:
+    """The ``medfed server`` line that continues this server's run with the same sites."""
+    from medfed.deploy.superlink import DEFAULT_ADDRESS
+
+    words = ["medfed", "server", "--resume", "--run-dir", str(args.run_dir)]
+    if args.certs:
+        words += ["--certs", str(args.certs)]
+    if args.address != DEFAULT_ADDRESS:
+        words += ["--address", args.address]
+    if args.join_timeout is not None:
+        words += ["--join-timeout", f"{args.join_timeout:g}"]
+    if args.insecure:
+        words.append("--insecure")
+    return shlex.join(words)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

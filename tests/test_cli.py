@@ -54,6 +54,26 @@ def test_sigterm_stops_train_like_ctrl_c(tiny_root, tmp_path):
         proc.kill()
 
 
+def test_an_interrupted_server_prints_the_whole_command_that_resumes_it(tmp_path, capsys, monkeypatch):
+    # Prepare: a server with its own certificates, address and join timeout, interrupted while running.
+    import medfed.deploy.superlink as superlink
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(superlink, "run_server", interrupted)
+    run_dir, certs = tmp_path / "my run", tmp_path / "certs"
+    # Execute
+    code = main(["server", "--run-dir", str(run_dir), "--certs", str(certs), "--address", "0.0.0.0:9999",
+                 "--join-timeout", "60"])
+    # Assert: one hint, with every option that reaches the same sites (paths quoted for the shell).
+    assert code == 130
+    assert capsys.readouterr().err.strip() == (
+        f"medfed: interrupted; continue with medfed server --resume --run-dir '{run_dir}' --certs {certs} "
+        "--address 0.0.0.0:9999 --join-timeout 60"
+    )
+
+
 def test_train_selects_only_after_a_full_window_and_records_the_recipe(tiny_root, tmp_path):
     # Prepare: a 2-epoch trailing window over 3 epochs can only pick epoch 2 or 3.
     out = tmp_path / "run"

@@ -203,7 +203,8 @@ def run_server(
             finally:
                 control.close()
     except KeyboardInterrupt:
-        _say(out, f"medfed server: interrupted; stopping. Resume with: medfed server --resume --run-dir {run_dir} ...")
+        # The caller says how to resume (the CLI prints the whole command line).
+        _say(out, "medfed server: interrupted; stopping the SuperLink and the run's apps")
         raise
     finally:
         processes.stop()
