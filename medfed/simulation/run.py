@@ -61,7 +61,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -73,16 +72,20 @@ from typing import Any
 from medfed.config import ExperimentConfig, to_run_config
 from medfed.errors import MedfedError
 
-__all__ = ["SITE_STATE_FOLDER", "RayClusterError", "app_pyproject", "resolve_engine", "resume_hint", "simulate"]
+__all__ = ["SITE_STATE_FOLDER", "RayStartError", "app_pyproject", "resolve_engine", "resume_hint", "simulate"]
 
 #: Folder of the run directory where simulated sites keep their local state per round.
 SITE_STATE_FOLDER = "site-state"
+#: Folder of the run directory holding the Flower app's ``pyproject.toml`` while Ray runs
+#: (Flower reads the sites' run config from it). In the run folder, not in /tmp, so that
+#: an interrupted or killed run leaves nothing outside its own folder.
+APP_FOLDER = ".flower-app"
 #: Seconds to wait for a Ray cluster named by ``simulation.ray_address`` to accept a connection.
 RAY_CONNECT_TIMEOUT_S = 5.0
 
 
-class RayClusterError(MedfedError):
-    """``simulation.ray_address`` names no Ray cluster that can be joined."""
+class RayStartError(MedfedError):
+    """Ray cannot start on this machine, or cannot join the cluster ``simulation.ray_address`` names."""
 
 _SERVER_APP = "medfed.server.server_app:app"
 _CLIENT_APP = "medfed.client.client_app:app"
@@ -150,22 +153,26 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=server_run_config)
     if not resume:  # a fresh run must not find an older run's site state
         shutil.rmtree(run_dir / SITE_STATE_FOLDER, ignore_errors=True)
-    app_dir_made = tempfile.TemporaryDirectory(prefix="medfed-flower-app-")
+    app_dir = run_dir / APP_FOLDER
+    app_dir.mkdir(parents=True, exist_ok=True)
+    client_run_config = {**to_run_config(cfg), SITE_STATE_DIR_KEY: str(run_dir / SITE_STATE_FOLDER)}
+    (app_dir / "pyproject.toml").write_text(app_pyproject(client_run_config), encoding="utf-8")
     # Ray first: ray.init replaces SIGTERM's handler, so ours must be installed after it.
-    with _ray_started(cfg), _stop_on_interrupt(run_dir), app_dir_made as app_dir:
-        client_run_config = {**to_run_config(cfg), SITE_STATE_DIR_KEY: str(run_dir / SITE_STATE_FOLDER)}
-        (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(client_run_config), encoding="utf-8")
-        _run_simulation(
-            num_supernodes=num_nodes(cfg.federation),  # training sites plus held-out sites
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
-            server_app=server_app,
-            backend_name="ray",
-            backend_config=_backend_config(cfg),
-            server_app_context=context,
-            app_dir=app_dir,
-            is_app=True,
-        )
+    try:
+        with _ray_started(cfg), _stop_on_interrupt(run_dir):
+            _run_simulation(
+                num_supernodes=num_nodes(cfg.federation),  # training sites plus held-out sites
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=server_app,
+                backend_name="ray",
+                backend_config=_backend_config(cfg),
+                server_app_context=context,
+                app_dir=str(app_dir),
+                is_app=True,
+            )
+    finally:
+        shutil.rmtree(app_dir, ignore_errors=True)
     return run_dir
 
 
@@ -311,10 +318,20 @@ def _ray_started(cfg: ExperimentConfig) -> Iterator[None]:
                 ray.init(address=cfg.simulation.ray_address, include_dashboard=False, logging_level="WARNING",
                          log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
         except ConnectionError as err:  # ray_address "auto" with no cluster on this machine
-            raise RayClusterError(
+            raise RayStartError(
                 f"Config key 'simulation.ray_address': Ray found no cluster to join at "
                 f"{cfg.simulation.ray_address!r}; start one with 'ray start --head', or remove ray_address to "
                 "run on this machine."
+            ) from err
+        except OSError as err:
+            if "AF_UNIX path length" not in str(err):
+                raise
+            # Ray keeps its sockets under RAY_TMPDIR, else TMPDIR, else /tmp; a batch
+            # scheduler's per-job TMPDIR can be too deep for a socket's 107-byte limit.
+            socket_path = str(err).rpartition(": ")[2]
+            raise RayStartError(
+                f"Ray cannot start: its socket path {socket_path} is longer than the system allows (107 bytes); "
+                "set RAY_TMPDIR to a short folder (RAY_TMPDIR=/tmp), or use simulation.engine: inprocess."
             ) from err
     try:
         yield
@@ -378,7 +395,7 @@ def _check_ray_address(address: str) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()  # [::1]:6379
     except OSError as err:
         why = err.strerror or str(err) or "no answer"
-        raise RayClusterError(
+        raise RayStartError(
             f"Config key 'simulation.ray_address': no Ray cluster answers at {address} ({why}); start one there "
             f"with 'ray start --head --port {port}', or remove ray_address to run on this machine."
         ) from err

@@ -7,9 +7,11 @@ test_local.py covers the same logic without Ray."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,13 +94,18 @@ def _wait_for_round_checkpoint(process: subprocess.Popen, checkpoint: Path, serv
     pytest.fail(f"No round-{server_round} checkpoint after {LAUNCH_TIMEOUT_S} s")
 
 
-def test_run_killed_after_round_1_resumes_to_the_uninterrupted_weights(engine_run, tiny_root, tiny_config, tmp_path):
+def test_run_killed_after_round_1_resumes_to_the_uninterrupted_weights(engine_run, tiny_root, tiny_config, tmp_path,
+                                                                       request):
     # Prepare: `medfed simulate` in its own process group, SIGKILLed (with its Ray
     # processes) as soon as round 1's checkpoint exists.
     cfg = tiny_config(tiny_root, tmp_path / "runs", simulation=RAY)
     save_config(cfg, tmp_path / "experiment.yaml")
     run_dir = tmp_path / "runs" / cfg.name
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    # The process's temporary folder, to see what a killed run leaves there (short: Ray keeps
+    # its sockets in it, and a socket's path may not exceed 107 bytes).
+    scratch = Path(tempfile.mkdtemp(prefix="mf-"))
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "TMPDIR": str(scratch)}
     with open(tmp_path / "killed.log", "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "medfed.cli", "simulate", "--config", str(tmp_path / "experiment.yaml")],
@@ -113,6 +120,7 @@ def test_run_killed_after_round_1_resumes_to_the_uninterrupted_weights(engine_ru
     assert not (run_dir / "model.safetensors").exists()
     log = (tmp_path / "killed.log").read_text()
     assert "Started a local Ray instance" not in log and "FutureWarning" not in log  # Ray starts quietly
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("medfed")] == []  # all medfed wrote is in run_dir
     # Execute
     simulate(cfg, run_dir=run_dir, resume=True)
     # Assert

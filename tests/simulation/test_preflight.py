@@ -46,3 +46,22 @@ def test_a_ray_address_where_no_cluster_answers_is_one_line_within_seconds(tmp_p
     assert f"no Ray cluster answers at {address} (Connection refused)" in err
     assert "remove ray_address to run on this machine" in err
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_a_ray_temporary_folder_too_deep_for_its_sockets_is_one_line(tiny_root, tmp_path, capsys, monkeypatch):
+    # Prepare: a batch scheduler's deep per-job temporary folder (Ray's socket paths are limited to 107 bytes).
+    import ray
+
+    deep = tmp_path / ("job-" + "x" * 60) / "tmp"
+    deep.mkdir(parents=True)
+    monkeypatch.setenv("RAY_TMPDIR", str(deep))
+    settings = [f"output_dir={tmp_path / 'runs'}", "name=deep", "simulation.engine=ray", f"data.root={tiny_root}",
+                "federation.num_sites=2"]
+    # Execute
+    code = main(["simulate"] + [a for s in settings for a in ("--set", s)])
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert f"Ray cannot start: its socket path {deep}/ray/" in err
+    assert "set RAY_TMPDIR to a short folder (RAY_TMPDIR=/tmp), or use simulation.engine: inprocess" in err
+    assert not ray.is_initialized()
