@@ -16,12 +16,12 @@ __all__ = ["main"]
 
 
 def _positive(kind: type) -> callable:
-    """An argparse type for numbers > 0 (argparse then prints the one-line error)."""
+    """An argparse type for finite numbers > 0 (argparse then prints the one-line error)."""
 
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not 0 < value < float("inf"):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         return value
 
     parse.__name__ = kind.__name__
@@ -41,6 +41,17 @@ def _number(ok: callable, what: str) -> callable:
     return parse
 
 
+def _seed(text: str) -> int:
+    """An argparse type for seeds: ints from 0 to 2**32 - 1, the range NumPy's seeding takes."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an int from 0 to {2**32 - 1}, got {text}")
+    return value
+
+
+_seed.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -57,7 +68,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     train = TrainConfig()  # defaults shared with the experiment config's train section
 
-    p.add_argument("--epochs", type=_positive(int), default=100)
+    p.add_argument("--epochs", type=_positive(int), default=100, help="(default: 100)")
     p.add_argument("--batch-size", type=_positive(int), default=train.batch_size)
     p.add_argument("--optimizer", default=train.optimizer, choices=("adamw", "sgd"))
     p.add_argument("--lr", type=_positive(float), default=train.lr)
@@ -70,9 +81,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="mirroring probability in training (default: 0.5)")
     p.add_argument("--selection-window", type=_positive(int), default=None,
                    help="epochs averaged when selecting the epoch by validation (default: epochs // 10, 1..5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="(default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--out", default="runs/train", help="run folder for model.safetensors and metrics.json")
+    p.add_argument("--out", default="runs/train", help="run folder for model.safetensors and metrics.json; one "
+                   "that already holds a run is refused (default: runs/train)")
     p.set_defaults(func=_run_train)
 
 
@@ -190,7 +202,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corruptions", default="default",
                    help="'default' (the dataset's MedMNIST-C corruptions), 'all', or names separated by commas")
     p.add_argument("--severities", default="1,2,3,4,5", help="severities to run, e.g. 1,3,5")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corruptions' random draws")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the corruptions' random draws (default: 0)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the run or model folder)")
     p.set_defaults(func=_run_evaluate)
 

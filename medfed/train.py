@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -39,10 +40,42 @@ from medfed.client.task import (
     train_epoch,
 )
 from medfed.data import default_hflip_p, load_medmnist, train_augmentation
+from medfed.errors import MedfedError
 from medfed.models import create_model
 from medfed.server.checkpoint import save_arrays
 
-__all__ = ["train_pooled", "default_selection_window"]
+__all__ = ["OutputFolderError", "train_pooled", "default_selection_window"]
+
+#: Files that mark a folder as holding a run (of ``medfed train``, ``simulate`` or ``server``).
+RUN_FILES = ("metrics.json", "model.safetensors", "metrics.jsonl", "checkpoint.safetensors")
+
+
+class OutputFolderError(MedfedError):
+    """The output folder is a file, lies under a file, or already holds a run."""
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """Refuse an output folder that is not a folder or already holds a run (nothing is overwritten).
+
+    Raises
+    ------
+    OutputFolderError
+        Checked before any training, so that hours of training never end in a refusal.
+    """
+    for path in (out_dir, *out_dir.parents):
+        if path.exists() and not path.is_dir():
+            raise OutputFolderError(
+                f"The output folder {out_dir} cannot be made: {path} is a file; give a folder (--out)."
+            )
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"The output folder {out_dir} cannot be written: no write permission in {existing}.")
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if held:
+        raise OutputFolderError(
+            f"{out_dir} already holds a run ({', '.join(held)}); train into another folder (--out), or move that "
+            "run away first."
+        )
 
 
 def default_selection_window(epochs: int) -> int:
@@ -87,13 +120,17 @@ def train_pooled(
 
     Returns:
         The content of ``metrics.json``.
+
+    Raises:
+        OutputFolderError: ``out_dir`` is a file or already holds a run (checked first;
+            the folder itself is made only when the results are written).
     """
     console = console or Console()
     out_dir = Path(out_dir)
+    check_output_folder(out_dir)
     seed_everything(seed)
     dev = select_device(device)
     splits = load_medmnist(dataset, data_root, size=img_size)
-    out_dir.mkdir(parents=True, exist_ok=True)  # after the data checks: a failed start leaves no folder
     info = splits["train"].info
     hflip_p = default_hflip_p(dataset) if hflip_p is None else hflip_p
     mirror = hflip_p > 0
@@ -146,6 +183,8 @@ def train_pooled(
     model.load_state_dict(best_state)
     val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev, mirror=mirror)
     test = evaluate(model, loaders["test"], loss_fn, task=info.task, device=dev, mirror=mirror)
+    # Made only now: a run that fails or is interrupted leaves no folder behind.
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_arrays(out_dir / "model.safetensors", get_weights(model))
     result = {
         "test": _jsonable(test),

@@ -109,11 +109,50 @@ def test_train_on_a_missing_dataset_is_one_line_and_exit_2(tmp_path, capsys, mon
     assert not (tmp_path / "run").exists()  # a failed start leaves no output folder
 
 
+def test_train_refuses_a_folder_that_holds_a_run_and_changes_nothing_in_it(tiny_root, tmp_path, capsys):
+    # Prepare: a finished federated run's folder (its final model and metrics).
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"the federation's final model")
+    (run / "metrics.jsonl").write_text("{}\n")
+    # Execute
+    code = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--out", str(run)])
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{run} already holds a run (model.safetensors, metrics.jsonl)" in err
+    assert (run / "model.safetensors").read_bytes() == b"the federation's final model"
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "model.safetensors"]
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/run"])
+def test_train_into_a_file_is_one_line_before_any_training(tiny_root, tmp_path, capsys, out):
+    (tmp_path / "afile").write_text("not a folder")
+    code = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{tmp_path / 'afile'} is a file; give a folder (--out)" in err
+
+
+def test_a_failed_or_diverged_train_leaves_no_folder_and_says_why_in_one_line(tiny_root, tmp_path, capsys):
+    # An unknown variant (found after the data checks) and a learning rate that makes the loss NaN.
+    code = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--model", "huge",
+                 "--out", str(tmp_path / "unknown")])
+    assert code == 2 and "huge" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="breastmnist"):
+        code = main(["train", "--data-root", str(tiny_root), "--epochs", "3", "--batch-size", "8", "--lr", "1e30",
+                     "--out", str(tmp_path / "diverged")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "Training loss became" in err and "lower the learning rate" in err
+    assert not (tmp_path / "unknown").exists() and not (tmp_path / "diverged").exists()
+
+
 def test_bad_numbers_are_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--epochs", "0"])
     assert exit_info.value.code == 2
-    assert "must be > 0" in capsys.readouterr().err
+    assert "must be a finite number > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -122,6 +161,10 @@ def test_bad_numbers_are_refused_by_the_parser(capsys):
     (["--label-smoothing", "1.5"], "--label-smoothing: must be in [0, 1), got 1.5"),
     (["--label-smoothing", "-0.5"], "--label-smoothing: must be in [0, 1), got -0.5"),
     (["--weight-decay", "-1"], "--weight-decay: must be a number >= 0, got -1"),
+    (["--lr", "nan"], "--lr: must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr: must be a finite number > 0, got inf"),
+    (["--seed", "-1"], "--seed: must be an int from 0 to 4294967295, got -1"),
+    (["--seed", "4294967296"], "--seed: must be an int from 0 to 4294967295, got 4294967296"),
 ])
 def test_train_options_out_of_range_are_refused_by_the_parser(tiny_root, tmp_path, capsys, args, expected):
     with pytest.raises(SystemExit) as exit_info:  # tiny and short, should it get past the parser

@@ -26,6 +26,7 @@ __all__ = [
     "prepare_model",
     "select_device",
     "DeviceError",
+    "TrainingDivergedError",
     "seed_everything",
     "make_loader",
     "image_batches",
@@ -79,6 +80,10 @@ class TrainSettings:
 
 class DeviceError(MedfedError):
     """A requested torch device is unknown or not on this machine."""
+
+
+class TrainingDivergedError(MedfedError, FloatingPointError):
+    """The training loss became NaN or infinite (a learning rate too high, or NaN in the images)."""
 
 
 def _available_devices() -> list[str]:
@@ -304,7 +309,7 @@ def train_epoch(
             if extra_loss is not None:
                 loss = loss + extra_loss(logits.float(), targets)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise TrainingDivergedError(
                 f"Training loss became {loss.item()}: lower the learning rate (now "
                 f"{optimizer.param_groups[0]['lr']:.3g}) or check the images for NaN."
             )
