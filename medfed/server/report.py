@@ -6,7 +6,8 @@ result), ``"round"`` (the sample-weighted aggregate of a round) and ``"end"``.
 
 Reading tolerates what crashes and resumes leave behind:
 
-* a partially written last line (the run was killed mid-write) is skipped with a warning;
+* a partially written last line (the run was killed mid-write) is skipped with a one-line
+  warning on stderr, printed once per file however often the file is read;
 * a ``"start"`` record with ``resumed_from_round = R`` discards the earlier records of rounds
   after ``R`` (those rounds were run again), and for the same (event, round, phase, site)
   the later record wins.
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -164,12 +166,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     -------
     list[dict]
         One dict per non-blank line. A last line that is not valid JSON (a killed run's
-        partial write) is skipped with a warning.
+        partial write) is skipped with a one-line warning on stderr (once per file and process).
 
     Raises
     ------
     ReportError
-        If the file is missing, or any other line is not a JSON object with an "event" key.
+        If the file is missing, any other line is not a JSON object with an "event" key,
+        or a record lacks a key the report needs or holds one of the wrong type
+        (e.g. ``"round": null``); the message names the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -182,10 +186,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as error:
             if index == len(numbered) - 1:
-                warnings.warn(
-                    f"Skipped the partially written last line {number} of {path} "
+                _notice_once(
+                    (str(path.resolve()), number, len(lines)),
+                    f"skipped the partially written last line {number} of {path} "
                     "(the run was probably stopped mid-write).",
-                    stacklevel=2,
                 )
                 continue
             raise ReportError(
@@ -202,11 +206,42 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                     f"{path}, line {number}: a {record['event']!r} record needs the key {key!r}; "
                     "fix or delete that line."
                 )
+        for key, (kinds, wanted) in _KEY_TYPES.get(record["event"], {}).items():
+            value = record.get(key)
+            if key in record and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+                raise ReportError(
+                    f"{path}, line {number}: the {key!r} of a {record['event']!r} record must be {wanted}, "
+                    f"got {json.dumps(value)[:40]}; fix or delete that line."
+                )
         records.append(record)
     return records
 
 
 _REQUIRED_KEYS = {"site": ("round", "phase", "site"), "round": ("round",)}
+_NUMBER = ((int, float), "a number")
+_TABLE = ((dict, type(None)), "an object or null")
+#: The types of the keys the report reads, where present: (accepted types, in words).
+_KEY_TYPES: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
+    "site": {
+        "round": ((int,), "an integer"), "phase": ((str,), "a string"), "site": ((str,), "a string"),
+        "num_examples": ((int,), "an integer"), "metrics": _TABLE, "confusion": ((list,), "a list"),
+        "bytes_sent": _NUMBER, "bytes_received": _NUMBER,
+    },
+    "round": {
+        "round": ((int,), "an integer"), "wall_time_s": ((int, float, type(None)), "a number or null"),
+        "bytes_sent": _NUMBER, "bytes_received": _NUMBER,
+        "train": _TABLE, "evaluate": _TABLE, "evaluate_pooled": _TABLE, "held_out": _TABLE,
+    },
+}
+#: Notices already printed, so that reading a file twice (report, then summary) says it once.
+_NOTICED: set[tuple[Any, ...]] = set()
+
+
+def _notice_once(key: tuple[Any, ...], message: str) -> None:
+    """Print ``message`` as one line on stderr, once per ``key`` in this process."""
+    if key not in _NOTICED:
+        _NOTICED.add(key)
+        print(f"medfed: warning: {message}", file=sys.stderr)
 
 
 @dataclass

@@ -244,20 +244,28 @@ def test_run_without_rounds_is_a_report_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- reading
 
 
-def test_truncated_last_line_is_skipped_with_warning(run_dir: Path) -> None:
+def test_truncated_last_line_is_skipped_with_one_notice(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare: a killed run's partial last write.
     path = run_dir / "metrics.jsonl"
     number_of_lines = len(path.read_text().splitlines())
     with open(path, "a") as handle:
         handle.write('{"event": "round", "round": 4, "wall_ti')
 
-    # Execute
-    with pytest.warns(UserWarning, match=rf"partially written last line {number_of_lines + 1} of .*metrics.jsonl"):
-        summary = summarize(run_dir)
+    # Execute: what `medfed report` does, reading the file twice.
+    summary = summarize(run_dir)
+    build_report(run_dir)
+    print_summary(run_dir, console=Console(file=io.StringIO(), width=200))
 
-    # Assert: identical to the complete run of 3 rounds.
+    # Assert: identical to the complete run of 3 rounds, and one clean line on stderr.
     assert summary.last_round == 3
     assert summary.wall_time_s == pytest.approx(33.5)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(
+        rf"medfed: warning: skipped the partially written last line {number_of_lines + 1} of "
+        rf"{re.escape(str(path))} \(the run was probably stopped mid-write\)\.",
+        lines[0],
+    )
 
 
 def test_malformed_middle_line_names_file_and_line(run_dir: Path) -> None:
@@ -286,6 +294,28 @@ def test_invalid_record_names_line(tmp_path: Path, line: str, match: str) -> Non
     # Execute / Assert
     with pytest.raises(ReportError, match=rf"line 2: {re.escape(match)}"):
         read_metrics(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [('{"event": "round", "round": null}', "the 'round' of a 'round' record must be an integer, got null"),
+     ('{"event": "site", "round": "1", "phase": "train", "site": "a"}',
+      "the 'round' of a 'site' record must be an integer, got \"1\""),
+     ('{"event": "site", "round": 1, "phase": "train", "site": "a", "num_examples": null}',
+      "the 'num_examples' of a 'site' record must be an integer, got null"),
+     ('{"event": "round", "round": 1, "evaluate": [0.5]}',
+      "the 'evaluate' of a 'round' record must be an object or null, got [0.5]")],
+)
+def test_record_of_wrong_type_is_a_report_error_naming_file_and_line(tmp_path: Path, line: str, match: str) -> None:
+    # Prepare: a record that parses but that the report cannot use.
+    run_dir = tmp_path / "typed"
+    run_dir.mkdir()
+    records = [json.dumps(r) for r in _round_records(1)]
+    (run_dir / "metrics.jsonl").write_text("\n".join([*records[:2], line, *records[2:]]) + "\n")
+
+    # Execute / Assert: one ReportError (one line in the CLI), not a TypeError.
+    with pytest.raises(ReportError, match=rf"metrics\.jsonl, line 3: {re.escape(match)}; fix or delete that line\.$"):
+        build_report(run_dir)
 
 
 def test_resume_later_records_win_and_stale_rounds_are_dropped(tmp_path: Path) -> None:
