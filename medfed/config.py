@@ -96,14 +96,19 @@ class _Constraint:
 
 @dataclass(frozen=True)
 class _Int(_Constraint):
+    """An int in ``[low, high]``; no upper bound when ``high`` is None."""
+
     low: int
+    high: int | None = None
 
     @property
     def description(self) -> str:
-        return f"an int >= {self.low}"
+        if self.high is None:
+            return f"an int >= {self.low}"
+        return f"an int in the range [{self.low}, {self.high}]"
 
     def coerce(self, value: Any) -> int:
-        if not _is_int(value) or value < self.low:
+        if not _is_int(value) or value < self.low or (self.high is not None and value > self.high):
             raise _Invalid
         return value
 
@@ -575,7 +580,8 @@ class ExperimentConfig(_Validated):
     name : str
         Run name; the run folder is ``{output_dir}/{name}``.
     seed : int
-        Seed of every random choice (partition, sampling, initialisation).
+        Seed of every random choice (partition, sampling, initialisation), in
+        [0, 2**32 - 1] (what numpy's seeding takes).
     output_dir : str
         Folder that holds run folders.
     rounds : int
@@ -585,7 +591,8 @@ class ExperimentConfig(_Validated):
     """
 
     name: str = _leaf(_RUN_NAME, "breastmnist-fedavg")
-    seed: int = _leaf(_Int(0), 0)
+    # numpy's legacy seeding (np.random.seed, RandomState) takes at most 2**32 - 1.
+    seed: int = _leaf(_Int(0, 2**32 - 1), 0)
     output_dir: str = _leaf(_Str(), "runs")
     rounds: int = _leaf(_Int(1), 20)
     data: DataConfig = _section(DataConfig)

@@ -67,8 +67,8 @@ def test_sections_must_have_their_type():
     [
         ("rounds=0", "Config key 'rounds' must be an int >= 1. Got 0"),
         ("rounds=2.0", "Config key 'rounds' must be an int >= 1. Got 2.0"),
-        ("seed=-1", "Config key 'seed' must be an int >= 0. Got -1"),
-        ("seed=true", "Config key 'seed' must be an int >= 0. Got True"),
+        ("seed=-1", "Config key 'seed' must be an int in the range [0, 4294967295]. Got -1"),
+        ("seed=true", "Config key 'seed' must be an int in the range [0, 4294967295]. Got True"),
         ("train.lr=-1", "Config key 'train.lr' must be a float > 0. Got -1"),
         ("train.lr=0", "Config key 'train.lr' must be a float > 0. Got 0"),
         ("train.lr=.inf", "Config key 'train.lr' must be a float > 0. Got inf"),
@@ -120,6 +120,18 @@ def test_each_invalid_value_names_key_expectation_value_and_source(override, mes
         load_config(overrides=[override])
 
     assert str(info.value) == f"{message} (from --set {override})."
+
+
+def test_seed_stops_at_numpys_largest_seed():
+    # numpy.random.seed refuses 2**32 with a traceback in the ServerApp; refuse it here.
+    assert load_config(overrides=["seed=4294967295"]).seed == 2**32 - 1
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["seed=4294967296"])
+
+    assert str(info.value) == (
+        "Config key 'seed' must be an int in the range [0, 4294967295]. Got 4294967296 "
+        "(from --set seed=4294967296)."
+    )
 
 
 def test_dataset_must_be_a_2d_medmnist_flag():
