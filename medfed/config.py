@@ -289,6 +289,29 @@ def _invalid_value(key: str, expected: str, value: Any, source: str | None) -> C
     return ConfigError(message.replace("\n", " "))
 
 
+class _CrossKeyError(ConfigError):
+    """A value that conflicts with another key's; :func:`_build` adds where both came from.
+
+    Raised by a section's ``__post_init__``, which does not know the sources; without
+    them (a config built in code) the message has no origin.
+    """
+
+    def __init__(self, message: str, key: str, other: str, hint: str = "") -> None:
+        self.message, self.key, self.other, self.hint = message, key, other, hint
+        super().__init__(self._text(""))
+
+    def _text(self, origin: str) -> str:
+        return f"{self.message}{origin}{'; ' + self.hint if self.hint else ''}."
+
+    def with_sources(self, sources: _Sources) -> ConfigError:
+        """The same message, naming the source of ``key`` and, if another, of ``other``."""
+        source, other_source = sources(self.key), sources(self.other)
+        if not other_source or other_source == source:
+            return ConfigError(self._text(_origin(source)))
+        own = f"from {source}; " if source else ""
+        return ConfigError(self._text(f" ({own}{self.other} from {other_source})"))
+
+
 def _check(key: str, constraint: _Constraint, value: Any, source: str | None) -> Any:
     try:
         return constraint.coerce(value)
@@ -509,9 +532,10 @@ class FederationConfig(_Validated):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.min_sites is not None and self.min_sites > self.num_sites:
-            raise _invalid_value(
-                "federation.min_sites", f"an int <= federation.num_sites ({self.num_sites}) or null",
-                self.min_sites, None,
+            raise _CrossKeyError(
+                f"Config key 'federation.min_sites' must be an int <= federation.num_sites "
+                f"({self.num_sites}) or null. Got {self.min_sites!r}",
+                "federation.min_sites", "federation.num_sites",
             )
         # Profiles, groups and skew are checked where they are understood (medfed.sites).
         from medfed.sites.profiles import check_federation_profiles
@@ -557,10 +581,11 @@ class SimulationConfig(_Validated):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.ray_address is not None and self.engine == "inprocess":
-            raise ConfigError(
+            raise _CrossKeyError(
                 f"Config key 'simulation.ray_address' needs simulation.engine 'ray' or 'auto'. Got engine "
-                f"'inprocess' with ray_address {self.ray_address!r}; set simulation.engine: ray "
-                "or remove ray_address."
+                f"'inprocess' with ray_address {self.ray_address!r}",
+                "simulation.ray_address", "simulation.engine",
+                hint="set simulation.engine: ray or remove ray_address",
             )
 
 
@@ -689,7 +714,10 @@ def _build(cls: type, raw: Any, prefix: str, sources: _Sources) -> Any:
             kwargs[name] = _build(section, raw[name], key + ".", sources)
         else:
             kwargs[name] = _check(key, f.metadata["constraint"], raw[name], sources(key))
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except _CrossKeyError as exc:
+        raise exc.with_sources(sources) from None
 
 
 #: Folder of the named scenarios shipped with medfed (package data of medfed.sites).

@@ -480,3 +480,36 @@ def test_quorum_defaults_to_a_majority_and_cannot_exceed_the_sites():
         load_config(overrides=["federation.num_sites=2", "federation.min_sites=3"])
     with pytest.raises(ConfigError, match="round_timeout_s"):
         load_config(overrides=["federation.round_timeout_s=0"])
+
+
+def test_min_sites_above_num_sites_names_where_both_came_from(tmp_path):
+    # Prepare
+    path = _write(tmp_path, "federation:\n  num_sites: 4\n  min_sites: 3\n")
+    expected = "Config key 'federation.min_sites' must be an int <= federation.num_sites (2) or null. Got 3"
+    # Execute / Assert: num_sites by default, then the file's min_sites against an override's num_sites.
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["federation.min_sites=4"])
+    assert str(info.value) == (
+        "Config key 'federation.min_sites' must be an int <= federation.num_sites (3) or null. Got 4 "
+        "(from --set federation.min_sites=4)."
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides=["federation.num_sites=2"])
+    assert str(info.value) == (
+        f"{expected} (from {path}; federation.num_sites from --set federation.num_sites=2)."
+    )
+
+
+def test_ray_address_with_the_inprocess_engine_names_its_source(tmp_path):
+    path = _write(tmp_path, "simulation:\n  engine: inprocess\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides=["simulation.ray_address=auto"])
+
+    assert str(info.value) == (
+        "Config key 'simulation.ray_address' needs simulation.engine 'ray' or 'auto'. Got engine "
+        f"'inprocess' with ray_address 'auto' (from --set simulation.ray_address=auto; simulation.engine "
+        f"from {path}); set simulation.engine: ray or remove ray_address."
+    )
+    with pytest.raises(ConfigError, match=r"^Config key .* 'auto'; set simulation.engine: ray or remove ray_address\.$"):
+        dataclasses.replace(load_config().simulation, engine="inprocess", ray_address="auto")
