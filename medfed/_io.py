@@ -6,7 +6,38 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_bytes_atomic"]
+from medfed.errors import MedfedError
+
+__all__ = ["OutputFolderError", "check_output_folder", "write_bytes_atomic"]
+
+
+class OutputFolderError(MedfedError):
+    """An output folder that cannot be made or written, or that holds what must not be overwritten."""
+
+
+def check_output_folder(folder: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that a file stands in the way of, or that cannot be written.
+
+    Parameters
+    ----------
+    folder : str or Path
+        The folder results will go to; it need not exist yet (nothing is made here).
+    option : str
+        How the user gave it, named in the message.
+
+    Returns
+    -------
+    Path
+        ``folder`` as a Path.
+    """
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists() and not path.is_dir():
+            raise OutputFolderError(f"The output folder {folder} cannot be made: {path} is a file; give a folder ({option}).")
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"The output folder {folder} cannot be written: no write permission in {existing} ({option}).")
+    return folder
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> None:

@@ -174,10 +174,12 @@ def _add_sites(sub: argparse._SubParsersAction) -> None:
 def _run_sites(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from medfed._io import check_output_folder
     from medfed.config import load_config
     from medfed.sites.preview import PREVIEW_IMAGE, PREVIEW_JSON, preview_sites, sites_table
 
-    summary = preview_sites(load_config(args.config, args.overrides), args.out)
+    cfg = load_config(args.config, args.overrides)
+    summary = preview_sites(cfg, check_output_folder(args.out, "--out"))
     Console(width=max(Console().width, 130)).print(sites_table(summary))
     print(f"wrote {Path(args.out) / PREVIEW_IMAGE} and {Path(args.out) / PREVIEW_JSON}")
 
@@ -194,7 +196,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--model", metavar="FILE", help="a medfed train output (model.safetensors or its folder)")
     p.add_argument("--dataset", default=None,
                    help="MedMNIST flag (--model; default: from its metrics.json, which it must match)")
-    p.add_argument("--data-root", default=None, help="folder with the official .npz files (--model)")
+    p.add_argument("--data-root", default=None,
+                   help="folder with the official .npz files (--model; with --run: instead of the run's data.root)")
     p.add_argument("--img-size", type=int, default=None, choices=(28, 64, 128, 224),
                    help="image size (--model; default: from metrics.json, which it must match)")
     p.add_argument("--model-name", default=None,
@@ -210,10 +213,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from medfed._io import check_output_folder
     from medfed.robustness import evaluate_robustness, model_from_file, model_from_run, robustness_table
 
     if args.run is not None:
-        spec, out = model_from_run(args.run), args.out or args.run
+        for flag, value in (("--dataset", args.dataset), ("--img-size", args.img_size),
+                            ("--model-name", args.model_name)):
+            if value is not None:
+                from medfed.errors import MedfedError
+
+                raise MedfedError(f"{flag} is for --model: --run takes it from the run's config.yaml; leave it out.")
+        spec, out = model_from_run(args.run, args.data_root), args.out or args.run
     else:
         spec = model_from_file(args.model, args.dataset, args.data_root, args.img_size, args.model_name)
         out = args.out or spec.weights.parent
@@ -226,6 +236,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
         raise MedfedError(f"--severities must be numbers in 1..5 separated by commas. Got {args.severities!r}.")
     names = args.corruptions if args.corruptions in ("default", "all") else args.corruptions.split(",")
+    check_output_folder(out, "--out")  # before the work, not after it
     result = evaluate_robustness(spec, names, severities, seed=args.seed, out_dir=out)
     if result["adapted"]:
         print(f"{result['adapted']}.")

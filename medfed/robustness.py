@@ -58,9 +58,24 @@ class ModelSpec:
     mirror: bool = True
 
 
-def model_from_run(run_dir: str | Path) -> ModelSpec:
-    """The final global model of a federated run folder."""
+#: Strategies whose run's ``model.safetensors`` is no model to evaluate on its own, and why.
+_NO_GLOBAL_MODEL = {
+    "local": "in a local-only run each site kept its own model; model.safetensors is the untrained initial model",
+    "fairlora": "a FairLoRA run's model.safetensors holds only its group adapters and head, and its predictions "
+                "need each image's patient group, which a dataset's test split does not carry (the run's report "
+                "has its per-group metrics)",
+}
+
+
+def model_from_run(run_dir: str | Path, data_root: str | None = None) -> ModelSpec:
+    """The final global model of a federated run folder.
+
+    ``data_root`` replaces the run's ``data.root`` (the same files, elsewhere). A relative
+    ``data.root`` is relative to the folder the run was started in, so from another folder
+    it is refused unless it holds the dataset's file.
+    """
     from medfed.config import load_config
+    from medfed.data.medmnist_files import medmnist_filename
 
     run_dir = Path(run_dir)
     weights = run_dir / "model.safetensors"
@@ -69,8 +84,18 @@ def model_from_run(run_dir: str | Path) -> ModelSpec:
             f"{run_dir} is not a finished medfed run folder: it needs config.yaml and model.safetensors."
         )
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.strategy.name in _NO_GLOBAL_MODEL:
+        raise RobustnessError(f"medfed evaluate cannot evaluate {run_dir}: {_NO_GLOBAL_MODEL[cfg.strategy.name]}.")
+    root = data_root if data_root is not None else cfg.data.root
+    if data_root is None and root is not None and not Path(root).expanduser().is_absolute():
+        wanted = Path(root) / medmnist_filename(cfg.data.dataset, cfg.data.img_size)
+        if not wanted.is_file():
+            raise RobustnessError(
+                f"The run's data.root {root!r} is relative to the folder the run started in; from here it has no "
+                f"{wanted.name} ({wanted.resolve()}): give --data-root."
+            )
     # A site's ClientApp evaluates with predict's default: the mean over the mirror.
-    return ModelSpec(weights, cfg.model.name, cfg.data.dataset, cfg.data.root, cfg.data.img_size, cfg.strategy.name,
+    return ModelSpec(weights, cfg.model.name, cfg.data.dataset, root, cfg.data.img_size, cfg.strategy.name,
                      mirror=True)
 
 

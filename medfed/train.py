@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from medfed._io import write_bytes_atomic
+from medfed._io import OutputFolderError, check_output_folder, write_bytes_atomic
 from medfed.client.task import (
     DEFAULT_LOSS_WEIGHTING,
     TrainSettings,
@@ -40,36 +39,24 @@ from medfed.client.task import (
     train_epoch,
 )
 from medfed.data import default_hflip_p, load_medmnist, train_augmentation
-from medfed.errors import MedfedError
 from medfed.models import create_model
 from medfed.server.checkpoint import save_arrays
 
-__all__ = ["OutputFolderError", "train_pooled", "default_selection_window"]
+__all__ = ["train_pooled", "default_selection_window"]
 
 #: Files that mark a folder as holding a run (of ``medfed train``, ``simulate`` or ``server``).
 RUN_FILES = ("metrics.json", "model.safetensors", "metrics.jsonl", "checkpoint.safetensors")
 
 
-class OutputFolderError(MedfedError):
-    """The output folder is a file, lies under a file, or already holds a run."""
-
-
-def check_output_folder(out_dir: Path) -> None:
-    """Refuse an output folder that is not a folder or already holds a run (nothing is overwritten).
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an output folder that cannot be made or already holds a run (nothing is overwritten).
 
     Raises
     ------
     OutputFolderError
         Checked before any training, so that hours of training never end in a refusal.
     """
-    for path in (out_dir, *out_dir.parents):
-        if path.exists() and not path.is_dir():
-            raise OutputFolderError(
-                f"The output folder {out_dir} cannot be made: {path} is a file; give a folder (--out)."
-            )
-    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputFolderError(f"The output folder {out_dir} cannot be written: no write permission in {existing}.")
+    check_output_folder(out_dir, "--out")
     held = [name for name in RUN_FILES if (out_dir / name).exists()]
     if held:
         raise OutputFolderError(
@@ -127,7 +114,7 @@ def train_pooled(
     """
     console = console or Console()
     out_dir = Path(out_dir)
-    check_output_folder(out_dir)
+    _check_out_dir(out_dir)
     seed_everything(seed)
     dev = select_device(device)
     splits = load_medmnist(dataset, data_root, size=img_size)

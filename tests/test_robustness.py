@@ -166,3 +166,62 @@ def test_weights_that_do_not_fit_name_the_first_misfit_key_and_shapes(tiny_root,
     assert code == 2 and err.count("\n") == 1
     assert f"their '{head}' has shape {state[head].shape}, the model's {tuple(fits[head].shape)}" in err
     assert not err.rstrip().endswith(":")
+
+
+def test_a_run_with_a_relative_data_root_is_refused_from_elsewhere_and_takes_data_root(tiny_root, tmp_path, capsys,
+                                                                                        monkeypatch):
+    # Prepare: a run started in another folder, with data.root relative to that folder.
+    run = tmp_path / "run"
+    _save_model(run)
+    save_config(load_config(overrides=["data.root=../shared/data"]), run / "config.yaml")
+    monkeypatch.chdir(tmp_path)
+    # Execute: from here, without and with --data-root.
+    refused = main(["evaluate", "--run", str(run), "--corruptions", "pixelate", "--severities", "1"])
+    err = capsys.readouterr().err.strip()
+    given = main(["evaluate", "--run", str(run), "--data-root", str(tiny_root), "--corruptions", "pixelate",
+                  "--severities", "1"])
+    # Assert: no download attempted into the wrong folder; --data-root is used, not ignored.
+    assert refused == 2 and len(err.splitlines()) == 1
+    assert "data.root '../shared/data' is relative to the folder the run started in" in err
+    assert "give --data-root" in err and not (tmp_path.parent / "shared").exists()
+    assert given == 0 and json.loads((run / "robustness.json").read_text())["num_test"] == 12
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--dataset", "pneumoniamnist"], "--dataset is for --model: --run takes it from the run's config.yaml"),
+    (["--model-name", "tiny"], "--model-name is for --model"),
+    (["--img-size", "64"], "--img-size is for --model"),
+])
+def test_a_run_refuses_settings_that_its_config_decides(tiny_root, tmp_path, capsys, args, expected):
+    run = tmp_path / "run"
+    _save_model(run)
+    save_config(load_config(overrides=[f"data.root={tiny_root}"]), run / "config.yaml")
+    assert main(["evaluate", "--run", str(run), *args]) == 2
+    assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("strategy", "expected"), [
+    ("local", "each site kept its own model; model.safetensors is the untrained initial model"),
+    ("fairlora", "holds only its group adapters and head"),
+])
+def test_a_run_without_a_global_model_to_evaluate_is_refused_with_why(tiny_root, tmp_path, capsys, strategy,
+                                                                      expected):
+    run = tmp_path / "run"
+    _save_model(run)
+    save_config(load_config(overrides=[f"data.root={tiny_root}", f"strategy.name={strategy}"]), run / "config.yaml")
+    assert main(["evaluate", "--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and not (run / "robustness.json").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sites"])
+def test_an_output_folder_that_is_a_file_is_refused_before_the_work(tiny_root, tmp_path, capsys, command):
+    run = tmp_path / "run"
+    _save_model(run)
+    save_config(load_config(overrides=[f"data.root={tiny_root}"]), run / "config.yaml")
+    args = (["evaluate", "--run", str(run)] if command == "evaluate"
+            else ["sites", "--set", f"data.root={tiny_root}"])
+    assert main([*args, "--out", str(run / "config.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{run / 'config.yaml'} is a file; give a folder (--out).")
+    assert len(err.splitlines()) == 1
