@@ -22,9 +22,12 @@ sites, patient groups, pooled vs mean, ...); then every ``*.png`` the run direct
 itself holds (e.g. ``sites.png``, the site preview a simulation writes). A part of
 medfed adds a figure to the report by registering it; nothing here lists them.
 
-Two global test figures are shown and named apart: **mean of sites** (the strategy's
-sample-weighted mean of the per-site metrics, the round line's ``"evaluate"``) and
-**pooled** (metrics of the union of the training sites' test sets, ``"evaluate_pooled"``).
+Two federation-level test results are shown and named apart: **pooled** (metrics of the
+union of the training sites' test sets, ``"evaluate_pooled"``), the headline when the run
+has it, and **mean of sites** (the strategy's sample-weighted mean of the per-site
+metrics, the round line's ``"evaluate"``). The strategy leaves a site out of that mean
+where its metric is undefined (NaN: AUC on a test split of one class), so a mean that
+covers only part of the sites says so ("AUC over 1 of 4 sites, 10 of 156 examples").
 Held-out sites appear as sites with "(held out)" and count in neither.
 """
 
@@ -330,10 +333,12 @@ def _natural_key(name: str) -> list[Any]:
 
 @dataclass(frozen=True)
 class SiteSummary:
-    """Final evaluate results of one site (or of the federation: name "global").
+    """Final evaluate results of one site, or of the federation ("pooled", "mean of sites").
 
     ``server_round`` is the last round with an evaluate result for it (None: never evaluated);
     metrics are None when absent. ``num_examples`` is the number of test examples.
+    ``coverage`` (means of sites only) maps a metric whose mean leaves sites out (their
+    value is NaN) to ``(sites with a value, sites, their examples, all examples)``.
     """
 
     name: str
@@ -344,6 +349,7 @@ class SiteSummary:
     loss: float | None
     num_examples: int | None
     held_out: bool = False
+    coverage: Mapping[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -359,7 +365,8 @@ class RunSummary:
     last_round : int
         Highest round number.
     global_row : SiteSummary
-        Sample-weighted aggregate of the last round with evaluate results.
+        "mean of sites": the strategy's sample-weighted mean of the training sites' metrics,
+        last round with evaluate results.
     sites : list[SiteSummary]
         One per site, natural order.
     wall_time_s : float
@@ -378,6 +385,16 @@ class RunSummary:
     bytes_received: int
     pooled_row: SiteSummary | None = None
     held_out_row: SiteSummary | None = None
+
+    @property
+    def headline(self) -> SiteSummary:
+        """The federation's result to read first: pooled when the run has it, else the mean of sites."""
+        return self.pooled_row or self.global_row
+
+    def federation_rows(self) -> list[SiteSummary]:
+        """The rows below the sites: the headline first, then the other mean(s)."""
+        rows = [self.headline, self.global_row, self.held_out_row]
+        return [row for index, row in enumerate(rows) if row is not None and all(row is not r for r in rows[:index])]
 
     @property
     def megabytes_exchanged(self) -> float:
@@ -423,12 +440,46 @@ def _phase_summary(run: RunMetrics, phase: str, name: str) -> SiteSummary | None
         metrics = run.aggregate(server_round, phase)
         if metrics:
             count = metrics.get("num_examples")
+            coverage = _coverage(run, server_round, "evaluate", held_out=True) if phase == "held_out" else {}
             return SiteSummary(
                 name=name, server_round=server_round, acc=_number(metrics.get("acc")), auc=_number(metrics.get("auc")),
                 balanced_acc=_number(metrics.get("balanced_acc")), loss=_number(metrics.get("loss")),
-                num_examples=int(count) if isinstance(count, (int, float)) else None,
+                num_examples=int(count) if isinstance(count, (int, float)) else None, coverage=coverage,
             )
     return None
+
+
+#: The metrics of the summary, with their names in tables, figures and coverage notes.
+_METRIC_NAMES = {"acc": "ACC", "auc": "AUC", "balanced_acc": "Bal. ACC", "loss": "loss"}
+
+
+def _coverage(
+    run: RunMetrics, server_round: int, phase: str, *, held_out: bool = False
+) -> dict[str, tuple[int, int, int, int]]:
+    """The metrics whose mean over the (held-out or training) sites of a round leaves sites out.
+
+    metric -> (sites with a finite value, sites with a record, their examples, all their
+    examples), for the metrics some site has and some other site lacks or has as NaN.
+    """
+    records = [run.site_record(server_round, phase, site) for site in run.sites]
+    records = [r for r in records if r is not None and bool(r.get("held_out", False)) == held_out]
+    coverage = {}
+    for metric in _METRIC_NAMES:
+        present = [r for r in records if _finite((r.get("metrics") or {}).get(metric))]
+        if present and len(present) < len(records):
+            coverage[metric] = (
+                len(present), len(records),
+                sum(r.get("num_examples", 0) for r in present), sum(r.get("num_examples", 0) for r in records),
+            )
+    return coverage
+
+
+def _coverage_text(row: SiteSummary) -> str:
+    """ "AUC over 1 of 4 sites, 10 of 156 examples" for each metric the mean leaves sites out of ("" if none)."""
+    return "; ".join(
+        f"{_METRIC_NAMES[metric]} over {sites} of {total_sites} sites, {examples} of {total_examples} examples"
+        for metric, (sites, total_sites, examples, total_examples) in row.coverage.items()
+    )
 
 
 def _site_summary(run: RunMetrics, site: str) -> SiteSummary:
@@ -449,6 +500,10 @@ def _site_summary(run: RunMetrics, site: str) -> SiteSummary:
     return SiteSummary(site, None, None, None, None, None, None)
 
 
+#: The name of the strategy's sample-weighted mean of the sites' metrics, in tables and figures.
+MEAN_OF_SITES = "mean of sites"
+
+
 def _global_summary(run: RunMetrics) -> SiteSummary:
     for server_round in reversed(run.rounds):
         metrics = run.aggregate(server_round, "evaluate")
@@ -457,19 +512,25 @@ def _global_summary(run: RunMetrics) -> SiteSummary:
             counts = [r["num_examples"] for r in records
                       if r is not None and "num_examples" in r and not r.get("held_out")]
             return SiteSummary(
-                name="global",
+                name=MEAN_OF_SITES,
                 server_round=server_round,
                 acc=_number(metrics.get("acc")),
                 auc=_number(metrics.get("auc")),
                 balanced_acc=_number(metrics.get("balanced_acc")),
                 loss=_number(metrics.get("loss")),
                 num_examples=sum(counts) if counts else None,
+                coverage=_coverage(run, server_round, "evaluate"),
             )
-    return SiteSummary("global", None, None, None, None, None, None)
+    return SiteSummary(MEAN_OF_SITES, None, None, None, None, None, None)
 
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _finite(value: Any) -> bool:
+    number = _number(value)
+    return number is not None and math.isfinite(number)
 
 
 def _round_wall_time(run: RunMetrics, server_round: int) -> float | None:
@@ -509,32 +570,44 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def summary_table(run_dir: str | Path) -> Table:
-    """A rich table: per-site final evaluate ACC/AUC/balanced ACC/loss/examples plus 'global'.
+def _metric_cells(row: SiteSummary) -> list[str]:
+    """ACC, AUC, balanced ACC, loss; "*" marks a mean that leaves sites out (see :func:`_coverage_text`)."""
+    return [
+        _fmt(getattr(row, metric)) + ("*" if metric in row.coverage and _fmt(getattr(row, metric)) != "–" else "")
+        for metric in _METRIC_NAMES
+    ]
 
-    The caption gives the rounds done, the total wall time and the MB exchanged.
+
+def _coverage_notes(summary: RunSummary) -> list[str]:
+    """One note per federation row whose mean leaves sites out: "* mean of sites: AUC over 1 of 4 sites, ..."."""
+    return [f"* {row.name}: {_coverage_text(row)}" for row in summary.federation_rows() if row.coverage]
+
+
+def summary_table(run_dir: str | Path) -> Table:
+    """A rich table: per-site final evaluate ACC/AUC/balanced ACC/loss/examples, then the federation's.
+
+    The federation's rows: "pooled" (bold, when the run has it), "mean of sites" and
+    "held-out mean". The caption gives the rounds done, the total wall time and the MB
+    exchanged, and the coverage of a mean that leaves sites out.
     """
     summary = summarize(run_dir)
     table = Table(
         title=f"medfed run {summary.name}",
-        caption=(
+        caption="\n".join([
             f"{summary.rounds_done} rounds · {summary.wall_time_s:.1f} s wall time · "
-            f"{summary.megabytes_exchanged:.2f} MB exchanged"
-        ),
+            f"{summary.megabytes_exchanged:.2f} MB exchanged",
+            *_coverage_notes(summary),
+        ]),
     )
     for header in ("Site", "Round", "ACC", "AUC", "Bal. ACC", "Loss", "Examples"):
         table.add_column(header, justify="left" if header == "Site" else "right")
-    extra = [row for row in (summary.pooled_row, summary.held_out_row) if row is not None]
-    for row in [*summary.sites, summary.global_row, *extra]:
+    for row in [*summary.sites, *summary.federation_rows()]:
         table.add_row(
             row.name + (" (held out)" if row.held_out else ""),
             "–" if row.server_round is None else str(row.server_round),
-            _fmt(row.acc),
-            _fmt(row.auc),
-            _fmt(row.balanced_acc),
-            _fmt(row.loss),
+            *_metric_cells(row),
             "–" if row.num_examples is None else str(row.num_examples),
-            style="bold" if row is summary.global_row or row is summary.pooled_row else None,
+            style="bold" if row is summary.headline else None,
             end_section=row is summary.sites[-1] if summary.sites else False,
         )
     return table
@@ -877,7 +950,7 @@ th:first-child, td:first-child { text-align: left; }
 tr.global td { font-weight: bold; border-top: 2px solid #999; }
 .figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 1rem; }
 figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9rem; }
+figcaption, .note { color: #555; font-size: 0.9rem; }
 pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; }
 """
 
@@ -905,16 +978,20 @@ def _dropouts_html(run: RunMetrics) -> list[str]:
 def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: str | None) -> str:
     escape = html.escape
     rows = []
-    extra = [row for row in (summary.pooled_row, summary.held_out_row) if row is not None]
-    for row in [*summary.sites, summary.global_row, *extra]:
+    for row in [*summary.sites, *summary.federation_rows()]:
         cells = [
             escape(row.name + (" (held out)" if row.held_out else "")),
             "–" if row.server_round is None else str(row.server_round),
-            _fmt(row.acc), _fmt(row.auc), _fmt(row.balanced_acc), _fmt(row.loss),
+            *_metric_cells(row),
             "–" if row.num_examples is None else str(row.num_examples),
         ]
-        css_class = ' class="global"' if row is summary.global_row else ""
+        css_class = ' class="global"' if row is summary.headline else ""
         rows.append(f"<tr{css_class}>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    notes = "".join(
+        f'<p class="note">{escape(note)}; the other sites\' value is undefined (NaN, e.g. AUC on a test split '
+        "of one class) and left out of the mean.</p>"
+        for note in _coverage_notes(summary)
+    )
     headers = "".join(f"<th>{h}</th>" for h in ("Site", "Round", "ACC", "AUC", "Balanced ACC", "Loss", "Examples"))
     resumes = [s.get("resumed_from_round") for s in run.starts if s.get("resumed_from_round")]
     meta = [f"{summary.rounds_done} rounds (last: {summary.last_round})"]
@@ -951,11 +1028,13 @@ def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: s
         f"<h1>{title}</h1>",
         f'<p class="meta">{" · ".join(meta)}</p>',
         "<h2>Summary</h2>",
-        "<p>Final test results: each site's last evaluated round; <b>global</b>: the sample-weighted mean of the "
-        "training sites' metrics; <b>pooled</b> (when sites send score histograms): the metrics of the union of "
-        "the training sites' test sets (ACC exact, AUC from histograms); <b>held-out mean</b>: the sites that "
-        "never train.</p>",
+        "<p>Final test results: each site's last evaluated round; <b>pooled</b> (the federation's result, when "
+        "sites send score histograms): the metrics of the union of the training sites' test sets (ACC exact, AUC "
+        "from histograms); <b>mean of sites</b>: the sample-weighted mean of the training sites' metrics, over "
+        "the sites where a metric is defined (* marks a mean that leaves sites out); <b>held-out mean</b>: the "
+        "sites that never train.</p>",
         f"<table><thead><tr>{headers}</tr></thead><tbody>{''.join(rows)}</tbody></table>",
+        notes,
         _groups_html(run),
         f"<p>{totals}</p>",
         *_dropouts_html(run),

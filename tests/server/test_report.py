@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -136,8 +137,64 @@ def test_summary_table_renders_values_and_caption(run_dir: Path) -> None:
     assert "medfed run synthetic-fedavg" in text
     cells = r"\s*│\s*".join
     assert re.search(cells(["site-1", "3", r"0\.6300", r"0\.6800", r"0\.5800", r"0\.6000", "20"]), text)
-    assert re.search(cells(["global", "3", r"0\.6633", r"0\.7133", r"0\.6133", r"0\.6000", "60"]), text)
+    assert re.search(cells(["mean of sites", "3", r"0\.6633", r"0\.7133", r"0\.6133", r"0\.6000", "60"]), text)
+    assert "global" not in text and "*" not in text  # every site has every metric: no coverage note
     assert "3 rounds · 33.5 s wall time · 9.00 MB exchanged" in text
+
+
+def _label_skew_records() -> list[dict]:
+    """One round of 4 sites under label skew: only site-1's test split holds both classes (AUC defined)."""
+    sites = {"site-0": (105, 0.0, math.nan, 0.0), "site-1": (10, 0.1, 1.0, 0.5),
+             "site-2": (1, 1.0, math.nan, 1.0), "site-3": (40, 1.0, math.nan, 1.0)}
+    records: list[dict] = [{"event": "start", "resumed_from_round": 0, "num_rounds": 1}]
+    for site, (count, acc, auc, balanced_acc) in sites.items():
+        records.append({
+            "event": "site", "round": 1, "phase": "evaluate", "site": site, "num_examples": count,
+            "metrics": {"loss": 0.7, "acc": acc, "auc": auc, "balanced_acc": balanced_acc},
+        })
+    records.append({
+        "event": "round", "round": 1, "wall_time_s": 1.0, "train": {"loss": 0.69},
+        # The strategy's NaN-skipping weighted mean: its AUC is site-1's alone.
+        "evaluate": {"loss": 0.7262, "acc": 0.2692, "auc": 1.0, "balanced_acc": 0.2949},
+        "evaluate_pooled": {"acc": 0.2692, "auc": 0.4782, "balanced_acc": 0.5, "num_examples": 156},
+    })
+    return records
+
+
+def test_pooled_is_the_headline_and_a_partial_mean_of_sites_says_its_coverage(tmp_path: Path) -> None:
+    # Prepare
+    run_dir = _write_run(tmp_path / "skew", _label_skew_records())
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+
+    # Execute
+    summary = summarize(run_dir)
+    print_summary(run_dir, console=console)
+    html = build_report(run_dir).read_text(encoding="utf-8")
+
+    # Assert: the summary
+    assert summary.headline is summary.pooled_row
+    assert summary.global_row.name == "mean of sites"
+    assert summary.global_row.coverage == {"auc": (1, 4, 10, 156)}
+    # the terminal table: pooled first, the partial AUC starred and explained, no "global"
+    text = console.file.getvalue()
+    cells = r"\s*│\s*".join
+    pooled = re.search(cells(["pooled", "1", r"0\.2692", r"0\.4782", r"0\.5000", "–", "156"]), text)
+    mean = re.search(cells(["mean of sites", "1", r"0\.2692", r"1\.0000\*", r"0\.2949", r"0\.7262", "156"]), text)
+    assert pooled and mean and pooled.start() < mean.start()
+    assert "* mean of sites: AUC over 1 of 4 sites, 10 of 156 examples" in text
+    assert "global" not in text
+    # the HTML: the pooled row is the bold one, the note is under the table
+    assert '<tr class="global"><td>pooled</td>' in html
+    assert "<td>mean of sites</td><td>1</td><td>0.2692</td><td>1.0000*</td>" in html
+    assert "* mean of sites: AUC over 1 of 4 sites, 10 of 156 examples; the other sites' value is undefined" in html
+
+
+def test_mean_of_sites_is_the_headline_without_pooled_metrics(run_dir: Path) -> None:
+    summary = summarize(run_dir)
+    assert summary.pooled_row is None
+    assert summary.headline is summary.global_row
+    assert summary.federation_rows() == [summary.global_row]
+    assert '<tr class="global"><td>mean of sites</td>' in build_report(run_dir).read_text(encoding="utf-8")
 
 
 def test_run_name_falls_back_to_directory_without_config(tmp_path: Path) -> None:
@@ -198,7 +255,7 @@ def test_report_without_evaluate_single_round_and_partial_sites(tmp_path: Path) 
     assert [s.server_round for s in summary.sites] == [None, None, None]
     text = io.StringIO()
     print_summary(run_dir, console=Console(file=text, width=200, color_system=None))
-    assert re.search(r"global\s*│\s*–\s*│\s*–", text.getvalue())
+    assert re.search(r"mean of sites\s*│\s*–\s*│\s*–", text.getvalue())
 
 
 def test_sites_in_some_rounds_and_multilabel_confusion(tmp_path: Path) -> None:
