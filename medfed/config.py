@@ -641,6 +641,12 @@ def _leaves(cls: type = ExperimentConfig, prefix: str = "") -> Iterator[tuple[st
             yield f"{prefix}{f.name}", f.metadata["constraint"]
 
 
+@functools.cache
+def _section_keys() -> frozenset[str]:
+    """Dotted keys of the sections (``"train"``...), the keys that hold other keys."""
+    return frozenset(_all_keys()) - {key for key, _ in _leaves()}
+
+
 def _all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
     """Every dotted key, sections included, in declaration order."""
     keys: list[str] = []
@@ -905,7 +911,11 @@ def _check_override_key(key: str, label: str) -> None:
             raise _unknown_key(prefix, label)
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any, sources: _Sources) -> None:
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, sources: _Sources) -> list[str]:
+    """Set ``key`` in the nested ``raw``; return the dotted keys that got a new value.
+
+    A mapping given for a section is merged into it (see :func:`_merge`).
+    """
     parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1], start=1):
@@ -914,7 +924,26 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, sources: _Sources) ->
             parent = ".".join(parts[:depth])
             raise _invalid_value(parent, "a mapping of config keys", child, sources(parent))
         node = child
-    node[parts[-1]] = value
+    return _merge(node, {parts[-1]: value}, ".".join(parts[:-1]))
+
+
+def _merge(node: dict[str, Any], values: Mapping[Any, Any], prefix: str) -> list[str]:
+    """Set ``values`` in ``node``, merging a mapping into a section that holds one.
+
+    ``--set train={lr: 0.5}`` changes only the learning rate: replacing the section
+    would silently reset the file's other train keys to their defaults. A leaf (even
+    a mapping such as ``strategy.params``) is replaced. Returns the dotted keys set.
+    """
+    changed: list[str] = []
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        old = node.get(name)
+        if key in _section_keys() and isinstance(value, Mapping) and isinstance(old, dict):
+            changed += _merge(old, value, key)
+        else:
+            node[name] = value
+            changed.append(key)
+    return changed
 
 
 def load_config(
@@ -955,8 +984,9 @@ def load_config(
         key, value = _parse_override(text)
         label = f"--set {text}"
         _check_override_key(key, label)
-        _set_dotted(raw, key, value, sources)  # before add: a parent came from earlier
-        sources.add(key, label)
+        # Set before add: an error on a parent names where the parent came from.
+        for changed in _set_dotted(raw, key, value, sources):
+            sources.add(changed, label)
     return _build(ExperimentConfig, _with_scenario(raw, sources), "", sources)
 
 

@@ -513,3 +513,22 @@ def test_ray_address_with_the_inprocess_engine_names_its_source(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"^Config key .* 'auto'; set simulation.engine: ray or remove ray_address\.$"):
         dataclasses.replace(load_config().simulation, engine="inprocess", ray_address="auto")
+
+
+def test_a_mapping_for_a_section_changes_only_its_keys(tmp_path):
+    # Prepare
+    path = _write(tmp_path, "train:\n  lr: 0.1\n  batch_size: 64\n  optimizer: sgd\nstrategy:\n  params: {eta: 1}\n")
+    # Execute
+    cfg = load_config(path, overrides=["train={lr: 0.5, momentum: 0.5}", "strategy={params: {tau: 2}}"])
+    # Assert: the section is merged; a leaf (even a mapping like params) is replaced.
+    assert (cfg.train.lr, cfg.train.momentum, cfg.train.batch_size, cfg.train.optimizer) == (0.5, 0.5, 64, "sgd")
+    assert cfg.strategy.params == {"tau": 2}
+
+
+def test_an_error_beside_a_merged_section_mapping_names_the_file(tmp_path):
+    path = _write(tmp_path, "train:\n  batch_size: 0\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides=["train={lr: 0.5}"])
+
+    assert str(info.value) == f"Config key 'train.batch_size' must be an int >= 1. Got 0 (from {path})."
