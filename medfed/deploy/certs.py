@@ -17,15 +17,22 @@
 
 TLS keys are ECDSA P-256; site keys ECDSA P-384 in OpenSSH format, which is what Flower's
 SuperNode authentication reads (``--auth-supernode-private-key``; it rejects ed25519).
-Existing files are never overwritten unless ``force`` is set; private keys are created
-with mode 0600 from the start (no window in which they are world-readable).
+The whole folder is built in a fresh folder beside DIR and renamed into place at the end,
+so a failure or Ctrl-C at any point leaves the old DIR as it was (or no DIR), never a mix of
+old and new keys. An existing DIR is replaced only with ``force``, and then as a whole: the
+folders of sites no longer listed go with it. Private keys are created with mode 0600 from
+the start (no window in which they are world-readable).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import re
+import secrets
+import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,21 +85,30 @@ def validate_site_name(name: str) -> str:
     return name
 
 
-def make_certs(out: str | Path, server_host: str, sites: list[str], *, force: bool = False) -> list[Path]:
+def make_certs(
+    out: str | Path, server_host: str, sites: list[str], *, force: bool = False, stdout=None,
+) -> list[Path]:
     """Write a CA, the server certificate and one key pair per site into ``out``.
+
+    All files are written to a new folder beside ``out`` that is renamed to ``out`` at the
+    end: on any error (or Ctrl-C) ``out`` is left as it was and the new folder is removed.
 
     Parameters
     ----------
     out : str or Path
-        Folder to write (created if missing).
+        Folder to write (created if missing; an existing empty folder is used).
     server_host : str
         DNS name or IP address the sites use to reach the server; it goes into the
         server certificate's subject alternative names with ``localhost`` and ``127.0.0.1``.
     sites : list of str
         Site names, unique (see :func:`validate_site_name`).
     force : bool
-        Overwrite existing files. Without it, any file that would be written and
-        already exists is an error and nothing is written.
+        Replace an existing certificate folder as a whole, including the folders of
+        sites that are no longer listed. Without it, a folder that holds any file is
+        an error and nothing is written.
+    stdout : file, optional
+        Where to say which old site folders ``force`` replaced or removed (default
+        ``sys.stdout``).
 
     Returns
     -------
@@ -102,9 +118,10 @@ def make_certs(out: str | Path, server_host: str, sites: list[str], *, force: bo
     Raises
     ------
     CertsError
-        Bad host or site names, or files that exist without ``force``.
+        Bad host or site names, ``out`` a file, files that exist without ``force``,
+        a file in ``out`` that ``medfed certs`` does not write, or a write that failed.
     """
-    out = Path(out).expanduser()
+    given = Path(out).expanduser()
     host = _validate_host(server_host)
     if not sites:
         raise CertsError("Give at least one site name (--sites NAME[,NAME...]).")
@@ -114,16 +131,82 @@ def make_certs(out: str | Path, server_host: str, sites: list[str], *, force: bo
     if duplicates:
         raise CertsError(f"Site names must be unique; {', '.join(duplicates)} appears more than once.")
 
+    # A link to the real folder stays a link: the folder it points to is the one replaced.
+    folder = given.resolve()
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = f"--out {given}" if path == folder else f"--out {given}: {path}"
+                raise CertsError(f"{where} is a file, not a folder; give a folder (it is created if missing).")
+            break
+    old = _files_in(folder, given) if folder.exists() else []
+    foreign = [rel for rel in old if not _written_by_us(rel)]
+    if foreign:
+        raise CertsError(
+            f"{given} holds {foreign[0]}, which 'medfed certs' does not write; move it out of the folder, "
+            "or give another --out folder."
+        )
     targets = [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, TRUSTED_SITES]
     for name in sites:
         targets += [f"{SITES_DIR}/{name}/{CA_CERT}", f"{SITES_DIR}/{name}/{SITE_KEY}", f"{SITES_DIR}/{name}/{SITE_PUB}"]
-    existing = [t for t in targets if (out / t).exists()]
+    existing = [t for t in targets if t in old] + [rel for rel in old if rel not in targets]
     if existing and not force:
         raise CertsError(
-            f"{out} already holds {existing[0]}" + (f" and {len(existing) - 1} more file(s)" if len(existing) > 1 else "")
+            f"{given} already holds {existing[0]}" + (f" and {len(existing) - 1} more file(s)" if len(existing) > 1 else "")
             + "; give another --out folder, or --force to replace them (sites then need their new keys)."
         )
 
+    created = [path for path in folder.parents if not path.exists()]  # nearest first, removed on failure
+    temp = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.tmp"
+    aside = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.old"
+    moved_aside = False
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        temp.mkdir()
+        written = _write_certs(temp, host, server_host, sites)
+        if folder.exists():
+            os.chmod(temp, stat.S_IMODE(folder.stat().st_mode))
+            os.rename(folder, aside)
+            moved_aside = True
+        os.rename(temp, folder)
+    except BaseException as err:
+        shutil.rmtree(temp, ignore_errors=True)
+        if moved_aside and not folder.exists():
+            os.rename(aside, folder)
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        if isinstance(err, OSError):
+            raise CertsError(
+                f"Could not write the certificates to {given} ({_os_reason(err)}); nothing was changed."
+            ) from None
+        raise
+    _sync_folder(folder.parent)
+    if moved_aside:
+        try:
+            shutil.rmtree(aside)
+        except OSError as err:
+            raise CertsError(
+                f"Wrote the new certificates to {given}, but could not delete the old folder, moved to {aside} "
+                f"({_os_reason(err)}); delete it yourself, it holds the old private keys."
+            ) from None
+
+    old_sites = {rel.split("/")[1] for rel in old if rel.startswith(f"{SITES_DIR}/")}
+    removed = sorted(old_sites - set(sites))
+    replaced = [name for name in sites if name in old_sites]
+    if removed:
+        print(f"medfed certs: removed the old folder(s) of {', '.join(removed)} from {given / SITES_DIR} "
+              "(not in --sites; the server no longer trusts them)", file=stdout)
+    if replaced:
+        print(f"medfed certs: replaced the old folder(s) of {', '.join(replaced)} in {given / SITES_DIR} "
+              "(their old keys no longer work)", file=stdout)
+    return [given / rel for rel in written]
+
+
+def _write_certs(folder: Path, host: x509.GeneralName, server_host: str, sites: list[str]) -> list[str]:
+    """Make the keys and certificates and write them into ``folder``; return the files, relative to it."""
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "medfed federation CA")])
@@ -148,10 +231,10 @@ def make_certs(out: str | Path, server_host: str, sites: list[str], *, force: bo
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
 
     written = [
-        _write(out / CA_CERT, ca_pem, private=False),
-        _write(out / CA_KEY, _pem_key(ca_key), private=True),
-        _write(out / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), private=False),
-        _write(out / SERVER_KEY, _pem_key(server_key), private=True),
+        _write(folder, CA_CERT, ca_pem, private=False),
+        _write(folder, CA_KEY, _pem_key(ca_key), private=True),
+        _write(folder, SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), private=False),
+        _write(folder, SERVER_KEY, _pem_key(server_key), private=True),
     ]
     trusted = []
     for name in sites:
@@ -159,17 +242,61 @@ def make_certs(out: str | Path, server_host: str, sites: list[str], *, force: bo
         public = site_key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         ).decode("ascii")
-        folder = out / SITES_DIR / name
+        site = f"{SITES_DIR}/{name}"
         written += [
-            _write(folder / CA_CERT, ca_pem, private=False),
-            _write(folder / SITE_KEY, site_key.private_bytes(
+            _write(folder, f"{site}/{CA_CERT}", ca_pem, private=False),
+            _write(folder, f"{site}/{SITE_KEY}", site_key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
             ), private=True),
-            _write(folder / SITE_PUB, f"{public} {name}\n".encode("ascii"), private=False),
+            _write(folder, f"{site}/{SITE_PUB}", f"{public} {name}\n".encode("ascii"), private=False),
         ]
         trusted.append(f"{public} {name}")
-    written.append(_write(out / TRUSTED_SITES, ("\n".join(trusted) + "\n").encode("ascii"), private=False))
+    written.append(_write(folder, TRUSTED_SITES, ("\n".join(trusted) + "\n").encode("ascii"), private=False))
     return written
+
+
+def _files_in(folder: Path, given: Path) -> list[str]:
+    """Everything but folders under ``folder`` (links included), as sorted relative paths."""
+    def fail(err: OSError) -> None:
+        raise CertsError(f"Cannot read {err.filename} in --out {given} ({_os_reason(err)}).")
+
+    files = []
+    for root, dirs, names in os.walk(folder, onerror=fail):
+        base = Path(root)
+        names += [name for name in dirs if (base / name).is_symlink()]  # os.walk does not enter them
+        files += [(base / name).relative_to(folder).as_posix() for name in names]
+    return sorted(files)
+
+
+def _written_by_us(rel: str) -> bool:
+    """Whether ``rel`` is a file 'medfed certs' writes (or the temporary file of an interrupted write)."""
+    parts = rel.split("/")
+    if len(parts) == 1:
+        names = (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, TRUSTED_SITES)
+    elif len(parts) == 3 and parts[0] == SITES_DIR:
+        names = (CA_CERT, SITE_KEY, SITE_PUB)
+    else:
+        return False
+    leftover = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", parts[-1])
+    return parts[-1] in names or (leftover is not None and leftover.group(1) in names)
+
+
+def _os_reason(err: OSError) -> str:
+    return f"{err.strerror}: {err.filename}" if err.strerror and err.filename else _reason(err)
+
+
+def _sync_folder(path: Path) -> None:
+    """Make a rename in ``path`` durable where the system allows it (POSIX)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -361,9 +488,10 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write(path: Path, data: bytes, *, private: bool) -> Path:
-    """Write atomically with the mode set before the data, so a private key is never
-    readable by others."""
+def _write(folder: Path, rel: str, data: bytes, *, private: bool) -> str:
+    """Write ``folder/rel`` atomically with the mode set before the data, so a private key
+    is never readable by others; return ``rel``."""
+    path = folder / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, data, mode=0o600 if private else 0o644)
-    return path
+    return rel

@@ -1,5 +1,7 @@
 """medfed certs output, certificate lookups, addresses and the site-data check (no network)."""
 
+import os
+
 import numpy as np
 import pytest
 from cryptography import x509
@@ -50,6 +52,117 @@ def test_bad_names_are_one_line_errors(tmp_path, host, sites, match):
     with pytest.raises(CertsError, match=match):
         make_certs(tmp_path, host, sites)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def _contents(folder):
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mode & 0o777)
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def test_force_replaces_the_whole_folder_and_names_the_sites_it_drops(tmp_path, capsys):
+    # Prepare
+    out = tmp_path / "c1"
+    make_certs(out, "fl.example.org", ["hospital-a", "hospital-b"])
+    # Execute
+    make_certs(out, "fl.example.org", ["hospital-c"], force=True)
+    # Assert: no site folder is left with the old CA, and the dropped ones are named.
+    assert sorted(p.name for p in (out / "sites").iterdir()) == ["hospital-c"]
+    assert (out / "sites" / "hospital-c" / "ca.crt").read_bytes() == (out / "ca.crt").read_bytes()
+    printed = capsys.readouterr().out
+    assert "removed the old folder(s) of hospital-a, hospital-b" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c1"]  # nothing left beside it
+
+
+def test_no_force_refuses_and_changes_nothing(tmp_path):
+    make_certs(tmp_path / "c", "x.org", ["a"])
+    before = _contents(tmp_path / "c")
+    with pytest.raises(CertsError, match="already holds ca.crt and .* more file.*--force to replace them"):
+        make_certs(tmp_path / "c", "x.org", ["b"])
+    assert _contents(tmp_path / "c") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+@pytest.mark.parametrize("fail, raised", [
+    (OSError(28, "No space left on device", "site.key"), CertsError),
+    (KeyboardInterrupt(), KeyboardInterrupt),
+], ids=["disk-full", "ctrl-c"])
+@pytest.mark.parametrize("at", ["writing", "swapping"])
+def test_a_failure_midway_leaves_the_old_folder_whole(tmp_path, monkeypatch, fail, raised, at):
+    # Prepare: a complete folder, then a --force run that fails while writing the sites'
+    # keys, or when the new folder is renamed into place.
+    import medfed.deploy.certs as certs
+
+    out = tmp_path / "c"
+    make_certs(out, "x.org", ["a", "b"])
+    before = _contents(out)
+    if at == "writing":
+        write = certs.write_bytes_atomic
+
+        def failing_write(path, data, mode=None):
+            if path.as_posix().endswith("sites/c/site.key"):
+                raise fail
+            return write(path, data, mode)
+
+        monkeypatch.setattr(certs, "write_bytes_atomic", failing_write)
+    else:
+        rename = os.rename
+
+        def failing_rename(src, dst):
+            if str(src).endswith(".tmp"):
+                raise fail
+            return rename(src, dst)
+
+        monkeypatch.setattr(os, "rename", failing_rename)
+    # Execute
+    with pytest.raises(raised) as err:
+        make_certs(out, "x.org", ["a", "c"], force=True)
+    # Assert: the old folder, complete and unchanged, and no temporary folder beside it.
+    if raised is CertsError:
+        assert "No space left on device" in str(err.value) and "nothing was changed" in str(err.value)
+    assert _contents(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_force_replaces_a_folder_in_the_way_of_a_key(tmp_path):
+    # Prepare: a folder where site a's key goes.
+    (tmp_path / "c" / "sites" / "a" / "site.key").mkdir(parents=True)
+    # Execute
+    make_certs(tmp_path / "c", "x.org", ["a"], force=True)
+    # Assert
+    assert site_certs(tmp_path / "c", "a").site_key.is_file()
+
+
+def test_force_keeps_a_folder_with_files_it_did_not_write(tmp_path):
+    make_certs(tmp_path / "c", "x.org", ["a"])
+    (tmp_path / "c" / "notes.txt").write_text("keep me\n")
+    before = _contents(tmp_path / "c")
+    with pytest.raises(CertsError, match="holds notes.txt, which 'medfed certs' does not write; move it out"):
+        make_certs(tmp_path / "c", "x.org", ["a"], force=True)
+    assert _contents(tmp_path / "c") == before
+
+
+def test_force_keeps_the_folder_mode(tmp_path):
+    (tmp_path / "c").mkdir(mode=0o700)
+    make_certs(tmp_path / "c", "x.org", ["a"])
+    make_certs(tmp_path / "c", "x.org", ["a"], force=True)
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/sub"])
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys, out):
+    from medfed.cli import main
+
+    # Prepare
+    (tmp_path / "afile").write_text("data\n")
+    # Execute
+    code = main(["certs", "--out", str(tmp_path / out), "--server-host", "x.org", "--sites", "a"])
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert f"{tmp_path / 'afile'} is a file, not a folder; give a folder" in err
+    assert (tmp_path / "afile").read_text() == "data\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_missing_certificate_files_name_the_file(tmp_path):
