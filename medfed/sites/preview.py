@@ -102,11 +102,13 @@ def preview_sites(cfg: ExperimentConfig, out_dir: str | Path, *, images_per_site
     plan = plan_for(cfg)
     info = train.info
     sources = train.subset(_source_indices(train.labels, images_per_site, cfg.seed))
-    rows, summaries = [], []
+    rows, row_groups, summaries = [], [], []
     for site in plan.sites:
         site_train, site_test = build_site(plan, site.partition_id, train, test, cfg.seed)
         # The montage row: the same source images through this site's profile.
-        rows.append(apply_profile(plan, site, sources, cfg.seed, split=2).images)
+        profiled = apply_profile(plan, site, sources, cfg.seed, split=2)
+        rows.append(profiled.images)
+        row_groups.append(profiled.groups)
         pixels = site_train.images.astype(np.float64) / 255.0
         summaries.append({
             "name": site.name,
@@ -132,11 +134,11 @@ def preview_sites(cfg: ExperimentConfig, out_dir: str | Path, *, images_per_site
         "sites": summaries,
     }
     write_bytes_atomic(out_dir / PREVIEW_JSON, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
-    _write_montage(out_dir / PREVIEW_IMAGE, plan, rows, sources, info)
+    _write_montage(out_dir / PREVIEW_IMAGE, plan, rows, row_groups, sources, info)
     return summary
 
 
-def _write_montage(path: Path, plan, rows: list[np.ndarray], sources, info) -> None:
+def _write_montage(path: Path, plan, rows: list[np.ndarray], row_groups: list[np.ndarray], sources, info) -> None:
     from io import BytesIO
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -147,10 +149,12 @@ def _write_montage(path: Path, plan, rows: list[np.ndarray], sources, info) -> N
     FigureCanvasAgg(figure)
     grid = figure.subplots(len(rows), columns, squeeze=False)
     labels = sources.labels if sources.labels.ndim == 1 else sources.labels.argmax(axis=1)
-    for row, (site, images) in enumerate(zip(plan.sites, rows)):
+    for row, (site, images, groups) in enumerate(zip(plan.sites, rows, row_groups)):
         for col in range(columns):
             axes = grid[row, col]
             image = images[col]
+            if len(plan.groups) > 1:  # a group's corruptions show in its patients' images: say whose they are
+                axes.set_xlabel(plan.groups[int(groups[col])].name, fontsize=6, labelpad=1)
             if image.shape[-1] == 1:
                 axes.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             else:
@@ -178,9 +182,13 @@ def sites_table(summary: dict[str, Any]) -> Table:
 
     table = Table(title=f"Sites of {summary['dataset']} ({summary['img_size']} px, seed {summary['seed']}"
                         + (f", scenario {summary['scenario']}" if summary.get("scenario") else "") + ")")
-    for header in ("Site", "Role", "Train", "Test", "Classes (train)", "Groups (train)", "Corruptions",
+    corrupted_groups = [g for g in summary.get("groups", []) if g["corruptions"]]
+    if corrupted_groups:  # a group's corruptions come on top of the site's, for that group's patients only
+        table.caption = "Group corruptions (on top of the site's, for the group's patients): " + "; ".join(
+            f"{g['name']}: {describe_chain([tuple(c) for c in g['corruptions']])}" for g in summary["groups"])
+    for header in ("Site", "Role", "Train", "Test", "Classes (train)", "Groups (train)", "Site corruptions",
                    "Mean", "Contrast"):
-        table.add_column(header, justify="left" if header in ("Site", "Role", "Corruptions") else "right")
+        table.add_column(header, justify="left" if header in ("Site", "Role", "Site corruptions") else "right")
     for site in summary["sites"]:
         table.add_row(
             site["name"], "held out" if site["held_out"] else "trains", str(site["train_size"]), str(site["test_size"]),

@@ -46,6 +46,15 @@ def test_cli_sites_prints_a_table_and_writes_files(tiny_root, tmp_path, capsys):
     assert "scanner-b" in out and "gaussian_noise:2" in out
 
 
+def test_cli_sites_names_the_corruptions_of_patient_groups(tiny_root, tmp_path, capsys):
+    # group-shift: the sites have no corruption of their own; group b's images are degraded.
+    code = main(["sites", "--set", f"data.root={tiny_root}", "--set", "federation.scenario=group-shift",
+                 "--out", str(tmp_path)])
+    out = " ".join(capsys.readouterr().out.split())  # the table's caption wraps
+    assert code == 0
+    assert "Group corruptions (on top of the site's, for the group's patients): group-a: none; group-b: contrast_down:3" in out
+
+
 def test_cli_sites_bad_profile_is_one_line_error(tmp_path, capsys):
     code = main(["sites", "--set", "federation.sites=[{corruptions: [[nope, 1]]}]", "--out", str(tmp_path)])
     assert code == 2
