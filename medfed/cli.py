@@ -92,6 +92,11 @@ def _run_train(args: argparse.Namespace) -> None:
     from medfed.client.task import TrainSettings
     from medfed.train import train_pooled
 
+    if args.selection_window is not None and args.selection_window > args.epochs:
+        from medfed.errors import MedfedError
+
+        raise MedfedError(f"--selection-window {args.selection_window} is longer than the run (--epochs "
+                          f"{args.epochs}); give at most {args.epochs}.")
     model = args.model if args.model.startswith("medvit_v2_") else f"medvit_v2_{args.model}"
     settings = TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
@@ -252,7 +257,8 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-host", required=True, metavar="HOST",
                    help="DNS name or IP address the sites use to reach the server")
     p.add_argument("--sites", required=True, metavar="NAME[,NAME...]", help="comma-separated site names")
-    p.add_argument("--force", action="store_true", help="replace existing files (sites then need their new keys)")
+    p.add_argument("--force", action="store_true", help="replace the whole folder: a new CA, new keys for every site listed, sites no longer listed "
+                   "removed (each site then needs its new folder)")
     p.set_defaults(func=_run_certs)
 
 

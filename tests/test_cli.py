@@ -148,6 +148,13 @@ def test_a_failed_or_diverged_train_leaves_no_folder_and_says_why_in_one_line(ti
     assert not (tmp_path / "unknown").exists() and not (tmp_path / "diverged").exists()
 
 
+def test_a_selection_window_longer_than_the_run_is_refused(tiny_root, tmp_path, capsys):
+    code = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--selection-window", "50",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "--selection-window 50 is longer than the run (--epochs 1); give at most 1." in capsys.readouterr().err
+
+
 def test_bad_numbers_are_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--epochs", "0"])
