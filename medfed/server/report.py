@@ -730,10 +730,13 @@ def _plot_metric(
 
     axes.set_title(title)
     plotted = False
-    global_values = [run.aggregate(r, phase).get(metric) for r in run.rounds]
-    x, y = _series(run, global_values)
+    x, y = _round_series(run, "evaluate_pooled", metric) if phase == "evaluate" else ([], [])
     if x:
-        axes.plot(x, y, color="black", linewidth=2.5, marker="o", label="global")
+        axes.plot(x, y, label="pooled", **_POOLED_STYLE)
+        plotted = True
+    x, y = _round_series(run, phase, metric)
+    if x:
+        axes.plot(x, y, label=MEAN_OF_SITES + _coverage_label(run, phase, metric), **_MEAN_STYLE)
         plotted = True
     for site in run.sites:
         records = [run.site_record(r, phase, site) for r in run.rounds]
@@ -751,6 +754,27 @@ def _plot_metric(
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", ncols=2 if len(run.sites) > 6 else 1)
+
+
+#: How the federation's lines are drawn in every figure: pooled (the headline) black dots on
+#: top of the mean of sites' grey hollow squares, so that both show where they coincide.
+_POOLED_STYLE: dict[str, Any] = {"color": "black", "linewidth": 2.5, "marker": "o", "markersize": 6, "zorder": 3}
+_MEAN_STYLE: dict[str, Any] = {
+    "color": "0.5", "linewidth": 2.0, "marker": "s", "markersize": 9, "markerfacecolor": "none", "zorder": 2.5,
+}
+
+
+def _coverage_label(run: RunMetrics, phase: str, metric: str, *, held_out: bool = False) -> str:
+    """" (AUC over 1 of 4 sites)" when the mean of sites of ``metric`` leaves sites out ("" when it never does)."""
+    aggregate = "held_out" if held_out else phase
+    rounds = [r for r in run.rounds if _finite(run.aggregate(r, aggregate).get(metric))]
+    partial = [c[metric] for r in rounds if metric in (c := _coverage(run, r, phase, held_out=held_out))]
+    if not partial:
+        return ""
+    name = _METRIC_NAMES[metric]
+    if len(partial) == len(rounds) and len({(sites, total) for sites, total, _, _ in partial}) == 1:
+        return f" ({name} over {partial[0][0]} of {partial[0][1]} sites)"
+    return f" ({name} over part of the sites in {len(partial)} of {len(rounds)} rounds)"
 
 
 def _confusion_figure(run: RunMetrics, new_figure: Any) -> Figure:
@@ -835,11 +859,13 @@ def _no_data(axes: Axes, text: str) -> None:
 
 
 _FIGURE_CAPTIONS = {
-    "acc": "Test accuracy per round: global (sample-weighted mean of the sites, black) and per site "
+    "acc": "Test accuracy per round: pooled test set (black, when the sites send score histograms), mean of "
+           "sites (grey: the sample-weighted mean of the sites' accuracy) and per site (held-out sites dashed).",
+    "auc": "Test AUC per round: pooled test set (black, when the sites send score histograms), mean of sites "
+           "(grey: the sample-weighted mean of the sites' AUC, leaving out sites where it is undefined, e.g. a "
+           "test split of one class; the legend says when it covers only part of the sites) and per site "
            "(held-out sites dashed).",
-    "auc": "Test AUC per round: global (sample-weighted mean of the sites, black) and per site "
-           "(held-out sites dashed).",
-    "loss": "Train and test loss per round: global and per site.",
+    "loss": "Train and test loss per round: mean of sites (grey) and per site.",
     "confusion": "Per-site test confusion matrices of the last round that has them.",
     "bytes": "Model payload sent to and received from the sites per round.",
     "wall_time": "Wall time per round.",
@@ -890,18 +916,21 @@ def _finish_round_axes(axes: Axes, title: str) -> None:
     axes.legend(fontsize="small")
 
 
-@register_figure("pooled_vs_mean", "Global test ACC and AUC per round: the sample-weighted mean of the sites' "
-                 "metrics (solid) and the pooled test set's (dashed).")
+@register_figure("pooled_vs_mean", "Federation test ACC and AUC per round: the pooled test set's (black dots) "
+                 "and the sample-weighted mean of the sites' metrics (grey squares; a site whose metric is "
+                 "undefined is left out of the mean, and the legend says so).")
 def _pooled_figure(run: RunMetrics, new_figure: Any) -> Figure | None:
     if not any(run.aggregate(r, "evaluate_pooled") for r in run.rounds):
         return None
     figure = new_figure(10.0, 4.0)
     for axes, metric in zip(figure.subplots(1, 2), ("acc", "auc")):
-        for phase, style, label in (("evaluate", "-", "mean of sites"), ("evaluate_pooled", "--", "pooled")):
-            x, y = _round_series(run, phase, metric)
-            if x:
-                axes.plot(x, y, linestyle=style, marker="o", color="black", label=label)
-        _finish_round_axes(axes, f"Global test {metric.upper()}")
+        x, y = _round_series(run, "evaluate_pooled", metric)
+        if x:
+            axes.plot(x, y, label="pooled", **_POOLED_STYLE)
+        x, y = _round_series(run, "evaluate", metric)
+        if x:
+            axes.plot(x, y, label=MEAN_OF_SITES + _coverage_label(run, "evaluate", metric), **_MEAN_STYLE)
+        _finish_round_axes(axes, f"Federation test {metric.upper()}")
     return figure
 
 
@@ -915,7 +944,8 @@ def _held_out_figure(run: RunMetrics, new_figure: Any) -> Figure | None:
         for phase, style, label in (("evaluate", "-", "training sites (mean)"), ("held_out", "--", "held-out sites")):
             x, y = _round_series(run, phase, metric)
             if x:
-                axes.plot(x, y, linestyle=style, marker="o", label=label)
+                coverage = _coverage_label(run, "evaluate", metric, held_out=phase == "held_out")
+                axes.plot(x, y, linestyle=style, marker="o", label=label + coverage)
         _finish_round_axes(axes, f"Test {metric.upper()}: unseen vs training sites")
     return figure
 

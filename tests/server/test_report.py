@@ -189,6 +189,33 @@ def test_pooled_is_the_headline_and_a_partial_mean_of_sites_says_its_coverage(tm
     assert "* mean of sites: AUC over 1 of 4 sites, 10 of 156 examples; the other sites' value is undefined" in html
 
 
+def _legends(figure) -> list[list[str]]:
+    return [[t.get_text() for t in axes.get_legend().get_texts()] for axes in figure.axes if axes.get_legend()]
+
+
+def test_figures_draw_pooled_and_name_the_mean_of_sites_with_its_coverage(tmp_path: Path) -> None:
+    from medfed.server.report import _REGISTERED, _make_figures, _new_figure
+
+    # Prepare
+    run_dir = _write_run(tmp_path / "skew", _label_skew_records())
+    run = load_run_metrics(run_dir)
+
+    # Execute
+    acc, auc = _make_figures(run)[:2]
+    pooled_vs_mean = _REGISTERED["pooled_vs_mean"][1](run, _new_figure)
+    html = build_report(run_dir).read_text(encoding="utf-8")
+
+    # Assert: the legends
+    sites = ["site-0", "site-1", "site-2", "site-3"]
+    assert _legends(acc) == [["pooled", "mean of sites", *sites]]
+    assert _legends(auc) == [["pooled", "mean of sites (AUC over 1 of 4 sites)", *sites]]
+    assert _legends(pooled_vs_mean) == [["pooled", "mean of sites"], ["pooled", "mean of sites (AUC over 1 of 4 sites)"]]
+    # the captions: no "global" left
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", html)
+    assert not any("global" in caption.lower() for caption in captions)
+    assert any(caption.startswith("Test AUC per round: pooled test set (black") for caption in captions)
+
+
 def test_mean_of_sites_is_the_headline_without_pooled_metrics(run_dir: Path) -> None:
     summary = summarize(run_dir)
     assert summary.pooled_row is None
