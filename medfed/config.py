@@ -881,14 +881,62 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
+    """Split ``"key=value"`` and read the value as :func:`load_config` describes."""
     key, sep, value_text = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(
             f"Override {text!r} must have the form key=value, e.g. 'train.lr=0.01'."
         )
+    label = f"--set {text}"
+    _check_override_key(key, label)
+    value_text = value_text.strip()
+    if key in _text_keys() and not _is_quoted(value_text):
+        # YAML would turn some text into something else: "site #1" loses its comment,
+        # "yes" becomes True, "2024-01-01" a date. A text key takes the text as it is.
+        return key, None if _text_keys()[key] and value_text in _NULLS else value_text
+    return key, _yaml_override(key, value_text, text, label)
+
+
+#: Spellings of null in YAML; for a text key that takes null, only these mean None.
+_NULLS = ("", "~", "null", "Null", "NULL")
+_STR_TAG = "tag:yaml.org,2002:str"
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+@functools.cache
+def _text_keys() -> dict[str, bool]:
+    """Keys whose constraint takes text, each mapped to whether it also takes null."""
+    keys = {}
+    for key, constraint in _leaves():
+        optional = isinstance(constraint, _Optional)
+        inner = constraint.inner if optional else constraint
+        if isinstance(inner, (_Str, _DatasetFlag)) or (
+            isinstance(inner, _Choice) and all(isinstance(option, str) for option in inner.options)
+        ):
+            keys[key] = optional
+    return keys
+
+
+def _is_quoted(text: str) -> bool:
+    return len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+
+
+def _yaml_override(key: str, value_text: str, text: str, label: str) -> Any:
+    """Read an override value as YAML, refusing what YAML would silently change."""
+    loader = _UniqueKeyLoader(value_text)
     try:
-        value = _load_yaml(value_text)
+        node = loader.get_single_node()
+        dropped = value_text[node.end_mark.index:] if node is not None else value_text
+        if dropped.strip():
+            raise ConfigError(
+                f"Config key {key!r} would lose {dropped.strip()!r}: YAML reads ' #' as the start "
+                f"of a comment; quote the whole value to keep it{_origin(label)}."
+            )
+        if node is None:  # "key=" means null, as in a YAML file
+            return None
+        _check_scalars(loader, node, key, label)
+        return loader.construct_document(node)
     except _DuplicateKey as exc:
         raise ConfigError(f"Override {text!r} sets key {exc.key!r} twice.") from None
     except yaml.YAMLError as exc:
@@ -896,7 +944,46 @@ def _parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(
             " ".join(f"Cannot parse the value of override {text!r} as YAML: {problem}.".split())
         ) from None
-    return key, value
+    finally:
+        loader.dispose()
+
+
+def _check_scalars(loader: yaml.SafeLoader, node: yaml.Node, key: str, label: str) -> None:
+    """Read unquoted scalars under text keys as text; refuse numbers not in plain decimal.
+
+    YAML 1.1 reads ``010`` as 8 (octal), ``1:30`` as 90 (base 60) and ``0x10`` as 16;
+    in an override those are typos more often than intent.
+    """
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            _check_scalars(loader, value_node, f"{key}.{key_node.value}", label)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_scalars(loader, item, key, label)
+    elif node.style is not None:  # quoted: the user chose YAML's reading
+        return
+    elif key in _text_keys():
+        if not (_text_keys()[key] and node.value in _NULLS):
+            node.tag = _STR_TAG
+    elif node.tag in _NUMBER_TAGS and not _is_plain_decimal(node.value):
+        raise ConfigError(
+            f"Config key {key!r} must be a number written in plain decimal (such as 10, -2.5 or "
+            f"1e-3). Got {node.value!r}, which YAML would read as "
+            f"{loader.construct_object(node)!r}{_origin(label)}."
+        )
+
+
+def _is_plain_decimal(text: str) -> bool:
+    """Whether Python's int or float reads ``text``, without a leading zero (``010``)."""
+    if re.match(r"[-+]?0[0-9_]", text):
+        return False
+    for parse in (int, float):
+        try:
+            parse(text)
+        except ValueError:
+            continue
+        return True
+    return False
 
 
 def _check_override_key(key: str, label: str) -> None:
@@ -958,8 +1045,20 @@ def load_config(
         defaults only (the small CPU federation described in the module docstring).
     overrides : sequence of str
         ``"dotted.key=value"`` items applied after the file, e.g. ``"rounds=5"``,
-        ``"train.lr=0.01"`` or ``"strategy.params.proximal_mu=0.1"``. The value is
-        parsed as YAML (``null`` for None, ``[1, 2]`` for a list).
+        ``"train.lr=0.01"`` or ``"strategy.params.proximal_mu=0.1"``. The value of a
+        key that takes text (``name``, ``data.root``, ``train.optimizer``...) is the
+        text after ``=``, stripped, as it is: ``data.root=/data/site #1`` keeps its
+        ``#``, ``name=yes`` is ``"yes"``; only ``null``, ``~`` and nothing mean None,
+        and only where the key takes null; in quotes it is read as a YAML quoted str.
+        Any other value is parsed as YAML (``null`` for None, ``true``, ``[1, 2]``
+        for a list, ``{lr: 0.5}`` for a mapping; unquoted text under a text key in
+        it stays text), except that a number must be written in plain decimal, as
+        Python's ``int``/``float`` read it and without a leading zero: ``010``
+        (octal 8 in YAML 1.1), ``1:30`` (base 60: 90) and ``0x10`` are refused,
+        ``1_000`` is 1000 and ``1e-3`` a float; and a `` #`` comment, which YAML
+        would drop, is refused (quote the value). A mapping given for a section
+        (``train={lr: 0.5}``) changes only the keys it names; a leaf, even a mapping
+        such as ``strategy.params``, is replaced.
 
     Returns
     -------
@@ -983,7 +1082,6 @@ def load_config(
     for text in overrides:
         key, value = _parse_override(text)
         label = f"--set {text}"
-        _check_override_key(key, label)
         # Set before add: an error on a parent names where the parent came from.
         for changed in _set_dotted(raw, key, value, sources):
             sources.add(changed, label)

@@ -71,7 +71,11 @@ def test_sections_must_have_their_type():
         ("seed=true", "Config key 'seed' must be an int in the range [0, 4294967295]. Got True"),
         ("train.lr=-1", "Config key 'train.lr' must be a float > 0. Got -1"),
         ("train.lr=0", "Config key 'train.lr' must be a float > 0. Got 0"),
-        ("train.lr=.inf", "Config key 'train.lr' must be a float > 0. Got inf"),
+        (
+            "train.lr=.inf",
+            "Config key 'train.lr' must be a number written in plain decimal (such as 10, -2.5 or "
+            "1e-3). Got '.inf', which YAML would read as inf",
+        ),
         ("train.lr=fast", "Config key 'train.lr' must be a float > 0. Got 'fast'"),
         ("train.lr=true", "Config key 'train.lr' must be a float > 0. Got True"),
         ("train.weight_decay=-0.1", "Config key 'train.weight_decay' must be a float >= 0. Got -0.1"),
@@ -81,9 +85,9 @@ def test_sections_must_have_their_type():
         ("data.img_size=32", "Config key 'data.img_size' must be one of 28, 64, 128, 224. Got 32"),
         ("data.img_size=28.0", "Config key 'data.img_size' must be one of 28, 64, 128, 224. Got 28.0"),
         ("data.root=''", "Config key 'data.root' must be a non-empty str or null. Got ''"),
-        ("data.root=5", "Config key 'data.root' must be a non-empty str or null. Got 5"),
+        ("data.root=' '", "Config key 'data.root' must be a non-empty str or null. Got ' '"),
         ("model.name=''", "Config key 'model.name' must be a non-empty str. Got ''"),
-        ("strategy.name=null", "Config key 'strategy.name' must be a non-empty str. Got None"),
+        ("strategy.name=", "Config key 'strategy.name' must be a non-empty str. Got ''"),
         (
             "name=../escape",
             "Config key 'name' must be a str of letters, digits, '.', '_' or '-' that does not "
@@ -296,6 +300,82 @@ def test_override_null_and_empty_value_mean_none():
     cfg = load_config(overrides=["data.root=/d", "data.root=null"])
     assert cfg.data.root is None
     assert load_config(overrides=["simulation.ray_address="]).simulation.ray_address is None
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [
+        ("data.root=/data/site #1/npz", "data.root", "/data/site #1/npz"),  # not a YAML comment
+        ("data.root=2024-01-01", "data.root", "2024-01-01"),  # not a date
+        ("data.root= /d ", "data.root", "/d"),
+        ("data.root='/a b'", "data.root", "/a b"),  # quotes: YAML still unquotes
+        ("data.root='null'", "data.root", "null"),
+        ("data.root=~", "data.root", None),
+        ("data.root=null", "data.root", None),
+        ("data.root=", "data.root", None),
+        ("name=yes", "name", "yes"),  # not True
+        ("name=null", "name", "null"),  # no null for a key that does not take one
+        ("model.name=010", "model.name", "010"),
+        ("train.optimizer=sgd", "train.optimizer", "sgd"),
+        ("data={root: yes, dataset: pneumoniamnist}", "data.root", "yes"),  # inside a mapping too
+        ("data={root: null}", "data.root", None),
+    ],
+)
+def test_text_keys_take_the_override_text_as_it_is(override, key, value):
+    cfg = load_config(overrides=[override])
+
+    section, _, name = key.rpartition(".")
+    assert getattr(getattr(cfg, section) if section else cfg, name) == value
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "got", "yaml_reads"),
+    [
+        ("rounds=010", "rounds", "010", "8"),  # octal
+        ("federation.round_timeout_s=1:30", "federation.round_timeout_s", "1:30", "90"),  # base 60
+        ("seed=0x10", "seed", "0x10", "16"),
+        ("train.lr=0b1", "train.lr", "0b1", "1"),
+        ("strategy.params.mu=-00.5", "strategy.params.mu", "-00.5", "-0.5"),
+        ("strategy.params.extra={a: [1, 017]}", "strategy.params.extra.a", "017", "15"),
+        ("train={lr: 1:00}", "train.lr", "1:00", "60"),
+    ],
+)
+def test_numbers_yaml_would_read_other_than_decimal_are_refused(override, key, got, yaml_reads):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+
+    assert str(info.value) == (
+        f"Config key {key!r} must be a number written in plain decimal (such as 10, -2.5 or 1e-3). "
+        f"Got {got!r}, which YAML would read as {yaml_reads} (from --set {override})."
+    )
+
+
+def test_plain_decimal_numbers_and_other_yaml_values_are_kept():
+    cfg = load_config(
+        overrides=[
+            "rounds=1_000", "seed=+5", "train.lr=.5", "train.weight_decay=1E-4", "train.compile=true",
+            "strategy.params={mu: -0.5, n: 0, note: '010', flags: [null, 1.0]}",
+        ]
+    )
+
+    assert (cfg.rounds, cfg.seed, cfg.train.lr, cfg.train.weight_decay, cfg.train.compile) == (
+        1000, 5, 0.5, 0.0001, True,
+    )
+    assert cfg.strategy.params == {"mu": -0.5, "n": 0, "note": "010", "flags": [None, 1.0]}
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "dropped"),
+    [("strategy.params.note=site #1", "strategy.params.note", "#1"), ("rounds=5 # five", "rounds", "# five")],
+)
+def test_a_yaml_comment_in_an_override_value_is_refused_not_dropped(override, key, dropped):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+
+    assert str(info.value) == (
+        f"Config key {key!r} would lose {dropped!r}: YAML reads ' #' as the start of a comment; "
+        f"quote the whole value to keep it (from --set {override})."
+    )
 
 
 def test_override_error_on_a_key_the_file_set_names_the_override(tmp_path):
