@@ -751,7 +751,7 @@ def _plot_metric(
         return
     axes.set_xlabel("round")
     axes.set_ylabel(metric)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one round: one tick, "1"
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", ncols=2 if len(run.sites) > 6 else 1)
 
@@ -911,7 +911,7 @@ def _finish_round_axes(axes: Axes, title: str) -> None:
 
     axes.set_title(title)
     axes.set_xlabel("round")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one round: one tick, "1"
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
 

@@ -216,6 +216,34 @@ def test_figures_draw_pooled_and_name_the_mean_of_sites_with_its_coverage(tmp_pa
     assert any(caption.startswith("Test AUC per round: pooled test set (black") for caption in captions)
 
 
+def test_one_round_figures_have_integer_ticks_and_tell_pooled_from_mean(tmp_path: Path) -> None:
+    from matplotlib.lines import Line2D
+
+    from medfed.server.report import _REGISTERED, _make_figures, _new_figure
+
+    # Prepare: one round, where pooled and mean of sites have the same ACC.
+    run = load_run_metrics(_write_run(tmp_path / "one", _label_skew_records()))
+
+    # Execute
+    figures = [*_make_figures(run), _REGISTERED["pooled_vs_mean"][1](run, _new_figure)]
+
+    # Assert: every round axis shows the one round, as "1".
+    for figure in figures:
+        figure.canvas.draw()
+    round_axes = [axes for figure in figures for axes in figure.axes if axes.get_xlabel() == "round"]
+    assert len(round_axes) == 7  # acc, auc, 2 x loss, bytes, wall time, 2 x pooled_vs_mean
+    for axes in round_axes:
+        low, high = sorted(axes.get_xlim())
+        shown = [label.get_text() for label, tick in zip(axes.get_xticklabels(), axes.get_xticks()) if low <= tick <= high]
+        assert shown == ["1"], (axes.get_title(), shown)
+    # the single points of pooled and mean of sites differ in marker and colour
+    for axes in figures[-1].axes:
+        lines = {line.get_label(): line for line in axes.get_lines() if isinstance(line, Line2D)}
+        pooled, mean = lines["pooled"], next(v for k, v in lines.items() if k.startswith("mean of sites"))
+        assert pooled.get_marker() != mean.get_marker()
+        assert pooled.get_color() != mean.get_color()
+
+
 def test_mean_of_sites_is_the_headline_without_pooled_metrics(run_dir: Path) -> None:
     summary = summarize(run_dir)
     assert summary.pooled_row is None
