@@ -10,6 +10,8 @@ heterogeneous sites from drifting far from the global model. ``proximal_mu`` is 
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +21,7 @@ from torch import nn
 
 from .base import MedfedStrategy
 from .hooks import ClientHooks, ExtraLoss
-from .registry import register_strategy
+from .registry import StrategyError, register_strategy
 
 __all__ = ["FedProx", "ProximalHooks", "proximal_term"]
 
@@ -36,8 +38,16 @@ def proximal_term(model: nn.Module, mu: float) -> ExtraLoss | None:
         the anchors ``p_global``.
     mu : float
         Proximal weight, >= 0.
+
+    Raises
+    ------
+    ValueError
+        If ``mu`` is negative or not finite: a negative weight would reward drifting
+        away from the global model, so it must not pass for "off".
     """
-    if mu <= 0:
+    if not (math.isfinite(mu) and mu >= 0):
+        raise ValueError(f"The proximal weight mu must be a finite float >= 0. Got {mu!r} instead.")
+    if mu == 0:
         return None
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params]
@@ -64,7 +74,24 @@ class FedProx(MedfedStrategy, flwr_strategy.FedProx):
     """Flower's FedProx with medfed's reply checks and the proximal term at the sites.
 
     Takes the constructor arguments of ``flwr.serverapp.strategy.FedProx``
-    (``proximal_mu``, default 0: plain FedAvg).
+    (``proximal_mu``, a finite float >= 0; default 0: plain FedAvg).
+
+    Raises
+    ------
+    StrategyError
+        If ``proximal_mu`` is negative or not finite (Flower takes it and the sites
+        then train without the term, as plain FedAvg).
     """
 
     client_hooks = ProximalHooks
+
+    # wraps: create_strategy reads Flower's signature (names, types) through __wrapped__.
+    @functools.wraps(flwr_strategy.FedProx.__init__)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        mu = self.proximal_mu
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (math.isfinite(mu) and mu >= 0):
+            raise StrategyError(
+                "The 'proximal_mu' parameter of strategy 'fedprox' (strategy.params.proximal_mu) must be "
+                f"a finite float >= 0 (0 is plain FedAvg). Got {mu!r} instead."
+            )

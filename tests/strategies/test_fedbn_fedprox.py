@@ -1,11 +1,12 @@
 """FedBN's and FedProx's client halves."""
 
+import pytest
 import torch
 from torch import nn
 
-from medfed.strategies import FedProx, client_hooks_for
+from medfed.strategies import FedProx, StrategyError, client_hooks_for, create_strategy
 from medfed.strategies.fedbn import FedBNHooks, batchnorm_keys
-from medfed.strategies.fedprox import ProximalHooks
+from medfed.strategies.fedprox import ProximalHooks, proximal_term
 
 
 class _Net(nn.Module):
@@ -129,3 +130,27 @@ def test_fedbn_estimates_statistics_only_at_a_site_without_its_own_batchnorm():
     assert said == "FedBN: BatchNorm statistics estimated from 4 training images (the site has none of its own)"
     assert "no training images" in hooks.before_evaluation(_DropoutThenBatchNorm(), {}, [], torch.device("cpu"))
     torch.testing.assert_close(net.bn.running_mean, torch.full((2,), 6.0))
+
+
+@pytest.mark.parametrize("mu", [-1, -0.01, float("nan"), float("inf")])
+def test_fedprox_refuses_a_negative_or_non_finite_mu(mu):
+    # Flower takes mu = -1 and the sites then train plain FedAvg without a word.
+    with pytest.raises(StrategyError) as info:
+        create_strategy("fedprox", {"proximal_mu": mu}, num_sites=3)
+
+    assert str(info.value) == (
+        "The 'proximal_mu' parameter of strategy 'fedprox' (strategy.params.proximal_mu) must be a "
+        f"finite float >= 0 (0 is plain FedAvg). Got {float(mu)!r} instead."
+    )
+    with pytest.raises(ValueError, match="must be a finite float >= 0"):
+        proximal_term(nn.Linear(1, 1), mu)
+
+
+def test_fedprox_mu_zero_is_fedavg_and_keeps_flowers_parameters():
+    # Execute
+    strategy = create_strategy("fedprox", {"proximal_mu": 0}, num_sites=3)
+    # Assert: still Flower's signature, so a misspelt parameter gets a hint.
+    assert strategy.proximal_mu == 0.0
+    assert proximal_term(nn.Linear(1, 1), 0.0) is None
+    with pytest.raises(StrategyError, match="has no parameter 'proximal_mux'; did you mean 'proximal_mu'"):
+        create_strategy("fedprox", {"proximal_mux": 0.1}, num_sites=3)
