@@ -361,9 +361,9 @@ class RunSummary:
     name : str
         Run name (config "name", else the run directory's name).
     rounds_done : int
-        Number of rounds with a result.
+        Number of completed rounds (those with a round record).
     last_round : int
-        Highest round number.
+        Highest round number, finished or not.
     global_row : SiteSummary
         "mean of sites": the strategy's sample-weighted mean of the training sites' metrics,
         last round with evaluate results.
@@ -385,6 +385,9 @@ class RunSummary:
     bytes_received: int
     pooled_row: SiteSummary | None = None
     held_out_row: SiteSummary | None = None
+    #: The last round when it has site results but no round record (the run stopped
+    #: during it, or is still in it); None when the last round finished.
+    incomplete_round: int | None = None
 
     @property
     def headline(self) -> SiteSummary:
@@ -422,8 +425,9 @@ def _summarize(run_dir: Path, run: RunMetrics) -> RunSummary:
     sites = [_site_summary(run, site) for site in run.sites]
     return RunSummary(
         name=_run_name(run_dir),
-        rounds_done=len(run.round_records) or len(run.rounds),
+        rounds_done=len(run.round_records),
         last_round=run.rounds[-1],
+        incomplete_round=None if run.rounds[-1] in run.round_records else run.rounds[-1],
         global_row=_global_summary(run),
         sites=sites,
         wall_time_s=float(sum(_round_wall_time(run, r) or 0.0 for r in run.rounds)),
@@ -583,6 +587,15 @@ def _coverage_notes(summary: RunSummary) -> list[str]:
     return [f"* {row.name}: {_coverage_text(row)}" for row in summary.federation_rows() if row.coverage]
 
 
+def _rounds_text(summary: RunSummary) -> str:
+    """ "1 round", "3 rounds (last: 5)", "no round completed · round 1 not finished"."""
+    done = summary.rounds_done
+    text = f"{done} round{'' if done == 1 else 's'}" if done else "no round completed"
+    if summary.incomplete_round is not None:
+        return f"{text} · round {summary.incomplete_round} not finished"
+    return text if summary.last_round == done else f"{text} (last: {summary.last_round})"
+
+
 def summary_table(run_dir: str | Path) -> Table:
     """A rich table: per-site final evaluate ACC/AUC/balanced ACC/loss/examples, then the federation's.
 
@@ -594,7 +607,7 @@ def summary_table(run_dir: str | Path) -> Table:
     table = Table(
         title=f"medfed run {summary.name}",
         caption="\n".join([
-            f"{summary.rounds_done} rounds · {summary.wall_time_s:.1f} s wall time · "
+            f"{_rounds_text(summary)} · {summary.wall_time_s:.1f} s wall time · "
             f"{summary.megabytes_exchanged:.2f} MB exchanged",
             *_coverage_notes(summary),
         ]),
@@ -1024,7 +1037,7 @@ def _html(summary: RunSummary, run: RunMetrics, png_paths: list[Path], config: s
     )
     headers = "".join(f"<th>{h}</th>" for h in ("Site", "Round", "ACC", "AUC", "Balanced ACC", "Loss", "Examples"))
     resumes = [s.get("resumed_from_round") for s in run.starts if s.get("resumed_from_round")]
-    meta = [f"{summary.rounds_done} rounds (last: {summary.last_round})"]
+    meta = [escape(_rounds_text(summary))]
     if run.starts and run.starts[0].get("time"):
         meta.append(f"started {escape(str(run.starts[0]['time']))}")
     if resumes:

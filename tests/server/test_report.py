@@ -252,6 +252,28 @@ def test_mean_of_sites_is_the_headline_without_pooled_metrics(run_dir: Path) -> 
     assert '<tr class="global"><td>mean of sites</td>' in build_report(run_dir).read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize(
+    ("keep", "rounds_done", "text"),
+    [("all", 1, "1 round · "), ("sites", 0, "no round completed · round 1 not finished · ")],
+)
+def test_rounds_are_counted_and_pluralised(tmp_path: Path, keep: str, rounds_done: int, text: str) -> None:
+    # Prepare: a one-round run, or one stopped during round 1 (its site records written, no round record).
+    records = [r for r in _round_records(1) if keep == "all" or r["event"] == "site"]
+    run_dir = _write_run(tmp_path / keep, records)
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+
+    # Execute
+    summary = summarize(run_dir)
+    print_summary(run_dir, console=console)
+    html = build_report(run_dir).read_text(encoding="utf-8")
+
+    # Assert
+    assert summary.rounds_done == rounds_done and summary.last_round == 1
+    assert text in console.file.getvalue()
+    assert f'<p class="meta">{text.removesuffix(" · ")}</p>' in html
+    assert "1 rounds" not in console.file.getvalue() + html
+
+
 def test_run_name_falls_back_to_directory_without_config(tmp_path: Path) -> None:
     run_dir = _write_run(tmp_path / "my-run", _round_records(1), config=None)
     assert summarize(run_dir).name == "my-run"
