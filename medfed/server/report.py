@@ -551,6 +551,21 @@ def _round_bytes(run: RunMetrics, server_round: int, key: str) -> int:
     )
 
 
+def _class_names(run_dir: Path) -> list[str] | None:
+    """The class names of the run's MedMNIST dataset (config ``data.dataset``), or None when unknown."""
+    from medfed._medmnist_info import INFO_2D  # medfed's copy of medmnist.INFO: no torch, no medmnist
+
+    config = _read_config(run_dir)
+    try:
+        import yaml
+
+        flag = ((yaml.safe_load(config or "") or {}).get("data") or {}).get("dataset")
+    except Exception:  # a broken config.yaml must not stop the report; classes are then numbered
+        return None
+    labels = INFO_2D[flag]["label"] if isinstance(flag, str) and flag in INFO_2D else None
+    return [labels[str(index)] for index in range(len(labels))] if labels else None
+
+
 def _run_name(run_dir: Path) -> str:
     config = _read_config(run_dir)
     if config is not None:
@@ -649,7 +664,7 @@ def build_report(run_dir: str | Path) -> Path:
     summary = _summarize(run_dir, run)
     figure_dir = run_dir / "figures"
     figure_dir.mkdir(exist_ok=True)
-    figures = list(zip(FIGURE_NAMES, _make_figures(run)))
+    figures = list(zip(FIGURE_NAMES, _make_figures(run, _class_names(run_dir))))
     for name, (_, draw) in _REGISTERED.items():
         figure = draw(run, _new_figure)
         if figure is not None:
@@ -703,7 +718,7 @@ def _new_figure(width: float = 6.4, height: float = 4.0) -> Figure:
     return figure
 
 
-def _make_figures(run: RunMetrics) -> list[Figure]:
+def _make_figures(run: RunMetrics, class_names: list[str] | None = None) -> list[Figure]:
     # Figure objects with the Agg canvas directly: no pyplot, so no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -724,7 +739,7 @@ def _make_figures(run: RunMetrics) -> list[Figure]:
     _plot_metric(train_axes, run, "train", "loss", colors, "Train loss per round")
     _plot_metric(evaluate_axes, run, "evaluate", "loss", colors, "Test loss per round")
     figures.append(figure)
-    figures.append(_confusion_figure(run, new_figure))
+    figures.append(_confusion_figure(run, new_figure, class_names))
     figures.append(_bytes_figure(run, new_figure()))
     figures.append(_wall_time_figure(run, new_figure()))
     return figures
@@ -790,7 +805,14 @@ def _coverage_label(run: RunMetrics, phase: str, metric: str, *, held_out: bool 
     return f" ({name} over part of the sites in {len(partial)} of {len(rounds)} rounds)"
 
 
-def _confusion_figure(run: RunMetrics, new_figure: Any) -> Figure:
+def _tick_names(names: list[str] | None, count: int) -> list[str]:
+    """Short class names for a confusion matrix's ``count`` rows (indices when the names do not fit it)."""
+    if names is None or len(names) != count:
+        return [str(index) for index in range(count)]
+    return [name if len(name) <= 14 else name[:13].rstrip(" ,") + "…" for name in names]
+
+
+def _confusion_figure(run: RunMetrics, new_figure: Any, class_names: list[str] | None = None) -> Figure:
     with_confusion = [
         key[0] for key, record in run.site_records.items() if key[1] == "evaluate" and "confusion" in record
     ]
@@ -803,16 +825,17 @@ def _confusion_figure(run: RunMetrics, new_figure: Any) -> Figure:
     for site in run.sites:
         record = run.site_record(last_round, "evaluate", site)
         if record is not None and "confusion" in record:
-            entries.append((site, np.asarray(record["confusion"], dtype=np.int64)))
+            name = f"{site} (held out)" if record.get("held_out") else site
+            entries.append((name, np.asarray(record["confusion"], dtype=np.int64)))
     columns = min(len(entries), 4)
     rows = math.ceil(len(entries) / columns)
     figure = new_figure(3.0 * columns + 0.5, 2.9 * rows + 0.5)
     figure.suptitle(f"Test confusion matrices, round {last_round} (rows: true, columns: predicted)")
     grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
     for axes, (site, matrix) in zip(grid, entries):
-        title = site
+        title, names = site, _tick_names(class_names, matrix.shape[-1])
         if matrix.ndim == 3:  # multi-label: per-label [L, 2, 2], shown summed (micro)
-            title = f"{site} (sum of {matrix.shape[0]} labels)"
+            title, names = f"{site} (sum of {matrix.shape[0]} labels)", ["negative", "positive"]
             matrix = matrix.sum(axis=0)
         axes.imshow(matrix, cmap="Blues", vmin=0)
         axes.set_title(title, fontsize="medium")
@@ -822,8 +845,9 @@ def _confusion_figure(run: RunMetrics, new_figure: Any) -> Figure:
                 predicted, true, str(count), ha="center", va="center", fontsize="small",
                 color="white" if count > threshold else "black",
             )
-        axes.set_xticks(range(matrix.shape[1]))
-        axes.set_yticks(range(matrix.shape[0]))
+        small = "x-small" if len(names) > 4 else "small"
+        axes.set_xticks(range(matrix.shape[1]), names, fontsize=small, rotation=90 if len(names) > 2 else 0)
+        axes.set_yticks(range(matrix.shape[0]), names, fontsize=small)
     for axes in grid[len(entries):]:
         axes.set_visible(False)
     return figure
@@ -879,7 +903,7 @@ _FIGURE_CAPTIONS = {
            "test split of one class; the legend says when it covers only part of the sites) and per site "
            "(held-out sites dashed).",
     "loss": "Train and test loss per round: mean of sites (grey) and per site.",
-    "confusion": "Per-site test confusion matrices of the last round that has them.",
+    "confusion": "Per-site test confusion matrices of the last round that has them (held-out sites marked).",
     "bytes": "Model payload sent to and received from the sites per round.",
     "wall_time": "Wall time per round.",
 }

@@ -314,6 +314,34 @@ def test_build_report_confusion_grid_uses_last_round(run_dir: Path) -> None:
     assert run.site_record(3, "evaluate", "site-2")["confusion"] == [[3, 2], [3, 6]]
 
 
+def test_confusion_panels_name_the_classes_and_mark_held_out_sites(tmp_path: Path) -> None:
+    from medfed.server.report import _class_names, _confusion_figure, _new_figure
+
+    # Prepare: BreastMNIST (classes "malignant", "normal, benign") with a held-out site.
+    records = _round_records(1)
+    records.insert(0, {
+        "event": "site", "round": 1, "phase": "evaluate", "site": "site-3", "num_examples": 5, "held_out": True,
+        "metrics": {"acc": 0.6}, "confusion": [[1, 1], [1, 2]],
+    })
+    run_dir = _write_run(tmp_path / "breast", records, config="name: breast\ndata:\n  dataset: breastmnist\n")
+    run = load_run_metrics(run_dir)
+
+    # Execute
+    names = _class_names(run_dir)
+    figure = _confusion_figure(run, _new_figure, names)
+    figure.canvas.draw()
+
+    # Assert
+    assert names == ["malignant", "normal, benign"]
+    panels = [axes for axes in figure.axes if axes.get_visible()]
+    assert [axes.get_title() for axes in panels] == ["site-0", "site-1", "site-2", "site-3 (held out)"]
+    for axes in panels:
+        assert [t.get_text() for t in axes.get_xticklabels()] == names
+        assert [t.get_text() for t in axes.get_yticklabels()] == names
+    # Without a known dataset (here: no data.dataset in the config) the classes stay numbered.
+    assert _class_names(_write_run(tmp_path / "plain", _round_records(1))) is None
+
+
 def test_report_without_evaluate_single_round_and_partial_sites(tmp_path: Path) -> None:
     # Prepare: one round, no evaluate (fraction_evaluate 0), a site that only trained,
     # and a multi-label confusion of shape [L, 2, 2] in a second run.
