@@ -209,7 +209,9 @@ def test_figures_draw_pooled_and_name_the_mean_of_sites_with_its_coverage(tmp_pa
     sites = ["site-0", "site-1", "site-2", "site-3"]
     assert _legends(acc) == [["pooled", "mean of sites", *sites]]
     assert _legends(auc) == [["pooled", "mean of sites (AUC over 1 of 4 sites)", *sites]]
-    assert _legends(pooled_vs_mean) == [["pooled", "mean of sites"], ["pooled", "mean of sites (AUC over 1 of 4 sites)"]]
+    assert _legends(pooled_vs_mean) == [
+        ["pooled", "mean of sites"], ["pooled", "mean of sites (AUC over 1 of 4 sites)"],
+    ]
     # the captions: no "global" left
     captions = re.findall(r"<figcaption>([^<]*)</figcaption>", html)
     assert not any("global" in caption.lower() for caption in captions)
@@ -234,7 +236,8 @@ def test_one_round_figures_have_integer_ticks_and_tell_pooled_from_mean(tmp_path
     assert len(round_axes) == 7  # acc, auc, 2 x loss, bytes, wall time, 2 x pooled_vs_mean
     for axes in round_axes:
         low, high = sorted(axes.get_xlim())
-        shown = [label.get_text() for label, tick in zip(axes.get_xticklabels(), axes.get_xticks()) if low <= tick <= high]
+        ticks = zip(axes.get_xticklabels(), axes.get_xticks())
+        shown = [label.get_text() for label, tick in ticks if low <= tick <= high]
         assert shown == ["1"], (axes.get_title(), shown)
     # the single points of pooled and mean of sites differ in marker and colour
     for axes in figures[-1].axes:
