@@ -266,7 +266,10 @@ def _stop_on_interrupt(run_dir: Path) -> Iterator[None]:
     finally:
         left.set()
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            # Once interrupted, the run is ending (the watchdog exits at the latest): a
+            # further signal, such as a second one to the process group while Ray stops,
+            # must not reach the handler that was there before, Ray's sys.exit(1).
+            signal.signal(sig, signal.SIG_IGN if getattr(handler, "armed", False) else old)
 
 
 def _force_exit(left: threading.Event, run_dir: Path) -> None:
@@ -302,6 +305,8 @@ def _ray_started(cfg: ExperimentConfig) -> Iterator[None]:
     """
     import ray
 
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    sigterm_before = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     if not ray.is_initialized():
         # Ray's workers inherit the environment but not this process's sys.path (as in Flower).
         pythonpath = os.pathsep.join(sys.path)
@@ -337,6 +342,10 @@ def _ray_started(cfg: ExperimentConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        if sigterm_before is not None:
+            # ray.init installed its own SIGTERM handler (stop Ray's processes, then
+            # sys.exit(1)); it must not outlive Ray.
+            signal.signal(signal.SIGTERM, sigterm_before)
 
 
 def _set_thread_env(cfg: ExperimentConfig) -> None:

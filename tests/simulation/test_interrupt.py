@@ -94,3 +94,55 @@ def test_a_failure_while_stopping_still_ends_as_an_interrupt(monkeypatch, tmp_pa
     with pytest.raises(RuntimeError, match="a bug"):  # without a signal, an error stays an error
         with run._stop_on_interrupt(tmp_path):
             raise RuntimeError("a bug")
+
+
+def test_after_an_interrupt_further_signals_are_ignored_until_the_run_has_ended(monkeypatch, tmp_path):
+    # Prepare: no forced exit (it would end pytest); the handler found before the block
+    # stands for Ray's, which stops Ray and exits 1.
+    from medfed.simulation import run
+
+    monkeypatch.setattr(run, "_force_exit", lambda left, run_dir: None)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def exit_1(_signum, _frame):
+        raise SystemExit(1)
+
+    try:
+        for sig in saved:
+            signal.signal(sig, exit_1)
+        # Execute: a signal interrupts the block; a second one comes while the run stops.
+        with pytest.raises(KeyboardInterrupt):
+            with run._stop_on_interrupt(tmp_path):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        # Assert: still here, and a run that was not interrupted gives the handlers back.
+        assert {signal.getsignal(sig) for sig in saved} == {signal.SIG_IGN}
+        for sig in saved:
+            signal.signal(sig, exit_1)
+        with run._stop_on_interrupt(tmp_path):
+            pass
+        assert {signal.getsignal(sig) for sig in saved} == {exit_1}
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_ray_leaves_the_sigterm_handler_as_it_found_it(tiny_config, tiny_root, tmp_path):
+    # ray.init installs a SIGTERM handler that stops Ray's processes and exits 1; after
+    # Ray has stopped, the CLI's handler (SIGTERM as Ctrl-C) must be back.
+    from medfed.simulation import run
+
+    saved = signal.getsignal(signal.SIGTERM)
+
+    def ours(_signum, _frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, ours)
+        with run._ray_started(tiny_config(tiny_root, tmp_path)):
+            assert signal.getsignal(signal.SIGTERM) is not ours  # why the test exists
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, saved)
