@@ -17,10 +17,12 @@
 
 TLS keys are ECDSA P-256; site keys ECDSA P-384 in OpenSSH format, which is what Flower's
 SuperNode authentication reads (``--auth-supernode-private-key``; it rejects ed25519).
-The whole folder is built in a fresh folder beside DIR and renamed into place at the end,
-so a failure or Ctrl-C at any point leaves the old DIR as it was (or no DIR), never a mix of
-old and new keys. An existing DIR is replaced only with ``force``, and then as a whole: the
-folders of sites no longer listed go with it. Private keys are created with mode 0600 from
+Everything is made in a working folder inside DIR first, then swapped in (old entries
+moved aside, new ones moved in, by renames), so a failure or Ctrl-C at any point leaves
+the old files as they were, never a mix of old and new keys; a process killed during
+the swap leaves its working folders, which the next run names. An existing DIR is
+replaced only with ``force``, and then as a whole: the folders of sites no longer
+listed go with it. Private keys are created with mode 0600 from
 the start (no window in which they are world-readable).
 """
 
@@ -32,7 +34,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,12 @@ VALIDITY_DAYS = 825
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+#: What ``make_certs`` writes at the top of its folder (swapped as a whole with ``force``).
+_TOP_LEVEL = (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, TRUSTED_SITES, SITES_DIR)
+#: Prefix of its working folders inside the output folder (new files; the old ones, while swapping).
+_LEFTOVER = ".medfed-certs-"
+
+
 class CertsError(MedfedError):
     """A certificate folder is missing, incomplete or would be overwritten, or a name is invalid."""
 
@@ -90,8 +97,11 @@ def make_certs(
 ) -> list[Path]:
     """Write a CA, the server certificate and one key pair per site into ``out``.
 
-    All files are written to a new folder beside ``out`` that is renamed to ``out`` at the
-    end: on any error (or Ctrl-C) ``out`` is left as it was and the new folder is removed.
+    All files are first written to a working folder inside ``out``; then the old files are
+    moved aside and the new ones moved in, entry by entry (renames in one folder: no
+    write access to ``out``'s parent is needed, and ``out`` may be a mount point or the
+    current folder). On any error (or Ctrl-C) the old files are put back and the new ones
+    removed.
 
     Parameters
     ----------
@@ -140,6 +150,11 @@ def make_certs(
                 raise CertsError(f"{where} is a file, not a folder; give a folder (it is created if missing).")
             break
     old = _files_in(folder, given) if folder.exists() else []
+    leftover = next((rel.split("/")[0] for rel in old if rel.startswith(_LEFTOVER)), None)
+    if leftover is not None:
+        what = ("the files it replaced, private keys included: restore them from it or delete it"
+                if leftover.startswith(f"{_LEFTOVER}old-") else "files it had not finished: delete it")
+        raise CertsError(f"{given} holds {leftover}, left by an interrupted 'medfed certs' with {what}; then run again.")
     foreign = [rel for rel in old if not _written_by_us(rel)]
     if foreign:
         raise CertsError(
@@ -156,23 +171,31 @@ def make_certs(
             + "; give another --out folder, or --force to replace them (sites then need their new keys)."
         )
 
-    created = [path for path in folder.parents if not path.exists()]  # nearest first, removed on failure
-    temp = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.tmp"
-    aside = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.old"
-    moved_aside = False
+    created = [path for path in (folder, *folder.parents) if not path.exists()]  # nearest first
+    token = secrets.token_hex(6)
+    staging, aside = folder / f"{_LEFTOVER}new-{token}", folder / f"{_LEFTOVER}old-{token}"
+    moved: list[str] = []  # old entries moved aside
+    placed: list[str] = []  # new entries moved in
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        temp.mkdir()
-        written = _write_certs(temp, host, server_host, sites)
-        if folder.exists():
-            os.chmod(temp, stat.S_IMODE(folder.stat().st_mode))
-            os.rename(folder, aside)
-            moved_aside = True
-        os.rename(temp, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(mode=0o700)
+        written = _write_certs(staging, host, server_host, sites)
+        aside.mkdir(mode=0o700)
+        for name in _TOP_LEVEL:
+            if os.path.lexists(folder / name):
+                os.rename(folder / name, aside / name)
+                moved.append(name)
+        for name in _TOP_LEVEL:
+            if os.path.lexists(staging / name):
+                os.rename(staging / name, folder / name)
+                placed.append(name)
     except BaseException as err:
-        shutil.rmtree(temp, ignore_errors=True)
-        if moved_aside and not folder.exists():
-            os.rename(aside, folder)
+        for name in placed:
+            _remove(folder / name)
+        for name in moved:
+            os.rename(aside / name, folder / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
         for path in created:
             try:
                 path.rmdir()
@@ -183,15 +206,15 @@ def make_certs(
                 f"Could not write the certificates to {given} ({_os_reason(err)}); nothing was changed."
             ) from None
         raise
-    _sync_folder(folder.parent)
-    if moved_aside:
-        try:
-            shutil.rmtree(aside)
-        except OSError as err:
-            raise CertsError(
-                f"Wrote the new certificates to {given}, but could not delete the old folder, moved to {aside} "
-                f"({_os_reason(err)}); delete it yourself, it holds the old private keys."
-            ) from None
+    _sync_folder(folder)
+    staging.rmdir()
+    try:
+        shutil.rmtree(aside)
+    except OSError as err:
+        raise CertsError(
+            f"Wrote the new certificates to {given}, but could not delete the old files, moved to {aside} "
+            f"({_os_reason(err)}); delete it yourself, it holds the old private keys."
+        ) from None
 
     old_sites = {rel.split("/")[1] for rel in old if rel.startswith(f"{SITES_DIR}/")}
     removed = sorted(old_sites - set(sites))
@@ -279,6 +302,14 @@ def _written_by_us(rel: str) -> bool:
         return False
     leftover = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", parts[-1])
     return parts[-1] in names or (leftover is not None and leftover.group(1) in names)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _os_reason(err: OSError) -> str:

@@ -107,8 +107,8 @@ def test_a_failure_midway_leaves_the_old_folder_whole(tmp_path, monkeypatch, fai
     else:
         rename = os.rename
 
-        def failing_rename(src, dst):
-            if str(src).endswith(".tmp"):
+        def failing_rename(src, dst):  # the last new entry, after the others were swapped in
+            if ".medfed-certs-new-" in str(src) and os.path.basename(src) == "sites":
                 raise fail
             return rename(src, dst)
 
@@ -121,6 +121,31 @@ def test_a_failure_midway_leaves_the_old_folder_whole(tmp_path, monkeypatch, fai
         assert "No space left on device" in str(err.value) and "nothing was changed" in str(err.value)
     assert _contents(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no working folder left
+
+
+def test_force_on_the_current_folder_keeps_the_folder_itself(tmp_path, monkeypatch):
+    # The folder is never renamed (the shell standing in it, a mount point, a parent
+    # without write access): only its entries are swapped.
+    out = tmp_path / "c"
+    make_certs(out, "x.org", ["a"])
+    inode = out.stat().st_ino
+    monkeypatch.chdir(out)
+    make_certs(".", "x.org", ["b"], force=True)
+    assert out.stat().st_ino == inode and os.getcwd() == str(out)
+    assert sorted(p.name for p in (out / "sites").iterdir()) == ["b"]
+
+
+@pytest.mark.parametrize(("leftover", "expected"), [
+    (".medfed-certs-old-0123", "with the files it replaced, private keys included: restore them from it or delete it"),
+    (".medfed-certs-new-0123", "with files it had not finished: delete it"),
+])
+def test_a_killed_runs_working_folder_is_named_not_ignored(tmp_path, leftover, expected):
+    make_certs(tmp_path / "c", "x.org", ["a"])
+    (tmp_path / "c" / leftover).mkdir()
+    (tmp_path / "c" / leftover / "ca.key").write_text("an old private key\n")
+    with pytest.raises(CertsError, match=f"holds {leftover}, left by an interrupted 'medfed certs' {expected}"):
+        make_certs(tmp_path / "c", "x.org", ["a"], force=True)
 
 
 def test_force_replaces_a_folder_in_the_way_of_a_key(tmp_path):
