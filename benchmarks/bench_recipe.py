@@ -62,7 +62,7 @@ def _command(dataset: str, root: str, seed: int, extra: dict, epochs: int | None
     s = {**DATASETS[dataset], **({"epochs": epochs} if epochs else {})}
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in extra.items())
     return (f"medfed train --dataset {dataset} --data-root {root} --model nano --img-size 28 --epochs {s['epochs']} "
-            f"--batch-size {s['batch_size']} --lr {s['lr']} --seed {seed}{flags}")
+            f"--batch-size {s['batch_size']} --lr {s['lr']} --seed {seed}{flags} --out runs/{dataset}-{seed}")
 
 
 def run(dataset: str, root: str, seed: int, extra: dict, track_test: bool, epochs: int | None = None) -> dict:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from medfed.errors import MedfedError
 
-__all__ = ["OutputFolderError", "check_output_folder", "write_bytes_atomic"]
+__all__ = ["OutputFolderError", "check_output_folder", "made_folder", "write_bytes_atomic"]
 
 
 class OutputFolderError(MedfedError):
@@ -32,12 +34,42 @@ def check_output_folder(folder: str | Path, option: str = "--out") -> Path:
     """
     folder = Path(folder)
     for path in (folder, *folder.parents):
+        if path.is_symlink() and not path.exists():
+            raise OutputFolderError(
+                f"The output folder {folder} cannot be made: {path} is a link to {os.readlink(path)}, which does "
+                f"not exist; give a folder ({option})."
+            )
         if path.exists() and not path.is_dir():
-            raise OutputFolderError(f"The output folder {folder} cannot be made: {path} is a file; give a folder ({option}).")
+            raise OutputFolderError(
+                f"The output folder {folder} cannot be made: {path} is a file; give a folder ({option})."
+            )
     existing = next(path for path in (folder, *folder.parents) if path.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputFolderError(f"The output folder {folder} cannot be written: no write permission in {existing} ({option}).")
+        raise OutputFolderError(
+            f"The output folder {folder} cannot be written: no write permission in {existing} ({option})."
+        )
     return folder
+
+
+@contextmanager
+def made_folder(folder: str | Path) -> Iterator[Path]:
+    """Make ``folder`` (and its missing parents) now; if the block fails, remove what was made while it is empty.
+
+    Made before long work, so that a folder that cannot be made fails at once; removed
+    after a failure or Ctrl-C, so that a failed run leaves no empty folder behind.
+    """
+    folder = Path(folder)
+    created = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]  # nearest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:  # not empty (something was written): keep it and its parents
+                break
+        raise
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> None:

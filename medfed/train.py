@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from medfed._io import OutputFolderError, check_output_folder, write_bytes_atomic
+from medfed._io import OutputFolderError, check_output_folder, made_folder, write_bytes_atomic
 from medfed.client.task import (
     DEFAULT_LOSS_WEIGHTING,
     TrainSettings,
@@ -109,85 +109,84 @@ def train_pooled(
         The content of ``metrics.json``.
 
     Raises:
-        OutputFolderError: ``out_dir`` is a file or already holds a run (checked first;
-            the folder itself is made only when the results are written).
+        OutputFolderError: ``out_dir`` cannot be made or already holds a run (checked
+            first; a run that fails or is interrupted leaves no empty folder behind).
     """
     console = console or Console()
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    seed_everything(seed)
-    dev = select_device(device)
-    splits = load_medmnist(dataset, data_root, size=img_size)
-    info = splits["train"].info
-    hflip_p = default_hflip_p(dataset) if hflip_p is None else hflip_p
-    mirror = hflip_p > 0
-    window = default_selection_window(settings.epochs) if selection_window is None else selection_window
-    window = max(1, min(window, settings.epochs))
-    train_set = splits["train"].with_transform(train_augmentation(img_size, hflip_p=hflip_p))
-    model = create_model(model_name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=img_size).to(dev)
-    loaders = {
-        "train": make_loader(train_set, settings.batch_size, shuffle=True, seed=seed),
-        "val": make_loader(splits["val"], 256, shuffle=False),
-        "test": make_loader(splits["test"], 256, shuffle=False),
-    }
-    loss_fn = make_loss(
-        info.task, splits["train"].class_counts(), weighting=loss_weighting, label_smoothing=label_smoothing
-    )
-    optimizer = make_optimizer(model, settings)
-    steps = settings.epochs * len(loaders["train"])
-    scheduler = make_scheduler(optimizer, steps, warmup_steps=min(len(loaders["train"]), steps // 10))
-    console.print(
-        f"[bold]medfed train[/]: {model_name} on {dataset} ({len(train_set)} train / {len(splits['val'])} val / "
-        f"{len(splits['test'])} test, {img_size} px) on {dev}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
-    )
-    best_score, best_epoch, best_state, history, scores = -float("inf"), 0, None, [], []
-    start = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        bar = progress.add_task("epoch 1", total=steps)
-        for epoch in range(1, settings.epochs + 1):
-            progress.update(bar, description=f"epoch {epoch}/{settings.epochs}")
-            fit = train_epoch(
-                model, loaders["train"], loss_fn, optimizer, task=info.task, device=dev,
-                scheduler=scheduler, on_batch=lambda *_batch: progress.advance(bar),
-            )
-            val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev, mirror=mirror)
-            # The mean of the two metrics MedMNIST reports: AUC alone can pick an
-            # epoch whose decision threshold is off (high AUC, poor ACC).
-            scores.append((val["acc"] + val["auc"]) / 2 if val["auc"] == val["auc"] else val["acc"])
-            score = sum(scores[-window:]) / window
-            improved = len(scores) >= window and score > best_score
-            if improved:
-                best_score, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
-            if on_epoch is not None:
-                on_epoch(epoch, model)
-            history.append({"epoch": epoch, "train_loss": fit["loss"], **_jsonable({k: v for k, v in val.items() if k not in ("confusion", "groups")})})
-            progress.console.print(
-                f"epoch {epoch:3d}  loss {fit['loss']:.4f}  val acc {val['acc']:.4f} auc {val['auc']:.4f}"
-                + ("  *" if improved else "")
-            )
-    model.load_state_dict(best_state)
-    val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev, mirror=mirror)
-    test = evaluate(model, loaders["test"], loss_fn, task=info.task, device=dev, mirror=mirror)
-    # Made only now: a run that fails or is interrupted leaves no folder behind.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_arrays(out_dir / "model.safetensors", get_weights(model))
-    result = {
-        "test": _jsonable(test),
-        "val": _jsonable(val),
-        "best_epoch": best_epoch,
-        "train_time_s": round(time.perf_counter() - start, 1),
-        "history": history,
-        "config": {
-            "dataset": dataset, "model": model_name, "img_size": img_size, "seed": seed,
-            "device": str(dev), **asdict(settings), "loss_weighting": loss_weighting,
-            "label_smoothing": label_smoothing, "hflip_p": hflip_p, "selection_window": window,
-        },
-    }
-    write_bytes_atomic(out_dir / "metrics.json", json.dumps(result, indent=2).encode("utf-8"))
-    console.print(
-        f"best epoch {best_epoch} by val (ACC + AUC) / 2 over {window} epoch(s); [bold]test ACC {test['acc']:.4f} AUC {test['auc']:.4f}[/] "
-        f"(balanced acc {test['balanced_acc']:.4f}); saved to {out_dir}"
-    )
-    return result
+    with made_folder(out_dir):  # made now (fails now, not after training); removed if the run fails
+        seed_everything(seed)
+        dev = select_device(device)
+        splits = load_medmnist(dataset, data_root, size=img_size)
+        info = splits["train"].info
+        hflip_p = default_hflip_p(dataset) if hflip_p is None else hflip_p
+        mirror = hflip_p > 0
+        window = default_selection_window(settings.epochs) if selection_window is None else selection_window
+        window = max(1, min(window, settings.epochs))
+        train_set = splits["train"].with_transform(train_augmentation(img_size, hflip_p=hflip_p))
+        model = create_model(model_name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=img_size).to(dev)
+        loaders = {
+            "train": make_loader(train_set, settings.batch_size, shuffle=True, seed=seed),
+            "val": make_loader(splits["val"], 256, shuffle=False),
+            "test": make_loader(splits["test"], 256, shuffle=False),
+        }
+        loss_fn = make_loss(
+            info.task, splits["train"].class_counts(), weighting=loss_weighting, label_smoothing=label_smoothing
+        )
+        optimizer = make_optimizer(model, settings)
+        steps = settings.epochs * len(loaders["train"])
+        scheduler = make_scheduler(optimizer, steps, warmup_steps=min(len(loaders["train"]), steps // 10))
+        console.print(
+            f"[bold]medfed train[/]: {model_name} on {dataset} ({len(train_set)} train / {len(splits['val'])} val / "
+            f"{len(splits['test'])} test, {img_size} px) on {dev}, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+        )
+        best_score, best_epoch, best_state, history, scores = -float("inf"), 0, None, [], []
+        start = time.perf_counter()
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            bar = progress.add_task("epoch 1", total=steps)
+            for epoch in range(1, settings.epochs + 1):
+                progress.update(bar, description=f"epoch {epoch}/{settings.epochs}")
+                fit = train_epoch(
+                    model, loaders["train"], loss_fn, optimizer, task=info.task, device=dev,
+                    scheduler=scheduler, on_batch=lambda *_batch: progress.advance(bar),
+                )
+                val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev, mirror=mirror)
+                # The mean of the two metrics MedMNIST reports: AUC alone can pick an
+                # epoch whose decision threshold is off (high AUC, poor ACC).
+                scores.append((val["acc"] + val["auc"]) / 2 if val["auc"] == val["auc"] else val["acc"])
+                score = sum(scores[-window:]) / window
+                improved = len(scores) >= window and score > best_score
+                if improved:
+                    best_score, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
+                if on_epoch is not None:
+                    on_epoch(epoch, model)
+                history.append({"epoch": epoch, "train_loss": fit["loss"], **_jsonable({k: v for k, v in val.items() if k not in ("confusion", "groups")})})
+                progress.console.print(
+                    f"epoch {epoch:3d}  loss {fit['loss']:.4f}  val acc {val['acc']:.4f} auc {val['auc']:.4f}"
+                    + ("  *" if improved else "")
+                )
+        model.load_state_dict(best_state)
+        val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev, mirror=mirror)
+        test = evaluate(model, loaders["test"], loss_fn, task=info.task, device=dev, mirror=mirror)
+        save_arrays(out_dir / "model.safetensors", get_weights(model))
+        result = {
+            "test": _jsonable(test),
+            "val": _jsonable(val),
+            "best_epoch": best_epoch,
+            "train_time_s": round(time.perf_counter() - start, 1),
+            "history": history,
+            "config": {
+                "dataset": dataset, "model": model_name, "img_size": img_size, "seed": seed,
+                "device": str(dev), **asdict(settings), "loss_weighting": loss_weighting,
+                "label_smoothing": label_smoothing, "hflip_p": hflip_p, "selection_window": window,
+            },
+        }
+        write_bytes_atomic(out_dir / "metrics.json", json.dumps(result, indent=2).encode("utf-8"))
+        console.print(
+            f"best epoch {best_epoch} by val (ACC + AUC) / 2 over {window} epoch(s); [bold]test ACC {test['acc']:.4f} AUC {test['auc']:.4f}[/] "
+            f"(balanced acc {test['balanced_acc']:.4f}); saved to {out_dir}"
+        )
+        return result

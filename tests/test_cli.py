@@ -134,6 +134,14 @@ def test_train_into_a_file_is_one_line_before_any_training(tiny_root, tmp_path, 
     assert f"{tmp_path / 'afile'} is a file; give a folder (--out)" in err
 
 
+def test_train_into_a_dangling_link_is_one_line_before_any_training(tiny_root, tmp_path, capsys):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    code = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--out", str(tmp_path / "link" / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{tmp_path / 'link'} is a link to {tmp_path / 'nowhere'}, which does not exist; give a folder" in err
+
+
 def test_a_failed_or_diverged_train_leaves_no_folder_and_says_why_in_one_line(tiny_root, tmp_path, capsys):
     # An unknown variant (found after the data checks) and a learning rate that makes the loss NaN.
     code = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--model", "huge",
