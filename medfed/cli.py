@@ -392,7 +392,8 @@ def _server_resume_command(args: argparse.Namespace) -> str:
     if args.address != DEFAULT_ADDRESS:
         words += ["--address", args.address]
     if args.join_timeout is not None:
-        words += ["--join-timeout", f"{args.join_timeout:g}"]
+        short = f"{args.join_timeout:g}"  # 60, not 60.0; but :g rounds 1234567 to 1.23457e+06
+        words += ["--join-timeout", short if float(short) == args.join_timeout else repr(args.join_timeout)]
     if args.insecure:
         words.append("--insecure")
     return shlex.join(words)

@@ -303,6 +303,9 @@ class _CrossKeyError(ConfigError):
     def _text(self, origin: str) -> str:
         return f"{self.message}{origin}{'; ' + self.hint if self.hint else ''}."
 
+    def __reduce__(self):  # picklable (Ray, Flower) despite its own __init__ arguments
+        return type(self), (self.message, self.key, self.other, self.hint)
+
     def with_sources(self, sources: _Sources) -> ConfigError:
         """The same message, naming the source of ``key`` and, if another, of ``other``."""
         source, other_source = sources(self.key), sources(self.other)

@@ -65,12 +65,12 @@ def test_an_interrupted_server_prints_the_whole_command_that_resumes_it(tmp_path
     run_dir, certs = tmp_path / "my run", tmp_path / "certs"
     # Execute
     code = main(["server", "--run-dir", str(run_dir), "--certs", str(certs), "--address", "0.0.0.0:9999",
-                 "--join-timeout", "60"])
+                 "--join-timeout", "1234567.5"])
     # Assert: one hint, with every option that reaches the same sites (paths quoted for the shell).
     assert code == 130
     assert capsys.readouterr().err.strip() == (
         f"medfed: interrupted; continue with medfed server --resume --run-dir '{run_dir}' --certs {certs} "
-        "--address 0.0.0.0:9999 --join-timeout 60"
+        "--address 0.0.0.0:9999 --join-timeout 1234567.5"
     )
 
 

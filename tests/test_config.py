@@ -612,3 +612,15 @@ def test_an_error_beside_a_merged_section_mapping_names_the_file(tmp_path):
         load_config(path, overrides=["train={lr: 0.5}"])
 
     assert str(info.value) == f"Config key 'train.batch_size' must be an int >= 1. Got 0 (from {path})."
+
+
+def test_a_cross_key_error_survives_pickling():
+    # Ray and Flower send exceptions between processes; a ConfigError with its own
+    # __init__ arguments must come back as itself.
+    import dataclasses
+    import pickle
+
+    with pytest.raises(ConfigError) as err:
+        dataclasses.replace(load_config().federation, min_sites=9)
+    again = pickle.loads(pickle.dumps(err.value))
+    assert type(again) is type(err.value) and str(again) == str(err.value)

@@ -216,8 +216,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                     f"{path}, line {number}: the {key!r} of a {record['event']!r} record must be {wanted}, "
                     f"got {json.dumps(value)[:40]}; fix or delete that line."
                 )
+        if "confusion" in record and not _is_count_matrix(record["confusion"]):
+            raise ReportError(
+                f"{path}, line {number}: the 'confusion' of a {record['event']!r} record must be a matrix of "
+                f"integer counts, got {json.dumps(record['confusion'])[:40]}; fix or delete that line."
+            )
         records.append(record)
     return records
+
+
+def _is_count_matrix(value: Any) -> bool:
+    """Whether ``value`` is a (nested) list of integers of one shape, as a confusion matrix is written."""
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged
+        return False
+    return isinstance(value, list) and array.size > 0 and array.dtype.kind in "iu"
 
 
 _REQUIRED_KEYS = {"site": ("round", "phase", "site"), "round": ("round",)}

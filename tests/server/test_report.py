@@ -469,7 +469,11 @@ def test_invalid_record_names_line(tmp_path: Path, line: str, match: str) -> Non
      ('{"event": "site", "round": 1, "phase": "train", "site": "a", "num_examples": null}',
       "the 'num_examples' of a 'site' record must be an integer, got null"),
      ('{"event": "round", "round": 1, "evaluate": [0.5]}',
-      "the 'evaluate' of a 'round' record must be an object or null, got [0.5]")],
+      "the 'evaluate' of a 'round' record must be an object or null, got [0.5]"),
+     ('{"event": "site", "round": 1, "phase": "evaluate", "site": "a", "confusion": [[1, "x"], [0, 2]]}',
+      "the 'confusion' of a 'site' record must be a matrix of integer counts, got [[1, \"x\"], [0, 2]]"),
+     ('{"event": "site", "round": 1, "phase": "evaluate", "site": "a", "confusion": [[1, 0], [2]]}',
+      "the 'confusion' of a 'site' record must be a matrix of integer counts, got [[1, 0], [2]]")],
 )
 def test_record_of_wrong_type_is_a_report_error_naming_file_and_line(tmp_path: Path, line: str, match: str) -> None:
     # Prepare: a record that parses but that the report cannot use.
