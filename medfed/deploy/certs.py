@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from medfed._io import write_bytes_atomic
+from medfed._io import check_output_folder, write_bytes_atomic
 from medfed.errors import MedfedError
 
 __all__ = [
@@ -128,8 +128,10 @@ def make_certs(
     Raises
     ------
     CertsError
-        Bad host or site names, ``out`` a file, files that exist without ``force``,
+        Bad host or site names, files that exist without ``force``,
         a file in ``out`` that ``medfed certs`` does not write, or a write that failed.
+    medfed._io.OutputFolderError
+        ``out`` is a file, lies under one, or cannot be written.
     """
     given = Path(out).expanduser()
     host = _validate_host(server_host)
@@ -141,14 +143,9 @@ def make_certs(
     if duplicates:
         raise CertsError(f"Site names must be unique; {', '.join(duplicates)} appears more than once.")
 
-    # A link to the real folder stays a link: the folder it points to is the one replaced.
+    check_output_folder(given, "--out")
+    # A link to the real folder stays a link: the folder it points to gets the new files.
     folder = given.resolve()
-    for path in (folder, *folder.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = f"--out {given}" if path == folder else f"--out {given}: {path}"
-                raise CertsError(f"{where} is a file, not a folder; give a folder (it is created if missing).")
-            break
     old = _files_in(folder, given) if folder.exists() else []
     leftover = next((rel.split("/")[0] for rel in old if rel.startswith(_LEFTOVER)), None)
     if leftover is not None:

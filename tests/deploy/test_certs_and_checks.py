@@ -185,7 +185,7 @@ def test_out_that_is_a_file_is_one_line(tmp_path, capsys, out):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1, err
-    assert f"{tmp_path / 'afile'} is a file, not a folder; give a folder" in err
+    assert f"{tmp_path / 'afile'} is a file; give a folder (--out)." in err
     assert (tmp_path / "afile").read_text() == "data\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
