@@ -148,7 +148,9 @@ def create_strategy(
     ------
     StrategyError
         For an unknown name, an import path that does not load or does not name a
-        Strategy subclass, unknown or missing parameters, and values of the wrong type.
+        Strategy subclass, unknown or missing parameters, values of the wrong type, and
+        values the strategy's constructor refuses (its ``ValueError``, ``TypeError`` or
+        ``AssertionError``, message kept), so that a bad value fails before the run.
     """
     _check_federation(num_sites, fraction_train, fraction_evaluate)
     params = dict(params or {})
@@ -210,7 +212,13 @@ def create_strategy(
     if isinstance(factory, type) and not issubclass(factory, MedfedStrategy):
         # Flower's and users' classes get the same reply checks as medfed's own.
         factory = _with_medfed_checks(factory)
-    instance = factory(**kwargs)
+    try:
+        instance = factory(**kwargs)
+    except MedfedError:
+        raise  # already one line naming its key
+    except (ValueError, TypeError, AssertionError) as exc:
+        # Flower's constructors (FedTrimmedAvg's beta) and users' check values this way.
+        raise StrategyError(_refused(name, params, exc)) from exc
     if not isinstance(instance, Strategy):
         raise StrategyError(
             f"Strategy {name!r} must build a flwr.serverapp.strategy.Strategy. Got "
@@ -354,6 +362,12 @@ def _unknown_parameter(name: str, key: str, accepted: Mapping[str, inspect.Param
         f"Strategy {name!r} has no parameter {key!r}{hint} "
         f"(accepted: {', '.join(choices)})"
     )
+
+
+def _refused(name: str, params: Mapping[str, Any], exc: BaseException) -> str:
+    given = ", ".join(f"{key}={value!r}" for key, value in params.items()) or "none"
+    reason = " ".join(str(exc).split()) or f"{type(exc).__name__} without a message"
+    return f"Strategy {name!r} refused its parameters (strategy.params: {given}): {reason}"
 
 
 _SIMPLE_TYPES = {bool: "a bool", int: "an int", float: "a float", str: "a str"}

@@ -29,6 +29,15 @@ class NotAStrategy:
     pass
 
 
+class AssertsGamma(flwr_strategy.FedAvg):
+    """A user strategy whose check raises an AssertionError without a message."""
+
+    def __init__(self, gamma: float = 1.0, **kwargs):
+        if gamma <= 0:
+            raise AssertionError
+        super().__init__(**kwargs)
+
+
 class NeedsBeta(flwr_strategy.FedAvg):
     def __init__(self, beta: float, **kwargs):
         super().__init__(**kwargs)
@@ -190,6 +199,19 @@ def test_import_path_passes_any_params_to_a_kwargs_constructor():
             "strategy.params.",
         ),
         (":Thing", {}, "Strategy path ':Thing' must have the form 'package.module:ClassName'."),
+        (
+            # Flower's constructor raises ValueError; it must fail here (preflight), as one line.
+            "fedtrimmedavg",
+            {"beta": 0.9},
+            "Strategy 'fedtrimmedavg' refused its parameters (strategy.params: beta=0.9): "
+            "`beta` must be in the range [0, 0.5).",
+        ),
+        (
+            f"{__name__}:AssertsGamma",
+            {"gamma": -1},
+            f"Strategy '{__name__}:AssertsGamma' refused its parameters (strategy.params: gamma=-1): "
+            "AssertionError without a message",
+        ),
     ],
 )
 def test_bad_names_and_params_raise_one_line_errors(name, params, message):
