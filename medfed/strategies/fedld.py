@@ -17,6 +17,7 @@ counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -157,20 +158,32 @@ class FedLD(MedfedStrategy, flwr_strategy.FedAvg):
     Parameters
     ----------
     margin_lambda : float
-        Weight of the client margin term (authors' default 0.03), >= 0.
+        Weight of the client margin term (authors' default 0.03), finite and >= 0.
     k_proportion : float
         Share of principal directions kept, in (0, 1] (authors: 0.8).
     **kwargs
         Constructor arguments of ``flwr.serverapp.strategy.FedAvg``.
+
+    Raises
+    ------
+    StrategyError
+        If ``margin_lambda`` or ``k_proportion`` is not a number, not finite or out of range.
     """
 
     client_hooks = FedLDHooks
 
     def __init__(self, *, margin_lambda: float = 0.03, k_proportion: float = 0.8, **kwargs: Any) -> None:
-        if not margin_lambda >= 0:
-            raise StrategyError(f"The 'margin_lambda' parameter of strategy 'fedld' must be a float >= 0. Got {margin_lambda!r} instead.")
-        if not 0 < k_proportion <= 1:
-            raise StrategyError(f"The 'k_proportion' parameter of strategy 'fedld' must be a float in (0, 1]. Got {k_proportion!r} instead.")
+        for name, value, in_range, what in (
+            ("margin_lambda", margin_lambda, lambda x: x >= 0, "a finite float >= 0"),
+            ("k_proportion", k_proportion, lambda x: 0 < x <= 1, "a float in (0, 1]"),
+        ):
+            # 1e400 in YAML is inf: the margin term would make every loss inf.
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not (finite and in_range(value)):
+                raise StrategyError(
+                    f"The {name!r} parameter of strategy 'fedld' (strategy.params.{name}) must be {what}. "
+                    f"Got {value!r} instead."
+                )
         super().__init__(**kwargs)
         self.margin_lambda = margin_lambda
         self.k_proportion = k_proportion

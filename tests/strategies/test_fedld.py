@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from medfed.strategies import FedLD, principal_gradient_aggregate
+from medfed.strategies import FedLD, StrategyError, create_strategy, principal_gradient_aggregate
 from medfed.strategies.fedld import FedLDHooks, margin_loss
 
 
@@ -126,3 +126,20 @@ def test_hooks_add_the_margin_term_with_the_lambda_the_strategy_sends():
     # Assert
     assert term(logits, torch.tensor([1])).item() == pytest.approx(margin_loss(logits, 0.1).item())
     assert FedLDHooks({"fedld-margin-lambda": 0.0}).extra_loss(torch.nn.Linear(1, 1)) is None
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    # 1e400 in YAML is inf: accepted, it made every site's loss inf.
+    ({"margin_lambda": 1e400}, "The 'margin_lambda' parameter of strategy 'fedld' (strategy.params.margin_lambda) "
+                               "must be a finite float >= 0. Got inf instead."),
+    ({"margin_lambda": float("nan")}, "(strategy.params.margin_lambda) must be a finite float >= 0. Got nan instead."),
+    ({"margin_lambda": -0.1}, "(strategy.params.margin_lambda) must be a finite float >= 0. Got -0.1 instead."),
+    ({"k_proportion": 0}, "(strategy.params.k_proportion) must be a float in (0, 1]. Got 0.0 instead."),
+    ({"k_proportion": float("inf")}, "(strategy.params.k_proportion) must be a float in (0, 1]. Got inf instead."),
+    ({"k_proportion": float("nan")}, "(strategy.params.k_proportion) must be a float in (0, 1]. Got nan instead."),
+])
+def test_bad_parameters_are_one_line_errors_naming_the_config_key(params, message):
+    with pytest.raises(StrategyError) as info:
+        create_strategy("fedld", params, num_sites=2)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
