@@ -503,7 +503,8 @@ class FederationConfig(_Validated):
         Quorum: a round's aggregate replaces the global model only if at least this
         many sites sent a valid training reply; below it the round is retried
         (``round_retries`` times) from the last complete round, then the run stops.
-        None means a majority, ``num_sites // 2 + 1``. At most ``num_sites``.
+        None means a majority of the sites a round samples (:attr:`sites_per_round`):
+        ``num_sites // 2 + 1`` when every site trains. At most :attr:`sites_per_round`.
     round_timeout_s : float
         Seconds the server waits for the sites' replies in each phase of a round (and
         for a quorum of sites to be connected); a site that has not answered by then is
@@ -540,15 +541,29 @@ class FederationConfig(_Validated):
                 f"({self.num_sites}) or null. Got {self.min_sites!r}",
                 "federation.min_sites", "federation.num_sites",
             )
+        if self.min_sites is not None and self.min_sites > self.sites_per_round:
+            raise _CrossKeyError(
+                f"Config key 'federation.min_sites' must be at most the sites a round samples "
+                f"(fraction_train {self.fraction_train:g} of {self.num_sites} sites: {self.sites_per_round}), or null. "
+                f"Got {self.min_sites!r}",
+                "federation.min_sites", "federation.fraction_train",
+                "lower min_sites or raise fraction_train",
+            )
         # Profiles, groups and skew are checked where they are understood (medfed.sites).
         from medfed.sites.profiles import check_federation_profiles
 
         check_federation_profiles(self)
 
     @property
+    def sites_per_round(self) -> int:
+        """Training sites a round samples: ``fraction_train`` of ``num_sites``, rounded up, at least 1."""
+        # Less a hair: 0.3 * 10 is 3.0000000000000004 in floating point, and 3 sites are meant.
+        return max(1, math.ceil(self.fraction_train * self.num_sites - 1e-9))
+
+    @property
     def quorum(self) -> int:
-        """``min_sites``, or a majority of ``num_sites`` when it is None."""
-        return self.min_sites if self.min_sites is not None else self.num_sites // 2 + 1
+        """``min_sites``, or a majority of the sites a round samples when it is None."""
+        return self.min_sites if self.min_sites is not None else self.sites_per_round // 2 + 1
 
 
 @dataclass(frozen=True)

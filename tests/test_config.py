@@ -624,3 +624,19 @@ def test_a_cross_key_error_survives_pickling():
         dataclasses.replace(load_config().federation, min_sites=9)
     again = pickle.loads(pickle.dumps(err.value))
     assert type(again) is type(err.value) and str(again) == str(err.value)
+
+
+@pytest.mark.parametrize(("num_sites", "fraction", "per_round", "quorum"), [
+    (4, 1.0, 4, 3), (4, 0.5, 2, 2), (10, 0.3, 3, 2), (4, 0.3, 2, 2), (5, 0.1, 1, 1),
+])
+def test_the_default_quorum_is_a_majority_of_the_sites_a_round_samples(num_sites, fraction, per_round, quorum):
+    # A majority of all sites could never be met when a round samples half of them or less.
+    federation = load_config(overrides=[f"federation.num_sites={num_sites}",
+                                        f"federation.fraction_train={fraction}"]).federation
+    assert (federation.sites_per_round, federation.quorum) == (per_round, quorum)
+
+
+def test_a_quorum_above_the_sites_a_round_samples_is_refused():
+    with pytest.raises(ConfigError, match=r"'federation.min_sites' must be at most the sites a round samples "
+                                          r"\(fraction_train 0.5 of 4 sites: 2\), or null. Got 3"):
+        load_config(overrides=["federation.num_sites=4", "federation.fraction_train=0.5", "federation.min_sites=3"])

@@ -1,31 +1,45 @@
-"""Held-out sites: found once per run, left out of training, evaluated every round.
+"""Who each node is, asked once per run: held-out sites and a fixed sampling order.
 
-A held-out site (an unseen hospital) never trains. Flower's strategies sample training
-nodes from ``grid.get_node_ids()``, and node ids say nothing about a node's role, so
-before the first round the server asks every node who it is: one ``query`` message
-(MessageType.QUERY) that medfed's ClientApp answers with its name and ``held-out``
-flag, read from its node config and the experiment without loading images. The
-training phase then sees the grid through :class:`WithoutNodes`, which hides the
-held-out nodes from sampling; the evaluation phase sees every node, and the server
-records the held-out sites' results apart (see :mod:`medfed.server.recording`).
-The query runs only when the experiment has held-out sites.
+Node ids say nothing about a node's role or name, and Ray gives new ones in every run.
+Before the first round the server therefore asks every node who it is: one ``query``
+message (MessageType.QUERY) that medfed's ClientApp answers with its name and
+``held-out`` flag, read from its node config and the experiment without loading images.
+It is asked when the answer matters:
+
+* Held-out sites (unseen hospitals) never train: the training phase sees the grid
+  through :class:`NodeView`, which hides them; every round they are evaluated as well
+  as the sampled training sites, and the server records their results apart (see
+  :mod:`medfed.server.recording`).
+* When a round samples a fraction of the sites, Flower's strategies draw from
+  ``grid.get_node_ids()`` with Python's ``random``: :class:`NodeView` lists the nodes by
+  site name, and :class:`~medfed.server.resume.RoundOffsetStrategy` seeds the draw from
+  the experiment's seed and the round, so that the same sites are drawn on both engines
+  and in every run.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-__all__ = ["WithoutNodes", "discover_held_out_nodes"]
+__all__ = ["NodeView", "SiteRole", "discover_sites"]
 
 
-def discover_held_out_nodes(grid: Grid, expected_nodes: int, *, timeout_s: float = 600.0) -> dict[int, str]:
-    """Ask every node whether it is held out; return ``{node id: site name}`` of those that are.
+class SiteRole(NamedTuple):
+    """What a node said about itself."""
+
+    name: str
+    held_out: bool
+
+
+def discover_sites(grid: Grid, expected_nodes: int, *, timeout_s: float = 600.0) -> dict[int, SiteRole]:
+    """Ask every node who it is; return ``{node id: SiteRole}`` of those that answered.
 
     Parameters
     ----------
@@ -45,25 +59,28 @@ def discover_held_out_nodes(grid: Grid, expected_nodes: int, *, timeout_s: float
                 dst_node_id=node_id, message_type=MessageType.QUERY)
         for node_id in node_ids
     ]
-    held_out: dict[int, str] = {}
+    sites: dict[int, SiteRole] = {}
     for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
+        node_id = reply.metadata.src_node_id
         if reply.has_error() or "site" not in reply.content.config_records:
-            log(WARNING, "Node %s did not say whether it is held out; it may be sampled for training.",
-                reply.metadata.src_node_id)
+            log(WARNING, "Node %s did not say who it is; it may be sampled for training, and is sampled last.",
+                node_id)
             continue
         site = reply.content.config_records["site"]
-        if bool(site.get("held-out", False)):
-            held_out[reply.metadata.src_node_id] = str(site.get("name", f"node-{reply.metadata.src_node_id}"))
-    log(INFO, "Held-out sites (evaluate only, never train): %s", ", ".join(sorted(held_out.values())) or "none")
-    return held_out
+        sites[node_id] = SiteRole(str(site.get("name", f"node-{node_id}")), bool(site.get("held-out", False)))
+    held_out = sorted(role.name for role in sites.values() if role.held_out)
+    log(INFO, "Held-out sites (evaluate only, never train): %s", ", ".join(held_out) or "none")
+    return sites
 
 
-class WithoutNodes(Grid):
-    """A view of a Grid that hides some nodes from ``get_node_ids`` (everything else delegates)."""
+class NodeView(Grid):
+    """A view of a Grid whose ``get_node_ids`` hides some nodes and lists the others by site
+    name (nodes of unknown name last, by id); everything else delegates."""
 
-    def __init__(self, grid: Grid, hidden: Iterable[int]) -> None:
+    def __init__(self, grid: Grid, hidden: Iterable[int] = (), names: Mapping[int, str] | None = None) -> None:
         self._grid = grid
         self.hidden = frozenset(hidden)
+        self.names = dict(names or {})
 
     def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
         self._grid.set_run(run)
@@ -76,7 +93,8 @@ class WithoutNodes(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return [node_id for node_id in self._grid.get_node_ids() if node_id not in self.hidden]
+        shown = [node_id for node_id in self._grid.get_node_ids() if node_id not in self.hidden]
+        return sorted(shown, key=lambda node_id: (node_id not in self.names, self.names.get(node_id, ""), node_id))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)

@@ -23,13 +23,14 @@ the rounds an uninterrupted run would have made, bit for bit on a CPU.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -85,10 +86,19 @@ class RoundOffsetStrategy(DelegatingStrategy):
         Rounds completed before this ``start`` call (0 for a fresh run).
     recorder : RoundRecorder
         Receives round starts and aggregated metrics.
+    held_out_nodes : iterable of int
+        Nodes of held-out sites: never sampled for training, evaluated every round.
+    node_names : mapping of int to str
+        Site name of each node (:func:`medfed.server.held_out.discover_sites`): the strategy
+        samples from the nodes listed by name, with Python's ``random`` seeded from ``seed``,
+        the round and the phase, so the same sites are drawn on every engine and in every run.
+    seed : int
+        The experiment's seed.
     """
 
     def __init__(
-        self, strategy: Strategy, offset: int, recorder: RoundRecorder, held_out_nodes: Iterable[int] = ()
+        self, strategy: Strategy, offset: int, recorder: RoundRecorder, held_out_nodes: Iterable[int] = (),
+        node_names: Mapping[int, str] | None = None, seed: int = 0,
     ) -> None:
         super().__init__(strategy)
         self.offset = offset
@@ -96,16 +106,29 @@ class RoundOffsetStrategy(DelegatingStrategy):
         # Held-out sites never train: the strategy samples from a grid without them,
         # and their evaluation replies stay out of the federation's aggregate.
         self.held_out_nodes = frozenset(held_out_nodes)
+        self.node_names = dict(node_names or {})
+        self.seed = seed
+
+    @contextmanager
+    def _sampling(self, server_round: int, phase: str) -> Iterator[None]:
+        """Seed Python's ``random`` (Flower's node sampling) for this round and phase; restore it after."""
+        state = random.getstate()
+        random.seed(f"medfed-sampling-{self.seed}-{server_round}-{phase}")
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.recorder.round_started(server_round + self.offset)
-        if self.held_out_nodes:
-            from medfed.server.held_out import WithoutNodes
+        from medfed.server.held_out import NodeView
 
-            grid = WithoutNodes(grid, self.held_out_nodes)
-        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+        server_round += self.offset
+        self.recorder.round_started(server_round)
+        with self._sampling(server_round, "train"):
+            view = NodeView(grid, self.held_out_nodes, self.node_names)
+            return list(self.strategy.configure_train(server_round, arrays, config, view))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -117,7 +140,21 @@ class RoundOffsetStrategy(DelegatingStrategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+        from medfed.server.held_out import NodeView
+
+        server_round += self.offset
+        with self._sampling(server_round, "evaluate"):
+            view = NodeView(grid, self.held_out_nodes, self.node_names)
+            messages = list(self.strategy.configure_evaluate(server_round, arrays, config, view))
+        # The training sites are sampled (fraction_evaluate); the held-out sites, apart, are
+        # evaluated in every round that evaluates at all.
+        if messages and self.held_out_nodes:
+            connected = set(grid.get_node_ids())
+            messages += [
+                Message(content=messages[0].content, message_type=MessageType.EVALUATE, dst_node_id=node_id)
+                for node_id in sorted(self.held_out_nodes) if node_id in connected
+            ]
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         # By node id, and by the reply's own word (in case the start-of-run query missed it).

@@ -40,6 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 from medfed.config import ExperimentConfig, config_to_dict, from_run_config
 from medfed.data import dataset_info
 from medfed.server.checkpoint import save_arrays, save_checkpoint
+from medfed.server.held_out import SiteRole
 from medfed.server.quorum import QuorumError, QuorumGuard, QuorumNotMet, apply_quorum
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.report import MetricsLog, build_report, print_summary
@@ -107,7 +108,8 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         random.seed(cfg.seed)  # Flower samples nodes with Python's global RNG
         np.random.seed(cfg.seed)
         arrays = _to_record(reference)
-    held_out_nodes = _held_out_nodes(grid, cfg)
+    sites = _discover_sites(grid, cfg)
+    held_out_nodes = {node_id: role.name for node_id, role in sites.items() if role.held_out}
     log.write({"event": "start", "time": _now(), "resumed_from_round": start.completed_rounds,
                "num_rounds": cfg.rounds, **_site_facts(cfg, held_out_nodes)})
 
@@ -132,7 +134,8 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
                               timeout_s=cfg.federation.round_timeout_s, wait_for_all_first=not deployed,
                               on_rejected=lambda node, why: recorder.record_dropout("train", node, f"update rejected: {why}"))
         poll = float(os.environ.get("MEDFED_REPLY_POLL_S", DEPLOYED_POLL_INTERVAL_S)) if deployed else None
-        RoundOffsetStrategy(guarded, start.completed_rounds, recorder, held_out_nodes).start(
+        RoundOffsetStrategy(guarded, start.completed_rounds, recorder, held_out_nodes,
+                            node_names={node_id: role.name for node_id, role in sites.items()}, seed=cfg.seed).start(
             TransferGrid(RecordingGrid(grid, recorder, poll_interval_s=poll), cfg.federation.transfer_dtype), arrays,
             num_rounds=remaining, timeout=cfg.federation.round_timeout_s,
             train_config=train_config(cfg), evaluate_config=ConfigRecord(), evaluate_fn=end_of_round,
@@ -156,15 +159,16 @@ def read_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, Path,
     return cfg, run_dir, resume
 
 
-def _held_out_nodes(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
-    """Node id -> name of the held-out sites (asked only when the experiment has some)."""
+def _discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, SiteRole]:
+    """Node id -> who it is, asked only when it matters: held-out sites, or a round that samples."""
+    from medfed.server.held_out import discover_sites
     from medfed.sites.profiles import num_held_out, num_nodes
 
-    if num_held_out(cfg.federation) == 0:
+    federation = cfg.federation
+    samples = federation.fraction_train < 1 or 0 < federation.fraction_evaluate < 1
+    if num_held_out(federation) == 0 and not samples:
         return {}
-    from medfed.server.held_out import discover_held_out_nodes
-
-    return discover_held_out_nodes(grid, num_nodes(cfg.federation))
+    return discover_sites(grid, num_nodes(federation))
 
 
 def _site_facts(cfg: ExperimentConfig, held_out_nodes: dict[int, str]) -> dict[str, Any]:

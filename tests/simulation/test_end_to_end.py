@@ -126,3 +126,31 @@ def test_run_killed_after_round_1_resumes_to_the_uninterrupted_weights(engine_ru
     # Assert
     assert_same_weights(run_dir / "model.safetensors", engine_run / "model.safetensors")
     assert resolved_records(run_dir) == resolved_records(engine_run)
+
+
+def test_rounds_that_sample_draw_the_same_sites_on_both_engines(tiny_root, tiny_config, tmp_path, metric_records):
+    # Prepare: half of 4 training sites train each round, half are evaluated, and a held-out
+    # site. Flower samples node ids with Python's random; Ray's node ids change every run,
+    # and in-process the sites reseed that same random.
+    federation = {"num_sites": 4, "partition": "iid", "fraction_train": 0.5, "fraction_evaluate": 0.5,
+                  "sites": [{}, {}, {}, {}, {"held_out": True, "name": "new"}]}
+    runs = {}
+    for engine in ("ray", "inprocess"):
+        cfg = tiny_config(tiny_root, tmp_path / engine, rounds=3, federation=federation,
+                          simulation={"cpus_per_site": 1.0, "engine": engine})
+        # Execute
+        runs[engine] = simulate(cfg)
+    # Assert: the same sites drawn, the same weights; the default quorum is a majority of
+    # the 2 sites drawn (a majority of all 4 failed every such run); the held-out site is
+    # evaluated in every round, outside the sampled fraction.
+    assert metric_records(runs["ray"]) == metric_records(runs["inprocess"])
+    assert_same_weights(runs["ray"] / "model.safetensors", runs["inprocess"] / "model.safetensors")
+    records = metric_records(runs["ray"])
+    for server_round in (1, 2, 3):
+        trained = [r["site"] for r in records if r.get("phase") == "train" and r["round"] == server_round]
+        evaluated = [r["site"] for r in records if r.get("phase") == "evaluate" and r["round"] == server_round]
+        assert len(trained) == 2 and "new" not in trained
+        assert "new" in evaluated and len(evaluated) == 3
+    drawn = {tuple(sorted(r["site"] for r in records if r.get("phase") == "train" and r["round"] == n))
+             for n in (1, 2, 3)}
+    assert len(drawn) > 1  # a draw per round, not one fixed pair
