@@ -30,6 +30,7 @@ carry little about the images, and a rank-4 correction cannot make up for it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from logging import WARNING
 from typing import Any
@@ -179,9 +180,9 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
     num_groups : int
         Number of patient groups ``G`` (group ids ``0 .. G-1``).
     rank : int
-        Adapter rank ``r``.
+        Adapter rank ``r`` >= 1.
     alpha : float
-        Adapter scale numerator (``Delta W`` is scaled by ``alpha / r``).
+        Adapter scale numerator (``Delta W`` is scaled by ``alpha / r``), finite and > 0.
     targets : list of str or None
         ``fnmatch`` patterns over the backbone's module names selecting the adapted
         linear layers (KAN layers included); None: every linear layer but the head.
@@ -189,13 +190,20 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
     own_group_weight : float
         Soft weight of a sample's own group, in (0, 1].
     shared_half_s : bool
-        Average the first half of the singular values over the groups each round.
+        Average the first ``rank // 2`` singular values over the groups each round
+        (needs ``rank`` >= 2: with rank 1 there is nothing to share).
     ema_beta_max : float
-        ``beta_t = ema_beta_max * t / num_rounds``; 0 turns the EMA off.
+        ``beta_t = ema_beta_max * t / num_rounds``, in [0, 1); 0 turns the EMA off.
     num_rounds : int
         Rounds of the run (set from the experiment's ``rounds``).
     **kwargs
         Constructor arguments of ``flwr.serverapp.strategy.FedAvg``.
+
+    Raises
+    ------
+    StrategyError
+        If a parameter has the wrong type, is not finite or is out of range, or
+        ``shared_half_s`` is set with ``rank`` 1.
     """
 
     client_hooks = FairLoRAHooks
@@ -213,21 +221,36 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
         num_rounds: int = 1,
         **kwargs: Any,
     ) -> None:
-        for name, value, ok, what in (
-            ("num_groups", num_groups, num_groups >= 1, "an int >= 1"),
-            ("rank", rank, rank >= 1, "an int >= 1"),
-            ("alpha", alpha, alpha > 0, "a float > 0"),
-            ("own_group_weight", own_group_weight, 0 < own_group_weight <= 1, "a float in (0, 1]"),
-            ("ema_beta_max", ema_beta_max, 0 <= ema_beta_max < 1, "a float in [0, 1)"),
-            ("num_rounds", num_rounds, num_rounds >= 1, "an int >= 1"),
+        for name, value, kind, in_range, what in (
+            ("num_groups", num_groups, int, lambda x: x >= 1, "an int >= 1"),
+            ("rank", rank, int, lambda x: x >= 1, "an int >= 1"),
+            ("alpha", alpha, float, lambda x: x > 0, "a finite float > 0"),
+            ("own_group_weight", own_group_weight, float, lambda x: 0 < x <= 1, "a float in (0, 1]"),
+            ("ema_beta_max", ema_beta_max, float, lambda x: 0 <= x < 1, "a float in [0, 1)"),
+            ("num_rounds", num_rounds, int, lambda x: x >= 1, "an int >= 1"),
         ):
-            if not ok:
+            # 1e400 in YAML is inf: alpha = inf made every adapter output inf or NaN.
+            number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and in_range(value)):
+                key = "rounds" if name == "num_rounds" else f"strategy.params.{name}"
                 raise StrategyError(
-                    f"The {name!r} parameter of strategy 'fairlora' must be {what}. Got {value!r} instead."
+                    f"The {name!r} parameter of strategy 'fairlora' ({key}) must be {what}. Got {value!r} instead."
                 )
         if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
             raise StrategyError(
-                f"The 'targets' parameter of strategy 'fairlora' must be a list of str or null. Got {targets!r} instead."
+                "The 'targets' parameter of strategy 'fairlora' (strategy.params.targets) must be a list of str "
+                f"or null. Got {targets!r} instead."
+            )
+        if not isinstance(shared_half_s, bool):
+            raise StrategyError(
+                "The 'shared_half_s' parameter of strategy 'fairlora' (strategy.params.shared_half_s) must be a "
+                f"bool. Got {shared_half_s!r} instead."
+            )
+        if shared_half_s and rank // 2 == 0:
+            raise StrategyError(
+                "strategy.params.shared_half_s needs strategy.params.rank >= 2: it averages the first rank // 2 "
+                f"singular values over the groups, and rank {rank} has none to share; raise rank or set "
+                "shared_half_s to false."
             )
         super().__init__(**kwargs)
         self.num_groups, self.rank, self.alpha = num_groups, rank, alpha

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from medfed.strategies import FairLoRA, StrategyError
+from medfed.strategies import FairLoRA, StrategyError, create_strategy
 from medfed.strategies._groups import group_count_metrics, read_group_counts
 from medfed.strategies.fairlora import FairLoRAHooks, fairlora_aggregate
 
@@ -112,10 +112,34 @@ def test_hooks_need_a_pretrained_backbone_and_read_the_strategy_settings():
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"rank": 0}, "'rank' parameter of strategy 'fairlora' must be an int >= 1"),
-    ({"ema_beta_max": 1.0}, "'ema_beta_max'"),
-    ({"targets": "*"}, "'targets'"),
+    ({"rank": 0}, "The 'rank' parameter of strategy 'fairlora' (strategy.params.rank) must be an int >= 1. "
+                  "Got 0 instead."),
+    ({"ema_beta_max": 1.0}, "(strategy.params.ema_beta_max) must be a float in [0, 1). Got 1.0 instead."),
+    ({"targets": "*"}, "(strategy.params.targets) must be a list of str or null. Got '*' instead."),
+    # 1e400 in YAML is inf: accepted, it made every adapter output inf or NaN.
+    ({"alpha": 1e400}, "The 'alpha' parameter of strategy 'fairlora' (strategy.params.alpha) must be a finite "
+                       "float > 0. Got inf instead."),
+    ({"alpha": float("nan")}, "(strategy.params.alpha) must be a finite float > 0. Got nan instead."),
+    ({"own_group_weight": float("nan")}, "(strategy.params.own_group_weight) must be a float in (0, 1]. "
+                                         "Got nan instead."),
+    ({"ema_beta_max": float("-inf")}, "(strategy.params.ema_beta_max) must be a float in [0, 1). Got -inf instead."),
+    ({"num_rounds": 0}, "The 'num_rounds' parameter of strategy 'fairlora' (rounds) must be an int >= 1."),
+    ({"rank": 2.0}, "(strategy.params.rank) must be an int >= 1. Got 2.0 instead."),
+    ({"shared_half_s": "yes"}, "(strategy.params.shared_half_s) must be a bool. Got 'yes' instead."),
 ])
 def test_bad_parameters_are_one_line_errors(params, message):
-    with pytest.raises(StrategyError, match=message):
+    with pytest.raises(StrategyError) as info:
         FairLoRA(**params)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_shared_half_s_with_rank_1_is_refused_as_it_would_share_nothing():
+    # rank // 2 = 0 singular values are shared: shared_half_s was silently a no-op.
+    with pytest.raises(StrategyError) as info:
+        create_strategy("fairlora", {"rank": 1, "shared_half_s": True}, num_sites=2)
+    assert str(info.value) == (
+        "strategy.params.shared_half_s needs strategy.params.rank >= 2: it averages the first rank // 2 singular "
+        "values over the groups, and rank 1 has none to share; raise rank or set shared_half_s to false."
+    )
+    assert FairLoRA(rank=1).rank == 1 and FairLoRA(rank=2, shared_half_s=True).shared_half_s
