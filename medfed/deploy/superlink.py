@@ -41,6 +41,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -177,6 +178,7 @@ def run_server(
     }
     processes = ProcessSet(env)
     _take_over(home, processes.marker, out)
+    _check_port_free(listen)
     try:
         with interrupt_on_sigterm():
             superlink = processes.start(_superlink_command(listen, home, tls), log=home / SUPERLINK_LOG)
@@ -210,6 +212,22 @@ def run_server(
         processes.stop()
     _check_finished(run_dir, home)
     return run_dir
+
+
+def _check_port_free(listen: Address) -> None:
+    """Refuse a port another program listens on: waiting for "the port answers" would then
+    take the other program for this server's SuperLink (another study's, which this server
+    would register keys with and whose runs it would stop)."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: closed connections do not count
+        try:
+            probe.bind((listen.host, listen.port))
+        except OSError as err:
+            raise DeployError(
+                f"Port {listen.port} on {listen.host} is in use ({err.strerror or err}), by another program or another "
+                "medfed server; stop it, or give this server another --address."
+            ) from None
 
 
 def _take_over(home: Path, marker: str, out) -> None:

@@ -22,3 +22,20 @@ def test_one_line_and_exit_2(tmp_path, capsys, argv, expected):
     assert code == 2
     assert len(err.splitlines()) == 1, err
     assert expected in err
+
+
+def test_a_server_on_a_port_in_use_is_refused_before_it_starts(tmp_path, capsys):
+    # Another program (or another study's server) listens on the port: waiting for the
+    # port to answer took it for this server's SuperLink.
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        code = main(["server", "--insecure", "--address", f"127.0.0.1:{port}", "--run-dir", str(tmp_path / "run"),
+                     "--set", "federation.num_sites=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].endswith(f"Port {port} on 127.0.0.1 is in use (Address already in use), by another program or "
+                            "another medfed server; stop it, or give this server another --address.")
