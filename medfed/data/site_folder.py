@@ -325,6 +325,11 @@ def _read_image(image_path: Path) -> np.ndarray:
                 )
             else:  # RGB, RGBA, P (palette), CMYK, YCbCr, ...
                 array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Image.DecompressionBombError as error:  # Pillow's guard against huge images: no OSError
+        raise DatasetValidationError(
+            f"Image {image_path} is too large to read safely ({error}); medfed trains on images of a few hundred "
+            "pixels a side: resize it first."
+        ) from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise DatasetValidationError(
             f"Image {image_path} cannot be read as an image ({type(error).__name__}: {error}); "

@@ -208,6 +208,16 @@ def test_unreadable_image_is_named(tmp_path):
     assert "broken.png cannot be read as an image" in str(caught.value)
 
 
+def test_an_image_too_large_to_read_safely_is_named(tmp_path, monkeypatch):
+    # Pillow refuses images above twice MAX_IMAGE_PIXELS (a 14000 x 14000 scan by default)
+    # with an error that is no OSError; lowered here so that an 8 x 8 image trips it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    _write_png(tmp_path / "huge.png", _gray(0))
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "huge.png,0"])
+    with pytest.raises(DatasetValidationError, match="huge.png is too large to read safely .*resize it first"):
+        load_site_folder(tmp_path)
+
+
 def test_missing_folder_and_missing_csv(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="not found"):
         load_site_folder(tmp_path / "nowhere")
