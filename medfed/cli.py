@@ -7,7 +7,6 @@ known input errors end in one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -384,19 +383,10 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
 def _server_resume_command(args: argparse.Namespace) -> str:
     """The ``medfed server`` line that continues this server's run with the same sites."""
-    from medfed.deploy.superlink import DEFAULT_ADDRESS
+    from medfed.deploy.superlink import resume_command
 
-    words = ["medfed", "server", "--resume", "--run-dir", str(args.run_dir)]
-    if args.certs:
-        words += ["--certs", str(args.certs)]
-    if args.address != DEFAULT_ADDRESS:
-        words += ["--address", args.address]
-    if args.join_timeout is not None:
-        short = f"{args.join_timeout:g}"  # 60, not 60.0; but :g rounds 1234567 to 1.23457e+06
-        words += ["--join-timeout", short if float(short) == args.join_timeout else repr(args.join_timeout)]
-    if args.insecure:
-        words.append("--insecure")
-    return shlex.join(words)
+    return resume_command(args.run_dir, certs=args.certs, address=args.address, join_timeout_s=args.join_timeout,
+                          insecure=args.insecure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,6 +40,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -210,7 +211,8 @@ def run_server(
         raise
     finally:
         processes.stop()
-    _check_finished(run_dir, home)
+    _check_finished(run_dir, home, resume_command(run_dir, certs=certs, address=address,
+                                                  join_timeout_s=join_timeout_s, insecure=insecure))
     return run_dir
 
 
@@ -472,7 +474,23 @@ class _SiteWatcher(threading.Thread):
         self._stop_event.set()
 
 
-def _check_finished(run_dir: Path, home: Path) -> None:
+def resume_command(run_dir: str | Path, *, certs: str | Path | None, address: str = DEFAULT_ADDRESS,
+                   join_timeout_s: float | None = None, insecure: bool = False) -> str:
+    """The ``medfed server`` command line that continues ``run_dir`` with the same sites, quoted for the shell."""
+    words = ["medfed", "server", "--resume", "--run-dir", str(run_dir)]
+    if certs:
+        words += ["--certs", str(certs)]
+    if address != DEFAULT_ADDRESS:
+        words += ["--address", address]
+    if join_timeout_s is not None:
+        short = f"{join_timeout_s:g}"  # 60, not 60.0; but :g rounds 1234567 to 1.23457e+06
+        words += ["--join-timeout", short if float(short) == join_timeout_s else repr(join_timeout_s)]
+    if insecure:
+        words.append("--insecure")
+    return shlex.join(words)
+
+
+def _check_finished(run_dir: Path, home: Path, resume: str) -> None:
     from medfed.server.report import read_metrics
     from medfed.server.resume import METRICS_FILE
 
@@ -488,8 +506,7 @@ def _check_finished(run_dir: Path, home: Path) -> None:
     else:
         reason = f"the ServerApp failed: {_server_app_error(home / SUPERLINK_LOG)}"
     raise DeployError(
-        f"The run did not finish: {reason}. Resume it with 'medfed server --resume --run-dir {run_dir}' "
-        f"(log: {home / SUPERLINK_LOG})."
+        f"The run did not finish: {reason}. Resume it with: {resume} (log: {home / SUPERLINK_LOG})."
     )
 
 

@@ -39,3 +39,21 @@ def test_a_server_on_a_port_in_use_is_refused_before_it_starts(tmp_path, capsys)
     assert code == 2
     assert err[-1].endswith(f"Port {port} on 127.0.0.1 is in use (Address already in use), by another program or "
                             "another medfed server; stop it, or give this server another --address.")
+
+
+def test_a_run_stopped_by_the_quorum_names_the_whole_resume_command(tmp_path):
+    # The server's own stop (3 missed quorums) told only --resume --run-dir, and the
+    # server then refused to start without --certs.
+    import json
+
+    from medfed.deploy.superlink import DeployError, _check_finished, resume_command
+
+    run = tmp_path / "my run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps(
+        {"event": "quorum_missed", "round": 2, "sites": 1, "stage": "replied", "needed": 2, "attempt": 3}) + "\n")
+    command = resume_command(run, certs=tmp_path / "certs", address="0.0.0.0:9999", join_timeout_s=60.0)
+    with pytest.raises(DeployError) as err:
+        _check_finished(run, tmp_path / "home", command)
+    assert (f"Resume it with: medfed server --resume --run-dir '{run}' --certs {tmp_path / 'certs'} "
+            "--address 0.0.0.0:9999 --join-timeout 60 (log:") in str(err.value)
