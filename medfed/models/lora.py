@@ -25,12 +25,19 @@ checkpoint. MedViTV2's KAN layers hold their weights in a plain ``nn.Linear``
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["GroupLoRA", "GroupLoRAModel", "group_weights", "initial_singular_values"]
+from medfed.errors import MedfedError
+
+__all__ = ["AdapterTargetError", "GroupLoRA", "GroupLoRAModel", "group_weights", "initial_singular_values"]
+
+
+class AdapterTargetError(MedfedError):
+    """No linear layer of the backbone matches the adapter targets (``strategy.params.targets``)."""
 
 
 def group_weights(groups: torch.Tensor, num_groups: int, own: float = 0.7) -> torch.Tensor:
@@ -122,6 +129,12 @@ class GroupLoRAModel(nn.Module):
         Names of modules trained in full (the classifier head).
     own_group_weight : float
         ``pi`` on the sample's own group.
+
+    Raises
+    ------
+    AdapterTargetError
+        If no linear layer (the head aside) matches ``targets``; the one-line message
+        names ``strategy.params.targets`` and a few of the layer names.
     """
 
     def __init__(
@@ -149,16 +162,18 @@ class GroupLoRAModel(nn.Module):
             for param in backbone.get_submodule(name).parameters():
                 param.requires_grad_(True)
         trainable_prefixes = tuple(f"{name}." for name in trainable)
-        for name, module in backbone.named_modules():
-            if not isinstance(module, nn.Linear) or name in trainable or name.startswith(trainable_prefixes):
-                continue
+        linear = [
+            (name, module) for name, module in backbone.named_modules()
+            if isinstance(module, nn.Linear) and name not in trainable and not name.startswith(trainable_prefixes)
+        ]
+        for name, module in linear:
             if not any(fnmatch.fnmatchcase(name, pattern) for pattern in targets):
                 continue
             key = name.replace(".", "__")
             self.adapters[key] = GroupLoRA(module.in_features, module.out_features, rank, num_groups, alpha)
             module.register_forward_hook(self._hook(key))
         if not len(self.adapters):
-            raise ValueError(f"No linear layer matches the adapter targets {list(targets)}.")
+            raise AdapterTargetError(_no_target_message(targets, [name for name, _ in linear]))
 
     def _hook(self, key: str):
         def add_adapter(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -183,3 +198,17 @@ class GroupLoRAModel(nn.Module):
         finally:
             self._pi = None
 
+
+def _no_target_message(targets: Sequence[str], linear: Sequence[str]) -> str:
+    """One line: the patterns, and one name of each kind of linear layer they could have matched."""
+    if not linear:
+        return f"strategy.params.targets {list(targets)}: the backbone has no linear layer besides the head to adapt."
+    kinds: dict[str, str] = {}
+    for name in linear:
+        kinds.setdefault(re.sub(r"\d+", "*", name), name)  # stages.0.0.attn.qkv and stages.2.1.attn.qkv: one kind
+    examples = ", ".join(repr(name) for name in list(kinds.values())[:6])
+    return (
+        f"strategy.params.targets {list(targets)} matches no linear layer of the backbone: the fnmatch patterns "
+        f"are matched against full module names, such as {examples} ({len(linear)} linear layers besides the "
+        "head); e.g. ['*.attn.*'], or null for all of them."
+    )

@@ -111,6 +111,31 @@ def test_hooks_need_a_pretrained_backbone_and_read_the_strategy_settings():
         hooks.build_model(ModelSpec("medvit_v2_nano", 2, 1, 28))
 
 
+def test_targets_that_match_no_layer_are_a_one_line_error_naming_the_key_and_the_layer_names(tmp_path):
+    # Was a bare ValueError from GroupLoRAModel: a traceback out of the ServerApp.
+    import torch
+    from safetensors.torch import save_file
+
+    from medfed.errors import MedfedError
+    from medfed.models import create_model
+    from medfed.strategies import ModelSpec
+
+    backbone = create_model("medvit_v2_nano", num_classes=2, in_chans=1, img_size=28)
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    hooks = FairLoRAHooks(FairLoRA(targets=["nomatch*", "head"]).client_params())
+    with pytest.raises(MedfedError) as info:  # the CLI prints it as one line, exit 2
+        hooks.build_model(ModelSpec("medvit_v2_nano", 2, 1, 28, str(tmp_path)))
+    assert str(info.value) == (
+        "strategy.params.targets ['nomatch*', 'head'] matches no linear layer of the backbone: the fnmatch patterns "
+        "are matched against full module names, such as 'stages.0.0.attn.qkv', 'stages.0.0.attn.proj', "
+        "'stages.1.1.mhsa.q', 'stages.1.1.mhsa.kv', 'stages.1.1.mhsa.proj', 'stages.1.1.kan.layers.0.linear' "
+        "(25 linear layers besides the head); e.g. ['*.attn.*'], or null for all of them."
+    )
+    torch.manual_seed(0)
+    assert len(FairLoRAHooks(FairLoRA(targets=["stages.1.1.mhsa.q"]).client_params()).build_model(
+        ModelSpec("medvit_v2_nano", 2, 1, 28, str(tmp_path))).adapters) == 1
+
+
 @pytest.mark.parametrize(("params", "message"), [
     ({"rank": 0}, "The 'rank' parameter of strategy 'fairlora' (strategy.params.rank) must be an int >= 1. "
                   "Got 0 instead."),
