@@ -22,6 +22,7 @@ the rounds an uninterrupted run would have made, bit for bit on a CPU.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -220,7 +221,13 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         ``_MAY_CHANGE``) or with fewer rounds than already done.
     """
     run_dir = Path(run_dir)
+    finished = finished_rounds(run_dir)
     if not resume:
+        if finished is not None:
+            raise ResumeError(
+                f"{run_dir} already holds a finished run ({finished} rounds); start the new run in another folder, "
+                "or resume that one with more rounds (--resume with --set rounds=N)."
+            )
         if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists():
             raise ResumeError(
                 f"{run_dir} already holds a run; continue it with --resume (medfed simulate --resume {run_dir}, "
@@ -242,7 +249,24 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
             f"Cannot resume {run_dir} with rounds={cfg.rounds}: its {CONFIG_FILE} asks for {stored.rounds}; "
             "'rounds' may only grow."
         )
+    if finished is not None and finished >= cfg.rounds:
+        raise ResumeError(
+            f"{run_dir} has already finished its {finished} rounds; to train on, resume with more rounds "
+            f"(--set rounds={finished + 1} or more)."
+        )
     return stored
+
+
+def finished_rounds(run_dir: Path) -> int | None:
+    """The rounds of the run in ``run_dir`` if its last record says it finished, else None."""
+    try:
+        lines = (Path(run_dir) / METRICS_FILE).read_bytes().splitlines()
+        last = json.loads(next(line for line in reversed(lines) if line.strip()))
+    except (OSError, StopIteration, ValueError):  # none, empty, or a partly written last line
+        return None
+    if isinstance(last, dict) and last.get("event") == "end" and isinstance(last.get("rounds_done"), int):
+        return last["rounds_done"]
+    return None
 
 
 @dataclass

@@ -156,6 +156,20 @@ def stored_run(tmp_path):
     return cfg, run_dir
 
 
+def test_a_finished_run_is_resumed_only_with_more_rounds_and_never_restarted(stored_run):
+    # Prepare: the run finished its 3 rounds.
+    cfg, run_dir = stored_run
+    (run_dir / "metrics.jsonl").write_text('{"event": "start"}\n{"event": "end", "rounds_done": 3}\n')
+    more = config_from_dict({"rounds": 5, "output_dir": cfg.output_dir})
+    # Execute / Assert: resuming it as it is would restart nothing and append a second start/end.
+    with pytest.raises(ResumeError, match="has already finished its 3 rounds; to train on, resume with more rounds "
+                                          r"\(--set rounds=4 or more\)"):
+        check_run_dir(cfg, run_dir, resume=True)
+    assert check_run_dir(more, run_dir, resume=True) == cfg
+    with pytest.raises(ResumeError, match="already holds a finished run \\(3 rounds\\); start the new run in another"):
+        check_run_dir(cfg, run_dir, resume=False)
+
+
 def test_resume_accepts_the_stored_config_with_more_rounds(stored_run):
     # Prepare
     cfg, run_dir = stored_run
