@@ -399,6 +399,9 @@ class RunSummary:
     bytes_received: int
     pooled_row: SiteSummary | None = None
     held_out_row: SiteSummary | None = None
+    #: The strategy's name when its sites evaluate with weights of their own (Local-only,
+    #: FedBN): its pooled row then pools several models' scores.
+    own_models: str | None = None
     #: The last round when it has site results but no round record (the run stopped
     #: during it, or is still in it); None when the last round finished.
     incomplete_round: int | None = None
@@ -437,6 +440,7 @@ def _summarize(run_dir: Path, run: RunMetrics) -> RunSummary:
             f"{run_dir / METRICS_FILE} holds no round results yet: wait for the first round to finish."
         )
     sites = [_site_summary(run, site) for site in run.sites]
+    own_models = _sites_keep_weights(run_dir)
     return RunSummary(
         name=_run_name(run_dir),
         rounds_done=len(run.round_records),
@@ -447,9 +451,30 @@ def _summarize(run_dir: Path, run: RunMetrics) -> RunSummary:
         wall_time_s=float(sum(_round_wall_time(run, r) or 0.0 for r in run.rounds)),
         bytes_sent=sum(_round_bytes(run, r, "bytes_sent") for r in run.rounds),
         bytes_received=sum(_round_bytes(run, r, "bytes_received") for r in run.rounds),
-        pooled_row=_phase_summary(run, "evaluate_pooled", "pooled"),
+        pooled_row=_phase_summary(run, "evaluate_pooled", POOLED_OWN_MODELS if own_models else "pooled"),
         held_out_row=_phase_summary(run, "held_out", "held-out mean"),
+        own_models=own_models,
     )
+
+
+#: The pooled row's name when the sites evaluate with weights of their own.
+POOLED_OWN_MODELS = "pooled (own models)"
+
+
+def _sites_keep_weights(run_dir: Path) -> str | None:
+    """The run's strategy name when its sites keep weights of their own between rounds, else None."""
+    try:
+        import yaml
+
+        name = ((yaml.safe_load(_read_config(run_dir) or "") or {}).get("strategy") or {}).get("name")
+        if not isinstance(name, str):
+            return None
+        from medfed.strategies import ClientHooks, client_hooks_for
+
+        hooks = client_hooks_for(name)
+    except Exception:  # a broken config.yaml or an unknown plug-in must not stop the report
+        return None
+    return name if hooks.local_state is not ClientHooks.local_state else None
 
 
 def _phase_summary(run: RunMetrics, phase: str, name: str) -> SiteSummary | None:
@@ -613,7 +638,11 @@ def _metric_cells(row: SiteSummary) -> list[str]:
 
 def _coverage_notes(summary: RunSummary) -> list[str]:
     """One note per federation row whose mean leaves sites out: "* mean of sites: AUC over 1 of 4 sites, ..."."""
-    return [f"* {row.name}: {_coverage_text(row)}" for row in summary.federation_rows() if row.coverage]
+    notes = [f"* {row.name}: {_coverage_text(row)}" for row in summary.federation_rows() if row.coverage]
+    if summary.own_models and summary.pooled_row is not None:
+        notes.append(f"{POOLED_OWN_MODELS}: each site's test images scored by that site's own model "
+                     f"({summary.own_models} keeps weights at the sites); no one model scores them all")
+    return notes
 
 
 def _rounds_text(summary: RunSummary) -> str:

@@ -189,6 +189,20 @@ def test_pooled_is_the_headline_and_a_partial_mean_of_sites_says_its_coverage(tm
     assert "* mean of sites: AUC over 1 of 4 sites, 10 of 156 examples; the other sites' value is undefined" in html
 
 
+@pytest.mark.parametrize(("strategy", "own_models"), [("local", True), ("fedbn", True), ("fedavg", False)])
+def test_pooled_says_when_it_pools_the_sites_own_models(tmp_path: Path, strategy: str, own_models: bool) -> None:
+    # Local-only and FedBN sites evaluate with weights of their own: their pooled scores
+    # come from several models, so no single model has the pooled AUC.
+    run_dir = _write_run(tmp_path / strategy, _label_skew_records(), config=f"name: x\nstrategy: {{name: {strategy}}}\n")
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    summary = summarize(run_dir)
+    print_summary(run_dir, console=console)
+    text = console.file.getvalue()
+    assert summary.pooled_row.name == ("pooled (own models)" if own_models else "pooled")
+    note = f"pooled (own models): each site's test images scored by that site's own model ({strategy} keeps weights"
+    assert (note in " ".join(text.split())) is own_models
+
+
 def _legends(figure) -> list[list[str]]:
     return [[t.get_text() for t in axes.get_legend().get_texts()] for axes in figure.axes if axes.get_legend()]
 
