@@ -213,8 +213,15 @@ def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, 
     path = Path(data_path).expanduser()
     from medfed.data import medmnist_filename
 
-    if (path / medmnist_filename(flag, img_size)).is_file():
+    wanted = medmnist_filename(flag, img_size)
+    if (path / wanted).is_file():
         splits = load_dataset_once(flag, str(path), img_size)
+    elif others := sorted(p.name for p in path.glob("*mnist*.npz")):
+        # MedMNIST files, but not this study's: say so, not "no labels.csv".
+        raise SiteDataError(
+            f"The site data at {path} holds {', '.join(others)} but this study needs {wanted} (data.dataset {flag}, "
+            f"data.img_size {img_size}); give the folder that holds {wanted}."
+        )
     else:
         from medfed.data import dataset_info, load_site_folder
 

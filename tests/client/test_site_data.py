@@ -84,6 +84,18 @@ def test_bad_node_configs_raise_one_line_errors(tiny_root, tiny_config, tmp_path
     assert "\n" not in str(info.value)
 
 
+def test_another_datasets_file_is_named_not_taken_for_a_site_folder(tiny_root, tiny_config, tmp_path):
+    # A hospital gave the folder of another MedMNIST file: the error said the folder held
+    # neither labels.csv nor train/ val/ test/.
+    cfg = tiny_config(tiny_root, tmp_path)
+    other = tmp_path / "pneu"
+    other.mkdir()
+    (other / "pneumoniamnist.npz").write_bytes((tiny_root / "breastmnist.npz").read_bytes())
+    with pytest.raises(SiteDataError, match=r"holds pneumoniamnist.npz but this study needs breastmnist.npz "
+                                            r"\(data.dataset breastmnist, data.img_size 28\)"):
+        load_site_data({"data-path": str(other), "site-name": "hospital-a"}, 7, cfg)
+
+
 def _write_site_folder(root: Path, size: int, channels: int) -> Path:
     """A site folder (single labels.csv with a split column) of 4 train + 2 test PNGs."""
     root.mkdir(parents=True)
