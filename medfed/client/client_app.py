@@ -46,7 +46,7 @@ import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 import torch
@@ -98,6 +98,8 @@ def _errors_stay_at_the_site(handler: Callable[[Message, Context], Message]) -> 
     return guarded
 
 _EVAL_BATCH = 256
+#: Sites already warned, in this process, that they train on less than one batch.
+_WARNED_SMALL: set[str] = set()
 
 
 @app.train()
@@ -111,6 +113,11 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"])
     settings = _train_settings(config, cfg)
+    if len(site.train) < settings.batch_size and site.name not in _WARNED_SMALL:
+        _WARNED_SMALL.add(site.name)
+        log(WARNING, "[%s] trains on %d image(s), fewer than one batch (%d): its updates and metrics are mostly "
+            "noise (a small federation.dirichlet_alpha, or a quantity skew, can leave a site this small).",
+            site.name, len(site.train), settings.batch_size)
     hooks = client_hooks_for(cfg.strategy.name)(config)
     kept = load_site_state(context, site.name, latest_round=server_round - 1)
     model = _model(cfg, site, hooks, msg, kept, device)

@@ -316,8 +316,8 @@ def _ray_started(cfg: ExperimentConfig) -> Iterator[None]:
         try:
             with warnings.catch_warnings():
                 # Ray's tip that it may one day stop hiding GPUs from sites with num_gpus=0
-                # is addressed to Ray's developers; sites here rely on today's behaviour
-                # (gpus_per_site: 0 trains on the CPU), and the tip printed in every run.
+                # is addressed to Ray's developers: the ClientApp itself keeps a site with
+                # gpus_per_site 0 on the CPU, and the tip printed in every run.
                 warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
                 # logging_level and log_to_driver: Flower's defaults (ray's INFO lines are noise here).
                 ray.init(address=cfg.simulation.ray_address, include_dashboard=False, logging_level="WARNING",

@@ -87,6 +87,21 @@ def test_training_changes_the_weights_and_repeats_exactly(grid, global_arrays):
     assert all(np.array_equal(first[k].numpy(), again[k].numpy()) for k in global_arrays)
 
 
+def test_a_site_with_less_than_one_batch_says_so_once(grid, global_arrays, caplog):
+    # A small Dirichlet alpha can leave a site a single image; its updates are noise.
+    import logging
+
+    from medfed.client import client_app as module
+
+    module._WARNED_SMALL.discard("site-0")
+    for _ in range(2):
+        _exchange(grid, _message(global_arrays, MessageType.TRAIN, node_id=2, **{"batch-size": 16}))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["[site-0] trains on 8 image(s), fewer than one batch (16): its updates and metrics are "
+                        "mostly noise (a small federation.dirichlet_alpha, or a quantity skew, can leave a site "
+                        "this small)."]
+
+
 def test_proximal_term_keeps_weights_closer_to_the_global_model(tiny_root, tiny_config, tmp_path, global_arrays):
     # Prepare: 4 steps (the proximal gradient is zero at the first step, where w = w_global);
     # a FedProx experiment, so the site applies FedProx's client hooks.
