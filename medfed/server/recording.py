@@ -179,9 +179,9 @@ class RoundRecorder:
         for reply in replies:
             node_id = replying_node(reply, addressees)
             if reply.has_error():
-                log(WARNING, "Round %d %s: node %d replied with an error: %s",
-                    self.server_round, phase, node_id, reply.error.reason)
-                self.record_dropout(phase, node_id, f"error reply: {reply.error.reason}")
+                reason = error_text(reply.error.reason)
+                log(WARNING, "Round %d %s: node %d replied with an error: %s", self.server_round, phase, node_id, reason)
+                self.record_dropout(phase, node_id, f"error reply: {reason}")
                 continue
             self.node_names[node_id] = site_name(reply)
             received = payload_bytes(reply.content)
@@ -332,6 +332,15 @@ def _matrix(flat: list[int], num_classes: int) -> list:
     if len(flat) == 4 * num_classes:
         return [[flat[4 * i:4 * i + 2], flat[4 * i + 2:4 * i + 4]] for i in range(num_classes)]
     return flat
+
+
+_FLOWER_EXCEPTION = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", re.DOTALL)
+
+
+def error_text(reason: str) -> str:
+    """A site's error as people read it: Flower's ``<class 'pkg.SiteFailure'>:<'text'>`` -> ``SiteFailure: text``."""
+    match = _FLOWER_EXCEPTION.fullmatch(reason.strip())
+    return f"{match.group(1)}: {match.group(2)}" if match else reason
 
 
 class RecordingGrid(DelegatingGrid):

@@ -136,3 +136,12 @@ def test_an_error_reply_made_by_the_superlink_is_charged_to_the_unreachable_site
     # Assert
     assert lines == [{"event": "dropout", "round": 0, "phase": "train", "site": "beta",
                       "reason": "error reply: Node Unavailable"}]
+
+
+def test_a_sites_exception_is_recorded_as_people_read_it():
+    # Flower writes a ClientApp's exception as <class 'module.Name'>:<'text'>.
+    from medfed.server.recording import error_text
+
+    reason = "<class 'medfed.client.client_app.SiteFailure'>:<'SiteDataError at the site; the site\\'s log has it'>"
+    assert error_text(reason) == "SiteFailure: SiteDataError at the site; the site\\'s log has it"
+    assert error_text("Node Unavailable") == "Node Unavailable"
