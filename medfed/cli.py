@@ -7,6 +7,7 @@ known input errors end in one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -377,7 +378,8 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
         return resume_hint(run_dir)
     if args.command == "server":
-        return f"medfed: interrupted; continue with {_server_resume_command(args)}"
+        return (f"medfed: interrupted; continue with {_server_resume_command(args)} "
+                f"(medfed report {shlex.quote(str(run_dir))} reports the rounds done)")
     return "medfed: interrupted"
 
 

@@ -70,7 +70,7 @@ def test_an_interrupted_server_prints_the_whole_command_that_resumes_it(tmp_path
     assert code == 130
     assert capsys.readouterr().err.strip() == (
         f"medfed: interrupted; continue with medfed server --resume --run-dir '{run_dir}' --certs {certs} "
-        "--address 0.0.0.0:9999 --join-timeout 1234567.5"
+        f"--address 0.0.0.0:9999 --join-timeout 1234567.5 (medfed report '{run_dir}' reports the rounds done)"
     )
 
 

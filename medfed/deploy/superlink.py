@@ -506,7 +506,8 @@ def _check_finished(run_dir: Path, home: Path, resume: str) -> None:
     else:
         reason = f"the ServerApp failed: {_server_app_error(home / SUPERLINK_LOG)}"
     raise DeployError(
-        f"The run did not finish: {reason}. Resume it with: {resume} (log: {home / SUPERLINK_LOG})."
+        f"The run did not finish: {reason}. Resume it with: {resume} (log: {home / SUPERLINK_LOG}; "
+        f"medfed report {shlex.quote(str(run_dir))} reports the rounds done)."
     )
 
 

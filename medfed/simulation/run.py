@@ -58,6 +58,7 @@ import shutil
 import inspect
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -228,7 +229,9 @@ INTERRUPT_GRACE_S = 5.0
 
 def resume_hint(run_dir: str | Path) -> str:
     """What ``medfed simulate`` prints when a signal stops it."""
-    return f"medfed: interrupted; continue with medfed simulate --resume {run_dir}"
+    quoted = shlex.quote(str(run_dir))
+    return (f"medfed: interrupted; continue with medfed simulate --resume {quoted} "
+            f"(medfed report {quoted} reports the rounds done)")
 
 
 @contextmanager
