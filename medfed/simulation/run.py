@@ -376,7 +376,13 @@ def _preflight(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"Config key 'model.name' must be one of {', '.join(list_models())}. Got {cfg.model.name!r} instead."
         )
-    build_strategy(cfg)
+    strategy = build_strategy(cfg)
+    if cfg.model.init_from is not None:
+        # Built once here, as the ServerApp will: weights that do not fit the model, or
+        # FairLoRA targets that match no layer, fail now, not after the run folder exists.
+        from medfed.server.server_app import initial_model_arrays
+
+        initial_model_arrays(cfg, strategy)
     from medfed.sites.profiles import plan_for
 
     plan_for(cfg)  # class mixes and colour corruptions fit the dataset

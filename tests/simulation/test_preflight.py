@@ -65,3 +65,28 @@ def test_a_ray_temporary_folder_too_deep_for_its_sockets_is_one_line(tiny_root, 
     assert f"Ray cannot start: its socket path {deep}/ray/" in err
     assert "set RAY_TMPDIR to a short folder (RAY_TMPDIR=/tmp), or use simulation.engine: inprocess" in err
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["strategy.name=fairlora", "strategy.params.targets=[nomatch*]"], "strategy.params.targets"),
+    (["model.name=medvit_v2_tiny"], "do not fit"),  # nano weights for a tiny model
+])
+def test_initial_weights_that_cannot_be_built_stop_before_the_run_folder(tiny_root, tmp_path, capsys, overrides,
+                                                                         message):
+    # Prepare: pretrained nano weights (model.init_from).
+    import torch
+
+    from medfed.models import create_model
+    from medfed.server.checkpoint import save_arrays
+
+    torch.manual_seed(0)
+    model = create_model("medvit_v2_nano", num_classes=2, in_chans=1, img_size=28)
+    save_arrays(tmp_path / "base.safetensors", {k: v.detach().numpy().copy() for k, v in model.state_dict().items()})
+    settings = [f"output_dir={tmp_path / 'runs'}", "name=bad", f"data.root={tiny_root}",
+                f"model.init_from={tmp_path / 'base.safetensors'}", "simulation.engine=inprocess", *overrides]
+    # Execute
+    code = main(["simulate"] + [a for s in settings for a in ("--set", s)])
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "runs" / "bad").exists()
