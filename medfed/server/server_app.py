@@ -108,7 +108,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         random.seed(cfg.seed)  # Flower samples nodes with Python's global RNG
         np.random.seed(cfg.seed)
         arrays = _to_record(reference)
-    sites = _discover_sites(grid, cfg)
+    sites = _discover_sites(grid, cfg, deployed=_is_deployed(grid))
     held_out_nodes = {node_id: role.name for node_id, role in sites.items() if role.held_out}
     log.write({"event": "start", "time": _now(), "resumed_from_round": start.completed_rounds,
                "num_rounds": cfg.rounds, **_site_facts(cfg, held_out_nodes)})
@@ -159,14 +159,16 @@ def read_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, Path,
     return cfg, run_dir, resume
 
 
-def _discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, SiteRole]:
-    """Node id -> who it is, asked only when it matters: held-out sites, or a round that samples."""
+def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool) -> dict[int, SiteRole]:
+    """Node id -> who it is, asked only when it matters: held-out sites, or a simulated round
+    that samples (for the same draw on both engines; real sites come and go, and a server
+    that started with a quorum would wait here for the absent ones)."""
     from medfed.server.held_out import discover_sites
     from medfed.sites.profiles import num_held_out, num_nodes
 
     federation = cfg.federation
     samples = federation.fraction_train < 1 or 0 < federation.fraction_evaluate < 1
-    if num_held_out(federation) == 0 and not samples:
+    if num_held_out(federation) == 0 and (deployed or not samples):
         return {}
     return discover_sites(grid, num_nodes(federation))
 
