@@ -56,8 +56,10 @@ class Launcher:
             "OMP_NUM_THREADS": "1",
         }
         with open(self.log(name), "ab") as out:
+            # cwd: a site's default state folder (./medfed-state) and the like stay out of the repository.
             proc = subprocess.Popen([sys.executable, "-m", "medfed.cli", *args], env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    cwd=self.folder)
         self.procs[name] = proc
         return proc
 
