@@ -463,16 +463,14 @@ POOLED_OWN_MODELS = "pooled (own models)"
 
 def _sites_keep_weights(run_dir: Path) -> str | None:
     """The run's strategy name when its sites keep weights of their own between rounds, else None."""
+    name = _config_value(run_dir, "strategy", "name")
+    if not isinstance(name, str):
+        return None
     try:
-        import yaml
-
-        name = ((yaml.safe_load(_read_config(run_dir) or "") or {}).get("strategy") or {}).get("name")
-        if not isinstance(name, str):
-            return None
         from medfed.strategies import ClientHooks, client_hooks_for
 
         hooks = client_hooks_for(name)
-    except Exception:  # a broken config.yaml or an unknown plug-in must not stop the report
+    except Exception:  # an unknown plug-in must not stop the report
         return None
     return name if hooks.local_state is not ClientHooks.local_state else None
 
@@ -594,29 +592,28 @@ def _class_names(run_dir: Path) -> list[str] | None:
     """The class names of the run's MedMNIST dataset (config ``data.dataset``), or None when unknown."""
     from medfed._medmnist_info import INFO_2D  # medfed's copy of medmnist.INFO: no torch, no medmnist
 
-    config = _read_config(run_dir)
-    try:
-        import yaml
-
-        flag = ((yaml.safe_load(config or "") or {}).get("data") or {}).get("dataset")
-    except Exception:  # a broken config.yaml must not stop the report; classes are then numbered
-        return None
+    flag = _config_value(run_dir, "data", "dataset")
     labels = INFO_2D[flag]["label"] if isinstance(flag, str) and flag in INFO_2D else None
     return [labels[str(index)] for index in range(len(labels))] if labels else None
 
 
 def _run_name(run_dir: Path) -> str:
-    config = _read_config(run_dir)
-    if config is not None:
-        try:
-            import yaml
+    name = _config_value(run_dir, "name")
+    return name if isinstance(name, str) and name else run_dir.resolve().name
 
-            name = (yaml.safe_load(config) or {}).get("name")
-        except Exception:  # a broken config.yaml must not stop the report; fall back below
-            name = None
-        if isinstance(name, str) and name:
-            return name
-    return run_dir.resolve().name
+
+def _config_value(run_dir: Path, *keys: str) -> Any:
+    """``config.yaml``'s value at ``keys`` (None when absent): a missing or broken config.yaml
+    must not stop the report, whose figures then fall back (numbered classes, the folder's name)."""
+    try:
+        import yaml
+
+        value = yaml.safe_load(_read_config(run_dir) or "")
+    except Exception:
+        return None
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _read_config(run_dir: Path) -> str | None:
