@@ -30,7 +30,6 @@ carry little about the images, and a rank-4 correction cannot make up for it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from logging import WARNING
 from typing import Any
@@ -49,7 +48,7 @@ from medfed.models.pretrained import PretrainedError, load_pretrained
 from ._groups import read_group_counts
 from .base import MedfedStrategy
 from .hooks import ClientHooks, ModelSpec
-from .registry import StrategyError, register_strategy
+from .registry import StrategyError, check_number, register_strategy
 
 __all__ = ["FairLoRA", "FairLoRAHooks", "fairlora_aggregate"]
 
@@ -221,21 +220,17 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
         num_rounds: int = 1,
         **kwargs: Any,
     ) -> None:
-        for name, value, kind, in_range, what in (
-            ("num_groups", num_groups, int, lambda x: x >= 1, "an int >= 1"),
-            ("rank", rank, int, lambda x: x >= 1, "an int >= 1"),
-            ("alpha", alpha, float, lambda x: x > 0, "a finite float > 0"),
-            ("own_group_weight", own_group_weight, float, lambda x: 0 < x <= 1, "a float in (0, 1]"),
-            ("ema_beta_max", ema_beta_max, float, lambda x: 0 <= x < 1, "a float in [0, 1)"),
-            ("num_rounds", num_rounds, int, lambda x: x >= 1, "an int >= 1"),
+        # 1e400 in YAML is inf: alpha = inf made every adapter output inf or NaN.
+        for name, value, integer, in_range, what in (
+            ("num_groups", num_groups, True, lambda x: x >= 1, "an int >= 1"),
+            ("rank", rank, True, lambda x: x >= 1, "an int >= 1"),
+            ("alpha", alpha, False, lambda x: x > 0, "a finite float > 0"),
+            ("own_group_weight", own_group_weight, False, lambda x: 0 < x <= 1, "a float in (0, 1]"),
+            ("ema_beta_max", ema_beta_max, False, lambda x: 0 <= x < 1, "a float in [0, 1)"),
+            ("num_rounds", num_rounds, True, lambda x: x >= 1, "an int >= 1"),
         ):
-            # 1e400 in YAML is inf: alpha = inf made every adapter output inf or NaN.
-            number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
-            if not (number and math.isfinite(value) and in_range(value)):
-                key = "rounds" if name == "num_rounds" else f"strategy.params.{name}"
-                raise StrategyError(
-                    f"The {name!r} parameter of strategy 'fairlora' ({key}) must be {what}. Got {value!r} instead."
-                )
+            check_number("fairlora", name, value, in_range, what, integer=integer,
+                         key="rounds" if name == "num_rounds" else None)
         if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
             raise StrategyError(
                 "The 'targets' parameter of strategy 'fairlora' (strategy.params.targets) must be a list of str "

@@ -17,7 +17,6 @@ counts.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from .base import MedfedStrategy
 from .hooks import ClientHooks, ExtraLoss
-from .registry import StrategyError, register_strategy
+from .registry import check_number, register_strategy
 
 __all__ = ["FedLD", "FedLDHooks", "margin_loss", "principal_gradient_aggregate"]
 
@@ -173,17 +172,9 @@ class FedLD(MedfedStrategy, flwr_strategy.FedAvg):
     client_hooks = FedLDHooks
 
     def __init__(self, *, margin_lambda: float = 0.03, k_proportion: float = 0.8, **kwargs: Any) -> None:
-        for name, value, in_range, what in (
-            ("margin_lambda", margin_lambda, lambda x: x >= 0, "a finite float >= 0"),
-            ("k_proportion", k_proportion, lambda x: 0 < x <= 1, "a float in (0, 1]"),
-        ):
-            # 1e400 in YAML is inf: the margin term would make every loss inf.
-            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not (finite and in_range(value)):
-                raise StrategyError(
-                    f"The {name!r} parameter of strategy 'fedld' (strategy.params.{name}) must be {what}. "
-                    f"Got {value!r} instead."
-                )
+        # 1e400 in YAML is inf: the margin term would make every loss inf.
+        check_number("fedld", "margin_lambda", margin_lambda, lambda x: x >= 0, "a finite float >= 0")
+        check_number("fedld", "k_proportion", k_proportion, lambda x: 0 < x <= 1, "a float in (0, 1]")
         super().__init__(**kwargs)
         self.margin_lambda = margin_lambda
         self.k_proportion = k_proportion

@@ -21,7 +21,7 @@ from torch import nn
 
 from .base import MedfedStrategy
 from .hooks import ClientHooks, ExtraLoss
-from .registry import StrategyError, register_strategy
+from .registry import check_number, register_strategy
 
 __all__ = ["FedProx", "ProximalHooks", "proximal_term"]
 
@@ -89,9 +89,5 @@ class FedProx(MedfedStrategy, flwr_strategy.FedProx):
     @functools.wraps(flwr_strategy.FedProx.__init__)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        mu = self.proximal_mu
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (math.isfinite(mu) and mu >= 0):
-            raise StrategyError(
-                "The 'proximal_mu' parameter of strategy 'fedprox' (strategy.params.proximal_mu) must be "
-                f"a finite float >= 0 (0 is plain FedAvg). Got {mu!r} instead."
-            )
+        check_number("fedprox", "proximal_mu", self.proximal_mu, lambda x: x >= 0,
+                     "a finite float >= 0 (0 is plain FedAvg)")

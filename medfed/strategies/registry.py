@@ -52,6 +52,21 @@ class StrategyError(MedfedError):
     """A strategy name, import path or parameter is wrong."""
 
 
+def check_number(strategy: str, name: str, value: Any, in_range: Callable[[float], bool], what: str, *,
+                 integer: bool = False, key: str | None = None) -> None:
+    """Refuse a strategy parameter that is not a finite number (an int if ``integer``) with ``in_range(value)``.
+
+    1e400 in YAML is inf, which Flower and the strategies would take; ``key`` is the
+    config key named in the message (default ``strategy.params.<name>``).
+    """
+    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and in_range(value)):
+        raise StrategyError(
+            f"The {name!r} parameter of strategy {strategy!r} ({key or f'strategy.params.{name}'}) must be {what}. "
+            f"Got {value!r} instead."
+        )
+
+
 def register_strategy(name: str) -> Callable[[_F], _F]:
     """Register a strategy class (or a function returning a strategy) under ``name``.
 
