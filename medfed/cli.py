@@ -42,10 +42,12 @@ def _number(ok: callable, what: str) -> callable:
 
 
 def _seed(text: str) -> int:
-    """An argparse type for seeds: ints from 0 to 2**32 - 1, the range NumPy's seeding takes."""
+    """An argparse type for seeds: ints from 0 to ``MAX_SEED``, as the experiment config takes."""
+    from medfed.config import MAX_SEED
+
     value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be an int from 0 to {2**32 - 1}, got {text}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an int from 0 to {MAX_SEED}, got {text}")
     return value
 
 

@@ -62,6 +62,10 @@ __all__ = [
 RUN_CONFIG_SOURCE = "run_config"
 
 
+#: The largest seed: numpy's legacy seeding (np.random.seed, RandomState) takes at most 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+
 class ConfigError(MedfedError):
     """An experiment config key is unknown, malformed or out of range.
 
@@ -634,8 +638,7 @@ class ExperimentConfig(_Validated):
     """
 
     name: str = _leaf(_RUN_NAME, "breastmnist-fedavg")
-    # numpy's legacy seeding (np.random.seed, RandomState) takes at most 2**32 - 1.
-    seed: int = _leaf(_Int(0, 2**32 - 1), 0)
+    seed: int = _leaf(_Int(0, MAX_SEED), 0)
     output_dir: str = _leaf(_Str(), "runs")
     rounds: int = _leaf(_Int(1), 20)
     data: DataConfig = _section(DataConfig)
