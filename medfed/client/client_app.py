@@ -31,13 +31,16 @@ whatever groups it holds: ``acc-group-<g>``/``auc-group-<g>`` (NaN when the site
 none of group ``g``) and ``num-examples-group-<g>`` (its count); evaluate replies add
 ``confusion-group-<g>`` and ``score-hist-group-<g>``, which the server sums.
 
-A held-out site (:attr:`SiteData.held_out`) refuses to train; it answers the
-server's ``query`` (name, held out) so the server can leave it out of training.
+Every site answers the server's ``query`` (name, held out) without loading its images,
+so that the server can leave held-out sites out of training; a deployed server also asks
+whether the site's data fits the study (:func:`describe_site`), which only the run's
+config tells, and leaves out a site whose data does not.
 
 Errors: Flower sends an exception's text to the server as the error reply's reason, and
 a site's errors name its files and folders. Each handler therefore logs the error in full
 at the site and replies with its type only (:class:`SiteFailure`), unless it is a
-:class:`SiteRefusal`, whose text is written to be shared.
+:class:`SiteRefusal`, whose text is written to be shared, or a
+:class:`~medfed.client.site_data.StudyMismatchError`, whose ``reason`` names no file.
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from medfed.client.site_data import PARTITION_ID_KEY, SiteData, derive_seed, load_site_data, site_role
+from medfed.client.site_data import (
+    PARTITION_ID_KEY, SiteData, StudyMismatchError, derive_seed, load_site_data, site_role,
+)
 from medfed.client.site_state import load_site_state, save_site_state
 from medfed.client.task import (
     TrainSettings, evaluate, image_batches, make_loader, make_loss, make_optimizer, prediction_metrics, prepare_model,
@@ -90,6 +95,9 @@ def _errors_stay_at_the_site(handler: Callable[[Message, Context], Message]) -> 
             return handler(msg, context)
         except SiteRefusal:
             raise
+        except StudyMismatchError as error:
+            log(ERROR, "[medfed] %s refused at this site: %s", handler.__name__, error)
+            raise SiteRefusal(f"the site's data does not fit the study: {error.reason}") from None
         except Exception as error:
             log(ERROR, "[medfed] %s failed at this site: %s: %s", handler.__name__, type(error).__name__, error,
                 exc_info=True)
@@ -179,10 +187,28 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 @app.query()
 @_errors_stay_at_the_site
 def describe_site(msg: Message, context: Context) -> Message:
-    """Say who this site is (name, held out), without loading its images."""
+    """Say who this site is (name, held out); asked ``"site-check"``, also whether its data
+    fits the study (``problem``: what does not, in words that name no file; ``""`` when it fits)."""
     cfg = from_run_config(context.run_config, strict=False)
     name, held_out = site_role(context.node_config, context.node_id, cfg)
-    return Message(content=RecordDict({"site": ConfigRecord({"name": name, "held-out": held_out})}), reply_to=msg)
+    site = ConfigRecord({"name": name, "held-out": held_out})
+    if msg.content["config"].get("question") == "site-check":
+        site["problem"] = _data_problem(context, cfg, name)
+    return Message(content=RecordDict({"site": site}), reply_to=msg)
+
+
+def _data_problem(context: Context, cfg: ExperimentConfig, name: str) -> str:
+    """What keeps this site's data out of the study, as the server may read it; ``""`` if nothing."""
+    try:
+        load_site_data(context.node_config, context.node_id, cfg)
+    except StudyMismatchError as error:
+        log(ERROR, "[%s] this site's data does not fit the study; the server leaves it out: %s", name, error)
+        return f"the site's data does not fit the study: {error.reason}"
+    except Exception as error:  # noqa: BLE001 - its text may name files: only the type leaves the site
+        log(ERROR, "[%s] this site's data cannot be read; the server leaves it out: %s: %s",
+            name, type(error).__name__, error)
+        return f"{type(error).__name__} reading the site's data; the site's log has the details"
+    return ""
 
 
 def _setup(context: Context) -> tuple[ExperimentConfig, SiteData, torch.device]:

@@ -34,7 +34,7 @@ from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medm
 from medfed.config import FederationConfig
 from medfed.sites.profiles import build_site, num_nodes, plan_federation
 
-__all__ = ["SiteData", "SiteDataError", "derive_seed", "load_dataset_once", "load_site_data", "site_identity", "site_role"]
+__all__ = ["SiteData", "SiteDataError", "StudyMismatchError", "derive_seed", "load_dataset_once", "load_site_data", "site_identity", "site_role"]
 
 # derive_seed and medfed.sites.profiles.site_seed must stay the same function: plain
 # federations split exactly as before the sites package existed.
@@ -48,6 +48,32 @@ SITE_NAME_KEY = "site-name"
 
 class SiteDataError(MedfedError):
     """The node config does not say where this site's data is, or says it inconsistently."""
+
+
+class StudyMismatchError(SiteDataError):
+    """The site's data is readable but does not fit the study: another dataset, image size,
+    channel count, or labels outside the study's classes.
+
+    Only the run's config tells (``medfed client`` checks the folder before it knows the
+    study), so this is found when the server asks (:func:`medfed.server.held_out.check_sites`).
+
+    Attributes
+    ----------
+    reason : str
+        What does not fit, naming no file or folder: the server and its coordinator are
+        told this much, so they can tell the site what to fix.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # noqa: ANN204 - keyword-only arguments need their own pickling
+        return _study_mismatch_error, (str(self), self.reason)
+
+
+def _study_mismatch_error(message: str, reason: str) -> StudyMismatchError:
+    return StudyMismatchError(message, reason=reason)
 
 
 @dataclass(frozen=True)
@@ -218,15 +244,25 @@ def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, 
         splits = load_dataset_once(flag, str(path), img_size)
     elif others := sorted(p.name for p in path.glob("*mnist*.npz")):
         # MedMNIST files, but not this study's: say so, not "no labels.csv".
-        raise SiteDataError(
-            f"The site data at {path} holds {', '.join(others)} but this study needs {wanted} (data.dataset {flag}, "
-            f"data.img_size {img_size}); give the folder that holds {wanted}."
+        study = f"this study needs {wanted} (data.dataset {flag}, data.img_size {img_size})"
+        raise StudyMismatchError(
+            f"The site data at {path} holds {', '.join(others)} but {study}; give the folder that holds {wanted}.",
+            reason=f"the site holds {', '.join(others)} but {study}",
         )
     else:
         from medfed.data import dataset_info, load_site_folder
+        from medfed.data.errors import LabelRangeError
 
         info = dataset_info(flag)
-        splits = load_site_folder(path, task=info.task, num_classes=info.num_classes, flag=flag)
+        try:
+            splits = load_site_folder(path, task=info.task, num_classes=info.num_classes, flag=flag)
+        except LabelRangeError as error:
+            raise StudyMismatchError(
+                f"{error} The study's dataset {flag} has {info.num_classes} classes; relabel the site's images "
+                f"with {flag}'s classes.",
+                reason=f"the site's images have {error.detail} but the study's dataset {flag} has "
+                       f"{info.num_classes} classes (labels 0 to {info.num_classes - 1})",
+            ) from None
         # The .npz file is checked against flag and size when read; a site folder takes
         # both from its images, so compare them with what the model is built for.
         _check_site_folder_images(path, splits, flag, info.in_chans, img_size)
@@ -250,12 +286,13 @@ def _check_site_folder_images(
         _, height, width, channels = dataset.images.shape
         if channels != in_chans:
             kind = "grayscale" if in_chans == 1 else "RGB"
-            raise SiteDataError(
-                f"The site folder {path} holds {channels}-channel images but the experiment's dataset {flag} has "
-                f"{in_chans} channel{'s' if in_chans > 1 else ''}; save the images as {kind}."
+            found = f"{channels}-channel images but the study's dataset {flag} has {in_chans} channel{'s' if in_chans > 1 else ''}"
+            raise StudyMismatchError(
+                f"The site folder {path} holds {found}; save the images as {kind}.", reason=f"the site holds {found}",
             )
         if (height, width) != (img_size, img_size):
-            raise SiteDataError(
-                f"The site folder {path} holds {width}x{height} px images (width x height) but the experiment's "
-                f"data.img_size is {img_size}; resize the images to {img_size}x{img_size}."
+            found = f"{width}x{height} px images (width x height) but the study's data.img_size is {img_size}"
+            raise StudyMismatchError(
+                f"The site folder {path} holds {found}; resize the images to {img_size}x{img_size}.",
+                reason=f"the site holds {found}",
             )

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .dataset import UNKNOWN_GROUP, ImageDataset
-from .errors import DatasetNotFoundError, DatasetValidationError
+from .errors import DatasetNotFoundError, DatasetValidationError, LabelRangeError
 from .info import BINARY_CLASS, DatasetInfo, normalize_task
 
 __all__ = ["load_site_folder", "LABELS_CSV"]
@@ -262,10 +262,11 @@ def _resolve_num_classes(rows: list[_Row], task: str, num_classes: int | None, r
         expected = num_classes if num_classes is not None else len(rows[0].label)
         for row in rows:
             if len(row.label) != expected:
-                raise DatasetValidationError(
+                raise LabelRangeError(
                     f"{row.where}: a multi-label label must have {expected} values "
                     f"({'num_classes' if num_classes is not None else 'as in ' + rows[0].where}). "
-                    f"Got {len(row.label)} instead."
+                    f"Got {len(row.label)} instead.",
+                    detail=f"multi-label labels of {len(row.label)} values", num_classes=expected,
                 )
         return expected
     if task == BINARY_CLASS and num_classes not in (None, 2):
@@ -274,9 +275,10 @@ def _resolve_num_classes(rows: list[_Row], task: str, num_classes: int | None, r
     if num_classes is None:
         num_classes = 2 if task == BINARY_CLASS else max(2, largest.label[0] + 1)
     if largest.label[0] >= num_classes:
-        raise DatasetValidationError(
+        raise LabelRangeError(
             f"{largest.where}: label {largest.label[0]} is unknown; site folder {root} has {num_classes} classes "
-            f"(labels 0 to {num_classes - 1})."
+            f"(labels 0 to {num_classes - 1}).",
+            detail=f"label {largest.label[0]}", num_classes=num_classes,
         )
     return num_classes
 

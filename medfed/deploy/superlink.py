@@ -337,6 +337,11 @@ def _progress_line(record: dict, rounds: int) -> str | None:
     if event == "dropout":
         return (f"medfed server: round {record['round']} {record['phase']}: site {record['site']} left out: "
                 f"{record['reason']}")
+    if event == "site_left_out":
+        return (f"medfed server: site {record['site']} left out of the run: {record['reason']} (it is asked again "
+                "before each round)")
+    if event == "site_admitted":
+        return f"medfed server: site {record['site']}'s data now fits the study; it takes part from this round"
     if event == "quorum_missed":
         return (f"medfed server: round {record['round']}: {record['sites']} site(s) {record['stage']}, quorum "
                 f"{record['needed']}: the global model is unchanged; retrying the round")

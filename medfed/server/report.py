@@ -286,8 +286,10 @@ class RunMetrics:
     starts: list[dict[str, Any]] = field(default_factory=list)
     ends: list[dict[str, Any]] = field(default_factory=list)
     #: ``"dropout"`` records (a site left out of a round: no reply, error, rejected update)
-    #: and ``"quorum_missed"`` records, in file order.
+    #: and ``"site_left_out"``/``"site_admitted"`` records (a deployed site whose data
+    #: does not fit the study, and its return), in file order.
     dropouts: list[dict[str, Any]] = field(default_factory=list)
+    #: ``"quorum_missed"`` records, in file order.
     quorum_misses: list[dict[str, Any]] = field(default_factory=list)
 
     def site_record(self, server_round: int, phase: str, site: str) -> dict[str, Any] | None:
@@ -327,7 +329,7 @@ def load_run_metrics(run_dir: str | Path) -> RunMetrics:
             run.round_records[int(record["round"])] = record
         elif event == "site":
             run.site_records[(int(record["round"]), str(record["phase"]), str(record["site"]))] = record
-        elif event == "dropout":
+        elif event in ("dropout", "site_left_out", "site_admitted"):
             run.dropouts.append(record)
         elif event == "quorum_missed":
             run.quorum_misses.append(record)
@@ -1062,14 +1064,23 @@ pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; }
 """
 
 
+def _left_out_row(record: dict[str, Any]) -> tuple[Any, ...]:
+    """(round, phase, site, reason) of a dropout, or of a site left out for its data."""
+    if record["event"] == "site_left_out":
+        return (f"{record.get('round', '')}–", "all", record.get("site", ""),
+                f"{record.get('reason', '')}; left out until its data fits")
+    if record["event"] == "site_admitted":
+        return (record.get("round", ""), "all", record.get("site", ""), "its data fits the study now; taken back")
+    return tuple(record.get(key, "") for key in ("round", "phase", "site", "reason"))
+
+
 def _dropouts_html(run: RunMetrics) -> list[str]:
     """A table of the sites left out of rounds, and of the rounds retried for lack of a quorum."""
     if not run.dropouts and not run.quorum_misses:
         return []
     escape = html.escape
     rows = [
-        "<tr>" + "".join(f"<td>{escape(str(record.get(key, '')))}</td>" for key in ("round", "phase", "site", "reason"))
-        + "</tr>"
+        "<tr>" + "".join(f"<td>{escape(str(value))}</td>" for value in _left_out_row(record)) + "</tr>"
         for record in run.dropouts
     ]
     rows += [

@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from medfed.errors import MedfedError
 from medfed.config import ExperimentConfig, config_to_dict, load_config, save_config
 from medfed.server.checkpoint import Checkpoint, load_checkpoint
+from medfed.server.held_out import NodeView, SiteRoster
 from medfed.server.delegating_strategy import DelegatingStrategy
 from medfed.server.recording import RoundRecorder
 
@@ -87,28 +88,34 @@ class RoundOffsetStrategy(DelegatingStrategy):
         Rounds completed before this ``start`` call (0 for a fresh run).
     recorder : RoundRecorder
         Receives round starts and aggregated metrics.
-    held_out_nodes : iterable of int
-        Nodes of held-out sites: never sampled for training, evaluated every round.
-    node_names : mapping of int to str
-        Site name of each node (:func:`medfed.server.held_out.discover_sites`): the strategy
-        samples from the nodes listed by name, with Python's ``random`` seeded from ``seed``,
-        the round and the phase, so the same sites are drawn on every engine and in every run.
+    roster : SiteRoster, optional
+        Who each node is (:class:`medfed.server.held_out.SiteRoster`). Held-out sites are
+        never sampled for training and are evaluated every round; sites whose data does not
+        fit the study are left out of both. The strategy samples from the nodes listed by
+        site name, with Python's ``random`` seeded from ``seed``, the round and the phase,
+        so the same sites are drawn on every engine and in every run.
     seed : int
         The experiment's seed.
     """
 
     def __init__(
-        self, strategy: Strategy, offset: int, recorder: RoundRecorder, held_out_nodes: Iterable[int] = (),
-        node_names: Mapping[int, str] | None = None, seed: int = 0,
+        self, strategy: Strategy, offset: int, recorder: RoundRecorder, roster: SiteRoster | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(strategy)
         self.offset = offset
         self.recorder = recorder
+        self.roster = roster if roster is not None else SiteRoster(grid=None)
+        self.seed = seed
+
+    @property
+    def held_out_nodes(self) -> frozenset[int]:
         # Held-out sites never train: the strategy samples from a grid without them,
         # and their evaluation replies stay out of the federation's aggregate.
-        self.held_out_nodes = frozenset(held_out_nodes)
-        self.node_names = dict(node_names or {})
-        self.seed = seed
+        return self.roster.held_out_nodes
+
+    def _view(self, grid: Grid) -> Grid:
+        return NodeView(grid, self.held_out_nodes | set(self.roster.left_out), self.roster.names)
 
     @contextmanager
     def _sampling(self, server_round: int, phase: str) -> Iterator[None]:
@@ -123,13 +130,11 @@ class RoundOffsetStrategy(DelegatingStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        from medfed.server.held_out import NodeView
-
         server_round += self.offset
         self.recorder.round_started(server_round)
+        self.roster.refresh()  # sites that joined since, or fixed their data
         with self._sampling(server_round, "train"):
-            view = NodeView(grid, self.held_out_nodes, self.node_names)
-            return list(self.strategy.configure_train(server_round, arrays, config, view))
+            return list(self.strategy.configure_train(server_round, arrays, config, self._view(grid)))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -141,12 +146,9 @@ class RoundOffsetStrategy(DelegatingStrategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        from medfed.server.held_out import NodeView
-
         server_round += self.offset
         with self._sampling(server_round, "evaluate"):
-            view = NodeView(grid, self.held_out_nodes, self.node_names)
-            messages = list(self.strategy.configure_evaluate(server_round, arrays, config, view))
+            messages = list(self.strategy.configure_evaluate(server_round, arrays, config, self._view(grid)))
         # The training sites are sampled (fraction_evaluate); the held-out sites, apart, are
         # evaluated in every round that evaluates at all.
         if messages and self.held_out_nodes:

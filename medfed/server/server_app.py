@@ -40,7 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 from medfed.config import ExperimentConfig, config_to_dict, from_run_config
 from medfed.data import dataset_info
 from medfed.server.checkpoint import save_arrays, save_checkpoint
-from medfed.server.held_out import SiteRole
+from medfed.server.held_out import SiteRole, SiteRoster
 from medfed.server.quorum import QuorumError, QuorumGuard, QuorumNotMet, apply_quorum
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.report import MetricsLog, build_report, print_summary
@@ -108,10 +108,26 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         random.seed(cfg.seed)  # Flower samples nodes with Python's global RNG
         np.random.seed(cfg.seed)
         arrays = _to_record(reference)
-    sites = _discover_sites(grid, cfg, deployed=_is_deployed(grid))
-    held_out_nodes = {node_id: role.name for node_id, role in sites.items() if role.held_out}
+    deployed = _is_deployed(grid)
+    roles = _discover_sites(grid, cfg, deployed=deployed)
+    held_out_names = [role.name for role in roles.values() if role.held_out and not role.problem]
     log.write({"event": "start", "time": _now(), "resumed_from_round": start.completed_rounds,
-               "num_rounds": cfg.rounds, **_site_facts(cfg, held_out_nodes)})
+               "num_rounds": cfg.rounds, **_site_facts(cfg, held_out_names)})
+
+    def site_changed(node_id: int, role: SiteRole) -> None:
+        recorder.node_names.setdefault(node_id, role.name)  # insecure sites have no name at the SuperLink
+        # From this round on (asked before it starts).
+        record = {"time": _now(), "round": max(recorder.server_round, start.completed_rounds + 1), "site": role.name}
+        if role.problem:
+            log.write({"event": "site_left_out", **record, "reason": role.problem})
+        else:
+            log.write({"event": "site_admitted", **record})
+
+    roster = SiteRoster(grid, roles, check_data=deployed, timeout_s=cfg.federation.round_timeout_s,
+                        on_change=site_changed)
+    for node_id, role in roles.items():
+        recorder.node_names.setdefault(node_id, role.name)
+    _check_enough_sites(cfg, roster)
 
     def end_of_round(local_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal arrays
@@ -129,13 +145,11 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
 
     remaining = cfg.rounds - start.completed_rounds
     if remaining > 0:
-        deployed = _is_deployed(grid)
         guarded = QuorumGuard(strategy, min_sites=cfg.federation.quorum, num_sites=cfg.federation.num_sites,
                               timeout_s=cfg.federation.round_timeout_s, wait_for_all_first=not deployed,
                               on_rejected=lambda node, why: recorder.record_dropout("train", node, f"update rejected: {why}"))
         poll = float(os.environ.get("MEDFED_REPLY_POLL_S", DEPLOYED_POLL_INTERVAL_S)) if deployed else None
-        RoundOffsetStrategy(guarded, start.completed_rounds, recorder, held_out_nodes,
-                            node_names={node_id: role.name for node_id, role in sites.items()}, seed=cfg.seed).start(
+        RoundOffsetStrategy(guarded, start.completed_rounds, recorder, roster, seed=cfg.seed).start(
             TransferGrid(RecordingGrid(grid, recorder, poll_interval_s=poll), cfg.federation.transfer_dtype), arrays,
             num_rounds=remaining, timeout=cfg.federation.round_timeout_s,
             train_config=train_config(cfg), evaluate_config=ConfigRecord(), evaluate_fn=end_of_round,
@@ -160,20 +174,40 @@ def read_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, Path,
 
 
 def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool) -> dict[int, SiteRole]:
-    """Node id -> who it is, asked only when it matters: held-out sites, or a simulated round
-    that samples (for the same draw on both engines; real sites come and go, and a server
-    that started with a quorum would wait here for the absent ones)."""
+    """Node id -> who it is, asked when it matters: held-out sites, a simulated round that
+    samples (for the same draw on both engines), and in deployment always, for whether each
+    site's data fits the study. Real sites come and go: a deployed server without held-out
+    sites asks those connected (``medfed server`` waited for the sites), not all of them, or
+    a server that started with a quorum would wait here for the absent ones."""
     from medfed.server.held_out import discover_sites
     from medfed.sites.profiles import num_held_out, num_nodes
 
     federation = cfg.federation
     samples = federation.fraction_train < 1 or 0 < federation.fraction_evaluate < 1
-    if num_held_out(federation) == 0 and (deployed or not samples):
+    if num_held_out(federation) == 0 and not deployed and not samples:
         return {}
-    return discover_sites(grid, num_nodes(federation))
+    expected = num_nodes(federation) if num_held_out(federation) or not deployed else 0
+    return discover_sites(grid, expected, check_data=deployed, timeout_s=federation.round_timeout_s if deployed else 600.0)
 
 
-def _site_facts(cfg: ExperimentConfig, held_out_nodes: dict[int, str]) -> dict[str, Any]:
+def _check_enough_sites(cfg: ExperimentConfig, roster: SiteRoster) -> None:
+    """Stop before round 1 when the sites whose data fits are fewer than the quorum."""
+    left_out = roster.left_out
+    if not left_out:
+        return
+    fit = [node_id for node_id in roster.grid.get_node_ids()
+           if node_id not in left_out and node_id not in roster.held_out_nodes]
+    if len(fit) < cfg.federation.quorum:
+        # The reasons went to metrics.jsonl (and medfed server's output) as each site was left out.
+        names = ", ".join(sorted(role.name for role in left_out.values()))
+        raise QuorumError(
+            f"Only {len(fit)} site(s) have data that fits the study, fewer than the quorum (federation.min_sites) "
+            f"of {cfg.federation.quorum}; left out: {names} (why: {METRICS_FILE}). Have those sites fix their data, "
+            "then resume the run."
+        )
+
+
+def _site_facts(cfg: ExperimentConfig, held_out_names: list[str]) -> dict[str, Any]:
     """What the report needs to know about the sites: patient group names, held-out site names."""
     from medfed.sites.profiles import plan_for
 
@@ -181,8 +215,8 @@ def _site_facts(cfg: ExperimentConfig, held_out_nodes: dict[int, str]) -> dict[s
     plan = plan_for(cfg)
     if plan.groups:
         facts["groups"] = [group.name for group in plan.groups]
-    if held_out_nodes:
-        facts["held_out_sites"] = sorted(held_out_nodes.values())
+    if held_out_names:
+        facts["held_out_sites"] = sorted(held_out_names)
     if cfg.federation.scenario:
         facts["scenario"] = cfg.federation.scenario
     return facts

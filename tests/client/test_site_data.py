@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medfed.client.site_data import SiteDataError, derive_seed, load_site_data, site_identity
+from medfed.client.site_data import SiteDataError, StudyMismatchError, derive_seed, load_site_data, site_identity
 
 
 def test_simulated_sites_partition_the_training_split_exactly(tiny_root, tiny_config, tmp_path):
@@ -96,8 +96,9 @@ def test_another_datasets_file_is_named_not_taken_for_a_site_folder(tiny_root, t
         load_site_data({"data-path": str(other), "site-name": "hospital-a"}, 7, cfg)
 
 
-def _write_site_folder(root: Path, size: int, channels: int) -> Path:
-    """A site folder (single labels.csv with a split column) of 4 train + 2 test PNGs."""
+def _write_site_folder(root: Path, size: int, channels: int, top_label: int = 1) -> Path:
+    """A site folder (single labels.csv with a split column) of 4 train + 2 test PNGs,
+    labelled 0, 1, ..., the last one ``top_label``."""
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     lines = ["filename,label,split"]
@@ -105,7 +106,7 @@ def _write_site_folder(root: Path, size: int, channels: int) -> Path:
     for i, split in enumerate(["train"] * 4 + ["test"] * 2):
         pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
         Image.fromarray(pixels).save(root / f"{i}.png")
-        lines.append(f"{i}.png,{i % 2},{split}")
+        lines.append(f"{i}.png,{top_label if i == 5 else i % 2},{split}")
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
     return root
 
@@ -135,3 +136,28 @@ def test_site_folder_unlike_the_experiment_is_refused(tiny_root, tiny_config, tm
     assert f"The site folder {folder} " in message and "\n" not in message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize(
+    ("size", "channels", "top_label", "reason"),
+    [
+        (28, 3, 1, "the site holds 3-channel images but the study's dataset breastmnist has 1 channel"),
+        (64, 1, 1, "the site holds 64x64 px images (width x height) but the study's data.img_size is 28"),
+        (28, 1, 5, "the site's images have label 5 but the study's dataset breastmnist has 2 classes (labels 0 to 1)"),
+    ],
+)
+def test_what_does_not_fit_the_study_is_said_without_the_sites_paths(
+    tiny_root, tiny_config, tmp_path, size, channels, top_label, reason
+):
+    # Only the run's config tells these apart from a good folder; the server is told what
+    # differs (StudyMismatchError.reason), never where the site keeps its images.
+    cfg = tiny_config(tiny_root, tmp_path)
+    folder = _write_site_folder(tmp_path / "hospital-b" / "ward-7", size, channels, top_label)
+    with pytest.raises(StudyMismatchError) as info:
+        load_site_data({"data-path": str(folder)}, 1, cfg)
+    assert info.value.reason == reason
+    assert "ward-7" in str(info.value) and "\n" not in str(info.value)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(info.value))  # it crosses process boundaries in simulation
+    assert (str(again), again.reason) == (str(info.value), reason)

@@ -1,0 +1,113 @@
+"""A deployed site whose data does not fit the study is named and left out, not failed every round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, MessageType, RecordDict
+from PIL import Image
+
+from medfed.client.client_app import app as client_app
+from medfed.config import to_run_config
+from medfed.server import server_app
+from medfed.server.held_out import SiteRoster, discover_sites
+from medfed.server.quorum import QuorumError
+from medfed.simulation.local import LocalGrid
+
+
+def _site_folder(root: Path, size: int) -> Path:
+    """A site folder of 8 train + 4 test grayscale PNGs of ``size`` px, 2 classes."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = ["filename,label,split"]
+    for i, split in enumerate(["train"] * 8 + ["test"] * 4):
+        Image.fromarray(rng.integers(0, 256, size=(size, size), dtype=np.uint8)).save(root / f"{i}.png")
+        lines.append(f"{i}.png,{i % 2},{split}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _grid(cfg, tiny_root: Path, bad: Path) -> LocalGrid:
+    nodes = [{"data-path": str(tiny_root), "site-name": name} for name in ("alpha", "beta")]
+    nodes.append({"data-path": str(bad), "site-name": "gamma"})
+    return LocalGrid(client_app, nodes, to_run_config(cfg))
+
+
+def test_the_roster_leaves_out_a_site_unlike_the_study_and_takes_it_back_once_fixed(tiny_root, tiny_config, tmp_path):
+    # Prepare: gamma's images are 64 px in a 28 px study; medfed client's own check passes them.
+    cfg = tiny_config(tiny_root, tmp_path)
+    bad = _site_folder(tmp_path / "gamma" / "ward-7", 64)
+    grid = _grid(cfg, tiny_root, bad)
+    changes = []
+    # Execute
+    roster = SiteRoster(grid, discover_sites(grid, 0, check_data=True), check_data=True,
+                        on_change=lambda node, role: changes.append((role.name, role.problem)))
+    # Assert: named, with what differs and nothing of where the site keeps its images.
+    assert list(roster.left_out) == [4]
+    assert changes == [("gamma", "the site's data does not fit the study: the site holds 64x64 px images "
+                                 "(width x height) but the study's data.img_size is 28")]
+    assert "ward-7" not in changes[0][1]
+    # Execute: before round 1 (just asked) and round 2 (asked again), still the same: nothing new is said.
+    roster.refresh()
+    roster.refresh()
+    assert len(changes) == 1
+    # Execute: the site fixes its images.
+    _site_folder(bad, 28)
+    roster.refresh()
+    # Assert
+    assert roster.left_out == {} and changes[-1] == ("gamma", "")
+
+
+def test_a_refused_instruction_says_what_does_not_fit_without_the_sites_paths(tiny_root, tiny_config, tmp_path):
+    # A site that joined after the check, or a server that never asked: the refusal itself says why.
+    from flwr.app import ConfigRecord, Message
+
+    cfg = tiny_config(tiny_root, tmp_path)
+    grid = _grid(cfg, tiny_root, _site_folder(tmp_path / "gamma" / "ward-7", 64))
+    message = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), 4, MessageType.EVALUATE)
+    (reply,) = grid.send_and_receive([message])
+    assert reply.has_error()
+    assert "does not fit the study: the site holds 64x64 px images" in reply.error.reason
+    assert "ward-7" not in reply.error.reason
+
+
+def _serve(cfg, grid: LocalGrid, run_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(server_app, "_is_deployed", lambda grid: True)  # as under a SuperLink
+    run_config = {**to_run_config(cfg), server_app.RUN_DIR_KEY: str(run_dir)}
+    server_app.app(grid=grid, context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                                              run_config=run_config))
+
+
+def test_a_deployed_run_goes_on_without_the_site_and_says_why_once(tiny_root, tiny_config, tmp_path, monkeypatch):
+    # Prepare
+    cfg = tiny_config(tiny_root, tmp_path, rounds=2, federation={"num_sites": 3, "min_sites": 2})
+    grid = _grid(cfg, tiny_root, _site_folder(tmp_path / "gamma" / "ward-7", 64))
+    run_dir = tmp_path / "run"
+    # Execute
+    _serve(cfg, grid, run_dir, monkeypatch)
+    # Assert: one record says why gamma is out; it never trained, was never evaluated, never "dropped out".
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    left_out = [r for r in records if r["event"] == "site_left_out"]
+    assert [(r["site"], r["round"]) for r in left_out] == [("gamma", 1)]
+    assert "64x64 px images" in left_out[0]["reason"]
+    sites = {(r["round"], r["phase"], r["site"]) for r in records if r["event"] == "site"}
+    assert sites == {(n, phase, site) for n in (1, 2) for phase in ("train", "evaluate") for site in ("alpha", "beta")}
+    assert not [r for r in records if r["event"] == "dropout"]
+    assert records[-1]["event"] == "end"
+    assert "64x64 px images" in (run_dir / "report.html").read_text()
+
+
+def test_too_few_fitting_sites_stop_the_run_before_round_1(tiny_root, tiny_config, tmp_path, monkeypatch):
+    # Prepare: the quorum needs all three sites.
+    cfg = tiny_config(tiny_root, tmp_path, federation={"num_sites": 3, "min_sites": 3})
+    grid = _grid(cfg, tiny_root, _site_folder(tmp_path / "gamma", 64))
+    # Execute
+    with pytest.raises(QuorumError, match=r"Only 2 site\(s\) have data that fits the study, fewer than the quorum "
+                                          r"\(federation.min_sites\) of 3; left out: gamma"):
+        _serve(cfg, grid, tmp_path / "run", monkeypatch)
+    # Assert: no round was started.
+    events = [json.loads(line)["event"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert events == ["start", "site_left_out"]
