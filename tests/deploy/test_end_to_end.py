@@ -256,44 +256,10 @@ def test_a_site_killed_mid_round_rejoins_and_a_killed_server_resumes(launcher, t
     wait_until(lambda: not launcher.leftovers(), 15, "no process left", launcher, "resumed")
 
 
-def test_an_insecure_server_warns_and_runs_with_insecure_sites(launcher, tmp_path):
-    # Prepare: no certificates at all, two sites.
-    for seed, site in enumerate(["alpha", "beta"]):
-        write_site(tmp_path / "data" / site, seed)
-    experiment = tmp_path / "exp.yaml"
-    experiment.write_text(yaml.safe_dump({
-        "name": "e2e-insecure", "seed": 0, "rounds": 1,
-        "data": {"dataset": "breastmnist", "root": None, "img_size": 28},
-        "model": {"name": "medvit_v2_nano"}, "train": {"local_epochs": 1, "batch_size": 8},
-        "federation": {"num_sites": 2, "round_timeout_s": ROUND_TIMEOUT_S},
-    }))
-    port = free_port()
-    run_dir = tmp_path / "run"
-
-    # Execute
-    launcher.start("server", ["server", "--config", str(experiment), "--insecure", "--address", f"127.0.0.1:{port}",
-                              "--run-dir", str(run_dir)])
-    for site in ("alpha", "beta"):
-        launcher.start(site, ["client", "--server", f"127.0.0.1:{port}", "--site", site, "--data",
-                              str(tmp_path / "data" / site), "--insecure"])
-    server_code = launcher.wait("server", 4 * ROUND_TIMEOUT_S)
-
-    # Assert: both ends warned, the round ran with both sites.
-    assert server_code == 0, launcher.text("server")[-4000:]
-    assert "WARNING: --insecure" in launcher.text("server")
-    assert all("WARNING: --insecure" in launcher.text(site) for site in ("alpha", "beta"))
-    records = events(run_dir)
-    assert [r["round"] for r in records if r["event"] == "round"] == [1]
-    assert {r["site"] for r in records if r["event"] == "site" and r["phase"] == "train"} == {"alpha", "beta"}
-    for site in ("alpha", "beta"):
-        os.killpg(launcher.procs[site].pid, signal.SIGTERM)
-        launcher.wait(site, 30)
-    wait_until(lambda: not launcher.leftovers(), 15, "no process left", launcher, "server")
-
-
-def test_a_site_whose_data_does_not_fit_the_study_is_left_out_and_named(launcher, tmp_path):
-    # Prepare: gamma's folder is valid on its own (medfed client accepts it) but holds
-    # 64 px images, and the study is at 28 px: only the run's config tells.
+def test_an_insecure_server_warns_runs_with_insecure_sites_and_leaves_out_a_site_unlike_the_study(launcher, tmp_path):
+    # Prepare: no certificates at all; three sites, of which gamma's folder is valid on its
+    # own (medfed client accepts it) but holds 64 px images in a 28 px study: only the
+    # run's config tells.
     for seed, site in enumerate(["alpha", "beta"]):
         write_site(tmp_path / "data" / site, seed)
     gamma = tmp_path / "data" / "gamma" / "ward-7"
@@ -306,7 +272,7 @@ def test_a_site_whose_data_does_not_fit_the_study_is_left_out_and_named(launcher
         f"{i}.png,{i % 2},{'test' if i >= 4 else 'train'}\n" for i in range(6)))
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(yaml.safe_dump({
-        "name": "e2e-misfit", "seed": 0, "rounds": 1,
+        "name": "e2e-insecure", "seed": 0, "rounds": 1,
         "data": {"dataset": "breastmnist", "root": None, "img_size": 28},
         "model": {"name": "medvit_v2_nano"}, "train": {"local_epochs": 1, "batch_size": 8},
         "federation": {"num_sites": 3, "min_sites": 2, "round_timeout_s": ROUND_TIMEOUT_S},
@@ -323,13 +289,18 @@ def test_a_site_whose_data_does_not_fit_the_study_is_left_out_and_named(launcher
                               "--insecure"])
     server_code = launcher.wait("server", 4 * ROUND_TIMEOUT_S)
 
-    # Assert: the server named gamma and why, once, without its folder; the round ran without it.
+    # Assert: both ends warned; the server named gamma and why, once, without its folder;
+    # the round ran with the two others.
     server = launcher.text("server")
     assert server_code == 0, server[-4000:]
+    assert "WARNING: --insecure" in server
+    assert all("WARNING: --insecure" in launcher.text(site) for site in ("alpha", "beta", "gamma"))
     said = [line for line in server.splitlines() if "site gamma left out" in line]
     assert len(said) == 1 and "64x64 px images" in said[0] and "data.img_size is 28" in said[0], server[-4000:]
     assert "ward-7" not in server
     records = events(run_dir)
+    assert [r["round"] for r in records if r["event"] == "round"] == [1]
+    assert {r["site"] for r in records if r["event"] == "site" and r["phase"] == "train"} == {"alpha", "beta"}
     assert {r["site"] for r in records if r["event"] == "site"} == {"alpha", "beta"}
     assert not [r for r in records if r["event"] == "dropout"]
     # The site's own log has the whole story, folder included.
