@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from medfed.errors import MedfedWarning
 
 __all__ = ["main"]
 
@@ -393,10 +396,22 @@ def _server_resume_command(args: argparse.Namespace) -> str:
                           insecure=args.insecure)
 
 
+_python_show_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """medfed's own warnings as one line (no source line); others as Python shows them."""
+    if issubclass(category, MedfedWarning):
+        print(f"medfed: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from medfed.deploy.processes import interrupt_on_sigterm
 
     args = build_parser().parse_args(argv)
+    shown_by, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         with interrupt_on_sigterm():  # a scheduler's SIGTERM gets Ctrl-C's clean-up and message
             args.func(args)
@@ -408,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"medfed {args.command}: error: {err}", file=sys.stderr)
             return 2
         raise
+    finally:
+        warnings.showwarning = shown_by
     return 0
 
 

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any, ClassVar
 import yaml
 
 from medfed._io import write_bytes_atomic
-from medfed.errors import MedfedError
+from medfed.errors import MedfedError, MedfedWarning
 
 __all__ = [
     "ConfigError",
@@ -778,11 +779,14 @@ def scenario_path(name: str) -> Path:
     )
 
 
-def _with_scenario(raw: Mapping[str, Any], sources: _Sources) -> Mapping[str, Any]:
+def _with_scenario(raw: Mapping[str, Any], sources: _Sources, *, warn: bool = False) -> Mapping[str, Any]:
     """Fill the federation keys the experiment leaves unset from its named scenario.
 
     A scenario file is a fragment of the ``federation`` section (plus a
-    ``description``); keys the experiment sets itself win.
+    ``description``); keys the experiment sets itself win. With ``warn``, each key a
+    file sets to another value than the scenario's gets a :class:`MedfedWarning`
+    (``partition: iid`` left in a copied config silently undid ``scenario: label-skew``);
+    a ``--set`` is deliberate and does not.
     """
     federation = raw.get("federation") if isinstance(raw, Mapping) else None
     if not isinstance(federation, Mapping) or not isinstance(federation.get("scenario"), str):
@@ -799,7 +803,23 @@ def _with_scenario(raw: Mapping[str, Any], sources: _Sources) -> Mapping[str, An
     for key in fragment:
         if key not in federation:
             sources.add(f"federation.{key}", f"scenario {name!r} ({path})")
+        elif warn and federation[key] != fragment[key]:
+            _warn_overruled(name, f"federation.{key}", federation[key], fragment[key], sources(f"federation.{key}"))
     return merged
+
+
+def _warn_overruled(scenario: str, key: str, value: Any, scenario_value: Any, where: str | None) -> None:
+    if where is not None and where.startswith("--set"):
+        return  # typed on purpose; a file's key may be a template's default left in
+    warnings.warn(MedfedWarning(
+        f"{key} is {_short(value)}{f' ({where})' if where else ''}, where scenario {scenario!r} sets "
+        f"{_short(scenario_value)}: the experiment's own keys win; remove the key to use the scenario's."
+    ), stacklevel=3)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------
@@ -1106,7 +1126,7 @@ def load_config(
         # Set before add: an error on a parent names where the parent came from.
         for changed in _set_dotted(raw, key, value, sources):
             sources.add(changed, label)
-    return _build(ExperimentConfig, _with_scenario(raw, sources), "", sources)
+    return _build(ExperimentConfig, _with_scenario(raw, sources, warn=True), "", sources)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

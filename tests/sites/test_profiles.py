@@ -44,6 +44,33 @@ def test_experiment_keys_win_over_the_scenario():
     assert cfg.federation.partition == "dirichlet" and cfg.federation.dirichlet_alpha == 5.0
 
 
+def test_a_file_key_that_overrules_the_scenario_warns_in_one_line(tmp_path, capsys, tiny_root):
+    # A copied config's `partition: iid` silently turned `scenario: label-skew` into IID sites.
+    from medfed.cli import main
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("federation: {scenario: label-skew, partition: iid, dirichlet_alpha: 0.3}\n")
+    with pytest.warns(UserWarning) as caught:
+        cfg = load_config(path)
+    # Assert: the key that differs is named with its file and both values; the equal one is not.
+    assert cfg.federation.partition == "iid"
+    assert [str(w.message) for w in caught] == [
+        f"federation.partition is iid ({path}), where scenario 'label-skew' sets dirichlet: the experiment's own "
+        "keys win; remove the key to use the scenario's."
+    ]
+    # A --set is typed on purpose: no warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(path, ["federation.partition=iid"])
+    # The CLI prints it as one line.
+    assert main(["sites", "--config", str(path), "--set", "federation.num_sites=2", "--set", f"data.root={tiny_root}",
+                 "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"medfed: warning: {caught[0].message}"
+
+
 def test_same_seed_gives_identical_site_datasets_and_another_seed_others():
     # Prepare
     train, test = _splits()
