@@ -438,7 +438,9 @@ def _wait_for_sites(control: _Control, count: int, quorum: int, timeout_s: float
         online = control.online()
         for name in sorted(set(online.values()) - seen):
             seen.add(name)
-            _say(out, f"medfed server: site {name} joined ({len(seen)}/{count})")
+            # More than expected is legal (held-out sites, spare keys): say so, not "(3/2)".
+            counter = f"{len(seen)}/{count}" if len(seen) <= count else f"{len(seen)} connected, {count} expected"
+            _say(out, f"medfed server: site {name} joined ({counter})")
         seen = set(online.values())
         if len(online) >= count:
             return

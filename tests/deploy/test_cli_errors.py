@@ -57,3 +57,21 @@ def test_a_run_stopped_by_the_quorum_names_the_whole_resume_command(tmp_path):
         _check_finished(run, tmp_path / "home", command)
     assert (f"Resume it with: medfed server --resume --run-dir '{run}' --certs {tmp_path / 'certs'} "
             "--address 0.0.0.0:9999 --join-timeout 60 (log:") in str(err.value)
+
+
+def test_the_join_counter_says_when_more_sites_joined_than_expected():
+    # Held-out sites and spare keys join beyond federation.num_sites: it read "(3/2)".
+    import io
+
+    from medfed.deploy.superlink import _wait_for_sites
+
+    class Control:
+        def online(self):
+            return {1: "alpha", 2: "beta", 3: "gamma"}
+
+    out = io.StringIO()
+    _wait_for_sites(Control(), 2, 2, 5.0, out)
+    assert out.getvalue().splitlines()[1:] == [
+        "medfed server: site alpha joined (1/2)", "medfed server: site beta joined (2/2)",
+        "medfed server: site gamma joined (3 connected, 2 expected)",
+    ]
