@@ -1003,8 +1003,8 @@ def _check_scalars(loader: yaml.SafeLoader, node: yaml.Node, key: str, label: st
             _check_scalars(loader, item, key, label)
     elif node.style is not None:  # quoted: the user chose YAML's reading
         return
-    elif key in _text_keys():
-        if not (_text_keys()[key] and node.value in _NULLS):
+    elif key in _text_keys() or key in _NAME_KEYS:
+        if not (_text_keys().get(key) and node.value in _NULLS):
             node.tag = _STR_TAG
     elif node.tag in _NUMBER_TAGS and not _is_plain_decimal(node.value):
         raise ConfigError(
@@ -1012,6 +1012,11 @@ def _check_scalars(loader: yaml.SafeLoader, node: yaml.Node, key: str, label: st
             f"1e-3). Got {node.value!r}, which YAML would read as "
             f"{loader.construct_object(node)!r}{_origin(label)}."
         )
+
+
+#: Names inside list values (a patient group given by its name alone, a group's or a
+#: site profile's ``name``): text, like the text keys (``groups=[yes, no]`` read True, False).
+_NAME_KEYS = ("federation.groups", "federation.groups.name", "federation.sites.name")
 
 
 def _is_plain_decimal(text: str) -> bool:

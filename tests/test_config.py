@@ -329,6 +329,30 @@ def test_text_keys_take_the_override_text_as_it_is(override, key, value):
 
 
 @pytest.mark.parametrize(
+    ("override", "groups", "sites"),
+    [
+        ("federation.groups=[yes, no]", ["yes", "no"], []),  # was True, False: "Got True"
+        ("federation.groups=[{name: on, corruptions: [[pixelate, 1]]}, off]",
+         [{"name": "on", "corruptions": [["pixelate", 1]]}, "off"], []),
+        ("federation.sites=[{name: yes, size: 0.5}]", [], [{"name": "yes", "size": 0.5}]),
+    ],
+)
+def test_names_inside_group_and_site_lists_are_text(override, groups, sites):
+    cfg = load_config(overrides=[override])
+    assert (cfg.federation.groups, cfg.federation.sites) == (groups, sites)
+
+
+def test_a_group_name_a_file_reads_as_a_boolean_says_to_quote_it(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("federation:\n  groups: [yes, no]\n")
+    with pytest.raises(ConfigError, match=r"Got True \(quote a name such as \"no\": YAML reads it unquoted as a "
+                                          r"boolean\)"):
+        from medfed.sites.profiles import plan_for
+
+        plan_for(load_config(path))
+
+
+@pytest.mark.parametrize(
     ("override", "key", "got", "yaml_reads"),
     [
         ("rounds=010", "rounds", "010", "8"),  # octal

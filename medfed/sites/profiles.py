@@ -197,7 +197,9 @@ def _parse_groups(value: list[Any]) -> tuple[GroupSpec, ...]:
                 raise _fail(where, f"may only have the keys 'name' and 'corruptions'. Got {sorted(item)}.")
             groups.append(GroupSpec(item["name"].strip(), _parse_chain(item.get("corruptions", []), f"{where}.corruptions")))
         else:
-            raise _fail(where, f"must be a group name or {{name, corruptions}}. Got {item!r}.")
+            # A YAML file reads an unquoted yes, no, on or off as a boolean.
+            hint = " (quote a name such as \"no\": YAML reads it unquoted as a boolean)" if isinstance(item, bool) else ""
+            raise _fail(where, f"must be a group name or {{name, corruptions}}. Got {item!r}{hint}.")
     names = [g.name for g in groups]
     if len(set(names)) != len(names):
         raise _fail("federation.groups", f"must have distinct names. Got {names}.")
