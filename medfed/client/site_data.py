@@ -251,11 +251,17 @@ def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, 
         )
     else:
         from medfed.data import dataset_info, load_site_folder
-        from medfed.data.errors import LabelRangeError
+        from medfed.data.errors import ColourImagesError, LabelRangeError
 
         info = dataset_info(flag)
         try:
-            splits = load_site_folder(path, task=info.task, num_classes=info.num_classes, flag=flag)
+            splits = load_site_folder(path, task=info.task, num_classes=info.num_classes, flag=flag,
+                                      in_chans=info.in_chans)
+        except ColourImagesError as error:
+            raise StudyMismatchError(
+                f"{error} The study's dataset {flag} is grayscale.",
+                reason=f"the site holds {error.detail} but the study's dataset {flag} is grayscale",
+            ) from None
         except LabelRangeError as error:
             raise StudyMismatchError(
                 f"{error} The study's dataset {flag} has {info.num_classes} classes; relabel the site's images "

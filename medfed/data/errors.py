@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from medfed.errors import MedfedError
 
-__all__ = ["DatasetNotFoundError", "DatasetValidationError", "DatasetSizeWarning", "LabelRangeError"]
+__all__ = [
+    "ColourImagesError", "DatasetMismatchError", "DatasetNotFoundError", "DatasetValidationError", "DatasetSizeWarning",
+    "LabelRangeError",
+]
 
 
 class DatasetNotFoundError(MedfedError, FileNotFoundError):
@@ -19,29 +22,34 @@ class DatasetValidationError(MedfedError):
     """A dataset file exists but its content is not what medfed expects."""
 
 
-class LabelRangeError(DatasetValidationError):
-    """A label outside the classes the dataset (or the caller's ``num_classes``) has.
+class DatasetMismatchError(DatasetValidationError):
+    """Readable data that is not what the caller asked for (its classes, grayscale).
 
     Attributes
     ----------
     detail : str
-        What was found, naming no file (``"label 5"``, ``"multi-label labels of 3 values"``):
-        a site may tell a server this much.
-    num_classes : int
-        The classes (labels, for multi-label) expected.
+        What was found, naming no file (``"label 5"``, ``"3 of 500 images in colour"``): a
+        site may tell a server this much.
     """
 
-    def __init__(self, message: str, *, detail: str, num_classes: int) -> None:
+    def __init__(self, message: str, *, detail: str) -> None:
         super().__init__(message)
         self.detail = detail
-        self.num_classes = num_classes
 
-    def __reduce__(self):  # noqa: ANN204 - keyword-only arguments need their own pickling
-        return _label_range_error, (str(self), self.detail, self.num_classes)
+    def __reduce__(self):  # noqa: ANN204 - a keyword-only argument needs its own pickling
+        return _rebuild_mismatch, (type(self), str(self), self.detail)
 
 
-def _label_range_error(message: str, detail: str, num_classes: int) -> LabelRangeError:
-    return LabelRangeError(message, detail=detail, num_classes=num_classes)
+def _rebuild_mismatch(cls: type, message: str, detail: str) -> DatasetMismatchError:
+    return cls(message, detail=detail)
+
+
+class LabelRangeError(DatasetMismatchError):
+    """A label outside the classes the dataset (or the caller's ``num_classes``) has."""
+
+
+class ColourImagesError(DatasetMismatchError):
+    """Colour images where grayscale ones were asked for."""
 
 
 class DatasetSizeWarning(UserWarning):

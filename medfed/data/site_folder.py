@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .dataset import UNKNOWN_GROUP, ImageDataset
-from .errors import DatasetNotFoundError, DatasetValidationError, LabelRangeError
+from .errors import ColourImagesError, DatasetNotFoundError, DatasetValidationError, LabelRangeError
 from .info import BINARY_CLASS, DatasetInfo, normalize_task
 
 __all__ = ["load_site_folder", "LABELS_CSV"]
@@ -57,7 +57,8 @@ class _Row:
 
 
 def load_site_folder(
-    path: str | Path, task: str = "multi-class", num_classes: int | None = None, flag: str = "site"
+    path: str | Path, task: str = "multi-class", num_classes: int | None = None, flag: str = "site",
+    in_chans: int | None = None,
 ) -> dict[str, ImageDataset]:
     """Load a site folder (see the module docstring for the layouts) into datasets.
 
@@ -73,6 +74,9 @@ def load_site_folder(
         (at least 2), or the length of the multi-label vectors.
     flag : str, optional
         Name stored in :attr:`DatasetInfo.flag`.
+    in_chans : int or None, optional
+        1: the images must be grayscale (colour ones are named). None or 3: colour when
+        any image is, gray images then repeated in every channel.
 
     Returns
     -------
@@ -86,8 +90,10 @@ def load_site_folder(
     DatasetNotFoundError
         The folder, a ``labels.csv`` or an image file is missing.
     DatasetValidationError
-        A CSV that is not UTF-8, bad CSV header, non-integer or out-of-range label,
-        duplicate filename, unknown split, unreadable image, or images of different sizes.
+        A CSV that is not UTF-8, bad CSV header, non-integer or out-of-range label
+        (:class:`LabelRangeError`), duplicate filename, unknown split, unreadable image,
+        images of different sizes, or colour images where ``in_chans`` is 1
+        (:class:`ColourImagesError`).
     """
     root = Path(path).expanduser()
     task = normalize_task(task)
@@ -98,7 +104,7 @@ def load_site_folder(
         )
     rows, has_groups = _read_rows(root, task)
     num_classes = _resolve_num_classes(rows, task, num_classes, root)
-    images, in_chans = _read_images(rows)
+    images, in_chans = _read_images(rows, grayscale=in_chans == 1)
     info = DatasetInfo(flag=flag, task=task, num_classes=num_classes, in_chans=in_chans,
                        label_names={str(i): str(i) for i in range(num_classes)})
     datasets = {}
@@ -266,7 +272,7 @@ def _resolve_num_classes(rows: list[_Row], task: str, num_classes: int | None, r
                     f"{row.where}: a multi-label label must have {expected} values "
                     f"({'num_classes' if num_classes is not None else 'as in ' + rows[0].where}). "
                     f"Got {len(row.label)} instead.",
-                    detail=f"multi-label labels of {len(row.label)} values", num_classes=expected,
+                    detail=f"multi-label labels of {len(row.label)} values",
                 )
         return expected
     if task == BINARY_CLASS and num_classes not in (None, 2):
@@ -278,20 +284,31 @@ def _resolve_num_classes(rows: list[_Row], task: str, num_classes: int | None, r
         raise LabelRangeError(
             f"{largest.where}: label {largest.label[0]} is unknown; site folder {root} has {num_classes} classes "
             f"(labels 0 to {num_classes - 1}).",
-            detail=f"label {largest.label[0]}", num_classes=num_classes,
+            detail=f"label {largest.label[0]}",
         )
     return num_classes
 
 
-def _read_images(rows: list[_Row]) -> tuple[list[np.ndarray], int]:
-    """Read every image as ``uint8`` ``[H, W, C]`` with one common channel count (1 or 3)."""
+def _read_images(rows: list[_Row], grayscale: bool = False) -> tuple[list[np.ndarray], int]:
+    """Read every image as ``uint8`` ``[H, W, C]`` with one common channel count (1 or 3);
+    with ``grayscale``, refuse colour images by name (a few among thousands are otherwise
+    hard to find)."""
     missing = [row for row in rows if not row.image_path.is_file()]
     if missing:
         listed = ", ".join(f"{row.image_path} ({row.where})" for row in missing[:_MAX_LISTED])
         more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
         raise DatasetNotFoundError(f"{len(missing)} image file(s) listed in labels.csv are missing: {listed}{more}.")
     images = [_read_image(row.image_path) for row in rows]
-    in_chans = 3 if any(image.shape[2] == 3 for image in images) else 1
+    colour = [row for row, image in zip(rows, images) if image.shape[2] == 3]
+    if grayscale and colour:
+        listed = ", ".join(str(row.image_path) for row in colour[:_MAX_LISTED])
+        more = f" and {len(colour) - _MAX_LISTED} more" if len(colour) > _MAX_LISTED else ""
+        raise ColourImagesError(
+            f"{len(colour)} of {len(rows)} images are in colour where grayscale ones are needed: {listed}{more}; "
+            "save them as grayscale.",
+            detail=f"{len(colour)} of {len(rows)} images in colour",
+        )
+    in_chans = 3 if colour else 1
     if in_chans == 3:
         # Same as Pillow's L -> RGB conversion: the gray value in every channel.
         images = [np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image for image in images]
