@@ -36,6 +36,8 @@ state, which an overloaded machine then reports as "database is locked".
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import json
 import os
@@ -383,7 +385,8 @@ class _Control:
             name=CONNECTION, address=str(local), root_certificates=None if tls is None else str(tls.ca_cert),
             insecure=tls is None,
         )
-        self.client = init_http_client_from_connection(connection)
+        with contextlib.redirect_stdout(io.StringIO()):  # Flower's "Using SuperLink: ..." line: not ours to print
+            self.client = init_http_client_from_connection(connection)
 
     def register(self, sites: dict[str, str]) -> None:
         """Register each site's public key under its name; keys already registered are kept."""
