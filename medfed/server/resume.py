@@ -23,6 +23,7 @@ the rounds an uninterrupted run would have made, bit for bit on a CPU.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -108,6 +110,15 @@ class RoundOffsetStrategy(DelegatingStrategy):
         self.roster = roster if roster is not None else SiteRoster(grid=None)
         self.seed = seed
 
+    def start(self, *args: Any, **kwargs: Any) -> Any:
+        """Flower's ``Strategy.start``, whose first log line names the experiment's strategy."""
+        name = _StrategyName(type(_innermost(self.strategy)).__name__)
+        FLOWER_LOGGER.addFilter(name)
+        try:
+            return super().start(*args, **kwargs)
+        finally:
+            FLOWER_LOGGER.removeFilter(name)
+
     @property
     def held_out_nodes(self) -> frozenset[int]:
         # Held-out sites never train: the strategy samples from a grid without them,
@@ -169,6 +180,26 @@ class RoundOffsetStrategy(DelegatingStrategy):
             # history they would fill its end-of-run summary with numbers.
             metrics = MetricRecord({k: v for k, v in metrics.items() if not k.startswith(_POOLING_COUNTS)})
         return metrics
+
+
+class _StrategyName(logging.Filter):
+    """Flower logs "Starting <class> strategy:" with the class ``start`` was called on: the
+    wrapper's, which says nothing to a user; name the experiment's strategy instead."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Starting %s strategy:":
+            record.args = (self.name,)
+        return True
+
+
+def _innermost(strategy: Strategy) -> Strategy:
+    while isinstance(strategy, DelegatingStrategy):
+        strategy = strategy.strategy
+    return strategy
 
 
 def _says_held_out(reply: Message) -> bool:

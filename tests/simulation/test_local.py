@@ -27,9 +27,36 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_run(tiny_root, tiny_config, tmp_path_factory) -> Path:
-    cfg = tiny_config(tiny_root, tmp_path_factory.mktemp("local"))
-    return run_local(cfg)
+def local_run_and_log(tiny_root, tiny_config, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A run, and what it logged through Flower's logger."""
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER
+
+    class Lines(logging.Handler):
+        lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    handler = Lines()
+    FLOWER_LOGGER.addHandler(handler)
+    try:
+        cfg = tiny_config(tiny_root, tmp_path_factory.mktemp("local"))
+        return run_local(cfg), handler.lines
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def local_run(local_run_and_log) -> Path:
+    return local_run_and_log[0]
+
+
+def test_flowers_start_line_names_the_experiments_strategy_not_medfeds_wrapper(local_run_and_log):
+    lines = local_run_and_log[1]
+    assert "Starting FedAvg strategy:" in lines
+    assert not [line for line in lines if "RoundOffsetStrategy" in line or "QuorumGuard" in line]
 
 
 def test_local_run_writes_config_metrics_checkpoint_model_and_report(local_run, tiny_root, tiny_config):
