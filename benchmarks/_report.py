@@ -112,11 +112,12 @@ def _communication(data: dict) -> str:
             + _table(["model", "transfer dtype", "MB / model", "MB / round", "x float32"], rows))
     if data.get("accuracy"):
         a = data["accuracy"]
-        rows = [[r["transfer_dtype"], f"{r['acc']:.4f}", f"{r['auc']:.4f}", f"{r['max_abs_weight_diff']:.2e}",
+        rows = [[r["transfer_dtype"], f"{r['acc']:.4f}", f"{r['auc']:.4f}",
+                 f"{r['balanced_acc']:.4f}" if "balanced_acc" in r else "-", f"{r['max_abs_weight_diff']:.2e}",
                  f"{r['total_s']:.1f}"] for r in a["results"]]
         text += (f"\n\nAccuracy effect ({a['description']}): mean over sites of the last round's test metrics, and "
                  "the largest absolute difference of the final weights from the float32 run.\n\n"
-                 + _table(["transfer dtype", "test ACC", "test AUC", "max |w - w_fp32|", "seconds"], rows))
+                 + _table(["transfer dtype", "test ACC", "test AUC", "balanced ACC", "max |w - w_fp32|", "seconds"], rows))
     return text
 
 
