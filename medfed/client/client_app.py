@@ -192,7 +192,8 @@ def describe_site(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config, strict=False)
     name, held_out = site_role(context.node_config, context.node_id, cfg)
     site = ConfigRecord({"name": name, "held-out": held_out})
-    if msg.content["config"].get("question") == "site-check":
+    question = msg.content.config_records.get("config", ConfigRecord()).get("question")
+    if question == "site-check":
         site["problem"] = _data_problem(context, cfg, name)
     return Message(content=RecordDict({"site": site}), reply_to=msg)
 

@@ -31,6 +31,7 @@ import numpy as np
 from medfed.errors import MedfedError
 from medfed.config import ExperimentConfig
 from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medmnist
+from medfed.data.info import MULTI_LABEL
 from medfed.config import FederationConfig
 from medfed.sites.profiles import build_site, num_nodes, plan_federation
 
@@ -237,17 +238,21 @@ def _simulated_site(
 @functools.lru_cache(maxsize=2)
 def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, ImageDataset]:
     path = Path(data_path).expanduser()
-    from medfed.data import medmnist_filename
+    from medfed.data import medmnist_filename, parse_medmnist_filename
 
     wanted = medmnist_filename(flag, img_size)
+    official = {p.name: parse_medmnist_filename(p.name) for p in sorted(path.glob("*.npz"))}
+    official = {name: flag_size for name, flag_size in official.items() if flag_size is not None}
     if (path / wanted).is_file():
         splits = load_dataset_once(flag, str(path), img_size)
-    elif others := sorted(p.name for p in path.glob("*mnist*.npz")):
-        # MedMNIST files, but not this study's: say so, not "no labels.csv".
-        study = f"this study needs {wanted} (data.dataset {flag}, data.img_size {img_size})"
+    elif official and not _has_labels_csv(path):
+        # MedMNIST files, but not this study's: say so, not "no labels.csv". The server
+        # is told which data, not the file names (official ones here, but a site's all the same).
+        study = f"this study needs {flag} at {img_size} px ({wanted})"
+        found = ", ".join(f"{other} at {size} px" for other, size in official.values())
         raise StudyMismatchError(
-            f"The site data at {path} holds {', '.join(others)} but {study}; give the folder that holds {wanted}.",
-            reason=f"the site holds {', '.join(others)} but {study}",
+            f"The site data at {path} holds {', '.join(official)} but {study}; give the folder that holds {wanted}.",
+            reason=f"the site holds MedMNIST {found} but {study}",
         )
     else:
         from medfed.data import dataset_info, load_site_folder
@@ -263,11 +268,10 @@ def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, 
                 reason=f"the site holds {error.detail} but the study's dataset {flag} is grayscale",
             ) from None
         except LabelRangeError as error:
+            study = _label_words(info)
             raise StudyMismatchError(
-                f"{error} The study's dataset {flag} has {info.num_classes} classes; relabel the site's images "
-                f"with {flag}'s classes.",
-                reason=f"the site's images have {error.detail} but the study's dataset {flag} has "
-                       f"{info.num_classes} classes (labels 0 to {info.num_classes - 1})",
+                f"{error} The study's dataset {flag} is {study}; relabel the site's images so.",
+                reason=f"the site's images have {error.detail} but the study's dataset {flag} is {study}",
             ) from None
         # The .npz file is checked against flag and size when read; a site folder takes
         # both from its images, so compare them with what the model is built for.
@@ -278,6 +282,18 @@ def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, 
     if test is None or len(test) == 0:
         raise SiteDataError(f"The site data at {path} has no 'test' (or 'val') images to evaluate on; add one.")
     return splits["train"], test
+
+
+def _has_labels_csv(path: Path) -> bool:
+    return (path / "labels.csv").is_file() or any((path / split / "labels.csv").is_file()
+                                                   for split in ("train", "val", "test"))
+
+
+def _label_words(info: DatasetInfo) -> str:
+    """The labels a study takes, in words: ``binary-class with 2 classes (labels 0 to 1)``."""
+    if info.task == MULTI_LABEL:
+        return f"multi-label with {info.num_classes} values per label (0 or 1 each, such as '0;1;0')"
+    return f"{info.task} with {info.num_classes} classes (labels 0 to {info.num_classes - 1})"
 
 
 def _check_site_folder_images(

@@ -7,7 +7,9 @@ metadata come from medfed's copy of ``medmnist.INFO``, not from the medmnist pac
 from .dataset import ImageDataset, TrainAugmentation, default_hflip_p, train_augmentation
 from .errors import DatasetNotFoundError, DatasetSizeWarning, DatasetValidationError
 from .info import DatasetInfo, dataset_info
-from .medmnist_files import default_data_root, load_medmnist, medmnist_filename, medmnist_url
+from .medmnist_files import (
+    default_data_root, load_medmnist, medmnist_filename, medmnist_url, parse_medmnist_filename,
+)
 from .metrics import classification_metrics, confusion, equity_scaled, group_metrics
 from .site_folder import load_site_folder
 
@@ -29,5 +31,6 @@ __all__ = [
     "default_data_root",
     "dataset_info",
     "medmnist_filename",
+    "parse_medmnist_filename",
     "medmnist_url",
 ]

@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import logging
 import os
+import re
 import tempfile
 import urllib.request
 import warnings
@@ -31,13 +32,14 @@ from numpy.lib.npyio import NpzFile
 
 from .dataset import ImageDataset
 from .errors import DatasetNotFoundError, DatasetSizeWarning, DatasetValidationError
-from .info import IMAGE_SIZES, DatasetInfo, dataset_info, medmnist_info
+from .info import IMAGE_SIZES, MEDMNIST_2D_FLAGS, DatasetInfo, dataset_info, medmnist_info
 
 __all__ = [
     "load_medmnist",
     "default_data_root",
     "medmnist_filename",
     "medmnist_url",
+    "parse_medmnist_filename",
     "download_file",
     "validate_medmnist_arrays",
     "SPLITS",
@@ -62,6 +64,18 @@ def default_data_root() -> Path:
 def medmnist_filename(flag: str, size: int = 28) -> str:
     """Return the official file name: ``{flag}.npz`` (28 px) or ``{flag}_{size}.npz``."""
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+_OFFICIAL_FILE = re.compile(r"(?P<flag>[a-z0-9]+?)(?:_(?P<size>28|64|128|224))?\.npz")
+
+
+def parse_medmnist_filename(name: str) -> tuple[str, int] | None:
+    """``(flag, size)`` of an official file name (``pathmnist_64.npz`` -> ``("pathmnist", 64)``),
+    or None when ``name`` is not one (a 3D or unknown flag, another file)."""
+    match = _OFFICIAL_FILE.fullmatch(name)
+    if match is None or match["flag"] not in MEDMNIST_2D_FLAGS:
+        return None
+    return match["flag"], int(match["size"] or 28)
 
 
 def medmnist_url(flag: str, size: int = 28) -> str:

@@ -228,16 +228,18 @@ def _parse_label(value: str, task: str, where: str) -> tuple[int, ...]:
     if task == "multi-label, binary-class":
         parts = value.replace(";", " ").split()
         if not parts or any(part not in ("0", "1") for part in parts):
-            raise DatasetValidationError(
+            raise LabelRangeError(
                 f"{where}: a multi-label label must be 0/1 values separated by spaces or ';' (e.g. '0;1;0'). "
-                f"Got {value!r} instead."
+                f"Got {value!r} instead.",
+                detail=f"labels such as {value[:20]!r}",
             )
         return tuple(int(part) for part in parts)
     try:
         label = int(value)
     except ValueError:
-        raise DatasetValidationError(
-            f"{where}: label must be an integer class index ({task}). Got {value!r} instead."
+        raise LabelRangeError(
+            f"{where}: label must be an integer class index ({task}). Got {value!r} instead.",
+            detail=f"labels such as {value[:20]!r}",
         ) from None
     if label < 0:
         raise DatasetValidationError(f"{where}: label must be >= 0. Got {label} instead.")
@@ -272,7 +274,7 @@ def _resolve_num_classes(rows: list[_Row], task: str, num_classes: int | None, r
                     f"{row.where}: a multi-label label must have {expected} values "
                     f"({'num_classes' if num_classes is not None else 'as in ' + rows[0].where}). "
                     f"Got {len(row.label)} instead.",
-                    detail=f"multi-label labels of {len(row.label)} values",
+                    detail=f"labels of {len(row.label)} values",
                 )
         return expected
     if task == BINARY_CLASS and num_classes not in (None, 2):

@@ -340,8 +340,8 @@ def _progress_line(record: dict, rounds: int) -> str | None:
         return (f"medfed server: round {record['round']} {record['phase']}: site {record['site']} left out: "
                 f"{record['reason']}")
     if event == "site_left_out":
-        return (f"medfed server: site {record['site']} left out of the run: {record['reason']} (it is asked again "
-                "before each round)")
+        return (f"medfed server: site {record['site']} left out of the run: {record['reason']} (asked again while "
+                "the run goes on)")
     if event == "site_admitted":
         return f"medfed server: site {record['site']}'s data now fits the study; it takes part from this round"
     if event == "quorum_missed":
@@ -509,7 +509,9 @@ def _check_finished(run_dir: Path, home: Path, resume: str) -> None:
     if records and records[-1].get("event") == "end":
         return
     missed = [r for r in records if r.get("event") == "quorum_missed"]
-    if missed and records[-1] is missed[-1]:
+    if records and records[-1].get("event") == "stopped":
+        reason = str(records[-1].get("reason"))
+    elif missed and records[-1] is missed[-1]:
         last = missed[-1]
         reason = (f"round {last['round']} had {last['sites']} site(s) {last['stage']}, below the quorum of "
                   f"{last['needed']} (federation.min_sites), {last['attempt']} time(s) in a row")

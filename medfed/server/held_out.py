@@ -62,34 +62,43 @@ def discover_sites(grid: Grid, expected_nodes: int, *, check_data: bool = False,
         Longest wait for nodes and for their answers, in seconds.
     """
     deadline = time.monotonic() + timeout_s
+    node_ids = _connected(grid, expected_nodes, deadline)
+    return ask_sites(grid, node_ids, check_data=check_data, timeout_s=max(1.0, deadline - time.monotonic()))
+
+
+def _connected(grid: Grid, expected_nodes: int, deadline: float) -> list[int]:
+    """The connected node ids, once ``expected_nodes`` are (or at ``deadline``)."""
     while len(node_ids := sorted(grid.get_node_ids())) < expected_nodes and time.monotonic() < deadline:
         log(INFO, "Waiting for %d sites to connect (%d so far) to find the held-out ones.", expected_nodes, len(node_ids))
         time.sleep(1.0)
-    sites = ask_sites(grid, node_ids, check_data=check_data, timeout_s=max(1.0, deadline - time.monotonic()))
-    held_out = sorted(role.name for role in sites.values() if role.held_out)
-    log(INFO, "Held-out sites (evaluate only, never train): %s", ", ".join(held_out) or "none")
-    return sites
+    return node_ids
+
+
+def _question(check_data: bool) -> RecordDict:
+    return RecordDict({"config": ConfigRecord({"question": "site-check" if check_data else "site-role"})})
 
 
 def ask_sites(grid: Grid, node_ids: Iterable[int], *, check_data: bool, timeout_s: float) -> dict[int, SiteRole]:
     """One ``query`` to each of ``node_ids``; ``{node id: SiteRole}`` of those that answered."""
-    question = "site-check" if check_data else "site-role"
-    messages = [
-        Message(content=RecordDict({"config": ConfigRecord({"question": question})}),
-                dst_node_id=node_id, message_type=MessageType.QUERY)
-        for node_id in node_ids
-    ]
+    messages = [Message(content=_question(check_data), dst_node_id=node_id, message_type=MessageType.QUERY)
+                for node_id in node_ids]
     sites: dict[int, SiteRole] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout_s) if messages else ():
-        node_id = reply.metadata.src_node_id
-        if reply.has_error() or "site" not in reply.content.config_records:
+        role = _role(reply)
+        if role is None:
             log(WARNING, "Node %s did not say who it is; it may be sampled for training, and is sampled last.",
-                node_id)
+                reply.metadata.src_node_id)
             continue
-        site = reply.content.config_records["site"]
-        sites[node_id] = SiteRole(str(site.get("name", f"node-{node_id}")), bool(site.get("held-out", False)),
-                                  str(site.get("problem", "")))
+        sites[reply.metadata.src_node_id] = role
     return sites
+
+
+def _role(reply: Message) -> SiteRole | None:
+    if reply.has_error() or "site" not in reply.content.config_records:
+        return None
+    site = reply.content.config_records["site"]
+    return SiteRole(str(site.get("name", f"node-{reply.metadata.src_node_id}")), bool(site.get("held-out", False)),
+                    str(site.get("problem", "")))
 
 
 class SiteRoster:
@@ -99,36 +108,34 @@ class SiteRoster:
     A site's data folder is checked by ``medfed client`` before it connects, but only for
     what the site alone can know; labels outside the study's classes, images of another
     size or channel count need the run's config. A deployed server therefore asks every
-    site to check its data against the study (``check_data``): before the first round,
-    and before each later round for the nodes it has not heard from (sites that joined
-    late) and those it left out (a site may fix its data and restart its client). A site
-    left out is neither trained nor evaluated, and said once, not every round.
+    site to check its data against the study (``check_data``): all of them before the
+    first round (:meth:`discover`), and before each phase of a round those that joined
+    since (:meth:`refresh`), so that none is sampled unchecked. A site left out is
+    neither trained nor evaluated; it is asked again (a site may fix its data) without
+    holding up the others: the question goes out before one round and its answer is
+    read before a later one.
 
     Parameters
     ----------
     grid : Grid
         The ServerApp's grid (unwrapped: these questions are not part of a round's record).
-    roles : mapping of int to SiteRole
-        What the nodes said at the start (:func:`discover_sites`).
     check_data : bool
-        Ask again before each round (deployment).
+        Ask about the data too, and keep asking (deployment).
     timeout_s : float
-        Longest wait for the answers, in seconds.
-    on_change : callable, optional
-        Called with ``(node_id, role)`` for each node newly left out or let back in.
+        Longest wait for the answers of a new site, in seconds.
+    on_answer : callable, optional
+        Called with ``(node_id, role)`` for every answer.
     """
 
-    def __init__(self, grid: Grid, roles: Mapping[int, SiteRole] | None = None, *, check_data: bool = False,
-                 timeout_s: float = 600.0, on_change: Callable[[int, SiteRole], None] | None = None) -> None:
+    def __init__(self, grid: Grid, *, check_data: bool = False, timeout_s: float = 600.0,
+                 on_answer: Callable[[int, SiteRole], None] | None = None) -> None:
         self.grid = grid
-        self.roles = dict(roles or {})
         self.check_data = check_data
         self.timeout_s = timeout_s
-        self.on_change = on_change
-        self._just_asked = set(self.roles)  # the first refresh need not ask them again
-        for node_id, role in self.roles.items():
-            if role.problem and on_change is not None:
-                on_change(node_id, role)
+        self.on_answer = on_answer
+        self.roles: dict[int, SiteRole] = {}
+        self._silent: set[int] = set()  # asked, never answered: sampled like any site, not asked again
+        self._pending: dict[str, int] = {}  # message id of a question to a left-out site -> its node
 
     @property
     def held_out_nodes(self) -> frozenset[int]:
@@ -143,23 +150,45 @@ class SiteRoster:
     def names(self) -> dict[int, str]:
         return {node_id: role.name for node_id, role in self.roles.items()}
 
+    def discover(self, expected_nodes: int, timeout_s: float) -> None:
+        """Ask every connected node (after waiting up to ``timeout_s`` for ``expected_nodes``)."""
+        deadline = time.monotonic() + timeout_s
+        node_ids = _connected(self.grid, expected_nodes, deadline)
+        self._ask(node_ids, max(1.0, deadline - time.monotonic()))
+        held_out = sorted(role.name for role in self.roles.values() if role.held_out)
+        if held_out or not self.check_data:
+            log(INFO, "Held-out sites (evaluate only, never train): %s", ", ".join(held_out) or "none")
+
     def refresh(self) -> None:
-        """Ask the nodes not heard from yet, and those left out, whether their data fits now."""
+        """Read the answers of left-out sites asked before; ask new nodes now; ask left-out sites again."""
         if not self.check_data:
             return
-        asked = [node_id for node_id in sorted(self.grid.get_node_ids()) if node_id not in self.roles
-                 or (self.roles[node_id].problem and node_id not in self._just_asked)]
-        self._just_asked = set()
-        if not asked:
-            return
-        answers = ask_sites(self.grid, asked, check_data=True, timeout_s=self.timeout_s)
-        for node_id in asked:
-            before = self.roles.get(node_id)
-            # A node that did not answer is sampled as any other, and not asked again.
-            role = answers.get(node_id, before or SiteRole(f"node-{node_id}", False))
-            self.roles[node_id] = role
-            if self.on_change is not None and role.problem != (before.problem if before else ""):
-                self.on_change(node_id, role)
+        for reply in self.grid.pull_messages(list(self._pending)) if self._pending else ():
+            node_id = self._pending.pop(reply.metadata.reply_to_message_id, None)
+            if node_id is not None and (role := _role(reply)) is not None:
+                self._heard(node_id, role)
+        connected = sorted(self.grid.get_node_ids())
+        new = [node_id for node_id in connected if node_id not in self.roles and node_id not in self._silent]
+        if new:
+            self._ask(new, self.timeout_s)
+        asking = set(self._pending.values())
+        again = [node_id for node_id in connected if node_id in self.left_out and node_id not in asking]
+        if again:
+            messages = [Message(content=_question(True), dst_node_id=node_id, message_type=MessageType.QUERY)
+                        for node_id in again]
+            self._pending.update(zip(self.grid.push_messages(messages), again))
+
+    def _ask(self, node_ids: list[int], timeout_s: float) -> None:
+        answers = ask_sites(self.grid, node_ids, check_data=self.check_data, timeout_s=timeout_s)
+        self._silent.update(node_id for node_id in node_ids if node_id not in answers)
+        for node_id, role in answers.items():
+            self._heard(node_id, role)
+
+    def _heard(self, node_id: int, role: SiteRole) -> None:
+        self.roles[node_id] = role
+        self._silent.discard(node_id)
+        if self.on_answer is not None:
+            self.on_answer(node_id, role)
 
 
 class NodeView(Grid):

@@ -288,7 +288,7 @@ class RunMetrics:
     #: ``"dropout"`` records (a site left out of a round: no reply, error, rejected update)
     #: and ``"site_left_out"``/``"site_admitted"`` records (a deployed site whose data
     #: does not fit the study, and its return), in file order.
-    dropouts: list[dict[str, Any]] = field(default_factory=list)
+    left_out: list[dict[str, Any]] = field(default_factory=list)
     #: ``"quorum_missed"`` records, in file order.
     quorum_misses: list[dict[str, Any]] = field(default_factory=list)
 
@@ -330,7 +330,7 @@ def load_run_metrics(run_dir: str | Path) -> RunMetrics:
         elif event == "site":
             run.site_records[(int(record["round"]), str(record["phase"]), str(record["site"]))] = record
         elif event in ("dropout", "site_left_out", "site_admitted"):
-            run.dropouts.append(record)
+            run.left_out.append(record)
         elif event == "quorum_missed":
             run.quorum_misses.append(record)
     run.rounds = sorted(set(run.round_records) | {key[0] for key in run.site_records})
@@ -1076,12 +1076,12 @@ def _left_out_row(record: dict[str, Any]) -> tuple[Any, ...]:
 
 def _dropouts_html(run: RunMetrics) -> list[str]:
     """A table of the sites left out of rounds, and of the rounds retried for lack of a quorum."""
-    if not run.dropouts and not run.quorum_misses:
+    if not run.left_out and not run.quorum_misses:
         return []
     escape = html.escape
     rows = [
         "<tr>" + "".join(f"<td>{escape(str(value))}</td>" for value in _left_out_row(record)) + "</tr>"
-        for record in run.dropouts
+        for record in run.left_out
     ]
     rows += [
         f"<tr><td>{escape(str(r.get('round', '')))}</td><td>train</td><td>–</td><td>quorum missed: "

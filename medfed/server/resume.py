@@ -158,6 +158,7 @@ class RoundOffsetStrategy(DelegatingStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.offset
+        self.roster.refresh()  # a site that joined during training is checked before it is sent anything
         with self._sampling(server_round, "evaluate"):
             messages = list(self.strategy.configure_evaluate(server_round, arrays, config, self._view(grid)))
         # The training sites are sampled (fraction_evaluate); the held-out sites, apart, are

@@ -64,6 +64,9 @@ RESUME_ENV = "MEDFED_RESUME"
 #: pull is a write to the SuperLink's SQLite state, so not much shorter);
 #: ``MEDFED_REPLY_POLL_S`` overrides it (benchmarks/bench_deployment.py compares the two).
 DEPLOYED_POLL_INTERVAL_S = 0.5
+#: Longest wait, in seconds, for the sites to say who they are (and, deployed, to check
+#: their data) before round 1; at most ``federation.round_timeout_s``.
+SITE_CHECK_TIMEOUT_S = 600.0
 
 app = ServerApp()
 
@@ -109,25 +112,28 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         np.random.seed(cfg.seed)
         arrays = _to_record(reference)
     deployed = _is_deployed(grid)
-    roles = _discover_sites(grid, cfg, deployed=deployed)
-    held_out_names = [role.name for role in roles.values() if role.held_out and not role.problem]
+    roster = _discover_sites(grid, cfg, deployed=deployed)
+    held_out_names = [role.name for role in roster.roles.values() if role.held_out and not role.problem]
     log.write({"event": "start", "time": _now(), "resumed_from_round": start.completed_rounds,
                "num_rounds": cfg.rounds, **_site_facts(cfg, held_out_names)})
+    # By site name: a site restarted (insecure) or resumed comes back as another node.
+    left_out = _still_left_out(run_dir / METRICS_FILE)
 
-    def site_changed(node_id: int, role: SiteRole) -> None:
+    def site_answered(node_id: int, role: SiteRole) -> None:
         recorder.node_names.setdefault(node_id, role.name)  # insecure sites have no name at the SuperLink
         # From this round on (asked before it starts).
         record = {"time": _now(), "round": max(recorder.server_round, start.completed_rounds + 1), "site": role.name}
-        if role.problem:
+        if role.problem and left_out.get(role.name) != role.problem:
+            left_out[role.name] = role.problem
             log.write({"event": "site_left_out", **record, "reason": role.problem})
-        else:
+        elif not role.problem and role.name in left_out:
+            del left_out[role.name]
             log.write({"event": "site_admitted", **record})
 
-    roster = SiteRoster(grid, roles, check_data=deployed, timeout_s=cfg.federation.round_timeout_s,
-                        on_change=site_changed)
-    for node_id, role in roles.items():
-        recorder.node_names.setdefault(node_id, role.name)
-    _check_enough_sites(cfg, roster)
+    for node_id, role in roster.roles.items():  # the answers before the "start" line
+        site_answered(node_id, role)
+    roster.on_answer = site_answered
+    _check_enough_sites(cfg, roster, log)
 
     def end_of_round(local_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal arrays
@@ -173,24 +179,38 @@ def read_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, Path,
     return cfg, run_dir, resume
 
 
-def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool) -> dict[int, SiteRole]:
-    """Node id -> who it is, asked when it matters: held-out sites, a simulated round that
+def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool) -> SiteRoster:
+    """Who the nodes are, asked when it matters: held-out sites, a simulated round that
     samples (for the same draw on both engines), and in deployment always, for whether each
     site's data fits the study. Real sites come and go: a deployed server without held-out
     sites asks those connected (``medfed server`` waited for the sites), not all of them, or
     a server that started with a quorum would wait here for the absent ones."""
-    from medfed.server.held_out import discover_sites
     from medfed.sites.profiles import num_held_out, num_nodes
 
     federation = cfg.federation
+    # A site that never answers holds up round 1 this long (then it is sampled as any other).
+    timeout_s = min(SITE_CHECK_TIMEOUT_S, federation.round_timeout_s)
+    roster = SiteRoster(grid, check_data=deployed, timeout_s=timeout_s)
     samples = federation.fraction_train < 1 or 0 < federation.fraction_evaluate < 1
-    if num_held_out(federation) == 0 and not deployed and not samples:
-        return {}
-    expected = num_nodes(federation) if num_held_out(federation) or not deployed else 0
-    return discover_sites(grid, expected, check_data=deployed, timeout_s=federation.round_timeout_s if deployed else 600.0)
+    if num_held_out(federation) or deployed or samples:
+        roster.discover(num_nodes(federation) if num_held_out(federation) or not deployed else 0, timeout_s)
+    return roster
 
 
-def _check_enough_sites(cfg: ExperimentConfig, roster: SiteRoster) -> None:
+def _still_left_out(path: Path) -> dict[str, str]:
+    """Site name -> reason, of the sites an earlier start of this run left out and did not take back."""
+    from medfed.server.report import read_metrics
+
+    left_out: dict[str, str] = {}
+    for record in read_metrics(path) if path.is_file() else ():
+        if record["event"] == "site_left_out":
+            left_out[str(record.get("site"))] = str(record.get("reason"))
+        elif record["event"] == "site_admitted":
+            left_out.pop(str(record.get("site")), None)
+    return left_out
+
+
+def _check_enough_sites(cfg: ExperimentConfig, roster: SiteRoster, log: MetricsLog) -> None:
     """Stop before round 1 when the sites whose data fits are fewer than the quorum."""
     left_out = roster.left_out
     if not left_out:
@@ -200,11 +220,10 @@ def _check_enough_sites(cfg: ExperimentConfig, roster: SiteRoster) -> None:
     if len(fit) < cfg.federation.quorum:
         # The reasons went to metrics.jsonl (and medfed server's output) as each site was left out.
         names = ", ".join(sorted(role.name for role in left_out.values()))
-        raise QuorumError(
-            f"Only {len(fit)} site(s) have data that fits the study, fewer than the quorum (federation.min_sites) "
-            f"of {cfg.federation.quorum}; left out: {names} (why: {METRICS_FILE}). Have those sites fix their data, "
-            "then resume the run."
-        )
+        reason = (f"only {len(fit)} site(s) have data that fits the study, fewer than the quorum "
+                  f"(federation.min_sites) of {cfg.federation.quorum}; left out: {names}")
+        log.write({"event": "stopped", "time": _now(), "reason": reason})  # what medfed server reports
+        raise QuorumError(f"{reason[0].upper()}{reason[1:]}. Have those sites fix their data, then resume the run.")
 
 
 def _site_facts(cfg: ExperimentConfig, held_out_names: list[str]) -> dict[str, Any]:

@@ -91,9 +91,22 @@ def test_another_datasets_file_is_named_not_taken_for_a_site_folder(tiny_root, t
     other = tmp_path / "pneu"
     other.mkdir()
     (other / "pneumoniamnist.npz").write_bytes((tiny_root / "breastmnist.npz").read_bytes())
-    with pytest.raises(SiteDataError, match=r"holds pneumoniamnist.npz but this study needs breastmnist.npz "
-                                            r"\(data.dataset breastmnist, data.img_size 28\)"):
+    with pytest.raises(StudyMismatchError, match=r"holds pneumoniamnist.npz but this study needs breastmnist at 28 "
+                                                 r"px \(breastmnist.npz\)") as info:
         load_site_data({"data-path": str(other), "site-name": "hospital-a"}, 7, cfg)
+    # The server is told which data, not the site's file names.
+    assert info.value.reason == ("the site holds MedMNIST pneumoniamnist at 28 px but this study needs breastmnist at "
+                                 "28 px (breastmnist.npz)")
+
+
+def test_a_stray_npz_beside_a_site_folder_is_neither_named_nor_in_the_way(tiny_root, tiny_config, tmp_path):
+    # A backup file of the site's own naming took the "another dataset's file" branch, and
+    # its name went to the server.
+    cfg = tiny_config(tiny_root, tmp_path)
+    folder = _write_site_folder(tmp_path / "site", 28, 1)
+    (folder / "ward7_jsmith_breastmnist_backup.npz").write_bytes(b"not read")
+    site = load_site_data({"data-path": str(folder)}, 1, cfg)
+    assert len(site.train) == 4
 
 
 def _write_site_folder(root: Path, size: int, channels: int, top_label: int = 1) -> Path:
@@ -144,7 +157,8 @@ def test_site_folder_unlike_the_experiment_is_refused(tiny_root, tiny_config, tm
     [
         (28, 3, 1, "the site holds 6 of 6 images in colour but the study's dataset breastmnist is grayscale"),
         (64, 1, 1, "the site holds 64x64 px images (width x height) but the study's data.img_size is 28"),
-        (28, 1, 5, "the site's images have label 5 but the study's dataset breastmnist has 2 classes (labels 0 to 1)"),
+        (28, 1, 5, "the site's images have label 5 but the study's dataset breastmnist is binary-class with 2 classes "
+                   "(labels 0 to 1)"),
     ],
 )
 def test_what_does_not_fit_the_study_is_said_without_the_sites_paths(
@@ -173,3 +187,29 @@ def test_a_few_colour_images_among_gray_ones_are_named(tiny_root, tiny_config, t
         load_site_data({"data-path": str(folder)}, 1, cfg)
     assert f"1 of 6 images are in colour where grayscale ones are needed: {folder / '3.png'}; " in str(info.value)
     assert info.value.reason == "the site holds 1 of 6 images in colour but the study's dataset breastmnist is grayscale"
+
+
+@pytest.mark.parametrize(
+    ("flag", "labels", "reason"),
+    [
+        ("chestmnist", ["0", "1"], "the site's images have labels of 1 values but the study's dataset chestmnist is "
+                                   "multi-label with 14 values per label (0 or 1 each, such as '0;1;0')"),
+        ("chestmnist", ["0", "5"], "the site's images have labels such as '5' but the study's dataset chestmnist is "
+                                   "multi-label with 14 values per label (0 or 1 each, such as '0;1;0')"),
+        ("breastmnist", ["0;1", "1;0"], "the site's images have labels such as '0;1' but the study's dataset "
+                                        "breastmnist is binary-class with 2 classes (labels 0 to 1)"),
+    ],
+)
+def test_labels_of_the_wrong_form_for_the_study_are_said_so(tiny_root, tiny_config, tmp_path, flag, labels, reason):
+    # medfed client accepts both label forms before it knows the study: only the study tells.
+    cfg = tiny_config(tiny_root, tmp_path, data={"dataset": flag, "root": str(tiny_root), "img_size": 28})
+    folder = tmp_path / "site"
+    folder.mkdir()
+    lines = ["filename,label,split"]
+    for i, split in enumerate(["train"] * 4 + ["test"] * 2):
+        Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(f"{i}.png,{labels[i % 2]},{split}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(StudyMismatchError) as info:
+        load_site_data({"data-path": str(folder)}, 1, cfg)
+    assert info.value.reason == reason

@@ -1,5 +1,7 @@
 """Mistakes with `medfed server` / `medfed client` end in one line and exit 2, before anything starts."""
 
+import json
+
 import pytest
 
 from medfed.cli import main
@@ -75,3 +77,23 @@ def test_the_join_counter_says_when_more_sites_joined_than_expected():
         "medfed server: site alpha joined (1/2)", "medfed server: site beta joined (2/2)",
         "medfed server: site gamma joined (3 connected, 2 expected)",
     ]
+
+
+def test_sites_left_out_and_taken_back_are_said_and_a_stop_for_want_of_them_is_named(tmp_path):
+    from medfed.deploy.superlink import DeployError, _check_finished, _progress_line
+
+    left = {"event": "site_left_out", "round": 1, "site": "gamma", "reason": "the site's data does not fit the study: x"}
+    assert _progress_line(left, 3) == ("medfed server: site gamma left out of the run: the site's data does not fit "
+                                       "the study: x (asked again while the run goes on)")
+    assert _progress_line({"event": "site_admitted", "round": 2, "site": "gamma"}, 3) == (
+        "medfed server: site gamma's data now fits the study; it takes part from this round")
+    # A run stopped before round 1 says why, not Flower's last log line.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"event": "start", "resumed_from_round": 0}, left,
+        {"event": "stopped", "reason": "only 2 site(s) have data that fits the study"},
+    ]) + "\n")
+    with pytest.raises(DeployError, match=r"^The run did not finish: only 2 site\(s\) have data that fits the study\. "
+                                          r"Resume it with: medfed server --resume"):
+        _check_finished(run_dir, tmp_path / "flower", "medfed server --resume --run-dir run")

@@ -606,5 +606,5 @@ def test_sites_left_out_are_listed_in_the_report(tmp_path):
     run = load_run_metrics(tmp_path)
     html = build_report(tmp_path).read_text()
     # Assert
-    assert [(d["round"], d["site"]) for d in run.dropouts] == [(1, "site-2")]
+    assert [(d["round"], d["site"]) for d in run.left_out] == [(1, "site-2")]
     assert "Sites left out" in html and "no reply within 60 s" in html

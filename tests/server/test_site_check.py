@@ -13,7 +13,7 @@ from PIL import Image
 from medfed.client.client_app import app as client_app
 from medfed.config import to_run_config
 from medfed.server import server_app
-from medfed.server.held_out import SiteRoster, discover_sites
+from medfed.server.held_out import SiteRoster
 from medfed.server.quorum import QuorumError
 from medfed.simulation.local import LocalGrid
 
@@ -41,24 +41,26 @@ def test_the_roster_leaves_out_a_site_unlike_the_study_and_takes_it_back_once_fi
     cfg = tiny_config(tiny_root, tmp_path)
     bad = _site_folder(tmp_path / "gamma" / "ward-7", 64)
     grid = _grid(cfg, tiny_root, bad)
-    changes = []
+    gamma = max(grid.get_node_ids())
+    answers = []
+    roster = SiteRoster(grid, check_data=True, on_answer=lambda node, role: answers.append((role.name, role.problem)))
     # Execute
-    roster = SiteRoster(grid, discover_sites(grid, 0, check_data=True), check_data=True,
-                        on_change=lambda node, role: changes.append((role.name, role.problem)))
+    roster.discover(0, 60.0)
     # Assert: named, with what differs and nothing of where the site keeps its images.
-    assert list(roster.left_out) == [4]
-    assert changes == [("gamma", "the site's data does not fit the study: the site holds 64x64 px images "
-                                 "(width x height) but the study's data.img_size is 28")]
-    assert "ward-7" not in changes[0][1]
-    # Execute: before round 1 (just asked) and round 2 (asked again), still the same: nothing new is said.
+    assert list(roster.left_out) == [gamma]
+    problem = ("the site's data does not fit the study: the site holds 64x64 px images (width x height) but the "
+               "study's data.img_size is 28")
+    assert sorted(answers) == [("alpha", ""), ("beta", ""), ("gamma", problem)]
+    # Execute: before the next rounds gamma is asked again, its answer read a round later.
     roster.refresh()
     roster.refresh()
-    assert len(changes) == 1
-    # Execute: the site fixes its images.
-    _site_folder(bad, 28)
+    assert list(roster.left_out) == [gamma] and answers[-1] == ("gamma", problem)
+    _site_folder(bad, 28)  # the site fixes its images
+    roster.refresh()  # reads the answer given before the fix, asks again
+    assert list(roster.left_out) == [gamma]
     roster.refresh()
     # Assert
-    assert roster.left_out == {} and changes[-1] == ("gamma", "")
+    assert roster.left_out == {} and answers[-1] == ("gamma", "")
 
 
 def test_a_refused_instruction_says_what_does_not_fit_without_the_sites_paths(tiny_root, tiny_config, tmp_path):
@@ -74,9 +76,9 @@ def test_a_refused_instruction_says_what_does_not_fit_without_the_sites_paths(ti
     assert "ward-7" not in reply.error.reason
 
 
-def _serve(cfg, grid: LocalGrid, run_dir: Path, monkeypatch) -> None:
+def _serve(cfg, grid: LocalGrid, run_dir: Path, monkeypatch, resume: bool = False) -> None:
     monkeypatch.setattr(server_app, "_is_deployed", lambda grid: True)  # as under a SuperLink
-    run_config = {**to_run_config(cfg), server_app.RUN_DIR_KEY: str(run_dir)}
+    run_config = {**to_run_config(cfg), server_app.RUN_DIR_KEY: str(run_dir), server_app.RESUME_KEY: resume}
     server_app.app(grid=grid, context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                                               run_config=run_config))
 
@@ -108,6 +110,53 @@ def test_too_few_fitting_sites_stop_the_run_before_round_1(tiny_root, tiny_confi
     with pytest.raises(QuorumError, match=r"Only 2 site\(s\) have data that fits the study, fewer than the quorum "
                                           r"\(federation.min_sites\) of 3; left out: gamma"):
         _serve(cfg, grid, tmp_path / "run", monkeypatch)
-    # Assert: no round was started.
-    events = [json.loads(line)["event"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert events == ["start", "site_left_out"]
+    # Assert: no round was started; why it stopped is on record for medfed server to say.
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records] == ["start", "site_left_out", "stopped"]
+    assert records[-1]["reason"].startswith("only 2 site(s) have data that fits the study")
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_run_says_a_site_is_back_once_fixed_and_not_twice_that_it_is_out(
+    tiny_root, tiny_config, tmp_path, monkeypatch
+):
+    # By site name, not node: a site restarted, or a resumed run, brings it back as another node.
+    cfg = tiny_config(tiny_root, tmp_path, rounds=1, federation={"num_sites": 3, "min_sites": 2})
+    bad = _site_folder(tmp_path / "gamma", 64)
+    run_dir = tmp_path / "run"
+    _serve(cfg, _grid(cfg, tiny_root, bad), run_dir, monkeypatch)
+    # Execute: resumed with one more round, gamma unchanged: nothing new to say.
+    more = tiny_config(tiny_root, tmp_path, rounds=2, federation={"num_sites": 3, "min_sites": 2})
+    _serve(more, _grid(more, tiny_root, bad), run_dir, monkeypatch, resume=True)
+    assert [r["site"] for r in _records(run_dir) if r["event"] == "site_left_out"] == ["gamma"]
+    # Execute: gamma fixes its images; one more round.
+    _site_folder(bad, 28)
+    last = tiny_config(tiny_root, tmp_path, rounds=3, federation={"num_sites": 3, "min_sites": 2})
+    _serve(last, _grid(last, tiny_root, bad), run_dir, monkeypatch, resume=True)
+    # Assert: back in round 3, and trained there.
+    records = _records(run_dir)
+    assert [(r["round"], r["site"]) for r in records if r["event"] == "site_admitted"] == [(3, "gamma")]
+    assert {r["site"] for r in records if r["event"] == "site" and r["round"] == 3} == {"alpha", "beta", "gamma"}
+    assert "its data fits the study now" in (run_dir / "report.html").read_text()
+
+
+def test_a_simulation_asks_no_site_about_its_data(tiny_root, tiny_config, tmp_path, monkeypatch):
+    # Simulated sites are built from the study: the check is for deployment only.
+    from medfed.simulation.local import run_local
+
+    asked = []
+
+    class Spy(LocalGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            asked.extend(m.content["config"]["question"] for m in messages if m.metadata.message_type == MessageType.QUERY)
+            return super().push_messages(messages)
+
+    import medfed.simulation.local as local
+
+    monkeypatch.setattr(local, "LocalGrid", Spy)
+    run_local(tiny_config(tiny_root, tmp_path, rounds=1, federation={"num_sites": 3, "fraction_train": 0.67}))
+    assert asked and set(asked) == {"site-role"}  # asked who they are (a round samples), never about data
