@@ -32,7 +32,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-__all__ = ["NodeView", "SiteRole", "SiteRoster", "ask_sites", "discover_sites"]
+__all__ = ["NodeView", "SiteRole", "SiteRoster", "ask_sites"]
 
 
 class SiteRole(NamedTuple):
@@ -43,27 +43,6 @@ class SiteRole(NamedTuple):
     #: What keeps its data out of the study, in words that name no file; "" when it fits
     #: or was not asked.
     problem: str = ""
-
-
-def discover_sites(grid: Grid, expected_nodes: int, *, check_data: bool = False,
-                   timeout_s: float = 600.0) -> dict[int, SiteRole]:
-    """Ask every node who it is; return ``{node id: SiteRole}`` of those that answered.
-
-    Parameters
-    ----------
-    grid : Grid
-        The ServerApp's grid.
-    expected_nodes : int
-        Training plus held-out sites: wait (up to ``timeout_s``) until that many are
-        connected. 0: ask those connected now.
-    check_data : bool
-        Ask each site also to load its data and say whether it fits the study.
-    timeout_s : float
-        Longest wait for nodes and for their answers, in seconds.
-    """
-    deadline = time.monotonic() + timeout_s
-    node_ids = _connected(grid, expected_nodes, deadline)
-    return ask_sites(grid, node_ids, check_data=check_data, timeout_s=max(1.0, deadline - time.monotonic()))
 
 
 def _connected(grid: Grid, expected_nodes: int, deadline: float) -> list[int]:
