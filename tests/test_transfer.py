@@ -143,3 +143,31 @@ def test_the_server_packs_a_model_shared_by_its_messages_once(monkeypatch):
     assert len(calls) == 1
     assert all(list(m.content["arrays"].keys()) == [PACKED_KEY] for m in encoded)
     assert list(content["arrays"].keys()) == ["w", "count"]
+
+
+def test_numpy_arrays_reads_what_array_numpy_reads_without_numpys_header_parser(monkeypatch):
+    # np.load parses each .npy header as Python source: most of the in-process engine's
+    # cost per round beyond training. The fast reader must give the same arrays.
+    import numpy as np
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from medfed.transfer import numpy_arrays
+
+    record = ArrayRecord({
+        "weight": Array(np.arange(12, dtype=np.float32).reshape(3, 4)),
+        "fortran": Array(np.asfortranarray(np.arange(6.0).reshape(2, 3))),  # falls back to np.load
+        "transposed": Array(torch.arange(6, dtype=torch.float32).reshape(2, 3).t()),  # Fortran order too
+        "flag": Array(np.array(True)), "count": Array(np.array([1, 2], dtype=np.int64)),
+        "empty": Array(np.zeros(0, np.uint8)), "scalar": Array(np.array(3.5, dtype=np.float32)),
+    })
+    expected = {key: array.numpy() for key, array in record.items()}
+    loads = []
+    original = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(1) or original(*a, **k))
+    got = numpy_arrays(record)
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        assert np.array_equal(got[key], value) and got[key].flags.writeable, key
+    assert len(loads) == 2  # only the two Fortran-ordered arrays went through np.load

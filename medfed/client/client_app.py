@@ -71,7 +71,7 @@ from medfed.data import ImageDataset, confusion, train_augmentation
 from medfed.data.pooled import score_histograms
 from medfed.strategies import ClientHooks, ModelSpec, client_hooks_for
 from medfed.strategies._groups import group_count_metrics
-from medfed.transfer import from_wire, to_wire
+from medfed.transfer import from_wire, numpy_arrays, to_wire
 
 __all__ = ["SiteFailure", "SiteRefusal", "app"]
 
@@ -267,7 +267,8 @@ def _model(
         while len(_MODELS) > _MAX_MODELS:
             _MODELS.popitem(last=False)
     model = _MODELS[key]
-    hooks.load_global(model, from_wire(msg.content["arrays"]).to_torch_state_dict(), kept)
+    received = numpy_arrays(from_wire(msg.content["arrays"]))
+    hooks.load_global(model, OrderedDict((key, torch.from_numpy(value)) for key, value in received.items()), kept)
     return prepare_model(model, device, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
 
 

@@ -45,6 +45,7 @@ from medfed.server.quorum import QuorumError, QuorumGuard, QuorumNotMet, apply_q
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.report import MetricsLog, build_report, print_summary
 from medfed.server.transfer import TransferGrid
+from medfed.transfer import numpy_arrays
 from medfed.server.resume import (
     CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RoundOffsetStrategy, get_rng_state, prepare_run_dir, set_rng_state,
 )
@@ -287,7 +288,7 @@ def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    return numpy_arrays(record)
 
 
 def _now() -> str:

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import RecordDict
 
+from medfed.transfer import numpy_arrays
+
 __all__ = [
     "array_layout",
     "clip_update",
@@ -134,7 +136,7 @@ def find_invalid_replies(
         reason = _structure_problem(content, weighted_by_key)
         if reason is None:
             record_name, record = next(iter(content.array_records.items()))
-            counts = count_non_finite({name: array.numpy() for name, array in record.items()})
+            counts = count_non_finite(numpy_arrays(record))
             if counts:
                 name, count = next(iter(counts.items()))
                 more = len(counts) - 1

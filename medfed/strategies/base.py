@@ -39,6 +39,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from medfed.transfer import numpy_arrays
+
 from ._groups import equity_scaled_metrics
 from ._validation import (
     clip_update,
@@ -201,7 +203,7 @@ class MedfedStrategy:
     def _reference(self) -> dict[str, np.ndarray] | None:
         if self.global_arrays is None:
             return None
-        return {name: array.numpy() for name, array in self.global_arrays.items()}
+        return numpy_arrays(self.global_arrays)
 
     def _norm_outliers(self, answered: list[Message], invalid: Mapping[int, str]) -> dict[int, str]:
         max_z = self.reply_policy.max_update_norm_z
@@ -247,5 +249,4 @@ def _in_dtype(array: Array, dtype: str) -> Array:
 
 
 def _arrays_of(msg: Message) -> dict[str, np.ndarray]:
-    record = next(iter(msg.content.array_records.values()))
-    return {name: array.numpy() for name, array in record.items()}
+    return numpy_arrays(next(iter(msg.content.array_records.values())))
