@@ -56,7 +56,7 @@ class StudyMismatchError(SiteDataError):
     channel count, or labels outside the study's classes.
 
     Only the run's config tells (``medfed client`` checks the folder before it knows the
-    study), so this is found when the server asks (:func:`medfed.server.held_out.check_sites`).
+    study), so this is found when the server asks (:class:`medfed.server.held_out.SiteRoster`).
 
     Attributes
     ----------
@@ -270,7 +270,7 @@ def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, 
         except LabelRangeError as error:
             study = _label_words(info)
             raise StudyMismatchError(
-                f"{error} The study's dataset {flag} is {study}; relabel the site's images so.",
+                f"{error} The study's dataset {flag} is {study}; relabel the site's images to fit.",
                 reason=f"the site's images have {error.detail} but the study's dataset {flag} is {study}",
             ) from None
         # The .npz file is checked against flag and size when read; a site folder takes
