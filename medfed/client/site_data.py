@@ -239,13 +239,14 @@ def _simulated_site(
 def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, ImageDataset]:
     path = Path(data_path).expanduser()
     from medfed.data import medmnist_filename, parse_medmnist_filename
+    from medfed.data.site_folder import is_site_folder
 
     wanted = medmnist_filename(flag, img_size)
     official = {p.name: parse_medmnist_filename(p.name) for p in sorted(path.glob("*.npz"))}
     official = {name: flag_size for name, flag_size in official.items() if flag_size is not None}
     if (path / wanted).is_file():
         splits = load_dataset_once(flag, str(path), img_size)
-    elif official and not _has_labels_csv(path):
+    elif official and not is_site_folder(path):
         # MedMNIST files, but not this study's: say so, not "no labels.csv". The server
         # is told which data, not the file names (official ones here, but a site's all the same).
         study = f"this study needs {flag} at {img_size} px ({wanted})"
@@ -282,11 +283,6 @@ def _load_path(data_path: str, flag: str, img_size: int) -> tuple[ImageDataset, 
     if test is None or len(test) == 0:
         raise SiteDataError(f"The site data at {path} has no 'test' (or 'val') images to evaluate on; add one.")
     return splits["train"], test
-
-
-def _has_labels_csv(path: Path) -> bool:
-    return (path / "labels.csv").is_file() or any((path / split / "labels.csv").is_file()
-                                                   for split in ("train", "val", "test"))
 
 
 def _label_words(info: DatasetInfo) -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "default_data_root",
     "medmnist_filename",
     "medmnist_url",
+    "medmnist_file_parts",
     "parse_medmnist_filename",
     "download_file",
     "validate_medmnist_arrays",
@@ -69,13 +70,18 @@ def medmnist_filename(flag: str, size: int = 28) -> str:
 _OFFICIAL_FILE = re.compile(r"(?P<flag>[a-z0-9]+?)(?:_(?P<size>28|64|128|224))?\.npz")
 
 
-def parse_medmnist_filename(name: str) -> tuple[str, int] | None:
-    """``(flag, size)`` of an official file name (``pathmnist_64.npz`` -> ``("pathmnist", 64)``),
-    or None when ``name`` is not one (a 3D or unknown flag, another file)."""
+def medmnist_file_parts(name: str) -> tuple[str, int] | None:
+    """``(flag, size)`` of a name in the official form (``pathmnist_64.npz`` -> ``("pathmnist", 64)``),
+    whatever the flag; None for any other name."""
     match = _OFFICIAL_FILE.fullmatch(name)
-    if match is None or match["flag"] not in MEDMNIST_2D_FLAGS:
-        return None
-    return match["flag"], int(match["size"] or 28)
+    return None if match is None else (match["flag"], int(match["size"] or 28))
+
+
+def parse_medmnist_filename(name: str) -> tuple[str, int] | None:
+    """:func:`medmnist_file_parts` of an official file of a MedMNIST 2D dataset; None for any
+    other name (a 3D or unknown flag, another file)."""
+    parts = medmnist_file_parts(name)
+    return parts if parts is not None and parts[0] in MEDMNIST_2D_FLAGS else None
 
 
 def medmnist_url(flag: str, size: int = 28) -> str:

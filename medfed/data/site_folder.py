@@ -34,7 +34,7 @@ from .dataset import UNKNOWN_GROUP, ImageDataset
 from .errors import ColourImagesError, DatasetNotFoundError, DatasetValidationError, LabelRangeError
 from .info import BINARY_CLASS, DatasetInfo, normalize_task
 
-__all__ = ["load_site_folder", "LABELS_CSV"]
+__all__ = ["is_site_folder", "load_site_folder", "LABELS_CSV"]
 
 #: Name of the label file.
 LABELS_CSV = "labels.csv"
@@ -54,6 +54,12 @@ class _Row:
     label: tuple[int, ...]  # one class index, or L values of 0/1 (multi-label)
     group: int
     where: str  # "file.csv line N" for messages
+
+
+def is_site_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a site folder's ``labels.csv`` (at its top or in a split folder)."""
+    root = Path(path).expanduser()
+    return (root / LABELS_CSV).is_file() or any((root / split / LABELS_CSV).is_file() for split in _SPLITS)
 
 
 def load_site_folder(

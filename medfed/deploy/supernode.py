@@ -18,7 +18,6 @@ labels, file names and the data path never do.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import ssl
 import subprocess
@@ -34,12 +33,10 @@ from medfed.deploy.superlink import Address, DeployError, parse_address
 
 __all__ = ["check_site_data", "probe_server", "run_client"]
 
-#: ``{flag}.npz`` or ``{flag}_{size}.npz``: an official MedMNIST file.
 #: Seconds between the SuperNode's checks for a message to run (Flower's default: 1 s).
 CLIENTAPP_POLL_S = "0.1"
 #: Seconds :func:`probe_server` waits for a connection or a TLS handshake.
 PROBE_TIMEOUT_S = 5.0
-_MEDMNIST_FILE = re.compile(r"(?P<flag>[a-z0-9]+?)(?:_(?P<size>28|64|128|224))?\.npz")
 _TASKS = ("multi-class", "multi-label, binary-class")
 
 
@@ -56,14 +53,16 @@ def check_site_data(path: str | Path) -> str:
         One line naming the problem (missing folder, unreadable image, bad label...).
     """
     from medfed.client.site_data import SiteDataError
+    from medfed.data.medmnist_files import medmnist_file_parts
+    from medfed.data.site_folder import is_site_folder
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise SiteDataError(f"The site data folder {folder} does not exist (--data).")
-    npz_files = sorted(p for p in folder.glob("*.npz") if _MEDMNIST_FILE.fullmatch(p.name))
+    npz_files = sorted(p for p in folder.glob("*.npz") if medmnist_file_parts(p.name))
     if npz_files:
         splits = _check_medmnist_files(npz_files)
-    elif (folder / "labels.csv").is_file() or (folder / "train" / "labels.csv").is_file():
+    elif is_site_folder(folder):
         splits = _check_site_folder(folder)
     else:
         raise SiteDataError(
@@ -79,15 +78,16 @@ def check_site_data(path: str | Path) -> str:
 
 def _check_medmnist_files(files: list[Path]) -> dict[str, int]:
     from medfed.data import DatasetSizeWarning, load_medmnist
+    from medfed.data.medmnist_files import medmnist_file_parts
     from medfed.data.info import dataset_info
 
     counts: dict[str, int] = {}
     for path in files:
-        match = _MEDMNIST_FILE.fullmatch(path.name)
-        dataset_info(match["flag"])  # an unknown flag is a one-line error
+        flag, size = medmnist_file_parts(path.name)
+        dataset_info(flag)  # an unknown flag is a one-line error
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DatasetSizeWarning)  # a site holds a share, not the release
-            splits = load_medmnist(match["flag"], path.parent, int(match["size"] or 28), download=False)
+            splits = load_medmnist(flag, path.parent, size, download=False)
         for name, dataset in splits.items():
             counts[name] = max(counts.get(name, 0), len(dataset))
     return counts
