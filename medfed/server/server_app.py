@@ -45,12 +45,12 @@ from medfed.server.quorum import QuorumError, QuorumGuard, QuorumNotMet, apply_q
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.report import MetricsLog, build_report, print_summary
 from medfed.server.transfer import TransferGrid
-from medfed.transfer import numpy_arrays
 from medfed.server.resume import (
     CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RoundOffsetStrategy, get_rng_state, prepare_run_dir, set_rng_state,
 )
 from medfed.strategies import ModelSpec, ReplyPolicy, create_strategy, load_strategy_state, strategy_state
 from medfed.strategies.base import MedfedStrategy
+from medfed.transfer import numpy_arrays
 
 __all__ = [
     "RESUME_ENV", "RESUME_KEY", "RUN_DIR_ENV", "RUN_DIR_KEY", "app", "build_strategy", "initial_model_arrays",
@@ -146,7 +146,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         state = {"rng": get_rng_state(), "history": recorder.history, "config": config_to_dict(cfg)}
         save_checkpoint(
             run_dir / CHECKPOINT_FILE, server_round=start.completed_rounds + local_round,
-            arrays=_to_numpy(round_arrays), strategy_state=strategy_state(strategy), state=state,
+            arrays=numpy_arrays(round_arrays), strategy_state=strategy_state(strategy), state=state,
         )
         return None
 
@@ -161,7 +161,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
             num_rounds=remaining, timeout=cfg.federation.round_timeout_s,
             train_config=train_config(cfg), evaluate_config=ConfigRecord(), evaluate_fn=end_of_round,
         )
-    final = {k: v.astype(reference[k].dtype, copy=False) for k, v in _to_numpy(arrays).items()}
+    final = {k: v.astype(reference[k].dtype, copy=False) for k, v in numpy_arrays(arrays).items()}
     save_arrays(run_dir / MODEL_FILE, final)
     log.write({"event": "end", "time": _now(), "rounds_done": cfg.rounds})
     build_report(run_dir)
@@ -285,10 +285,6 @@ def _is_deployed(grid: Grid) -> bool:
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
-
-
-def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return numpy_arrays(record)
 
 
 def _now() -> str:
