@@ -4,7 +4,7 @@ tables in ``docs/performance.md``.
 
 Modes::
 
-    python -m benchmarks --quick     # CPU (47 min once on 2 cores under load 6-17)
+    python -m benchmarks --quick     # CPU (800 s on 2 quiet cores; 47 min under load 6-17)
     python -m benchmarks --gpu       # one CUDA GPU, under 8 minutes
     python -m benchmarks --smoke --results-dir /tmp/r --docs /tmp/p.md   # seconds: checks the harness
 
