@@ -27,37 +27,54 @@ from __future__ import annotations
 
 import io
 import json
+import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
-__all__ = ["PACKED_KEY", "TRANSFER_DTYPES", "decode_arrays", "encode_arrays", "from_wire", "numpy_arrays", "pack_arrays",
-           "to_wire", "unpack_arrays"]
+__all__ = ["PACKED_KEY", "TRANSFER_DTYPES", "decode_arrays", "encode_arrays", "from_wire", "numpy_arrays",
+           "numpy_from_wire", "pack_arrays", "to_wire", "unpack_arrays"]
 
 #: The values of ``federation.transfer_dtype``.
 TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
 _BFLOAT16 = "bfloat16"
 
 
+def _narrow(values: np.ndarray, dtype: str) -> tuple[str, np.ndarray]:
+    """A float32 array in the transfer ``dtype``: (dtype name on the wire, payload array)."""
+    if values.dtype != np.float32 or dtype == "float32":
+        return str(values.dtype), values
+    tensor = torch.from_numpy(np.asarray(values, order="C"))
+    if dtype == "float16":
+        return "float16", tensor.to(torch.float16).numpy()
+    return _BFLOAT16, tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def _widen(values: np.ndarray, dtype: str) -> np.ndarray:
+    """The inverse of :func:`_narrow`: a float16 or bfloat16 payload as float32."""
+    if dtype == "float16":
+        return values.astype(np.float32)
+    if dtype == _BFLOAT16:
+        return torch.from_numpy(np.asarray(values, order="C").view(np.int16)).view(torch.bfloat16).float().numpy()
+    return values
+
+
 def _encode(array: Array, dtype: str) -> Array:
     if array.dtype != "float32":
         return array
-    values = torch.from_numpy(np.ascontiguousarray(array.numpy()))
-    if dtype == "float16":
-        return Array(values.to(torch.float16).numpy())
-    bits = Array(values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
-    return Array(dtype=_BFLOAT16, shape=bits.shape, stype=bits.stype, data=bits.data)
+    name, payload = _narrow(_numpy(array), dtype)
+    encoded = Array(payload)
+    return encoded if name == encoded.dtype else Array(dtype=name, shape=encoded.shape, stype=encoded.stype,
+                                                       data=encoded.data)
 
 
 def _decode(array: Array) -> Array:
-    if array.dtype == "float16":
-        return Array(array.numpy().astype(np.float32))
-    if array.dtype == _BFLOAT16:
-        bits = torch.from_numpy(np.ascontiguousarray(array.numpy()).view(np.int16))
-        return Array(bits.view(torch.bfloat16).to(torch.float32).numpy())
-    return array
+    if array.dtype not in ("float16", _BFLOAT16):
+        return array
+    return Array(_widen(_numpy(array), array.dtype))
 
 
 def encode_arrays(record: ArrayRecord, dtype: str) -> ArrayRecord:
@@ -75,8 +92,7 @@ def encode_arrays(record: ArrayRecord, dtype: str) -> ArrayRecord:
     ArrayRecord
         A new record (same keys, same order), or ``record`` when ``dtype`` is float32.
     """
-    if dtype not in TRANSFER_DTYPES:
-        raise ValueError(f"The 'dtype' parameter of encode_arrays must be one of {TRANSFER_DTYPES}. Got {dtype!r}.")
+    _check_dtype(dtype, "encode_arrays")
     if dtype == "float32":
         return record
     return ArrayRecord({key: _encode(array, dtype) for key, array in record.items()})
@@ -87,6 +103,11 @@ def decode_arrays(record: ArrayRecord) -> ArrayRecord:
     if not any(array.dtype in ("float16", _BFLOAT16) for array in record.values()):
         return record
     return ArrayRecord({key: _decode(array) for key, array in record.items()})
+
+
+def _check_dtype(dtype: str, caller: str) -> None:
+    if dtype not in TRANSFER_DTYPES:
+        raise ValueError(f"The 'dtype' parameter of {caller} must be one of {TRANSFER_DTYPES}. Got {dtype!r}.")
 
 
 #: The single key of a packed ArrayRecord.
@@ -101,9 +122,16 @@ def pack_arrays(record: ArrayRecord) -> ArrayRecord:
     of ``[name, dtype, shape, stype, nbytes]`` in the record's order), then each array's
     serialized bytes (``Array.data``) in that order.
     """
-    manifest = json.dumps([[key, a.dtype, list(a.shape), a.stype, len(a.data)] for key, a in record.items()]).encode()
-    parts = [len(manifest).to_bytes(_LENGTH_BYTES, "little"), manifest, *(a.data for a in record.values())]
-    size = sum(len(part) for part in parts)
+    return _pack([(key, a.dtype, list(a.shape), a.stype, [a.data]) for key, a in record.items()])
+
+
+def _pack(entries: list[tuple[str, str, list[int], str, list]]) -> ArrayRecord:
+    """Pack ``(name, dtype, shape, stype, [byte chunks])`` entries (see :func:`pack_arrays`)."""
+    manifest = json.dumps([[key, dtype, shape, stype, sum(memoryview(c).nbytes for c in chunks)]
+                           for key, dtype, shape, stype, chunks in entries]).encode()
+    parts = [len(manifest).to_bytes(_LENGTH_BYTES, "little"), manifest,
+             *(chunk for *_, chunks in entries for chunk in chunks)]
+    size = sum(memoryview(part).nbytes for part in parts)
     # The .npy bytes that Array(np.frombuffer(blob, np.uint8)) would hold, joined in one
     # copy: going through NumPy would copy the whole model twice more (a model of
     # medvit_v2_large is 426 MB).
@@ -111,6 +139,40 @@ def pack_arrays(record: ArrayRecord) -> ArrayRecord:
     np.lib.format.write_array_header_1_0(npy_header, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
     data = b"".join([npy_header.getvalue(), *parts])
     return ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(size,), stype=SType.NUMPY, data=data)})
+
+
+def _manifest(record: ArrayRecord) -> list[tuple[str, str, tuple[int, ...], str, memoryview]]:
+    """The ``(name, dtype, shape, stype, serialized bytes)`` of each array that :func:`_pack` packed.
+
+    Raises
+    ------
+    ValueError
+        If the packed bytes do not hold a well-formed manifest and exactly the bytes it lists.
+    """
+    packed = record[PACKED_KEY].numpy()
+    if packed.dtype != np.uint8 or packed.ndim != 1:
+        raise ValueError(f"Packed arrays are malformed (a {packed.dtype} array of shape {packed.shape}, "
+                         "expected 1-d uint8).")
+    blob = memoryview(packed)  # no .tobytes() copy of the whole model
+    try:
+        size = int.from_bytes(blob[:_LENGTH_BYTES], "little")
+        entries, offset = [], _LENGTH_BYTES + size
+        for key, dtype, shape, stype, nbytes in json.loads(bytes(blob[_LENGTH_BYTES:offset])):
+            if not (isinstance(nbytes, int) and 0 <= nbytes <= len(blob) - offset):
+                raise ValueError(f"array {key!r} claims {nbytes} bytes, {len(blob) - offset} are left")
+            entries.append((str(key), str(dtype), tuple(int(d) for d in shape), str(stype),
+                            blob[offset:offset + nbytes]))
+            offset += nbytes
+    except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"Packed arrays are malformed ({error}); the sender is not a medfed site of this "
+                         "version, or the message was damaged.") from None
+    if offset != len(blob):
+        raise ValueError(f"Packed arrays are malformed ({len(blob) - offset} bytes after the last array).")
+    return entries
+
+
+def _is_packed(record: ArrayRecord) -> bool:
+    return list(record.keys()) == [PACKED_KEY]
 
 
 def unpack_arrays(record: ArrayRecord) -> ArrayRecord:
@@ -121,29 +183,12 @@ def unpack_arrays(record: ArrayRecord) -> ArrayRecord:
     ValueError
         If the packed bytes do not hold a well-formed manifest and exactly the bytes it lists.
     """
-    if list(record.keys()) != [PACKED_KEY]:
+    if not _is_packed(record):
         return record
-    packed = record[PACKED_KEY].numpy()
-    if packed.dtype != np.uint8 or packed.ndim != 1:
-        raise ValueError(f"Packed arrays are malformed (a {packed.dtype} array of shape {packed.shape}, "
-                         "expected 1-d uint8).")
-    blob = memoryview(packed)  # no .tobytes() copy of the whole model; each slice below copies its array once
-    try:
-        size = int.from_bytes(blob[:_LENGTH_BYTES], "little")
-        manifest = json.loads(bytes(blob[_LENGTH_BYTES:_LENGTH_BYTES + size]))
-        arrays, offset = {}, _LENGTH_BYTES + size
-        for key, dtype, shape, stype, nbytes in manifest:
-            if not (isinstance(nbytes, int) and 0 <= nbytes <= len(blob) - offset):
-                raise ValueError(f"array {key!r} claims {nbytes} bytes, {len(blob) - offset} are left")
-            arrays[str(key)] = Array(dtype=str(dtype), shape=tuple(int(d) for d in shape), stype=str(stype),
-                                     data=bytes(blob[offset:offset + nbytes]))
-            offset += nbytes
-    except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
-        raise ValueError(f"Packed arrays are malformed ({error}); the sender is not a medfed site of this "
-                         "version, or the message was damaged.") from None
-    if offset != len(blob):
-        raise ValueError(f"Packed arrays are malformed ({len(blob) - offset} bytes after the last array).")
-    return ArrayRecord(arrays)
+    unpacked = ArrayRecord()  # filled item by item: ArrayRecord(dict) would copy every Array again
+    for key, dtype, shape, stype, data in _manifest(record):
+        unpacked[key] = Array(dtype=dtype, shape=shape, stype=stype, data=bytes(data))
+    return unpacked
 
 
 def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -164,27 +209,70 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 
 def _numpy(array: Array) -> np.ndarray:
-    data = array.data
-    if array.stype != SType.NUMPY or data[:6] != _NPY_MAGIC or data[6] not in (1, 2, 3):
-        return array.numpy()
+    return _npy_values(array.dtype, array.shape, array.stype, array.data)
+
+
+def _npy_values(dtype_name: str, shape: tuple[int, ...], stype: str, data: bytes | memoryview) -> np.ndarray:
+    """The array that the ``.npy`` bytes ``data`` of an Array with these fields hold (a writable copy)."""
+    data = memoryview(data)
+    fallback = lambda: Array(dtype=dtype_name, shape=tuple(shape), stype=stype, data=bytes(data)).numpy()  # noqa: E731
+    if stype != SType.NUMPY or data[:6] != _NPY_MAGIC or data[6] not in (1, 2, 3):
+        return fallback()
     start = 10 if data[6] == 1 else 12
-    header = data[start:start + int.from_bytes(data[8:start], "little")]
+    header = bytes(data[start:start + int.from_bytes(data[8:start], "little")])
     try:
-        dtype = np.dtype(array.dtype)
+        dtype = np.dtype("<u2" if dtype_name == _BFLOAT16 else dtype_name)  # bfloat16 travels as its bit patterns
     except TypeError:
-        return array.numpy()
+        return fallback()
     if dtype.hasobject or b"'fortran_order': False" not in header or f"'descr': '{dtype.str}'".encode() not in header:
-        return array.numpy()
-    shape = tuple(int(d) for d in array.shape)
-    count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(data, dtype=dtype, count=count, offset=start + len(header)).reshape(shape).copy()
+        return fallback()
+    shape = tuple(int(d) for d in shape)
+    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start + len(header)).reshape(shape).copy()
 
 
-def to_wire(record: ArrayRecord, dtype: str) -> ArrayRecord:
-    """``record`` as it travels: float32 arrays in ``dtype`` (:func:`encode_arrays`), then packed."""
-    return pack_arrays(encode_arrays(record, dtype))
+def to_wire(arrays: ArrayRecord | Mapping[str, torch.Tensor | np.ndarray], dtype: str) -> ArrayRecord:
+    """``arrays`` as they travel: float32 arrays in ``dtype`` (:func:`encode_arrays`), then packed.
+
+    Parameters
+    ----------
+    arrays : ArrayRecord or Mapping[str, torch.Tensor | np.ndarray]
+        A record, or a state dict of CPU tensors or arrays, which is packed without first
+        becoming Flower Arrays (a site's reply: ``ArrayRecord(state_dict)`` serialises
+        each array through ``np.save``, three times the cost of the rest of the packing).
+    dtype : {"float32", "float16", "bfloat16"}
+        The transfer dtype.
+
+    Returns
+    -------
+    ArrayRecord
+        One uint8 array under :data:`PACKED_KEY`; :func:`from_wire` and
+        :func:`numpy_from_wire` give back the arrays, in C order, with their values.
+    """
+    if isinstance(arrays, ArrayRecord):
+        return pack_arrays(encode_arrays(arrays, dtype))
+    _check_dtype(dtype, "to_wire")
+    entries = []
+    for key, value in arrays.items():
+        values = value.detach().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        name, payload = _narrow(np.asarray(values, order="C"), dtype)  # asarray keeps a 0-d array 0-d
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(payload))
+        entries.append((key, name, list(payload.shape), SType.NUMPY, [header.getvalue(), payload]))
+    return _pack(entries)
 
 
 def from_wire(record: ArrayRecord) -> ArrayRecord:
     """The inverse of :func:`to_wire`: unpacked, and widened back to float32."""
     return decode_arrays(unpack_arrays(record))
+
+
+def numpy_from_wire(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """``numpy_arrays(from_wire(record))``, without building a Flower Array per array on the way.
+
+    What a site does with the global model it receives: each array is read from the
+    packed bytes, and widened to float32 where it travelled in float16 or bfloat16.
+    """
+    if not _is_packed(record):
+        return {key: _widen(values, record[key].dtype) for key, values in numpy_arrays(record).items()}
+    return {key: _widen(_npy_values(dtype, shape, stype, data), dtype)
+            for key, dtype, shape, stype, data in _manifest(record)}

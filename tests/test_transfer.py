@@ -12,7 +12,17 @@ from flwr.app import Array, ArrayRecord
 
 from medfed.server.checkpoint import load_arrays
 from medfed.simulation.local import run_local
-from medfed.transfer import PACKED_KEY, decode_arrays, encode_arrays, from_wire, pack_arrays, to_wire, unpack_arrays
+from medfed.transfer import (
+    PACKED_KEY,
+    decode_arrays,
+    encode_arrays,
+    from_wire,
+    numpy_arrays,
+    numpy_from_wire,
+    pack_arrays,
+    to_wire,
+    unpack_arrays,
+)
 
 
 def _record() -> ArrayRecord:
@@ -171,3 +181,40 @@ def test_numpy_arrays_reads_what_array_numpy_reads_without_numpys_header_parser(
         assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
         assert np.array_equal(got[key], value) and got[key].flags.writeable, key
     assert len(loads) == 2  # only the two Fortran-ordered arrays went through np.load
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_state_dict_travels_as_its_arraysrecord_would_and_arrives_as_the_same_arrays(dtype):
+    # A site packs its state dict directly, and reads the global model straight from the
+    # packed bytes; both must give what the ArrayRecord path gives, value for value.
+    import torch
+
+    state = {
+        "conv": torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4).to(memory_format=torch.channels_last),
+        "transposed": torch.arange(6, dtype=torch.float32).reshape(2, 3).t(),  # neither C- nor row-major
+        "scalar": torch.tensor(1.0 + 2.0**-9),  # 0-d float32: stays 0-d in every dtype
+        "count": torch.tensor(7), "empty": torch.zeros(0, 3), "flag": torch.tensor([True, False]),
+    }
+    reference = numpy_arrays(from_wire(to_wire(ArrayRecord({k: Array(v.numpy()) for k, v in state.items()}), dtype)))
+    # Execute
+    wire = to_wire(state, dtype)
+    direct, via_record = numpy_from_wire(wire), numpy_arrays(from_wire(wire))
+    # Assert
+    assert list(wire.keys()) == [PACKED_KEY]
+    for got in (direct, via_record):
+        assert list(got) == list(state)
+        for key, value in reference.items():
+            assert (got[key].dtype, got[key].shape) == (value.dtype, value.shape), key
+            assert np.array_equal(got[key], value) and got[key].flags.writeable, key
+    assert direct["scalar"].shape == () and direct["count"].dtype == np.int64
+    if dtype == "float32":
+        assert all(np.array_equal(direct[k], v.numpy()) for k, v in state.items())
+
+
+def test_numpy_from_wire_reads_a_record_that_is_not_packed_and_widens_it():
+    half = encode_arrays(_record(), "bfloat16")
+    got = numpy_from_wire(half)
+    assert got["w"].dtype == np.float32 and got["count"] == 7
+    np.testing.assert_array_equal(got["w"], decode_arrays(half)["w"].numpy())
+    with pytest.raises(ValueError, match="'dtype' parameter of to_wire"):
+        to_wire({"w": np.zeros(2, np.float32)}, "int8")

@@ -71,7 +71,7 @@ from medfed.data import ImageDataset, confusion, train_augmentation
 from medfed.data.pooled import score_histograms
 from medfed.strategies import ClientHooks, ModelSpec, client_hooks_for
 from medfed.strategies._groups import group_count_metrics
-from medfed.transfer import from_wire, numpy_arrays, to_wire
+from medfed.transfer import numpy_from_wire, to_wire
 
 __all__ = ["SiteFailure", "SiteRefusal", "app"]
 
@@ -154,8 +154,7 @@ def train(msg: Message, context: Context) -> Message:
         **_metric_record(result, site.train, with_confusion=False, num_groups=_num_groups(cfg, hooks)),
     }
     save_site_state(context, site.name, server_round, hooks.local_state(model))
-    arrays = ArrayRecord(hooks.sent_arrays(model))
-    return _reply(msg, site, start, metrics, to_wire(arrays, cfg.federation.transfer_dtype))
+    return _reply(msg, site, start, metrics, to_wire(hooks.sent_arrays(model), cfg.federation.transfer_dtype))
 
 
 @app.evaluate()
@@ -267,7 +266,7 @@ def _model(
         while len(_MODELS) > _MAX_MODELS:
             _MODELS.popitem(last=False)
     model = _MODELS[key]
-    received = numpy_arrays(from_wire(msg.content["arrays"]))
+    received = numpy_from_wire(msg.content["arrays"])
     hooks.load_global(model, OrderedDict((key, torch.from_numpy(value)) for key, value in received.items()), kept)
     return prepare_model(model, device, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
 
