@@ -53,7 +53,7 @@ def _config(seed: int, args: argparse.Namespace, output_dir: str):
 
 
 def _fedavg(cfg) -> dict:
-    from medfed.server.report import load_run_metrics
+    from medfed.server.metrics_log import load_run_metrics
     from medfed.simulation.local import run_local
 
     start = time.perf_counter()

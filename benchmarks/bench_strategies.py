@@ -50,7 +50,7 @@ COLUMNS = ("acc", "auc", "worst_site_acc", "held_out_acc", "es_auc", "bytes_per_
 
 def run_metrics(run_dir: Path) -> dict[str, float | None]:
     """The table's numbers for one finished run."""
-    from medfed.server.report import load_run_metrics
+    from medfed.server.metrics_log import load_run_metrics
 
     run = load_run_metrics(run_dir)
     last = run.rounds[-1]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medfed.errors import MedfedWarning
+from medfed.server.run_files import CONFIG_FILE
 
 __all__ = ["main"]
 
@@ -139,9 +140,9 @@ def _run_simulate(args: argparse.Namespace) -> None:
 
     if args.resume is not None:
         run_dir = Path(args.resume)
-        config = run_dir / "config.yaml"
+        config = run_dir / CONFIG_FILE
         if not config.is_file():
-            raise FileNotFoundError(f"No config.yaml in {run_dir}: --resume needs a medfed run folder.")
+            raise FileNotFoundError(f"No {CONFIG_FILE} in {run_dir}: --resume needs a medfed run folder.")
         cfg = load_config(args.config or config, args.overrides)
         args.run_dir = run_dir  # for the hint after an interrupt
         simulate(cfg, run_dir=run_dir, resume=True)
@@ -310,9 +311,9 @@ def _run_server(args: argparse.Namespace) -> None:
     if args.resume:
         if args.run_dir is None:
             raise FileNotFoundError("--resume needs --run-dir DIR, the run folder to continue.")
-        stored = Path(args.run_dir) / "config.yaml"
+        stored = Path(args.run_dir) / CONFIG_FILE
         if not stored.is_file():
-            raise FileNotFoundError(f"No config.yaml in {args.run_dir}: --resume needs a medfed run folder.")
+            raise FileNotFoundError(f"No {CONFIG_FILE} in {args.run_dir}: --resume needs a medfed run folder.")
         config = config or stored
     cfg = load_config(config, args.overrides)
     args.run_dir = args.run_dir or Path(cfg.output_dir) / cfg.name  # run_server's default; for the hint

@@ -31,6 +31,7 @@ import numpy as np
 
 from medfed._io import write_bytes_atomic
 from medfed.errors import MedfedError
+from medfed.server.run_files import CONFIG_FILE, MODEL_FILE
 
 __all__ = ["ModelSpec", "RobustnessError", "evaluate_robustness", "model_from_run", "model_from_file",
            "robustness_table"]
@@ -78,12 +79,12 @@ def model_from_run(run_dir: str | Path, data_root: str | None = None) -> ModelSp
     from medfed.data.medmnist_files import medmnist_filename
 
     run_dir = Path(run_dir)
-    weights = run_dir / "model.safetensors"
-    if not (run_dir / "config.yaml").is_file() or not weights.is_file():
+    weights = run_dir / MODEL_FILE
+    if not (run_dir / CONFIG_FILE).is_file() or not weights.is_file():
         raise RobustnessError(
-            f"{run_dir} is not a finished medfed run folder: it needs config.yaml and model.safetensors."
+            f"{run_dir} is not a finished medfed run folder: it needs {CONFIG_FILE} and {MODEL_FILE}."
         )
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / CONFIG_FILE)
     if cfg.strategy.name in _NO_GLOBAL_MODEL:
         raise RobustnessError(f"medfed evaluate cannot evaluate {run_dir}: {_NO_GLOBAL_MODEL[cfg.strategy.name]}.")
     root = data_root if data_root is not None else cfg.data.root
@@ -112,9 +113,9 @@ def model_from_file(path: str | Path, dataset: str | None, data_root: str | None
 
     path = Path(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = path / MODEL_FILE
     if not path.is_file():
-        raise RobustnessError(f"No model file at {path}; give a medfed train output (model.safetensors).")
+        raise RobustnessError(f"No model file at {path}; give a medfed train output ({MODEL_FILE}).")
     recorded: dict[str, Any] = {}
     metrics_file = path.parent / "metrics.json"
     if metrics_file.is_file():

@@ -41,11 +41,12 @@ from medfed.client.task import (
 from medfed.data import default_hflip_p, load_medmnist, train_augmentation
 from medfed.models import create_model
 from medfed.server.checkpoint import save_arrays
+from medfed.server.run_files import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE
 
 __all__ = ["train_pooled", "default_selection_window"]
 
 #: Files that mark a folder as holding a run (of ``medfed train``, ``simulate`` or ``server``).
-RUN_FILES = ("metrics.json", "model.safetensors", "metrics.jsonl", "checkpoint.safetensors")
+RUN_FILES = ("metrics.json", MODEL_FILE, METRICS_FILE, CHECKPOINT_FILE)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -171,7 +172,7 @@ def train_pooled(
         model.load_state_dict(best_state)
         val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev, mirror=mirror)
         test = evaluate(model, loaders["test"], loss_fn, task=info.task, device=dev, mirror=mirror)
-        save_arrays(out_dir / "model.safetensors", get_weights(model))
+        save_arrays(out_dir / MODEL_FILE, get_weights(model))
         result = {
             "test": _jsonable(test),
             "val": _jsonable(val),

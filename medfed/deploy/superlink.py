@@ -62,6 +62,7 @@ from medfed.deploy.processes import (
     wait_for_port,
 )
 from medfed.errors import MedfedError
+from medfed.server.run_files import METRICS_FILE
 
 __all__ = ["DEFAULT_ADDRESS", "DeployError", "parse_address", "run_server"]
 
@@ -287,8 +288,6 @@ def _follow(control: _Control, run_id: int, run_dir: Path, rounds: int, out) -> 
     The run's own log stream (``flwr run --stream``) ends on the first transient
     SuperLink error, so the run's end is read from its status instead.
     """
-    from medfed.server.resume import METRICS_FILE
-
     metrics = run_dir / METRICS_FILE
     offset = metrics.stat().st_size if metrics.exists() else 0
     status_due = 0.0
@@ -501,8 +500,7 @@ def resume_command(run_dir: str | Path, *, certs: str | Path | None, address: st
 
 
 def _check_finished(run_dir: Path, home: Path, resume: str) -> None:
-    from medfed.server.report import read_metrics
-    from medfed.server.resume import METRICS_FILE
+    from medfed.server.metrics_log import read_metrics
 
     path = run_dir / METRICS_FILE
     records = read_metrics(path) if path.is_file() else []

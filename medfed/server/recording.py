@@ -56,7 +56,7 @@ from flwr.serverapp import Grid
 
 from medfed.server.grid import DelegatingGrid
 from medfed.strategies._groups import GROUP_COUNT_PREFIX
-from medfed.server.report import MetricsLog
+from medfed.server.metrics_log import MetricsLog
 
 __all__ = ["RecordingGrid", "RoundRecorder", "payload_bytes", "pooled_round_metrics", "site_name"]
 

@@ -43,12 +43,9 @@ from medfed.server.checkpoint import Checkpoint, load_checkpoint
 from medfed.server.held_out import NodeView, SiteRoster
 from medfed.server.delegating_strategy import DelegatingStrategy
 from medfed.server.recording import RoundRecorder
+from medfed.server.run_files import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
 
 __all__ = [
-    "CHECKPOINT_FILE",
-    "CONFIG_FILE",
-    "MODEL_FILE",
-    "METRICS_FILE",
     "ResumeError",
     "RoundOffsetStrategy",
     "check_run_dir",
@@ -56,11 +53,6 @@ __all__ = [
     "prepare_run_dir",
     "set_rng_state",
 ]
-
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_FILE = "checkpoint.safetensors"
-MODEL_FILE = "model.safetensors"
-METRICS_FILE = "metrics.jsonl"
 
 # Count lists in evaluate replies that only serve pooled-test metrics.
 _POOLING_COUNTS = ("score-hist", "confusion-group-")

@@ -43,11 +43,11 @@ from medfed.server.checkpoint import save_arrays, save_checkpoint
 from medfed.server.held_out import SiteRole, SiteRoster
 from medfed.server.quorum import QuorumError, QuorumGuard, QuorumNotMet, apply_quorum
 from medfed.server.recording import RecordingGrid, RoundRecorder
-from medfed.server.report import MetricsLog, build_report, print_summary
+from medfed.server.metrics_log import MetricsLog, read_metrics
+from medfed.server.report import build_report, print_summary
 from medfed.server.transfer import TransferGrid
-from medfed.server.resume import (
-    CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RoundOffsetStrategy, get_rng_state, prepare_run_dir, set_rng_state,
-)
+from medfed.server.resume import RoundOffsetStrategy, get_rng_state, prepare_run_dir, set_rng_state
+from medfed.server.run_files import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE
 from medfed.strategies import ModelSpec, ReplyPolicy, create_strategy, load_strategy_state, strategy_state
 from medfed.strategies.base import MedfedStrategy
 from medfed.transfer import numpy_arrays
@@ -200,8 +200,6 @@ def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool) -> Sit
 
 def _still_left_out(path: Path) -> dict[str, str]:
     """Site name -> reason, of the sites an earlier start of this run left out and did not take back."""
-    from medfed.server.report import read_metrics
-
     left_out: dict[str, str] = {}
     for record in read_metrics(path) if path.is_file() else ():
         if record["event"] == "site_left_out":

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from medfed.config import config_from_dict, save_config
 from medfed.server.recording import RecordingGrid, RoundRecorder
-from medfed.server.report import MetricsLog
+from medfed.server.metrics_log import MetricsLog
 from medfed.server.checkpoint import CheckpointError
 from medfed.server.resume import (
     ResumeError,

@@ -13,17 +13,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from medfed.server.report import (
-    FIGURE_NAMES,
-    MetricsLog,
-    ReportError,
-    build_report,
-    load_run_metrics,
-    print_summary,
-    read_metrics,
-    summarize,
-    summary_table,
-)
+from medfed.server.metrics_log import MetricsLog, MetricsLogError, load_run_metrics, read_metrics
+from medfed.server.report import FIGURE_NAMES, ReportError, build_report, print_summary, summarize, summary_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SITES = ("site-0", "site-1", "site-2")
@@ -406,11 +397,11 @@ def test_sites_in_some_rounds_and_multilabel_confusion(tmp_path: Path) -> None:
     assert summary.global_row.num_examples == 60  # site-3 did not evaluate in round 2
 
 
-def test_missing_metrics_is_a_report_error(tmp_path: Path) -> None:
+def test_missing_metrics_is_a_metrics_log_error(tmp_path: Path) -> None:
     expected = rf"^No metrics\.jsonl in {re.escape(str(tmp_path))}: is this a medfed run directory\?$"
-    with pytest.raises(ReportError, match=expected):
+    with pytest.raises(MetricsLogError, match=expected):
         build_report(tmp_path)
-    with pytest.raises(ReportError, match="No metrics.jsonl in"):
+    with pytest.raises(MetricsLogError, match="No metrics.jsonl in"):
         summary_table(tmp_path)
 
 
@@ -455,7 +446,7 @@ def test_malformed_middle_line_names_file_and_line(run_dir: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
     # Execute / Assert
-    with pytest.raises(ReportError, match=r"metrics\.jsonl, line 3: not valid JSON"):
+    with pytest.raises(MetricsLogError, match=r"metrics\.jsonl, line 3: not valid JSON"):
         build_report(run_dir)
 
 
@@ -471,7 +462,7 @@ def test_invalid_record_names_line(tmp_path: Path, line: str, match: str) -> Non
     path.write_text(json.dumps({"event": "start"}) + "\n" + line + "\n" + json.dumps({"event": "end"}) + "\n")
 
     # Execute / Assert
-    with pytest.raises(ReportError, match=rf"line 2: {re.escape(match)}"):
+    with pytest.raises(MetricsLogError, match=rf"line 2: {re.escape(match)}"):
         read_metrics(path)
 
 
@@ -496,8 +487,8 @@ def test_record_of_wrong_type_is_a_report_error_naming_file_and_line(tmp_path: P
     records = [json.dumps(r) for r in _round_records(1)]
     (run_dir / "metrics.jsonl").write_text("\n".join([*records[:2], line, *records[2:]]) + "\n")
 
-    # Execute / Assert: one ReportError (one line in the CLI), not a TypeError.
-    with pytest.raises(ReportError, match=rf"metrics\.jsonl, line 3: {re.escape(match)}; fix or delete that line\.$"):
+    # Execute / Assert: one MetricsLogError (one line in the CLI), not a TypeError.
+    with pytest.raises(MetricsLogError, match=rf"metrics\.jsonl, line 3: {re.escape(match)}; fix or delete that line\.$"):
         build_report(run_dir)
 
 
@@ -592,7 +583,6 @@ def test_sites_left_out_are_listed_in_the_report(tmp_path):
     # Prepare: one round in which site-2 sent no reply.
     import json
 
-    from medfed.server.report import build_report, load_run_metrics
 
     records = [
         {"event": "start", "time": "t", "resumed_from_round": 0, "num_rounds": 1},

@@ -20,7 +20,7 @@ import pytest
 
 from medfed.config import save_config
 from medfed.server.checkpoint import CheckpointError, load_arrays, load_checkpoint
-from medfed.server.report import load_run_metrics
+from medfed.server.metrics_log import load_run_metrics
 from medfed.simulation import simulate
 from medfed.simulation.local import run_local
 

@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from medfed.client.client_app import app as client_app
 from medfed.server.checkpoint import load_arrays, load_checkpoint
-from medfed.server.report import load_run_metrics
+from medfed.server.metrics_log import load_run_metrics
 from medfed.server.server_app import initial_model_arrays
 from medfed.simulation.local import run_local
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medfed.server.report import load_run_metrics
+from medfed.server.metrics_log import load_run_metrics
 from medfed.simulation.local import run_local
 
 

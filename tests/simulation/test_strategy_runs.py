@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from medfed.client.client_app import app as client_app
 from medfed.server.checkpoint import load_arrays, load_checkpoint, save_arrays
-from medfed.server.report import load_run_metrics
+from medfed.server.metrics_log import load_run_metrics
 from medfed.server.server_app import initial_model_arrays
 from medfed.simulation.local import run_local
 from medfed.strategies.fedbn import batchnorm_keys
