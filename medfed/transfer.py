@@ -149,26 +149,44 @@ def _manifest(record: ArrayRecord) -> list[tuple[str, str, tuple[int, ...], str,
     ValueError
         If the packed bytes do not hold a well-formed manifest and exactly the bytes it lists.
     """
-    packed = record[PACKED_KEY].numpy()
+    outer = record[PACKED_KEY]
+    # A view of the message's own bytes: np.load (Array.numpy) would copy the whole model.
+    packed = _npy_values(outer.dtype, outer.shape, outer.stype, outer.data, copy=False)
     if packed.dtype != np.uint8 or packed.ndim != 1:
         raise ValueError(f"Packed arrays are malformed (a {packed.dtype} array of shape {packed.shape}, "
                          "expected 1-d uint8).")
-    blob = memoryview(packed)  # no .tobytes() copy of the whole model
+    blob = memoryview(packed)
     try:
         size = int.from_bytes(blob[:_LENGTH_BYTES], "little")
         entries, offset = [], _LENGTH_BYTES + size
         for key, dtype, shape, stype, nbytes in json.loads(bytes(blob[_LENGTH_BYTES:offset])):
             if not (isinstance(nbytes, int) and 0 <= nbytes <= len(blob) - offset):
                 raise ValueError(f"array {key!r} claims {nbytes} bytes, {len(blob) - offset} are left")
-            entries.append((str(key), str(dtype), tuple(int(d) for d in shape), str(stype),
-                            blob[offset:offset + nbytes]))
+            entry = (str(key), str(dtype), tuple(shape), str(stype), blob[offset:offset + nbytes])
+            _check_npy(*entry)
+            entries.append(entry)
             offset += nbytes
-    except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+    # JSONDecodeError is a ValueError; a manifest of huge numbers or deep nesting raises the last two.
+    except (ValueError, TypeError, UnicodeDecodeError, OverflowError, RecursionError) as error:
         raise ValueError(f"Packed arrays are malformed ({error}); the sender is not a medfed site of this "
                          "version, or the message was damaged.") from None
     if offset != len(blob):
         raise ValueError(f"Packed arrays are malformed ({len(blob) - offset} bytes after the last array).")
     return entries
+
+
+def _check_npy(key: str, dtype_name: str, shape: tuple, stype: str, data: memoryview) -> None:
+    """Raise ValueError unless ``data`` is the ``.npy`` serialisation of a ``shape`` array of
+    ``dtype_name``: a sender's damaged or hostile entry stops here, not in the maths later."""
+    if stype != SType.NUMPY:
+        raise ValueError(f"array {key!r} is serialised as {stype!r}, not as a NumPy array")
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"array {key!r} has the shape {list(shape)}")
+    dtype = np.dtype(_payload_dtype(dtype_name))  # TypeError for a name NumPy does not know
+    layout = _npy_layout(data)
+    if (dtype.hasobject or layout is None or f"'shape': {shape!r}".encode() not in layout[1]
+            or len(data) - layout[0] != math.prod(shape) * dtype.itemsize):
+        raise ValueError(f"array {key!r} does not hold the .npy bytes of a {dtype_name} array of shape {shape}")
 
 
 def _is_packed(record: ArrayRecord) -> bool:
@@ -185,7 +203,7 @@ def unpack_arrays(record: ArrayRecord) -> ArrayRecord:
     """
     if not _is_packed(record):
         return record
-    unpacked = ArrayRecord()  # filled item by item: ArrayRecord(dict) would copy every Array again
+    unpacked = ArrayRecord()  # filled item by item: ArrayRecord(dict) would build every Array again
     for key, dtype, shape, stype, data in _manifest(record):
         unpacked[key] = Array(dtype=dtype, shape=shape, stype=stype, data=bytes(data))
     return unpacked
@@ -212,22 +230,37 @@ def _numpy(array: Array) -> np.ndarray:
     return _npy_values(array.dtype, array.shape, array.stype, array.data)
 
 
-def _npy_values(dtype_name: str, shape: tuple[int, ...], stype: str, data: bytes | memoryview) -> np.ndarray:
-    """The array that the ``.npy`` bytes ``data`` of an Array with these fields hold (a writable copy)."""
-    data = memoryview(data)
-    fallback = lambda: Array(dtype=dtype_name, shape=tuple(shape), stype=stype, data=bytes(data)).numpy()  # noqa: E731
-    if stype != SType.NUMPY or data[:6] != _NPY_MAGIC or data[6] not in (1, 2, 3):
-        return fallback()
+def _payload_dtype(dtype_name: str) -> str:
+    return "<u2" if dtype_name == _BFLOAT16 else dtype_name  # bfloat16 travels as its bit patterns
+
+
+def _npy_layout(data: memoryview) -> tuple[int, bytes] | None:
+    """(offset of the values, header text) of ``.npy`` bytes; None when they are not ``.npy``."""
+    if len(data) < 10 or data[:6] != _NPY_MAGIC or data[6] not in (1, 2, 3):
+        return None
     start = 10 if data[6] == 1 else 12
-    header = bytes(data[start:start + int.from_bytes(data[8:start], "little")])
+    end = start + int.from_bytes(data[8:start], "little")
+    return (end, bytes(data[start:end])) if end <= len(data) else None
+
+
+def _npy_values(dtype_name: str, shape: tuple[int, ...], stype: str, data: bytes | memoryview, *,
+                copy: bool = True) -> np.ndarray:
+    """The array that the ``.npy`` bytes ``data`` of an Array with these fields hold: a
+    writable copy, or with ``copy=False`` a read-only view of ``data`` where it can be."""
+    data = memoryview(data)
+    layout = _npy_layout(data) if stype == SType.NUMPY else None
     try:
-        dtype = np.dtype("<u2" if dtype_name == _BFLOAT16 else dtype_name)  # bfloat16 travels as its bit patterns
-    except TypeError:
-        return fallback()
-    if dtype.hasobject or b"'fortran_order': False" not in header or f"'descr': '{dtype.str}'".encode() not in header:
-        return fallback()
-    shape = tuple(int(d) for d in shape)
-    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start + len(header)).reshape(shape).copy()
+        dtype = np.dtype(_payload_dtype(dtype_name))
+        shape = tuple(int(d) for d in shape)
+        count = math.prod(shape)
+    except (TypeError, ValueError, OverflowError):
+        layout = None
+    if (layout is None or dtype.hasobject or len(data) - layout[0] != count * dtype.itemsize
+            or b"'fortran_order': False" not in layout[1] or f"'descr': '{dtype.str}'".encode() not in layout[1]
+            or f"'shape': {shape!r}".encode() not in layout[1]):
+        return Array(dtype=dtype_name, shape=tuple(shape), stype=stype, data=bytes(data)).numpy()
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=layout[0]).reshape(shape)
+    return values.copy() if copy else values
 
 
 def to_wire(arrays: ArrayRecord | Mapping[str, torch.Tensor | np.ndarray], dtype: str) -> ArrayRecord:
@@ -236,7 +269,7 @@ def to_wire(arrays: ArrayRecord | Mapping[str, torch.Tensor | np.ndarray], dtype
     Parameters
     ----------
     arrays : ArrayRecord or Mapping[str, torch.Tensor | np.ndarray]
-        A record, or a state dict of CPU tensors or arrays, which is packed without first
+        A record, or a state dict of tensors or arrays, which is packed without first
         becoming Flower Arrays (a site's reply: ``ArrayRecord(state_dict)`` serialises
         each array through ``np.save``, three times the cost of the rest of the packing).
     dtype : {"float32", "float16", "bfloat16"}
@@ -246,14 +279,14 @@ def to_wire(arrays: ArrayRecord | Mapping[str, torch.Tensor | np.ndarray], dtype
     -------
     ArrayRecord
         One uint8 array under :data:`PACKED_KEY`; :func:`from_wire` and
-        :func:`numpy_from_wire` give back the arrays, in C order, with their values.
+        :func:`numpy_from_wire` give back the arrays with their values (a state dict's in C order).
     """
     if isinstance(arrays, ArrayRecord):
         return pack_arrays(encode_arrays(arrays, dtype))
     _check_dtype(dtype, "to_wire")
     entries = []
     for key, value in arrays.items():
-        values = value.detach().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        values = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         name, payload = _narrow(np.asarray(values, order="C"), dtype)  # asarray keeps a 0-d array 0-d
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(payload))

@@ -191,7 +191,8 @@ def test_a_state_dict_travels_as_its_arraysrecord_would_and_arrives_as_the_same_
 
     state = {
         "conv": torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4).to(memory_format=torch.channels_last),
-        "transposed": torch.arange(6, dtype=torch.float32).reshape(2, 3).t(),  # neither C- nor row-major
+        "transposed": torch.arange(6, dtype=torch.float32).reshape(2, 3).t(),  # Fortran-ordered
+        "strided": torch.arange(36, dtype=torch.float32).reshape(6, 6)[::2, 1:4],  # neither C nor Fortran
         "scalar": torch.tensor(1.0 + 2.0**-9),  # 0-d float32: stays 0-d in every dtype
         "count": torch.tensor(7), "empty": torch.zeros(0, 3), "flag": torch.tensor([True, False]),
     }
@@ -218,3 +219,39 @@ def test_numpy_from_wire_reads_a_record_that_is_not_packed_and_widens_it():
     np.testing.assert_array_equal(got["w"], decode_arrays(half)["w"].numpy())
     with pytest.raises(ValueError, match="'dtype' parameter of to_wire"):
         to_wire({"w": np.zeros(2, np.float32)}, "int8")
+
+
+def _packed(manifest: str, payload: bytes) -> ArrayRecord:
+    text = manifest.encode()
+    blob = len(text).to_bytes(8, "little") + text + payload
+    return ArrayRecord({PACKED_KEY: Array(np.frombuffer(blob, dtype=np.uint8))})
+
+
+_TWO = Array(np.zeros(2, np.float32)).data  # the .npy bytes of a (2,) float32 array
+
+
+@pytest.mark.parametrize("manifest, payload", [
+    ('[["a", "float32", [1e400], "numpy.ndarray", 0]]', b""),                  # a shape JSON cannot hold in an int
+    ("[" * 100_000 + "]" * 100_000, b""),                                      # nesting deeper than Python recurses
+    ('[["a", "float32", [1], "numpy.ndarray", 6]]', b"\x93NUMPY"),            # a header cut short
+    ('[["a", "float32", [2], "numpy.ndarray", 0]]', b""),                      # no bytes at all
+    (f'[["a", "float32", [2], "torch", {len(_TWO)}]]', _TWO),                  # another serialisation
+    (f'[["a", "float32", [1099511627776, 1099511627776], "numpy.ndarray", {len(_TWO)}]]', _TWO),  # a huge shape
+    (f'[["a", "float32", [-1], "numpy.ndarray", {len(_TWO)}]]', _TWO),         # a negative dimension
+    (f'[["a", "float32", [1, 2], "numpy.ndarray", {len(_TWO)}]]', _TWO),       # another shape than its header's
+    (f'[["a", "float64", [2], "numpy.ndarray", {len(_TWO)}]]', _TWO),          # too few bytes for its dtype
+    (f'[["a", "object", [2], "numpy.ndarray", {len(_TWO)}]]', _TWO),           # objects would need pickle
+])
+def test_a_damaged_or_hostile_manifest_entry_is_a_clear_error_on_both_read_paths(manifest, payload):
+    record = _packed(manifest, payload)
+    with pytest.raises(ValueError, match="Packed arrays are malformed"):
+        unpack_arrays(record)
+    with pytest.raises(ValueError, match="Packed arrays are malformed"):
+        numpy_from_wire(record)
+
+
+def test_a_well_formed_handmade_entry_reads_back():
+    # The same helper with a correct entry: the cases above fail for their damage alone.
+    record = _packed(f'[["a", "float32", [2], "numpy.ndarray", {len(_TWO)}]]', _TWO)
+    assert numpy_from_wire(record)["a"].tolist() == [0.0, 0.0]
+    assert from_wire(record)["a"].shape == (2,)

@@ -14,8 +14,9 @@ Reading tolerates what crashes and resumes leave behind:
   after ``R`` (those rounds were run again), and for the same (event, round, phase, site)
   the later record wins (:func:`load_run_metrics`).
 
-The report (:mod:`medfed.server.report`), ``medfed server``'s progress lines, resume and
-the benchmarks read it through :func:`read_metrics` and :func:`load_run_metrics`.
+The report (:mod:`medfed.server.report`), the ServerApp (sites left out by an earlier
+start), ``medfed server``'s end-of-run check and the benchmarks read it through
+:func:`read_metrics` and :func:`load_run_metrics`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from medfed.transfer import numpy_arrays
 
@@ -95,6 +95,25 @@ def _short_list(names: list[str], limit: int = 3) -> str:
     return f"[{shown}{', ...' if len(names) > limit else ''}]"
 
 
+def _array_problem(record: ArrayRecord) -> str | None:
+    """What makes a reply's arrays unusable, in a short phrase: bytes that do not read as
+    their arrays, an array of another shape than it declares, NaN/inf values; else None."""
+    try:
+        arrays = numpy_arrays(record)
+    except (ValueError, TypeError, EOFError, OverflowError) as error:  # what np.load raises on bad bytes
+        return f"arrays that cannot be read ({type(error).__name__})"
+    for name, values in arrays.items():
+        if values.shape != tuple(record[name].shape):
+            return f"array {name!r} holds another shape than it declares"
+    counts = count_non_finite(arrays)
+    if not counts:
+        return None
+    name, count = next(iter(counts.items()))
+    more = len(counts) - 1
+    others = f" (and {more} more array{'s' if more > 1 else ''})" if more else ""
+    return f"array {name!r} holds {count} NaN/inf {'value' if count == 1 else 'values'}{others}"
+
+
 def find_invalid_replies(
     contents: Sequence[RecordDict],
     weighted_by_key: str = "num-examples",
@@ -136,14 +155,8 @@ def find_invalid_replies(
         reason = _structure_problem(content, weighted_by_key)
         if reason is None:
             record_name, record = next(iter(content.array_records.items()))
-            counts = count_non_finite(numpy_arrays(record))
-            if counts:
-                name, count = next(iter(counts.items()))
-                more = len(counts) - 1
-                others = f" (and {more} more array{'s' if more > 1 else ''})" if more else ""
-                values = "value" if count == 1 else "values"
-                reason = f"array {name!r} holds {count} NaN/inf {values}{others}"
-            elif reference is not None:
+            reason = _array_problem(record)
+            if reason is None and reference is not None:
                 reason = _misfit(record, reference)
             if reason is None:
                 layouts[index] = (

@@ -581,9 +581,6 @@ def test_metrics_log_keeps_complete_last_line_without_newline(tmp_path: Path) ->
 
 def test_sites_left_out_are_listed_in_the_report(tmp_path):
     # Prepare: one round in which site-2 sent no reply.
-    import json
-
-
     records = [
         {"event": "start", "time": "t", "resumed_from_round": 0, "num_rounds": 1},
         {"event": "site", "round": 1, "phase": "train", "site": "site-1", "num_examples": 4, "metrics": {"loss": 1.0}},

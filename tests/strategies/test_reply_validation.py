@@ -171,3 +171,24 @@ def test_weight_key_is_configurable():
     assert find_invalid_replies([content]) == {
         0: "its MetricRecord lacks the weight key 'num-examples'"
     }
+
+
+def _with_array(name, array):
+    content = _content(_ok())
+    content["arrays"][name] = array
+    return content
+
+
+@pytest.mark.parametrize("array, reason", [
+    # Bytes that are no .npy at all: np.load refuses them (a damaged or hostile reply).
+    (Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"not an array"),
+     "arrays that cannot be read (ValueError)"),
+    # Declares (3,) but holds a (1, 3) array: it would pass the shape checks, then break the mean.
+    (Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=Array(np.zeros((1, 3), np.float32)).data),
+     "array 'b' holds another shape than it declares"),
+])
+def test_a_reply_whose_arrays_do_not_read_as_declared_is_dropped_not_a_crash(array, reason):
+    # Execute
+    invalid = find_invalid_replies([_content(_ok()), _with_array("b", array), _content(_ok())], "num-examples")
+    # Assert
+    assert invalid == {1: reason}
