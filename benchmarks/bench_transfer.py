@@ -1,57 +1,93 @@
-"""Peak memory of packing and unpacking a model's weights for the wire (``medfed.transfer``).
+"""What a site pays to send and receive a model's weights (``medfed.transfer``): peak memory and time.
 
-For each variant: the bytes of its state dict as Flower arrays, then the peak of
-Python-tracked memory (``tracemalloc``: bytes objects and NumPy buffers) above that
-while ``to_wire`` packs it, and while ``from_wire(...).to_torch_state_dict()`` unpacks
-it with the packed message still held (as a site holds the message it received).
-Timing-free: the figures do not depend on the machine's load.
+Two ways, for each variant, on its float32 state dict (224 px, 3 channels, 2 classes):
 
-    python benchmarks/bench_transfer_memory.py [--variants nano large]
+- ``record``: through Flower Arrays, as a site did before stop 19: the reply is
+  ``to_wire(ArrayRecord(state_dict))`` (each array serialised by ``np.save``, then
+  packed), the global model is read with ``numpy_arrays(from_wire(message))``;
+- ``direct``: what the ClientApp does now: ``to_wire(state_dict)`` packs the tensors'
+  bytes directly, ``numpy_from_wire(message)`` reads the arrays from the packed bytes.
+
+Memory: the peak of Python-tracked memory (``tracemalloc``: bytes objects and NumPy
+buffers) above the state dict while packing, and above the received message while
+reading (a site holds the message it received); timing-free, so independent of the
+machine's load. Time: the best of ``--repeats`` runs (the least disturbed on a shared
+machine), without tracemalloc.
+
+    python benchmarks/bench_transfer.py [--variants nano large] [--repeats 15]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 import tracemalloc
 from pathlib import Path
 
 
-def measure(variant: str) -> dict:
+def _peak_mb(function) -> float:  # noqa: ANN001 - a call without arguments
+    tracemalloc.start()
+    result = function()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del result
+    return peak / 2**20
+
+
+def _best_ms(function, repeats: int) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1000
+
+
+def measure(variant: str, repeats: int) -> dict:
+    import torch
     from flwr.app import ArrayRecord
 
     from medfed.models import create_model
-    from medfed.transfer import from_wire, to_wire
+    from medfed.transfer import from_wire, numpy_arrays, numpy_from_wire, to_wire
 
+    torch.manual_seed(0)
     model = create_model(f"medvit_v2_{variant}", num_classes=2, in_chans=3, img_size=224)
-    record = ArrayRecord(model.state_dict())
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     del model
-    model_bytes = sum(len(array.data) for array in record.values())
-    tracemalloc.start()
-    wire = to_wire(record, "float32")
-    _, pack_peak = tracemalloc.get_traced_memory()
-    tracemalloc.reset_peak()
-    state = from_wire(wire).to_torch_state_dict()
-    _, unpack_peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    del state
-    return {"variant": variant, "model_mb": model_bytes / 2**20, "pack_peak_mb": pack_peak / 2**20,
-            "pack_peak_x": pack_peak / model_bytes, "unpack_peak_mb": unpack_peak / 2**20,
-            "unpack_peak_x": unpack_peak / model_bytes}
+    model_mb = sum(value.numel() * value.element_size() for value in state.values()) / 2**20
+    message = to_wire(state, "float32")
+    paths = {
+        "record": (lambda: to_wire(ArrayRecord(state), "float32"), lambda: numpy_arrays(from_wire(message))),
+        "direct": (lambda: to_wire(state, "float32"), lambda: numpy_from_wire(message)),
+    }
+    row = {"variant": variant, "arrays": len(state), "model_mb": model_mb}
+    for path, (pack, read) in paths.items():
+        row[f"{path}_pack_peak_x"] = _peak_mb(pack) / model_mb
+        row[f"{path}_read_peak_x"] = _peak_mb(read) / model_mb
+        row[f"{path}_pack_ms"] = _best_ms(pack, repeats)
+        row[f"{path}_read_ms"] = _best_ms(read, repeats)
+    return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["nano", "large"])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transfer_memory_cpu.json")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per measurement; the best is kept")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transfer_cpu.json")
     args = parser.parse_args(argv)
-    rows = [measure(v) for v in args.variants]
-    print(f"{'variant':<8} {'model MB':>9} {'pack peak MB':>13} {'x model':>8} {'unpack peak MB':>15} {'x model':>8}")
+    rows = [measure(v, args.repeats) for v in args.variants]
+    print(f"{'variant':<8} {'arrays':>6} {'model MB':>9} {'path':<7} {'pack ms':>8} {'pack peak':>10} "
+          f"{'read ms':>8} {'read peak':>10}")
     for r in rows:
-        print(f"{r['variant']:<8} {r['model_mb']:>9.1f} {r['pack_peak_mb']:>13.1f} {r['pack_peak_x']:>8.2f} "
-              f"{r['unpack_peak_mb']:>15.1f} {r['unpack_peak_x']:>8.2f}")
-    args.out.write_text(json.dumps({"benchmark": "transfer_memory", "measure": "tracemalloc peak above the record, "
-                                    "float32 transfer, 224 px, 3 channels, 2 classes", "results": rows}, indent=2) + "\n")
+        for path in ("record", "direct"):
+            print(f"{r['variant']:<8} {r['arrays']:>6} {r['model_mb']:>9.1f} {path:<7} {r[f'{path}_pack_ms']:>8.1f} "
+                  f"{r[f'{path}_pack_peak_x']:>9.2f}x {r[f'{path}_read_ms']:>8.1f} {r[f'{path}_read_peak_x']:>9.2f}x")
+    args.out.write_text(json.dumps({
+        "benchmark": "transfer", "repeats": args.repeats,
+        "measure": "float32 transfer of a 224 px, 3-channel, 2-class state dict; peaks are tracemalloc peaks in "
+                   "multiples of the model's bytes; times the best of the repeats",
+        "results": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return rows
 
