@@ -184,8 +184,7 @@ def _check_npy(key: str, dtype_name: str, shape: tuple, stype: str, data: memory
         raise ValueError(f"array {key!r} has the shape {list(shape)}")
     dtype = np.dtype(_payload_dtype(dtype_name))  # TypeError for a name NumPy does not know
     layout = _npy_layout(data)
-    if (dtype.hasobject or layout is None or f"'shape': {shape!r}".encode() not in layout[1]
-            or len(data) - layout[0] != math.prod(shape) * dtype.itemsize):
+    if layout is None or not _holds(data, layout, dtype, shape):
         raise ValueError(f"array {key!r} does not hold the .npy bytes of a {dtype_name} array of shape {shape}")
 
 
@@ -215,10 +214,10 @@ def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     ``Array.numpy()`` is ``np.load``, which reads each array's header as Python source
     (``ast.literal_eval``: about 40 us an array). A model has hundreds of arrays, and the
     server and every site convert each message's record more than once: that was most
-    of the in-process engine's cost per round beyond training. Headers that this reader
-    does not know for certain (Fortran order, a dtype other than the Array's own, another
-    format version) go through ``Array.numpy()``. Each array is a writable copy, as from
-    ``np.load``.
+    of the in-process engine's cost per round beyond training. Bytes that this reader
+    does not know for certain (Fortran order, a dtype or shape other than the Array's
+    own, no ``.npy`` header of version 1-3) go through ``Array.numpy()``. Each array is a
+    writable copy, as from ``np.load``.
     """
     return {key: _numpy(array) for key, array in record.items()}
 
@@ -243,6 +242,13 @@ def _npy_layout(data: memoryview) -> tuple[int, bytes] | None:
     return (end, bytes(data[start:end])) if end <= len(data) else None
 
 
+def _holds(data: memoryview, layout: tuple[int, bytes], dtype: np.dtype, shape: tuple[int, ...]) -> bool:
+    """Whether ``.npy`` bytes with this ``layout`` (:func:`_npy_layout`) hold exactly a
+    ``shape`` array of ``dtype``: the shape their header names, the bytes it takes."""
+    return (not dtype.hasobject and f"'shape': {shape!r}".encode() in layout[1]
+            and len(data) - layout[0] == math.prod(shape) * dtype.itemsize)
+
+
 def _npy_values(dtype_name: str, shape: tuple[int, ...], stype: str, data: bytes | memoryview, *,
                 copy: bool = True) -> np.ndarray:
     """The array that the ``.npy`` bytes ``data`` of an Array with these fields hold: a
@@ -252,14 +258,12 @@ def _npy_values(dtype_name: str, shape: tuple[int, ...], stype: str, data: bytes
     try:
         dtype = np.dtype(_payload_dtype(dtype_name))
         shape = tuple(int(d) for d in shape)
-        count = math.prod(shape)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError):
         layout = None
-    if (layout is None or dtype.hasobject or len(data) - layout[0] != count * dtype.itemsize
-            or b"'fortran_order': False" not in layout[1] or f"'descr': '{dtype.str}'".encode() not in layout[1]
-            or f"'shape': {shape!r}".encode() not in layout[1]):
+    if (layout is None or not _holds(data, layout, dtype, shape)
+            or b"'fortran_order': False" not in layout[1] or f"'descr': '{dtype.str}'".encode() not in layout[1]):
         return Array(dtype=dtype_name, shape=tuple(shape), stype=stype, data=bytes(data)).numpy()
-    values = np.frombuffer(data, dtype=dtype, count=count, offset=layout[0]).reshape(shape)
+    values = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=layout[0]).reshape(shape)
     return values.copy() if copy else values
 
 
@@ -271,7 +275,8 @@ def to_wire(arrays: ArrayRecord | Mapping[str, torch.Tensor | np.ndarray], dtype
     arrays : ArrayRecord or Mapping[str, torch.Tensor | np.ndarray]
         A record, or a state dict of tensors or arrays, which is packed without first
         becoming Flower Arrays (a site's reply: ``ArrayRecord(state_dict)`` serialises
-        each array through ``np.save``, three times the cost of the rest of the packing).
+        each array through ``np.save``: about half the time of a site's packing, and a
+        second copy of the model; ``benchmarks/bench_transfer.py``).
     dtype : {"float32", "float16", "bfloat16"}
         The transfer dtype.
 
