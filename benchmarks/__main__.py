@@ -11,7 +11,8 @@ Modes::
 Each benchmark writes ``<results-dir>/<name>_<cpu|cuda>.json``; the run writes
 ``<results-dir>/run_<mode>.json`` (machine, per-benchmark status and wall time) and
 replaces its own block (between ``<!-- BEGIN mode -->`` and ``<!-- END mode -->``) of
-the docs file, leaving the rest, hand-written, untouched. A benchmark that fails is
+the docs file (``docs/performance.md`` only when the results go to ``benchmarks/results``,
+whose JSON its blocks cite), leaving the rest, hand-written, untouched. A benchmark that fails is
 recorded as failed and the others still run.
 """
 
@@ -187,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="run only these benchmarks (attention, models, ...)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--docs", type=Path, default=None,
-                        help=f"Markdown file whose block is rewritten (default {DOCS.relative_to(REPO)}; "
-                        "with --smoke: none unless given)")
+                        help=f"Markdown file whose block is rewritten (default {DOCS.relative_to(REPO)} when the "
+                        "results go to benchmarks/results; with --smoke or another --results-dir: none unless given)")
     args = parser.parse_args(argv)
-    docs = args.docs if args.docs is not None or args.mode == "smoke" else DOCS
+    # The docs' blocks cite benchmarks/results/*.json: results written elsewhere must not replace them.
+    to_repo = args.mode != "smoke" and args.results_dir.resolve() == RESULTS.resolve()
+    docs = args.docs if args.docs is not None or not to_repo else DOCS
     record = run(args.mode, args.results_dir, docs, args.only)
     failed = [name for name, status in record["benchmarks"].items() if not status["ok"]]
     print(f"\n{args.mode}: {len(record['benchmarks']) - len(failed)} benchmark(s) ok, failed: {failed or 'none'}; "

@@ -105,3 +105,17 @@ def test_only_reruns_the_named_benchmark_and_keeps_the_others_results(tmp_path):
     assert again["benchmarks"]["attention"]["from_earlier_run"] is True
     assert "from_earlier_run" not in again["benchmarks"]["communication"]
     assert "#### attention" in docs.read_text() and "from an earlier run" in docs.read_text()
+
+
+def test_results_written_elsewhere_leave_the_repositorys_docs_alone(monkeypatch, tmp_path):
+    # A measurement into a scratch folder once rewrote docs/performance.md's quick block
+    # with a partial table that cited JSON the repository does not hold.
+    import benchmarks.__main__ as harness
+
+    calls = []
+    monkeypatch.setattr(harness, "run", lambda mode, results_dir, docs, only=None: calls.append(docs) or
+                        {"benchmarks": {}, "wall_time_s": 0.0})
+    main(["--quick", "--only", "models", "--results-dir", str(tmp_path)])
+    main(["--quick", "--only", "models"])
+    main(["--quick", "--results-dir", str(tmp_path), "--docs", str(tmp_path / "p.md")])
+    assert calls == [None, harness.DOCS, tmp_path / "p.md"]
