@@ -47,6 +47,7 @@ def federation_effect(dtype: str, args: argparse.Namespace, output_dir: Path) ->
     """One in-process federation with ``dtype`` transfer: last-round test metrics and weights."""
     from medfed.config import config_from_dict
     from medfed.server.checkpoint import load_arrays
+    from medfed.server.metrics_log import read_metrics
     from medfed.simulation import simulate
 
     cfg = config_from_dict({
@@ -58,7 +59,7 @@ def federation_effect(dtype: str, args: argparse.Namespace, output_dir: Path) ->
     started = time.perf_counter()
     run_dir = simulate(cfg)
     total_s = time.perf_counter() - started
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     last = records[-1] if records[-1]["event"] == "round" else [r for r in records if r["event"] == "round"][-1]
     sites = [r for r in records if r["event"] == "site" and r["phase"] == "evaluate" and r["round"] == last["round"]]
     acc = sum(r["metrics"]["acc"] for r in sites) / len(sites)

@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from medfed.deploy.certs import make_certs  # noqa: E402
 from medfed.deploy.processes import free_port  # noqa: E402
+from medfed.server.metrics_log import read_metrics  # noqa: E402
 
 
 def write_site(folder: Path, seed: int, n_train: int) -> None:
@@ -132,7 +133,7 @@ def run_simulation(work: Path, sites: int, rounds: int, model: str) -> Path:
 
 
 def per_round(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     rows = []
     for record in records:
         if record["event"] != "round":

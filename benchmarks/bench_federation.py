@@ -79,7 +79,9 @@ def _config(args: dict, output_dir: str):
 
 def _round_times(run_dir: Path) -> tuple[float, float, list[float]]:
     """(wall-clock start of round 1, wall-clock end of the last round, each round's wall time)."""
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from medfed.server.metrics_log import read_metrics
+
+    rounds = read_metrics(run_dir / "metrics.jsonl")
     rounds = [r for r in rounds if r["event"] == "round"]
     first_start = datetime.fromisoformat(rounds[0]["time"]).timestamp() - rounds[0]["wall_time_s"]
     return first_start, datetime.fromisoformat(rounds[-1]["time"]).timestamp(), [r["wall_time_s"] for r in rounds]

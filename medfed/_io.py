@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from medfed.errors import MedfedError
 
-__all__ = ["OutputFolderError", "check_output_folder", "made_folder", "write_bytes_atomic"]
+__all__ = ["OutputFolderError", "check_output_folder", "json_text", "made_folder", "write_bytes_atomic"]
 
 
 class OutputFolderError(MedfedError):
@@ -98,3 +101,35 @@ def _umask() -> int:
     mask = os.umask(0o022)  # the only portable way to read it is to set it
     os.umask(mask)
     return mask
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """``value`` as standard JSON (RFC 8259): NaN and +-inf become ``null``.
+
+    Python's ``json`` writes ``NaN``, which JavaScript's ``JSON.parse``, R's jsonlite and
+    most other readers refuse; a metric that is undefined (AUC on a split of one class) or a
+    diverged loss is therefore written as ``null``. NumPy scalars and arrays become numbers
+    and lists, paths strings.
+
+    Raises
+    ------
+    TypeError
+        For a value that has no JSON form (e.g. a tensor or a set).
+    """
+    return json.dumps(_finite_or_null(value), indent=indent, allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    if hasattr(value, "tolist") and type(value).__module__ == "numpy":  # NumPy scalars and arrays
+        return _finite_or_null(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int)):  # bool is an int
+        return value
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serialisable")

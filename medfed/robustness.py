@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from medfed._io import write_bytes_atomic
+from medfed._io import json_text, write_bytes_atomic
 from medfed.errors import MedfedError
 from medfed.server.run_files import CONFIG_FILE, MODEL_FILE
 
@@ -242,7 +242,7 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(out_dir / ROBUSTNESS_JSON, (json.dumps(result, indent=2) + "\n").encode())
+        write_bytes_atomic(out_dir / ROBUSTNESS_JSON, (json_text(result, indent=2) + "\n").encode())
         _write_figure(out_dir / ROBUSTNESS_FIGURE, result)
     return result
 

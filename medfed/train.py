@@ -14,7 +14,6 @@ window's last epoch), and only once a full window has been seen.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from medfed._io import OutputFolderError, check_output_folder, made_folder, write_bytes_atomic
+from medfed._io import OutputFolderError, check_output_folder, json_text, made_folder, write_bytes_atomic
 from medfed.client.task import (
     DEFAULT_LOSS_WEIGHTING,
     TrainSettings,
@@ -185,7 +184,7 @@ def train_pooled(
                 "label_smoothing": label_smoothing, "hflip_p": hflip_p, "selection_window": window,
             },
         }
-        write_bytes_atomic(out_dir / "metrics.json", json.dumps(result, indent=2).encode("utf-8"))
+        write_bytes_atomic(out_dir / "metrics.json", json_text(result, indent=2).encode("utf-8"))
         console.print(
             f"best epoch {best_epoch} by val (ACC + AUC) / 2 over {window} epoch(s); [bold]test ACC {test['acc']:.4f} AUC {test['auc']:.4f}[/] "
             f"(balanced acc {test['balanced_acc']:.4f}); saved to {out_dir}"

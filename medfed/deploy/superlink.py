@@ -62,6 +62,7 @@ from medfed.deploy.processes import (
     wait_for_port,
 )
 from medfed.errors import MedfedError
+from medfed.server.metrics_log import parse_line, read_metrics
 from medfed.server.run_files import METRICS_FILE
 
 __all__ = ["DEFAULT_ADDRESS", "DeployError", "parse_address", "run_server"]
@@ -313,8 +314,10 @@ def _print_progress(metrics: Path, offset: int, rounds: int, out) -> int:
     complete = data[: data.rfind(b"\n") + 1]
     for line in complete.decode("utf-8", errors="replace").splitlines():
         try:
-            record = json.loads(line)
+            record = parse_line(line)
         except ValueError:
+            continue
+        if not isinstance(record, dict):
             continue
         text = _progress_line(record, rounds)
         if text:
@@ -500,8 +503,6 @@ def resume_command(run_dir: str | Path, *, certs: str | Path | None, address: st
 
 
 def _check_finished(run_dir: Path, home: Path, resume: str) -> None:
-    from medfed.server.metrics_log import read_metrics
-
     path = run_dir / METRICS_FILE
     records = read_metrics(path) if path.is_file() else []
     if records and records[-1].get("event") == "end":

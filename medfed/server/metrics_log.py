@@ -33,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from medfed._io import json_text
 from medfed.errors import MedfedError
 from medfed.server.run_files import METRICS_FILE
 
-__all__ = ["MetricsLog", "MetricsLogError", "RunMetrics", "load_run_metrics", "read_metrics"]
+__all__ = ["MetricsLog", "MetricsLogError", "RunMetrics", "load_run_metrics", "parse_line", "read_metrics"]
 
 
 class MetricsLogError(MedfedError):
@@ -66,8 +67,9 @@ class MetricsLog:
         self._repair_last_line()
 
     def write(self, record: Mapping[str, Any]) -> None:
-        """Append ``record`` as one JSON line (NumPy scalars and arrays become numbers and lists)."""
-        line = json.dumps(dict(record), default=_to_json)
+        """Append ``record`` as one line of standard JSON: NumPy scalars and arrays become
+        numbers and lists, NaN and +-inf ``null`` (:func:`medfed._io.json_text`)."""
+        line = json_text(record)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
             handle.flush()
@@ -96,16 +98,6 @@ class MetricsLog:
             os.fsync(handle.fileno())
 
 
-def _to_json(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serialisable")
-
-
 def _parses_as_json_object(data: bytes) -> bool:
     try:
         return isinstance(json.loads(data.decode("utf-8")), dict)
@@ -129,8 +121,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     Returns
     -------
     list[dict]
-        One dict per non-blank line. A last line that is not valid JSON (a killed run's
-        partial write) is skipped with a one-line warning on stderr (once per file and process).
+        One dict per non-blank line. A metric written as ``null`` (undefined, or not finite)
+        reads back as NaN, as do the ``NaN`` of logs written before medfed wrote standard
+        JSON. A last line that is not valid JSON (a killed run's partial write) is skipped
+        with a one-line warning on stderr (once per file and process).
 
     Raises
     ------
@@ -147,7 +141,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     records = []
     for index, (number, line) in enumerate(numbered):
         try:
-            record = json.loads(line.decode("utf-8"))
+            record = parse_line(line)
         except (UnicodeDecodeError, ValueError) as error:
             if index == len(numbered) - 1:
                 _notice_once(
@@ -184,6 +178,27 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             )
         records.append(record)
     return records
+
+
+#: The keys whose value is a table of metrics (name -> number, null where undefined).
+_METRIC_TABLES = {"site": ("metrics",), "round": ("train", "evaluate", "evaluate_pooled", "held_out")}
+
+
+def parse_line(line: bytes | str) -> Any:
+    """One line of the log as written: the nulls of a record's metric tables read as NaN.
+
+    Raises
+    ------
+    ValueError
+        If the line is not valid JSON (``UnicodeDecodeError`` if its bytes are not UTF-8).
+    """
+    record = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    if isinstance(record, dict):
+        for key in _METRIC_TABLES.get(record.get("event"), ()):  # type: ignore[arg-type]
+            table = record.get(key)
+            if isinstance(table, dict):
+                record[key] = {name: float("nan") if value is None else value for name, value in table.items()}
+    return record
 
 
 def _is_count_matrix(value: Any) -> bool:

@@ -17,14 +17,13 @@ seed) gives byte-identical files; no model, no network.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medfed._io import write_bytes_atomic
+from medfed._io import json_text, write_bytes_atomic
 from medfed.sites.profiles import apply_profile, build_site, describe_chain, plan_for
 
 if TYPE_CHECKING:
@@ -133,7 +132,7 @@ def preview_sites(cfg: ExperimentConfig, out_dir: str | Path, *, images_per_site
         "groups": [{"name": g.name, "corruptions": [list(c) for c in g.corruptions]} for g in plan.groups],
         "sites": summaries,
     }
-    write_bytes_atomic(out_dir / PREVIEW_JSON, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    write_bytes_atomic(out_dir / PREVIEW_JSON, (json_text(summary, indent=2) + "\n").encode("utf-8"))
     _write_montage(out_dir / PREVIEW_IMAGE, plan, rows, row_groups, sources, info)
     return summary
 

@@ -97,3 +97,21 @@ def test_sites_left_out_and_taken_back_are_said_and_a_stop_for_want_of_them_is_n
     with pytest.raises(DeployError, match=r"^The run did not finish: only 2 site\(s\) have data that fits the study\. "
                                           r"Resume it with: medfed server --resume"):
         _check_finished(run_dir, tmp_path / "flower", "medfed server --resume --run-dir run")
+
+
+def test_a_diverged_round_is_printed_as_nan_not_a_crash(tmp_path):
+    # A diverged round's loss and an undefined AUC are null in metrics.jsonl (standard JSON);
+    # medfed server's progress printed them with :.4f, which a None would stop.
+    import io
+
+    from medfed.deploy.superlink import _print_progress
+    from medfed.server.metrics_log import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    MetricsLog(path).write({"event": "round", "round": 2, "wall_time_s": 3.0, "train": {"loss": float("inf")},
+                            "evaluate": {"acc": 0.5, "auc": float("nan")}})
+    out = io.StringIO()
+    offset = _print_progress(path, 0, 5, out)
+    assert offset == path.stat().st_size
+    assert out.getvalue().splitlines()[-1].endswith(
+        "round 2/5 done in 3.0 s, train loss nan, test acc 0.5000 auc nan")
