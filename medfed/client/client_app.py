@@ -60,7 +60,7 @@ from flwr.common.logger import log
 from medfed.client.site_data import (
     PARTITION_ID_KEY, SiteData, StudyMismatchError, derive_seed, load_site_data, site_role,
 )
-from medfed.client.site_state import load_site_state, save_site_state
+from medfed.client.site_state import RUN_KEY, load_site_state, save_site_state
 from medfed.client.task import (
     TrainSettings, evaluate, image_batches, make_loader, make_loss, make_optimizer, prediction_metrics, prepare_model,
     round_learning_rate,
@@ -127,7 +127,8 @@ def train(msg: Message, context: Context) -> Message:
             "noise (a small federation.dirichlet_alpha, or a quantity skew, can leave a site this small).",
             site.name, len(site.train), settings.batch_size)
     hooks = client_hooks_for(cfg.strategy.name)(config)
-    kept = load_site_state(context, site.name, latest_round=server_round - 1)
+    run_key = str(config.get(RUN_KEY, ""))
+    kept = load_site_state(context, site.name, latest_round=server_round - 1, run_key=run_key)
     model = _model(cfg, site, hooks, msg, kept, device)
     # Seeded after the model is built: building it draws from the RNG only in a fresh process.
     seed = derive_seed(cfg.seed, server_round, site.key)
@@ -153,7 +154,7 @@ def train(msg: Message, context: Context) -> Message:
         **hooks.reply_metrics(site.train.groups),
         **_metric_record(result, site.train, with_confusion=False, num_groups=_num_groups(cfg, hooks)),
     }
-    save_site_state(context, site.name, server_round, hooks.local_state(model))
+    save_site_state(context, site.name, server_round, hooks.local_state(model), run_key=run_key)
     return _reply(msg, site, start, metrics, to_wire(hooks.sent_arrays(model), cfg.federation.transfer_dtype))
 
 
@@ -165,7 +166,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg, site, device = _setup(context)
     config = msg.content["config"]
     hooks = client_hooks_for(cfg.strategy.name)(config)
-    kept = load_site_state(context, site.name, latest_round=int(config.get("server-round", 0)))
+    kept = load_site_state(context, site.name, latest_round=int(config.get("server-round", 0)),
+                           run_key=str(config.get(RUN_KEY, "")))
     model = _model(cfg, site, hooks, msg, kept, device)
     adapted = hooks.before_evaluation(model, kept, image_batches(site.train, _EVAL_BATCH), device)
     if adapted:

@@ -7,10 +7,14 @@ ClientApp keeps it
   worker never see each other's), as an ArrayRecord plus the round it was written in;
 * and, where a state folder is configured, on disk, so that a restarted process (a
   resumed simulation, a rebooted SuperNode) continues with it: one safetensors file per
-  completed round, ``{state_dir}/{site}/round-000007.safetensors``, written atomically.
-  The folder comes from the node config key ``state-dir`` (deployment: a folder at the
-  site) or the run config key ``site-state-dir`` (simulation: ``{run_dir}/site-state``,
-  set by the launchers).
+  completed round, ``{state_dir}/{site}/{run_key}/round-000007.safetensors``, written
+  atomically. The folder comes from the node config key ``state-dir`` (deployment: a
+  folder at the site, which serves run after run) or the run config key
+  ``site-state-dir`` (simulation: ``{run_dir}/site-state``, set by the launchers).
+  ``run_key`` is the key the server sends with every instruction (``"run-key"``): made
+  when a run starts and kept by its resumes, so one run never reads, nor prunes, the
+  state of another. Instructions without one (a run begun before medfed sent keys) use
+  ``{state_dir}/{site}/`` as before.
 
 A round ``t`` loads the newest state written before it (training: ``r < t``;
 evaluation, which follows training in the same round: ``r <= t``). A resumed run
@@ -31,26 +35,37 @@ from safetensors.torch import load_file, save
 
 from medfed._io import write_bytes_atomic
 
-__all__ = ["NODE_STATE_DIR_KEY", "SITE_STATE_DIR_KEY", "load_site_state", "save_site_state", "site_state_dir"]
+__all__ = [
+    "NODE_STATE_DIR_KEY", "RUN_KEY", "SITE_STATE_DIR_KEY", "load_site_state", "save_site_state", "site_state_dir",
+]
 
 NODE_STATE_DIR_KEY = "state-dir"
 SITE_STATE_DIR_KEY = "site-state-dir"
+#: The instruction config key of the run's key (see the module docstring).
+RUN_KEY = "run-key"
 _ARRAYS = "medfed-site-state"
 _ROUND = "medfed-site-state-round"
 _KEEP = 3
 _FILE = re.compile(r"round-(\d{6})\.safetensors")
 
 
-def site_state_dir(context: Context, site_name: str) -> Path | None:
-    """This site's state folder, or None when neither config names one."""
+def site_state_dir(context: Context, site_name: str, run_key: str = "") -> Path | None:
+    """This site's state folder for the run ``run_key``, or None when neither config names one."""
     root = context.node_config.get(NODE_STATE_DIR_KEY) or context.run_config.get(SITE_STATE_DIR_KEY)
     if not root:
         return None
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", site_name).lstrip(".") or "site"
-    return Path(str(root)).expanduser() / safe
+    folder = Path(str(root)).expanduser() / _safe(site_name, "site")
+    return folder / _safe(run_key, "run") if run_key else folder
 
 
-def load_site_state(context: Context, site_name: str, *, latest_round: int) -> dict[str, torch.Tensor]:
+def _safe(name: str, fallback: str) -> str:
+    """``name`` as one folder name: no separators, no leading dots."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or fallback
+
+
+def load_site_state(
+    context: Context, site_name: str, *, latest_round: int, run_key: str = ""
+) -> dict[str, torch.Tensor]:
     """The newest state written in a round ``<= latest_round`` (``{}`` if none).
 
     Parameters
@@ -62,26 +77,30 @@ def load_site_state(context: Context, site_name: str, *, latest_round: int) -> d
     latest_round : int
         Newest round whose state may be used: ``t - 1`` to train round ``t``, ``t`` to
         evaluate it.
+    run_key : str
+        The run's key, as the server sent it (``""``: none, the folder of old runs).
     """
     state = context.state
     if _ARRAYS in state.array_records and _ROUND in state.config_records:
         if int(state.config_records[_ROUND]["round"]) <= latest_round:
             return state.array_records[_ARRAYS].to_torch_state_dict()
-    folder = site_state_dir(context, site_name)
+    folder = site_state_dir(context, site_name, run_key)
     if folder is None or not folder.is_dir():
         return {}
     rounds = sorted(r for r in _rounds_on_disk(folder) if r <= latest_round)
     return load_file(str(folder / f"round-{rounds[-1]:06d}.safetensors")) if rounds else {}
 
 
-def save_site_state(context: Context, site_name: str, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
-    """Keep ``state`` as written in ``server_round`` (nothing happens when it is empty)."""
+def save_site_state(
+    context: Context, site_name: str, server_round: int, state: Mapping[str, torch.Tensor], *, run_key: str = ""
+) -> None:
+    """Keep ``state`` as written in ``server_round`` of the run ``run_key`` (nothing happens when it is empty)."""
     if not state:
         return
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     context.state[_ARRAYS] = ArrayRecord(tensors)
     context.state[_ROUND] = ConfigRecord({"round": int(server_round)})
-    folder = site_state_dir(context, site_name)
+    folder = site_state_dir(context, site_name, run_key)
     if folder is None:
         return
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from medfed.client.site_state import RUN_KEY
 from medfed.config import ExperimentConfig, config_to_dict, from_run_config
 from medfed.data import dataset_info
 from medfed.server.checkpoint import save_arrays, save_checkpoint
@@ -115,8 +117,9 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
     deployed = _is_deployed(grid)
     roster = _discover_sites(grid, cfg, deployed=deployed)
     held_out_names = [role.name for role in roster.roles.values() if role.held_out and not role.problem]
+    run_key = _run_key(run_dir / METRICS_FILE)
     log.write({"event": "start", "time": _now(), "resumed_from_round": start.completed_rounds,
-               "num_rounds": cfg.rounds, **_site_facts(cfg, held_out_names)})
+               "num_rounds": cfg.rounds, "run_key": run_key, **_site_facts(cfg, held_out_names)})
     # By site name: a site restarted (insecure) or resumed comes back as another node.
     left_out = _still_left_out(run_dir / METRICS_FILE)
 
@@ -159,7 +162,8 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         RoundOffsetStrategy(guarded, start.completed_rounds, recorder, roster, seed=cfg.seed).start(
             TransferGrid(RecordingGrid(grid, recorder, poll_interval_s=poll), cfg.federation.transfer_dtype), arrays,
             num_rounds=remaining, timeout=cfg.federation.round_timeout_s,
-            train_config=train_config(cfg), evaluate_config=ConfigRecord(), evaluate_fn=end_of_round,
+            train_config=train_config(cfg, run_key), evaluate_config=ConfigRecord({RUN_KEY: run_key}),
+            evaluate_fn=end_of_round,
         )
     final = {k: v.astype(reference[k].dtype, copy=False) for k, v in numpy_arrays(arrays).items()}
     save_arrays(run_dir / MODEL_FILE, final)
@@ -264,13 +268,26 @@ def initial_model_arrays(cfg: ExperimentConfig, strategy: MedfedStrategy | None 
     return {k: v.detach().cpu().numpy().copy() for k, v in hooks.initial_arrays(spec).items()}
 
 
-def train_config(cfg: ExperimentConfig) -> ConfigRecord:
-    """The local-training settings sent to the sites every round (strategies may add keys)."""
+def train_config(cfg: ExperimentConfig, run_key: str = "") -> ConfigRecord:
+    """The local-training settings sent to the sites every round (strategies may add keys),
+    and the run's key, under which sites keep their local state (:mod:`medfed.client.site_state`)."""
     t = cfg.train
     return ConfigRecord({
         "local-epochs": t.local_epochs, "batch-size": t.batch_size, "optimizer": t.optimizer,
-        "lr": t.lr, "weight-decay": t.weight_decay, "momentum": t.momentum,
+        "lr": t.lr, "weight-decay": t.weight_decay, "momentum": t.momentum, RUN_KEY: run_key,
     })
+
+
+def _run_key(path: Path) -> str:
+    """This run's key: made at its first start, read back from its first ``"start"`` record
+    by every resume, so that its sites find their local state again and never another run's.
+
+    ``""`` for a run begun before medfed made keys: its sites go on with their folders
+    without one."""
+    for record in read_metrics(path) if path.is_file() else ():
+        if record["event"] == "start":
+            return str(record.get("run_key", ""))
+    return secrets.token_hex(8)  # not Python's or NumPy's RNG: a resumed run draws as an uninterrupted one
 
 
 def _is_deployed(grid: Grid) -> bool:

@@ -38,7 +38,7 @@ def grid(tiny_root, tiny_config, tmp_path) -> LocalGrid:
 
 #: The training settings the server sends every round (here: the tiny config's).
 SETTINGS = {"local-epochs": 1, "batch-size": 8, "optimizer": "adamw", "lr": 1e-3, "weight-decay": 0.05,
-            "momentum": 0.9}
+            "momentum": 0.9, "run-key": ""}
 
 
 def _message(arrays, message_type: str, node_id: int = 2, **config) -> Message:

@@ -3,12 +3,13 @@
 import torch
 from flwr.app import Context, RecordDict
 
-from medfed.client.site_state import SITE_STATE_DIR_KEY, load_site_state, save_site_state
+from medfed.client.site_state import NODE_STATE_DIR_KEY, SITE_STATE_DIR_KEY, load_site_state, save_site_state
 
 
-def _context(state_dir=None) -> Context:
+def _context(state_dir=None, node_state_dir=None) -> Context:
     run_config = {SITE_STATE_DIR_KEY: str(state_dir)} if state_dir else {}
-    return Context(run_id=0, node_id=2, node_config={}, state=RecordDict(), run_config=run_config)
+    node_config = {NODE_STATE_DIR_KEY: str(node_state_dir)} if node_state_dir else {}
+    return Context(run_id=0, node_id=2, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
 def test_state_lives_in_each_sites_own_context():
@@ -42,3 +43,31 @@ def test_in_memory_state_newer_than_allowed_falls_back_to_disk(tmp_path):
     save_site_state(context, "site-0", 2, {"bn": torch.tensor([2.0])})
     assert load_site_state(context, "site-0", latest_round=1)["bn"].tolist() == [1.0]
     assert load_site_state(context, "site-0", latest_round=2)["bn"].tolist() == [2.0]
+
+
+def test_runs_that_share_a_sites_state_folder_neither_read_nor_prune_each_others_state(tmp_path):
+    # Prepare: a deployed site's one state folder (node config); run A went to round 10.
+    run_a = _context(node_state_dir=tmp_path)
+    for r in range(1, 11):
+        save_site_state(run_a, "alpha", r, {"bn": torch.tensor([100.0 + r])}, run_key="a")
+    # Execute: run B's rounds 1-4, then a restarted SuperNode (fresh context) for each run.
+    run_b = _context(node_state_dir=tmp_path)
+    for r in range(1, 5):
+        save_site_state(run_b, "alpha", r, {"bn": torch.tensor([float(r)])}, run_key="b")
+    restarted = _context(node_state_dir=tmp_path)
+    # Assert: run B resumes at round 5 with its own round 4, which A's higher rounds did not prune;
+    # run B's evaluation at round 9 never sees A's round 9; A's newest three are still there.
+    assert load_site_state(restarted, "alpha", latest_round=4, run_key="b")["bn"].tolist() == [4.0]
+    assert load_site_state(restarted, "alpha", latest_round=9, run_key="b")["bn"].tolist() == [4.0]
+    assert load_site_state(restarted, "alpha", latest_round=9, run_key="c") == {}
+    assert load_site_state(restarted, "alpha", latest_round=10, run_key="a")["bn"].tolist() == [110.0]
+    assert sorted(p.name for p in (tmp_path / "alpha" / "b").iterdir()) == [
+        "round-000002.safetensors", "round-000003.safetensors", "round-000004.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "alpha").iterdir()) == ["a", "b"]
+
+
+def test_a_run_key_cannot_leave_the_sites_folder(tmp_path):
+    context = _context(node_state_dir=tmp_path / "state")
+    save_site_state(context, "alpha", 1, {"bn": torch.tensor([1.0])}, run_key="../../evil")
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.safetensors")] == [
+        "state/alpha/_.._evil/round-000001.safetensors"]

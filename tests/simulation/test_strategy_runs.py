@@ -43,10 +43,11 @@ def _app_that_dies(round_to_die: int, site_to_die: int) -> ClientApp:
 
 
 def _site_states(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
-    """The newest state file of every site."""
+    """The newest state file of every site (each site has one folder: this run's key)."""
     states = {}
     for folder in sorted((run_dir / "site-state").iterdir()):
-        newest = sorted(folder.glob("round-*.safetensors"))[-1]
+        (run_folder,) = folder.iterdir()
+        newest = sorted(run_folder.glob("round-*.safetensors"))[-1]
         states[f"{folder.name}/{newest.name}"] = load_file(str(newest))
     return states
 
@@ -62,6 +63,10 @@ def _assert_resume_is_bit_identical(cfg, uninterrupted: Path, tmp_path: Path, me
     run_dir = tmp_path / cfg.name
     assert load_checkpoint(run_dir / "checkpoint.safetensors").server_round == 1
     run_local(cfg, resume=True)
+    # The resume sent the run's key of its first start: its sites found their state under it.
+    keys = [start["run_key"] for start in load_run_metrics(run_dir).starts]
+    assert len(keys) == 2 and keys[0] == keys[1] and len(keys[0]) == 16
+    assert {p.name for p in (run_dir / "site-state").glob("*/*")} <= {keys[0]}  # FairLoRA sites keep none
     _assert_same_arrays(load_arrays(run_dir / "model.safetensors"), load_arrays(uninterrupted / "model.safetensors"))
     assert metric_records(run_dir) == metric_records(uninterrupted)
     return run_dir

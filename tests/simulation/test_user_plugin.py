@@ -60,5 +60,5 @@ def test_user_plugin_keeps_the_heads_at_the_sites(tiny_root, tiny_config, tmp_pa
     final = load_arrays(run_dir / "model.safetensors")
     np.testing.assert_array_equal(final["head.weight"], initial["head.weight"])
     assert not np.array_equal(final["stem.0.0.weight"], initial["stem.0.0.weight"])
-    heads = sorted((run_dir / "site-state").glob("site-*/round-000002.safetensors"))
+    heads = sorted((run_dir / "site-state").glob("site-*/*/round-000002.safetensors"))
     assert len(heads) == 3
