@@ -14,8 +14,10 @@ are averaged by sample counts; each row ``S_g`` by that group's counts
 ``n_{k,g} / sum_k n_{k,g}`` (a group no site holds keeps its previous row); with
 ``shared_half_s`` the first ``r / 2`` columns are then averaged over the groups; finally
 the authors' EMA with the previous global adapters,
-``w = (1 - beta_t) w_avg + beta_t w_global`` with ``beta_t = ema_beta_max * t / T``
-(``ema_beta_max`` 0.999 as in their code; 0 turns it off).
+``w = (1 - beta_t) w_avg + beta_t w_global`` with ``beta_t = ema_beta_max * (t - 1) / T``
+in round ``t`` of ``T`` (their code counts rounds from 0: round 1 is the plain average,
+and the last round still moves the model by ``1 - ema_beta_max * (T - 1) / T`` of the
+step; ``ema_beta_max`` 0.999 as in their code; 0 turns it off).
 
 Evaluation adds ``es-acc`` and ``es-auc`` (equity-scaled ACC and AUC,
 ``metric / (1 + sum_g |metric_g - metric|)``) computed from the per-group metrics,
@@ -192,7 +194,7 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
         Average the first ``rank // 2`` singular values over the groups each round
         (needs ``rank`` >= 2: with rank 1 there is nothing to share).
     ema_beta_max : float
-        ``beta_t = ema_beta_max * t / num_rounds``, in [0, 1); 0 turns the EMA off.
+        ``beta_t = ema_beta_max * (t - 1) / num_rounds`` in round ``t``, in [0, 1); 0 turns the EMA off.
     num_rounds : int
         Rounds of the run (set from the experiment's ``rounds``).
     **kwargs
@@ -279,7 +281,7 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
             group_counts,
             previous,
             singular_value_keys=[name for name in previous if name.endswith(".S")],
-            beta=self.ema_beta_max * min(server_round, self.num_rounds) / self.num_rounds,
+            beta=self.ema_beta_max * min(server_round - 1, self.num_rounds) / self.num_rounds,
             shared_half_s=self.shared_half_s,
         )
         arrays = ArrayRecord({name: Array(np.asarray(value, order="C")) for name, value in new.items()})

@@ -44,19 +44,20 @@ def test_ema_mixes_in_the_previous_global_arrays():
     np.testing.assert_allclose(new["a.A"], [1.875])
 
 
-def test_strategy_applies_the_authors_beta_schedule_and_group_counts(make_reply):
-    # Prepare: round 2 of 4 -> beta = 0.999 * 2 / 4.
+@pytest.mark.parametrize(("server_round", "beta"), [(1, 0.0), (2, 0.999 * 1 / 4), (4, 0.999 * 3 / 4)])
+def test_strategy_applies_the_authors_beta_schedule_and_group_counts(make_reply, server_round, beta):
+    # Prepare: round t of 4 -> beta = 0.999 * (t - 1) / 4: the authors count rounds from 0
+    # (utils/fed_utils.py, average_weights_EMA), so round 1 is the plain average.
     strategy = FairLoRA(num_groups=2, num_rounds=4)
     strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in PREVIOUS.items()})
     sites = _sites()
     replies = [
-        make_reply(11, sites[0], 10, group_count_metrics(np.array([0, 0, 0]), 2), server_round=2),
-        make_reply(12, sites[1], 30, group_count_metrics(np.array([0, 1, 1, 1, 1, 1]), 2), server_round=2),
+        make_reply(11, sites[0], 10, group_count_metrics(np.array([0, 0, 0]), 2), server_round=server_round),
+        make_reply(12, sites[1], 30, group_count_metrics(np.array([0, 1, 1, 1, 1, 1]), 2), server_round=server_round),
     ]
     # Execute
-    arrays, _ = strategy.aggregate_train(2, replies)
+    arrays, _ = strategy.aggregate_train(server_round, replies)
     # Assert
-    beta = 0.999 * 0.5
     np.testing.assert_allclose(arrays["a.A"].numpy(), [(1 - beta) * 3.25])
     np.testing.assert_allclose(arrays["a.S"].numpy(), (1 - beta) * np.array([[2.0, 3.0], [7.0, 8.0]]) + beta * 9)
 
