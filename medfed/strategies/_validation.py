@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
@@ -27,6 +28,8 @@ __all__ = [
     "find_norm_outliers",
     "update_norm",
 ]
+
+T = TypeVar("T")
 
 #: Layout of a set of named arrays: ``((name, shape), ...)`` sorted by name.
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
@@ -123,13 +126,15 @@ def find_invalid_replies(
 
     A reply is invalid when it does not carry exactly one ArrayRecord and one
     MetricRecord, when its weight (``weighted_by_key`` in the MetricRecord) is not a
-    finite number > 0 or a per-group count (``<weighted_by_key>-group-*``) is not a
-    finite number >= 0, when any of its arrays holds NaN or inf, when an array is not
+    finite number > 0, a per-group count (``<weighted_by_key>-group-*``) is not a
+    finite number >= 0 or the counts add up to more than the weight, when any of its arrays holds NaN or inf, when an array is not
     one of ``reference``'s (the global model's) or has another shape or dtype there, when
-    its array names, shapes or dtypes differ from those of most valid replies (ties go
-    to the reply that came first), or when its metric names differ from most valid
-    replies'. Checks run in that order, so a reply that fails one does not vote in the
-    next.
+    its array names, shapes or dtypes differ from those of most valid replies, or when
+    its metric names differ from most valid replies'. A tie goes to the layout with the
+    most arrays, or the most metric names (the other reply lacks some: with two sites a
+    reply that lost an array or a metric must not outvote the whole one), then to the
+    reply that came first. Checks run in that order, so a reply that fails one does not
+    vote in the next.
 
     Parameters
     ----------
@@ -168,7 +173,7 @@ def find_invalid_replies(
             invalid[index] = reason
 
     if layouts:
-        expected_name, expected, expected_dtypes = Counter(layouts.values()).most_common(1)[0][0]
+        expected_name, expected, expected_dtypes = _majority(layouts.values(), size=lambda layout: len(layout[2]))
         for index, (record_name, layout, dtypes) in layouts.items():
             if record_name != expected_name:
                 invalid[index] = (
@@ -199,8 +204,8 @@ def find_invalid_evaluate_replies(
 
     Flower's metric aggregation raises on the first reply whose metric names differ from
     the others', ending the run; such a reply, one without exactly one MetricRecord, or
-    one whose weight or per-group counts are not finite (weight > 0, counts >= 0), is
-    reported here instead.
+    one whose weight or per-group counts are not finite (weight > 0, counts >= 0), or
+    whose counts add up to more than its weight, is reported here instead.
 
     Parameters
     ----------
@@ -239,11 +244,11 @@ def _misfit(record: Mapping, reference: Mapping[str, tuple[tuple[int, ...], str]
 
 
 def _metric_key_mismatches(contents: Mapping[int, RecordDict]) -> dict[int, str]:
-    """Replies whose metric names differ from most replies' (ties: the first reply's)."""
+    """Replies whose metric names differ from most replies' (ties: the most names, then the first reply's)."""
     keys = {index: frozenset(next(iter(c.metric_records.values())).keys()) for index, c in contents.items()}
     if not keys:
         return {}
-    expected = Counter(keys.values()).most_common(1)[0][0]
+    expected = _majority(keys.values(), size=len)
     mismatches = {}
     for index, names in keys.items():
         if names != expected:
@@ -254,6 +259,12 @@ def _metric_key_mismatches(contents: Mapping[int, RecordDict]) -> dict[int, str]
                 parts.append(f"unexpected {_short_list(sorted(names - expected))}")
             mismatches[index] = "its metrics differ from the other replies': " + "; ".join(parts)
     return mismatches
+
+
+def _majority(values: Iterable[T], size: Callable[[T], int]) -> T:
+    """The most common of ``values``; among equally common ones the largest by ``size``, then the first."""
+    counts = Counter(values)
+    return max(counts, key=lambda value: (counts[value], size(value)))  # max keeps the first of equals
 
 
 def _structure_problem(content: RecordDict, weighted_by_key: str) -> str | None:
@@ -273,10 +284,16 @@ def _metrics_problem(content: RecordDict, weighted_by_key: str) -> str | None:
     weight = metrics[weighted_by_key]
     if not _is_finite_number(weight) or weight <= 0:
         return f"its weight {weighted_by_key!r} is {weight!r}, expected a finite number > 0"
-    # Per-group counts weight FairLoRA's singular values and the per-group metrics.
+    # Per-group counts weight FairLoRA's singular values and the per-group metrics: each
+    # is a count of the reply's own examples (those of no known group are in none).
+    group_total = 0.0
     for key, value in metrics.items():
-        if key.startswith(f"{weighted_by_key}-group-") and (not _is_finite_number(value) or value < 0):
-            return f"its group count {key!r} is {value!r}, expected a finite number >= 0"
+        if key.startswith(f"{weighted_by_key}-group-"):
+            if not _is_finite_number(value) or value < 0:
+                return f"its group count {key!r} is {value!r}, expected a finite number >= 0"
+            group_total += value
+    if group_total > weight:
+        return (f"its group counts add up to {group_total:g}, more than its {weighted_by_key!r} of {weight:g}")
     return None
 
 

@@ -87,6 +87,23 @@ def test_with_two_replies_a_broken_one_loses_to_the_global_model_even_when_it_co
 
 
 @pytest.mark.parametrize("name", list_strategies())
+def test_with_two_replies_one_that_lacks_an_array_or_a_metric_loses_even_when_it_comes_first(name, make_reply):
+    # Prepare: a reply without 'b' (all strategies here send the whole model), and one without 'loss'.
+    no_b = make_reply(11, {"w": np.array([5.0, 5.0], dtype=np.float32)}, 10, {"loss": 1.0}, server_round=2)
+    no_loss = make_reply(11, {"w": np.array([5.0, 5.0], dtype=np.float32), "b": np.array([5.0], dtype=np.float32)},
+                         10, {}, server_round=2)
+    for broken, reason in [(no_b, "its arrays differ from the other replies': missing arrays ['b']"),
+                           (no_loss, "its metrics differ from the other replies': missing ['loss']")]:
+        strategy = _strategy(name)
+        # Execute
+        arrays, _ = strategy.aggregate_train(2, [broken, _good(make_reply, 12, [1.0, 1.0])])
+        # Assert: the whole reply is aggregated, not the broken one.
+        assert dict(strategy.dropped_replies) == {11: reason}
+        if arrays is not None:  # "local" aggregates nothing
+            assert 5.0 not in arrays["w"].numpy()
+
+
+@pytest.mark.parametrize("name", list_strategies())
 def test_a_reply_with_other_metric_names_is_dropped_not_fatal(name, make_reply, flwr_records):
     # Flower's metric aggregation raises on differing keys, which would end the run.
     strategy = _strategy(name)
@@ -116,6 +133,25 @@ def test_a_reply_with_a_non_finite_or_negative_group_count_is_dropped(count, mak
     strategy.aggregate_train(2, replies)
     assert dict(strategy.dropped_replies) == {
         13: f"its group count 'num-examples-group-0' is {count!r}, expected a finite number >= 0"}
+
+
+def test_a_reply_whose_group_counts_exceed_its_examples_is_dropped_in_training_and_evaluation(make_reply,
+                                                                                              flwr_records):
+    # One site's group-0 count of 1e9 for 10 examples took over group 0's singular values.
+    strategy = _strategy("fairlora")
+    counts = {11: (5.0, 5.0), 12: (4.0, 6.0), 13: (1e9, 0.0)}
+    replies = [make_reply(n, {"w": np.array([1.0, 1.0], dtype=np.float32), "b": np.array([1.0], dtype=np.float32)},
+                          10, {"num-examples-group-0": c0, "num-examples-group-1": c1}, server_round=2)
+               for n, (c0, c1) in counts.items()]
+    strategy.aggregate_train(2, replies)
+    assert dict(strategy.dropped_replies) == {
+        13: "its group counts add up to 1e+09, more than its 'num-examples' of 10"}
+    evaluated = strategy.aggregate_evaluate(2, [
+        make_reply(n, None, 10, {"acc": 0.5, "num-examples-group-0": c0, "num-examples-group-1": c1})
+        for n, (c0, c1) in counts.items()])
+    assert evaluated["acc"] == pytest.approx(0.5)
+    assert any("aggregate_evaluate: round 2: dropping the reply of node 13: its group counts add up to 1e+09"
+               in r.getMessage() for r in flwr_records.records)
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedld", "fedmedian"])

@@ -106,12 +106,22 @@ def test_shape_mismatch_is_dropped_in_favour_of_the_majority():
     }
 
 
-def test_layout_tie_keeps_the_first_reply():
+def test_a_layout_tie_goes_to_the_reply_that_lacks_nothing_whichever_comes_first():
     odd = {"w": np.zeros((2, 3), np.float32)}  # 'b' missing
 
-    invalid = find_invalid_replies([_content(_ok()), _content(odd)])
+    after = find_invalid_replies([_content(_ok()), _content(odd)])
+    before = find_invalid_replies([_content(odd), _content(_ok())])
 
-    assert invalid == {1: "its arrays differ from the other replies': missing arrays ['b']"}
+    assert after == {1: "its arrays differ from the other replies': missing arrays ['b']"}
+    assert before == {0: "its arrays differ from the other replies': missing arrays ['b']"}
+
+
+def test_a_tie_between_layouts_of_equal_size_keeps_the_first_reply():
+    only_w, only_b = {"w": np.zeros((2, 3), np.float32)}, {"b": np.zeros(3, np.float32)}
+
+    invalid = find_invalid_replies([_content(only_b), _content(only_w)])
+
+    assert invalid == {1: "its arrays differ from the other replies': missing arrays ['b']; unexpected arrays ['w']"}
 
 
 def test_non_finite_replies_do_not_vote_on_the_layout():
