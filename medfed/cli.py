@@ -379,6 +379,12 @@ def _interrupted_message(args: argparse.Namespace) -> str:
     run_dir = getattr(args, "run_dir", None)
     if run_dir is None:  # interrupted before the run folder was known
         return "medfed: interrupted"
+    from medfed.server.run_files import CONFIG_FILE
+
+    if args.command in ("simulate", "server") and not (Path(run_dir) / CONFIG_FILE).is_file():
+        # e.g. a server stopped while it waited for its sites: --resume would find no run there.
+        return (f"medfed: interrupted before the run started ({CONFIG_FILE} is not in {run_dir} yet); nothing to "
+                "resume: run the same command again")
     if args.command == "simulate":
         from medfed.simulation.run import resume_hint
 

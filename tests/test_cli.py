@@ -63,11 +63,18 @@ def test_an_interrupted_server_prints_the_whole_command_that_resumes_it(tmp_path
 
     monkeypatch.setattr(superlink, "run_server", interrupted)
     run_dir, certs = tmp_path / "my run", tmp_path / "certs"
-    # Execute
-    code = main(["server", "--run-dir", str(run_dir), "--certs", str(certs), "--address", "0.0.0.0:9999",
-                 "--join-timeout", "1234567.5"])
-    # Assert: one hint, with every option that reaches the same sites (paths quoted for the shell).
-    assert code == 130
+    command = ["server", "--run-dir", str(run_dir), "--certs", str(certs), "--address", "0.0.0.0:9999",
+               "--join-timeout", "1234567.5"]
+    # Execute: stopped while it waited for its sites (the run has not started), then stopped during the run.
+    before_start = main(command)
+    before_start_err = capsys.readouterr().err.strip()
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("rounds: 3\n")
+    during_run = main(command)
+    # Assert: one line each; the second with every option that reaches the same sites (paths quoted for the shell).
+    assert before_start == during_run == 130
+    assert before_start_err == (f"medfed: interrupted before the run started (config.yaml is not in {run_dir} yet); "
+                                "nothing to resume: run the same command again")
     assert capsys.readouterr().err.strip() == (
         f"medfed: interrupted; continue with medfed server --resume --run-dir '{run_dir}' --certs {certs} "
         f"--address 0.0.0.0:9999 --join-timeout 1234567.5 (medfed report '{run_dir}' reports the rounds done)"

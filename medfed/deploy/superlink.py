@@ -173,17 +173,19 @@ def run_server(
             )
 
     home = run_dir / FLOWER_HOME
-    (home / "app").mkdir(parents=True, exist_ok=True)
-    (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
-    _write_flower_config(home, listen.local, tls)
-
     env = {
         "FLWR_HOME": str(home), "MEDFED_RUN_DIR": str(run_dir), "MEDFED_RESUME": "1" if resume else "0",
         "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
     }
     processes = ProcessSet(env)
-    _take_over(home, processes.marker, out)
+    # Refusals first, so that a refused start writes nothing (another server's Flower
+    # config names its own address); a killed server's leftovers go before the port check.
+    _stop_previous_server(home, out)
     _check_port_free(listen)
+    (home / "app").mkdir(parents=True, exist_ok=True)
+    _claim(home, processes.marker)
+    (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
+    _write_flower_config(home, listen.local, tls)
     try:
         with interrupt_on_sigterm():
             superlink = processes.start(_superlink_command(listen, home, tls), log=home / SUPERLINK_LOG)
@@ -197,7 +199,9 @@ def run_server(
             control = _Control(listen.local, tls)
             try:
                 if tls is not None:
-                    control.register(tls.trusted_sites)
+                    for name in control.trust_exactly(tls.trusted_sites):
+                        _say(out, f"medfed server: no longer trusts the old key of site {name} (removed or replaced "
+                                  "in --certs)")
                 for run_id in control.stop_unfinished_runs():
                     _say(out, f"medfed server: stopped run {run_id}, left unfinished by the previous server")
                 _wait_for_sites(control, cfg.federation.num_sites, cfg.federation.quorum, join_timeout_s, out)
@@ -236,8 +240,8 @@ def _check_port_free(listen: Address) -> None:
             ) from None
 
 
-def _take_over(home: Path, marker: str, out) -> None:
-    """Stop what a previous server of this run folder left running; note this server's marker."""
+def _stop_previous_server(home: Path, out) -> None:
+    """Refuse a run folder that another live medfed server uses; stop what a killed one left running."""
     path = home / SERVER_FILE
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
@@ -258,8 +262,12 @@ def _take_over(home: Path, marker: str, out) -> None:
                 pass
         if leftovers:
             _say(out, f"medfed server: stopped {len(leftovers)} Flower process(es) left by the previous server")
-    path.write_text(json.dumps({"pid": os.getpid(), "started": _start_time(os.getpid()), "marker": marker}),
-                    encoding="utf-8")
+
+
+def _claim(home: Path, marker: str) -> None:
+    """Note in the run folder that this server uses it, and the marker of its Flower processes."""
+    (home / SERVER_FILE).write_text(
+        json.dumps({"pid": os.getpid(), "started": _start_time(os.getpid()), "marker": marker}), encoding="utf-8")
 
 
 def _start_time(pid: int) -> str | None:
@@ -390,18 +398,40 @@ class _Control:
         with contextlib.redirect_stdout(io.StringIO()):  # Flower's "Using SuperLink: ..." line: not ours to print
             self.client = init_http_client_from_connection(connection)
 
-    def register(self, sites: dict[str, str]) -> None:
-        """Register each site's public key under its name; keys already registered are kept."""
+    def trust_exactly(self, sites: dict[str, str]) -> list[str]:
+        """Make the SuperLink trust the keys of ``sites`` (name -> OpenSSH public key) and no other.
+
+        The SuperLink keeps its registrations in the run folder's state database, across
+        restarts and resumes: a site removed from ``trusted_sites.txt`` or given a new key
+        by ``medfed certs --force`` is unregistered here, and the new keys registered.
+
+        Returns
+        -------
+        list[str]
+            The names of the sites whose old registration was withdrawn.
+        """
         from cryptography.hazmat.primitives import serialization
-        from flwr.proto.control_pb2 import RegisterNodeRequest
+        from flwr.proto.control_pb2 import RegisterNodeRequest, UnregisterNodeRequest
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-        known = {node.name for node in self.nodes()}
-        for name, key_text in sites.items():
-            if name in known:
+        wanted = {name: public_key_to_bytes(serialization.load_ssh_public_key(text.encode("ascii")))
+                  for name, text in sites.items()}
+        registered = [node for node in self.nodes() if node.status != "unregistered"]
+        withdrawn = [node for node in registered if wanted.get(node.name) != bytes(node.public_key)]
+        for node in withdrawn:
+            self.client.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
+        kept = {node.name for node in registered} - {node.name for node in withdrawn}
+        for name, key in wanted.items():
+            if name in kept:
                 continue
-            key = serialization.load_ssh_public_key(key_text.encode("ascii"))
-            self.client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name))
+            try:
+                self.client.RegisterNode(RegisterNodeRequest(public_key=key, name=name))
+            except Exception as err:  # noqa: BLE001 - Flower's error types differ per transport
+                raise DeployError(
+                    f"The SuperLink refused the key of site {name} ({err}); a key that was trusted and then "
+                    f"withdrawn cannot be trusted again: make the site a new key with medfed certs --force."
+                ) from None
+        return sorted(node.name or f"node-{node.node_id}" for node in withdrawn)
 
     def nodes(self) -> list:
         """The SuperLink's nodes (``NodeInfo``: ``node_id``, ``name``, ``status``)."""
@@ -441,12 +471,15 @@ def _wait_for_sites(control: _Control, count: int, quorum: int, timeout_s: float
     _say(out, f"medfed server: waiting for {count} site(s) to connect (Ctrl-C to stop)")
     while True:
         online = control.online()
-        for name in sorted(set(online.values()) - seen):
+        names = set(online.values())
+        for name in sorted(seen - names):
+            seen.discard(name)
+            _say(out, f"medfed server: site {name} left ({len(seen)}/{count})")
+        for name in sorted(names - seen):
             seen.add(name)
             # More than expected is legal (held-out sites, spare keys): say so, not "(3/2)".
             counter = f"{len(seen)}/{count}" if len(seen) <= count else f"{len(seen)} connected, {count} expected"
             _say(out, f"medfed server: site {name} joined ({counter})")
-        seen = set(online.values())
         if len(online) >= count:
             return
         if deadline is not None and time.monotonic() >= deadline:

@@ -392,9 +392,10 @@ CRASH_WINDOW_S = 300.0
 
 
 def _quoted(text: str) -> str:
-    if '"' in text:
+    """``text`` escaped for a double-quoted value of Flower's node config (a TOML basic string)."""
+    if '"' in text:  # Flower finds the value's end at the next double quote, escaped or not
         raise DeployError(f"{text!r} must not contain a double quote (Flower's node config cannot carry it).")
-    return text
+    return "".join("\\\\" if c == "\\" else f"\\u{ord(c):04x}" if ord(c) < 0x20 or c == "\x7f" else c for c in text)
 
 
 def _say(out, text: str) -> None:

@@ -303,3 +303,15 @@ def test_a_device_the_site_lacks_stops_the_client_before_connecting(tmp_path):
     with pytest.raises(DeviceError, match="Device 'cuda:99' is not on this machine"):
         run_client(server="localhost:1", site="a", data=_npz(tmp_path / "site"), certs=None, insecure=True,
                    device="cuda:99")
+
+
+@pytest.mark.parametrize("path", ["/data/back\\slash", "C:\\sites\\north", "/data/tab\there", "/data/a b/ünï"])
+def test_a_site_path_reaches_the_supernode_as_written(path):
+    # A backslash made Flower's node config invalid TOML: the SuperNode failed 6 times in a row.
+    from flwr.common.config import parse_config_args
+
+    from medfed.deploy.supernode import _quoted
+
+    parsed = parse_config_args([f'site-name="north" data-path="{_quoted(path)}" state-dir="{_quoted(path)}"'])
+
+    assert parsed == {"site-name": "north", "data-path": path, "state-dir": path}

@@ -115,3 +115,24 @@ def test_a_diverged_round_is_printed_as_nan_not_a_crash(tmp_path):
     assert offset == path.stat().st_size
     assert out.getvalue().splitlines()[-1].endswith(
         "round 2/5 done in 3.0 s, train loss nan, test acc 0.5000 auc nan")
+
+
+def test_the_join_counter_counts_the_sites_online_now_and_says_who_left():
+    # A site that left while another joined was still counted: "(2/2)" with one site online.
+    import io
+
+    from medfed.deploy.superlink import _wait_for_sites
+
+    class Control:
+        polls = iter([{1: "alpha"}, {2: "beta"}, {2: "beta", 3: "gamma"}])
+
+        def online(self):
+            return next(self.polls)
+
+    out = io.StringIO()
+    _wait_for_sites(Control(), 2, 2, 5.0, out)
+    assert out.getvalue().splitlines()[1:] == [
+        "medfed server: site alpha joined (1/2)", "medfed server: site alpha left (0/2)",
+        "medfed server: site beta joined (1/2)", "medfed server: site gamma joined (2/2)",
+    ]
+

@@ -230,7 +230,7 @@ def test_a_site_killed_mid_round_rejoins_and_a_killed_server_resumes(launcher, t
     os.kill(server.pid, signal.SIGKILL)
     server.wait(10)
     # Flower's flwr-serverapp of the killed server may still be retrying: the resumed
-    # server stops it (medfed.deploy.superlink._take_over) before it starts its own.
+    # server stops it (medfed.deploy.superlink._stop_previous_server) before it starts its own.
     # The hospital restarts beta with the same command; the resumed server waits for all
     # three sites (beta's key may be refused until its dead node is marked offline).
     launcher.start("beta-again", client_args("beta", port, tmp_path, certs))

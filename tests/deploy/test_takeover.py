@@ -1,4 +1,4 @@
-"""A server that starts on a run folder stops what a killed predecessor left running."""
+"""A server that starts on a run folder stops what a killed predecessor left running, and a refused one changes nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from medfed.deploy.processes import MARKER_ENV
-from medfed.deploy.superlink import SERVER_FILE, DeployError, _start_time, _take_over
+from medfed.deploy.superlink import SERVER_FILE, DeployError, _claim, _start_time, _stop_previous_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux)")
 
@@ -29,7 +29,8 @@ def test_leftovers_of_a_dead_server_are_stopped_and_the_new_marker_noted(tmp_pat
     out = io.StringIO()
     try:
         # Execute
-        _take_over(tmp_path, "new-marker", out)
+        _stop_previous_server(tmp_path, out)
+        _claim(tmp_path, "new-marker")
         # Assert
         assert leftover.wait(timeout=10) == -9
         assert bystander.poll() is None
@@ -50,7 +51,7 @@ def test_a_live_previous_server_is_refused(tmp_path):
             {"pid": running.pid, "started": _start_time(running.pid), "marker": "m"}))
         # Execute / Assert
         with pytest.raises(DeployError, match=f"Another medfed server \\(pid {running.pid}\\) is using the run"):
-            _take_over(tmp_path, "new", io.StringIO())
+            _stop_previous_server(tmp_path, io.StringIO())
         assert running.poll() is None
     finally:
         running.kill()
@@ -59,8 +60,33 @@ def test_a_live_previous_server_is_refused(tmp_path):
 
 def test_a_missing_or_damaged_note_is_no_obstacle(tmp_path):
     # Execute
-    _take_over(tmp_path, "first", io.StringIO())
+    _stop_previous_server(tmp_path, io.StringIO())
+    _claim(tmp_path, "first")
     (tmp_path / SERVER_FILE).write_text("{not json")
-    _take_over(tmp_path, "second", io.StringIO())
+    _stop_previous_server(tmp_path, io.StringIO())
+    _claim(tmp_path, "second")
     # Assert
     assert json.loads((tmp_path / SERVER_FILE).read_text())["marker"] == "second"
+
+
+def test_a_server_refused_on_a_folder_in_use_leaves_its_flower_files_alone(tmp_path, tiny_root, tiny_config):
+    # A refused second server used to rewrite the running one's config.toml with its own
+    # address, and the running server's run submission then went to a port nobody served.
+    from medfed.deploy.superlink import FLOWER_HOME, run_server
+
+    cfg = tiny_config(tiny_root, tmp_path)
+    home = tmp_path / "run" / FLOWER_HOME
+    home.mkdir(parents=True)
+    (home / "config.toml").write_text("the running server's\n")
+    running = _sleeper()
+    try:
+        (home / SERVER_FILE).write_text(json.dumps(
+            {"pid": running.pid, "started": _start_time(running.pid), "marker": "m"}))
+        with pytest.raises(DeployError, match="Another medfed server"):
+            run_server(cfg, certs=None, run_dir=tmp_path / "run", address="127.0.0.1:29731", insecure=True,
+                       out=io.StringIO())
+        assert (home / "config.toml").read_text() == "the running server's\n"
+        assert sorted(p.name for p in home.iterdir()) == ["config.toml", SERVER_FILE]
+    finally:
+        running.kill()
+        running.wait()

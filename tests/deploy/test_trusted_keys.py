@@ -1,0 +1,58 @@
+"""The SuperLink trusts exactly the keys of the current certs folder, across restarts of the server."""
+
+from __future__ import annotations
+
+import pytest
+
+from medfed.deploy.certs import make_certs, server_certs
+from medfed.deploy.processes import ProcessSet, free_port, wait_for_port
+from medfed.deploy.superlink import Address, _Control, _superlink_command
+
+
+def _registered(control: _Control) -> dict[str, bytes]:
+    return {node.name: bytes(node.public_key) for node in control.nodes() if node.status != "unregistered"}
+
+
+def _superlink(home, certs_dir, processes: ProcessSet) -> _Control:
+    """A real SuperLink on the run folder's state database, as medfed server starts it."""
+    tls = server_certs(certs_dir)
+    listen = Address("127.0.0.1", free_port())
+    link = processes.start(_superlink_command(listen, home, tls), log=home / "superlink.log")
+    if not wait_for_port(listen.host, listen.port, 60.0, alive=lambda: link.poll() is None):
+        pytest.fail((home / "superlink.log").read_text()[-2000:])
+    return _Control(listen, tls)
+
+
+def test_removed_and_replaced_keys_are_withdrawn_when_the_server_starts_again(tmp_path):
+    # Prepare: a run's SuperLink trusted alpha, beta and gamma; then the study removed beta
+    # and gave alpha a new key (medfed certs --force), and the server is started again.
+    home = tmp_path / "flower"
+    home.mkdir()
+    make_certs(tmp_path / "certs", "localhost", ["alpha", "beta", "gamma"])
+    first_keys = server_certs(tmp_path / "certs").trusted_sites
+    processes = ProcessSet()
+    try:
+        control = _superlink(home, tmp_path / "certs", processes)
+        assert control.trust_exactly(first_keys) == []
+        before = _registered(control)
+        control.close()
+        processes.stop()
+        make_certs(tmp_path / "certs", "localhost", ["alpha", "gamma"], force=True)
+        # gamma keeps its old key (as if its line of trusted_sites.txt had been kept).
+        new_keys = {**server_certs(tmp_path / "certs").trusted_sites, "gamma": first_keys["gamma"]}
+
+        # Execute
+        processes = ProcessSet()
+        control = _superlink(home, tmp_path / "certs", processes)
+        withdrawn = control.trust_exactly(new_keys)
+        after = _registered(control)
+        again = control.trust_exactly(new_keys)
+        control.close()
+    finally:
+        processes.stop()
+
+    # Assert: beta is gone, alpha has only its new key, gamma kept its registration.
+    assert withdrawn == ["alpha", "beta"]
+    assert sorted(after) == ["alpha", "gamma"]
+    assert after["gamma"] == before["gamma"] and after["alpha"] != before["alpha"]
+    assert again == []  # a second start with the same folder changes nothing
