@@ -145,7 +145,10 @@ def classification_metrics(task: str, y_true: np.ndarray, y_score: np.ndarray) -
 def confusion(task: str, y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
     """Return the confusion matrix: rows true class, columns predicted class.
 
-    Predictions are the argmax of ``y_score`` (multi-label: ``y_score > 0.5``).
+    Predictions are the argmax of ``y_score`` (multi-label: ``y_score > 0.5``). A sample
+    whose scores are not finite (a diverged model) has no prediction and is in no cell
+    (multi-label: per label), so the matrix then counts fewer samples than ``y_true``
+    holds: the argmax of NaN would have counted it as class 0.
 
     Returns
     -------
@@ -157,11 +160,13 @@ def confusion(task: str, y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
     if task == MULTI_LABEL:
         y_pred = (y_score > _THRESHOLD).astype(np.int64)
         cells = 2 * y_true + y_pred  # 0 tn, 1 fp, 2 fn, 3 tp
-        counts = [np.bincount(cells[:, j], minlength=4) for j in range(y_true.shape[1])]
+        finite = np.isfinite(y_score)
+        counts = [np.bincount(cells[finite[:, j], j], minlength=4) for j in range(y_true.shape[1])]
         return np.array(counts, dtype=np.int64).reshape(y_true.shape[1], 2, 2)
     num_classes = y_score.shape[1]
-    y_pred = np.argmax(y_score, axis=1)
-    flat = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
+    finite = np.isfinite(y_score).all(axis=1)
+    y_pred = np.argmax(y_score[finite], axis=1)
+    flat = np.bincount(y_true[finite] * num_classes + y_pred, minlength=num_classes * num_classes)
     return flat.astype(np.int64).reshape(num_classes, num_classes)
 
 

@@ -55,7 +55,9 @@ def score_histograms(task: str, y_true: np.ndarray, y_score: np.ndarray) -> np.n
     np.ndarray
         ``int64`` ``[K, 2, SCORE_BINS]``: ``[k, 1]`` counts the positives of class ``k``
         per bin of their score for ``k``, ``[k, 0]`` the negatives. K is 1 for binary
-        tasks (the positive class's score), C for multi-class, L for multi-label.
+        tasks (the positive class's score), C for multi-class, L for multi-label. A score
+        that is not finite (a diverged model) is in no bin, so that a pool can tell
+        (:func:`pooled_metrics`' ``num_scored``) instead of binning NaN as a score.
     """
     task = normalize_task(task)
     y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
@@ -69,10 +71,11 @@ def score_histograms(task: str, y_true: np.ndarray, y_score: np.ndarray) -> np.n
         scores = y_score
     num_outputs = scores.shape[1]
     hist = np.zeros((num_outputs, 2, SCORE_BINS), dtype=np.int64)
-    bins = _bin_index(scores)
+    finite = np.isfinite(scores)
+    bins = _bin_index(np.where(finite, scores, 0.5))
     for k in range(num_outputs):
-        hist[k, 1] = np.bincount(bins[positives[:, k], k], minlength=SCORE_BINS)
-        hist[k, 0] = np.bincount(bins[~positives[:, k], k], minlength=SCORE_BINS)
+        hist[k, 1] = np.bincount(bins[positives[:, k] & finite[:, k], k], minlength=SCORE_BINS)
+        hist[k, 0] = np.bincount(bins[~positives[:, k] & finite[:, k], k], minlength=SCORE_BINS)
     return hist
 
 
@@ -98,7 +101,9 @@ def auc_from_histograms(hist: np.ndarray, *, with_bound: bool = False) -> float 
     return (auc, bound) if with_bound else auc
 
 
-def pooled_metrics(task: str, confusion: np.ndarray, hist: np.ndarray) -> dict[str, float]:
+def pooled_metrics(
+    task: str, confusion: np.ndarray, hist: np.ndarray, num_examples: int | None = None
+) -> dict[str, float]:
     """ACC and balanced ACC (exact) and AUC (histogram) of pooled test sets.
 
     Parameters
@@ -109,6 +114,10 @@ def pooled_metrics(task: str, confusion: np.ndarray, hist: np.ndarray) -> dict[s
         Summed confusion: ``[C, C]`` (rows true), multi-label ``[L, 2, 2]``.
     hist : np.ndarray
         Summed :func:`score_histograms`.
+    num_examples : int, optional
+        The samples of the pool (the sites' ``num-examples``). When the confusion or a
+        histogram counts fewer, some site's model gave scores that are not finite; the
+        metrics of the pool are then undefined (``nan``), not those of the samples left.
 
     Returns
     -------
@@ -118,6 +127,9 @@ def pooled_metrics(task: str, confusion: np.ndarray, hist: np.ndarray) -> dict[s
     """
     task = normalize_task(task)
     confusion = np.asarray(confusion, dtype=np.float64)
+    if num_examples is not None and _counted(confusion, hist, task) < num_examples:
+        return {"acc": math.nan, "auc": math.nan, "balanced_acc": math.nan, "auc_error_bound": math.nan,
+                "num_examples": int(num_examples)}
     auc, bound = auc_from_histograms(hist, with_bound=True)
     if task == MULTI_LABEL:
         totals = confusion.sum(axis=(1, 2))
@@ -140,3 +152,10 @@ def pooled_metrics(task: str, confusion: np.ndarray, hist: np.ndarray) -> dict[s
         "auc_error_bound": bound,
         "num_examples": n,
     }
+
+
+def _counted(confusion: np.ndarray, hist: np.ndarray, task: str) -> int:
+    """The fewest samples that the confusion (per label) or any histogram output counts."""
+    per_output = np.asarray(hist).reshape(-1, 2 * SCORE_BINS).sum(axis=1)
+    in_confusion = confusion.reshape(confusion.shape[0], -1).sum(axis=1) if task == MULTI_LABEL else [confusion.sum()]
+    return int(min([*per_output, *in_confusion]))

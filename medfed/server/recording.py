@@ -301,13 +301,17 @@ def pooled_round_metrics(task: str, replies: list[Mapping[str, Any]]) -> dict[st
             matrix = flat_confusion.reshape(-1, 2, 2)
         return matrix, flat_hist.reshape(-1, 2, SCORE_BINS)
 
+    def examples(key: str) -> int | None:
+        counts = [m.get(key) for m in replies]
+        return int(sum(counts)) if all(isinstance(c, (int, float)) for c in counts) else None
+
     confusion, hist = summed("confusion"), summed("score-hist")
     if confusion is None or hist is None:
         return {}
-    out = pooled_metrics(task, *reshaped(confusion, hist))
+    out = pooled_metrics(task, *reshaped(confusion, hist), num_examples=examples("num-examples"))
     group = 0
     while (g_conf := summed(f"confusion-group-{group}")) is not None and (g_hist := summed(f"score-hist-group-{group}")) is not None:
-        g_metrics = pooled_metrics(task, *reshaped(g_conf, g_hist))
+        g_metrics = pooled_metrics(task, *reshaped(g_conf, g_hist), num_examples=examples(f"num-examples-group-{group}"))
         out[f"acc_group_{group}"] = g_metrics["acc"]
         out[f"auc_group_{group}"] = g_metrics["auc"]
         out[f"n_group_{group}"] = g_metrics["num_examples"]

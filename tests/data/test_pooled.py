@@ -52,3 +52,35 @@ def test_multiclass_histograms_are_one_vs_rest_per_class():
     assert hist.shape == (3, 2, SCORE_BINS)
     assert hist[2, 1].sum() == 2 and hist[2, 0].sum() == 2
     assert auc_from_histograms(hist[:1]) == 1.0  # class 0: positive 0.8 above negatives 0.1, 0.1, 0.6
+
+
+@pytest.mark.parametrize("task", ["binary-class", "multi-class", "multi-label, binary-class"])
+def test_a_site_whose_scores_are_not_finite_makes_the_pool_undefined_not_class_0(task):
+    # Prepare: a healthy site and a diverged one (NaN scores), as a round's evaluate replies.
+    # The argmax of NaN is 0, and NaN cast to a bin index lands somewhere: the pool read
+    # ACC 0.27 and AUC 0.5 for a model whose every score was NaN.
+    from medfed.server.recording import pooled_round_metrics
+
+    rng = np.random.default_rng(0)
+    replies = []
+    for broken in (False, True):
+        if task == "multi-label, binary-class":
+            y, p = rng.integers(0, 2, (20, 3)), rng.random((20, 3))
+        else:
+            y, p = rng.integers(0, 3 if task == "multi-class" else 2, 20), rng.dirichlet(
+                np.ones(3 if task == "multi-class" else 2), 20)
+        if broken:
+            p = np.full_like(p, np.nan)
+        matrix, hist = confusion(task, y, p), score_histograms(task, y, p)
+        replies.append({"num-examples": 20, "num-classes": int(matrix.shape[-1] if matrix.ndim == 2 else matrix.shape[0]),
+                        "confusion": [int(v) for v in matrix.reshape(-1)], "score-hist": [int(v) for v in hist.reshape(-1)]})
+        if broken:  # its samples are in no cell and no bin
+            assert matrix.sum() == 0 and hist.sum() == 0
+
+    # Execute
+    healthy = pooled_round_metrics(task, replies[:1])
+    pooled = pooled_round_metrics(task, replies)
+
+    # Assert: defined for the healthy site alone, undefined once the diverged one is pooled.
+    assert np.isfinite([healthy["acc"], healthy["auc"], healthy["balanced_acc"]]).all()
+    assert np.isnan([pooled["acc"], pooled["auc"], pooled["balanced_acc"]]).all() and pooled["num_examples"] == 40
