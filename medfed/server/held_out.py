@@ -135,8 +135,8 @@ class SiteRoster:
         node_ids = _connected(self.grid, expected_nodes, deadline)
         self._ask(node_ids, max(1.0, deadline - time.monotonic()))
         held_out = sorted(role.name for role in self.roles.values() if role.held_out)
-        if held_out or not self.check_data:
-            log(INFO, "Held-out sites (evaluate only, never train): %s", ", ".join(held_out) or "none")
+        if held_out:
+            log(INFO, "Held-out sites (evaluate only, never train): %s", ", ".join(held_out))
 
     def refresh(self) -> None:
         """Read the answers of left-out sites asked before; ask new nodes now; ask left-out sites again."""

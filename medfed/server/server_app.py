@@ -185,20 +185,19 @@ def read_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, Path,
 
 
 def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool) -> SiteRoster:
-    """Who the nodes are, asked when it matters: held-out sites, a simulated round that
-    samples (for the same draw on both engines), and in deployment always, for whether each
-    site's data fits the study. Real sites come and go: a deployed server without held-out
-    sites asks those connected (``medfed server`` waited for the sites), not all of them, or
-    a server that started with a quorum would wait here for the absent ones."""
+    """Who the nodes are, asked before round 1: which sites are held out, the site names
+    (a site whose first reply is an error is recorded by name, not node id; a simulated
+    round that samples draws by them, the same on both engines), and in deployment whether
+    each site's data fits the study. Real sites come and go: a deployed server without
+    held-out sites asks those connected (``medfed server`` waited for the sites), not all
+    of them, or a server that started with a quorum would wait here for the absent ones."""
     from medfed.sites.profiles import num_held_out, num_nodes
 
     federation = cfg.federation
     # A site that never answers holds up round 1 this long (then it is sampled as any other).
     timeout_s = min(SITE_CHECK_TIMEOUT_S, federation.round_timeout_s)
     roster = SiteRoster(grid, check_data=deployed, timeout_s=timeout_s)
-    samples = federation.fraction_train < 1 or 0 < federation.fraction_evaluate < 1
-    if num_held_out(federation) or deployed or samples:
-        roster.discover(num_nodes(federation) if num_held_out(federation) or not deployed else 0, timeout_s)
+    roster.discover(num_nodes(federation) if num_held_out(federation) or not deployed else 0, timeout_s)
     return roster
 
 

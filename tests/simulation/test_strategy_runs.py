@@ -149,3 +149,31 @@ def test_fairlora_sends_adapters_and_head_within_5_percent_of_fedavg_bytes(fairl
 def test_fairlora_run_killed_in_round_2_resumes_bit_identically(fairlora_run, tiny_root, tiny_config, tmp_path, backbone, metric_records):
     cfg = _fairlora_config(tiny_root, tiny_config, tmp_path, backbone)
     _assert_resume_is_bit_identical(cfg, fairlora_run, tmp_path, metric_records)
+
+
+def test_a_site_whose_first_reply_is_an_error_is_recorded_by_its_name(tiny_root, tiny_config, tmp_path):
+    # Prepare: site-2 fails in round 1, before any reply of it told the server its name
+    # (the dropout and the report said "node-<id>").
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if context.node_config["partition-id"] == 2:
+            raise RuntimeError("scanner feed lost")
+        return client_app(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return client_app(msg, context)
+
+    @app.query()
+    def query(msg, context):
+        return client_app(msg, context)
+
+    cfg = tiny_config(tiny_root, tmp_path, rounds=1, federation={"num_sites": 3, "partition": "iid", "min_sites": 2})
+    # Execute
+    run_dir = run_local(cfg, client_app=app)
+    # Assert
+    (dropout,) = load_run_metrics(run_dir).left_out
+    assert (dropout["site"], dropout["phase"]) == ("site-2", "train")
+    assert "scanner feed lost" in dropout["reason"]
