@@ -46,9 +46,11 @@ Ray itself, before installing medfed's handlers, rather than leaving that to Flo
 Reproducibility: the sites seed themselves from ``(seed, round, site)``, use a fixed
 number of torch threads (``simulation.cpus_per_site``), and the server aggregates replies
 in site order; so the same config gives the same metrics on a CPU, and a resumed run
-(``resume=True``) ends with the same weights as an uninterrupted one. Known limit: with
-``fraction_train`` or ``fraction_evaluate`` < 1, Flower samples from node ids, which Flower
-draws at random at every launch, so which sites take part in a round is not reproducible.
+(``resume=True``) ends with the same weights as an uninterrupted one. With
+``fraction_train`` or ``fraction_evaluate`` < 1, the sites of a round are drawn by site
+name with a generator seeded by ``(seed, round, phase)``
+(:class:`medfed.server.resume.RoundOffsetStrategy`), not from the node ids Flower draws at
+every launch: the same sites take part on both engines and after a resume.
 """
 
 from __future__ import annotations

@@ -177,3 +177,16 @@ def test_a_site_whose_first_reply_is_an_error_is_recorded_by_its_name(tiny_root,
     (dropout,) = load_run_metrics(run_dir).left_out
     assert (dropout["site"], dropout["phase"]) == ("site-2", "train")
     assert "scanner feed lost" in dropout["reason"]
+
+
+def test_a_run_whose_every_site_diverges_says_to_lower_the_learning_rate(tiny_root, tiny_config, tmp_path):
+    # Prepare: a learning rate that makes every site's loss infinite in round 1.
+    from medfed.server.quorum import QuorumError
+
+    cfg = tiny_config(tiny_root, tmp_path, rounds=1, train={"local_epochs": 1, "batch_size": 2, "lr": 1e6,
+                                                             "optimizer": "sgd"},
+                      federation={"num_sites": 3, "partition": "iid", "round_retries": 0})
+    # Execute / Assert: not "bring the sites back and resume" (they replied; a resume diverges again).
+    with pytest.raises(QuorumError, match=r"Every site's training diverged \(TrainingDivergedError\): start the run "
+                                          r"again with a lower train\.lr; a resume would repeat the same round\.$"):
+        run_local(cfg)
