@@ -787,9 +787,17 @@ def _with_scenario(raw: Mapping[str, Any], sources: _Sources, *, warn: bool = Fa
     file sets to another value than the scenario's gets a :class:`MedfedWarning`
     (``partition: iid`` left in a copied config silently undid ``scenario: label-skew``);
     a ``--set`` is deliberate and does not.
+
+    A section that sets every federation key (a run folder's ``config.yaml``, the run
+    config the apps receive: the scenario was merged when the run began) has nothing
+    left to fill: the scenario is not read again, so a run whose scenario file was
+    relative to another folder, or has moved, resumes and is evaluated from anywhere,
+    and keys a ``--set`` changed then do not warn.
     """
     federation = raw.get("federation") if isinstance(raw, Mapping) else None
     if not isinstance(federation, Mapping) or not isinstance(federation.get("scenario"), str):
+        return raw
+    if all(f.name in federation for f in fields(FederationConfig)):
         return raw
     name = federation["scenario"]
     path = scenario_path(name)

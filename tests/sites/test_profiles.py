@@ -71,6 +71,31 @@ def test_a_file_key_that_overrules_the_scenario_warns_in_one_line(tmp_path, caps
     assert err.splitlines()[0] == f"medfed: warning: {caught[0].message}"
 
 
+def test_a_run_folders_config_is_not_merged_with_its_scenario_again(tmp_path, monkeypatch):
+    # A run begun with a scenario file relative to its folder could not be resumed or
+    # evaluated from anywhere else, and keys a --set had changed warned on every read.
+    import warnings
+
+    from medfed.config import from_run_config, save_config, to_run_config
+
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "my.yaml").write_text(
+        "num_sites: 2\nsites:\n  - {name: clean}\n  - {name: noisy, corruptions: [[gaussian_noise, 3]]}\n")
+    monkeypatch.chdir(tmp_path / "study")
+    first = load_config(overrides=["federation.scenario=my.yaml"])
+    shifted = load_config(overrides=["federation.scenario=scanner-shift", "federation.num_sites=2"])
+    save_config(first, tmp_path / "first.yaml")
+    save_config(shifted, tmp_path / "shifted.yaml")
+    monkeypatch.chdir(tmp_path)  # where my.yaml is not
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(tmp_path / "first.yaml", ["rounds=7"]).federation == first.federation
+        assert load_config(tmp_path / "shifted.yaml").federation == shifted.federation
+        assert from_run_config(to_run_config(first)).federation == first.federation
+    assert [site.name for site in plan_for(load_config(tmp_path / "first.yaml")).sites] == ["clean", "noisy"]
+
+
 def test_same_seed_gives_identical_site_datasets_and_another_seed_others():
     # Prepare
     train, test = _splits()
