@@ -536,21 +536,25 @@ def resume_command(run_dir: str | Path, *, certs: str | Path | None, address: st
 
 
 def _check_finished(run_dir: Path, home: Path, resume: str) -> None:
+    from medfed.server.quorum import quorum_advice  # imports Flower's ServerApp: not before it is needed
+
     path = run_dir / METRICS_FILE
     records = read_metrics(path) if path.is_file() else []
     if records and records[-1].get("event") == "end":
         return
     missed = [r for r in records if r.get("event") == "quorum_missed"]
+    advice = f"Resume it with: {resume}"
     if records and records[-1].get("event") == "stopped":
         reason = str(records[-1].get("reason"))
     elif missed and records[-1] is missed[-1]:
         last = missed[-1]
         reason = (f"round {last['round']} had {last['sites']} site(s) {last['stage']}, below the quorum of "
                   f"{last['needed']} (federation.min_sites), {last['attempt']} time(s) in a row")
+        advice = quorum_advice(records, int(last["round"]), advice)
     else:
         reason = f"the ServerApp failed: {_server_app_error(home / SUPERLINK_LOG)}"
     raise DeployError(
-        f"The run did not finish: {reason}. Resume it with: {resume} (log: {home / SUPERLINK_LOG}; "
+        f"The run did not finish: {reason}. {advice} (log: {home / SUPERLINK_LOG}; "
         f"medfed report {shlex.quote(str(run_dir))} reports the rounds done)."
     )
 

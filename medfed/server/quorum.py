@@ -19,8 +19,9 @@ of sites, so one hospital offline stops the federation forever. Here:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -30,7 +31,7 @@ from flwr.serverapp.strategy import Strategy
 from medfed.errors import MedfedError
 from medfed.server.delegating_strategy import DelegatingStrategy
 
-__all__ = ["QuorumError", "QuorumGuard", "QuorumNotMet", "apply_quorum", "wait_for_nodes"]
+__all__ = ["QuorumError", "QuorumGuard", "QuorumNotMet", "apply_quorum", "quorum_advice", "wait_for_nodes"]
 
 _MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
 
@@ -150,3 +151,28 @@ class QuorumGuard(DelegatingStrategy):
                 "is not replaced", server_round, kept, "y" if kept == 1 else "ies", self.min_sites)
             raise QuorumNotMet(server_round, kept if arrays is not None else 0, self.min_sites, "valid replies")
         return arrays, metrics
+
+
+def quorum_advice(records: Sequence[dict[str, Any]], server_round: int, resume: str) -> str:
+    """What to do after ``server_round`` missed the quorum for good: ``resume`` (the sentence
+    that says how to bring the sites back and resume), unless every site left out of the
+    round's last attempt had its training diverge, which a resume repeats.
+
+    Parameters
+    ----------
+    records : sequence of dict
+        The run's metrics log (:func:`medfed.server.metrics_log.read_metrics`).
+    server_round : int
+        The round that missed the quorum.
+    resume : str
+        The advice when the sites can come back, e.g. "Bring the sites back and resume the run in X."
+    """
+    last_start = max((i for i, r in enumerate(records) if r["event"] == "start"), default=-1)
+    reasons = [str(r.get("reason")) for r in records[last_start + 1:]
+               if r["event"] == "dropout" and r.get("round") == server_round]
+    if reasons and all("TrainingDivergedError" in reason for reason in reasons):
+        # Sites seed their training from (seed, round, site): a resume diverges again.
+        return ("Every site's training diverged (TrainingDivergedError): start the run again with a lower "
+                "train.lr; a resume would repeat the same round.")
+    said = f" Why: {'; '.join(sorted(set(reasons))[:3])}." if reasons else ""
+    return f"{resume}{said}"

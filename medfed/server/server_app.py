@@ -43,7 +43,7 @@ from medfed.config import ExperimentConfig, config_to_dict, from_run_config
 from medfed.data import dataset_info
 from medfed.server.checkpoint import save_arrays, save_checkpoint
 from medfed.server.held_out import SiteRole, SiteRoster
-from medfed.server.quorum import QuorumError, QuorumGuard, QuorumNotMet, apply_quorum
+from medfed.server.quorum import QuorumError, QuorumGuard, QuorumNotMet, apply_quorum, quorum_advice
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.metrics_log import MetricsLog, read_metrics
 from medfed.server.report import build_report, print_summary
@@ -93,7 +93,9 @@ def main(grid: Grid, context: Context) -> None:
                 raise QuorumError(
                     f"Round {err.server_round} had {err.sites} site(s) {err.stage} but the quorum "
                     f"(federation.min_sites) is {err.needed}, {missed} time(s) in a row; the run stopped after "
-                    f"round {err.server_round - 1}. {_what_to_do(run_dir, err.server_round)}"
+                    f"round {err.server_round - 1}. "
+                    + quorum_advice(read_metrics(run_dir / METRICS_FILE), err.server_round,
+                                    f"Bring the sites back and resume the run in {run_dir}.")
                 ) from None
             resume = True  # retry the round from the last checkpoint
 
@@ -170,20 +172,6 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
     log.write({"event": "end", "time": _now(), "rounds_done": cfg.rounds})
     build_report(run_dir)
     print_summary(run_dir)
-
-
-def _what_to_do(run_dir: Path, server_round: int) -> str:
-    """Advice after a missed quorum, from why the sites were left out of the round's last attempt."""
-    records = read_metrics(run_dir / METRICS_FILE)
-    last_start = max((i for i, r in enumerate(records) if r["event"] == "start"), default=-1)
-    reasons = [str(r.get("reason")) for r in records[last_start + 1:]
-               if r["event"] == "dropout" and r.get("round") == server_round]
-    if reasons and all("TrainingDivergedError" in reason for reason in reasons):
-        # Sites seed their training from (seed, round, site): a resume diverges again.
-        return ("Every site's training diverged (TrainingDivergedError): start the run again with a lower "
-                "train.lr; a resume would repeat the same round.")
-    said = f" Why: {'; '.join(sorted(set(reasons))[:3])}." if reasons else ""
-    return f"Bring the sites back and resume the run in {run_dir}.{said}"
 
 
 def read_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, Path, bool]:

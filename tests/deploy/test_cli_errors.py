@@ -136,3 +136,22 @@ def test_the_join_counter_counts_the_sites_online_now_and_says_who_left():
         "medfed server: site beta joined (1/2)", "medfed server: site gamma joined (2/2)",
     ]
 
+
+
+def test_a_deployed_run_whose_every_site_diverged_is_not_told_to_resume(tmp_path):
+    from medfed.deploy.superlink import DeployError, _check_finished
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    diverged = "error reply: SiteFailure: TrainingDivergedError at the site; the site's log has the details"
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"event": "start", "resumed_from_round": 0},
+        {"event": "dropout", "round": 1, "phase": "train", "site": "alpha", "reason": "no reply within 60 s"},
+        {"event": "quorum_missed", "round": 1, "sites": 0, "stage": "replied", "needed": 2, "attempt": 1},
+        {"event": "start", "resumed_from_round": 0},  # the retry: only its dropouts count
+        *({"event": "dropout", "round": 1, "phase": "train", "site": s, "reason": diverged} for s in ("alpha", "beta")),
+        {"event": "quorum_missed", "round": 1, "sites": 0, "stage": "replied", "needed": 2, "attempt": 2},
+    ]) + "\n")
+    with pytest.raises(DeployError, match=r"2 time\(s\) in a row\. Every site's training diverged \(TrainingDivergedError\): "
+                                          r"start the run again with a lower train\.lr; a resume would repeat"):
+        _check_finished(run_dir, tmp_path / "flower", "medfed server --resume --run-dir run")
