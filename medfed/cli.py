@@ -143,7 +143,7 @@ def _run_simulate(args: argparse.Namespace) -> None:
         config = run_dir / CONFIG_FILE
         if not config.is_file():
             raise FileNotFoundError(f"No {CONFIG_FILE} in {run_dir}: --resume needs a medfed run folder.")
-        cfg = load_config(args.config or config, args.overrides)
+        cfg = load_config(args.config or config, args.overrides, run_folder=args.config is None)
         args.run_dir = run_dir  # for the hint after an interrupt
         simulate(cfg, run_dir=run_dir, resume=True)
     else:
@@ -315,7 +315,7 @@ def _run_server(args: argparse.Namespace) -> None:
         if not stored.is_file():
             raise FileNotFoundError(f"No {CONFIG_FILE} in {args.run_dir}: --resume needs a medfed run folder.")
         config = config or stored
-    cfg = load_config(config, args.overrides)
+    cfg = load_config(config, args.overrides, run_folder=bool(args.resume) and args.config is None)
     args.run_dir = args.run_dir or Path(cfg.output_dir) / cfg.name  # run_server's default; for the hint
     run_server(cfg, certs=args.certs, address=args.address, run_dir=args.run_dir, resume=args.resume,
                insecure=args.insecure, join_timeout_s=args.join_timeout)

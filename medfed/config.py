@@ -787,17 +787,9 @@ def _with_scenario(raw: Mapping[str, Any], sources: _Sources, *, warn: bool = Fa
     file sets to another value than the scenario's gets a :class:`MedfedWarning`
     (``partition: iid`` left in a copied config silently undid ``scenario: label-skew``);
     a ``--set`` is deliberate and does not.
-
-    A section that sets every federation key (a run folder's ``config.yaml``, the run
-    config the apps receive: the scenario was merged when the run began) has nothing
-    left to fill: the scenario is not read again, so a run whose scenario file was
-    relative to another folder, or has moved, resumes and is evaluated from anywhere,
-    and keys a ``--set`` changed then do not warn.
     """
     federation = raw.get("federation") if isinstance(raw, Mapping) else None
     if not isinstance(federation, Mapping) or not isinstance(federation.get("scenario"), str):
-        return raw
-    if all(f.name in federation for f in fields(FederationConfig)):
         return raw
     name = federation["scenario"]
     path = scenario_path(name)
@@ -1088,7 +1080,7 @@ def _merge(node: dict[str, Any], values: Mapping[Any, Any], prefix: str) -> list
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
+    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (), *, run_folder: bool = False
 ) -> ExperimentConfig:
     """Load, merge and validate an experiment config.
 
@@ -1097,6 +1089,11 @@ def load_config(
     path : str or PathLike, optional
         YAML file (snake_case keys). Missing keys keep their defaults; None uses the
         defaults only (the small CPU federation described in the module docstring).
+    run_folder : bool
+        ``path`` is a run folder's ``config.yaml`` (:func:`save_config`): its scenario was
+        merged when the run began, so it is not read again (a scenario file given relative
+        to another folder, or moved since, does not stop a resume or an evaluation), and
+        keys that a ``--set`` made differ from the scenario's do not warn.
     overrides : sequence of str
         ``"dotted.key=value"`` items applied after the file, e.g. ``"rounds=5"``,
         ``"train.lr=0.01"`` or ``"strategy.params.proximal_mu=0.1"``. The value of a
@@ -1139,7 +1136,7 @@ def load_config(
         # Set before add: an error on a parent names where the parent came from.
         for changed in _set_dotted(raw, key, value, sources):
             sources.add(changed, label)
-    return _build(ExperimentConfig, _with_scenario(raw, sources, warn=True), "", sources)
+    return _build(ExperimentConfig, raw if run_folder else _with_scenario(raw, sources, warn=True), "", sources)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -1201,6 +1198,9 @@ def from_run_config(
 ) -> ExperimentConfig:
     """Rebuild the config from a flat Flower run config made by :func:`to_run_config`.
 
+    Its scenario was merged before :func:`to_run_config` and is not read again: an app
+    may run in another folder than the one a scenario file was given relative to.
+
     Parameters
     ----------
     flat : Mapping
@@ -1233,7 +1233,7 @@ def from_run_config(
         elif isinstance(constraint, _Optional) and value == "":
             value = None
         _set_dotted(raw, key, value, sources)
-    return _build(ExperimentConfig, _with_scenario(raw, sources), "", sources)
+    return _build(ExperimentConfig, raw, "", sources)
 
 
 def _parse_params_json(key: str, value: Any) -> Any:

@@ -84,7 +84,7 @@ def model_from_run(run_dir: str | Path, data_root: str | None = None) -> ModelSp
         raise RobustnessError(
             f"{run_dir} is not a finished medfed run folder: it needs {CONFIG_FILE} and {MODEL_FILE}."
         )
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_config(run_dir / CONFIG_FILE, run_folder=True)
     if cfg.strategy.name in _NO_GLOBAL_MODEL:
         raise RobustnessError(f"medfed evaluate cannot evaluate {run_dir}: {_NO_GLOBAL_MODEL[cfg.strategy.name]}.")
     root = data_root if data_root is not None else cfg.data.root

@@ -418,9 +418,9 @@ class _Control:
                   for name, text in sites.items()}
         registered = [node for node in self.nodes() if node.status != "unregistered"]
         withdrawn = [node for node in registered if wanted.get(node.name) != bytes(node.public_key)]
-        for node in withdrawn:
-            self.client.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
         kept = {node.name for node in registered} - {node.name for node in withdrawn}
+        # New keys first: Flower never registers a key twice (not even one it withdrew), so a
+        # renamed or re-added site fails here, before any registration has been withdrawn.
         for name, key in wanted.items():
             if name in kept:
                 continue
@@ -428,9 +428,12 @@ class _Control:
                 self.client.RegisterNode(RegisterNodeRequest(public_key=key, name=name))
             except Exception as err:  # noqa: BLE001 - Flower's error types differ per transport
                 raise DeployError(
-                    f"The SuperLink refused the key of site {name} ({err}); a key that was trusted and then "
-                    f"withdrawn cannot be trusted again: make the site a new key with medfed certs --force."
+                    f"The SuperLink refused the key of site {name} ({err}): this run folder's SuperLink has trusted "
+                    f"that key before (under another name, or before the site was removed), and Flower never "
+                    f"registers a key twice; make {name} a new key with medfed certs --force."
                 ) from None
+        for node in withdrawn:
+            self.client.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
         return sorted(node.name or f"node-{node.node_id}" for node in withdrawn)
 
     def nodes(self) -> list:

@@ -170,9 +170,11 @@ def quorum_advice(records: Sequence[dict[str, Any]], server_round: int, resume: 
     last_start = max((i for i, r in enumerate(records) if r["event"] == "start"), default=-1)
     reasons = [str(r.get("reason")) for r in records[last_start + 1:]
                if r["event"] == "dropout" and r.get("round") == server_round]
-    if reasons and all("TrainingDivergedError" in reason for reason in reasons):
+    # A NaN/inf loss stops a site's training (TrainingDivergedError); NaN/inf weights after
+    # its last step get its update rejected ("... holds 3 NaN/inf values").
+    if reasons and all("TrainingDivergedError" in reason or "NaN/inf" in reason for reason in reasons):
         # Sites seed their training from (seed, round, site): a resume diverges again.
-        return ("Every site's training diverged (TrainingDivergedError): start the run again with a lower "
-                "train.lr; a resume would repeat the same round.")
+        return ("Every site's training diverged (a NaN or infinite loss or update): start a new run (another "
+                "name or output_dir) with a lower train.lr; a resume would repeat the same round.")
     said = f" Why: {'; '.join(sorted(set(reasons))[:3])}." if reasons else ""
     return f"{resume}{said}"

@@ -56,6 +56,7 @@ from flwr.serverapp import Grid
 
 from medfed.server.grid import DelegatingGrid
 from medfed.strategies._groups import GROUP_COUNT_PREFIX
+from medfed.strategies._validation import find_invalid_evaluate_replies
 from medfed.server.metrics_log import MetricsLog
 
 __all__ = ["RecordingGrid", "RoundRecorder", "payload_bytes", "pooled_round_metrics", "site_name"]
@@ -188,7 +189,11 @@ class RoundRecorder:
             self._bytes_received += received
             self.log.write(self._site_record(phase, reply, sent.get(node_id, 0), received))
         if phase == "evaluate":
+            # Only replies the strategy may aggregate (see find_invalid_evaluate_replies): one
+            # reply's inflated count must not make the whole pool's figures undefined.
             answered = [r for r in replies if not r.has_error() and r.content.metric_records]
+            invalid = find_invalid_evaluate_replies([r.content for r in answered])
+            answered = [r for i, r in enumerate(answered) if i not in invalid]
             federation = [r for r in answered if not _held_out(r)]
             held_out = [r for r in answered if _held_out(r)]
             if self.task is not None and federation:  # pooled-test figures need the task's layout

@@ -262,7 +262,7 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         return None
     if not (run_dir / CONFIG_FILE).is_file():
         raise ResumeError(f"Cannot resume {run_dir}: it has no {CONFIG_FILE}; is it a medfed run directory?")
-    stored = load_config(run_dir / CONFIG_FILE)
+    stored = load_config(run_dir / CONFIG_FILE, run_folder=True)
     diffs = _differences(config_to_dict(stored), config_to_dict(cfg))
     if diffs:
         key, old, new = diffs[0]

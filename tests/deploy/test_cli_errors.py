@@ -149,9 +149,12 @@ def test_a_deployed_run_whose_every_site_diverged_is_not_told_to_resume(tmp_path
         {"event": "dropout", "round": 1, "phase": "train", "site": "alpha", "reason": "no reply within 60 s"},
         {"event": "quorum_missed", "round": 1, "sites": 0, "stage": "replied", "needed": 2, "attempt": 1},
         {"event": "start", "resumed_from_round": 0},  # the retry: only its dropouts count
-        *({"event": "dropout", "round": 1, "phase": "train", "site": s, "reason": diverged} for s in ("alpha", "beta")),
+        {"event": "dropout", "round": 1, "phase": "train", "site": "alpha", "reason": diverged},
+        {"event": "dropout", "round": 1, "phase": "train", "site": "beta",  # finite loss, NaN weights after its step
+         "reason": "update rejected: array 'head.weight' holds 3 NaN/inf values"},
         {"event": "quorum_missed", "round": 1, "sites": 0, "stage": "replied", "needed": 2, "attempt": 2},
     ]) + "\n")
-    with pytest.raises(DeployError, match=r"2 time\(s\) in a row\. Every site's training diverged \(TrainingDivergedError\): "
-                                          r"start the run again with a lower train\.lr; a resume would repeat"):
+    with pytest.raises(DeployError, match=r"2 time\(s\) in a row\. Every site's training diverged \(a NaN or infinite loss or "
+                                          r"update\): start a new run \(another name or output_dir\) with a lower "
+                                          r"train\.lr; a resume would repeat"):
         _check_finished(run_dir, tmp_path / "flower", "medfed server --resume --run-dir run")

@@ -6,7 +6,7 @@ import pytest
 
 from medfed.deploy.certs import make_certs, server_certs
 from medfed.deploy.processes import ProcessSet, free_port, wait_for_port
-from medfed.deploy.superlink import Address, _Control, _superlink_command
+from medfed.deploy.superlink import Address, DeployError, _Control, _superlink_command
 
 
 def _registered(control: _Control) -> dict[str, bytes]:
@@ -47,6 +47,11 @@ def test_removed_and_replaced_keys_are_withdrawn_when_the_server_starts_again(tm
         withdrawn = control.trust_exactly(new_keys)
         after = _registered(control)
         again = control.trust_exactly(new_keys)
+        # beta back with its old key, and alpha's old key renamed: refused before anything changes.
+        for sites in ({**new_keys, "beta": first_keys["beta"]}, {"gamma": new_keys["gamma"], "delta": first_keys["alpha"]}):
+            with pytest.raises(DeployError, match="Flower never registers a key twice"):
+                control.trust_exactly(sites)
+        unchanged = _registered(control)
         control.close()
     finally:
         processes.stop()
@@ -56,3 +61,4 @@ def test_removed_and_replaced_keys_are_withdrawn_when_the_server_starts_again(tm
     assert sorted(after) == ["alpha", "gamma"]
     assert after["gamma"] == before["gamma"] and after["alpha"] != before["alpha"]
     assert again == []  # a second start with the same folder changes nothing
+    assert unchanged == after

@@ -224,3 +224,32 @@ def test_resume_needs_a_run_directory(tmp_path):
         check_run_dir(config_from_dict({}), tmp_path / "nothing", resume=True)
     # Assert
     assert "has no config.yaml" in str(info.value)
+
+
+def test_the_pool_takes_only_replies_the_strategy_may_aggregate(tmp_path):
+    # A reply the strategy refuses (here: group counts above its examples) was pooled all the same.
+    from flwr.app import Metadata
+
+    from medfed.data import confusion
+    from medfed.data.pooled import score_histograms
+
+    def reply(node_id: int, name: str, group_count: int) -> Message:
+        y = np.array([0, 1, 0, 1])
+        p = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9]])
+        metrics = MetricRecord({
+            "num-examples": 4, "num-examples-group-0": group_count, "acc": 1.0, "num-classes": 2,
+            "confusion": [int(v) for v in confusion("binary-class", y, p).reshape(-1)],
+            "score-hist": [int(v) for v in score_histograms("binary-class", y, p).reshape(-1)]})
+        metadata = Metadata(run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
+                            reply_to_message_id=f"i{node_id}", group_id="1", created_at=0.0, ttl=60.0,
+                            message_type=MessageType.EVALUATE)
+        return Message(content=RecordDict({"metrics": metrics, "site": ConfigRecord({"name": name})}),
+                       metadata=metadata)
+
+    recorder = RoundRecorder(MetricsLog(tmp_path / "metrics.jsonl"), task="binary-class")
+    recorder.round_started(1)
+    # Execute
+    recorder.record_exchange("evaluate", {}, [reply(1, "a", 4), reply(2, "b", 3), reply(3, "c", 10**6)])
+    record = recorder.round_finished(num_rounds=1)
+    # Assert: the pool of a and b, all 8 of their samples right.
+    assert record["evaluate_pooled"]["num_examples"] == 8 and record["evaluate_pooled"]["acc"] == 1.0

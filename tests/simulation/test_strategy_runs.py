@@ -187,6 +187,7 @@ def test_a_run_whose_every_site_diverges_says_to_lower_the_learning_rate(tiny_ro
                                                              "optimizer": "sgd"},
                       federation={"num_sites": 3, "partition": "iid", "round_retries": 0})
     # Execute / Assert: not "bring the sites back and resume" (they replied; a resume diverges again).
-    with pytest.raises(QuorumError, match=r"Every site's training diverged \(TrainingDivergedError\): start the run "
-                                          r"again with a lower train\.lr; a resume would repeat the same round\.$"):
+    with pytest.raises(QuorumError, match=r"Every site's training diverged \(a NaN or infinite loss or update\): "
+                                          r"start a new run \(another name or output_dir\) with a lower train\.lr; "
+                                          r"a resume would repeat the same round\.$"):
         run_local(cfg)

@@ -90,10 +90,16 @@ def test_a_run_folders_config_is_not_merged_with_its_scenario_again(tmp_path, mo
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert load_config(tmp_path / "first.yaml", ["rounds=7"]).federation == first.federation
-        assert load_config(tmp_path / "shifted.yaml").federation == shifted.federation
+        assert load_config(tmp_path / "first.yaml", ["rounds=7"], run_folder=True).federation == first.federation
+        assert load_config(tmp_path / "shifted.yaml", run_folder=True).federation == shifted.federation
         assert from_run_config(to_run_config(first)).federation == first.federation
-    assert [site.name for site in plan_for(load_config(tmp_path / "first.yaml")).sites] == ["clean", "noisy"]
+    assert [site.name for site in plan_for(load_config(tmp_path / "first.yaml", run_folder=True)).sites] == [
+        "clean", "noisy"]
+    # A config.yaml copied as a template is an experiment again: its scenario is read and checked.
+    with pytest.raises(ConfigError, match="must name a scenario"):
+        load_config(tmp_path / "first.yaml")
+    with pytest.warns(UserWarning, match="federation.num_sites is 2"):
+        load_config(tmp_path / "shifted.yaml")
 
 
 def test_same_seed_gives_identical_site_datasets_and_another_seed_others():
