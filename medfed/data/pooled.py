@@ -57,7 +57,7 @@ def score_histograms(task: str, y_true: np.ndarray, y_score: np.ndarray) -> np.n
         per bin of their score for ``k``, ``[k, 0]`` the negatives. K is 1 for binary
         tasks (the positive class's score), C for multi-class, L for multi-label. A score
         that is not finite (a diverged model) is in no bin, so that a pool can tell
-        (:func:`pooled_metrics`' ``num_scored``) instead of binning NaN as a score.
+        (:func:`pooled_metrics`' ``num_examples``) instead of binning NaN as a score.
     """
     task = normalize_task(task)
     y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)

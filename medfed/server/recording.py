@@ -189,8 +189,8 @@ class RoundRecorder:
             self._bytes_received += received
             self.log.write(self._site_record(phase, reply, sent.get(node_id, 0), received))
         if phase == "evaluate":
-            # Only replies the strategy may aggregate (see find_invalid_evaluate_replies): one
-            # reply's inflated count must not make the whole pool's figures undefined.
+            # Only replies the strategy may aggregate (find_invalid_evaluate_replies): a refused
+            # reply (e.g. group counts above its examples) must not enter the pool either.
             answered = [r for r in replies if not r.has_error() and r.content.metric_records]
             invalid = find_invalid_evaluate_replies([r.content for r in answered])
             answered = [r for i, r in enumerate(answered) if i not in invalid]
