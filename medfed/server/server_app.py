@@ -119,11 +119,12 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
     deployed = _is_deployed(grid)
     roster = _discover_sites(grid, cfg, deployed=deployed)
     held_out_names = [role.name for role in roster.roles.values() if role.held_out and not role.problem]
-    run_key = _run_key(run_dir / METRICS_FILE)
+    earlier = read_metrics(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []  # earlier starts
+    run_key = _run_key(earlier)
     log.write({"event": "start", "time": _now(), "resumed_from_round": start.completed_rounds,
                "num_rounds": cfg.rounds, "run_key": run_key, **_site_facts(cfg, held_out_names)})
     # By site name: a site restarted (insecure) or resumed comes back as another node.
-    left_out = _still_left_out(run_dir / METRICS_FILE)
+    left_out = _still_left_out(earlier)
 
     def site_answered(node_id: int, role: SiteRole) -> None:
         recorder.node_names.setdefault(node_id, role.name)  # insecure sites have no name at the SuperLink
@@ -203,10 +204,10 @@ def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool) -> Sit
     return roster
 
 
-def _still_left_out(path: Path) -> dict[str, str]:
+def _still_left_out(records: list[dict[str, Any]]) -> dict[str, str]:
     """Site name -> reason, of the sites an earlier start of this run left out and did not take back."""
     left_out: dict[str, str] = {}
-    for record in read_metrics(path) if path.is_file() else ():
+    for record in records:
         if record["event"] == "site_left_out":
             left_out[str(record.get("site"))] = str(record.get("reason"))
         elif record["event"] == "site_admitted":
@@ -279,13 +280,13 @@ def train_config(cfg: ExperimentConfig, run_key: str = "") -> ConfigRecord:
     })
 
 
-def _run_key(path: Path) -> str:
+def _run_key(records: list[dict[str, Any]]) -> str:
     """This run's key: made at its first start, read back from its first ``"start"`` record
     by every resume, so that its sites find their local state again and never another run's.
 
     ``""`` for a run begun before medfed made keys: its sites go on with their folders
     without one."""
-    for record in read_metrics(path) if path.is_file() else ():
+    for record in records:
         if record["event"] == "start":
             return str(record.get("run_key", ""))
     return secrets.token_hex(8)  # not Python's or NumPy's RNG: a resumed run draws as an uninterrupted one
