@@ -57,6 +57,7 @@ __all__ = [
     "save_config",
     "scenario_path",
     "to_run_config",
+    "with_absolute_paths",
 ]
 
 #: Source label used in error messages for values that came from a Flower run config.
@@ -1142,6 +1143,30 @@ def load_config(
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """Nested plain-dict copy of ``cfg`` with snake_case keys (the YAML layout)."""
     return dataclasses.asdict(cfg)
+
+
+#: Keys that name a file or folder on the machine that runs the simulation.
+PATH_KEYS = ("data.root", "model.init_from")
+
+
+def absolute_path(path: str | None) -> str | None:
+    """``path`` as an absolute path (``~`` expanded, relative to the working folder); None stays None."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with its :data:`PATH_KEYS` made absolute against the working folder.
+
+    A simulation stores this in its run folder, so that a resume, ``medfed evaluate``
+    or ``medfed robustness`` started from another folder finds the same data and
+    weights (a relative ``data.root: ../shared/data`` would be read against theirs).
+    Deployment keeps paths as given: there each site resolves its own.
+    """
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=absolute_path(cfg.data.root)),
+        model=dataclasses.replace(cfg.model, init_from=absolute_path(cfg.model.init_from)),
+    )
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike[str]) -> Path:

@@ -38,7 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from medfed.errors import MedfedError
-from medfed.config import ExperimentConfig, config_to_dict, load_config, save_config
+from medfed.config import ExperimentConfig, config_to_dict, load_config, save_config, with_absolute_paths
 from medfed.server.checkpoint import Checkpoint, load_checkpoint
 from medfed.server.held_out import NodeView, SiteRoster
 from medfed.server.delegating_strategy import DelegatingStrategy
@@ -263,7 +263,8 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
     if not (run_dir / CONFIG_FILE).is_file():
         raise ResumeError(f"Cannot resume {run_dir}: it has no {CONFIG_FILE}; is it a medfed run directory?")
     stored = load_config(run_dir / CONFIG_FILE, run_folder=True)
-    diffs = _differences(config_to_dict(stored), config_to_dict(cfg))
+    # A path given relative (an older run folder, or --config beside --resume) is the same path.
+    diffs = _differences(config_to_dict(with_absolute_paths(stored)), config_to_dict(with_absolute_paths(cfg)))
     if diffs:
         key, old, new = diffs[0]
         raise ResumeError(

@@ -72,7 +72,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from medfed.config import ExperimentConfig, to_run_config
+from medfed.config import ExperimentConfig, to_run_config, with_absolute_paths
 from medfed.errors import MedfedError
 
 __all__ = ["SITE_STATE_FOLDER", "RayStartError", "app_pyproject", "resolve_engine", "resume_hint", "simulate"]
@@ -127,6 +127,8 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
 
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
     run_dir = run_dir.expanduser().resolve()
+    if not resume:  # the run folder records where its data is, wherever it is resumed from
+        cfg = with_absolute_paths(cfg)
     check_run_dir(cfg, run_dir, resume)  # fail before Ray starts; the ServerApp checks again
     _preflight(cfg)
     engine = resolve_engine(cfg)

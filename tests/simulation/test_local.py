@@ -129,3 +129,31 @@ def test_resume_with_more_rounds_continues_the_round_count(local_run, tiny_root,
     assert load_run_metrics(run_dir).rounds == [1, 2, 3]
     assert load_checkpoint(run_dir / "checkpoint.safetensors").server_round == 3
     assert metric_records(run_dir)[: len(metric_records(local_run))] == metric_records(local_run)
+
+
+def test_a_run_begun_with_a_relative_data_root_resumes_from_another_folder(tiny_root, tiny_config, tmp_path, monkeypatch):
+    from medfed.config import load_config
+    from medfed.simulation import simulate
+
+    # Prepare: one round, started beside the data with data.root given relative.
+    monkeypatch.chdir(tiny_root.parent)
+    cfg = tiny_config(Path(tiny_root.name), tmp_path, rounds=1,
+                      simulation={"cpus_per_site": 1.0, "engine": "inprocess"})
+    run_dir = simulate(cfg)
+    stored = load_config(run_dir / "config.yaml", run_folder=True)
+    assert stored.data.root == str(tiny_root.resolve())
+    # Execute: one more round, resumed from somewhere else.
+    monkeypatch.chdir(tmp_path)
+    simulate(load_config(run_dir / "config.yaml", ["rounds=2"], run_folder=True), run_dir=run_dir, resume=True)
+    # Assert
+    assert load_run_metrics(run_dir).rounds == [1, 2]
+
+
+def test_a_relative_data_root_given_again_on_resume_is_the_stored_absolute_one(local_run, tiny_root, tiny_config, tmp_path, monkeypatch):
+    from medfed.server.resume import check_run_dir
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(local_run, run_dir)
+    monkeypatch.chdir(tiny_root.parent)
+    relative = tiny_config(Path(tiny_root.name), tmp_path, rounds=3)
+    assert check_run_dir(relative, run_dir, resume=True) is not None
