@@ -31,7 +31,7 @@ import numpy as np
 
 from medfed._io import json_text, write_bytes_atomic
 from medfed.errors import MedfedError
-from medfed.server.run_files import CONFIG_FILE, MODEL_FILE
+from medfed.server.run_files import CONFIG_FILE, METRICS_FILE, MODEL_FILE
 
 __all__ = ["ModelSpec", "RobustnessError", "evaluate_robustness", "model_from_run", "model_from_file",
            "robustness_table"]
@@ -57,6 +57,8 @@ class ModelSpec:
     # Average the predictions over each image and its mirror, as the model's own
     # evaluation did (``medfed train`` does only when it trained on mirrored images).
     mirror: bool = True
+    #: The rounds of the federated run whose final model this is (None: a ``medfed train`` model).
+    rounds: int | None = None
 
 
 #: Strategies whose run's ``model.safetensors`` is no model to evaluate on its own, and why.
@@ -77,12 +79,22 @@ def model_from_run(run_dir: str | Path, data_root: str | None = None) -> ModelSp
     """
     from medfed.config import load_config
     from medfed.data.medmnist_files import medmnist_filename
+    from medfed.server.resume import finished_rounds
 
     run_dir = Path(run_dir)
     weights = run_dir / MODEL_FILE
     if not (run_dir / CONFIG_FILE).is_file() or not weights.is_file():
         raise RobustnessError(
             f"{run_dir} is not a finished medfed run folder: it needs {CONFIG_FILE} and {MODEL_FILE}."
+        )
+    rounds = finished_rounds(run_dir)
+    if rounds is None:
+        # model.safetensors is written at a run's end: a resumed run that stopped again still
+        # holds the model of its earlier end, which would be evaluated as if it were the latest.
+        raise RobustnessError(
+            f"{run_dir} has not finished (its {METRICS_FILE} does not end with the run's end), so its {MODEL_FILE} is "
+            f"not its latest model: finish the run first (medfed simulate --resume {run_dir}, or medfed server "
+            f"--resume --run-dir {run_dir})."
         )
     cfg = load_config(run_dir / CONFIG_FILE, run_folder=True)
     if cfg.strategy.name in _NO_GLOBAL_MODEL:
@@ -97,7 +109,7 @@ def model_from_run(run_dir: str | Path, data_root: str | None = None) -> ModelSp
             )
     # A site's ClientApp evaluates with predict's default: the mean over the mirror.
     return ModelSpec(weights, cfg.model.name, cfg.data.dataset, root, cfg.data.img_size, cfg.strategy.name,
-                     mirror=True)
+                     mirror=True, rounds=rounds)
 
 
 def model_from_file(path: str | Path, dataset: str | None, data_root: str | None, img_size: int | None,
@@ -226,7 +238,7 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
 
     result: dict[str, Any] = {
         "model": str(spec.weights), "model_name": spec.model_name, "dataset": spec.dataset,
-        "img_size": spec.img_size, "seed": seed, "num_test": len(test), "adapted": adapted, "mirror": spec.mirror,
+        "img_size": spec.img_size, "rounds": spec.rounds, "seed": seed, "num_test": len(test), "adapted": adapted, "mirror": spec.mirror,
         "clean": measure(test.images),
         "corruptions": {},
     }

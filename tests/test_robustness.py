@@ -20,6 +20,13 @@ def _save_model(folder, seed=0):
     save_arrays(folder / "model.safetensors", {k: v.detach().numpy().copy() for k, v in model.state_dict().items()})
 
 
+def _finish(run, rounds=2):
+    """The records a run's metrics.jsonl holds once its rounds are done."""
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"event": "start", "num_rounds": rounds, "resumed_from_round": 0}) + "\n"
+        + json.dumps({"event": "end", "rounds_done": rounds}) + "\n")
+
+
 def test_evaluate_a_train_output_writes_table_json_and_figure(tiny_root, tmp_path, capsys):
     # Prepare: a medfed-train-like folder.
     _save_model(tmp_path / "train")
@@ -46,6 +53,7 @@ def test_evaluate_a_run_folder_uses_its_config(tiny_root, tmp_path):
     run = tmp_path / "run"
     _save_model(run)
     save_config(load_config(overrides=[f"data.root={tiny_root}"]), run / "config.yaml")
+    _finish(run)
     # Execute
     code = main(["evaluate", "--run", str(run), "--corruptions", "brightness_up", "--severities", "2"])
     # Assert
@@ -59,6 +67,7 @@ def test_a_fedbn_run_is_evaluated_with_batchnorm_statistics_of_the_evaluation_da
     run = tmp_path / "run"
     _save_model(run)
     save_config(load_config(overrides=[f"data.root={tiny_root}", f"strategy.name={strategy}"]), run / "config.yaml")
+    _finish(run)
     # Execute
     code = main(["evaluate", "--run", str(run), "--corruptions", "pixelate", "--severities", "1"])
     # Assert: the training split (24 tiny images) was read, for FedBN only.
@@ -76,6 +85,7 @@ def test_evaluate_bad_arguments_are_one_line_errors(tiny_root, tmp_path, capsys,
     run = tmp_path / "run"
     _save_model(run)
     save_config(load_config(overrides=[f"data.root={tiny_root}"]), run / "config.yaml")
+    _finish(run)
     assert main(["evaluate", "--run", str(run), *args]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
@@ -106,6 +116,7 @@ def test_a_run_is_evaluated_on_mirrored_images_as_its_sites_evaluate(tiny_root, 
     run = tmp_path / "run"
     _save_model(run)
     save_config(load_config(overrides=[f"data.root={tiny_root}"]), run / "config.yaml")
+    _finish(run)
     assert main(["evaluate", "--run", str(run), "--corruptions", "pixelate", "--severities", "1"]) == 0
     assert json.loads((run / "robustness.json").read_text())["mirror"] is True
 
@@ -174,6 +185,7 @@ def test_a_run_with_a_relative_data_root_is_refused_from_elsewhere_and_takes_dat
     run = tmp_path / "run"
     _save_model(run)
     save_config(load_config(overrides=["data.root=../shared/data"]), run / "config.yaml")
+    _finish(run)
     monkeypatch.chdir(tmp_path)
     # Execute: from here, without and with --data-root.
     refused = main(["evaluate", "--run", str(run), "--corruptions", "pixelate", "--severities", "1"])
@@ -196,6 +208,7 @@ def test_a_run_refuses_settings_that_its_config_decides(tiny_root, tmp_path, cap
     run = tmp_path / "run"
     _save_model(run)
     save_config(load_config(overrides=[f"data.root={tiny_root}"]), run / "config.yaml")
+    _finish(run)
     assert main(["evaluate", "--run", str(run), *args]) == 2
     assert expected in capsys.readouterr().err
 
@@ -209,6 +222,7 @@ def test_a_run_without_a_global_model_to_evaluate_is_refused_with_why(tiny_root,
     run = tmp_path / "run"
     _save_model(run)
     save_config(load_config(overrides=[f"data.root={tiny_root}", f"strategy.name={strategy}"]), run / "config.yaml")
+    _finish(run)
     assert main(["evaluate", "--run", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err and not (run / "robustness.json").exists()
@@ -219,9 +233,33 @@ def test_an_output_folder_that_is_a_file_is_refused_before_the_work(tiny_root, t
     run = tmp_path / "run"
     _save_model(run)
     save_config(load_config(overrides=[f"data.root={tiny_root}"]), run / "config.yaml")
+    _finish(run)
     args = (["evaluate", "--run", str(run)] if command == "evaluate"
             else ["sites", "--set", f"data.root={tiny_root}"])
     assert main([*args, "--out", str(run / "config.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"{run / 'config.yaml'} is a file; give a folder (--out).")
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("log", ["none", "stopped after a resume", "finished"])
+def test_only_a_finished_run_is_evaluated_and_its_rounds_are_recorded(tiny_root, tmp_path, capsys, log):
+    # Prepare: a run resumed with more rounds and stopped again still holds its earlier end's model.
+    run = tmp_path / "run"
+    _save_model(run)
+    save_config(load_config(overrides=[f"data.root={tiny_root}", "rounds=4"]), run / "config.yaml")
+    records = {"none": [],
+               "stopped after a resume": [{"event": "start", "num_rounds": 2}, {"event": "end", "rounds_done": 2},
+                                          {"event": "start", "num_rounds": 4, "resumed_from_round": 2}],
+               "finished": [{"event": "start", "num_rounds": 4}, {"event": "end", "rounds_done": 4}]}[log]
+    if records:
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Execute
+    code = main(["evaluate", "--run", str(run), "--corruptions", "pixelate", "--severities", "1"])
+    # Assert
+    err = capsys.readouterr().err.strip()
+    if log == "finished":
+        assert code == 0 and json.loads((run / "robustness.json").read_text())["rounds"] == 4
+    else:
+        assert code == 2 and len(err.splitlines()) == 1 and not (run / "robustness.json").exists()
+        assert "has not finished" in err and f"medfed simulate --resume {run}" in err
