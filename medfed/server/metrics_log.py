@@ -241,6 +241,9 @@ def _notice_once(key: tuple[Any, ...], message: str) -> None:
 class RunMetrics:
     """The metrics of a run after resolving resumes and duplicates.
 
+    A resume from round ``r`` drops the round, site and dropout records of the rounds
+    after ``r``: they were run again.
+
     Attributes
     ----------
     rounds : list[int]
@@ -267,6 +270,9 @@ class RunMetrics:
     left_out: list[dict[str, Any]] = field(default_factory=list)
     #: ``"quorum_missed"`` records, in file order.
     quorum_misses: list[dict[str, Any]] = field(default_factory=list)
+    #: Whether the last start was followed by an ``"end"``: False for a run still going,
+    #: stopped, or killed, even between rounds.
+    finished: bool = False
 
     def site_record(self, server_round: int, phase: str, site: str) -> dict[str, Any] | None:
         """The site record of that round and phase, or None."""
@@ -299,8 +305,11 @@ def load_run_metrics(run_dir: str | Path) -> RunMetrics:
                 # Rounds after the checkpoint were run again: their old records are stale.
                 run.round_records = {r: v for r, v in run.round_records.items() if r <= resumed_from}
                 run.site_records = {k: v for k, v in run.site_records.items() if k[0] <= resumed_from}
+                run.left_out = [r for r in run.left_out if not _after(r, resumed_from)]
+            run.finished = False
         elif event == "end":
             run.ends.append(record)
+            run.finished = True
         elif event == "round":
             run.round_records[int(record["round"])] = record
         elif event == "site":
@@ -312,6 +321,11 @@ def load_run_metrics(run_dir: str | Path) -> RunMetrics:
     run.rounds = sorted(set(run.round_records) | {key[0] for key in run.site_records})
     run.sites = sorted({key[2] for key in run.site_records}, key=_natural_key)
     return run
+
+
+def _after(record: dict[str, Any], server_round: int) -> bool:
+    """A dropout of a round after ``server_round`` (one that a resume ran again)."""
+    return record["event"] == "dropout" and isinstance(record.get("round"), int) and record["round"] > server_round
 
 
 def _natural_key(name: str) -> list[Any]:

@@ -87,6 +87,8 @@ class SiteSummary:
     num_examples: int | None
     held_out: bool = False
     coverage: Mapping[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    #: Pooled rows: how far the AUC from score histograms may be from the exact AUC.
+    auc_error_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,10 @@ class RunSummary:
     #: The last round when it has site results but no round record (the run stopped
     #: during it, or is still in it); None when the last round finished.
     incomplete_round: int | None = None
+    #: The rounds the run's last start asked for (None: its log has no start record), and
+    #: whether that start reached its end.
+    planned_rounds: int | None = None
+    finished: bool = True
 
     @property
     def headline(self) -> SiteSummary:
@@ -179,7 +185,14 @@ def _summarize(run_dir: Path, run: RunMetrics) -> RunSummary:
         pooled_row=_phase_summary(run, "evaluate_pooled", POOLED_OWN_MODELS if own_models else "pooled"),
         held_out_row=_phase_summary(run, "held_out", "held-out mean"),
         own_models=own_models,
+        planned_rounds=_planned_rounds(run),
+        finished=run.finished or not run.starts,
     )
+
+
+def _planned_rounds(run: RunMetrics) -> int | None:
+    planned = run.starts[-1].get("num_rounds") if run.starts else None
+    return planned if isinstance(planned, int) and not isinstance(planned, bool) else None
 
 
 #: The pooled row's name when the sites evaluate with weights of their own.
@@ -211,6 +224,7 @@ def _phase_summary(run: RunMetrics, phase: str, name: str) -> SiteSummary | None
                 name=name, server_round=server_round, acc=_number(metrics.get("acc")), auc=_number(metrics.get("auc")),
                 balanced_acc=_number(metrics.get("balanced_acc")), loss=_number(metrics.get("loss")),
                 num_examples=int(count) if isinstance(count, (int, float)) else None, coverage=coverage,
+                auc_error_bound=_number(metrics.get("auc_error_bound")),
             )
     return None
 
@@ -307,10 +321,13 @@ def _round_bytes(run: RunMetrics, server_round: int, key: str) -> int:
     """A round's bytes from its round record, else the sum over its site records."""
     record = run.round_records.get(server_round, {})
     if key in record:
-        return int(record[key])
-    return sum(
-        int(value.get(key, 0)) for (r, _, _), value in run.site_records.items() if r == server_round
-    )
+        return _count(record[key])
+    return sum(_count(value.get(key, 0)) for (r, _, _), value in run.site_records.items() if r == server_round)
+
+
+def _count(value: Any) -> int:
+    """A byte count as an int; 0 for what is none (NaN or null in a hand-edited or damaged log)."""
+    return int(value) if _finite(value) else 0
 
 
 def _class_names(run_dir: Path) -> list[str] | None:
@@ -351,16 +368,28 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _metric_cells(row: SiteSummary) -> list[str]:
-    """ACC, AUC, balanced ACC, loss; "*" marks a mean that leaves sites out (see :func:`_coverage_text`)."""
-    return [
+    """ACC, AUC, balanced ACC, loss; "*" marks a mean that leaves sites out (see :func:`_coverage_text`),
+    "±b" a pooled AUC that may be up to ``b`` from the exact one (see :func:`_coverage_notes`)."""
+    cells = [
         _fmt(getattr(row, metric)) + ("*" if metric in row.coverage and _fmt(getattr(row, metric)) != "–" else "")
         for metric in _METRIC_NAMES
     ]
+    if _shows_bound(row):
+        cells[list(_METRIC_NAMES).index("auc")] += f" ±{row.auc_error_bound:.3f}"
+    return cells
+
+
+def _shows_bound(row: SiteSummary) -> bool:
+    return _finite(row.auc) and _finite(row.auc_error_bound) and row.auc_error_bound >= 0.0005
 
 
 def _coverage_notes(summary: RunSummary) -> list[str]:
     """One note per federation row whose mean leaves sites out: "* mean of sites: AUC over 1 of 4 sites, ..."."""
     notes = [f"* {row.name}: {_coverage_text(row)}" for row in summary.federation_rows() if row.coverage]
+    bounded = [row.name for row in summary.federation_rows() if _shows_bound(row)]
+    if bounded:
+        notes.append(f"± {bounded[0]} AUC: from the sites' score histograms; the exact "
+                     "AUC lies within ± this bound (scores that share a bin count as ties)")
     if summary.own_models and summary.pooled_row is not None:
         notes.append(f"{POOLED_OWN_MODELS}: each site's test images scored by that site's own model "
                      f"({summary.own_models} keeps weights at the sites); no one model scores them all")
@@ -368,11 +397,14 @@ def _coverage_notes(summary: RunSummary) -> list[str]:
 
 
 def _rounds_text(summary: RunSummary) -> str:
-    """ "1 round", "3 rounds (last: 5)", "no round completed · round 1 not finished"."""
+    """ "1 round", "3 rounds (last: 5)", "no round completed · round 1 not finished",
+    "3 of 4 rounds · run not finished" (stopped between rounds)."""
     done = summary.rounds_done
     text = f"{done} round{'' if done == 1 else 's'}" if done else "no round completed"
     if summary.incomplete_round is not None:
         return f"{text} · round {summary.incomplete_round} not finished"
+    if not summary.finished and summary.planned_rounds is not None and summary.last_round < summary.planned_rounds:
+        text = f"{done} of {summary.planned_rounds} rounds · run not finished"
     return text if summary.last_round == done else f"{text} (last: {summary.last_round})"
 
 

@@ -534,3 +534,64 @@ def test_sites_left_out_are_listed_in_the_report(tmp_path):
     # Assert
     assert [(d["round"], d["site"]) for d in run.left_out] == [(1, "site-2")]
     assert "Sites left out" in html and "no reply within 60 s" in html
+
+
+def test_a_resume_drops_the_dropouts_of_the_rounds_it_ran_again(tmp_path):
+    # Prepare: site-2 missed round 2, the run was killed and resumed from round 1, and round 2 ran again in full.
+    records = [{"event": "start", "time": "t", "resumed_from_round": 0, "num_rounds": 2}, *_round_records(1),
+               {"event": "dropout", "round": 1, "phase": "train", "site": "site-1", "reason": "no reply within 60 s"},
+               {"event": "dropout", "round": 2, "phase": "evaluate", "site": "site-2", "reason": "no reply within 60 s"},
+               {"event": "start", "time": "t", "resumed_from_round": 1, "num_rounds": 2}, *_round_records(2),
+               {"event": "end", "time": "t", "rounds_done": 2}]
+    run_dir = _write_run(tmp_path / "resumed", records)
+    # Execute
+    run = load_run_metrics(run_dir)
+    html = build_report(run_dir).read_text()
+    # Assert: round 1's dropout stays (that round was not run again)
+    assert [(d["round"], d["site"]) for d in run.left_out] == [(1, "site-1")]
+    assert "<td>2</td><td>evaluate</td><td>site-2</td>" not in html
+
+
+@pytest.mark.parametrize(("ended", "text"), [(False, "2 of 3 rounds · run not finished"), (True, "2 rounds (last: 2)")])
+def test_a_run_stopped_between_rounds_says_it_did_not_finish(tmp_path, ended, text):
+    # Prepare: a 3-round run killed after round 2 (or, for contrast, one whose end says it stopped there).
+    records = [{"event": "start", "time": "t", "resumed_from_round": 0, "num_rounds": 3},
+               *_round_records(1), *_round_records(2)]
+    records += [{"event": "end", "time": "t", "rounds_done": 2}] if ended else []
+    run_dir = _write_run(tmp_path / "stopped", records)
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    # Execute
+    print_summary(run_dir, console=console)
+    html = build_report(run_dir).read_text()
+    # Assert
+    caption = console.file.getvalue()
+    assert (text in caption) == (not ended) and ("not finished" in html) == (not ended)
+    assert summarize(run_dir).finished == ended
+
+
+def test_a_nan_byte_count_of_an_older_log_counts_as_none(tmp_path):
+    # Prepare: logs written before medfed wrote standard JSON could hold NaN.
+    records = _three_round_records()
+    next(r for r in records if r["event"] == "round")["bytes_sent"] = math.nan
+    run_dir = tmp_path / "nan-bytes"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert summarize(run_dir).bytes_sent == 2_000_000
+    assert build_report(run_dir).is_file()
+
+
+def test_the_pooled_auc_shows_how_far_its_histograms_may_be_from_the_exact_auc(tmp_path):
+    # Prepare
+    records = _label_skew_records()
+    records[-1]["evaluate_pooled"]["auc_error_bound"] = 0.0912
+    run_dir = _write_run(tmp_path / "bound", records)
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    # Execute
+    print_summary(run_dir, console=console)
+    html = build_report(run_dir).read_text(encoding="utf-8")
+    # Assert
+    text = console.file.getvalue()
+    assert re.search(r"pooled\s*│\s*1\s*│\s*0\.2692\s*│\s*0\.4782 ±0\.091\s*│", text)
+    assert "± pooled AUC: from the sites' score histograms; the exact AUC lies within ± this bound" in " ".join(text.split())
+    assert "0.4782 ±0.091" in html
+    assert "±" not in re.search(r"mean of sites.*", text).group(0)
