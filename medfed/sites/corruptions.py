@@ -21,8 +21,8 @@ colour      ``brightness_up``/``brightness_down`` (intensity factor),
             ``contrast_up``/``contrast_down`` (factor on the distance to the image
             mean), ``gamma_corr_up``/``gamma_corr_down`` (exponent on intensity in
             [0, 1]), ``saturate`` (added HSV saturation; RGB only)
-artefacts   ``stain_deposit`` (number of deposits; pathology), ``bubble`` (number,
-            radius px; pathology), ``black_corner`` (radius of the dermatoscope's
+artefacts   ``stain_deposit`` (number of deposits; pathology), ``bubble`` (largest
+            radius px, largest number; pathology), ``black_corner`` (radius of the dermatoscope's
             field of view, as a fraction of the half diagonal), ``characters``
             (number of printed characters; dermatoscopy)
 =========== ==========================================================================
@@ -306,15 +306,21 @@ def _stain_deposit(x, count, rng, scale):
 
 @_register("bubble", "artefact", ((7, 15), (10, 15), (12, 15), (15, 20), (17, 25)))
 def _bubble(x, params, rng, scale):
-    count, radius = params
+    # MedMNIST-C's (max_radius, max_bubbles) (medmnistc/corruptions/microscopy.py,
+    # Bubble.apply): randint(7, max_bubbles) bubbles, each of radius randint(3, max_radius)
+    # px at 224 px (here a radius uniform in [3, max_radius], not only whole pixels). One
+    # uniform draw per image sets the count and one per bubble its radius, so a higher
+    # severity keeps the bubbles of a lower one, grown, plus more.
+    max_radius, max_bubbles = params
     n, height, width, _ = x.shape
     centres = _positions(rng, _MAX_COUNT, n, height, width)
-    sizes = rng.uniform(0.6, 1.0, size=(n, _MAX_COUNT))
+    sizes = rng.uniform(0.0, 1.0, size=(n, _MAX_COUNT))
+    counts = 7 + np.floor(rng.uniform(0.0, 1.0, size=n) * (int(max_bubbles) - 6)).astype(int)
     yy, xx = np.mgrid[0:height, 0:width]
     out = x.copy()
     for i in range(n):
-        for k in range(int(count)):
-            r = max(radius * scale * sizes[i, k], 1.0)
+        for k in range(min(int(counts[i]), _MAX_COUNT)):
+            r = max((3 + (max_radius - 3) * sizes[i, k]) * scale, 1.0)
             distance = np.hypot(yy - centres[i, k, 0], xx - centres[i, k, 1]) / r
             inside = (distance < 1.0)[..., None]
             rim = np.clip(1.0 - np.abs(distance - 0.9) / 0.15, 0, 1)[..., None]

@@ -87,3 +87,23 @@ def test_default_corruptions_follow_medmnist_c_per_modality():
     assert "gamma_corr_up" in default_corruptions("pneumoniamnist")
     assert "saturate" not in default_corruptions("pneumoniamnist", channels=1)
     assert set(default_corruptions("chestmnist")) <= set(list_corruptions())
+
+
+def test_bubble_draws_medmnist_c_count_and_radius():
+    # MedMNIST-C's bubble parameters are (max_radius, max_bubbles): at severity 1,
+    # (7, 15) means 7..15 bubbles of radius 3..7 px at 224 px (plus our 0.15 r rim), not
+    # 7 bubbles of radius up to 15 px. On a flat image each bubble is one blob of changed
+    # pixels (blobs that overlap merge, so the blob count is at most the bubble count).
+    from scipy import ndimage
+
+    images = np.full((8, 224, 224), 128, dtype=np.uint8)
+    changed = corrupt(images, "bubble", 1, seed=0) != images
+    # Execute
+    blobs = [ndimage.label(mask)[0] for mask in changed]
+    counts = [int(labels.max()) for labels in blobs]
+    largest_area = max(np.bincount(labels.ravel())[1:].max() for labels in blobs)
+    # Assert: 15 bubbles of radius <= 7 * 1.05 cover at most 15 * pi * 7.35^2 = 2546 px (5%).
+    assert changed.mean() < 0.05
+    assert all(1 <= count <= 15 for count in counts), counts
+    assert np.mean(counts) > 7.5, counts  # more than 7 bubbles drawn on average
+    assert largest_area <= 2 * np.pi * (7 * 1.05) ** 2  # one bubble, or two merged, of radius <= 7
