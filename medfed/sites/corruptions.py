@@ -27,22 +27,45 @@ artefacts   ``stain_deposit`` (number of deposits; pathology), ``bubble`` (large
             (number of printed characters; dermatoscopy)
 =========== ==========================================================================
 
-Which parameters follow MedMNIST-C: the intensity parameters (noise levels, JPEG
-qualities, pixelation fractions, brightness, contrast and gamma factors, saturation
-shifts, zoom factors) take the values MedMNIST-C's registry gives its gray modalities
-(chest X-ray) and, for colour and artefact corruptions, pathology and dermatoscopy.
-They do not depend on the image size. Spatial parameters (blur radii and sigmas,
-bubble and deposit sizes) are MedMNIST-C's values in pixels at 224 px, scaled by
-``max(side / 224, 1/2)``: a 28 px image gets the blur of a 112 px one rather than of a
-true 8x downsampling, which would leave it nearly untouched; pixelation keeps
-``fraction ** scale`` of the side for the same reason. Motion blur's first
-severity uses sigma 3 instead of MedMNIST-C's 5, which its second severity repeats. Motion blur draws its
-direction, artefacts their positions, from the seed; the shapes of the stain deposits,
-bubbles and characters are our own simple renderings, not MedMNIST-C's images.
+Which parameters follow MedMNIST-C: with ``corrupt(..., dataset=flag)`` for a MedMNIST
+2D flag (``"pneumoniamnist"``, ``"dermamnist"``, ...), a corruption that MedMNIST-C's
+registry gives for that dataset takes its five per-dataset values (``_MEDMNIST_C``,
+copied from medmnistc/corruptions/registry.py at commit 8acfd27); ``medfed evaluate``
+(:mod:`medfed.robustness`) passes its dataset, so it measures robustness at MedMNIST-C's
+severities. Without ``dataset`` (or for another flag, or a corruption MedMNIST-C does not
+give for the dataset) every dataset uses one table: the intensity parameters (noise
+levels, JPEG qualities, pixelation fractions, brightness, contrast and gamma factors,
+saturation shifts, zoom factors) take the values MedMNIST-C's registry gives its gray
+modalities (chest X-ray) and, for colour and artefact corruptions, pathology and
+dermatoscopy. The site simulator (:mod:`medfed.sites.profiles`) uses this table.
+Intensity parameters do not depend on the image size. Spatial parameters (blur radii
+and sigmas, bubble and deposit sizes) are MedMNIST-C's values in pixels at 224 px, in
+both tables scaled by ``max(side / 224, 1/2)``: a 28 px image gets the blur of a 112 px
+one rather than of a true 8x downsampling, which would leave it nearly untouched;
+pixelation keeps ``fraction ** scale`` of the side for the same reason. In the single
+table motion blur's first severity uses sigma 3 instead of MedMNIST-C's 5, which its
+second severity repeats. Motion blur draws its direction, artefacts their positions,
+from the seed; the shapes of the stain deposits, bubbles and characters are our own
+simple renderings, not MedMNIST-C's images.
+
+Where a per-dataset value is converted, the match is not exact: ``gaussian_blur`` takes
+the sigma torchvision derives from MedMNIST-C's kernel size, but scipy's kernel reaches
+4 sigma where torchvision's stops at the kernel's edge (1.25 to 2.9 sigma), so the tails
+weigh a little more here; ``black_corner``'s multiple of the half side becomes a
+fraction of the half diagonal (exact for square images, but our edge is soft over an
+eighth of the radius where MedMNIST-C's is hard; dermamnist's severity 4 darkens more
+than 5, as in MedMNIST-C); ``characters`` prints MedMNIST-C's expected number of
+letters as single characters in a font of a fifth of the side, not randint(1, words)
+words in its small OpenCV font. ``stain_deposit`` prints the given number of deposits
+where MedMNIST-C draws between 1 and that number and enlarges its inks with the
+severity, so bloodmnist's severities 3..5 (3, 3, 3) coincide here. Some of MedMNIST-C's
+per-dataset values are not monotone in the severity (octmnist ``defocus_blur``'s
+aliasing sigma, dermamnist ``black_corner``): they are kept as they are.
 
 The random draws of one call are made so that a higher severity adds to a lower one
 (the same noise field scaled up, the same first artefacts plus more): with a fixed seed
-the change grows with the severity.
+the change grows with the severity (in the single table; see above for the per-dataset
+values that do not grow).
 
 Public API: :func:`list_corruptions`, :func:`corrupt`, :func:`default_corruptions`.
 """
@@ -237,10 +260,12 @@ def _gaussian_blur(x, sigma, rng, scale):
 
 @_register("zoom_blur", "blur", (1.11, 1.16, 1.21, 1.26, 1.31))
 def _zoom_blur(x, largest, rng, scale):
+    # ``largest``: the zoom factors are 1.01, 1.02, .. below it; or a tuple, the factors
+    # themselves (MedMNIST-C's per-dataset values, see _MEDMNIST_C).
     from scipy import ndimage
 
     height, width = x.shape[1:3]
-    factors = np.arange(1.01, largest, 0.01)
+    factors = np.asarray(largest, dtype=np.float64) if isinstance(largest, tuple) else np.arange(1.01, largest, 0.01)
 
     def zoomed(im, factor):
         big = ndimage.zoom(im, (factor, factor, 1), order=1)
@@ -396,6 +421,175 @@ _DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# ----------------------------------------------------------------------------------
+# MedMNIST-C's per-dataset severity parameters, used by corrupt(..., dataset=flag).
+# Source: francescodisalvo05/medmnistc-api, medmnistc/corruptions/registry.py
+# (CORRUPTIONS_DS), commit 8acfd2710c6e0e8b2745be8b1fa1c17b94b8f8a7. Values are copied as
+# MedMNIST-C writes them, except where its parameter means something else than ours:
+#   gaussian_blur  MedMNIST-C gives torchvision kernel sizes k; the sigma torchvision
+#                  derives from k is 0.3 * ((k - 1) / 2 - 1) + 0.8 (_kernel_sigmas).
+#   zoom_blur      MedMNIST-C gives the zoom factors, np.arange(1, stop, step); the
+#                  same arrays are passed as tuples (_zoom_factors).
+#   black_corner   MedMNIST-C's radius is a multiple of the half side (the inscribed
+#                  circle); ours is a fraction of the half diagonal, so m / sqrt(2).
+#   characters     MedMNIST-C prints randint(1, words) words of randint(3, letters)
+#                  letters; ours prints single characters, as many as MedMNIST-C's
+#                  expected letter count (1 + words) / 2 * (3 + letters) / 2, rounded up.
+# Lists of six values in MedMNIST-C (chest/pneumonia gaussian_blur, retina
+# defocus_blur) keep their first five: severities 1..5 index only those.
+# ----------------------------------------------------------------------------------
+def _kernel_sigmas(*kernels: int) -> tuple[float, ...]:
+    return tuple(round(0.3 * ((k - 1) / 2 - 1) + 0.8, 4) for k in kernels)
+
+
+def _zoom_factors(*aranges: tuple[float, float, float]) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(f) for f in np.arange(*a)) for a in aranges)
+
+
+def _corner_fractions(*multiples: float) -> tuple[float, ...]:
+    return tuple(float(m / np.sqrt(2.0)) for m in multiples)
+
+
+def _letter_counts(*params: tuple[int, int, float]) -> tuple[int, ...]:
+    return tuple(int(np.ceil((1 + words) / 2 * (3 + letters) / 2)) for words, letters, _ in params)
+
+
+_GRAY_ENHANCE = {
+    "brightness_up": (1.1, 1.2, 1.3, 1.4, 1.5),
+    "brightness_down": (0.9, 0.8, 0.7, 0.6, 0.5),
+    "contrast_up": (1.1, 1.2, 1.3, 1.4, 1.6),
+    "contrast_down": (0.9, 0.8, 0.7, 0.6, 0.4),
+    "gamma_corr_up": (1.1, 1.2, 1.3, 1.4, 1.6),
+    "gamma_corr_down": (0.9, 0.8, 0.7, 0.6, 0.4),
+}
+_ORGAN = {
+    "pixelate": (0.7, 0.6, 0.5, 0.40, 0.35),
+    "jpeg_compression": (50, 30, 15, 10, 7),
+    "gaussian_noise": (0.04, 0.08, 0.12, 0.16, 0.20),
+    "speckle_noise": (0.05, 0.10, 0.20, 0.30, 0.40),
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.08),
+    "shot_noise": (200, 100, 50, 25, 15),
+    "gaussian_blur": _kernel_sigmas(11, 13, 15, 17, 21),
+    "brightness_up": (1.2, 1.3, 1.4, 1.5, 1.6),
+    "brightness_down": (0.8, 0.75, 0.7, 0.65, 0.60),
+    "contrast_up": (1.3, 1.4, 1.6, 1.7, 1.8),
+    "contrast_down": (0.8, 0.7, 0.6, 0.55, 0.5),
+    "gamma_corr_up": (1.3, 1.4, 1.6, 1.8, 2.0),
+    "gamma_corr_down": (0.9, 0.8, 0.7, 0.6, 0.4),
+}
+_MEDMNIST_C: dict[str, dict[str, tuple]] = {
+    "pathmnist": {
+        "pixelate": (0.8, 0.6, 0.40, 0.30, 0.25),
+        "jpeg_compression": (50, 30, 15, 10, 7),
+        "defocus_blur": ((3, 0.1), (4, 0.1), (5, 0.2), (6, 0.2), (7, 0.3)),
+        "motion_blur": ((5, 5), (10, 5), (15, 5), (15, 8), (15, 12)),
+        "brightness_up": (1.1, 1.15, 1.2, 1.22, 1.25),
+        "brightness_down": (0.85, 0.80, 0.75, 0.72, 0.70),
+        "contrast_up": (1.1, 1.2, 1.3, 1.4, 1.6),
+        "contrast_down": (0.8, 0.7, 0.6, 0.55, 0.5),
+        "saturate": (0.05, 0.10, 0.15, 0.20, 0.25),
+        "stain_deposit": (1, 2, 3, 4, 5),
+        "bubble": ((7, 15), (10, 15), (12, 15), (15, 20), (17, 25)),
+    },
+    "bloodmnist": {
+        "pixelate": (0.6, 0.5, 0.40, 0.30, 0.25),
+        "jpeg_compression": (50, 30, 15, 10, 7),
+        "defocus_blur": ((2, 0.01), (3, 0.1), (4, 0.1), (5, 0.1), (6, 0.1)),
+        "motion_blur": ((3, 3), (5, 5), (10, 5), (10, 7), (10, 9)),
+        "brightness_up": (1.1, 1.2, 1.3, 1.35, 1.4),
+        "brightness_down": (0.9, 0.8, 0.7, 0.6, 0.5),
+        "contrast_up": (1.1, 1.15, 1.2, 1.25, 1.3),
+        "contrast_down": (0.9, 0.8, 0.7, 0.6, 0.5),
+        "saturate": (0.05, 0.10, 0.15, 0.17, 0.20),
+        "stain_deposit": (1, 2, 3, 3, 3),
+        "bubble": ((5, 10), (7, 10), (10, 10), (12, 12), (15, 12)),
+    },
+    "dermamnist": {
+        "pixelate": (0.7, 0.5, 0.40, 0.30, 0.25),
+        "jpeg_compression": (30, 20, 15, 10, 7),
+        "gaussian_noise": (0.04, 0.08, 0.12, 0.18, 0.26),
+        "speckle_noise": (0.05, 0.15, 0.2, 0.35, 0.45),
+        "impulse_noise": (0.01, 0.03, 0.06, 0.09, 0.17),
+        "shot_noise": (60, 25, 18, 10, 5),
+        "defocus_blur": ((4, 0.1), (5, 0.2), (6, 0.3), (7, 0.4), (8, 0.5)),
+        "motion_blur": ((10, 5), (15, 5), (15, 8), (15, 12), (20, 15)),
+        "zoom_blur": _zoom_factors((1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02), (1, 1.26, 0.02),
+                                   (1, 1.31, 0.03)),
+        "brightness_up": (1.1, 1.2, 1.3, 1.4, 1.5),
+        "brightness_down": (0.9, 0.8, 0.7, 0.6, 0.5),
+        "contrast_up": (1.1, 1.2, 1.3, 1.4, 1.6),
+        "contrast_down": (0.8, 0.7, 0.6, 0.5, 0.4),
+        "black_corner": _corner_fractions(1.10, 1.05, 1.00, 0.90, 0.95),
+        "characters": _letter_counts((1, 6, 0.14), (2, 7, 0.15), (3, 8, 0.16), (4, 9, 0.17), (6, 10, 0.18)),
+    },
+    "retinamnist": {
+        "pixelate": (0.8, 0.60, 0.50, 0.40, 0.35),
+        "jpeg_compression": (30, 25, 20, 10, 5),
+        "gaussian_noise": (0.04, 0.08, 0.12, 0.16, 0.20),
+        "speckle_noise": (0.10, 0.15, 0.20, 0.25, 0.30),
+        "defocus_blur": ((4, 0.1), (5, 0.2), (6, 0.3), (7, 0.4), (8, 0.5)),  # sixth (9, 0.6) unused
+        "motion_blur": ((8, 5), (15, 5), (15, 8), (15, 12), (20, 15)),
+        "brightness_down": (0.9, 0.8, 0.7, 0.6, 0.5),
+        "contrast_down": (0.9, 0.8, 0.7, 0.6, 0.4),
+    },
+    "tissuemnist": {
+        "pixelate": (0.40, 0.30, 0.20, 0.15, 0.10),
+        "jpeg_compression": (25, 20, 15, 10, 7),
+        "impulse_noise": (0.01, 0.015, 0.02, 0.025, 0.03),
+        "gaussian_blur": _kernel_sigmas(13, 15, 17, 21, 25),
+        "brightness_up": (1.3, 1.4, 1.5, 1.6, 1.7),
+        "brightness_down": (0.8, 0.7, 0.6, 0.5, 0.4),
+        "contrast_up": (1.1, 1.2, 1.3, 1.4, 1.6),
+        "contrast_down": (0.9, 0.8, 0.7, 0.6, 0.4),
+    },
+    "octmnist": {
+        "pixelate": (0.30, 0.25, 0.20, 0.15, 0.10),
+        "jpeg_compression": (30, 15, 10, 7, 5),
+        "speckle_noise": (0.15, 0.30, 0.40, 0.50, 0.60),
+        "defocus_blur": ((0.5, 0.6), (1, 0.5), (1.5, 0.1), (2.0, 0.5), (2.5, 0.1)),
+        "motion_blur": ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)),
+        "contrast_down": (0.6, 0.4, 0.3, 0.2, 0.15),
+    },
+    "breastmnist": {
+        "pixelate": (0.30, 0.25, 0.20, 0.15, 0.10),
+        "jpeg_compression": (50, 30, 15, 10, 7),
+        "speckle_noise": (0.10, 0.15, 0.20, 0.25, 0.30),
+        "motion_blur": ((5, 5), (9, 7), (9, 10), (13, 10), (17, 12)),
+        "brightness_up": (1.4, 1.5, 1.6, 1.8, 2.0),
+        "brightness_down": (0.55, 0.5, 0.45, 0.4, 0.3),
+        "contrast_down": (0.9, 0.8, 0.7, 0.6, 0.4),
+    },
+    "chestmnist": {
+        "pixelate": (0.30, 0.25, 0.20, 0.15, 0.10),
+        "jpeg_compression": (50, 30, 15, 10, 7),
+        "gaussian_noise": (0.04, 0.08, 0.12, 0.18, 0.26),
+        "speckle_noise": (0.05, 0.15, 0.2, 0.35, 0.45),
+        "impulse_noise": (0.01, 0.03, 0.06, 0.09, 0.17),
+        "shot_noise": (60, 25, 18, 10, 5),
+        "gaussian_blur": _kernel_sigmas(3, 5, 7, 9, 11),  # sixth kernel 13 unused
+        **_GRAY_ENHANCE,
+    },
+    "pneumoniamnist": {
+        "pixelate": (0.8, 0.7, 0.6, 0.5, 0.40),
+        "jpeg_compression": (50, 30, 15, 10, 7),
+        "gaussian_noise": (0.04, 0.05, 0.06, 0.07, 0.08),
+        "speckle_noise": (0.05, 0.07, 0.10, 0.15, 0.20),
+        "impulse_noise": (0.005, 0.01, 0.013, 0.017, 0.02),
+        "shot_noise": (300, 200, 150, 100, 80),
+        "gaussian_blur": _kernel_sigmas(3, 5, 7, 9, 11),  # sixth kernel 13 unused
+        **_GRAY_ENHANCE,
+    },
+    "organamnist": _ORGAN,
+    "organcmnist": _ORGAN,
+    "organsmnist": _ORGAN,
+}
+for _flag, _table in _MEDMNIST_C.items():
+    for _name, _params in _table.items():
+        if _name not in _REGISTRY or len(_params) != len(SEVERITIES):
+            raise AssertionError(f"MedMNIST-C's {_flag} {_name} needs a known name and one parameter per severity")
+del _flag, _table, _name, _params
+
+
 def list_corruptions() -> list[str]:
     """Names of every corruption, sorted.
 
@@ -448,7 +642,7 @@ def check_corruption(name: object, severity: object) -> tuple[str, int]:
     return name, int(severity)
 
 
-def corrupt(images: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
+def corrupt(images: np.ndarray, name: str, severity: int, seed: int, *, dataset: str | None = None) -> np.ndarray:
     """Apply one corruption at one severity to a batch of images.
 
     Parameters
@@ -462,6 +656,12 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int) -> np.ndarr
         1 (mild) .. 5 (strong).
     seed : int
         Seed of the corruption's random draws (noise, directions, positions).
+    dataset : str, optional
+        A MedMNIST flag, e.g. ``"pneumoniamnist"``: where MedMNIST-C's registry gives
+        this corruption's parameters for that dataset, they are used (converted where
+        its parameter means something else, see the module docstring). ``None`` (the
+        site simulator), another flag or a corruption MedMNIST-C does not give for the
+        dataset: the single table of this module.
 
     Returns
     -------
@@ -472,10 +672,13 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int) -> np.ndarr
     Raises
     ------
     CorruptionError
-        For an unknown name, a severity outside 1..5, images that are not uint8
+        For an unknown name, a severity outside 1..5, a ``dataset`` that is not a str
+        or None, images that are not uint8
         ``[N, H, W(, C)]`` with C in (1, 3), or an RGB-only corruption on gray images.
     """
     name, severity = check_corruption(name, severity)
+    if dataset is not None and not isinstance(dataset, str):
+        raise CorruptionError(f"corrupt({name!r}) needs 'dataset' as a MedMNIST flag or None. Got {dataset!r} instead.")
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise CorruptionError(
@@ -488,7 +691,8 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int) -> np.ndarr
         raise CorruptionError(f"Corruption {name!r} changes colour saturation and needs RGB images [N, H, W, 3].")
     if images.shape[0] == 0:
         return images.copy()
+    params = _MEDMNIST_C.get(dataset, {}).get(name, spec.params) if dataset is not None else spec.params
     rng = np.random.default_rng(seed)
-    out = spec.apply(x / 255.0, spec.params[severity - 1], rng, _spatial_scale(min(x.shape[1:3])))
+    out = spec.apply(x / 255.0, params[severity - 1], rng, _spatial_scale(min(x.shape[1:3])))
     out = np.clip(np.rint(np.asarray(out) * 255.0), 0, 255).astype(np.uint8)
     return out.reshape(images.shape)

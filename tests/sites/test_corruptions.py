@@ -96,7 +96,7 @@ def test_bubble_draws_medmnist_c_count_and_radius():
     # pixels (blobs that overlap merge, so the blob count is at most the bubble count).
     from scipy import ndimage
 
-    images = np.full((8, 224, 224), 128, dtype=np.uint8)
+    images = np.full((6, 224, 224), 128, dtype=np.uint8)
     changed = corrupt(images, "bubble", 1, seed=0) != images
     # Execute
     blobs = [ndimage.label(mask)[0] for mask in changed]
@@ -107,3 +107,61 @@ def test_bubble_draws_medmnist_c_count_and_radius():
     assert all(1 <= count <= 15 for count in counts), counts
     assert np.mean(counts) > 7.5, counts  # more than 7 bubbles drawn on average
     assert largest_area <= 2 * np.pi * (7 * 1.05) ** 2  # one bubble, or two merged, of radius <= 7
+
+
+def test_dataset_takes_medmnist_c_per_dataset_values():
+    # Prepare: a mid-gray image (no clipping at std 0.08: 0.5 / 0.08 > 6 sigma).
+    gray = np.full((1, 96, 96), 128, dtype=np.uint8)
+    # Execute: MedMNIST-C's pneumoniamnist gaussian_noise at severity 5 is 0.08 (ours 0.26).
+    noise = (corrupt(gray, "gaussian_noise", 5, seed=0, dataset="pneumoniamnist").astype(float) - gray) / 255
+    # Assert (rounding to uint8 adds std 1 / 255 / sqrt(12) ~ 0.001)
+    assert abs(noise.std() - 0.08) < 0.004, noise.std()
+    # breastmnist brightness_up severities 1 and 5: 1.4 and 2.0 (ours 1.1 and 1.5).
+    pixels = np.array([[[50, 100]]], dtype=np.uint8)
+    assert corrupt(pixels, "brightness_up", 1, seed=0, dataset="breastmnist").tolist() == [[[70, 140]]]
+    assert corrupt(pixels, "brightness_up", 5, seed=0, dataset="breastmnist").tolist() == [[[100, 200]]]
+
+
+def test_every_default_corruption_has_medmnist_c_values_for_its_dataset():
+    from medfed.sites.corruptions import _DEFAULTS, _MEDMNIST_C
+
+    for flag in _DEFAULTS:
+        assert set(_MEDMNIST_C[flag]) == set(default_corruptions(flag)), flag
+
+
+def test_organ_gaussian_blur_uses_the_sigma_of_medmnist_c_kernel_size():
+    # organamnist's kernel sizes 11..21 at 224 px; torchvision's sigma of kernel 11 is
+    # 0.3 * (5 - 1) + 0.8 = 2.0, of 21: 0.3 * (10 - 1) + 0.8 = 3.5; 28 px halves them.
+    from scipy import ndimage
+
+    images = _batch(28, 1, n=1)
+    for severity, sigma in ((1, 2.0), (5, 3.5)):
+        expected = ndimage.gaussian_filter(images[0] / 255.0, sigma=sigma * 0.5)
+        out = corrupt(images, "gaussian_blur", severity, seed=0, dataset="organamnist")
+        np.testing.assert_array_equal(out[0], np.clip(np.rint(expected * 255), 0, 255).astype(np.uint8))
+
+
+def test_without_medmnist_c_values_the_single_table_is_unchanged():
+    # Without dataset, for a flag MedMNIST-C does not know, and for a corruption it does
+    # not give the dataset (breastmnist has no gaussian_noise): the single table, as
+    # computed here from its definitions (the site simulator's federations stay the same).
+    from scipy import ndimage
+
+    images = _batch(28, 1, n=2)
+    x = images / 255.0
+
+    def uint8(values):
+        return np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
+
+    expected = {
+        ("gaussian_noise", 3): uint8(x + np.random.default_rng(7).standard_normal(x.shape) * 0.12),
+        ("shot_noise", 4): uint8(np.random.default_rng(7).poisson(x * 10) / 10),
+        ("brightness_up", 2): uint8(x * 1.2),
+        ("gaussian_blur", 5): uint8(ndimage.gaussian_filter(x, sigma=(0, 1.0, 1.0))),  # 2.0 px at 224, halved
+    }
+    for (name, severity), want in expected.items():
+        for dataset in (None, "mydata"):
+            np.testing.assert_array_equal(corrupt(images, name, severity, seed=7, dataset=dataset), want)
+        np.testing.assert_array_equal(corrupt(images, name, severity, seed=7), want)
+    np.testing.assert_array_equal(corrupt(images, "gaussian_noise", 3, seed=7, dataset="breastmnist"),
+                                  expected[("gaussian_noise", 3)])
