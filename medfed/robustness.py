@@ -214,7 +214,7 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
     else:
         names = list(corruptions)
         for name in names:
-            corrupt(test.images[:1], name, 1, seed)  # one-line error for unknown or unfit names
+            corrupt(test.images[:1], name, 1, seed, dataset=spec.dataset)  # one-line error for unknown or unfit names
     model = create_model(spec.model_name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=spec.img_size)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in load_arrays(spec.weights).items()}
     misfit = state_dict_misfit(model.state_dict(), state)
@@ -243,7 +243,7 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
         "corruptions": {},
     }
     for name in names:
-        levels = {str(s): measure(corrupt(test.images, name, s, seed)) for s in severities}
+        levels = {str(s): measure(corrupt(test.images, name, s, seed, dataset=spec.dataset)) for s in severities}
         mean = {k: float(np.nanmean([v[k] for v in levels.values()])) for k in ("acc", "auc", "balanced_error")}
         result["corruptions"][name] = {"severities": levels, "mean": mean}
     if result["corruptions"]:
