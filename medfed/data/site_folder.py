@@ -109,6 +109,7 @@ def load_site_folder(
             f"or train/ val/ test/ subfolders each with {LABELS_CSV} and images."
         )
     rows, has_groups = _read_rows(root, task)
+    _refuse_images_listed_twice(rows)
     num_classes = _resolve_num_classes(rows, task, num_classes, root)
     images, in_chans = _read_images(rows, grayscale=in_chans == 1)
     info = DatasetInfo(flag=flag, task=task, num_classes=num_classes, in_chans=in_chans,
@@ -164,6 +165,21 @@ def _read_rows(root: Path, task: str) -> tuple[list[_Row], bool]:
     return rows, has_groups[0]
 
 
+def _refuse_images_listed_twice(rows: list[_Row]) -> None:
+    """One image file listed twice, by any path and in any of the site's CSVs, is refused:
+    in two splits it would put a training image in the test set."""
+    first: dict[Path, _Row] = {}
+    for row in rows:
+        key = row.image_path.resolve()
+        if key in first:
+            earlier = first[key]
+            raise DatasetValidationError(
+                f"{row.where}: {row.image_path.name!r} is listed twice (first at {earlier.where}, split "
+                f"{earlier.split}; here split {row.split}; both are {key}); each image must appear once."
+            )
+        first[key] = row
+
+
 def _parse_csv(csv_path: Path, task: str, split: str | None) -> tuple[list[_Row], bool]:
     """Parse one labels.csv; ``split`` None means the split comes from a 'split' column."""
     with io.StringIO(_read_text(csv_path), newline="") as handle:
@@ -181,19 +197,12 @@ def _parse_csv(csv_path: Path, task: str, split: str | None) -> tuple[list[_Row]
         reader.fieldnames = header
         has_groups = "group" in header
         rows: list[_Row] = []
-        seen: dict[str, str] = {}
         for record in reader:
             where = f"{csv_path} line {reader.line_num}"
             record = {key: (value or "").strip() for key, value in record.items() if key is not None}
             filename = record["filename"]
             if not filename:
                 raise DatasetValidationError(f"{where}: the filename is empty.")
-            if filename in seen:
-                raise DatasetValidationError(
-                    f"{where}: filename {filename!r} is listed twice (first at {seen[filename]}); "
-                    "each image must appear once."
-                )
-            seen[filename] = where
             rows.append(_Row(
                 split=_parse_split(record.get("split", ""), where) if split is None else split,
                 image_path=csv_path.parent / filename,

@@ -239,3 +239,24 @@ def test_binary_task_rejects_other_class_counts(tmp_path):
     _one_image_site(tmp_path, ["filename,label", "a.png,0"])
     with pytest.raises(ValueError, match="binary-class site folder has 2 classes"):
         load_site_folder(tmp_path, task="binary-class", num_classes=3)
+
+
+@pytest.mark.parametrize("layout", ["one csv", "split folders"])
+def test_an_image_listed_in_train_and_test_by_two_paths_is_refused(tmp_path, layout):
+    # Prepare: the same file reached by two spellings of its path, once for training and once for testing.
+    if layout == "one csv":
+        _write_png(tmp_path / "images" / "a.png", _gray(0))
+        _write_png(tmp_path / "images" / "b.png", _gray(1))
+        _write_csv(tmp_path / "labels.csv", ["filename,label,split", "images/a.png,0,train", "images/b.png,1,train",
+                                             "./images/a.png,0,test"])
+    else:
+        _write_png(tmp_path / "train" / "b.png", _gray(1))
+        _write_png(tmp_path / "test" / "x.png", _gray(2))
+        _write_csv(tmp_path / "train" / "labels.csv", ["filename,label", "b.png,1", "../test/x.png,0"])
+        _write_csv(tmp_path / "test" / "labels.csv", ["filename,label", "x.png,0"])
+    # Execute
+    with pytest.raises(DatasetValidationError) as caught:
+        load_site_folder(tmp_path)
+    # Assert
+    message = str(caught.value)
+    assert "is listed twice" in message and "split train; here split test" in message
