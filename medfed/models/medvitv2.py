@@ -438,6 +438,11 @@ class MedViTV2(nn.Module):
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"MedViTV2 has four stages: depths and dims need 4 entries. Got {list(depths)}, {list(dims)}.")
+        if min(depths) < 1:
+            raise ValueError(f"MedViTV2's stages need at least one block each: depths must be >= 1. Got {list(depths)}.")
+        if not 0.0 <= drop_path_rate < 1.0:
+            # At 1 the deepest block would drop every sample and divide by 1 - 1 = 0 (NaN).
+            raise ValueError(f"drop_path_rate is a probability in [0, 1). Got {drop_path_rate}.")
         self.num_classes = num_classes
         self.num_features = dims[-1]
         dilations = dilations if dilations is not None else dilation_schedule(img_size, depths, kernel_size)

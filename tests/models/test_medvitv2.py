@@ -102,6 +102,18 @@ def test_stage_three_depth_must_repeat_its_pattern():
         MedViTV2(depths=(1, 1, 4, 1))
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"depths": (2, 0, 3, 1)}, r"depths must be >= 1. Got \[2, 0, 3, 1\]"),
+    ({"depths": (2, 2, 3, 0)}, r"depths must be >= 1"),
+    ({"drop_path_rate": 1.0}, r"drop_path_rate is a probability in \[0, 1\). Got 1.0"),
+    ({"drop_path_rate": -0.1}, r"drop_path_rate is a probability"),
+])
+def test_empty_stages_and_a_certain_drop_are_refused_by_name(kwargs, match):
+    # (2, 0, 3, 1) was an IndexError, (2, 2, 3, 0) failed only in forward, and drop_path_rate=1 gave NaN.
+    with pytest.raises(ValueError, match=match):
+        MedViTV2(**kwargs)
+
+
 def _collapsed_weights(name: str, img_size: int, in_chans: int) -> list[str]:
     """Weight tensors whose gradient norm is below 1e-5 of the median (fused q/k/v split)."""
     torch.manual_seed(0)
