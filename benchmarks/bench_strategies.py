@@ -49,7 +49,14 @@ COLUMNS = ("acc", "auc", "worst_site_acc", "held_out_acc", "es_auc", "bytes_per_
 
 
 def run_metrics(run_dir: Path) -> dict[str, float | None]:
-    """The table's numbers for one finished run."""
+    """The table's numbers for one finished run.
+
+    ACC, AUC and ES-AUC are the strategy's sample-weighted means over the training sites'
+    own test sets, as its ``evaluate`` aggregate gives them: ES-AUC is
+    ``AUC / (1 + sum_g |AUC_g - AUC|)`` with ``AUC`` and each group's ``AUC_g`` such a mean
+    of the sites' values (``evaluate["es-auc"]``), not the report's pooled ES-AUC over the
+    union of the test sets (``evaluate_pooled["es_auc"]``).
+    """
     from medfed.server.metrics_log import load_run_metrics
 
     run = load_run_metrics(run_dir)
@@ -61,7 +68,10 @@ def run_metrics(run_dir: Path) -> dict[str, float | None]:
     per_round = [r["bytes_sent"] + r["bytes_received"] for r in run.round_records.values()]
     return {
         "acc": evaluate.get("acc"), "auc": evaluate.get("auc"),
-        "worst_site_acc": min(in_federation) if in_federation else None,
+        # A site whose ACC is NaN (its training diverged) is the worst; min() would skip it or not,
+        # by where it stands in the list.
+        "worst_site_acc": (math.nan if any(math.isnan(a) for a in in_federation) else min(in_federation))
+        if in_federation else None,
         "held_out_acc": held_out.get("acc"),
         "es_auc": evaluate.get("es-auc"),
         "bytes_per_round": statistics.mean(per_round) if per_round else None,

@@ -1,0 +1,27 @@
+"""benchmarks/bench_strategies.py's numbers of one run, read from its metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks.bench_strategies import run_metrics
+
+
+@pytest.mark.parametrize("diverged", ["site-0", "site-1"])
+def test_a_site_with_a_nan_accuracy_is_the_worst_site_wherever_it_stands(tmp_path, diverged):
+    # Prepare: one site diverged (ACC NaN), the other did not.
+    accs = {"site-0": 0.5, "site-1": 0.5, diverged: math.nan}
+    records = [{"event": "start", "resumed_from_round": 0, "num_rounds": 1}]
+    records += [{"event": "site", "round": 1, "phase": "evaluate", "site": site, "num_examples": 10,
+                 "metrics": {"acc": acc}} for site, acc in accs.items()]
+    records.append({"event": "round", "round": 1, "wall_time_s": 1.0, "bytes_sent": 10, "bytes_received": 20,
+                    "train": {}, "evaluate": {"acc": 0.5, "es-auc": 0.7}})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Execute
+    numbers = run_metrics(tmp_path)
+    # Assert
+    assert math.isnan(numbers["worst_site_acc"])
+    assert numbers["es_auc"] == 0.7 and numbers["bytes_per_round"] == 30
