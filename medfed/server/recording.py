@@ -224,7 +224,7 @@ class RoundRecorder:
         if _held_out(reply):
             record["held_out"] = True
         if isinstance(metrics.get("confusion"), list) and metrics.get("num-classes"):
-            record["confusion"] = _matrix(metrics["confusion"], int(metrics["num-classes"]))
+            record["confusion"] = _matrix(metrics["confusion"], int(metrics["num-classes"]), _multi_label(self.task))
         if "site" in content.config_records and "time-s" in content.config_records["site"]:
             record["time_s"] = float(content.config_records["site"]["time-s"])
         return record
@@ -299,11 +299,11 @@ def pooled_round_metrics(task: str, replies: list[Mapping[str, Any]]) -> dict[st
         return np.sum(arrays, axis=0)
 
     def reshaped(flat_confusion: np.ndarray, flat_hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        classes = int(replies[0].get("num-classes", 0))
-        if flat_confusion.size == classes * classes:
-            matrix = flat_confusion.reshape(classes, classes)
-        else:
+        if _multi_label(task):
             matrix = flat_confusion.reshape(-1, 2, 2)
+        else:
+            classes = int(replies[0].get("num-classes", 0))
+            matrix = flat_confusion.reshape(classes, classes)
         return matrix, flat_hist.reshape(-1, 2, SCORE_BINS)
 
     def examples(key: str) -> int | None:
@@ -334,11 +334,25 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _matrix(flat: list[int], num_classes: int) -> list:
-    """``[C, C]`` (or ``[L, 2, 2]`` for multi-label) nested lists from a flat confusion."""
-    if len(flat) == num_classes * num_classes:
+def _multi_label(task: str | None) -> bool | None:
+    """Whether ``task`` is multi-label (None: unknown)."""
+    if task is None:
+        return None
+    from medfed.data.info import MULTI_LABEL, normalize_task
+
+    return normalize_task(task) == MULTI_LABEL
+
+
+def _matrix(flat: list[int], num_classes: int, multi_label: bool | None = None) -> list:
+    """``[C, C]`` (or ``[L, 2, 2]`` for multi-label) nested lists from a flat confusion.
+
+    With the task unknown (``multi_label`` None) the length decides, which cannot tell
+    4 labels (``[4, 2, 2]``) from 4 classes (``[4, 4]``)."""
+    if multi_label is None:
+        multi_label = len(flat) != num_classes * num_classes
+    if not multi_label and len(flat) == num_classes * num_classes:
         return [flat[i * num_classes:(i + 1) * num_classes] for i in range(num_classes)]
-    if len(flat) == 4 * num_classes:
+    if multi_label and len(flat) == 4 * num_classes:
         return [[flat[4 * i:4 * i + 2], flat[4 * i + 2:4 * i + 4]] for i in range(num_classes)]
     return flat
 

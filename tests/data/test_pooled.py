@@ -84,3 +84,19 @@ def test_a_site_whose_scores_are_not_finite_makes_the_pool_undefined_not_class_0
     # Assert: defined for the healthy site alone, undefined once the diverged one is pooled.
     assert np.isfinite([healthy["acc"], healthy["auc"], healthy["balanced_acc"]]).all()
     assert np.isnan([pooled["acc"], pooled["auc"], pooled["balanced_acc"]]).all() and pooled["num_examples"] == 40
+
+
+def test_four_labels_are_pooled_as_four_two_by_two_matrices_not_one_four_by_four():
+    # A multi-label confusion of L labels holds 4 L values, which for L = 4 is also C * C.
+    from medfed.server.recording import _matrix, pooled_round_metrics
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, (30, 4)), rng.random((30, 4))
+    matrix, hist = confusion("multi-label", y, p), score_histograms("multi-label", y, p)
+    flat = [int(v) for v in matrix.reshape(-1)]
+    reply = {"num-examples": 30, "num-classes": 4, "confusion": flat, "score-hist": [int(v) for v in hist.reshape(-1)]}
+    pooled = pooled_round_metrics("multi-label, binary-class", [reply, reply])
+    expected = pooled_metrics("multi-label, binary-class", 2 * matrix, 2 * hist)
+    assert pooled["acc"] == pytest.approx(expected["acc"]) and pooled["auc"] == pytest.approx(expected["auc"])
+    assert np.asarray(_matrix(flat, 4, multi_label=True)).shape == (4, 2, 2)
+    assert np.asarray(_matrix(list(range(16)), 4, multi_label=False)).shape == (4, 4)
