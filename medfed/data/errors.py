@@ -10,7 +10,7 @@ from medfed.errors import MedfedError
 
 __all__ = [
     "ColourImagesError", "DatasetMismatchError", "DatasetNotFoundError", "DatasetValidationError", "DatasetSizeWarning",
-    "LabelRangeError",
+    "LabelRangeError", "LowBitDepthWarning",
 ]
 
 
@@ -56,4 +56,11 @@ class DatasetSizeWarning(UserWarning):
     """A MedMNIST file holds split sizes that differ from the official release.
 
     The file is still loaded; results are then not comparable with published ones.
+    """
+
+
+class LowBitDepthWarning(UserWarning):
+    """A site's 16-bit images use only a small part of 0..65535 (12-bit data saved as 16-bit).
+
+    medfed maps 0..65535 onto 0..255, so such images become nearly black.
     """

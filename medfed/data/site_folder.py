@@ -17,13 +17,16 @@ for the multi-label task a label is a list of 0/1 values separated by spaces or 
 
 Images are read with Pillow. If every image is grayscale they are kept as 1 channel,
 otherwise all are converted to RGB (grayscale replicated); alpha is dropped; 16-bit
-grayscale is scaled to 8 bits (value / 257). All images must then have the same size.
+grayscale is scaled to 8 bits (value / 257), with a :class:`LowBitDepthWarning` when
+no image of the site exceeds 4095 (12-bit data saved as 16-bit would be nearly black).
+All images must then have the same size.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .dataset import UNKNOWN_GROUP, ImageDataset
-from .errors import ColourImagesError, DatasetNotFoundError, DatasetValidationError, LabelRangeError
+from .errors import ColourImagesError, DatasetNotFoundError, DatasetValidationError, LabelRangeError, LowBitDepthWarning
 from .info import BINARY_CLASS, DatasetInfo, normalize_task
 
 __all__ = ["is_site_folder", "load_site_folder", "LABELS_CSV"]
@@ -315,7 +318,9 @@ def _read_images(rows: list[_Row], grayscale: bool = False) -> tuple[list[np.nda
         listed = ", ".join(f"{row.image_path} ({row.where})" for row in missing[:_MAX_LISTED])
         more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
         raise DatasetNotFoundError(f"{len(missing)} image file(s) listed in labels.csv are missing: {listed}{more}.")
-    images = [_read_image(row.image_path) for row in rows]
+    read = [_read_image(row.image_path) for row in rows]
+    images = [image for image, _ in read]
+    _warn_low_bit_depth([peak for _, peak in read if peak is not None], rows[0].image_path.parent)
     colour = [row for row, image in zip(rows, images) if image.shape[2] == 3]
     if grayscale and colour:
         listed = ", ".join(str(row.image_path) for row in colour[:_MAX_LISTED])
@@ -340,8 +345,25 @@ def _read_images(rows: list[_Row], grayscale: bool = False) -> tuple[list[np.nda
     return images, in_chans
 
 
-def _read_image(image_path: Path) -> np.ndarray:
-    """Read one image as ``uint8`` ``[H, W, 1]`` (grayscale) or ``[H, W, 3]`` (colour)."""
+#: 16-bit images that all stay below this hold at most 12 bits of data.
+_TWELVE_BIT_LIMIT = 4096
+
+
+def _warn_low_bit_depth(peaks: list[int], folder: Path) -> None:
+    """Warn once when every 16-bit image of a site stays within 12 bits (``peaks``: their maxima)."""
+    if peaks and max(peaks) < _TWELVE_BIT_LIMIT:
+        warnings.warn(
+            f"The {len(peaks)} 16-bit images under {folder} reach at most {max(peaks)} of 65535 (12-bit data saved "
+            f"as 16-bit?): medfed maps 0..65535 onto 0..255, so they become 0..{round(max(peaks) / 257)}, nearly "
+            "black. Rescale them to the full 16-bit range, or save them as 8-bit.",
+            LowBitDepthWarning, stacklevel=4,
+        )
+
+
+def _read_image(image_path: Path) -> tuple[np.ndarray, int | None]:
+    """Read one image as ``uint8`` ``[H, W, 1]`` (grayscale) or ``[H, W, 3]`` (colour), with its
+    largest value when it is a 16-bit image (else None)."""
+    peak = None
     try:
         with Image.open(image_path) as image:
             image.load()
@@ -353,6 +375,7 @@ def _read_image(image_path: Path) -> np.ndarray:
                         f"Image {image_path} (mode {mode}) holds values outside 0..65535; expected 8- or 16-bit pixels."
                     )
                 array = np.rint(values / 257.0).astype(np.uint8)
+                peak = int(values.max())
             elif mode in _GRAY_MODES:
                 array = np.asarray(image.convert("L"), dtype=np.uint8)
             elif mode == "F":
@@ -371,4 +394,4 @@ def _read_image(image_path: Path) -> np.ndarray:
             f"Image {image_path} cannot be read as an image ({type(error).__name__}: {error}); "
             "expected a PNG or JPEG file."
         ) from error
-    return array[..., None] if array.ndim == 2 else array
+    return (array[..., None] if array.ndim == 2 else array), peak

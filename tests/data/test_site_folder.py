@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from medfed.data import DatasetNotFoundError, DatasetValidationError, load_site_folder
+from medfed.data.errors import LowBitDepthWarning
 
 
 def _write_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
@@ -109,9 +111,24 @@ def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "deep.png")
     _write_csv(tmp_path / "labels.csv", ["filename,label", "deep.png,1"])
     # Execute
-    train = load_site_folder(tmp_path)["train"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the full 16-bit range: no warning
+        train = load_site_folder(tmp_path)["train"]
     # Assert
     assert train.images[0, ..., 0].tolist() == [[0, 100], [255, 1]]
+
+
+def test_twelve_bit_data_in_sixteen_bit_images_is_warned_about_once(tmp_path):
+    # Prepare: two 12-bit exports (0..4095) saved as 16-bit PNGs: 0..16 once mapped to 8 bits.
+    for name, peak in (("a.png", 4095), ("b.png", 2000)):
+        Image.fromarray(np.array([[0, peak], [peak // 2, 7]], dtype=np.uint16)).save(tmp_path / name)
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "a.png,0", "b.png,1"])
+    # Execute
+    with pytest.warns(LowBitDepthWarning) as caught:
+        load_site_folder(tmp_path)
+    # Assert
+    assert len(caught) == 1
+    assert "The 2 16-bit images" in str(caught[0].message) and "reach at most 4095 of 65535" in str(caught[0].message)
 
 
 def test_multi_label_site(tmp_path):
