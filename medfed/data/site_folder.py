@@ -384,6 +384,8 @@ def _read_image(image_path: Path) -> tuple[np.ndarray, int | None]:
                 )
             else:  # RGB, RGBA, P (palette), CMYK, YCbCr, ...
                 array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+                if mode in ("P", "PA") and (array == array[..., :1]).all():
+                    array = array[..., 0]  # a gray palette: a grayscale image
     except Image.DecompressionBombError as error:  # Pillow's guard against huge images: no OSError
         raise DatasetValidationError(
             f"Image {image_path} is too large to read safely ({error}); medfed trains on images of a few hundred "

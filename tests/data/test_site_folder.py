@@ -277,3 +277,15 @@ def test_an_image_listed_in_train_and_test_by_two_paths_is_refused(tmp_path, lay
     # Assert
     message = str(caught.value)
     assert "is listed twice" in message and "split train; here split test" in message
+
+
+def test_a_png_with_a_gray_palette_is_grayscale(tmp_path):
+    # Prepare: an 8-bit palette image whose palette holds only grays (some exporters write these).
+    picture = Image.fromarray(_gray(0)).convert("P")
+    picture.putpalette([v for g in range(256) for v in (g, g, g)])
+    picture.save(tmp_path / "p.png")
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "p.png,0"])
+    # Execute
+    train = load_site_folder(tmp_path, in_chans=1)["train"]
+    # Assert
+    assert train.info.in_chans == 1 and train.images[0, ..., 0].tolist() == _gray(0).tolist()
