@@ -37,7 +37,7 @@ from medfed.client.task import (
     select_device,
     train_epoch,
 )
-from medfed.data import default_hflip_p, load_medmnist, train_augmentation
+from medfed.data import DatasetValidationError, default_hflip_p, load_medmnist, train_augmentation
 from medfed.models import create_model
 from medfed.server.checkpoint import save_arrays
 from medfed.server.run_files import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE
@@ -62,6 +62,22 @@ def _check_out_dir(out_dir: Path) -> None:
         raise OutputFolderError(
             f"{out_dir} already holds a run ({', '.join(held)}); train into another folder (--out), or move that "
             "run away first."
+        )
+
+
+def _check_splits(splits: dict, dataset: str, img_size: int) -> None:
+    """Refuse an empty split now, not after an epoch of training (val) or all of them (test).
+
+    (A site's file may lack a split, as a held-out hospital's lacks training images; pooled
+    training needs all three.)"""
+    from medfed.data.medmnist_files import medmnist_filename
+
+    empty = [name for name, data in splits.items() if len(data) == 0]
+    if empty:
+        found = "/".join(str(len(data)) for data in splits.values())
+        raise DatasetValidationError(
+            f"{medmnist_filename(dataset, img_size)} has no {' and no '.join(empty)} images (train/val/test = {found}); "
+            "medfed train needs images in all three splits."
         )
 
 
@@ -119,6 +135,7 @@ def train_pooled(
         seed_everything(seed)
         dev = select_device(device)
         splits = load_medmnist(dataset, data_root, size=img_size)
+        _check_splits(splits, dataset, img_size)
         info = splits["train"].info
         hflip_p = default_hflip_p(dataset) if hflip_p is None else hflip_p
         mirror = hflip_p > 0

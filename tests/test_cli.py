@@ -229,3 +229,22 @@ def test_a_file_where_a_folder_is_expected_is_one_line_and_exit_2(tmp_path, caps
     code = main(["certs", "--out", str(target), "--server-host", "localhost", "--sites", "a"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("medfed certs: error: ") and "\n" not in err
+
+
+@pytest.mark.parametrize(("counts", "named"), [((6, 0, 3), "no val images"), ((0, 2, 0), "no train and no test images")])
+def test_train_refuses_a_file_with_an_empty_split_before_training(tmp_path, capsys, counts, named):
+    # Prepare: a breastmnist.npz whose val (or train and test) split holds no images.
+    import numpy as np
+
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), counts):
+        arrays[f"{split}_images"] = np.zeros((n, 28, 28), np.uint8)
+        arrays[f"{split}_labels"] = np.zeros((n, 1), np.uint8)
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    # Execute
+    code = main(["train", "--data-root", str(tmp_path), "--epochs", "1", "--out", str(tmp_path / "run")])
+    # Assert
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the split-size warning, where shown
+    assert code == 2
+    assert f"breastmnist.npz has {named} (train/val/test = {'/'.join(map(str, counts))})" in err
+    assert not (tmp_path / "run").exists()

@@ -207,13 +207,6 @@ def load_medmnist(
         _fetch_missing(path, url, embedded=root is None, download=download, downloader=downloader)
     arrays = _read_npz(path, url)
     counts = validate_medmnist_arrays(arrays, info, size, path)
-    empty = [split for split in SPLITS if counts[split] == 0]
-    if empty:  # found here, not after an epoch of training (val) or all of them (test)
-        found = "/".join(str(counts[s]) for s in SPLITS)
-        raise DatasetValidationError(
-            f"MedMNIST file {path} has no {' and no '.join(empty)} images (train/val/test = {found}); a MedMNIST "
-            f"file holds images in all three splits: replace it with a complete copy ({url})."
-        )
     official = medmnist_info(flag)["n_samples"]
     if any(counts[split] != official[split] for split in SPLITS):
         found = "/".join(str(counts[s]) for s in SPLITS)
