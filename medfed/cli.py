@@ -89,8 +89,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="epochs averaged when selecting the epoch by validation (default: epochs // 10, 1..5)")
     p.add_argument("--seed", type=_seed, default=0, help="(default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--out", default="runs/train", help="run folder for model.safetensors and metrics.json; one "
-                   "that already holds a run is refused (default: runs/train)")
+    p.add_argument("--out", default="runs/train", help="run folder for model.safetensors and metrics.json: a new or "
+                   "empty folder (default: runs/train)")
     p.set_defaults(func=_run_train)
 
 
@@ -145,11 +145,12 @@ def _run_simulate(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"No {CONFIG_FILE} in {run_dir}: --resume needs a medfed run folder.")
         cfg = load_config(args.config or config, args.overrides, run_folder=args.config is None)
         args.run_dir = run_dir  # for the hint after an interrupt
-        simulate(cfg, run_dir=run_dir, resume=True)
+        run_dir = simulate(cfg, run_dir=run_dir, resume=True)
     else:
         cfg = load_config(args.config, args.overrides)
         args.run_dir = Path(cfg.output_dir) / cfg.name
-        simulate(cfg)
+        run_dir = simulate(cfg)
+    print(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:

@@ -49,7 +49,8 @@ RUN_FILES = ("metrics.json", MODEL_FILE, METRICS_FILE, CHECKPOINT_FILE)
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an output folder that cannot be made or already holds a run (nothing is overwritten).
+    """Refuse an output folder that cannot be made, already holds a run or holds anything else
+    (nothing is overwritten, nothing is added beside another tool's files).
 
     Raises
     ------
@@ -62,6 +63,12 @@ def _check_out_dir(out_dir: Path) -> None:
         raise OutputFolderError(
             f"{out_dir} already holds a run ({', '.join(held)}); train into another folder (--out), or move that "
             "run away first."
+        )
+    others = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if others:  # a certificate or data folder given by mistake would get a model beside its files
+        raise OutputFolderError(
+            f"{out_dir} is not empty ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); train into a new "
+            "or empty folder (--out)."
         )
 
 

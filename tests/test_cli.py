@@ -132,6 +132,21 @@ def test_train_refuses_a_folder_that_holds_a_run_and_changes_nothing_in_it(tiny_
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "model.safetensors"]
 
 
+def test_train_refuses_a_folder_that_is_not_empty(tiny_root, tmp_path, capsys):
+    # Prepare: a certificate folder given as --out by mistake.
+    certs = tmp_path / "fl-certs"
+    certs.mkdir()
+    for name in ("ca.crt", "ca.key", "server.crt", "server.key"):
+        (certs / name).write_text(name)
+    # Execute
+    code = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--out", str(certs)])
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{certs} is not empty (ca.crt, ca.key, server.crt ...); train into a new or empty folder" in err
+    assert sorted(p.name for p in certs.iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
+
+
 @pytest.mark.parametrize("out", ["afile", "afile/run"])
 def test_train_into_a_file_is_one_line_before_any_training(tiny_root, tmp_path, capsys, out):
     (tmp_path / "afile").write_text("not a folder")
@@ -248,3 +263,11 @@ def test_train_refuses_a_file_with_an_empty_split_before_training(tmp_path, caps
     assert code == 2
     assert f"breastmnist.npz has {named} (train/val/test = {'/'.join(map(str, counts))})" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_simulate_ends_by_naming_its_run_folder_and_report(tiny_root, tmp_path, capsys):
+    settings = [f"data.root={tiny_root}", f"output_dir={tmp_path}", "name=named", "rounds=1", "federation.num_sites=2",
+                "simulation.engine=inprocess"]
+    assert main(["simulate"] + [a for s in settings for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(f"run folder: {tmp_path / 'named'}\nreport: {tmp_path / 'named' / 'report.html'}")
