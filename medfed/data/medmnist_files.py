@@ -229,9 +229,8 @@ def _fetch_missing(path: Path, url: str, *, embedded: bool, download: bool, down
     """Download a missing file or raise :class:`DatasetNotFoundError` saying what to do."""
     if embedded:
         raise DatasetNotFoundError(
-            f"{path.name} is not embedded in medfed (only breastmnist.npz at 28 px is). Give the folder that "
-            f"holds it (medfed train --data-root DIR, data.root in an experiment, root= in Python); it is "
-            f"downloaded there from {url} when missing."
+            f"{path.name} is not embedded in medfed (only breastmnist.npz at 28 px is). Download it from {url} and "
+            f"give the folder that holds it (medfed train --data-root DIR, data.root in an experiment, root= in Python)."
         )
     if not download:
         raise DatasetNotFoundError(

@@ -58,8 +58,8 @@ __all__ = [
 _POOLING_COUNTS = ("score-hist", "confusion-group-")
 
 # Keys that may differ between a run and its resumption: where the run lives, how many
-# rounds it runs (may only grow), and which engine or Ray cluster runs the simulation (both
-# engines give the same weights).
+# rounds it runs (may only grow), how long a round waits for slow sites, and which engine or
+# Ray cluster runs the simulation (both engines give the same weights).
 _MAY_CHANGE = ("name", "output_dir", "rounds", "simulation.engine", "simulation.ray_address",
                "federation.round_timeout_s")
 
@@ -269,7 +269,8 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         key, old, new = diffs[0]
         raise ResumeError(
             f"Cannot resume {run_dir}: its {CONFIG_FILE} has {key}={old!r} but this run asks for {key}={new!r}; "
-            "resume with the stored config (only 'rounds' may grow)."
+            "resume with the stored config (only rounds may grow, and federation.round_timeout_s, "
+            "simulation.engine and simulation.ray_address may change)."
         )
     if cfg.rounds < stored.rounds:
         raise ResumeError(

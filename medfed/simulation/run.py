@@ -392,13 +392,16 @@ def _preflight(cfg: ExperimentConfig) -> None:
     plan_for(cfg)  # class mixes and colour corruptions fit the dataset
     if cfg.data.root is not None:
         from medfed.data import DatasetNotFoundError
-        from medfed.data.medmnist_files import medmnist_filename
+        from medfed.data.medmnist_files import medmnist_filename, medmnist_url
 
         path = Path(cfg.data.root).expanduser() / medmnist_filename(cfg.data.dataset, cfg.data.img_size)
         if not path.is_file():
+            # Not downloaded here: a mistyped root would receive the file, and each run would fetch it anew.
+            embedded = "; null for the embedded copy" if (cfg.data.dataset, cfg.data.img_size) == ("breastmnist", 28) else ""
             raise DatasetNotFoundError(
-                f"Config key 'data.root' points to {path.parent}, which has no {path.name}; "
-                "put the MedMNIST file there or set data.root to null for the embedded BreastMNIST."
+                f"Config key 'data.root' points to {path.parent}, which has no {path.name}; put the file there "
+                f"(from {medmnist_url(cfg.data.dataset, cfg.data.img_size)}), or set data.root to the folder that "
+                f"holds it{embedded}."
             )
     load_dataset_once(cfg.data.dataset, cfg.data.root, cfg.data.img_size)  # cached: in-process sites reuse it
     if cfg.simulation.ray_address:

@@ -90,3 +90,20 @@ def test_initial_weights_that_cannot_be_built_stop_before_the_run_folder(tiny_ro
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.parametrize(("dataset", "embedded"), [("pneumoniamnist", False), ("breastmnist", True)])
+def test_a_data_root_without_the_file_says_where_it_looked_and_where_the_file_is(tmp_path, capsys, monkeypatch,
+                                                                                  dataset, embedded):
+    # Prepare: a relative data.root, read from a folder that has no such file.
+    monkeypatch.chdir(tmp_path)
+    settings = ["data.root=../shared/data", f"data.dataset={dataset}", f"output_dir={tmp_path / 'runs'}", "name=bad",
+                "simulation.engine=inprocess"]
+    # Execute
+    code = main(["simulate"] + [a for s in settings for a in ("--set", s)])
+    # Assert: null is offered only where the embedded copy is the study's data.
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert f"points to {tmp_path.parent / 'shared' / 'data'}, which" in err  # resolved from here
+    assert f"which has no {dataset}.npz; put the file there (from https://zenodo.org/" in err
+    assert ("null for the embedded copy" in err) == embedded
