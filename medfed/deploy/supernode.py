@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from medfed.deploy.certs import site_certs, validate_site_name
@@ -202,7 +203,8 @@ def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_
         if max_wait_s is not None:  # Flower gives up on an unreachable server after what is left
             left = max_wait_s - (time.monotonic() - waiting) if waiting is not None else max_wait_s
             run_command = command + ["--max-wait-time", f"{max(left, 1.0):g}"]
-        code, refused, connected, failing_since = _run_supernode(run_command, env, site, out)
+        code, refused, connected, failing_since = _run_supernode(
+            run_command, env, site, out, on_retrying=lambda: _explain_lost_server(address, ca_cert, site, out))
         if connected:
             waiting, first_refusal = failing_since, None
         elif waiting is None:
@@ -332,8 +334,17 @@ def _speaks_tls(sock: socket.socket, address: Address) -> tuple[bool, str] | Non
                   "and give --certs, the site folder 'medfed certs' wrote")
 
 
-def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> tuple[int, bool, bool, float | None]:
-    """Run the SuperNode until it exits, echoing its output.
+def _explain_lost_server(address: Address, ca_cert: Path | None, site: str, out) -> None:
+    """Say why a connected SuperNode lost the server (Flower only says that it retries)."""
+    problem = probe_server(address, ca_cert)
+    if problem is not None:
+        _say(out, f"medfed client: site {site}: lost the server: {problem[1]} Flower keeps trying to reconnect.")
+
+
+def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
+                   on_retrying: Callable[[], None] | None = None) -> tuple[int, bool, bool, float | None]:
+    """Run the SuperNode until it exits, echoing its output; ``on_retrying()`` is called (in
+    a thread of its own) when Flower starts retrying an unreachable server.
 
     Returns (exit code, key refused or no connection, connected once, when Flower began
     retrying an unreachable server if it had not got through again: None if not).
@@ -346,6 +357,8 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> t
     def echo(stream) -> None:
         for raw in stream:
             line = raw.decode("utf-8", errors="replace")
+            out.write(line)
+            out.flush()
             if _REFUSED in line:
                 refused.set()
             elif _CONNECTED in line or _RECONNECTED in line:
@@ -353,8 +366,8 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out) -> t
                 failing_since.clear()
             elif _RETRYING in line and not failing_since:
                 failing_since.append(time.monotonic())
-            out.write(line)
-            out.flush()
+                if on_retrying is not None:  # a probe may take seconds: not in the way of the echo
+                    threading.Thread(target=on_retrying, daemon=True).start()
 
     reader = None
     try:

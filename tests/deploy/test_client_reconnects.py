@@ -203,3 +203,20 @@ def test_max_wait_bounds_the_total_wait(site, monkeypatch):
     with pytest.raises(DeployError, match=r"connection refused.*gave up after 2 s, --max-wait"):
         client(site, "127.0.0.1:9", max_wait_s=2)
     assert time.monotonic() - start < 3.5  # 2 s of waiting, not 2 x 2 s
+
+
+def test_a_connected_site_that_loses_the_server_says_why(site, monkeypatch):
+    # Prepare: the SuperNode connects, then Flower retries (the server went away), then SIGTERM.
+    fake_supernode(site, monkeypatch, f"{CONNECTED}; {RETRYING}; sleep 1; kill -TERM $PPID; sleep 30")
+    probes = iter([None])  # the server answers before the SuperNode starts, then is gone
+    gone = (False, "cannot reach 127.0.0.1:9 (connection refused): is the server running and the address right?")
+    monkeypatch.setattr(supernode, "probe_server", lambda address, ca: next(probes, gone))
+    out = io.StringIO()
+    # Execute
+    with pytest.raises(KeyboardInterrupt):
+        client(site, "127.0.0.1:9", out=out)
+    # Assert: medfed's reason follows Flower's retry line.
+    text = out.getvalue()
+    assert ("medfed client: site a: lost the server: cannot reach 127.0.0.1:9 (connection refused): is the server "
+            "running and the address right? Flower keeps trying to reconnect.") in text
+    assert text.index("Connection attempt failed") < text.index("lost the server")
