@@ -26,7 +26,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
-from medfed._io import write_bytes_atomic
+from medfed._io import json_text, write_bytes_atomic
 from medfed.errors import MedfedError
 
 __all__ = [
@@ -94,7 +94,8 @@ def save_checkpoint(
     strategy_state : Mapping[str, np.ndarray]
         Strategy arrays kept between rounds.
     state : Mapping[str, Any]
-        JSON-serialisable extra state, stored in the file's metadata.
+        JSON-serialisable extra state, stored in the file's metadata as standard JSON
+        (:func:`medfed._io.json_text`: NaN and inf are read back as None).
 
     Raises
     ------
@@ -108,11 +109,11 @@ def save_checkpoint(
             f"The 'server_round' of checkpoint {path} must be an int >= 0. Got {server_round!r} instead."
         )
     try:
-        state_json = json.dumps(dict(state))
+        state_json = json_text(dict(state))  # standard JSON: a NaN in the metrics history is null
     except (TypeError, ValueError) as error:
         raise CheckpointError(
             f"The 'state' of checkpoint {path} must be JSON-serialisable "
-            f"(convert arrays and tensors to lists first): {error}"
+            f"(convert tensors and sets to lists first): {error}"
         ) from error
     tensors = {_MODEL_PREFIX + key: value for key, value in arrays.items()}
     tensors.update({_STRATEGY_PREFIX + key: value for key, value in strategy_state.items()})

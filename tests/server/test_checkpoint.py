@@ -225,9 +225,25 @@ def test_invalid_server_round(tmp_path: Path, server_round) -> None:
 def test_state_must_be_json(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="JSON-serialisable"):
         save_checkpoint(
-            tmp_path / "c.safetensors", server_round=1, arrays={}, strategy_state={}, state={"a": np.zeros(2)}
+            tmp_path / "c.safetensors", server_round=1, arrays={}, strategy_state={}, state={"a": {1, 2}}
         )
     assert not list(tmp_path.iterdir())
+
+
+def test_state_is_standard_json_with_nan_as_null(tmp_path: Path) -> None:
+    # Prepare: a diverged round's loss in the metrics history.
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, server_round=1, arrays={}, strategy_state={},
+                    state={"history": [{"round": 1, "loss": float("nan"), "acc": 0.5}]})
+    # Execute
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        text = handle.metadata()["state"]
+    # Assert: a reader that refuses NaN (JavaScript's JSON.parse, R's jsonlite) reads it.
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the state")) == {
+        "history": [{"round": 1, "loss": None, "acc": 0.5}]}
+    assert load_checkpoint(path).state["history"][0]["loss"] is None
 
 
 def test_unstorable_dtype_error(tmp_path: Path) -> None:
