@@ -157,6 +157,9 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         return None
 
     remaining = cfg.rounds - start.completed_rounds
+    if remaining > 0 and start.completed_rounds:
+        print(f"medfed: resuming after round {start.completed_rounds}: rounds {start.completed_rounds + 1} to "
+              f"{cfg.rounds} (Flower's [ROUND i/{remaining}] counts the rounds left)", flush=True)
     if remaining > 0:
         guarded = QuorumGuard(strategy, min_sites=cfg.federation.quorum, num_sites=cfg.federation.num_sites,
                               timeout_s=cfg.federation.round_timeout_s, wait_for_all_first=not deployed,

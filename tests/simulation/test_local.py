@@ -103,16 +103,20 @@ def _app_that_dies_in_round(round_to_die: int) -> ClientApp:
     return app
 
 
-def test_run_interrupted_in_round_2_resumes_to_identical_weights(local_run, tiny_root, tiny_config, tmp_path, metric_records):
+def test_run_interrupted_in_round_2_resumes_to_identical_weights(local_run, tiny_root, tiny_config, tmp_path, metric_records,
+                                                                 capsys):
     # Prepare: a run that dies when round 2 starts, after round 1's checkpoint.
     cfg = tiny_config(tiny_root, tmp_path)
     with pytest.raises(_Killed):
         run_local(cfg, client_app=_app_that_dies_in_round(2))
     run_dir = tmp_path / cfg.name
     assert load_checkpoint(run_dir / "checkpoint.safetensors").server_round == 1
+    capsys.readouterr()
     # Execute
     run_local(cfg, resume=True)
-    # Assert
+    # Assert: Flower counts the rounds left ([ROUND 1/1]); medfed says which rounds they are.
+    assert "medfed: resuming after round 1: rounds 2 to 2 (Flower's [ROUND i/1] counts the rounds left)" in (
+        capsys.readouterr().out)
     assert_same_weights(run_dir / "model.safetensors", local_run / "model.safetensors")
     assert metric_records(run_dir) == metric_records(local_run)
     starts = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"start"' in l]
