@@ -31,7 +31,7 @@ import numpy as np
 
 from medfed._io import json_text, write_bytes_atomic
 from medfed.errors import MedfedError
-from medfed.server.run_files import CONFIG_FILE, METRICS_FILE, MODEL_FILE
+from medfed.server.run_files import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE
 
 __all__ = ["ModelSpec", "RobustnessError", "evaluate_robustness", "model_from_run", "model_from_file",
            "robustness_table"]
@@ -79,7 +79,6 @@ def model_from_run(run_dir: str | Path, data_root: str | None = None) -> ModelSp
     """
     from medfed.config import load_config
     from medfed.data.medmnist_files import medmnist_filename
-    from medfed.server.resume import finished_rounds
 
     run_dir = Path(run_dir)
     weights = run_dir / MODEL_FILE
@@ -87,15 +86,7 @@ def model_from_run(run_dir: str | Path, data_root: str | None = None) -> ModelSp
         raise RobustnessError(
             f"{run_dir} is not a finished medfed run folder: it needs {CONFIG_FILE} and {MODEL_FILE}."
         )
-    rounds = finished_rounds(run_dir)
-    if rounds is None:
-        # model.safetensors is written at a run's end: a resumed run that stopped again still
-        # holds the model of its earlier end, which would be evaluated as if it were the latest.
-        raise RobustnessError(
-            f"{run_dir} has not finished (its {METRICS_FILE} does not end with the run's end), so its {MODEL_FILE} is "
-            f"not its latest model: finish the run first (medfed simulate --resume {run_dir}, or medfed server "
-            f"--resume --run-dir {run_dir})."
-        )
+    rounds = _final_model_rounds(run_dir)
     cfg = load_config(run_dir / CONFIG_FILE, run_folder=True)
     if cfg.strategy.name in _NO_GLOBAL_MODEL:
         raise RobustnessError(f"medfed evaluate cannot evaluate {run_dir}: {_NO_GLOBAL_MODEL[cfg.strategy.name]}.")
@@ -110,6 +101,35 @@ def model_from_run(run_dir: str | Path, data_root: str | None = None) -> ModelSp
     # A site's ClientApp evaluates with predict's default: the mean over the mirror.
     return ModelSpec(weights, cfg.model.name, cfg.data.dataset, root, cfg.data.img_size, cfg.strategy.name,
                      mirror=True, rounds=rounds)
+
+
+def _final_model_rounds(run_dir: Path) -> int | None:
+    """The rounds after which the run wrote its ``model.safetensors`` (None: no metrics.jsonl says).
+
+    The model is written at a run's end, so a run resumed with more rounds that has
+    completed rounds since, without finishing, holds an older model than its checkpoint.
+    """
+    from medfed.server.checkpoint import CheckpointError, load_checkpoint
+    from medfed.server.metrics_log import read_metrics
+
+    if not (run_dir / METRICS_FILE).is_file():  # a copied folder: config.yaml and model.safetensors alone
+        return None
+    ends = [r["rounds_done"] for r in read_metrics(run_dir / METRICS_FILE)
+            if r["event"] == "end" and isinstance(r.get("rounds_done"), int)]
+    resume = f"medfed simulate --resume {run_dir}, or medfed server --resume --run-dir {run_dir}"
+    if not ends:
+        raise RobustnessError(f"{run_dir} has not finished (its {METRICS_FILE} has no end record): finish the run "
+                              f"first ({resume}).")
+    try:
+        checkpoint_round = load_checkpoint(run_dir / CHECKPOINT_FILE).server_round
+    except CheckpointError:  # none, or damaged: nothing says the model is older
+        return ends[-1]
+    if checkpoint_round > ends[-1]:
+        raise RobustnessError(
+            f"{run_dir} ended after round {ends[-1]}, then was resumed and has completed round {checkpoint_round} "
+            f"without finishing: its {MODEL_FILE} is still round {ends[-1]}'s model. Finish the run first ({resume})."
+        )
+    return ends[-1]
 
 
 def model_from_file(path: str | Path, dataset: str | None, data_root: str | None, img_size: int | None,

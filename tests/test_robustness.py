@@ -242,24 +242,42 @@ def test_an_output_folder_that_is_a_file_is_refused_before_the_work(tiny_root, t
     assert len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("log", ["none", "stopped after a resume", "finished"])
-def test_only_a_finished_run_is_evaluated_and_its_rounds_are_recorded(tiny_root, tmp_path, capsys, log):
-    # Prepare: a run resumed with more rounds and stopped again still holds its earlier end's model.
+@pytest.mark.parametrize("log", ["no end", "resumed and stopped after a round", "resumed and stopped before a round",
+                                 "finished", "copied without its log"])
+def test_only_a_run_whose_model_is_its_latest_is_evaluated(tiny_root, tmp_path, capsys, log):
+    # Prepare: model.safetensors is written at a run's end; a run resumed with more rounds that
+    # completed a round since (its checkpoint is newer) still holds its earlier end's model.
+    from medfed.server.checkpoint import save_checkpoint
+
     run = tmp_path / "run"
     _save_model(run)
     save_config(load_config(overrides=[f"data.root={tiny_root}", "rounds=4"]), run / "config.yaml")
-    records = {"none": [],
-               "stopped after a resume": [{"event": "start", "num_rounds": 2}, {"event": "end", "rounds_done": 2},
-                                          {"event": "start", "num_rounds": 4, "resumed_from_round": 2}],
-               "finished": [{"event": "start", "num_rounds": 4}, {"event": "end", "rounds_done": 4}]}[log]
-    if records:
+    start = {"event": "start", "num_rounds": 2}
+    end = {"event": "end", "rounds_done": 2}
+    resumed = {"event": "start", "num_rounds": 4, "resumed_from_round": 2}
+    records, checkpoint_round = {
+        "no end": ([start], 1),
+        "resumed and stopped after a round": ([start, end, resumed], 3),
+        "resumed and stopped before a round": ([start, end, resumed], 2),
+        "finished": ([start, end], 2),
+        "copied without its log": (None, None),
+    }[log]
+    if records is not None:
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if checkpoint_round is not None:
+        save_checkpoint(run / "checkpoint.safetensors", server_round=checkpoint_round, arrays={}, strategy_state={},
+                        state={})
     # Execute
     code = main(["evaluate", "--run", str(run), "--corruptions", "pixelate", "--severities", "1"])
     # Assert
     err = capsys.readouterr().err.strip()
-    if log == "finished":
-        assert code == 0 and json.loads((run / "robustness.json").read_text())["rounds"] == 4
-    else:
+    if log in ("no end", "resumed and stopped after a round"):
         assert code == 2 and len(err.splitlines()) == 1 and not (run / "robustness.json").exists()
-        assert "has not finished" in err and f"medfed simulate --resume {run}" in err
+        assert f"medfed simulate --resume {run}" in err
+        assert {"no end": "has no end record",
+                "resumed and stopped after a round": "has completed round 3 without finishing: its model.safetensors "
+                                                     "is still round 2's model"}[log] in err
+    else:
+        assert code == 0
+        rounds = json.loads((run / "robustness.json").read_text())["rounds"]
+        assert rounds == (None if log == "copied without its log" else 2)
