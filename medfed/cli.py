@@ -89,8 +89,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="epochs averaged when selecting the epoch by validation (default: epochs // 10, 1..5)")
     p.add_argument("--seed", type=_seed, default=0, help="(default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--out", default="runs/train", help="run folder for model.safetensors and metrics.json: a new or "
-                   "empty folder (default: runs/train)")
+    p.add_argument("--out", default="runs/train", help="run folder for model.safetensors and metrics.json; one "
+                   "that already holds a run, or private keys, is refused (default: runs/train)")
     p.set_defaults(func=_run_train)
 
 

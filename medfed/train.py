@@ -49,8 +49,8 @@ RUN_FILES = ("metrics.json", MODEL_FILE, METRICS_FILE, CHECKPOINT_FILE)
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an output folder that cannot be made, already holds a run or holds anything else
-    (nothing is overwritten, nothing is added beside another tool's files).
+    """Refuse an output folder that cannot be made, already holds a run (nothing is overwritten)
+    or holds private keys (a certificate folder given by mistake).
 
     Raises
     ------
@@ -64,11 +64,11 @@ def _check_out_dir(out_dir: Path) -> None:
             f"{out_dir} already holds a run ({', '.join(held)}); train into another folder (--out), or move that "
             "run away first."
         )
-    others = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    if others:  # a certificate or data folder given by mistake would get a model beside its files
+    keys = sorted(p.name for p in out_dir.glob("*.key")) if out_dir.is_dir() else []
+    if keys:  # a model is shared; a folder that holds private keys must not become one that is
         raise OutputFolderError(
-            f"{out_dir} is not empty ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); train into a new "
-            "or empty folder (--out)."
+            f"{out_dir} holds private keys ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}): a certificate "
+            "folder, not a place for a model that will be shared; train into another folder (--out)."
         )
 
 

@@ -132,19 +132,24 @@ def test_train_refuses_a_folder_that_holds_a_run_and_changes_nothing_in_it(tiny_
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "model.safetensors"]
 
 
-def test_train_refuses_a_folder_that_is_not_empty(tiny_root, tmp_path, capsys):
-    # Prepare: a certificate folder given as --out by mistake.
+def test_train_refuses_a_certificate_folder_and_takes_a_folder_with_a_log(tiny_root, tmp_path, capsys):
+    # Prepare: a certificate folder given as --out by mistake; a folder where `| tee out/train.log` made a log.
     certs = tmp_path / "fl-certs"
     certs.mkdir()
     for name in ("ca.crt", "ca.key", "server.crt", "server.key"):
         (certs / name).write_text(name)
+    logged = tmp_path / "logged"
+    logged.mkdir()
+    (logged / "train.log").write_text("")
     # Execute
-    code = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--out", str(certs)])
-    # Assert
+    refused = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--out", str(certs)])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1
-    assert f"{certs} is not empty (ca.crt, ca.key, server.crt ...); train into a new or empty folder" in err
+    taken = main(["train", "--data-root", str(tiny_root), "--epochs", "1", "--batch-size", "8", "--out", str(logged)])
+    # Assert
+    assert refused == 2 and len(err.splitlines()) == 1
+    assert f"{certs} holds private keys (ca.key, server.key): a certificate folder" in err
     assert sorted(p.name for p in certs.iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
+    assert taken == 0 and (logged / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("out", ["afile", "afile/run"])
