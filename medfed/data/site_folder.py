@@ -114,7 +114,7 @@ def load_site_folder(
     rows, has_groups = _read_rows(root, task)
     _refuse_images_listed_twice(rows)
     num_classes = _resolve_num_classes(rows, task, num_classes, root)
-    images, in_chans = _read_images(rows, grayscale=in_chans == 1)
+    images, in_chans = _read_images(rows, root, grayscale=in_chans == 1)
     info = DatasetInfo(flag=flag, task=task, num_classes=num_classes, in_chans=in_chans,
                        label_names={str(i): str(i) for i in range(num_classes)})
     datasets = {}
@@ -169,11 +169,13 @@ def _read_rows(root: Path, task: str) -> tuple[list[_Row], bool]:
 
 
 def _refuse_images_listed_twice(rows: list[_Row]) -> None:
-    """One image file listed twice, by any path and in any of the site's CSVs, is refused:
-    in two splits it would put a training image in the test set."""
+    """One image file listed twice, by any spelling of its path (``./``, ``..``, a linked
+    folder) and in any of the site's CSVs, is refused: in two splits it would put a training
+    image in the test set. Two names that link to one stored file (a git-annex or DVC store
+    keeps identical images once) are two entries, as listed."""
     first: dict[Path, _Row] = {}
     for row in rows:
-        key = row.image_path.resolve()
+        key = row.image_path.parent.resolve() / row.image_path.name
         if key in first:
             earlier = first[key]
             raise DatasetValidationError(
@@ -309,7 +311,7 @@ def _resolve_num_classes(rows: list[_Row], task: str, num_classes: int | None, r
     return num_classes
 
 
-def _read_images(rows: list[_Row], grayscale: bool = False) -> tuple[list[np.ndarray], int]:
+def _read_images(rows: list[_Row], root: Path, grayscale: bool = False) -> tuple[list[np.ndarray], int]:
     """Read every image as ``uint8`` ``[H, W, C]`` with one common channel count (1 or 3);
     with ``grayscale``, refuse colour images by name (a few among thousands are otherwise
     hard to find)."""
@@ -320,7 +322,7 @@ def _read_images(rows: list[_Row], grayscale: bool = False) -> tuple[list[np.nda
         raise DatasetNotFoundError(f"{len(missing)} image file(s) listed in labels.csv are missing: {listed}{more}.")
     read = [_read_image(row.image_path) for row in rows]
     images = [image for image, _ in read]
-    _warn_low_bit_depth([peak for _, peak in read if peak is not None], rows[0].image_path.parent)
+    _warn_low_bit_depth([peak for _, peak in read if peak is not None], root)
     colour = [row for row, image in zip(rows, images) if image.shape[2] == 3]
     if grayscale and colour:
         listed = ", ".join(str(row.image_path) for row in colour[:_MAX_LISTED])

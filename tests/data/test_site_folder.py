@@ -128,7 +128,7 @@ def test_twelve_bit_data_in_sixteen_bit_images_is_warned_about_once(tmp_path):
         load_site_folder(tmp_path)
     # Assert
     assert len(caught) == 1
-    assert "The 2 16-bit images" in str(caught[0].message) and "reach at most 4095 of 65535" in str(caught[0].message)
+    assert f"The 2 16-bit images under {tmp_path} reach at most 4095 of 65535" in str(caught[0].message)
 
 
 def test_multi_label_site(tmp_path):
@@ -289,3 +289,14 @@ def test_a_png_with_a_gray_palette_is_grayscale(tmp_path):
     train = load_site_folder(tmp_path, in_chans=1)["train"]
     # Assert
     assert train.info.in_chans == 1 and train.images[0, ..., 0].tolist() == _gray(0).tolist()
+
+
+def test_two_names_linked_to_one_stored_image_are_two_entries(tmp_path):
+    # Prepare: a git-annex/DVC-style store keeps identical images once; the site lists two names.
+    _write_png(tmp_path / "store" / "blob.png", _gray(0))
+    _write_png(tmp_path / "images" / "other.png", _gray(1))
+    for name in ("p1.png", "p2.png"):
+        (tmp_path / "images" / name).symlink_to(tmp_path / "store" / "blob.png")
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "images/p1.png,0", "images/p2.png,0", "images/other.png,1"])
+    # Execute / Assert
+    assert len(load_site_folder(tmp_path)["train"]) == 3
