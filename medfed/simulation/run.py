@@ -127,8 +127,9 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
 
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
     run_dir = run_dir.expanduser().resolve()
-    if not resume:  # the run folder records where its data is, wherever it is resumed from
-        cfg = with_absolute_paths(cfg)
+    # The run folder records where its data is, wherever it is resumed from (a resume with
+    # --config would otherwise write a relative root back).
+    cfg = with_absolute_paths(cfg)
     check_run_dir(cfg, run_dir, resume)  # fail before Ray starts; the ServerApp checks again
     _preflight(cfg)
     engine = resolve_engine(cfg)

@@ -151,6 +151,12 @@ def test_a_run_begun_with_a_relative_data_root_resumes_from_another_folder(tiny_
     simulate(load_config(run_dir / "config.yaml", ["rounds=2"], run_folder=True), run_dir=run_dir, resume=True)
     # Assert
     assert load_run_metrics(run_dir).rounds == [1, 2]
+    # Execute: a resume given the relative config again, from beside the data.
+    monkeypatch.chdir(tiny_root.parent)
+    simulate(tiny_config(Path(tiny_root.name), tmp_path, rounds=3, simulation={"cpus_per_site": 1.0, "engine": "inprocess"}),
+             run_dir=run_dir, resume=True)
+    # Assert: the stored root stays absolute.
+    assert load_config(run_dir / "config.yaml", run_folder=True).data.root == str(tiny_root.resolve())
 
 
 def test_a_relative_data_root_given_again_on_resume_is_the_stored_absolute_one(local_run, tiny_root, tiny_config, tmp_path, monkeypatch):
