@@ -79,14 +79,17 @@ def run_metrics(run_dir: Path) -> dict[str, float | None]:
 
 
 def _fmt(values: list[float | None], kind: str) -> str:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    """Mean ± std over the seeds; seeds whose value is NaN (a diverged site or run) are named, not hidden."""
+    given = [v for v in values if v is not None]
+    values = [v for v in given if not (isinstance(v, float) and math.isnan(v))]
+    nan = f" ({len(given) - len(values)} of {len(given)} NaN)" if len(values) < len(given) else ""
     if not values:
-        return "-"
+        return "-" + nan
     if kind == "bytes_per_round":
-        return f"{statistics.mean(values) / 1e6:.2f} MB"
+        return f"{statistics.mean(values) / 1e6:.2f} MB" + nan
     mean = statistics.mean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.3f} ± {std:.3f}" + nan
 
 
 def main() -> None:

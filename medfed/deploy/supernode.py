@@ -344,7 +344,7 @@ def _explain_lost_server(address: Address, ca_cert: Path | None, site: str, out)
 def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
                    on_retrying: Callable[[], None] | None = None) -> tuple[int, bool, bool, float | None]:
     """Run the SuperNode until it exits, echoing its output; ``on_retrying()`` is called (in
-    a thread of its own) when Flower starts retrying an unreachable server.
+    a thread of its own) when Flower, once connected, starts retrying an unreachable server.
 
     Returns (exit code, key refused or no connection, connected once, when Flower began
     retrying an unreachable server if it had not got through again: None if not).
@@ -366,7 +366,7 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
                 failing_since.clear()
             elif _RETRYING in line and not failing_since:
                 failing_since.append(time.monotonic())
-                if on_retrying is not None:  # a probe may take seconds: not in the way of the echo
+                if on_retrying is not None and connected.is_set():  # a probe may take seconds: not in the echo's way
                     threading.Thread(target=on_retrying, daemon=True).start()
 
     reader = None

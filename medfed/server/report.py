@@ -398,12 +398,12 @@ def _coverage_notes(summary: RunSummary) -> list[str]:
 
 def _rounds_text(summary: RunSummary) -> str:
     """ "1 round", "3 rounds (last: 5)", "no round completed · round 1 not finished",
-    "3 of 4 rounds · run not finished" (stopped between rounds)."""
+    "3 of 4 rounds · run not finished" (stopped after a round, without its end)."""
     done = summary.rounds_done
     text = f"{done} round{'' if done == 1 else 's'}" if done else "no round completed"
     if summary.incomplete_round is not None:
         return f"{text} · round {summary.incomplete_round} not finished"
-    if not summary.finished and summary.planned_rounds is not None and summary.last_round < summary.planned_rounds:
+    if not summary.finished and summary.planned_rounds is not None:  # killed after a round, even its last
         text = f"{done} of {summary.planned_rounds} rounds · run not finished"
     return text if summary.last_round == done else f"{text} (last: {summary.last_round})"
 

@@ -269,7 +269,7 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         key, old, new = diffs[0]
         raise ResumeError(
             f"Cannot resume {run_dir}: its {CONFIG_FILE} has {key}={old!r} but this run asks for {key}={new!r}; "
-            "resume with the stored config (only rounds may grow, and federation.round_timeout_s, "
+            "resume with the stored config (only rounds may grow, and name, output_dir, federation.round_timeout_s, "
             "simulation.engine and simulation.ray_address may change)."
         )
     if cfg.rounds < stored.rounds:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks.bench_strategies import run_metrics
+from benchmarks.bench_strategies import _fmt, run_metrics
 
 
 @pytest.mark.parametrize("diverged", ["site-0", "site-1"])
@@ -25,3 +25,9 @@ def test_a_site_with_a_nan_accuracy_is_the_worst_site_wherever_it_stands(tmp_pat
     # Assert
     assert math.isnan(numbers["worst_site_acc"])
     assert numbers["es_auc"] == 0.7 and numbers["bytes_per_round"] == 30
+
+
+def test_the_table_names_the_seeds_whose_value_is_nan():
+    assert _fmt([math.nan, 0.6, 0.7], "worst_site_acc") == "0.650 ± 0.071 (1 of 3 NaN)"
+    assert _fmt([0.6, 0.7], "acc") == "0.650 ± 0.071"
+    assert _fmt([None, None], "held_out_acc") == "-"

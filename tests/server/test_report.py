@@ -595,3 +595,10 @@ def test_the_pooled_auc_shows_how_far_its_histograms_may_be_from_the_exact_auc(t
     assert "± pooled AUC: from the sites' score histograms; the exact AUC lies within ± this bound" in " ".join(text.split())
     assert "0.4782 ±0.091" in html
     assert "±" not in re.search(r"mean of sites.*", text).group(0)
+
+
+def test_a_run_killed_after_its_last_round_but_before_its_end_is_not_finished(tmp_path):
+    records = [r for r in _three_round_records() if r["event"] != "end"]
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    print_summary(_write_run(tmp_path / "killed", records), console=console)
+    assert "3 of 3 rounds · run not finished" in console.file.getvalue()
