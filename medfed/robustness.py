@@ -219,7 +219,7 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
     from medfed.models import create_model
     from medfed.models.pretrained import state_dict_misfit
     from medfed.server.checkpoint import load_arrays
-    from medfed.sites.corruptions import corrupt, default_corruptions, list_corruptions
+    from medfed.sites.corruptions import corrupt, default_corruptions, list_corruptions, parameter_source
     from medfed.strategies import client_hooks_for
 
     with warnings.catch_warnings():
@@ -265,7 +265,8 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
     for name in names:
         levels = {str(s): measure(corrupt(test.images, name, s, seed, dataset=spec.dataset)) for s in severities}
         mean = {k: float(np.nanmean([v[k] for v in levels.values()])) for k in ("acc", "auc", "balanced_error")}
-        result["corruptions"][name] = {"severities": levels, "mean": mean}
+        result["corruptions"][name] = {"severities": levels, "mean": mean,
+                                       "parameters": parameter_source(name, spec.dataset)}
     if result["corruptions"]:
         result["mean_over_corruptions"] = {
             k: float(np.nanmean([c["mean"][k] for c in result["corruptions"].values()]))

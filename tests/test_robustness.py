@@ -40,6 +40,9 @@ def test_evaluate_a_train_output_writes_table_json_and_figure(tiny_root, tmp_pat
     result = json.loads((tmp_path / "train" / "robustness.json").read_text())
     assert (tmp_path / "train" / "robustness.png").read_bytes().startswith(b"\x89PNG")
     assert result["num_test"] == 12 and set(result["corruptions"]) == {"gaussian_noise", "pixelate"}
+    # breastmnist: MedMNIST-C gives pixelate's values, not gaussian_noise's (not among its corruptions)
+    assert {n: c["parameters"] for n, c in result["corruptions"].items()} == {
+        "gaussian_noise": "medfed", "pixelate": "medmnist-c"}
     levels = result["corruptions"]["pixelate"]["severities"]
     assert set(levels) == {"1", "5"}
     mean = result["corruptions"]["pixelate"]["mean"]["balanced_error"]

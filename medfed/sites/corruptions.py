@@ -86,6 +86,7 @@ __all__ = [
     "corrupt",
     "default_corruptions",
     "list_corruptions",
+    "parameter_source",
 ]
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -636,6 +637,12 @@ def check_corruption(name: object, severity: object) -> tuple[str, int]:
             f"The 'severity' of corruption {name!r} must be an int in 1..5. Got {severity!r} instead."
         )
     return name, int(severity)
+
+
+def parameter_source(name: str, dataset: str | None) -> str:
+    """Whose severity values :func:`corrupt` uses for ``name`` on ``dataset``: ``"medmnist-c"``
+    (its per-dataset registry) or ``"medfed"`` (this module's single table)."""
+    return "medmnist-c" if dataset is not None and name in _MEDMNIST_C.get(dataset, {}) else "medfed"
 
 
 def corrupt(images: np.ndarray, name: str, severity: int, seed: int, *, dataset: str | None = None) -> np.ndarray:
