@@ -46,6 +46,20 @@ _REGISTRY: dict[str, StrategyFactory] = {}
 # Set by create_strategy from the federation; giving them again in strategy.params
 # would make two sources of truth.
 _FROM_FEDERATION = ("fraction_train", "fraction_evaluate")
+#: Flower's parameters that medfed sets itself, and what to set instead: a value here was
+#: either ignored (min_*: the quorum decides; eta_l: Flower's FedOpt only logs it) or broke
+#: the run mid-way (the record keys the ClientApp reads, the metric aggregation functions).
+_SET_BY_MEDFED = {
+    "min_available_nodes": "federation.num_sites",
+    "min_train_nodes": "federation.fraction_train and federation.quorum",
+    "min_evaluate_nodes": "federation.fraction_evaluate",
+    "eta_l": "train.lr (the sites' learning rate; Flower's FedOpt strategies only log eta_l)",
+    "arrayrecord_key": "nothing: medfed's sites send and read the arrays under Flower's default key",
+    "configrecord_key": "nothing: medfed's sites read their instructions under Flower's default key",
+    "weighted_by_key": "nothing: replies are weighted by their num-examples",
+    "train_metrics_aggr_fn": "nothing: medfed's NaN-aware weighted mean aggregates the metrics",
+    "evaluate_metrics_aggr_fn": "nothing: medfed's NaN-aware weighted mean aggregates the metrics",
+}
 
 
 class StrategyError(MedfedError):
@@ -132,8 +146,8 @@ def create_strategy(
         naming a ``flwr.serverapp.strategy.Strategy`` subclass.
     params : Mapping[str, Any], optional
         Keyword arguments of the strategy (``strategy.params`` in the experiment
-        config). They may override the ``min_*_nodes`` values derived below, but not
-        the fractions, which come from the federation.
+        config). Not the fractions and ``min_*_nodes``, which come from the federation,
+        nor the Flower parameters medfed sets itself (``_SET_BY_MEDFED``).
     num_sites : int
         Number of sites in the federation (>= 1).
     fraction_train, fraction_evaluate : float
@@ -185,7 +199,13 @@ def create_strategy(
                 "from strategy.params."
             )
         if key not in accepted and not takes_any:
-            raise StrategyError(_unknown_parameter(name, key, accepted))
+            raise StrategyError(_unknown_parameter(
+                name, key, {k: v for k, v in accepted.items() if k not in _SET_BY_MEDFED}))
+        if key in _SET_BY_MEDFED:
+            raise StrategyError(
+                f"Strategy parameter {key!r} is set by medfed; remove it from strategy.params and set "
+                f"{_SET_BY_MEDFED[key]}."
+            )
 
     derived = {
         "fraction_train": fraction_train,

@@ -103,11 +103,20 @@ def test_params_reach_the_constructor_and_ints_become_floats():
     assert strategy.beta_1 == 0.5
 
 
-def test_params_may_override_the_derived_node_minimums():
-    strategy = create_strategy("fedprox", {"min_available_nodes": 2, "proximal_mu": 0.1}, num_sites=5)
-
-    assert strategy.min_available_nodes == 2
-    assert strategy.proximal_mu == 0.1
+@pytest.mark.parametrize(("name", "key", "value", "instead"), [
+    ("fedprox", "min_available_nodes", 2, "federation.num_sites"),  # the quorum lowered it anyway
+    ("fedavg", "min_train_nodes", 3, "federation.fraction_train and federation.quorum"),
+    ("fedadam", "eta_l", 0.9, "train.lr"),  # Flower's FedOpt only logs it
+    ("fedavg", "arrayrecord_key", "foo", "medfed's sites send and read the arrays"),  # every site failed
+    ("fedavg", "configrecord_key", "foo", "read their instructions"),
+    ("fedavg", "weighted_by_key", "foo", "weighted by their num-examples"),  # every reply dropped
+    ("fedavg", "train_metrics_aggr_fn", "foo", "NaN-aware weighted mean"),  # a traceback after round 1
+])
+def test_flower_params_that_medfed_sets_are_refused_with_what_to_set(name, key, value, instead):
+    with pytest.raises(StrategyError) as info:
+        create_strategy(name, {key: value}, num_sites=5)
+    assert str(info.value).startswith(f"Strategy parameter {key!r} is set by medfed; remove it from strategy.params")
+    assert instead in str(info.value)
 
 
 def test_import_path_builds_a_user_class_with_the_arguments_it_accepts():
@@ -144,9 +153,7 @@ def test_import_path_passes_any_params_to_a_kwargs_constructor():
             "fedadam",
             {"etaa": 0.1},
             "Strategy 'fedadam' has no parameter 'etaa'; did you mean 'eta'? (accepted: "
-            "min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key, "
-            "arrayrecord_key, configrecord_key, train_metrics_aggr_fn, "
-            "evaluate_metrics_aggr_fn, eta, eta_l, beta_1, beta_2, tau)",
+            "eta, beta_1, beta_2, tau)",
         ),
         (
             "fedprox",
@@ -159,9 +166,9 @@ def test_import_path_passes_any_params_to_a_kwargs_constructor():
             "The 'proximal_mu' parameter of strategy 'fedprox' must be a float. Got True instead.",
         ),
         (
-            "fedavg",
-            {"weighted_by_key": 3},
-            "The 'weighted_by_key' parameter of strategy 'fedavg' must be a str. Got 3 instead.",
+            "fedavgm",
+            {"server_momentum": "high"},
+            "The 'server_momentum' parameter of strategy 'fedavgm' must be a float. Got 'high' instead.",
         ),
         (
             "fedavg",
