@@ -157,6 +157,11 @@ class SiteRoster:
                         for node_id in again]
             self._pending.update(zip(self.grid.push_messages(messages), again))
 
+    def _answers_as(self, name: str, *, other_than: int) -> bool:
+        """Whether another connected node that is not left out has answered as ``name``."""
+        others = [n for n, r in self.roles.items() if n != other_than and r.name == name and not r.problem]
+        return bool(others) and bool(set(others) & set(self.grid.get_node_ids()))
+
     def _ask(self, node_ids: list[int], timeout_s: float) -> None:
         answers = ask_sites(self.grid, node_ids, check_data=self.check_data, timeout_s=timeout_s)
         self._silent.update(node_id for node_id in node_ids if node_id not in answers)
@@ -164,6 +169,11 @@ class SiteRoster:
             self._heard(node_id, role)
 
     def _heard(self, node_id: int, role: SiteRole) -> None:
+        if not role.problem and self._answers_as(role.name, other_than=node_id):
+            # Two nodes under one name would share one row of the results, the later
+            # overwriting the earlier: the first keeps the name, this one is left out.
+            role = role._replace(problem=f"another connected site already answers as {role.name!r}; each site "
+                                         "needs its own name and key")
         self.roles[node_id] = role
         self._silent.discard(node_id)
         if self.on_answer is not None:

@@ -160,3 +160,19 @@ def test_a_simulation_asks_no_site_about_its_data(tiny_root, tiny_config, tmp_pa
     monkeypatch.setattr(local, "LocalGrid", Spy)
     run_local(tiny_config(tiny_root, tmp_path, rounds=1, federation={"num_sites": 3, "fraction_train": 0.67}))
     assert asked and set(asked) == {"site-role"}  # asked who they are (a round samples), never about data
+
+
+def test_a_second_site_answering_with_a_name_already_taken_is_left_out(tiny_root, tiny_config, tmp_path):
+    # Prepare: two sites claim "alpha" (a copied site folder, or a site posing as another);
+    # both rows would be recorded as alpha's, the later overwriting the earlier.
+    cfg = tiny_config(tiny_root, tmp_path)
+    nodes = [{"data-path": str(tiny_root), "site-name": name} for name in ("alpha", "beta", "alpha")]
+    grid = LocalGrid(client_app, nodes, to_run_config(cfg))
+    first, _, second = sorted(grid.get_node_ids())
+    roster = SiteRoster(grid, check_data=True)
+    # Execute
+    roster.discover(0, 60.0)
+    # Assert
+    assert list(roster.left_out) == [second] and first not in roster.left_out
+    assert roster.left_out[second].problem == ("another connected site already answers as 'alpha'; each site needs "
+                                               "its own name and key")
