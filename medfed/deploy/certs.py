@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -367,10 +368,33 @@ def server_certs(folder: str | Path) -> ServerCerts:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         raise CertsError(f"{folder / SERVER_CERT} is not signed by {folder / CA_CERT}; {redo}.") from None
+    for name, certificate in ((CA_CERT, ca), (SERVER_CERT, cert)):
+        _check_validity(folder / name, certificate, redo)
     return ServerCerts(
         ca_cert=folder / CA_CERT, server_cert=folder / SERVER_CERT, server_key=folder / SERVER_KEY,
         trusted_sites=read_trusted_sites(folder / TRUSTED_SITES),
     )
+
+
+#: Days before expiry from which the server warns at every start.
+EXPIRY_WARNING_DAYS = 30
+
+
+def _check_validity(path: Path, certificate: x509.Certificate, redo: str) -> None:
+    """Raise for a certificate outside its validity period; warn in its last days.
+
+    The SuperLink would otherwise start with it and fail every TLS handshake (with a
+    traceback where medfed registers the sites' keys).
+    """
+    now = dt.datetime.now(dt.timezone.utc)
+    until = certificate.not_valid_after_utc
+    if now > until:
+        raise CertsError(f"{path} expired on {until:%Y-%m-%d}; {redo}.")
+    if now < certificate.not_valid_before_utc:
+        raise CertsError(f"{path} is valid only from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+                         "(is this machine's clock right?).")
+    if until - now < dt.timedelta(days=EXPIRY_WARNING_DAYS):
+        warnings.warn(f"{path} expires on {until:%Y-%m-%d}; before then, {redo}.", stacklevel=3)
 
 
 def site_certs(folder: str | Path, site: str) -> SiteCerts:

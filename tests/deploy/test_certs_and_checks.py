@@ -1,6 +1,7 @@
 """medfed certs output, certificate lookups, addresses and the site-data check (no network)."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +316,27 @@ def test_a_site_path_reaches_the_supernode_as_written(path):
     parsed = parse_config_args([f'site-name="north" data-path="{_quoted(path)}" state-dir="{_quoted(path)}"'])
 
     assert parsed == {"site-name": "north", "data-path": path, "state-dir": path}
+
+
+def test_an_expired_certificate_is_one_line_and_one_near_expiry_warns(tmp_path, monkeypatch):
+    # Prepare: a certificate that expired two days ago; a certificate folder whose certificates expire in ten days.
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from medfed.deploy import certs as certs_module
+
+    now = dt.datetime.now(dt.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "old")])
+    expired = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(1).not_valid_before(now - dt.timedelta(days=10))
+               .not_valid_after(now - dt.timedelta(days=2)).sign(key, hashes.SHA256()))
+    monkeypatch.setattr(certs_module, "VALIDITY_DAYS", 10)
+    make_certs(tmp_path / "soon", "localhost", ["a"])
+    # Execute / Assert: refused before the SuperLink starts (it failed every handshake, with a traceback).
+    with pytest.raises(CertsError, match=r"^server\.crt expired on \d{4}-\d{2}-\d{2}; renew\.$"):
+        certs_module._check_validity(Path("server.crt"), expired, "renew")
+    with pytest.warns(UserWarning, match=r"expires on \d{4}-\d{2}-\d{2}; before then, re-run 'medfed certs"):
+        server_certs(tmp_path / "soon")
