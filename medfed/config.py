@@ -1209,7 +1209,13 @@ def to_run_config(cfg: ExperimentConfig) -> dict[str, bool | int | float | str]:
         elif value is None:
             value = ""
         flat[_kebab(key)] = value
+    flat[SCENARIO_MERGED_KEY] = bool(cfg.federation.scenario)
     return flat
+
+
+#: Run config key: the scenario's settings are in the run config (medfed merged them).
+#: ``flwr run . --run-config 'federation.scenario="..."'`` sets the name alone.
+SCENARIO_MERGED_KEY = "scenario-merged"
 
 
 def _get_dotted(cfg: Any, key: str) -> Any:
@@ -1224,7 +1230,9 @@ def from_run_config(
     """Rebuild the config from a flat Flower run config made by :func:`to_run_config`.
 
     Its scenario was merged before :func:`to_run_config` and is not read again: an app
-    may run in another folder than the one a scenario file was given relative to.
+    may run in another folder than the one a scenario file was given relative to. A
+    scenario named without ``SCENARIO_MERGED_KEY`` (``flwr run`` with
+    ``federation.scenario`` set) is refused: its settings are not there.
 
     Parameters
     ----------
@@ -1245,6 +1253,14 @@ def from_run_config(
         that break their constraint.
     """
     leaves = {_kebab(key): (key, constraint) for key, constraint in _leaves()}
+    flat = dict(flat)
+    merged = flat.pop(SCENARIO_MERGED_KEY, False)
+    if flat.get("federation.scenario") and merged is not True:
+        raise ConfigError(
+            f"federation.scenario={flat['federation.scenario']!r} is in the run config without its settings: "
+            "'flwr run' does not apply a scenario. Run it with 'medfed simulate --set federation.scenario=...', "
+            "or give the scenario's keys in the run config instead of its name."
+        )
     raw: dict[str, Any] = {}
     sources = _Sources(RUN_CONFIG_SOURCE)
     for flat_key, value in flat.items():

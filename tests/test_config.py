@@ -501,7 +501,8 @@ def test_run_config_keys_are_dotted_kebab_case():
     assert json.loads(flat["strategy.params"]) == {"proximal_mu": 0.1}
     from medfed.config import _leaves
 
-    assert len(flat) == len(list(_leaves()))  # one run-config key per config leaf
+    assert len(flat) == len(list(_leaves())) + 1  # one run-config key per config leaf, and scenario-merged
+    assert flat["scenario-merged"] is False  # no scenario
     assert all("_" not in key for key in flat)
 
 

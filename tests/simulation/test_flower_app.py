@@ -6,6 +6,7 @@ import importlib
 import tomllib
 from pathlib import Path
 
+import pytest
 from flwr.clientapp import ClientApp
 from flwr.common.config import flatten_dict, validate_fields_in_config
 from flwr.serverapp import ServerApp
@@ -55,3 +56,16 @@ def test_pyproject_components_name_the_apps():
     # Assert
     assert isinstance(loaded["serverapp"], ServerApp)
     assert isinstance(loaded["clientapp"], ClientApp)
+
+
+def test_a_scenario_named_in_flwr_runs_config_without_its_settings_is_refused():
+    # `flwr run . --run-config 'federation.scenario="unseen-hospital"'` named a scenario that nothing
+    # applied: 3 IID sites ran, labelled unseen-hospital.
+    from medfed.config import ConfigError
+
+    flat = flatten_dict(tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"])
+    flat["federation.scenario"] = "unseen-hospital"
+    with pytest.raises(ConfigError, match="'flwr run' does not apply a scenario"):
+        read_run_config(flat)
+    merged = load_config(None, ["federation.scenario=unseen-hospital"])
+    assert from_run_config(to_run_config(merged)) == merged  # medfed's launchers send it merged
