@@ -210,7 +210,10 @@ def _parse_quantity(value: Mapping[str, Any]) -> tuple[str, Any]:
     if not value:
         return "equal", None
     if set(value) == {"ratios"}:
-        return "ratios", _parse_weights(value["ratios"], "federation.quantity_skew.ratios")
+        ratios = _parse_weights(value["ratios"], "federation.quantity_skew.ratios")
+        if min(ratios) <= 0:  # a share of 0 still left the site one image, as size: 0 is refused
+            raise _fail("federation.quantity_skew.ratios", f"must be numbers > 0 (each site's share). Got {list(value['ratios'])!r}.")
+        return "ratios", ratios
     if set(value) == {"power_law"}:
         exponent = value["power_law"]
         if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not (math.isfinite(exponent) and exponent >= 0):
