@@ -202,7 +202,7 @@ def test_held_out_sites_come_after_the_training_sites():
     ("federation.sites=[{colour: 1}]", "is not a site profile key"),
     ("federation.sites=[{group_mix: [1, 1]}]", "one proportion per patient group"),
     ("federation.quantity_skew={power: 1}", "power_law"),
-    ("federation.quantity_skew={ratios: [1, 0, 1]}", r"ratios must be numbers > 0 \(each site's share\)"),
+    ("federation.quantity_skew={ratios: [1, 0, 1]}", r"ratios' must be numbers > 0 \(each site's share\)"),
     ("federation.scenario=scaner-shift", "did you mean 'scanner-shift'"),
 ])
 def test_bad_profiles_are_one_line_config_errors(override, message):
