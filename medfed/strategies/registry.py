@@ -202,9 +202,10 @@ def create_strategy(
             raise StrategyError(_unknown_parameter(
                 name, key, {k: v for k, v in accepted.items() if k not in _SET_BY_MEDFED}))
         if key in _SET_BY_MEDFED:
+            instead = _SET_BY_MEDFED[key]
             raise StrategyError(
-                f"Strategy parameter {key!r} is set by medfed; remove it from strategy.params and set "
-                f"{_SET_BY_MEDFED[key]}."
+                f"Strategy parameter {key!r} is set by medfed; remove it from strategy.params"
+                + (f" ({instead.removeprefix('nothing: ')})." if instead.startswith("nothing: ") else f" and set {instead}.")
             )
 
     derived = {
