@@ -372,12 +372,12 @@ def _read_image(image_path: Path) -> tuple[np.ndarray, int | None]:
             mode = image.mode
             if mode in _SIXTEEN_BIT_MODES:
                 values = np.asarray(image, dtype=np.int64)
-                if values.min() < 0 or values.max() > 65535:
+                peak = int(values.max())
+                if values.min() < 0 or peak > 65535:
                     raise DatasetValidationError(
                         f"Image {image_path} (mode {mode}) holds values outside 0..65535; expected 8- or 16-bit pixels."
                     )
                 array = np.rint(values / 257.0).astype(np.uint8)
-                peak = int(values.max())
             elif mode in _GRAY_MODES:
                 array = np.asarray(image.convert("L"), dtype=np.uint8)
             elif mode == "F":
