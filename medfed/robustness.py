@@ -109,7 +109,7 @@ def _final_model_rounds(run_dir: Path) -> int | None:
     The model is written at a run's end, so a run resumed with more rounds that has
     completed rounds since, without finishing, holds an older model than its checkpoint.
     """
-    from medfed.server.checkpoint import CheckpointError, load_checkpoint
+    from medfed.server.checkpoint import CheckpointError, checkpoint_round
     from medfed.server.metrics_log import read_metrics
 
     if not (run_dir / METRICS_FILE).is_file():  # a copied folder: config.yaml and model.safetensors alone
@@ -121,12 +121,12 @@ def _final_model_rounds(run_dir: Path) -> int | None:
         raise RobustnessError(f"{run_dir} has not finished (its {METRICS_FILE} has no end record): finish the run "
                               f"first ({resume}).")
     try:
-        checkpoint_round = load_checkpoint(run_dir / CHECKPOINT_FILE).server_round
+        last_round = checkpoint_round(run_dir / CHECKPOINT_FILE)
     except CheckpointError:  # none, or damaged: nothing says the model is older
         return ends[-1]
-    if checkpoint_round > ends[-1]:
+    if last_round > ends[-1]:
         raise RobustnessError(
-            f"{run_dir} ended after round {ends[-1]}, then was resumed and has completed round {checkpoint_round} "
+            f"{run_dir} ended after round {ends[-1]}, then was resumed and has completed round {last_round} "
             f"without finishing: its {MODEL_FILE} is still round {ends[-1]}'s model. Finish the run first ({resume})."
         )
     return ends[-1]

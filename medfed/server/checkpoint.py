@@ -34,6 +34,7 @@ __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "Checkpoint",
     "CheckpointError",
+    "checkpoint_round",
     "load_arrays",
     "load_checkpoint",
     "save_arrays",
@@ -147,6 +148,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """
     path = Path(path)
     tensors, metadata = _read(path, what="checkpoint")
+    server_round, state = _checked_metadata(path, metadata)
+    arrays = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
+    strategy_state = {k[len(_STRATEGY_PREFIX):]: v for k, v in tensors.items() if k.startswith(_STRATEGY_PREFIX)}
+    return Checkpoint(server_round=server_round, arrays=arrays, strategy_state=strategy_state, state=state)
+
+
+def checkpoint_round(path: str | Path) -> int:
+    """The last completed round of the checkpoint at ``path``, read without its arrays.
+
+    Raises
+    ------
+    CheckpointError
+        As :func:`load_checkpoint`.
+    """
+    path = Path(path)
+    return _checked_metadata(path, _read(path, what="checkpoint", tensors=False)[1])[0]
+
+
+def _checked_metadata(path: Path, metadata: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """(server_round, state) of a checkpoint's metadata, or a one-line CheckpointError."""
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is a safetensors file but not a medfed checkpoint (its metadata 'format' is "
@@ -159,15 +180,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{CHECKPOINT_FORMAT_VERSION}; resume it with the medfed version that wrote it or start fresh."
         )
     try:
-        server_round = int(metadata["server_round"])
-        state = json.loads(metadata["state"])
+        return int(metadata["server_round"]), json.loads(metadata["state"])
     except (KeyError, ValueError) as error:
         raise CheckpointError(
             f"Checkpoint {path} has damaged metadata ({error!r}); restore it from a backup, or start the run afresh in a new folder."
         ) from error
-    arrays = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
-    strategy_state = {k[len(_STRATEGY_PREFIX):]: v for k, v in tensors.items() if k.startswith(_STRATEGY_PREFIX)}
-    return Checkpoint(server_round=server_round, arrays=arrays, strategy_state=strategy_state, state=state)
 
 
 def save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -229,8 +246,9 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def _read(path: Path, *, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Return (arrays, metadata) of a safetensors file, with one-line errors."""
+def _read(path: Path, *, what: str, tensors: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Return (arrays, metadata) of a safetensors file, with one-line errors (no arrays
+    without ``tensors``)."""
     if not path.is_file():
         raise CheckpointError(
             f"No {what} at {path}: check the path, or start a fresh run instead of resuming."
@@ -238,9 +256,9 @@ def _read(path: Path, *, what: str) -> tuple[dict[str, np.ndarray], dict[str, st
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            arrays = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(
             f"The {what} {path} is truncated or corrupt ({error}); restore it from a backup, or start the run afresh in a new folder."
         ) from error
-    return tensors, metadata
+    return arrays, metadata
