@@ -161,7 +161,14 @@ class MedfedStrategy:
         kept = [msg for msg in replies if id(msg) not in dropped_messages]
         self._clip(kept)
         arrays, metrics = self.aggregate_valid_replies(server_round, kept)
-        return self._complete(arrays), metrics
+        arrays = self._complete(arrays)
+        if arrays is not None and not _all_finite(arrays):
+            # Finite replies can still overflow an aggregation (FedLD's Gram matrix, an
+            # optimizer's moments): a NaN global model would end the study.
+            log(WARNING, "aggregate_train: round %s: the aggregate of the valid replies is not finite (NaN/inf); "
+                "the global arrays stay unchanged this round.", server_round)
+            return None, metrics
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The strategy's aggregate plus, where sites report group counts, per-group
@@ -250,3 +257,12 @@ def _in_dtype(array: Array, dtype: str) -> Array:
 
 def _arrays_of(msg: Message) -> dict[str, np.ndarray]:
     return numpy_arrays(next(iter(msg.content.array_records.values())))
+
+
+def _all_finite(arrays: ArrayRecord) -> bool:
+    """Whether every floating-point array of ``arrays`` holds only finite values."""
+    for array in arrays.values():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return False
+    return True

@@ -70,6 +70,20 @@ class FedLDHooks(ClientHooks):
         return lambda logits, _targets: margin_loss(logits, weight)
 
 
+def _gram_float64(delta: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """``delta @ delta.T`` ([m, m]) summed in float64, ``chunk`` columns at a time.
+
+    In float32 a finite but huge update (norm above ~1.8e19) overflows to inf and the SVD
+    then makes the whole aggregate NaN; a float64 copy of all of ``delta`` would double
+    its memory.
+    """
+    gram = np.zeros((delta.shape[0], delta.shape[0]))
+    for start in range(0, delta.shape[1], chunk):
+        block = delta[:, start:start + chunk].astype(np.float64)
+        gram += block @ block.T
+    return gram
+
+
 def principal_gradient_aggregate(
     updates: Sequence[np.ndarray], k_proportion: float = 0.8, first_round: bool = False
 ) -> np.ndarray:
@@ -130,7 +144,7 @@ def principal_gradient_aggregate(
     if first_round or m == 1:
         return delta.mean(axis=0).reshape(shape).astype(dtype)
 
-    gram = (delta @ delta.T).astype(np.float64) / m  # [m, m]
+    gram = _gram_float64(delta) / m  # [m, m]
     u, s, _ = np.linalg.svd(gram, hermitian=True)
     s = np.clip(s, 0.0, None)  # round-off can make the smallest slightly negative
     if s.sum() <= 0:  # every update is zero

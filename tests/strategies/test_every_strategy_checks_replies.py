@@ -54,6 +54,19 @@ def test_a_nan_reply_is_dropped_by_every_registered_strategy(name, make_reply):
 
 
 @pytest.mark.parametrize("name", list_strategies())
+def test_finite_replies_whose_aggregate_overflows_leave_the_global_model_unchanged(name, make_reply):
+    # Prepare: every reply is finite, but near float32's largest value: their sum is inf.
+    strategy = _strategy(name)
+    strategy.reply_policy = type(strategy.reply_policy)()  # no norm screening: the overflow must be caught after
+    huge = float(np.finfo(np.float32).max) * 0.9
+    replies = [_good(make_reply, node, [huge, huge]) for node in (11, 12, 13)]
+    # Execute
+    arrays, _ = strategy.aggregate_train(2, replies)
+    # Assert: either the strategy's arithmetic stayed finite, or the round keeps the old model.
+    assert arrays is None or all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+
+@pytest.mark.parametrize("name", list_strategies())
 def test_wrong_dtype_and_wrong_keys_are_dropped_by_every_registered_strategy(name, make_reply):
     # Prepare
     strategy = _strategy(name)

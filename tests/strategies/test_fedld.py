@@ -58,6 +58,16 @@ def test_matches_a_direct_implementation_of_the_formula_on_random_updates():
     np.testing.assert_allclose(result.ravel(), expected, rtol=1e-10)
 
 
+def test_huge_but_finite_float32_updates_do_not_overflow_the_gram_matrix():
+    # Norms near 6e38 overflow a float32 Gram matrix (inf, then NaN after the SVD).
+    updates = [np.full(4, 3e38, dtype=np.float32), np.full(4, 3e38, dtype=np.float32),
+               np.full(4, 0.1, dtype=np.float32)]
+    result = principal_gradient_aggregate(updates)
+    reference = principal_gradient_aggregate([u.astype(np.float64) for u in updates])
+    assert result.dtype == np.float32 and np.isfinite(result).all()
+    np.testing.assert_allclose(result, reference.astype(np.float32), rtol=1e-5)
+
+
 def test_first_round_is_the_plain_mean_and_dtype_and_shape_are_kept():
     updates = [np.ones((2, 2), dtype=np.float32), 3 * np.ones((2, 2), dtype=np.float32)]
     result = principal_gradient_aggregate(updates, first_round=True)
