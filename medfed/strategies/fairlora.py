@@ -112,9 +112,11 @@ def fairlora_aggregate(
             held = group_totals > 0
             row_weights = counts[:, held] / group_totals[held]  # [m, G_held]
             avg[held] = np.einsum("mg,mgr->gr", row_weights, stacked[:, held])
-            if shared_half_s:
+            if shared_half_s and held.any():
+                # The shared half is the mean over the groups some site trained; a group no
+                # site holds would pull it back to its old row every round.
                 half = avg.shape[1] // 2
-                avg[:, :half] = avg[:, :half].mean(axis=0, keepdims=True)
+                avg[:, :half] = avg[held, :half].mean(axis=0, keepdims=True)
         else:
             avg = np.tensordot(weights, stacked, axes=1)
         new = (1.0 - beta) * avg + beta * np.asarray(old, dtype=np.float64)

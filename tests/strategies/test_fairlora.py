@@ -31,11 +31,20 @@ def test_A_by_sample_counts_and_each_S_row_by_its_group_counts():
     np.testing.assert_allclose(new["a.S"], [[2.0, 3.0], [7.0, 8.0]])
 
 
-def test_group_no_site_holds_keeps_its_row_and_shared_half_is_averaged_over_groups():
+def test_group_no_site_holds_keeps_its_own_half_and_the_shared_half_is_the_trained_groups_mean():
     counts = np.array([[3, 0], [1, 0]])
     new = fairlora_aggregate(_sites(), [1, 1], counts, PREVIOUS, singular_value_keys=["a.S"], shared_half_s=True)
-    # S_0 = [2, 3]; S_1 kept at [9, 9]; first column (r // 2 = 1) averaged: (2 + 9) / 2 = 5.5.
-    np.testing.assert_allclose(new["a.S"], [[5.5, 3.0], [5.5, 9.0]])
+    # S_0 = [2, 3]; S_1 keeps its own column at 9; the shared column (r // 2 = 1) is the
+    # mean over the groups some site trained, here group 0 alone: 2 (not (2 + 9) / 2,
+    # which would pull it back to group 1's stale value every round).
+    np.testing.assert_allclose(new["a.S"], [[2.0, 3.0], [2.0, 9.0]])
+
+
+def test_shared_half_is_averaged_over_every_group_when_all_are_held():
+    counts = np.array([[3, 0], [1, 5]])
+    new = fairlora_aggregate(_sites(), [1, 1], counts, PREVIOUS, singular_value_keys=["a.S"], shared_half_s=True)
+    # S_0 = [2, 3], S_1 = [7, 8]; shared column (2 + 7) / 2 = 4.5.
+    np.testing.assert_allclose(new["a.S"], [[4.5, 3.0], [4.5, 8.0]])
 
 
 def test_ema_mixes_in_the_previous_global_arrays():
