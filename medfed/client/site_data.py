@@ -19,6 +19,7 @@ a simulation is launched, while the maths of building sites lives in one place.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -181,6 +182,7 @@ def load_site_data(node_config: Mapping[str, Any], node_id: int, cfg: Experiment
     if DATA_PATH_KEY in node_config and str(node_config[DATA_PATH_KEY]).strip():
         train, test = _load_path(str(node_config[DATA_PATH_KEY]), cfg.data.dataset, cfg.data.img_size)
         held_out = str(node_config.get(HELD_OUT_KEY, "false")).strip().lower() in ("true", "1", "yes")
+        _check_group_ids(str(node_config[DATA_PATH_KEY]), train, test, study_group_count(cfg))
         return SiteData(name=name, key=key, train=train, test=test, held_out=held_out)
     if PARTITION_ID_KEY in node_config:
         partition_id = int(node_config[PARTITION_ID_KEY])
@@ -201,6 +203,41 @@ def load_site_data(node_config: Mapping[str, Any], node_id: int, cfg: Experiment
         f"The node config of node {node_id} names no data: give the SuperNode "
         "--node-config 'data-path=\"/path/to/site\"' (or run it in simulation, where Flower sets 'partition-id')."
     )
+
+
+def study_group_count(cfg: ExperimentConfig) -> int:
+    """The patient groups the study declares: ``federation.groups``, else FairLoRA's
+    ``num_groups``, else 0 (groups, if a site has them, are only counted in its metrics)."""
+    if cfg.federation.groups:
+        return len(cfg.federation.groups)
+    if cfg.strategy.name == "fairlora":
+        from medfed.strategies.fairlora import FairLoRA
+
+        default = inspect.signature(FairLoRA).parameters["num_groups"].default
+        return int(cfg.strategy.params.get("num_groups", default))
+    return 0
+
+
+def _check_group_ids(path: str, train: ImageDataset, test: ImageDataset, num_groups: int) -> None:
+    """Refuse patient-group ids outside the study's ``0 .. num_groups - 1`` (-1, unknown, is fine).
+
+    FairLoRA would fail on them in every round, and other strategies would leave their
+    images out of every per-group metric, silently.
+    """
+    if num_groups <= 0:
+        return
+    held = set()
+    for split in (train, test):
+        if split.groups is not None:
+            held.update(int(g) for g in np.unique(split.groups) if g >= num_groups)
+    if held:
+        found = (f"patient group{'s' if len(held) > 1 else ''} {', '.join(map(str, sorted(held)))} but the study "
+                 f"has {num_groups} group{'s' if num_groups > 1 else ''} (0-{num_groups - 1})")
+        raise StudyMismatchError(
+            f"The site data at {path} has {found}; recode the 'group' column of its labels.csv to the study's groups, or give the study "
+            "more (federation.groups, or FairLoRA's strategy.params.num_groups).",
+            reason=f"the site holds {found}",
+        )
 
 
 @functools.lru_cache(maxsize=4)

@@ -213,3 +213,37 @@ def test_labels_of_the_wrong_form_for_the_study_are_said_so(tiny_root, tiny_conf
     with pytest.raises(StudyMismatchError) as info:
         load_site_data({"data-path": str(folder)}, 1, cfg)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("strategy", "groups", "refused"),
+    [
+        ({"name": "fairlora", "params": {"num_groups": 2}}, [], True),
+        ({"name": "fairlora", "params": {"num_groups": 3}}, [], False),
+        ({"name": "fedavg"}, ["a", "b"], True),
+        ({"name": "fedavg"}, [], False),  # the study uses no groups: the site's are only counted
+    ],
+)
+def test_patient_groups_outside_the_studys_are_refused(tiny_root, tiny_config, tmp_path, strategy, groups, refused):
+    # Prepare: a site folder whose 'group' column holds 0, 1 and 2 (and -1, unknown).
+    from dataclasses import replace
+
+    from medfed.config import FederationConfig, StrategyConfig
+
+    folder = tmp_path / "ward-7"
+    folder.mkdir()
+    lines = ["filename,label,group,split"]
+    for i, (group, split) in enumerate(zip([0, 1, 2, -1, 0, 1], ["train"] * 4 + ["test"] * 2)):
+        Image.fromarray(np.full((28, 28), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(f"{i}.png,{i % 2},{group},{split}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    base = tiny_config(tiny_root, tmp_path)
+    cfg = replace(base, strategy=StrategyConfig(**strategy), federation=replace(base.federation, groups=groups))
+    # Execute / Assert
+    if not refused:
+        assert len(load_site_data({"data-path": str(folder)}, 1, cfg).train) == 4
+        return
+    with pytest.raises(StudyMismatchError) as info:
+        load_site_data({"data-path": str(folder)}, 1, cfg)
+    assert info.value.reason == "the site holds patient group 2 but the study has 2 groups (0-1)"
+    assert "ward-7" in str(info.value) and "\n" not in str(info.value)
