@@ -78,18 +78,20 @@ def _federation(data: dict) -> str:
         cpu = "-" if r.get("cpu_s") is None else f"{r['cpu_s']:.1f}"
         cpu_ratio = "-" if r.get("ratio_cpu") is None else f"{r['ratio_cpu']:.2f}"
         load = "-" if not r.get("load_avg_1m") else "{:.1f} / {:.1f}".format(*r["load_avg_1m"])
-        rows.append([path, f"{r['total_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['round_s'][0]:.2f}",
+        plain = "-" if r.get("plain_total_s") is None else f"{r['plain_total_s']:.1f}"
+        rows.append([path, f"{r['total_s']:.1f}", plain, f"{r['startup_s']:.1f}", f"{r['round_s'][0]:.2f}",
                      f"{r['steady_round_s']:.2f}", f"{r['teardown_s']:.1f}", f"{r['fixed_s']:.1f}",
                      f"{r['ratio_total']:.2f}", cpu, cpu_ratio, load, target])
     preset = " (the default `medfed simulate`)" if data.get("preset") == "default" else ""
     return (f"Federation{preset}: {s['sites']} sites x {s['rounds']} rounds x {s['epochs']} local epochs, "
             f"{s['model']}, {s['dataset']} {s['img_size']} px, batch {s['batch_size']}, {s['device']}, "
             f"{s['cpus_per_site']} CPU per site; data: {data['data']}; identical final weights: "
-            f"{data['identical_final_weights']}. Seconds; fixed = to round 1 + (round 1 - later round) + teardown; "
+            f"{data['identical_final_weights']}. Seconds; plain total = the plain loop of the row's own repeat, "
+            "which x plain divides by; fixed = to round 1 + (round 1 - later round) + teardown; "
             "CPU s = CPU time of the path's process (all its work for plain and inprocess; not measured for ray, "
             "whose work runs in its actor processes); load = 1-minute load average at the path's start / end; "
             "the target is on total wall time.\n\n"
-            + _table(["path", "total", "to round 1", "round 1", "later round", "teardown", "fixed", "x plain",
+            + _table(["path", "total", "plain total", "to round 1", "round 1", "later round", "teardown", "fixed", "x plain",
                       "CPU s", "CPU x plain", "load", "target (wall)"], rows)
             + _federation_repeats(data))
 
@@ -99,8 +101,9 @@ def _federation_repeats(data: dict) -> str:
         return ""
     per_path = "; ".join(f"{path} {', '.join(f'{x:.2f}' for x in r['ratio_total_repeats'])}"
                          for path, r in data["results"].items() if path != "plain")
+    middle = "the lower middle one, with 2 repeats the better" if data["repeats"] % 2 == 0 else "the median"
     return (f"\n\nThe paths ran in turn {data['repeats']} times; each row is the repeat whose ratio to that "
-            f"repeat's plain loop is the median. x plain per repeat: {per_path}.")
+            f"repeat's plain loop is {middle}. x plain per repeat: {per_path}.")
 
 
 def _communication(data: dict) -> str:

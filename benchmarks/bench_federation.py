@@ -243,6 +243,7 @@ def _add_ratios(run: dict[str, dict]) -> None:
         r["fixed_s"] = r["startup_s"] + r["first_round_extra_s"] + r["teardown_s"]
     plain = run["plain"]
     for r in run.values():
+        r["plain_total_s"] = plain["total_s"]  # the row's ratios are to this plain loop, of the same repeat
         r["ratio_total"] = r["total_s"] / plain["total_s"]
         # On a shared machine wall time follows the load; CPU time follows the work.
         r["ratio_cpu"] = r["cpu_s"] / plain["cpu_s"] if r.get("cpu_s") is not None else None
@@ -317,12 +318,14 @@ def main(argv: list[str] | None = None) -> dict:
             _add_ratios(run)
             repeats.append(run)
         identical = _same_weights([run[p]["weights"] for run in repeats for p in ns.paths])
-    # Per path, the repeat with the median ratio (the lower middle one of an even count).
+    # Per path, the repeat with the median ratio (of an even count, the lower middle one:
+    # with 2 repeats, the better); each row keeps the plain loop of its own repeat.
     results = {}
     for path in ns.paths:
         ratios = [run[path]["ratio_total"] for run in repeats]
         results[path] = dict(repeats[ratios.index(statistics.median_low(ratios))][path])
         results[path]["ratio_total_repeats"] = ratios
+        results[path]["total_s_repeats"] = [run[path]["total_s"] for run in repeats]
     for path, r in results.items():
         if path in TARGETS:
             r["target_ratio_total"] = TARGETS[path]

@@ -74,8 +74,9 @@ def test_federation_table_shows_ratios_and_targets(tmp_path):
     data = {"settings": {"sites": 3, "rounds": 2, "epochs": 2, "model": "medvit_v2_nano", "dataset": "breastmnist",
                          "img_size": 28, "batch_size": 32, "device": "cpu", "cpus_per_site": 1.0},
             "preset": "default", "data": "embedded", "identical_final_weights": True,
-            "results": {"plain": path(10.0, 1.0),
-                        "inprocess": path(10.5, 1.05, target_ratio_total=1.1, meets_target=True),
+            "results": {"plain": path(10.0, 1.0, plain_total_s=10.0),
+                        # each row beside the plain loop of its own repeat
+                        "inprocess": path(10.5, 1.05, plain_total_s=10.0, target_ratio_total=1.1, meets_target=True),
                         "ray": path(14.0, 1.4, target_ratio_total=1.3, meets_target=False)}}
     (tmp_path / "federation_cpu.json").write_text(json.dumps(data))
     record = {"command": "python -m benchmarks --quick", "wall_time_s": 1.0,
@@ -87,8 +88,8 @@ def test_federation_table_shows_ratios_and_targets(tmp_path):
     write_block(tmp_path / "p.md", "quick", record, tmp_path)
     # Assert
     assert "(the default `medfed simulate`)" in block
-    assert "| inprocess | 10.5 | 1.0 | 2.00 | 1.50 | 0.5 | 2.0 | 1.05 | - | - | 1.0 / 2.0 | <= 1.1x: met |" in block
-    assert "| ray | 14.0 | 1.0 | 2.00 | 1.50 | 0.5 | 2.0 | 1.40 | - | - | 1.0 / 2.0 | <= 1.3x: missed |" in block
+    assert "| inprocess | 10.5 | 10.0 | 1.0 | 2.00 | 1.50 | 0.5 | 2.0 | 1.05 | - | - | 1.0 / 2.0 | <= 1.1x: met |" in block
+    assert "| ray | 14.0 | - | 1.0 | 2.00 | 1.50 | 0.5 | 2.0 | 1.40 | - | - | 1.0 / 2.0 | <= 1.3x: missed |" in block
     assert (tmp_path / "p.md").read_text() == f"<!-- BEGIN quick -->\n{block}<!-- END quick -->\n"
 
 
