@@ -6,7 +6,8 @@ metadata) copied for the keys medfed uses, so that the config check
 ``import medmnist`` (which imports torch and torchvision: seconds per process) nor a
 private file of the medmnist package. ``tests/data/test_medmnist_table.py`` checks that
 the table equals the installed ``medmnist.INFO``; after a medmnist upgrade regenerate it
-with ``python -m medfed._medmnist_info > medfed/_medmnist_info.py``.
+with ``python -m medfed._medmnist_info`` (it rewrites this file in place, atomically; a
+shell redirect into the file would empty it before it is read).
 """
 
 from __future__ import annotations
@@ -279,4 +280,8 @@ def _generate() -> str:
 
 
 if __name__ == "__main__":
-    print(_generate(), end="")
+    from pathlib import Path
+
+    from medfed._io import write_bytes_atomic
+
+    write_bytes_atomic(Path(__file__), _generate().encode("utf-8"))

@@ -16,7 +16,7 @@ def nan_aware_weighted_mean(values: Sequence[float], weights: Sequence[float]) -
     A site whose split holds a single class reports AUC = NaN (undefined); a plain
     weighted mean would turn the whole federation's AUC into NaN.
 
-    >>> nan_aware_weighted_mean([0.8, float("nan"), 0.6], [1, 5, 3])
+    >>> round(nan_aware_weighted_mean([0.8, float("nan"), 0.6], [1, 5, 3]), 6)
     0.65
     """
     pairs = [(v, w) for v, w in zip(values, weights, strict=True) if math.isfinite(v)]

@@ -357,7 +357,7 @@ def find_norm_outliers(norms: Sequence[float], max_z: float) -> dict[int, str]:
     Examples
     --------
     >>> find_norm_outliers([1.0, 1.1, 0.9, 50.0], max_z=6)
-    {3: 'its update norm 50 is 490.0 robust standard deviations above the median 1.05 (limit 6)'}
+    {3: 'its update norm 50 is 330.2 robust standard deviations above the median 1.05 (limit 6)'}
     """
     values = np.asarray(norms, dtype=np.float64)
     if values.size < 3:
