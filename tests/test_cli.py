@@ -97,6 +97,44 @@ def test_train_selects_only_after_a_full_window_and_records_the_recipe(tiny_root
     assert metrics["config"]["hflip_p"] == 0.0
 
 
+def test_train_saves_the_epoch_whose_trailing_validation_mean_is_best(tiny_root, tmp_path, monkeypatch):
+    # Prepare: scripted validation scores (ACC = AUC) per epoch 1.0, 0.0, 0.3, 0.3; with a
+    # 2-epoch window the trailing means are -, 0.5, 0.15, 0.3, so epoch 2 is selected. A
+    # single-epoch rule would pick epoch 1, and so would a window counted before it is full
+    # (1.0 / 2 = 0.5 comes first); saving the last epoch would save epoch 4.
+    import torch
+
+    import medfed.train as train_module
+    from medfed.client.task import TrainSettings
+
+    scores = iter([1.0, 0.0, 0.3, 0.3])
+    calls = {"n": 0}
+
+    def scripted_evaluate(*args, **kwargs):
+        calls["n"] += 1
+        value = next(scores, 0.5)  # after the 4 epochs: the final val and test passes
+        return {"acc": value, "auc": value, "balanced_acc": value, "loss": 1.0}
+
+    weights_after = {}
+    monkeypatch.setattr(train_module, "evaluate", scripted_evaluate)
+    # Execute
+    with pytest.warns(UserWarning, match="breastmnist"):
+        result = train_module.train_pooled(
+            dataset="breastmnist", data_root=tiny_root, model_name="medvit_v2_nano", img_size=28,
+            settings=TrainSettings(epochs=4, batch_size=8), out_dir=tmp_path / "run", selection_window=2,
+            on_epoch=lambda epoch, model: weights_after.update(
+                {epoch: {k: v.detach().clone() for k, v in model.state_dict().items()}}),
+        )
+    # Assert: epoch 2 is named and its weights, not the last epoch's, are saved.
+    assert result["best_epoch"] == 2
+    saved = load_arrays(tmp_path / "run" / "model.safetensors")
+    for name, value in weights_after[2].items():
+        if value.is_floating_point():
+            assert torch.equal(torch.from_numpy(saved[name]), value), name
+    assert any(not torch.equal(weights_after[2][k], weights_after[4][k]) for k in weights_after[2]
+               if weights_after[2][k].is_floating_point())
+
+
 def test_default_selection_window_is_a_tenth_of_the_run_between_1_and_5():
     from medfed.train import default_selection_window
 
