@@ -1,8 +1,10 @@
 """The quorum guard: a round below federation.min_sites never replaces the global model."""
 
+import time
+
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from medfed.server.quorum import QuorumGuard, QuorumNotMet, apply_quorum, wait_for_nodes
 from medfed.strategies import FedAvg
@@ -67,9 +69,34 @@ def test_waits_are_bounded_and_report_what_they_found():
     # Prepare: 1 node forever.
     grid = _Grid([1])
     # Execute
+    start = time.monotonic()
     connected = wait_for_nodes(grid, 3, timeout_s=0.3, poll_s=0.05)
-    # Assert
+    # Assert: it waited out the deadline, then said what it found.
     assert connected == 1
+    assert time.monotonic() - start >= 0.3
+
+
+def test_a_wait_ends_when_enough_nodes_have_connected():
+    grid = _Grid([1, 1, 3, 3])
+    assert wait_for_nodes(grid, 3, timeout_s=30, poll_s=0.01) == 3
+    assert grid.counts == [3]  # it polled until the third answer, and no further
+
+
+def test_the_first_round_waits_for_every_site_and_later_rounds_for_the_quorum():
+    # Prepare: a strategy that notes how many sites it finds connected when asked to sample.
+    class Sampler(FedAvg):
+        seen: list[int] = []
+
+        def configure_train(self, server_round, arrays, config, grid):
+            self.seen.append(len(grid.get_node_ids()))
+            return []
+
+    guard = QuorumGuard(Sampler(), min_sites=2, num_sites=3, timeout_s=30)
+    # Execute: 2 of 3 sites connected, the third two polls later (1 s), in both rounds.
+    list(guard.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid([2, 2, 3])))
+    list(guard.configure_train(2, ArrayRecord(), ConfigRecord(), _Grid([2, 2, 3])))
+    # Assert: round 1 waited for the third site; round 2 went on with the quorum of 2.
+    assert Sampler.seen == [3, 2]
 
 
 def test_a_round_is_not_started_without_a_quorum_connected():
