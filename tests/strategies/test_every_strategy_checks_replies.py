@@ -236,6 +236,11 @@ def test_norm_helpers_match_hand_computations():
     arrays = {"w": np.array([4.0, 5.0]), "n": np.array([100])}  # integer arrays do not count
     assert update_norm(arrays, reference) == pytest.approx(5.0)
     np.testing.assert_allclose(clip_update(arrays, reference, 2.5)["w"], [2.5, 3.0])
-    assert find_norm_outliers([1.0, 50.0], max_z=1) == {}  # two sites: no majority
+    # Two sites: no majority says which is off (any two norms are 0.674 robust SDs apart).
+    assert find_norm_outliers([1.0, 50.0], max_z=0.5) == {}
     assert list(find_norm_outliers([1.0, 1.1, 0.9, 50.0], max_z=6)) == [3]
     assert find_norm_outliers([1.0, 1.05, 0.95, 1.2], max_z=6) == {}  # near-equal norms are fine
+    # The spread is at least 10 % of the median: a tiny MAD flags no honest site, and a
+    # MAD of 0 (most sites identical) still flags the one far off.
+    assert find_norm_outliers([1.0, 1.0, 1.01, 1.02, 1.3], max_z=6) == {}
+    assert list(find_norm_outliers([1.0, 1.0, 1.0, 1000.0], max_z=6)) == [3]
