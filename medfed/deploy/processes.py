@@ -13,10 +13,12 @@ up, e.g. killed with SIGKILL (``PR_SET_PDEATHSIG``); Flower's helpers follow the
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -58,6 +60,11 @@ def wait_for_port(host: str, port: int, timeout_s: float, alive=lambda: True) ->
 class ProcessSet:
     """Child processes started together and stopped together.
 
+    Flower starts its helpers (``flower-superexec``, ``flwr-serverapp``...) by name, from
+    PATH: the children's PATH starts with a private folder (mode 0700, removed by
+    :meth:`stop`) whose task executables run only medfed's own app
+    (:mod:`medfed.deploy.app_guard`), then this Python's own folder.
+
     Parameters
     ----------
     env : Mapping[str, str], optional
@@ -65,9 +72,12 @@ class ProcessSet:
     """
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        from medfed.deploy.app_guard import write_guarded_executables
+
         self.marker = uuid.uuid4().hex
-        # Flower starts its helpers (flower-superexec, flwr-serverapp...) by name, from PATH.
-        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.guarded_apps = write_guarded_executables(tempfile.mkdtemp(prefix="medfed-apps-"))
+        folders = [str(self.guarded_apps), str(Path(sys.executable).parent)]
+        path = os.pathsep.join([*folders, os.environ.get("PATH", "")])
         self.env = {**os.environ, "PATH": path, **(env or {}), MARKER_ENV: self.marker}
         self.children: list[subprocess.Popen] = []
 
@@ -108,6 +118,7 @@ class ProcessSet:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+        shutil.rmtree(self.guarded_apps, ignore_errors=True)
 
     def __enter__(self) -> ProcessSet:
         return self

@@ -10,7 +10,11 @@ What :func:`run_server` does, in order:
    reconnect on their own), its log in ``RUN_DIR/flower/superlink.log``;
 3. registers every site of ``trusted_sites.txt`` under its name (once; a restarted
    server finds them registered) through Flower's Control API;
-4. waits for ``federation.num_sites`` of them to connect, printing each by name;
+4. from then on, stops within a second any run it did not submit and withdraws any key
+   that is not in ``trusted_sites.txt`` (:class:`_IntruderWatch`): Flower's Control API
+   shares the one port and has no login. The Flower processes it starts run no app but
+   medfed's own (:mod:`medfed.deploy.app_guard`). Then it waits for
+   ``federation.num_sites`` sites to connect, printing each by name;
 5. submits the run with ``flwr run`` (``FLWR_HOME=RUN_DIR/flower``; a generated Flower
    app whose run config is the experiment and nothing else): the same ServerApp as
    ``medfed simulate`` runs the rounds and writes ``RUN_DIR`` (given to it through
@@ -53,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.config import ExperimentConfig, to_run_config
+from medfed.deploy.app_guard import EXPECTED_PYPROJECT_ENV
 from medfed.deploy.certs import ServerCerts, server_certs
 from medfed.deploy.processes import (
     ProcessSet,
@@ -176,6 +181,8 @@ def run_server(
     env = {
         "FLWR_HOME": str(home), "MEDFED_RUN_DIR": str(run_dir), "MEDFED_RESUME": "1" if resume else "0",
         "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+        # The ServerApp runs only the app written below (medfed.deploy.app_guard).
+        EXPECTED_PYPROJECT_ENV: str(home / "app" / "pyproject.toml"),
     }
     processes = ProcessSet(env)
     # Refusals first, so that a refused start writes nothing (another server's Flower
@@ -197,6 +204,7 @@ def run_server(
             scheme = "http (INSECURE)" if tls is None else "https with TLS and site keys"
             _say(out, f"medfed server: listening on {listen} ({scheme}); run folder {run_dir}")
             control = _Control(listen.local, tls)
+            intruders = None
             try:
                 if tls is not None:
                     for name in control.trust_exactly(tls.trusted_sites):
@@ -204,14 +212,20 @@ def run_server(
                                   "in --certs)")
                 for run_id in control.stop_unfinished_runs():
                     _say(out, f"medfed server: stopped run {run_id}, left unfinished by the previous server")
+                intruders = _IntruderWatch(_Control(listen.local, tls), out, None if tls is None else public_keys(tls.trusted_sites))
+                intruders.start()
                 _wait_for_sites(control, cfg.federation.num_sites, cfg.federation.quorum, join_timeout_s, out)
                 watcher = _SiteWatcher(control, out)
                 watcher.start()
-                run_id = _submit(home, processes.env)
+                with intruders.submitting() as own_runs:
+                    run_id = _submit(home, processes.env)
+                    own_runs.add(run_id)
                 _say(out, f"medfed server: run {run_id} started; Flower's log: {home / SUPERLINK_LOG}")
                 _follow(control, run_id, run_dir, cfg.rounds, out)
                 watcher.stop()
             finally:
+                if intruders is not None:
+                    intruders.stop()
                 control.close()
     except KeyboardInterrupt:
         # The caller says how to resume (the CLI prints the whole command line).
@@ -384,6 +398,15 @@ def _write_flower_config(home: Path, local: Address, tls: ServerCerts | None) ->
     (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def public_keys(sites: dict[str, str]) -> dict[str, bytes]:
+    """Site name -> its public key as Flower stores it, from OpenSSH public keys (``trusted_sites.txt``)."""
+    from cryptography.hazmat.primitives import serialization
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    return {name: public_key_to_bytes(serialization.load_ssh_public_key(text.encode("ascii")))
+            for name, text in sites.items()}
+
+
 class _Control:
     """Flower's Control API client (what the ``flwr`` CLI uses), for node registration and listing."""
 
@@ -410,15 +433,12 @@ class _Control:
         list[str]
             The names of the sites whose old registration was withdrawn.
         """
-        from cryptography.hazmat.primitives import serialization
-        from flwr.proto.control_pb2 import RegisterNodeRequest, UnregisterNodeRequest
-        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+        from flwr.proto.control_pb2 import RegisterNodeRequest
 
-        wanted = {name: public_key_to_bytes(serialization.load_ssh_public_key(text.encode("ascii")))
-                  for name, text in sites.items()}
+        wanted = public_keys(sites)
         registered = [node for node in self.nodes() if node.status != "unregistered"]
         withdrawn = [node for node in registered if wanted.get(node.name) != bytes(node.public_key)]
-        kept = {node.name for node in registered} - {node.name for node in withdrawn}
+        kept = {node.name for node in registered if wanted.get(node.name) == bytes(node.public_key)}
         # New keys first: Flower never registers a key twice (not even one it withdrew), so a
         # renamed or re-added site fails here, before any registration has been withdrawn.
         for name, key in wanted.items():
@@ -433,8 +453,13 @@ class _Control:
                     f"registers a key twice; make {name} a new key with medfed certs --force."
                 ) from None
         for node in withdrawn:
-            self.client.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
+            self.unregister(node.node_id)
         return sorted(node.name or f"node-{node.node_id}" for node in withdrawn)
+
+    def unregister(self, node_id: int) -> None:
+        from flwr.proto.control_pb2 import UnregisterNodeRequest
+
+        self.client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
 
     def nodes(self) -> list:
         """The SuperLink's nodes (``NodeInfo``: ``node_id``, ``name``, ``status``)."""
@@ -448,13 +473,17 @@ class _Control:
 
         return self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id].status.status
 
-    def stop_unfinished_runs(self) -> list[int]:
-        """Stop the runs a killed server left unfinished in the state database (resume starts a new one)."""
+    def stop_unfinished_runs(self, keep: set[int] = frozenset()) -> list[int]:
+        """Stop every unfinished run but those in ``keep``; return their ids.
+
+        At the start, these are what a killed server left in the state database (a resume
+        starts a new run); later, runs that someone else submitted (:class:`_IntruderWatch`).
+        """
         from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest
 
         stopped = []
         for run_id, run in self.client.ListRuns(ListRunsRequest()).run_dict.items():
-            if run.status.status != "finished":
+            if run.status.status != "finished" and run_id not in keep:
                 self.client.StopRun(StopRunRequest(run_id=run_id))
                 stopped.append(run_id)
         return stopped
@@ -494,6 +523,64 @@ def _wait_for_sites(control: _Control, count: int, quorum: int, timeout_s: float
                 f"({', '.join(sorted(seen)) or 'none'}); check the sites' 'medfed client' and the firewall."
             )
         time.sleep(0.5)
+
+
+class _IntruderWatch(threading.Thread):
+    """Every second, stops the runs this server did not submit and withdraws the keys it did not register.
+
+    Flower's Control API shares the server's port and has no login, so whoever reaches the
+    port can submit a run or register a key (see "Network" in the README). Their app does
+    not run (:mod:`medfed.deploy.app_guard`); this takes their run and their key away
+    within a second, while the server runs. A run is this server's when it was submitted
+    inside :meth:`submitting`.
+
+    Parameters
+    ----------
+    control : _Control
+    out : file
+    trusted : dict[str, bytes] or None
+        Site name -> registered public key (:func:`public_keys`); None with ``--insecure``,
+        where the SuperLink registers no keys.
+    """
+
+    def __init__(self, control: _Control, out, trusted: dict[str, bytes] | None) -> None:
+        super().__init__(daemon=True)
+        self.control = control
+        self.out = out
+        self.trusted = trusted
+        self.own_runs: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+
+    @contextlib.contextmanager
+    def submitting(self):
+        """Hold the watch while this server submits a run; yields the set to add its id to."""
+        with self._lock:
+            yield self.own_runs
+
+    def check(self) -> None:
+        """Stop foreign runs and withdraw foreign keys, once."""
+        with self._lock:
+            for run_id in self.control.stop_unfinished_runs(keep=self.own_runs):
+                _say(self.out, f"medfed server: stopped run {run_id}, which this server did not submit (someone "
+                               "reached the server's port: see 'Network' in the README)")
+        if self.trusted is None:
+            return
+        for node in self.control.nodes():
+            if node.status != "unregistered" and self.trusted.get(node.name) != bytes(node.public_key):
+                self.control.unregister(node.node_id)
+                _say(self.out, f"medfed server: withdrew a key registered as {node.name or 'a site'} that is not "
+                               "in trusted_sites.txt (someone reached the server's port: see 'Network' in the README)")
+
+    def run(self) -> None:
+        while not self._stop_event.wait(1.0):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a busy or stopping SuperLink; look again
+                continue
+
+    def stop(self) -> None:
+        self._stop_event.set()
 
 
 class _SiteWatcher(threading.Thread):

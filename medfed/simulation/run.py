@@ -90,8 +90,9 @@ RAY_CONNECT_TIMEOUT_S = 5.0
 class RayStartError(MedfedError):
     """Ray cannot start on this machine, or cannot join the cluster ``simulation.ray_address`` names."""
 
-_SERVER_APP = "medfed.server.server_app:app"
-_CLIENT_APP = "medfed.client.client_app:app"
+#: medfed's Flower components, in every app it generates (:mod:`medfed.deploy.app_guard` runs no other).
+SERVER_APP = "medfed.server.server_app:app"
+CLIENT_APP = "medfed.client.client_app:app"
 
 
 def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: bool = False) -> Path:
@@ -466,8 +467,8 @@ def app_pyproject(run_config: dict[str, bool | int | float | str]) -> str:
         'publisher = "medfed"',
         "",
         "[tool.flwr.app.components]",
-        f'serverapp = "{_SERVER_APP}"',
-        f'clientapp = "{_CLIENT_APP}"',
+        f'serverapp = "{SERVER_APP}"',
+        f'clientapp = "{CLIENT_APP}"',
         "",
         "[tool.flwr.app.config]",
         *(f"{key} = {_toml_value(value)}" for key, value in run_config.items()),

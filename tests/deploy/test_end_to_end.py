@@ -151,6 +151,53 @@ def client_args(site: str, port: int, tmp_path: Path, certs: Path) -> list[str]:
             "--certs", str(certs / "sites" / site)]
 
 
+EVIL_APP = """\
+[project]
+name = "evil"
+version = "1.0.0"
+license = "Apache-2.0"
+
+[tool.flwr.app]
+publisher = "mallory"
+
+[tool.flwr.app.components]
+serverapp = "evil:server"
+clientapp = "evil:client"
+"""
+
+
+def intrude(tmp_path: Path, port: int, ca_cert: Path) -> tuple[int, subprocess.CompletedProcess]:
+    """What anyone who reaches the port can do with Flower's Control API: submit a run of
+    their own app (its code, once imported, leaves a file in ``tmp_path/pwned``) and
+    register a key of their own under a trusted site's name. Returns the run id and the
+    registration's outcome."""
+    home = tmp_path / "intruder"
+    (home / "app").mkdir(parents=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "study"\n\n[superlink.study]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{ca_cert}"\n')
+    (home / "app" / "pyproject.toml").write_text(EVIL_APP)
+    pwned = tmp_path / "pwned"
+    # Flower's CLI imports the app to check it, here: only a process medfed started counts.
+    (home / "app" / "evil.py").write_text(
+        "import os, pathlib\n"
+        "if 'MEDFED_PROCESS_SET' in os.environ:\n"
+        f"    pathlib.Path({str(pwned)!r}).mkdir(exist_ok=True)\n"
+        f"    pathlib.Path({str(pwned)!r}, str(os.getpid())).write_text('ran')\n"
+        "from flwr.clientapp import ClientApp\nfrom flwr.serverapp import ServerApp\n"
+        "server = ServerApp()\nclient = ClientApp()\n")
+    make_certs(home / "keys", "127.0.0.1", ["eve"])
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    submitted = subprocess.run([flwr, "run", str(home / "app"), "study", "--format", "json"], env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    run_id = int(json.loads(submitted.stdout[submitted.stdout.index("{"):])["run-id"])
+    registered = subprocess.run([flwr, "supernode", "register", str(home / "keys" / "sites" / "eve" / "site.pub"),
+                                 "study", "--name", "beta"], env=env, capture_output=True, text=True, timeout=120)
+    return run_id, registered
+
+
 def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher, tmp_path):
     # Prepare: keys for four sites, of which the server trusts three; gamma replies NaN weights.
     certs = tmp_path / "certs"
@@ -174,6 +221,8 @@ def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher
     launcher.start("mallory", client_args("mallory", port, tmp_path, certs) + ["--max-wait", "20"])
     launcher.start("insecure", ["client", "--server", f"127.0.0.1:{port}", "--site", "alpha", "--data",
                                 str(tmp_path / "data" / "alpha"), "--insecure", "--max-wait", "20"])
+    wait_until(lambda: "started; Flower's log" in launcher.text("server"), 180, "the run to start", launcher, "server")
+    evil_run, registration = intrude(tmp_path, port, certs / "ca.crt")
     mallory_code = launcher.wait("mallory", 180)
     insecure_code = launcher.wait("insecure", 180)
     server_code = launcher.wait("server", 8 * ROUND_TIMEOUT_S)
@@ -198,6 +247,13 @@ def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher
     assert "mallory" not in launcher.text("server")
     assert "WARNING: --insecure" in launcher.text("insecure")
     assert "drop --insecure" in launcher.text("insecure")
+    # The run and the key submitted through Flower's Control API were taken away, and none of
+    # the intruder's code ran, on the server or at a site.
+    server_log = launcher.text("server")
+    assert f"stopped run {evil_run}, which this server did not submit" in server_log
+    assert registration.returncode == 0, registration.stdout + registration.stderr
+    assert "withdrew a key registered as beta that is not in trusted_sites.txt" in server_log
+    assert not (tmp_path / "pwned").exists()
     # Clients stop on SIGTERM and take their Flower processes with them.
     for site in ("alpha", "beta", "gamma"):
         os.killpg(launcher.procs[site].pid, signal.SIGTERM)

@@ -1,0 +1,115 @@
+"""Flower's task processes, as medfed starts them, run medfed's own app and no other."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import zipfile
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+
+from medfed.config import ExperimentConfig, to_run_config
+from medfed.deploy import app_guard
+from medfed.deploy.app_guard import AppRefused, check_app
+from medfed.deploy.processes import ProcessSet
+from medfed.simulation.run import app_pyproject
+
+
+def _fab(folder, pyproject: str, extra: dict[str, str] | None = None) -> bytes:
+    """A FAB as ``flwr run`` builds it from ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(pyproject, encoding="utf-8")
+    for name, text in (extra or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text, encoding="utf-8")
+    return build_fab_from_disk(folder)
+
+
+@pytest.fixture
+def medfed_pyproject() -> str:
+    return app_pyproject(to_run_config(ExperimentConfig()))
+
+
+def test_medfed_own_app_passes_at_a_site_and_at_the_server_that_wrote_it(tmp_path, medfed_pyproject):
+    fab = _fab(tmp_path / "app", medfed_pyproject)
+    check_app(fab)
+    check_app(fab, expected_pyproject=(tmp_path / "app" / "pyproject.toml").read_bytes())
+
+
+@pytest.mark.parametrize("extra", [
+    {"evil.py": "import os\n"},
+    # A copy of medfed's module inside the app would be imported before the installed one.
+    {"medfed/client/client_app.py": "app = None\n"},
+])
+def test_an_app_with_code_of_its_own_is_refused(tmp_path, medfed_pyproject, extra):
+    fab = _fab(tmp_path / "app", medfed_pyproject, extra)
+    with pytest.raises(AppRefused, match=f"carries files of its own \\({next(iter(extra))}\\)"):
+        check_app(fab)
+
+
+def test_an_app_naming_other_components_is_refused(tmp_path, medfed_pyproject):
+    pyproject = medfed_pyproject.replace("medfed.client.client_app:app", "os:system")
+    with pytest.raises(AppRefused, match="its components are .*os:system"):
+        check_app(_fab(tmp_path / "app", pyproject))
+
+
+def test_the_server_refuses_medfeds_app_with_another_configuration(tmp_path, medfed_pyproject):
+    ours = (tmp_path / "ours" / "pyproject.toml")
+    ours.parent.mkdir()
+    ours.write_text(medfed_pyproject, encoding="utf-8")
+    theirs = medfed_pyproject.replace("\nrounds = 20\n", "\nrounds = 1000\n")
+    assert theirs != medfed_pyproject
+    fab = _fab(tmp_path / "app", theirs)
+    check_app(fab)  # a site cannot tell: it knows no study configuration
+    with pytest.raises(AppRefused, match="did not submit"):
+        check_app(fab, expected_pyproject=ours.read_bytes())
+
+
+def test_a_file_that_is_no_app_is_refused():
+    with pytest.raises(AppRefused, match="not a readable Flower app bundle"):
+        check_app(b"not a zip")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(".info/CONTENT", "")
+    with pytest.raises(AppRefused, match="no pyproject.toml"):
+        check_app(buffer.getvalue())
+
+
+@pytest.mark.parametrize("executable", ["flwr-clientapp", "flwr-serverapp"])
+def test_flowers_task_processes_check_the_app_before_installing_it(tmp_path, monkeypatch, medfed_pyproject,
+                                                                   executable):
+    import importlib
+
+    runtime = importlib.import_module(app_guard._RUNTIME_MODULES[executable])
+    monkeypatch.setattr(runtime, "install_from_fab", runtime.install_from_fab)  # restored after the test
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    app_guard._guard_installation(runtime, expected_pyproject=None)
+    with pytest.raises(AppRefused):
+        runtime.install_from_fab(_fab(tmp_path / "evil", medfed_pyproject, {"evil.py": ""}), skip_prompt=True)
+    assert not (tmp_path / "home").exists()  # nothing of it was installed
+    installed = runtime.install_from_fab(_fab(tmp_path / "ours", medfed_pyproject), skip_prompt=True)
+    assert "clientapp = \"medfed.client.client_app:app\"" in (installed / "pyproject.toml").read_text(encoding="utf-8")
+
+
+def test_every_flower_process_medfed_starts_finds_the_guarded_executables_first(tmp_path):
+    processes = ProcessSet()
+    try:
+        folder = processes.guarded_apps
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+        path = processes.env["PATH"].split(os.pathsep)
+        assert path[0] == str(folder)
+        # Flower's own processes, behind the guard (installed before Flower reads its arguments).
+        for executable in ("flwr-serverapp", "flwr-clientapp"):
+            shown = subprocess.run([executable, "--help"], env=processes.env, capture_output=True, text=True,
+                                   timeout=120)
+            assert shown.returncode == 0 and "--runtime-api-address" in shown.stdout, shown.stderr
+        # Kinds of task medfed never runs are refused outright.
+        refused = subprocess.run(["flwr-agentapp", "--token", "x"], env=processes.env, capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 1
+        assert "refused to start flwr-agentapp" in refused.stderr
+    finally:
+        processes.stop()
+    assert not folder.exists()
