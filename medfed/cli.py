@@ -334,7 +334,7 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--certs", default=None, metavar="DIR", help="this site's folder from 'medfed certs'")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--state-dir", default=None, metavar="DIR",
-                   help="where the site keeps its strategy's local state, a folder per run (default: ./medfed-state/SITE)")
+                   help="where the site keeps its strategy's local state, in SITE/RUN-KEY inside it (default: ./medfed-state)")
     p.add_argument("--max-wait", type=_positive(float), default=None, metavar="SECONDS",
                    help="give up when the server is unreachable for this long (default: keep trying)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site key: a test on a closed network only")

@@ -140,7 +140,7 @@ def run_client(
         client at once.
     state_dir : str or Path, optional
         Where the site keeps what its strategy keeps between rounds (FedBN's BatchNorm,
-        FairLoRA's state): ``medfed-state/SITE`` in the working directory by default.
+        FairLoRA's state), in ``SITE/RUN KEY`` inside it: ``./medfed-state`` by default.
         It never leaves the site.
     out : file, optional
         Where progress lines go (default stdout).
@@ -155,7 +155,7 @@ def run_client(
     address = parse_address(server, "--server")
     summary = check_site_data(data)
     data_path = Path(data).expanduser().resolve()
-    state_path = Path(state_dir if state_dir is not None else Path("medfed-state") / site).expanduser().resolve()
+    state_path = Path(state_dir if state_dir is not None else "medfed-state").expanduser().resolve()
     node_config = (f'site-name="{site}" data-path="{_quoted(str(data_path))}" '
                    f'state-dir="{_quoted(str(state_path))}"')
     if device:

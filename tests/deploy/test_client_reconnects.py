@@ -130,6 +130,18 @@ def test_a_supernode_that_keeps_ending_stops_the_client(site, monkeypatch):
     assert len(args.read_text().splitlines()) == 3
 
 
+def test_the_default_state_folder_is_medfed_state_in_the_working_folder(site, monkeypatch):
+    # The site's state goes in STATE_DIR/<site>/<run key>/ (medfed.client.site_state): the
+    # default folder must not name the site a second time.
+    monkeypatch.chdir(site)
+    monkeypatch.setattr(supernode, "MAX_CRASHES", 0)
+    args = fake_supernode(site, monkeypatch, "exit 3")
+    with listener(site / "certs") as port:
+        with pytest.raises(DeployError):
+            client(site, port)
+    assert f'state-dir="{site.resolve() / "medfed-state"}"' in args.read_text()
+
+
 def test_probe_tells_the_causes_apart(tmp_path):
     # Prepare: this site's certificates, and another study's.
     make_certs(tmp_path / "ours", "127.0.0.1", ["a"])
