@@ -403,7 +403,8 @@ def evaluate(
     """Loss plus :func:`prediction_metrics` on a loader (one pass; see :func:`predict`).
 
     With ``keep_predictions``, the dict also holds ``"predictions"``:
-    ``(y_true, y_score, groups)`` as :func:`predict` returns them.
+    ``(y_true, y_score, groups)``, NumPy arrays from :func:`predict` (which returns
+    them in another order, with the logits).
     """
     y_score, y_true, groups, logits = predict(model, loader, task=task, device=device, mirror=mirror,
                                               precision=precision, channels_last=channels_last, forward=forward)

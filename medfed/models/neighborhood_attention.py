@@ -338,7 +338,8 @@ class _NeighborhoodAttentionFunction(torch.autograd.Function):
 
     Inputs ``[B, P, heads, dim]`` (P = H*W) and the window table ``[k*k, P]``. Scores and
     probabilities are kept as ``[k*k, B, P, heads]`` so that each offset is one contiguous
-    slab; only the probabilities and the output are saved for the backward pass.
+    slab; the backward pass gets the inputs, the table, the probabilities and the output,
+    not the ``[k*k, B, P, heads]`` scores.
     """
 
     @staticmethod

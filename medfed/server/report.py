@@ -499,8 +499,12 @@ def register_figure(name: str, caption: str):
     ones, in registration order, as ``figures/<name>.png``.
     """
 
+    if name in FIGURE_NAMES:
+        raise ValueError(f"Report figure {name!r} is one of the report's own ({', '.join(FIGURE_NAMES)}); "
+                         "register it under another name.")
+
     def decorator(draw):
-        if name in _REGISTERED or name in FIGURE_NAMES:
+        if name in _REGISTERED:
             warnings.warn(f"Report figure {name!r} registered twice; the later one is used.", stacklevel=2)
         _REGISTERED[name] = (caption, draw)
         return draw

@@ -4,7 +4,7 @@ MedMNIST-C (Di Salvo, Doerrich and Ledig, "MedMNIST-C: Comprehensive benchmark a
 improved classifier robustness by simulating realistic image corruptions",
 arXiv:2406.17536) corrupts the MedMNIST+ test sets with task- and modality-specific
 corruptions at five severities. Its package needs ImageMagick and pins old versions, so
-the families are implemented here on NumPy, SciPy and Pillow:
+the families are implemented here on NumPy, SciPy, scikit-image and Pillow:
 
 =========== ==========================================================================
 family      corruptions (severity parameters for severities 1..5)

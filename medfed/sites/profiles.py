@@ -303,14 +303,6 @@ class FederationPlan:
     num_classes: int = 0
     description: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    @property
-    def training_sites(self) -> tuple[SitePlan, ...]:
-        return tuple(site for site in self.sites if not site.held_out)
-
-    @property
-    def held_out_sites(self) -> tuple[SitePlan, ...]:
-        return tuple(site for site in self.sites if site.held_out)
-
 
 def plan_federation(
     federation: FederationConfig, *, dataset: str, num_classes: int, channels: int, seed: int

@@ -602,3 +602,10 @@ def test_a_run_killed_after_its_last_round_but_before_its_end_is_not_finished(tm
     console = Console(file=io.StringIO(), width=200, color_system=None)
     print_summary(_write_run(tmp_path / "killed", records), console=console)
     assert "3 of 3 rounds · run not finished" in console.file.getvalue()
+
+
+def test_a_plugin_figure_cannot_take_a_core_figures_name() -> None:
+    from medfed.server.report import register_figure
+
+    with pytest.raises(ValueError, match="'confusion' is one of the report's own"):
+        register_figure("confusion", "mine")
