@@ -281,8 +281,11 @@ def _read_npz(path: Path, url: str) -> dict[str, np.ndarray]:
     except DatasetValidationError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        # NumPy's own advice for pickled data (load it unsafely) is not ours to give.
+        detail = ("neither an .npz nor an .npy file; pickled data is never loaded" if "allow_pickle" in str(error)
+                  else f"{type(error).__name__}: {error}")
         raise DatasetValidationError(
-            f"MedMNIST file {path} is not a readable .npz archive ({type(error).__name__}: {error}); it may be "
+            f"MedMNIST file {path} is not a readable .npz archive ({detail}); it may be "
             f"truncated or corrupt. Replace it with an intact copy (a site: its own export; the public release: {url})."
         ) from error
 

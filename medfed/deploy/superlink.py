@@ -108,7 +108,8 @@ def parse_address(text: str, what: str = "--address") -> Address:
     host, sep, port_text = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise DeployError(f"{what} must be HOST:PORT, e.g. 0.0.0.0:9092 or hospital.example.org:9092. Got {text!r}.")
+        example = "hospital.example.org:9092" if what == "--server" else "0.0.0.0:9092 or hospital.example.org:9092"
+        raise DeployError(f"{what} must be HOST:PORT, e.g. {example}. Got {text!r}.")
     if ":" in host:
         try:
             ipaddress.IPv6Address(host)

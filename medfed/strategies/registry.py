@@ -361,7 +361,8 @@ def _import_strategy_class(path: str) -> type[Strategy]:
     except Exception as exc:  # any failure while importing user code
         raise StrategyError(
             f"Cannot import module {module_name!r} for strategy {path!r}: "
-            f"{type(exc).__name__}: {exc}".replace("\n", " ")
+            f"{type(exc).__name__}: {exc}; install it, or put the folder that holds it on PYTHONPATH "
+            "(in simulation, at every site too).".replace("\n", " ")
         ) from exc
     obj: Any = module
     for part in attribute.split("."):

@@ -201,6 +201,8 @@ def test_corrupt_file_is_named(tmp_path):
     # Assert
     assert "breastmnist.npz" in str(caught.value) and "not a readable .npz" in str(caught.value)
     assert BREAST_URL in str(caught.value)
+    assert "neither an .npz nor an .npy file" in str(caught.value)
+    assert "allow_pickle" not in str(caught.value)  # NumPy's advice to load it unsafely is not passed on
 
 
 def test_truncated_file_is_named(tmp_path, make_arrays, write_npz):

@@ -180,7 +180,8 @@ def test_import_path_passes_any_params_to_a_kwargs_constructor():
             "no_such_module_xyz:Thing",
             {},
             "Cannot import module 'no_such_module_xyz' for strategy 'no_such_module_xyz:Thing': "
-            "ModuleNotFoundError: No module named 'no_such_module_xyz'",
+            "ModuleNotFoundError: No module named 'no_such_module_xyz'; install it, or put the folder that holds it "
+            "on PYTHONPATH (in simulation, at every site too).",
         ),
         (
             f"{__name__}:Missing",
