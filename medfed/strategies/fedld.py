@@ -50,7 +50,9 @@ def margin_loss(logits: torch.Tensor, margin_lambda: float) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        A scalar; the squared norm runs over all ``B * C`` softmax entries.
+        A scalar; the squared norm runs over all ``B * C`` softmax entries. The paper
+        defines it for single-label tasks; on multi-label ones (sigmoid outputs) this
+        softmax over the labels is medfed's extension, not measured.
     """
     probabilities = torch.softmax(logits.float(), dim=1)
     return margin_lambda * torch.log1p(probabilities.pow(2).sum())
