@@ -47,7 +47,7 @@ def _attention(data: dict) -> str:
     return (f"Neighborhood attention, {c['device']}: batch {c['batch']}, {c['heads']} heads, dim {c['dim']}, kernel "
             f"{c['kernel_size']}, threads {c['threads'] or 'default'}; {data['time_measure']}; memory: "
             f"{data['memory_measure']}.\n\n"
-            + _table(["map", "method", "ms", "peak MB", "time / gather", "auto picks", "note"], rows))
+            + _table(["map", "method", "ms", "peak MiB", "time / gather", "auto picks", "note"], rows))
 
 
 def _models(data: dict) -> str:
@@ -64,7 +64,7 @@ def _models(data: dict) -> str:
                             note])
     return (f"Models, {data['config']['device']}: images/s = batch / median step (train: forward, loss, backward, "
             f"AdamW step; infer: forward, eval mode); peak memory: {data['memory_measure']}.\n\n"
-            + _table(["model", "px", "batch", "mode", "precision / knobs", "images/s", "peak MB", "params M", "note"],
+            + _table(["model", "px", "batch", "mode", "precision / knobs", "images/s", "peak MiB", "params M", "note"],
                      rows))
 
 
@@ -112,7 +112,7 @@ def _communication(data: dict) -> str:
     text = ("Communication: bytes of one model as sent (Flower ArrayRecord payload) and per round "
             f"({data['sites']} sites; train: the global model out to each site and its update back; evaluate: the "
             "global model out again).\n\n"
-            + _table(["model", "transfer dtype", "MB / model", "MB / round", "x float32"], rows))
+            + _table(["model", "transfer dtype", "MiB / model", "MiB / round", "x float32"], rows))
     if data.get("accuracy"):
         a = data["accuracy"]
         rows = [[r["transfer_dtype"], f"{r['acc']:.4f}", f"{r['auc']:.4f}",

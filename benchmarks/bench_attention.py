@@ -194,7 +194,7 @@ def _environment(device: str) -> dict:
 
 def _format_table(rows: list[dict]) -> str:
     header = (
-        f"{'size':>7} {'dil':>3}  {'method':<20} {'median ms':>10} {'peak MB':>9}"
+        f"{'size':>7} {'dil':>3}  {'method':<20} {'median ms':>10} {'peak MiB':>9}"
         f" {'time/gather':>11} {'mem/gather':>10} {'auto picks':>10}"
     )
     lines = [header, "-" * len(header)]
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\nNeighborhood attention on {args.device}: batch {args.batch}, {args.heads} heads, dim {args.dim}, "
-        f"kernel {args.kernel_size}; median of up to {args.repeats} runs; peak MB = "
+        f"kernel {args.kernel_size}; median of up to {args.repeats} runs; peak MiB = "
         + ("growth of peak RSS during one run" if args.device == "cpu" else "peak CUDA tensor memory of one run")
     )
     print(_format_table(rows))

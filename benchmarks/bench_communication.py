@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             size = full if dtype == "float32" else model_bytes(variant, dtype)
             rows.append({"model": f"medvit_v2_{variant}", "transfer_dtype": dtype, "bytes_per_model": size,
                          "bytes_per_round": 3 * args.sites * size, "ratio_to_float32": size / full})
-    print(f"{'model':<16} {'dtype':<9} {'MB/model':>9} {'MB/round':>9} {'x fp32':>7}")
+    print(f"{'model':<16} {'dtype':<9} {'MiB/model':>9} {'MiB/round':>9} {'x fp32':>7}")
     for r in rows:
         print(f"{r['model']:<16} {r['transfer_dtype']:<9} {r['bytes_per_model'] / 2**20:>9.2f}"
               f" {r['bytes_per_round'] / 2**20:>9.2f} {r['ratio_to_float32']:>7.2f}")

@@ -4,8 +4,8 @@ One run measures the same experiment (sites, rounds, local epochs, model, data, 
 up to three ways, each in a fresh subprocess so no path profits from another's warm caches:
 
 - ``plain``: a plain PyTorch loop in one process. For every round and site: load the
-  global weights, train the local epochs, evaluate on the site's training split, as the
-  ClientApp does; then FedAvg in NumPy (same order and arithmetic as Flower's); then
+  global weights, train the local epochs (the ClientApp's training, which reports the
+  training loss and evaluates nothing); then FedAvg in NumPy (same order and arithmetic as Flower's); then
   evaluate every site's test split. Sites run one after the other, with the sites' torch
   thread count. This is the pure compute.
 - ``inprocess``: ``medfed simulate`` with ``simulation.engine: inprocess``: medfed's

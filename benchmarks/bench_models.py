@@ -192,7 +192,7 @@ def plan_cases(args: argparse.Namespace) -> list[dict]:
 
 def _format_table(rows: list[dict]) -> str:
     header = (f"{'model':<10} {'px':>4} {'batch':>5} {'mode':<6} {'precision':<9} {'cl':>2} {'cmp':>3}"
-              f" {'images/s':>10} {'peak MB':>9} {'params M':>8}")
+              f" {'images/s':>10} {'peak MiB':>9} {'params M':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         prefix = (f"{r['model']:<10} {r['img_size']:>4} {r['batch']:>5} {r['mode']:<6} {r['precision']:<9}"
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {case['model']} {case['img_size']}px {case['mode']} {case['precision']}"
               f"{' cl' if case['channels_last'] else ''}{' compile' if case['compile'] else ''}: {status}",
               file=sys.stderr, flush=True)
-    print(f"\nModels on {args.device}: images/s = batch / median step time; peak MB = "
+    print(f"\nModels on {args.device}: images/s = batch / median step time; peak MiB = "
           + ("growth of peak RSS during the case" if args.device == "cpu" else "peak CUDA tensor memory of the case"))
     print(_format_table(rows))
     report = {

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transfer_cpu.json")
     args = parser.parse_args(argv)
     rows = [measure(v, args.repeats) for v in args.variants]
-    print(f"{'variant':<8} {'arrays':>6} {'model MB':>9} {'path':<7} {'pack ms':>8} {'pack peak':>10} "
+    print(f"{'variant':<8} {'arrays':>6} {'model MiB':>9} {'path':<7} {'pack ms':>8} {'pack peak':>10} "
           f"{'read ms':>8} {'read peak':>10}")
     for r in rows:
         for path in ("record", "direct"):
