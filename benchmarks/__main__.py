@@ -170,6 +170,14 @@ def run(mode: str, results_dir: Path, docs: Path | None, only: list[str] | None 
             status = {"ok": False, "error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
         record["benchmarks"][step.name] = {**status, "json": out.name, "argv": step.argv,
                                            "wall_time_s": time.perf_counter() - step_started}
+        # Written after every step: a run stopped by a time limit keeps what it measured.
+        (results_dir / f"run_{mode}.json").write_text(json.dumps(record, indent=2) + "\n")
+        if mode == "gpu":
+            # The next step's subprocesses (federations) see the device's free memory: this
+            # process's cached blocks would shrink it, and change what fits on the device.
+            import torch
+
+            torch.cuda.empty_cache()
     record["wall_time_s"] = time.perf_counter() - started
     record["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
     (results_dir / f"run_{mode}.json").write_text(json.dumps(record, indent=2) + "\n")
