@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medfed._io import check_output_folder, write_bytes_atomic
-from medfed.errors import MedfedError
+from medfed.errors import MedfedError, MedfedWarning
 
 __all__ = [
     "CA_CERT",
@@ -376,6 +376,10 @@ def server_certs(folder: str | Path) -> ServerCerts:
     )
 
 
+class CertsWarning(MedfedWarning):
+    """A certificate folder that works but exposes a key."""
+
+
 #: Days before expiry from which the server warns at every start.
 EXPIRY_WARNING_DAYS = 30
 
@@ -413,11 +417,30 @@ def site_certs(folder: str | Path, site: str) -> SiteCerts:
                 if not (candidate / name).is_file():
                     raise CertsError(f"{candidate} has {SITE_KEY} but no {name}; copy the whole site folder.")
             _check_site_key(candidate, site)
+            _warn_if_exposed(candidate, site, whole_folder=candidate != folder)
             return SiteCerts(ca_cert=candidate / CA_CERT, site_key=candidate / SITE_KEY)
     raise CertsError(
         f"No key for site {site!r} in {folder}: expected {SITE_KEY} there or in {SITES_DIR}/{site}/ "
         "(the folder 'medfed certs' wrote for this site)."
     )
+
+
+def _warn_if_exposed(folder: Path, site: str, whole_folder: bool) -> None:
+    """Warn when the site's key can be read by others, or was found in a whole ``medfed
+    certs`` folder that holds the CA's key.
+
+    Whoever reads ``site.key`` can join the study as ``site``; a site machine that holds
+    the whole folder also holds ``ca.key`` and every other site's key. (A site folder
+    still inside the whole one, as in a test on one machine, is not warned about.)
+    """
+    mode = (folder / SITE_KEY).stat().st_mode & 0o777
+    if mode & 0o077:
+        warnings.warn(f"{folder / SITE_KEY} can be read by other users of this machine (mode {mode:o}); "
+                      f"chmod 600 it: whoever reads it can join the study as site {site}.", CertsWarning, stacklevel=3)
+    top = folder.parent.parent if whole_folder else folder
+    if (top / CA_KEY).is_file():
+        warnings.warn(f"{top} holds the CA's private key ({CA_KEY}) and every site's key: copy only {SITES_DIR}/{site} "
+                      f"to site {site}, and keep the rest on the server.", CertsWarning, stacklevel=3)
 
 
 def _check_site_key(folder: Path, site: str) -> None:

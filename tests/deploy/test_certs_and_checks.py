@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 
 from medfed.client.site_data import SiteDataError
-from medfed.deploy.certs import CertsError, make_certs, read_trusted_sites, server_certs, site_certs
+from medfed.deploy.certs import CertsError, CertsWarning, make_certs, read_trusted_sites, server_certs, site_certs
 from medfed.deploy.superlink import DeployError, parse_address
 from medfed.deploy.supernode import check_site_data
 
@@ -33,8 +33,26 @@ def test_site_keys_are_p384_and_trusted_by_name(tmp_path):
     assert list(trusted) == ["north", "south"]
     assert all(key.startswith("ecdsa-sha2-nistp384 ") for key in trusted.values())
     assert server_certs(tmp_path).trusted_sites == trusted
-    # A site finds its files from its own folder or from the whole folder.
-    assert site_certs(tmp_path / "sites" / "north", "north") == site_certs(tmp_path, "north")
+    # A site finds its files from its own folder or from the whole folder (which it is
+    # told not to keep: it holds the CA's key).
+    with pytest.warns(CertsWarning, match=r"holds the CA's private key \(ca.key\).*copy only sites/north"):
+        whole = site_certs(tmp_path, "north")
+    assert site_certs(tmp_path / "sites" / "north", "north") == whole
+
+
+def test_a_site_key_others_can_read_is_warned_about_and_a_private_copy_is_not(tmp_path):
+    import shutil
+    import warnings
+
+    make_certs(tmp_path / "certs", "10.0.0.5", ["north"])
+    copy = shutil.copytree(tmp_path / "certs" / "sites" / "north", tmp_path / "site")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the site's own folder, mode 0600: nothing to say
+        site_certs(copy, "north")
+    (copy / "site.key").chmod(0o644)
+    with pytest.warns(CertsWarning, match=r"site.key can be read by other users of this machine \(mode 644\); "
+                                          r"chmod 600 it"):
+        site_certs(copy, "north")
 
 
 def test_keys_are_private_and_certificates_public(tmp_path):
