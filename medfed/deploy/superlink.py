@@ -56,6 +56,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfed._io import write_bytes_atomic
 from medfed.config import ExperimentConfig, to_run_config
 from medfed.deploy.app_guard import EXPECTED_PYPROJECT_ENV
 from medfed.deploy.certs import ServerCerts, server_certs
@@ -68,7 +69,7 @@ from medfed.deploy.processes import (
 )
 from medfed.errors import MedfedError
 from medfed.server.metrics_log import parse_line, read_metrics
-from medfed.server.run_files import METRICS_FILE
+from medfed.server.run_files import METRICS_FILE, REGISTERED_SITES_FILE
 
 __all__ = ["DEFAULT_ADDRESS", "DeployError", "parse_address", "run_server"]
 
@@ -213,7 +214,10 @@ def run_server(
                                   "in --certs)")
                 for run_id in control.stop_unfinished_runs():
                     _say(out, f"medfed server: stopped run {run_id}, left unfinished by the previous server")
-                intruders = _IntruderWatch(_Control(listen.local, tls), out, None if tls is None else public_keys(tls.trusted_sites))
+                intruders = _IntruderWatch(_Control(listen.local, tls), out,
+                                           None if tls is None else public_keys(tls.trusted_sites),
+                                           registered_file=run_dir / REGISTERED_SITES_FILE)
+                intruders.check()  # the study's ServerApp reads the registrations from the first round on
                 intruders.start()
                 _wait_for_sites(control, cfg.federation.num_sites, cfg.federation.quorum, join_timeout_s, out)
                 watcher = _SiteWatcher(control, out)
@@ -227,6 +231,8 @@ def run_server(
             finally:
                 if intruders is not None:
                     intruders.stop()
+                    intruders.join(timeout=5)
+                    intruders.control.close()
                 control.close()
     except KeyboardInterrupt:
         # The caller says how to resume (the CLI prints the whole command line).
@@ -542,13 +548,18 @@ class _IntruderWatch(threading.Thread):
     trusted : dict[str, bytes] or None
         Site name -> registered public key (:func:`public_keys`); None with ``--insecure``,
         where the SuperLink registers no keys.
+    registered_file : Path
+        Where the trusted nodes' ids and names are kept for the ServerApp
+        (:data:`~medfed.server.run_files.REGISTERED_SITES_FILE`; removed with ``--insecure``).
     """
 
-    def __init__(self, control: _Control, out, trusted: dict[str, bytes] | None) -> None:
+    def __init__(self, control: _Control, out, trusted: dict[str, bytes] | None, registered_file: Path) -> None:
         super().__init__(daemon=True)
         self.control = control
         self.out = out
         self.trusted = trusted
+        self.registered_file = registered_file
+        self._registered: dict[str, str] | None = None
         self.own_runs: set[int] = set()
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
@@ -566,12 +577,21 @@ class _IntruderWatch(threading.Thread):
                 _say(self.out, f"medfed server: stopped run {run_id}, which this server did not submit (someone "
                                "reached the server's port: see 'Network' in the README)")
         if self.trusted is None:
+            self.registered_file.unlink(missing_ok=True)
             return
+        registered = {}
         for node in self.control.nodes():
-            if node.status != "unregistered" and self.trusted.get(node.name) != bytes(node.public_key):
+            if node.status == "unregistered":
+                continue
+            if self.trusted.get(node.name) != bytes(node.public_key):
                 self.control.unregister(node.node_id)
                 _say(self.out, f"medfed server: withdrew a key registered as {node.name or 'a site'} that is not "
                                "in trusted_sites.txt (someone reached the server's port: see 'Network' in the README)")
+            else:
+                registered[str(node.node_id)] = node.name
+        if registered != self._registered:
+            write_bytes_atomic(self.registered_file, json.dumps(registered, sort_keys=True).encode("utf-8"))
+            self._registered = registered
 
     def run(self) -> None:
         while not self._stop_event.wait(1.0):

@@ -104,11 +104,17 @@ class SiteRoster:
         Longest wait for the answers of a new site, in seconds.
     on_answer : callable, optional
         Called with ``(node_id, role)`` for every answer.
+    registered : callable, optional
+        Returns node id -> the site name its key is registered under (``medfed server``
+        with TLS), or None. A node that answers under another name is left out: a site's
+        name is otherwise only what it says.
     """
 
     def __init__(self, grid: Grid, *, check_data: bool = False, timeout_s: float = 600.0,
-                 on_answer: Callable[[int, SiteRole], None] | None = None) -> None:
+                 on_answer: Callable[[int, SiteRole], None] | None = None,
+                 registered: Callable[[], Mapping[int, str] | None] | None = None) -> None:
         self.grid = grid
+        self.registered = registered
         self.check_data = check_data
         self.timeout_s = timeout_s
         self.on_answer = on_answer
@@ -169,7 +175,11 @@ class SiteRoster:
             self._heard(node_id, role)
 
     def _heard(self, node_id: int, role: SiteRole) -> None:
-        if not role.problem and self._answers_as(role.name, other_than=node_id):
+        registered = (self.registered() or {}) if self.registered is not None else {}
+        if not role.problem and registered.get(node_id, role.name) != role.name:
+            role = role._replace(problem=f"it answers as {role.name!r} but its key is registered as "
+                                         f"{registered[node_id]!r}")
+        elif not role.problem and self._answers_as(role.name, other_than=node_id):
             # Two nodes under one name would share one row of the results, the later
             # overwriting the earlier: the first keeps the name, this one is left out.
             role = role._replace(problem=f"another connected site already answers as {role.name!r}; each site "

@@ -49,7 +49,7 @@ from medfed.server.metrics_log import MetricsLog, read_metrics
 from medfed.server.report import build_report, print_summary
 from medfed.server.transfer import TransferGrid
 from medfed.server.resume import RoundOffsetStrategy, get_rng_state, prepare_run_dir, set_rng_state
-from medfed.server.run_files import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE
+from medfed.server.run_files import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, read_registered_sites
 from medfed.strategies import ModelSpec, ReplyPolicy, create_strategy, load_strategy_state, strategy_state
 from medfed.strategies.base import MedfedStrategy
 from medfed.transfer import numpy_arrays
@@ -117,7 +117,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         np.random.seed(cfg.seed)
         arrays = _to_record(reference)
     deployed = _is_deployed(grid)
-    roster = _discover_sites(grid, cfg, deployed=deployed)
+    roster = _discover_sites(grid, cfg, deployed=deployed, run_dir=run_dir)
     held_out_names = [role.name for role in roster.roles.values() if role.held_out and not role.problem]
     earlier = read_metrics(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []  # earlier starts
     run_key = _run_key(earlier)
@@ -190,11 +190,12 @@ def read_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, Path,
     return cfg, run_dir, resume
 
 
-def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool) -> SiteRoster:
+def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool, run_dir: Path) -> SiteRoster:
     """Who the nodes are, asked before round 1: which sites are held out, the site names
     (a site whose first reply is an error is recorded by name, not node id; a simulated
     round that samples draws by them, the same on both engines), and in deployment whether
-    each site's data fits the study. Real sites come and go: a deployed server without
+    each site's data fits the study and answers under the name its key is registered
+    under (:data:`~medfed.server.run_files.REGISTERED_SITES_FILE`). Real sites come and go: a deployed server without
     held-out sites asks those connected (``medfed server`` waited for the sites), not all
     of them, or a server that started with a quorum would wait here for the absent ones."""
     from medfed.sites.profiles import num_held_out, num_nodes
@@ -202,7 +203,8 @@ def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool) -> Sit
     federation = cfg.federation
     # A site that never answers holds up round 1 this long (then it is sampled as any other).
     timeout_s = min(SITE_CHECK_TIMEOUT_S, federation.round_timeout_s)
-    roster = SiteRoster(grid, check_data=deployed, timeout_s=timeout_s)
+    roster = SiteRoster(grid, check_data=deployed, timeout_s=timeout_s,
+                        registered=(lambda: read_registered_sites(run_dir)) if deployed else None)
     roster.discover(num_nodes(federation) if num_held_out(federation) or not deployed else 0, timeout_s)
     return roster
 

@@ -253,6 +253,9 @@ def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher
     assert f"stopped run {evil_run}, which this server did not submit" in server_log
     assert registration.returncode == 0, registration.stdout + registration.stderr
     assert "withdrew a key registered as beta that is not in trusted_sites.txt" in server_log
+    # What the ServerApp checks each site's name against: the trusted registrations only.
+    registered = json.loads((run_dir / "flower" / "registered_sites.json").read_text())
+    assert sorted(registered.values()) == ["alpha", "beta", "gamma"]
     assert not (tmp_path / "pwned").exists()
     # Clients stop on SIGTERM and take their Flower processes with them.
     for site in ("alpha", "beta", "gamma"):

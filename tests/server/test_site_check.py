@@ -176,3 +176,29 @@ def test_a_second_site_answering_with_a_name_already_taken_is_left_out(tiny_root
     assert list(roster.left_out) == [second] and first not in roster.left_out
     assert roster.left_out[second].problem == ("another connected site already answers as 'alpha'; each site needs "
                                                "its own name and key")
+
+
+def test_a_site_answering_under_another_sites_registered_name_is_left_out(tiny_root, tiny_config, tmp_path):
+    # Prepare: beta's key is registered as "beta", but its node says it is "alpha" (a site
+    # posing as another, ahead of it): the SuperLink's registration decides.
+    cfg = tiny_config(tiny_root, tmp_path)
+    nodes = [{"data-path": str(tiny_root), "site-name": name} for name in ("alpha", "alpha")]
+    grid = LocalGrid(client_app, nodes, to_run_config(cfg))
+    first, second = sorted(grid.get_node_ids())
+    registered = {first: "beta", second: "alpha"}
+    roster = SiteRoster(grid, check_data=True, registered=lambda: registered)
+    # Execute
+    roster.discover(0, 60.0)
+    # Assert: the impostor is left out, the real alpha keeps its name.
+    assert list(roster.left_out) == [first]
+    assert roster.left_out[first].problem == "it answers as 'alpha' but its key is registered as 'beta'"
+    assert roster.names[second] == "alpha"
+
+
+def test_registered_site_names_are_read_from_the_run_folder(tmp_path):
+    from medfed.server.run_files import REGISTERED_SITES_FILE, read_registered_sites
+
+    assert read_registered_sites(tmp_path) is None  # simulation, --insecure
+    (tmp_path / REGISTERED_SITES_FILE).parent.mkdir(parents=True)
+    (tmp_path / REGISTERED_SITES_FILE).write_text(json.dumps({"123": "alpha", "18446744073709551615": "beta"}))
+    assert read_registered_sites(tmp_path) == {123: "alpha", 18446744073709551615: "beta"}
