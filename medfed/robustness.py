@@ -31,7 +31,7 @@ import numpy as np
 
 from medfed._io import json_text, write_bytes_atomic
 from medfed.errors import MedfedError
-from medfed.server.run_files import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE
+from medfed.server.run_files import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, TRAIN_METRICS_FILE
 
 __all__ = ["ModelSpec", "RobustnessError", "evaluate_robustness", "model_from_run", "model_from_file",
            "robustness_table"]
@@ -149,7 +149,7 @@ def model_from_file(path: str | Path, dataset: str | None, data_root: str | None
     if not path.is_file():
         raise RobustnessError(f"No model file at {path}; give a medfed train output ({MODEL_FILE}).")
     recorded: dict[str, Any] = {}
-    metrics_file = path.parent / "metrics.json"
+    metrics_file = path.parent / TRAIN_METRICS_FILE
     if metrics_file.is_file():
         try:
             content = json.loads(metrics_file.read_text())

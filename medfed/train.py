@@ -40,12 +40,12 @@ from medfed.client.task import (
 from medfed.data import DatasetValidationError, default_hflip_p, load_medmnist, train_augmentation
 from medfed.models import create_model
 from medfed.server.checkpoint import save_arrays
-from medfed.server.run_files import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE
+from medfed.server.run_files import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, TRAIN_METRICS_FILE
 
 __all__ = ["train_pooled", "default_selection_window"]
 
 #: Files that mark a folder as holding a run (of ``medfed train``, ``simulate`` or ``server``).
-RUN_FILES = ("metrics.json", MODEL_FILE, METRICS_FILE, CHECKPOINT_FILE)
+RUN_FILES = (TRAIN_METRICS_FILE, MODEL_FILE, METRICS_FILE, CHECKPOINT_FILE)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -208,7 +208,7 @@ def train_pooled(
                 "label_smoothing": label_smoothing, "hflip_p": hflip_p, "selection_window": window,
             },
         }
-        write_bytes_atomic(out_dir / "metrics.json", json_text(result, indent=2).encode("utf-8"))
+        write_bytes_atomic(out_dir / TRAIN_METRICS_FILE, json_text(result, indent=2).encode("utf-8"))
         console.print(
             f"best epoch {best_epoch} by val (ACC + AUC) / 2 over {window} epoch(s); [bold]test ACC {test['acc']:.4f} AUC {test['auc']:.4f}[/] "
             f"(balanced acc {test['balanced_acc']:.4f}); saved to {out_dir}"

@@ -12,11 +12,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from medfed.errors import MedfedError
+from medfed.server.run_files import MODEL_FILE
 
 __all__ = ["PretrainedError", "load_pretrained", "resolve_checkpoint", "state_dict_misfit"]
-
-_MODEL_FILE = "model.safetensors"
-
 
 class PretrainedError(MedfedError):
     """``model.init_from`` names no usable checkpoint for the model being built."""
@@ -26,11 +24,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The ``model.safetensors`` that ``path`` names: the file, or the one in a run folder."""
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / _MODEL_FILE
+        path = path / MODEL_FILE
     if not path.is_file():
         raise PretrainedError(
             f"model.init_from: no checkpoint at {path}; give a 'medfed train' or 'medfed simulate' output "
-            f"(its {_MODEL_FILE} or its run folder)."
+            f"(its {MODEL_FILE} or its run folder)."
         )
     return path
 
