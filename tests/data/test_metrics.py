@@ -135,6 +135,9 @@ def test_bad_shapes_and_labels_are_rejected():
         classification_metrics("multi-class", [0, 1, 2], np.full((2, 3), 1 / 3))
     with pytest.raises(ValueError, match="'task'"):
         classification_metrics("regression", [0], np.ones((1, 2)))
+    # Three columns for a binary task: column 1 would silently be taken as the positive class.
+    with pytest.raises(ValueError, match=r"Binary-class y_score must be \[N, 2\]"):
+        classification_metrics("binary-class", [0, 1], np.full((2, 3), 1 / 3))
 
 
 def test_group_metrics_per_known_group():

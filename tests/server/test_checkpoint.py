@@ -15,6 +15,7 @@ from medfed.server import checkpoint as checkpoint_module
 from medfed.server.checkpoint import (
     Checkpoint,
     CheckpointError,
+    checkpoint_round,
     load_arrays,
     load_checkpoint,
     save_arrays,
@@ -68,6 +69,15 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
     assert loaded.state == state
     assert loaded.state["history"][0]["acc"] == 0.1 + 0.2  # floats survive JSON exactly
     assert not list(tmp_path.glob(".*.tmp"))
+    assert checkpoint_round(path) == 3  # from the metadata alone
+
+
+def test_checkpoint_round_names_a_damaged_checkpoint_as_loading_does(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.safetensors"
+    _save_example(path)
+    path.write_bytes(path.read_bytes()[:12])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint_round(path)
 
 
 def test_checkpoint_with_empty_strategy_state(tmp_path: Path) -> None:
