@@ -9,17 +9,23 @@ hospital's images.
 So ``medfed server`` and ``medfed client`` put a folder of their own first on the PATH of
 the SuperLink and the SuperNode (:func:`write_guarded_executables`). Flower starts a
 run's code through executables it finds by name (``flwr-serverapp``, ``flwr-clientapp``,
-and ``flwr-agentapp``, ``flwr-connector``, ``flwr-model`` for kinds medfed never uses);
-the ones in that folder run :func:`main` here instead. For a ServerApp or a ClientApp,
+and ``flwr-agentapp``, ``flwr-connector``, ``flwr-model``, ``flwr-simulation`` for kinds
+medfed never uses); the ones in that folder run :func:`main` here instead. For a ServerApp or a ClientApp,
 :func:`main` starts Flower's own process with its app installation checked first by
 :func:`check_app`:
 
 - the app holds ``pyproject.toml`` and nothing else (no code of its own, which Flower
   would import before the installed medfed);
 - its components are medfed's ServerApp and ClientApp;
-- on the coordinator, its ``pyproject.toml`` is, byte for byte, the one this server
-  wrote and submitted (``MEDFED_APP_PYPROJECT``), so that no other experiment runs
-  in this study's run folder.
+- on the coordinator, its ``pyproject.toml`` is, table for table, the one this server
+  wrote and submitted (``MEDFED_APP_PYPROJECT``), and so is the run's configuration
+  with its overrides (:func:`check_run_config`, called by the ServerApp), so that no
+  other experiment runs in this study's run folder.
+
+Two more holes of the shared port are closed elsewhere: ``medfed server`` gives the
+SuperLink a SuperExec of its own with a secret (a stranger could otherwise take the
+run's ServerApp task through the Runtime API), and stops runs and withdraws keys it did
+not make (:class:`medfed.deploy.superlink._IntruderWatch`).
 
 An app that fails is not installed: the task fails with one line naming why, in the
 site's or the server's output. Every other kind of task is refused outright. Flower's
@@ -40,7 +46,7 @@ from pathlib import Path
 from medfed.errors import MedfedError
 from medfed.simulation.run import CLIENT_APP, SERVER_APP
 
-__all__ = ["AppRefused", "EXPECTED_PYPROJECT_ENV", "check_app", "main", "write_guarded_executables"]
+__all__ = ["AppRefused", "EXPECTED_PYPROJECT_ENV", "check_app", "check_run_config", "main", "write_guarded_executables"]
 
 #: Where the coordinator's guard finds the ``pyproject.toml`` of the run this server submitted.
 EXPECTED_PYPROJECT_ENV = "MEDFED_APP_PYPROJECT"
@@ -52,7 +58,7 @@ _GUARDED = {"flwr-serverapp": "serverapp", "flwr-clientapp": "clientapp"}
 _RUNTIME_MODULES = {"flwr-serverapp": "flwr.superlink.runtime.run_serverapp",
                     "flwr-clientapp": "flwr.supernode.runtime.run_clientapp"}
 #: ... and the kinds it never runs.
-_REFUSED = ("flwr-agentapp", "flwr-connector", "flwr-model")
+_REFUSED = ("flwr-agentapp", "flwr-connector", "flwr-model", "flwr-simulation")
 
 
 class AppRefused(MedfedError):
@@ -110,6 +116,35 @@ def check_app(fab: bytes, expected_pyproject: bytes | None = None) -> None:
         )
 
 
+def check_run_config(run_config: dict) -> None:
+    """On the coordinator, refuse a run whose configuration is not exactly the study's.
+
+    :func:`check_app` sees the app; a run also carries overrides (``flwr run
+    --run-config``), which Flower merges into the ServerApp's run config: a run of the
+    study's own app could otherwise name another run folder or strategy. Nothing is
+    checked where ``MEDFED_APP_PYPROJECT`` is not set (simulation, ``flwr run .``).
+
+    Raises
+    ------
+    AppRefused
+        The run config differs from the ``[tool.flwr.app.config]`` this server wrote.
+    """
+    path = os.environ.get(EXPECTED_PYPROJECT_ENV)
+    if not path:
+        return
+    import tomli
+    from flwr.common.config import flatten_dict
+
+    written = tomli.loads(Path(path).read_text(encoding="utf-8"))["tool"]["flwr"]["app"].get("config", {})
+    expected = flatten_dict(written)
+    if dict(run_config) != expected:
+        changed = sorted(key for key in set(run_config) | set(expected) if run_config.get(key) != expected.get(key))
+        raise AppRefused(
+            f"refused a run whose configuration differs from the study's ({', '.join(changed[:5])}): this medfed "
+            "server did not submit it; someone who can reach the server's port did (see 'Network' in the README)."
+        )
+
+
 def write_guarded_executables(folder: str | Path) -> Path:
     """Write into ``folder`` the executables that stand in for Flower's task processes; return it.
 
@@ -118,9 +153,13 @@ def write_guarded_executables(folder: str | Path) -> Path:
     """
     folder = Path(folder)
     python = shlex.quote(sys.executable)
+    # Not "python -m", which puts the working folder first on sys.path: any .py file
+    # where the site started medfed client could then stand in for a module medfed imports.
+    start = shlex.quote("import sys; sys.path = [p for p in sys.path if p != '']; "
+                        "from medfed.deploy.app_guard import main; main()")
     for executable in (*_GUARDED, *_REFUSED):
         path = folder / executable
-        path.write_text(f'#!/bin/sh\nexec {python} -m medfed.deploy.app_guard {executable} "$@"\n', encoding="utf-8")
+        path.write_text(f'#!/bin/sh\nexec {python} -c {start} {executable} "$@"\n', encoding="utf-8")
         path.chmod(0o755)
     return folder
 
@@ -143,7 +182,7 @@ def _guard_installation(runtime, expected_pyproject: bytes | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m medfed.deploy.app_guard NAME ARGS...``: Flower's task process ``NAME``, guarded."""
+    """Flower's task process ``NAME``, guarded (``sys.argv``: ``[.., NAME, ARGS...]``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv.pop(0) if argv else ""
     if name not in _GUARDED:

@@ -46,6 +46,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -79,6 +80,8 @@ FLOWER_HOME = "flower"
 STATE_DB = "state.db"
 SUPERLINK_LOG = "superlink.log"
 SERVER_FILE = "server.json"
+#: The secret the SuperLink and its SuperExec share (mode 0600, new at each start).
+SUPEREXEC_SECRET = "superexec.secret"
 
 
 class DeployError(MedfedError):
@@ -197,12 +200,14 @@ def run_server(
     _write_flower_config(home, listen.local, tls)
     try:
         with interrupt_on_sigterm():
+            _new_superexec_secret(home)
             superlink = processes.start(_superlink_command(listen, home, tls), log=home / SUPERLINK_LOG)
             if not wait_for_port(listen.local.host, listen.port, 60.0, alive=lambda: superlink.poll() is None):
                 raise DeployError(
                     f"The SuperLink did not start on {listen}: {_last_line(home / SUPERLINK_LOG)} "
                     f"(full log: {home / SUPERLINK_LOG})."
                 )
+            processes.start(_superexec_command(listen, home, tls, superlink.pid), log=home / SUPERLINK_LOG)
             scheme = "http (INSECURE)" if tls is None else "https with TLS and site keys"
             _say(out, f"medfed server: listening on {listen} ({scheme}); run folder {run_dir}")
             control = _Control(listen.local, tls)
@@ -384,9 +389,11 @@ def _progress_line(record: dict, rounds: int) -> str | None:
 
 
 def _superlink_command(listen: Address, home: Path, tls: ServerCerts | None) -> list[str]:
+    """The SuperLink; its ServerApps are started by :func:`_superexec_command`'s SuperExec."""
     command = [
         flower_executable("flower-superlink"), "--host", listen.host, "--port", str(listen.port),
         "--database", str(home / STATE_DB), "--disable-runtime-dependency-installation",
+        "--isolation", "process", "--superexec-auth-secret-file", str(home / SUPEREXEC_SECRET),
     ]
     if tls is None:
         return command + ["--insecure"]
@@ -394,6 +401,32 @@ def _superlink_command(listen: Address, home: Path, tls: ServerCerts | None) -> 
         "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
         "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth",
     ]
+
+
+def _superexec_command(listen: Address, home: Path, tls: ServerCerts | None, superlink_pid: int) -> list[str]:
+    """The SuperExec that starts the run's ServerApp, proving itself with the run folder's secret.
+
+    The SuperLink serves its Runtime API on the study's one port. Left to start its own
+    SuperExec (``--isolation subprocess``) it hands a run's ServerApp task to whoever asks
+    first, and a stranger polling every few milliseconds wins that race: their own
+    ServerApp then drives the study and receives every site's trained weights. With
+    ``--isolation process`` and a secret only this server and its SuperExec hold, the
+    SuperLink answers that SuperExec alone.
+    """
+    command = [
+        flower_executable("flower-superexec"), "--runtime-api-address", str(listen.local),
+        "--superexec-auth-secret-file", str(home / SUPEREXEC_SECRET), "--parent-pid", str(superlink_pid),
+    ]
+    return command + (["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)])
+
+
+def _new_superexec_secret(home: Path) -> None:
+    """A new random secret for the SuperLink and its SuperExec, readable by this user alone."""
+    secret = home / SUPEREXEC_SECRET
+    secret.unlink(missing_ok=True)
+    descriptor = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
 
 
 def _write_flower_config(home: Path, local: Address, tls: ServerCerts | None) -> None:
@@ -594,11 +627,16 @@ class _IntruderWatch(threading.Thread):
             self._registered = registered
 
     def run(self) -> None:
+        failures = 0
         while not self._stop_event.wait(1.0):
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - a busy or stopping SuperLink; look again
-                continue
+                failures = 0
+            except Exception as err:  # noqa: BLE001 - a busy or stopping SuperLink; look again
+                failures += 1
+                if failures == 30 and not self._stop_event.is_set():  # said once per outage, not every second
+                    _say(self.out, f"medfed server: cannot check for runs and keys it did not make for 30 s "
+                                   f"({type(err).__name__}: {str(err)[:120]}); still trying")
 
     def stop(self) -> None:
         self._stop_event.set()

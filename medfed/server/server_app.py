@@ -40,6 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from medfed.client.site_state import RUN_KEY
 from medfed.config import ExperimentConfig, config_to_dict, from_run_config
+from medfed.deploy.app_guard import check_run_config
 from medfed.data import dataset_info
 from medfed.server.checkpoint import save_arrays, save_checkpoint
 from medfed.server.held_out import SiteRole, SiteRoster
@@ -77,6 +78,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the experiment described by the run config."""
+    check_run_config(context.run_config)  # deployed: only the run medfed server submitted, as it wrote it
     cfg, run_dir, resume = read_run_config(context.run_config)
     missed = 0
     while True:

@@ -113,3 +113,67 @@ def test_every_flower_process_medfed_starts_finds_the_guarded_executables_first(
     finally:
         processes.stop()
     assert not folder.exists()
+
+
+def test_the_superlinks_runtime_api_hands_tasks_only_to_medfeds_superexec(tmp_path):
+    # A stranger polling the Runtime API (on the study's one port) for the ServerApp task
+    # took the whole study over when Flower started its own SuperExec: the SuperLink now
+    # answers only a SuperExec holding the run folder's secret.
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
+
+    from medfed.deploy.certs import make_certs, server_certs
+    from medfed.deploy.processes import free_port, wait_for_port
+    from medfed.deploy.superlink import SUPEREXEC_SECRET, Address, _new_superexec_secret, _superlink_command
+
+    make_certs(tmp_path / "certs", "127.0.0.1", ["alpha"])
+    tls = server_certs(tmp_path / "certs")
+    home = tmp_path / "flower"
+    home.mkdir()
+    listen = Address("127.0.0.1", free_port())
+    processes = ProcessSet()
+    try:
+        _new_superexec_secret(home)
+        assert oct((home / SUPEREXEC_SECRET).stat().st_mode & 0o777) == "0o600"
+        link = processes.start(_superlink_command(listen, home, tls), log=home / "superlink.log")
+        assert wait_for_port(listen.host, listen.port, 60.0, alive=lambda: link.poll() is None)
+        stranger = RuntimeHttpClient.from_server_address(
+            str(listen), insecure=False, root_certificates=str(tls.ca_cert),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+        with pytest.raises(Exception, match="401 Unauthorized"):
+            stranger.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-serverapp"]))
+    finally:
+        processes.stop()
+
+
+def test_the_server_refuses_a_run_whose_configuration_was_overridden(tmp_path, monkeypatch, medfed_pyproject):
+    from flwr.common.config import flatten_dict
+    import tomli
+
+    from medfed.deploy.app_guard import EXPECTED_PYPROJECT_ENV, check_run_config
+
+    written = tmp_path / "pyproject.toml"
+    written.write_text(medfed_pyproject, encoding="utf-8")
+    study = flatten_dict(tomli.loads(medfed_pyproject)["tool"]["flwr"]["app"]["config"])
+    check_run_config({**study, "run-dir": "/etc"})  # simulation: nothing to compare with
+    monkeypatch.setenv(EXPECTED_PYPROJECT_ENV, str(written))
+    check_run_config(study)
+    # flwr run --run-config 'run-dir="/etc"' with the study's own app: another folder to write to.
+    with pytest.raises(AppRefused, match=r"differs from the study's \(run-dir\)"):
+        check_run_config({**study, "run-dir": "/etc"})
+    with pytest.raises(AppRefused, match=r"\(rounds\)"):
+        check_run_config({**study, "rounds": 1000})
+
+
+def test_a_python_file_in_the_working_folder_cannot_stand_in_for_a_module(tmp_path):
+    # The task processes run where the site started medfed client: "python -m" would import
+    # a flwr.py found there instead of Flower.
+    (tmp_path / "flwr.py").write_text("raise SystemExit('imported from the working folder')\n")
+    processes = ProcessSet()
+    try:
+        shown = subprocess.run(["flwr-clientapp", "--help"], env=processes.env, cwd=tmp_path, capture_output=True,
+                               text=True, timeout=120)
+    finally:
+        processes.stop()
+    assert shown.returncode == 0 and "--runtime-api-address" in shown.stdout, shown.stderr
