@@ -88,6 +88,9 @@ class MedfedStrategy:
         Set by :func:`~medfed.strategies.create_strategy` from the experiment config.
     dropped_replies : Mapping[int, str]
         Node id -> reason, for the replies the latest ``aggregate_train`` left out.
+    aggregate_not_finite : bool
+        Whether the latest ``aggregate_train`` returned no arrays because their aggregate
+        held NaN/inf (the round keeps the global model).
     global_arrays : ArrayRecord or None
         The arrays of the round being trained (set by ``configure_train``): the
         reference of update norms, clipping and partial updates.
@@ -96,6 +99,7 @@ class MedfedStrategy:
     client_hooks: ClassVar[type[ClientHooks]] = ClientHooks
     reply_policy: ReplyPolicy = ReplyPolicy()
     dropped_replies: Mapping[int, str] = MappingProxyType({})
+    aggregate_not_finite: bool = False
     global_arrays: ArrayRecord | None = None
 
     def client_params(self) -> dict[str, Any]:
@@ -162,9 +166,10 @@ class MedfedStrategy:
         self._clip(kept)
         arrays, metrics = self.aggregate_valid_replies(server_round, kept)
         arrays = self._complete(arrays)
-        if arrays is not None and not _all_finite(arrays):
-            # Finite replies can still overflow an aggregation (FedLD's Gram matrix, an
-            # optimizer's moments): a NaN global model would end the study.
+        # Finite replies can still overflow an aggregation (FedLD's Gram matrix, a sum near
+        # float32's limit): a NaN global model would end the study.
+        self.aggregate_not_finite = arrays is not None and not _all_finite(arrays)
+        if self.aggregate_not_finite:
             log(WARNING, "aggregate_train: round %s: the aggregate of the valid replies is not finite (NaN/inf); "
                 "the global arrays stay unchanged this round.", server_round)
             return None, metrics

@@ -172,3 +172,16 @@ def test_a_sites_exception_is_recorded_as_people_read_it():
     reason = "<class 'medfed.client.client_app.SiteFailure'>:<'SiteDataError at the site; the site\\'s log has it'>"
     assert error_text(reason) == "SiteFailure: SiteDataError at the site; the site\\'s log has it"
     assert error_text("Node Unavailable") == "Node Unavailable"
+
+
+def test_an_aggregate_that_overflows_keeps_the_global_model_and_the_run_goes_on():
+    # Prepare: three valid replies (quorum 2 met) whose aggregate overflows (as FedLD's
+    # float32 Gram matrix and FedTrimmedAvg's sum did near float32's limit).
+    strategy = FedAvg()
+    strategy.aggregate_valid_replies = lambda server_round, kept: (ArrayRecord({"w": Array(np.array([np.inf]))}), None)
+    guard = QuorumGuard(strategy, min_sites=2, num_sites=3, timeout_s=1)
+    # Execute
+    arrays, _ = guard.aggregate_train(2, [_reply(node, [1.0]) for node in (1, 2, 3)])
+    # Assert: no new arrays (Flower keeps the previous ones), and no "0 valid replies" quorum error.
+    assert arrays is None
+    assert strategy.aggregate_not_finite
