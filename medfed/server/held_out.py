@@ -175,8 +175,12 @@ class SiteRoster:
             self._heard(node_id, role)
 
     def _heard(self, node_id: int, role: SiteRole) -> None:
-        registered = (self.registered() or {}) if self.registered is not None else {}
-        if not role.problem and registered.get(node_id, role.name) != role.name:
+        registered = self.registered() if self.registered is not None else None
+        if not role.problem and registered is not None and node_id not in registered:
+            # A key registered by a stranger through the Control API lives up to a second;
+            # the study's own nodes are all in the file before round 1. Asked again later.
+            role = role._replace(problem="its key is not one of the study's registered sites")
+        elif not role.problem and registered is not None and registered[node_id] != role.name:
             role = role._replace(problem=f"it answers as {role.name!r} but its key is registered as "
                                          f"{registered[node_id]!r}")
         elif not role.problem and self._answers_as(role.name, other_than=node_id):

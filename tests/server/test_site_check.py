@@ -202,3 +202,12 @@ def test_registered_site_names_are_read_from_the_run_folder(tmp_path):
     (tmp_path / REGISTERED_SITES_FILE).parent.mkdir(parents=True)
     (tmp_path / REGISTERED_SITES_FILE).write_text(json.dumps({"123": "alpha", "18446744073709551615": "beta"}))
     assert read_registered_sites(tmp_path) == {123: "alpha", 18446744073709551615: "beta"}
+
+
+def test_a_node_whose_key_is_not_among_the_registered_sites_is_left_out(tiny_root, tiny_config, tmp_path):
+    cfg = tiny_config(tiny_root, tmp_path)
+    grid = LocalGrid(client_app, [{"data-path": str(tiny_root), "site-name": "alpha"}], to_run_config(cfg))
+    (node,) = grid.get_node_ids()
+    roster = SiteRoster(grid, check_data=True, registered=lambda: {})
+    roster.discover(0, 60.0)
+    assert roster.left_out[node].problem == "its key is not one of the study's registered sites"
