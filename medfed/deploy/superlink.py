@@ -189,16 +189,16 @@ def run_server(
         # The ServerApp runs only the app written below (medfed.deploy.app_guard).
         EXPECTED_PYPROJECT_ENV: str(home / "app" / "pyproject.toml"),
     }
-    processes = ProcessSet(env)
     # Refusals first, so that a refused start writes nothing (another server's Flower
     # config names its own address); a killed server's leftovers go before the port check.
     _stop_previous_server(home, out)
     _check_port_free(listen)
-    (home / "app").mkdir(parents=True, exist_ok=True)
-    _claim(home, processes.marker)
-    (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
-    _write_flower_config(home, listen.local, tls)
+    processes = ProcessSet(env)  # from here on its stop() runs (it also removes its temporary folder)
     try:
+        (home / "app").mkdir(parents=True, exist_ok=True)
+        _claim(home, processes.marker)
+        (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
+        _write_flower_config(home, listen.local, tls)
         with interrupt_on_sigterm():
             _new_superexec_secret(home)
             superlink = processes.start(_superlink_command(listen, home, tls), log=home / SUPERLINK_LOG)
@@ -207,7 +207,7 @@ def run_server(
                     f"The SuperLink did not start on {listen}: {_last_line(home / SUPERLINK_LOG)} "
                     f"(full log: {home / SUPERLINK_LOG})."
                 )
-            processes.start(_superexec_command(listen, home, tls, superlink.pid), log=home / SUPERLINK_LOG)
+            superexec = processes.start(_superexec_command(listen, home, tls, superlink.pid), log=home / SUPERLINK_LOG)
             scheme = "http (INSECURE)" if tls is None else "https with TLS and site keys"
             _say(out, f"medfed server: listening on {listen} ({scheme}); run folder {run_dir}")
             control = _Control(listen.local, tls)
@@ -231,7 +231,8 @@ def run_server(
                     run_id = _submit(home, processes.env)
                     own_runs.add(run_id)
                 _say(out, f"medfed server: run {run_id} started; Flower's log: {home / SUPERLINK_LOG}")
-                _follow(control, run_id, run_dir, cfg.rounds, out)
+                _follow(control, run_id, run_dir, cfg.rounds, out,
+                        alive=lambda: superlink.poll() is None and superexec.poll() is None, log=home / SUPERLINK_LOG)
                 watcher.stop()
             finally:
                 if intruders is not None:
@@ -317,17 +318,23 @@ def _submit(home: Path, env: dict[str, str]) -> int:
         raise DeployError(f"Flower did not accept the run: {detail}") from None
 
 
-def _follow(control: _Control, run_id: int, run_dir: Path, rounds: int, out) -> None:
+def _follow(control: _Control, run_id: int, run_dir: Path, rounds: int, out, *,
+            alive=lambda: True, log: Path | None = None) -> None:
     """Print the run's progress from ``metrics.jsonl`` until Flower reports the run finished.
 
     The run's own log stream (``flwr run --stream``) ends on the first transient
-    SuperLink error, so the run's end is read from its status instead.
+    SuperLink error, so the run's end is read from its status instead. Raises
+    :class:`DeployError` when ``alive()`` turns False (the SuperLink or the SuperExec
+    that starts the ServerApp has exited: the run would never start or end).
     """
     metrics = run_dir / METRICS_FILE
     offset = metrics.stat().st_size if metrics.exists() else 0
     status_due = 0.0
     while True:
         offset = _print_progress(metrics, offset, rounds, out)
+        if not alive():
+            detail = f": {_last_line(log)} (full log: {log})" if log is not None else ""
+            raise DeployError(f"Flower's SuperLink or its SuperExec stopped during run {run_id}{detail}.")
         if time.monotonic() >= status_due:
             status_due = time.monotonic() + 5.0
             try:

@@ -177,3 +177,17 @@ def test_a_python_file_in_the_working_folder_cannot_stand_in_for_a_module(tmp_pa
     finally:
         processes.stop()
     assert shown.returncode == 0 and "--runtime-api-address" in shown.stdout, shown.stderr
+
+
+def test_the_server_stops_following_a_run_whose_superexec_died(tmp_path):
+    # With its own SuperExec the server must notice it gone: the run would stay pending forever.
+    from medfed.deploy.superlink import DeployError, _follow
+
+    class Control:
+        def run_status(self, run_id):
+            return "pending"
+
+    log = tmp_path / "superlink.log"
+    log.write_text("INFO: Starting Flower SuperExec\nERROR: Failed to load SuperExec authentication secret\n")
+    with pytest.raises(DeployError, match="SuperExec stopped during run 7: ERROR: Failed to load SuperExec"):
+        _follow(Control(), 7, tmp_path, 3, io.StringIO(), alive=lambda: False, log=log)

@@ -26,10 +26,13 @@ def test_one_line_and_exit_2(tmp_path, capsys, argv, expected):
     assert expected in err
 
 
-def test_a_server_on_a_port_in_use_is_refused_before_it_starts(tmp_path, capsys):
+def test_a_server_on_a_port_in_use_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):
     # Another program (or another study's server) listens on the port: waiting for the
     # port to answer took it for this server's SuperLink.
     import socket
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a ProcessSet's folder would go
 
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
@@ -41,6 +44,7 @@ def test_a_server_on_a_port_in_use_is_refused_before_it_starts(tmp_path, capsys)
     assert code == 2
     assert err[-1].endswith(f"Port {port} on 127.0.0.1 is in use (Address already in use), by another program or "
                             "another medfed server; stop it, or give this server another --address.")
+    assert not list(tmp_path.glob("medfed-apps-*"))  # a refused start leaves no temporary folder behind
 
 
 def test_a_run_stopped_by_the_quorum_names_the_whole_resume_command(tmp_path):
