@@ -64,6 +64,8 @@ def run_case(case: dict) -> dict:
     if case["threads"] > 0:
         torch.set_num_threads(case["threads"])
     device = torch.device(case["device"])
+    if device.type == "cuda":
+        torch._dynamo.reset()  # cases share one process on CUDA: no earlier case's compiled graph (and its model) stays
     torch.manual_seed(0)
     model = build_model(case["model"], case["img_size"]).to(device)
     memory_format = torch.channels_last if case["channels_last"] else torch.contiguous_format
@@ -105,6 +107,11 @@ def run_case(case: dict) -> dict:
         step()  # compiles
         compile_s = time.perf_counter() - started
     if device.type == "cuda":
+        # Cases share one process on CUDA: what an earlier case left (a compiled graph
+        # holding its model) must not count in this one's absolute peak.
+        import gc
+
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     before_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
