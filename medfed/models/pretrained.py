@@ -12,9 +12,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from medfed.errors import MedfedError
-from medfed.server.run_files import MODEL_FILE
 
 __all__ = ["PretrainedError", "load_pretrained", "resolve_checkpoint", "state_dict_misfit"]
+
+#: The model file of a run folder (``medfed.server.run_files.MODEL_FILE``; the models
+#: package does not import the federation's, see ARCHITECTURE.md).
+MODEL_FILE = "model.safetensors"
 
 class PretrainedError(MedfedError):
     """``model.init_from`` names no usable checkpoint for the model being built."""
