@@ -7,7 +7,9 @@ What :func:`run_server` does, in order:
 2. starts ``flower-superlink`` with TLS (``ca.crt``, ``server.crt``, ``server.key``),
    SuperNode authentication and a persistent SQLite state in
    ``RUN_DIR/flower/state.db`` (node registrations survive a restart, so the sites
-   reconnect on their own), its log in ``RUN_DIR/flower/superlink.log``;
+   reconnect on their own), its log in ``RUN_DIR/flower/superlink.log``; and the
+   SuperExec that starts the run's ServerApp, with a secret the two share
+   (``--isolation process``: the Runtime API on the open port answers no one else);
 3. registers every site of ``trusted_sites.txt`` under its name (once; a restarted
    server finds them registered) through Flower's Control API;
 4. from then on, stops within a second any run it did not submit and withdraws any key
