@@ -293,8 +293,11 @@ def test_a_site_killed_mid_round_rejoins_and_a_killed_server_resumes(launcher, t
     # The hospital restarts beta with the same command; the resumed server waits for all
     # three sites (beta's key may be refused until its dead node is marked offline).
     launcher.start("beta-again", client_args("beta", port, tmp_path, certs))
-    launcher.start("resumed", server_args + ["--resume", "--join-timeout", "150"])
-    resumed_code = launcher.wait("resumed", 150 + 6 * ROUND_TIMEOUT_S)
+    # A site may first finish the killed run's round-2 message it had already pulled, then
+    # train the resumed round: the resume doubles the deadline (a resume may raise it).
+    launcher.start("resumed", server_args + ["--resume", "--join-timeout", "150",
+                                             "--set", f"federation.round_timeout_s={2 * ROUND_TIMEOUT_S:g}"])
+    resumed_code = launcher.wait("resumed", 150 + 10 * ROUND_TIMEOUT_S)
 
     # Assert: round 1 completed without beta (recorded), round 2 ran after the restart,
     # with beta back.
