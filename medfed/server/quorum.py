@@ -146,12 +146,12 @@ class QuorumGuard(DelegatingStrategy):
             for node_id, reason in rejected.items():
                 self.on_rejected(node_id, reason)
         kept = answered - len(rejected)
-        if arrays is None and kept >= self.min_sites and getattr(self.strategy, "aggregate_not_finite", False):
-            return None, metrics  # the strategy said why; Flower keeps the global model, the study goes on
-        if arrays is None or kept < self.min_sites:
+        if kept < self.min_sites:
             log(WARNING, "[medfed] round %d: %d valid training repl%s, quorum is %d; the global model "
                 "is not replaced", server_round, kept, "y" if kept == 1 else "ies", self.min_sites)
-            raise QuorumNotMet(server_round, kept if arrays is not None else 0, self.min_sites, "valid replies")
+            raise QuorumNotMet(server_round, kept, self.min_sites, "valid replies")
+        # No arrays from enough valid replies: the strategy keeps the global model this round
+        # (a NaN/inf aggregate, which it logged); Flower then goes on with the previous arrays.
         return arrays, metrics
 
 
