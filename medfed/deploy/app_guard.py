@@ -25,7 +25,7 @@ medfed never uses); the ones in that folder run :func:`main` here instead. For a
 Two more holes of the shared port are closed elsewhere: ``medfed server`` gives the
 SuperLink a SuperExec of its own with a secret (a stranger could otherwise take the
 run's ServerApp task through the Runtime API), and stops runs and withdraws keys it did
-not make (:class:`medfed.deploy.superlink._IntruderWatch`).
+not make (:class:`medfed.deploy.superlink._SuperLinkWatch`).
 
 An app that fails is not installed: the task fails with one line naming why, in the
 site's or the server's output. Every other kind of task is refused outright. Flower's

@@ -13,7 +13,7 @@ What :func:`run_server` does, in order:
 3. registers every site of ``trusted_sites.txt`` under its name (once; a restarted
    server finds them registered) through Flower's Control API;
 4. from then on, stops within a second any run it did not submit and withdraws any key
-   that is not in ``trusted_sites.txt`` (:class:`_IntruderWatch`): Flower's Control API
+   that is not in ``trusted_sites.txt`` (:class:`_SuperLinkWatch`): Flower's Control API
    shares the one port and has no login. The Flower processes it starts run no app but
    medfed's own (:mod:`medfed.deploy.app_guard`). Then it waits for
    ``federation.num_sites`` sites to connect, printing each by name;
@@ -213,7 +213,7 @@ def run_server(
             scheme = "http (INSECURE)" if tls is None else "https with TLS and site keys"
             _say(out, f"medfed server: listening on {listen} ({scheme}); run folder {run_dir}")
             control = _Control(listen.local, tls)
-            intruders = None
+            watch = None
             try:
                 if tls is not None:
                     for name in control.trust_exactly(tls.trusted_sites):
@@ -221,26 +221,24 @@ def run_server(
                                   "in --certs)")
                 for run_id in control.stop_unfinished_runs():
                     _say(out, f"medfed server: stopped run {run_id}, left unfinished by the previous server")
-                intruders = _IntruderWatch(_Control(listen.local, tls), out,
-                                           None if tls is None else public_keys(tls.trusted_sites),
-                                           registered_file=run_dir / REGISTERED_SITES_FILE)
-                intruders.check()  # the study's ServerApp reads the registrations from the first round on
-                intruders.start()
+                watch = _SuperLinkWatch(_Control(listen.local, tls), out,
+                                        None if tls is None else public_keys(tls.trusted_sites),
+                                        registered_file=run_dir / REGISTERED_SITES_FILE)
+                watch.check()  # the study's ServerApp reads the registrations from the first round on
+                watch.start()
                 _wait_for_sites(control, cfg.federation.num_sites, cfg.federation.quorum, join_timeout_s, out)
-                watcher = _SiteWatcher(control, out)
-                watcher.start()
-                with intruders.submitting() as own_runs:
+                watch.announce_sites()
+                with watch.submitting() as own_runs:
                     run_id = _submit(home, processes.env)
                     own_runs.add(run_id)
                 _say(out, f"medfed server: run {run_id} started; Flower's log: {home / SUPERLINK_LOG}")
                 _follow(control, run_id, run_dir, cfg.rounds, out,
                         alive=lambda: superlink.poll() is None and superexec.poll() is None, log=home / SUPERLINK_LOG)
-                watcher.stop()
             finally:
-                if intruders is not None:
-                    intruders.stop()
-                    intruders.join(timeout=5)
-                    intruders.control.close()
+                if watch is not None:
+                    watch.stop()
+                    watch.join(timeout=5)
+                    watch.control.close()
                 control.close()
     except KeyboardInterrupt:
         # The caller says how to resume (the CLI prints the whole command line).
@@ -486,8 +484,8 @@ class _Control:
 
         wanted = public_keys(sites)
         registered = [node for node in self.nodes() if node.status != "unregistered"]
-        withdrawn = [node for node in registered if wanted.get(node.name) != bytes(node.public_key)]
-        kept = {node.name for node in registered if wanted.get(node.name) == bytes(node.public_key)}
+        withdrawn = [node for node in registered if not _holds_trusted_key(node, wanted)]
+        kept = {node.name for node in registered if _holds_trusted_key(node, wanted)}
         # New keys first: Flower never registers a key twice (not even one it withdrew), so a
         # renamed or re-added site fails here, before any registration has been withdrawn.
         for name, key in wanted.items():
@@ -526,7 +524,7 @@ class _Control:
         """Stop every unfinished run but those in ``keep``; return their ids.
 
         At the start, these are what a killed server left in the state database (a resume
-        starts a new run); later, runs that someone else submitted (:class:`_IntruderWatch`).
+        starts a new run); later, runs that someone else submitted (:class:`_SuperLinkWatch`).
         """
         from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest
 
@@ -574,14 +572,16 @@ def _wait_for_sites(control: _Control, count: int, quorum: int, timeout_s: float
         time.sleep(0.5)
 
 
-class _IntruderWatch(threading.Thread):
-    """Every second, stops the runs this server did not submit and withdraws the keys it did not register.
+class _SuperLinkWatch(threading.Thread):
+    """Every second, keeps the SuperLink to the study: stops the runs this server did not
+    submit, withdraws the keys it did not register, and says which sites leave or rejoin.
 
     Flower's Control API shares the server's port and has no login, so whoever reaches the
     port can submit a run or register a key (see "Network" in the README). Their app does
     not run (:mod:`medfed.deploy.app_guard`); this takes their run and their key away
     within a second, while the server runs. A run is this server's when it was submitted
-    inside :meth:`submitting`.
+    inside :meth:`submitting`. Sites that leave or join are said once :meth:`announce_sites`
+    was called (before it, :func:`_wait_for_sites` says so with its counter).
 
     Parameters
     ----------
@@ -602,6 +602,7 @@ class _IntruderWatch(threading.Thread):
         self.trusted = trusted
         self.registered_file = registered_file
         self._registered: dict[str, str] | None = None
+        self._online: set[str] | None = None  # None: not announcing yet
         self.own_runs: set[int] = set()
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
@@ -612,28 +613,41 @@ class _IntruderWatch(threading.Thread):
         with self._lock:
             yield self.own_runs
 
+    def announce_sites(self) -> None:
+        """From now on, say which sites go offline or join."""
+        with self._lock:
+            self._online = set(self.control.online().values())
+
     def check(self) -> None:
-        """Stop foreign runs and withdraw foreign keys, once."""
+        """Stop foreign runs, withdraw foreign keys and say who left or joined, once."""
         with self._lock:
             for run_id in self.control.stop_unfinished_runs(keep=self.own_runs):
                 _say(self.out, f"medfed server: stopped run {run_id}, which this server did not submit (someone "
                                "reached the server's port: see 'Network' in the README)")
-        if self.trusted is None:
-            self.registered_file.unlink(missing_ok=True)
-            return
-        registered = {}
-        for node in self.control.nodes():
-            if node.status == "unregistered":
-                continue
-            if self.trusted.get(node.name) != bytes(node.public_key):
-                self.control.unregister(node.node_id)
-                _say(self.out, f"medfed server: withdrew a key registered as {node.name or 'a site'} that is not "
-                               "in trusted_sites.txt (someone reached the server's port: see 'Network' in the README)")
-            else:
+            registered, online = {}, set()
+            for node in self.control.nodes():
+                if node.status == "unregistered":
+                    continue
+                if self.trusted is not None and not _holds_trusted_key(node, self.trusted):
+                    self.control.unregister(node.node_id)
+                    _say(self.out, f"medfed server: withdrew a key registered as {node.name or 'a site'} that is "
+                                   "not in trusted_sites.txt (someone reached the server's port: see 'Network' in "
+                                   "the README)")
+                    continue
                 registered[str(node.node_id)] = node.name
-        if registered != self._registered:
-            write_bytes_atomic(self.registered_file, json.dumps(registered, sort_keys=True).encode("utf-8"))
-            self._registered = registered
+                if node.status == "online":
+                    online.add(node.name or f"node-{node.node_id}")
+            if self.trusted is None:
+                self.registered_file.unlink(missing_ok=True)
+            elif registered != self._registered:
+                write_bytes_atomic(self.registered_file, json.dumps(registered, sort_keys=True).encode("utf-8"))
+                self._registered = registered
+            if self._online is not None:
+                for name in sorted(online - self._online):
+                    _say(self.out, f"medfed server: site {name} joined")
+                for name in sorted(self._online - online):
+                    _say(self.out, f"medfed server: site {name} went offline")
+                self._online = online
 
     def run(self) -> None:
         failures = 0
@@ -651,30 +665,9 @@ class _IntruderWatch(threading.Thread):
         self._stop_event.set()
 
 
-class _SiteWatcher(threading.Thread):
-    """Prints sites that leave or (re)join while the run goes on."""
-
-    def __init__(self, control: _Control, out) -> None:
-        super().__init__(daemon=True)
-        self.control = control
-        self.out = out
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            before = set(self.control.online().values())
-            while not self._stop_event.wait(5.0):
-                now = set(self.control.online().values())
-                for name in sorted(now - before):
-                    _say(self.out, f"medfed server: site {name} joined")
-                for name in sorted(before - now):
-                    _say(self.out, f"medfed server: site {name} went offline")
-                before = now
-        except Exception:  # noqa: BLE001 - the SuperLink is stopping; nothing to report
-            return
-
-    def stop(self) -> None:
-        self._stop_event.set()
+def _holds_trusted_key(node, trusted: dict[str, bytes]) -> bool:
+    """Whether ``node`` (Flower's ``NodeInfo``) is registered under a site's name with that site's key."""
+    return trusted.get(node.name) == bytes(node.public_key)
 
 
 def resume_command(run_dir: str | Path, *, certs: str | Path | None, address: str = DEFAULT_ADDRESS,

@@ -162,3 +162,52 @@ def test_a_deployed_run_whose_every_site_diverged_is_not_told_to_resume(tmp_path
                                           r"update\): start a new run \(another name or output_dir\) with a lower "
                                           r"train\.lr; a resume would repeat"):
         _check_finished(run_dir, tmp_path / "flower", "medfed server --resume --run-dir run")
+
+
+def test_the_superlink_watch_withdraws_strangers_keys_and_says_who_left_or_joined(tmp_path):
+    # One thread lists the SuperLink's nodes: it withdraws a key that is not the site's,
+    # keeps registered_sites.json, and says who went offline or joined once the run is on.
+    import io
+    from types import SimpleNamespace
+
+    from medfed.deploy.superlink import _SuperLinkWatch
+
+    def node(node_id, name, key, status="online"):
+        return SimpleNamespace(node_id=node_id, name=name, public_key=key, status=status)
+
+    class Control:
+        def __init__(self):
+            self.listed = [node(1, "alpha", b"ka"), node(2, "beta", b"kb"), node(3, "beta", b"evil")]
+            self.withdrawn = []
+
+        def stop_unfinished_runs(self, keep):
+            return []
+
+        def nodes(self):
+            return [n for n in self.listed if n.node_id not in self.withdrawn]
+
+        def unregister(self, node_id):
+            self.withdrawn.append(node_id)
+
+        def online(self):
+            return {n.node_id: n.name for n in self.nodes() if n.status == "online"}
+
+    out, control = io.StringIO(), Control()
+    registered = tmp_path / "registered_sites.json"
+    watch = _SuperLinkWatch(control, out, {"alpha": b"ka", "beta": b"kb"}, registered)
+    watch.check()
+    assert control.withdrawn == [3]
+    assert json.loads(registered.read_text()) == {"1": "alpha", "2": "beta"}
+    assert out.getvalue().splitlines() == [
+        "medfed server: withdrew a key registered as beta that is not in trusted_sites.txt (someone reached the "
+        "server's port: see 'Network' in the README)"]
+    watch.announce_sites()
+    control.listed[1].status = "offline"
+    watch.check()
+    control.listed[1].status = "online"
+    watch.check()
+    assert out.getvalue().splitlines()[1:] == ["medfed server: site beta went offline", "medfed server: site beta joined"]
+    # --insecure: no keys to check and no registrations to keep.
+    out, control = io.StringIO(), Control()
+    _SuperLinkWatch(control, out, None, registered).check()
+    assert control.withdrawn == [] and not registered.exists() and out.getvalue() == ""
