@@ -62,7 +62,7 @@ class ProcessSet:
 
     Flower starts its helpers (``flower-superexec``, ``flwr-serverapp``...) by name, from
     PATH: the children's PATH starts with a private folder (mode 0700, removed by
-    :meth:`stop`) whose task executables run only medfed's own app
+    :meth:`stop`, or by the next ProcessSet when this process was killed) whose task executables run only medfed's own app
     (:mod:`medfed.deploy.app_guard`), then this Python's own folder.
 
     Parameters
@@ -75,7 +75,8 @@ class ProcessSet:
         from medfed.deploy.app_guard import write_guarded_executables
 
         self.marker = uuid.uuid4().hex
-        self.guarded_apps = write_guarded_executables(tempfile.mkdtemp(prefix="medfed-apps-"))
+        _remove_orphaned_app_folders()
+        self.guarded_apps = write_guarded_executables(tempfile.mkdtemp(prefix=f"{_APP_FOLDER_PREFIX}{os.getpid()}-"))
         folders = [str(self.guarded_apps), str(Path(sys.executable).parent)]
         path = os.pathsep.join([*folders, os.environ.get("PATH", "")])
         self.env = {**os.environ, "PATH": path, **(env or {}), MARKER_ENV: self.marker}
@@ -125,6 +126,25 @@ class ProcessSet:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: A :class:`ProcessSet`'s private folder is ``{tempdir}/medfed-apps-{pid}-{random}``.
+_APP_FOLDER_PREFIX = "medfed-apps-"
+
+
+def _remove_orphaned_app_folders() -> None:
+    """Remove the private folders of medfed processes that died without :meth:`ProcessSet.stop`
+    (killed with SIGKILL): their pid, in the folder's name, no longer runs."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_APP_FOLDER_PREFIX}*-*"):
+        pid = folder.name[len(_APP_FOLDER_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive, another user's
+            continue
 
 
 def marked_processes(marker: str, env: str = MARKER_ENV) -> list[int]:

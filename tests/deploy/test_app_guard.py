@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import tempfile
 import zipfile
 
 import pytest
@@ -191,3 +192,23 @@ def test_the_server_stops_following_a_run_whose_superexec_died(tmp_path):
     log.write_text("INFO: Starting Flower SuperExec\nERROR: Failed to load SuperExec authentication secret\n")
     with pytest.raises(DeployError, match="SuperExec stopped during run 7: ERROR: Failed to load SuperExec"):
         _follow(Control(), 7, tmp_path, 3, io.StringIO(), alive=lambda: False, log=log)
+
+
+def test_a_killed_medfed_processs_private_folder_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    # SIGKILL skips ProcessSet.stop(): the next medfed process removes the dead one's folder.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tmp_path / f"medfed-apps-{dead.pid}-abc"
+    alive = tmp_path / f"medfed-apps-{os.getpid()}-def"
+    other = tmp_path / "medfed-apps-notapid-x"
+    for folder in (orphan, alive, other):
+        folder.mkdir()
+    processes = ProcessSet()
+    try:
+        assert not orphan.exists() and alive.exists() and other.exists()
+        assert processes.guarded_apps.parent == tmp_path
+        assert processes.guarded_apps.name.startswith(f"medfed-apps-{os.getpid()}-")
+    finally:
+        processes.stop()
+    assert not processes.guarded_apps.exists()
