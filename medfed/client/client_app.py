@@ -26,8 +26,8 @@ image's label, group and score to within a bin (0.08 logit): they are as sensiti
 the scores themselves, though nothing links them to an image.
 
 Patient groups: Flower requires the same MetricRecord keys from every reply, so every
-site sends the keys of every group the federation declares (``federation.groups``),
-whatever groups it holds: ``acc-group-<g>``/``auc-group-<g>`` (NaN when the site has
+site sends the keys of every group of the study (``federation.groups``, else FairLoRA's
+``num_groups``: :func:`~medfed.strategies.registry.study_group_count`), whatever groups it holds: ``acc-group-<g>``/``auc-group-<g>`` (NaN when the site has
 none of group ``g``) and ``num-examples-group-<g>`` (its count); evaluate replies add
 ``confusion-group-<g>`` and ``score-hist-group-<g>``, which the server sums.
 
@@ -58,7 +58,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from medfed.client.site_data import (
-    PARTITION_ID_KEY, SiteData, StudyMismatchError, derive_seed, load_site_data, site_role,
+    PARTITION_ID_KEY, SiteData, StudyMismatchError, derive_seed, load_site_data, site_role, study_group_count,
 )
 from medfed.client.site_state import RUN_KEY, load_site_state, save_site_state
 from medfed.client.task import (
@@ -152,7 +152,7 @@ def train(msg: Message, context: Context) -> Message:
     # The hooks' entries first: the site's own metrics win over their defaults.
     metrics = {
         **hooks.reply_metrics(site.train.groups),
-        **_metric_record(result, site.train, with_confusion=False, num_groups=_num_groups(cfg, hooks)),
+        **_metric_record(result, site.train, with_confusion=False, num_groups=study_group_count(cfg)),
     }
     save_site_state(context, site.name, server_round, hooks.local_state(model), run_key=run_key)
     return _reply(msg, site, start, metrics, to_wire(hooks.sent_arrays(model), cfg.federation.transfer_dtype))
@@ -176,7 +176,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     loader = make_loader(site.test, _EVAL_BATCH, shuffle=False)
     result = evaluate(model, loader, loss_fn, task=site.info.task, device=device, precision=cfg.train.precision,
                       channels_last=cfg.train.channels_last, forward=hooks.forward, keep_predictions=True)
-    num_groups = _num_groups(cfg, hooks)
+    num_groups = study_group_count(cfg)
     metrics = {
         **hooks.reply_metrics(site.test.groups),
         **_metric_record(result, site.test, with_confusion=True, num_groups=num_groups),
@@ -290,12 +290,6 @@ class _TrainingPredictions:
         """Metrics of the pass: taken while the weights moved, on augmented images."""
         scores = scores_from_logits(torch.cat(self.logits), task)
         return prediction_metrics(task, torch.cat(self.labels).numpy(), scores, torch.cat(self.groups).numpy())
-
-
-def _num_groups(cfg: ExperimentConfig, hooks: ClientHooks) -> int:
-    """Patient groups every reply reports: the federation's declared groups, else those
-    of a group-aware strategy (FairLoRA's ``num_groups``), else none."""
-    return len(cfg.federation.groups) or int(getattr(hooks, "num_groups", 0))
 
 
 def _metric_record(result: dict, split: ImageDataset, *, with_confusion: bool, num_groups: int = 0) -> dict:

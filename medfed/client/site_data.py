@@ -19,7 +19,6 @@ a simulation is launched, while the maths of building sites lives in one place.
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -206,16 +205,10 @@ def load_site_data(node_config: Mapping[str, Any], node_id: int, cfg: Experiment
 
 
 def study_group_count(cfg: ExperimentConfig) -> int:
-    """The patient groups the study declares: ``federation.groups``, else FairLoRA's
-    ``num_groups``, else 0 (groups, if a site has them, are only counted in its metrics)."""
-    if cfg.federation.groups:
-        return len(cfg.federation.groups)
-    if cfg.strategy.name == "fairlora":
-        from medfed.strategies.fairlora import FairLoRA
+    """The study's patient groups (:func:`medfed.strategies.registry.study_group_count`)."""
+    from medfed.strategies.registry import study_group_count as count
 
-        default = inspect.signature(FairLoRA).parameters["num_groups"].default
-        return int(cfg.strategy.params.get("num_groups", default))
-    return 0
+    return count(cfg.federation.groups, cfg.strategy.name, cfg.strategy.params)
 
 
 def _check_group_ids(path: str, train: ImageDataset, test: ImageDataset, num_groups: int) -> None:

@@ -36,7 +36,8 @@ from ._aggregation import aggregate_metrics_ignoring_nan
 from .base import MedfedStrategy, ReplyPolicy
 from .hooks import ClientHooks
 
-__all__ = ["StrategyError", "client_hooks_for", "create_strategy", "list_strategies", "register_strategy"]
+__all__ = ["StrategyError", "client_hooks_for", "create_strategy", "list_strategies", "register_strategy",
+           "study_group_count"]
 
 StrategyFactory = Callable[..., Strategy]
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -382,6 +383,21 @@ def _import_strategy_class(path: str) -> type[Strategy]:
             f"Strategy {path!r} is abstract: it does not implement {abstract}."
         )
     return obj
+
+
+def study_group_count(groups: Mapping | list | tuple, strategy: str, params: Mapping[str, Any]) -> int:
+    """The patient groups a study has: those the federation declares (``federation.groups``),
+    else a group-aware strategy's ``num_groups`` (FairLoRA's, given or its default), else 0.
+
+    Every site reports metrics and counts for groups ``0 .. count - 1`` (Flower demands the
+    same keys from every site), and refuses data with group ids beyond them.
+    """
+    if groups:
+        return len(groups)
+    parameter = _signature(strategy, _resolve(strategy)).parameters.get("num_groups")
+    if parameter is None:
+        return 0
+    return int(params.get("num_groups", 0 if parameter.default is parameter.empty else parameter.default))
 
 
 def _signature(name: str, factory: StrategyFactory) -> inspect.Signature:

@@ -338,3 +338,13 @@ def test_num_groups_follows_the_federations_groups_and_a_different_one_is_an_err
     assert create_strategy("fairlora", {"num_groups": 3}, num_sites=3, num_groups=3).num_groups == 3
     with pytest.raises(StrategyError, match=r"^strategy.params.num_groups is 2, but federation.groups declares 3 "):
         create_strategy("fairlora", {"num_groups": 2}, num_sites=3, num_groups=3)
+
+
+def test_the_studys_group_count_is_the_federations_groups_else_the_strategys_num_groups():
+    from medfed.strategies.registry import study_group_count
+
+    assert study_group_count(["young", "old", "unknown"], "fedavg", {}) == 3
+    assert study_group_count(["young", "old", "unknown"], "fairlora", {}) == 3
+    assert study_group_count([], "fairlora", {}) == create_strategy("fairlora", {}, num_sites=2).num_groups
+    assert study_group_count([], "fairlora", {"num_groups": 4}) == 4
+    assert study_group_count([], "fedavg", {}) == 0
