@@ -31,7 +31,7 @@ from sklearn.metrics import roc_auc_score
 
 from .info import BINARY_CLASS, MULTI_LABEL, normalize_task
 
-__all__ = ["classification_metrics", "confusion", "group_metrics", "equity_scaled"]
+__all__ = ["accuracies_from_confusion", "classification_metrics", "confusion", "group_metrics", "equity_scaled"]
 
 _THRESHOLD = 0.5
 _METRIC_NAMES = ("acc", "auc", "balanced_acc")
@@ -79,11 +79,34 @@ def _binary_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y_true, score))
 
 
-def _balanced_accuracy(matrix: np.ndarray) -> float:
-    """Mean recall over the classes present in y_true, from a confusion matrix [C, C]."""
-    support = matrix.sum(axis=1)
-    present = support > 0
-    return float(np.mean(np.diag(matrix)[present] / support[present]))
+def accuracies_from_confusion(task: str, matrix: np.ndarray) -> tuple[float, float]:
+    """ACC and balanced ACC from a confusion matrix (:func:`confusion`'s layout, or a sum of them).
+
+    Parameters
+    ----------
+    task : str
+        MedMNIST task.
+    matrix : np.ndarray
+        ``[C, C]`` counts, rows true class; multi-label ``[L, 2, 2]``, one per label.
+
+    Returns
+    -------
+    tuple[float, float]
+        Accuracy and balanced accuracy (mean recall over the classes present; multi-label:
+        the means over the labels); ``nan`` for an empty matrix.
+    """
+    matrices = np.asarray(matrix, dtype=np.float64)
+    if normalize_task(task) != MULTI_LABEL:
+        matrices = matrices[None]
+    if matrices.size == 0 or matrices[0].sum() == 0:
+        return float("nan"), float("nan")
+    acc, balanced = [], []
+    for m in matrices:
+        support = m.sum(axis=1)
+        present = support > 0
+        acc.append(np.trace(m) / m.sum())
+        balanced.append(np.mean(np.diag(m)[present] / support[present]))
+    return float(np.mean(acc)), float(np.mean(balanced))
 
 
 def _mean_defined(values: Iterable[float]) -> float:
@@ -123,23 +146,14 @@ def classification_metrics(task: str, y_true: np.ndarray, y_score: np.ndarray) -
             stacklevel=2,
         )
         return dict.fromkeys(_METRIC_NAMES, float("nan"))
+    acc, balanced_acc = accuracies_from_confusion(task, confusion(task, y_true, y_score))
     if task == MULTI_LABEL:
-        matrices = confusion(task, y_true, y_score)
-        return {
-            "acc": float(np.mean([np.trace(m) / m.sum() for m in matrices])),
-            "auc": _mean_defined(_binary_auc(y_true[:, j], y_score[:, j]) for j in range(y_true.shape[1])),
-            "balanced_acc": float(np.mean([_balanced_accuracy(m) for m in matrices])),
-        }
-    matrix = confusion(task, y_true, y_score)
-    if task == BINARY_CLASS:
+        auc = _mean_defined(_binary_auc(y_true[:, j], y_score[:, j]) for j in range(y_true.shape[1]))
+    elif task == BINARY_CLASS:
         auc = _binary_auc(y_true, y_score[:, 1])
     else:
         auc = _mean_defined(_binary_auc((y_true == c).astype(np.int64), y_score[:, c]) for c in range(y_score.shape[1]))
-    return {
-        "acc": float(np.trace(matrix) / matrix.sum()),
-        "auc": auc,
-        "balanced_acc": _balanced_accuracy(matrix),
-    }
+    return {"acc": acc, "auc": auc, "balanced_acc": balanced_acc}
 
 
 def confusion(task: str, y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from .info import BINARY_CLASS, MULTI_LABEL, normalize_task
+from .metrics import accuracies_from_confusion
 
 __all__ = ["SCORE_BINS", "auc_from_histograms", "pooled_metrics", "score_histograms"]
 
@@ -131,27 +132,9 @@ def pooled_metrics(
         return {"acc": math.nan, "auc": math.nan, "balanced_acc": math.nan, "auc_error_bound": math.nan,
                 "num_examples": int(num_examples)}
     auc, bound = auc_from_histograms(hist, with_bound=True)
-    if task == MULTI_LABEL:
-        totals = confusion.sum(axis=(1, 2))
-        n = int(totals[0]) if totals.size else 0
-        acc = float(np.mean((confusion[:, 0, 0] + confusion[:, 1, 1]) / np.maximum(totals, 1))) if n else math.nan
-        balanced = [
-            np.mean([m[i, i] / m[i].sum() for i in (0, 1) if m[i].sum() > 0]) for m in confusion
-        ] if n else []
-        return {"acc": acc, "auc": auc, "balanced_acc": float(np.mean(balanced)) if n else math.nan,
-                "auc_error_bound": bound, "num_examples": n}
-    n = int(confusion.sum())
-    if n == 0:
-        return {"acc": math.nan, "auc": auc, "balanced_acc": math.nan, "auc_error_bound": bound, "num_examples": 0}
-    support = confusion.sum(axis=1)
-    present = support > 0
-    return {
-        "acc": float(np.trace(confusion) / n),
-        "auc": auc,
-        "balanced_acc": float(np.mean(np.diag(confusion)[present] / support[present])),
-        "auc_error_bound": bound,
-        "num_examples": n,
-    }
+    acc, balanced_acc = accuracies_from_confusion(task, confusion)
+    n = int(confusion[0].sum() if task == MULTI_LABEL and confusion.size else confusion.sum())
+    return {"acc": acc, "auc": auc, "balanced_acc": balanced_acc, "auc_error_bound": bound, "num_examples": n}
 
 
 def _counted(confusion: np.ndarray, hist: np.ndarray, task: str) -> int:
