@@ -103,7 +103,9 @@ def _run_train(args: argparse.Namespace) -> None:
 
         raise MedfedError(f"--selection-window {args.selection_window} is longer than the run (--epochs "
                           f"{args.epochs}); give at most {args.epochs}.")
-    model = args.model if args.model.startswith("medvit_v2_") else f"medvit_v2_{args.model}"
+    from medfed.models import registered_name
+
+    model = registered_name(args.model)
     settings = TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, weight_decay=args.weight_decay,

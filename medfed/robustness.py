@@ -183,8 +183,10 @@ def model_from_file(path: str | Path, dataset: str | None, data_root: str | None
 
 
 def _variant(name: str | None) -> str | None:
-    """The full model name of a variant ("nano" -> "medvit_v2_nano")."""
-    return name if not name or name.startswith("medvit_v2_") else f"medvit_v2_{name}"
+    """The full model name of a variant ("nano" -> "medvit_v2_nano"), None kept."""
+    from medfed.models import registered_name
+
+    return registered_name(name) if name else name
 
 
 def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default",

@@ -1,6 +1,6 @@
 """Models: MedViTV2, its KAN feed-forward and dilated neighborhood attention."""
 
-from ._registry import create_model, list_models, register_model
+from ._registry import create_model, list_models, register_model, registered_name
 from .medvitv2 import MedViTV2
 from .neighborhood_attention import NeighborhoodAttention2D, neighborhood_attention
 
@@ -11,4 +11,5 @@ __all__ = [
     "list_models",
     "neighborhood_attention",
     "register_model",
+    "registered_name",
 ]

@@ -9,7 +9,7 @@ from torch import nn
 
 from medfed.errors import MedfedError
 
-__all__ = ["UnknownModelError", "register_model", "create_model", "list_models"]
+__all__ = ["UnknownModelError", "register_model", "create_model", "list_models", "registered_name"]
 
 
 
@@ -31,6 +31,15 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
     return sorted(_MODELS)
+
+
+def registered_name(name: str) -> str:
+    """The registered name of a MedViTV2 size, as the command line takes it ("nano" ->
+    "medvit_v2_nano"); a name that already starts with ``medvit_v2_`` is returned as is."""
+    return name if name.startswith(_MEDVIT_PREFIX) else f"{_MEDVIT_PREFIX}{name}"
+
+
+_MEDVIT_PREFIX = "medvit_v2_"
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int = 224, **kwargs) -> nn.Module:
