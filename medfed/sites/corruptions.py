@@ -38,11 +38,13 @@ levels, JPEG qualities, pixelation fractions, brightness, contrast and gamma fac
 saturation shifts, zoom factors) take the values MedMNIST-C's registry gives its gray
 modalities (chest X-ray) and, for colour and artefact corruptions, pathology and
 dermatoscopy. The site simulator (:mod:`medfed.sites.profiles`) uses this table.
-Intensity parameters do not depend on the image size. Spatial parameters (blur radii
-and sigmas, bubble and deposit sizes) are MedMNIST-C's values in pixels at 224 px, in
-both tables scaled by ``max(side / 224, 1/2)``: a 28 px image gets the blur of a 112 px
-one rather than of a true 8x downsampling, which would leave it nearly untouched;
-pixelation keeps ``fraction ** scale`` of the side for the same reason. In the single
+Intensity parameters do not depend on the image size. Spatial parameters are
+MedMNIST-C's values in pixels at 224 px. Blur radii and sigmas are, in both tables,
+scaled by ``max(side / 224, 1/2)``: a 28 px image gets the blur of a 112 px one rather
+than of a true 8x downsampling, which would leave it nearly untouched; pixelation keeps
+``fraction ** scale`` of the side for the same reason. Bubble and deposit sizes are
+scaled by ``side / 224`` (at least 1 px): with the blur's floor they covered most of a
+28 px image. In the single
 table motion blur's first severity uses sigma 3 instead of MedMNIST-C's 5, which its
 second severity repeats. Motion blur draws its direction, artefacts their positions,
 from the seed; the shapes of the stain deposits, bubbles and characters are our own
@@ -124,6 +126,12 @@ def _spatial_scale(side: int) -> float:
     return max(side / 224.0, 0.5)
 
 
+def _artefact_scale(height: int, width: int) -> float:
+    """Artefacts (deposits, bubbles) keep their size relative to the image: blur's floor of
+    1/2 would make them cover most of a 28 px image (callers keep a 1 px minimum)."""
+    return min(height, width) / 224.0
+
+
 def _per_image(images: np.ndarray, function: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
     return np.stack([function(image, index) for index, image in enumerate(images)])
 
@@ -194,9 +202,10 @@ def _speckle_noise(x, std, rng, scale):
 
 @_register("impulse_noise", "noise", (0.01, 0.03, 0.06, 0.09, 0.17))
 def _impulse_noise(x, amount, rng, scale):
-    # One uniform draw per pixel: the pixels hit at a lower amount are hit at a higher one.
-    u = rng.uniform(size=x.shape[:3] + (1,))
-    salt = rng.uniform(size=x.shape[:3] + (1,)) < 0.5
+    # One uniform draw per pixel and channel (as skimage's "s&p", which MedMNIST-C uses:
+    # colour images get coloured specks): the values hit at a lower amount are hit at a higher one.
+    u = rng.uniform(size=x.shape)
+    salt = rng.uniform(size=x.shape) < 0.5
     hit = u < amount
     return np.where(hit, np.where(salt, 1.0, 0.0), x)
 
@@ -233,15 +242,16 @@ def _defocus_blur(x, params, rng, scale):
 
 @_register("motion_blur", "blur", ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)))
 def _motion_blur(x, params, rng, scale):
-    length, sigma = params[0] * scale, params[1] * scale
-    angles = rng.uniform(0, np.pi, size=x.shape[0])
+    # MedMNIST-C calls ImageMagick's MotionBlurImage(radius, sigma, angle), angle uniform
+    # in [-45, 45] degrees: a one-sided streak (a camera or patient moving) of
+    # 2 * ceil(radius) + 1 taps from the centre, Gaussian weights of the distance.
+    radius, sigma = params[0] * scale, params[1] * scale
+    angles = rng.uniform(-np.pi / 4, np.pi / 4, size=x.shape[0])
 
     def one(im, index):
-        # A one-sided streak (as a camera or patient moving): Gaussian weights along a
-        # line from the centre in the drawn direction.
-        reach = max(1, int(np.ceil(length)))
+        reach = 2 * max(1, int(np.ceil(radius)))
         kernel = np.zeros((2 * reach + 1, 2 * reach + 1))
-        for step in np.linspace(0, length, num=4 * reach + 1):
+        for step in np.linspace(0, reach, num=2 * reach + 1):
             row = reach + int(round(step * np.sin(angles[index])))
             col = reach + int(round(step * np.cos(angles[index])))
             kernel[row, col] += np.exp(-0.5 * (step / max(sigma, 1e-6)) ** 2)
@@ -252,8 +262,8 @@ def _motion_blur(x, params, rng, scale):
 
 @_register("gaussian_blur", "blur", (0.8, 1.1, 1.4, 1.7, 2.0))
 def _gaussian_blur(x, sigma, rng, scale):
-    # MedMNIST-C gives OpenCV kernel sizes 3..11 at 224 px; these are the sigmas OpenCV
-    # derives from them (0.3 * ((k - 1) / 2 - 1) + 0.8).
+    # MedMNIST-C gives torchvision kernel sizes 3..11 at 224 px; these are the sigmas
+    # torchvision derives from them (0.3 * ((k - 1) / 2 - 1) + 0.8).
     from scipy import ndimage
 
     return ndimage.gaussian_filter(x, sigma=(0, sigma * scale, sigma * scale, 0))
@@ -317,7 +327,7 @@ _MAX_COUNT = 25  # artefact positions drawn per image, shared by all severities
 def _stain_deposit(x, count, rng, scale):
     n, height, width, channels = x.shape
     centres = _positions(rng, _MAX_COUNT, n, height, width)
-    radii = rng.uniform(6, 14, size=(n, _MAX_COUNT)) * scale * 2
+    radii = np.maximum(rng.uniform(6, 14, size=(n, _MAX_COUNT)) * 2 * _artefact_scale(height, width), 1.0)
     # Haematoxylin-like dark purple; gray images get its luminance.
     stain = np.array([0.35, 0.15, 0.45]) if channels == 3 else np.array([0.25])
     yy, xx = np.mgrid[0:height, 0:width]
@@ -346,7 +356,7 @@ def _bubble(x, params, rng, scale):
     out = x.copy()
     for i in range(n):
         for k in range(min(int(counts[i]), _MAX_COUNT)):
-            r = max((3 + (max_radius - 3) * sizes[i, k]) * scale, 1.0)
+            r = max((3 + (max_radius - 3) * sizes[i, k]) * _artefact_scale(height, width), 1.0)
             distance = np.hypot(yy - centres[i, k, 0], xx - centres[i, k, 1]) / r
             inside = (distance < 1.0)[..., None]
             rim = np.clip(1.0 - np.abs(distance - 0.9) / 0.15, 0, 1)[..., None]

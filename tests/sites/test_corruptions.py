@@ -165,3 +165,35 @@ def test_without_medmnist_c_values_the_single_table_is_unchanged():
         np.testing.assert_array_equal(corrupt(images, name, severity, seed=7), want)
     np.testing.assert_array_equal(corrupt(images, "gaussian_noise", 3, seed=7, dataset="breastmnist"),
                                   expected[("gaussian_noise", 3)])
+
+
+def test_motion_blur_streaks_as_imagemagicks_within_45_degrees_of_horizontal():
+    # MedMNIST-C: MotionBlurImage(radius, sigma, angle in [-45, 45]) has 2*ceil(radius)+1
+    # taps; ours stopped the streak at the radius and drew any direction.
+    dot = np.zeros((8, 224, 224), dtype=np.uint8)
+    dot[:, 112, 112] = 255
+    out = corrupt(dot, "motion_blur", 5, seed=3).astype(np.int64)  # radius 20 px, sigma 15 px
+    for image in out:
+        rows, cols = np.nonzero(image)
+        assert cols.max() - cols.min() >= rows.max() - rows.min()  # |angle| <= 45 degrees
+        assert max(cols.max() - cols.min(), rows.max() - rows.min()) > 25  # beyond the 20 px radius
+
+
+def test_rgb_impulse_noise_hits_each_channel_as_skimages_s_and_p():
+    gray = np.full((4, 28, 28, 3), 128, dtype=np.uint8)
+    out = corrupt(gray, "impulse_noise", 5, seed=0)
+    hit = (out != 128).any(axis=-1)
+    coloured = hit & (out.min(axis=-1) != out.max(axis=-1))
+    assert coloured.sum() > 0.5 * hit.sum()
+
+
+@pytest.mark.parametrize("name", ["stain_deposit", "bubble"])
+def test_artefacts_keep_their_size_relative_to_a_small_image(name):
+    # With the blur's floor of 1/2, deposits and bubbles covered most of a 28 px image.
+    rng = np.random.default_rng(0)
+    covered = {}
+    for side in (28, 224):
+        images = rng.integers(100, 156, size=(8, side, side, 3), dtype=np.uint8)
+        out = corrupt(images, name, 5, seed=1)
+        covered[side] = float(np.mean(np.abs(out.astype(int) - images).max(axis=-1) > 8))
+    assert covered[28] < 0.35 and covered[28] < 3 * covered[224]
