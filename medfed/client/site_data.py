@@ -31,7 +31,7 @@ import numpy as np
 from medfed.errors import MedfedError
 from medfed.config import ExperimentConfig
 from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medmnist
-from medfed.data.info import MULTI_LABEL
+from medfed.data.info import MULTI_LABEL, normalize_task
 from medfed.config import FederationConfig
 from medfed.sites.profiles import build_site, num_nodes, plan_federation
 
@@ -257,6 +257,7 @@ def _simulated_site(
     train, test = splits["train"], splits["test"]
     plan = plan_federation(
         federation, dataset=flag, num_classes=train.info.num_classes, channels=train.info.in_chans, seed=seed,
+        multi_label=normalize_task(train.info.task) == MULTI_LABEL,
     )
     # The test split is dealt with the training split's class shares, so a skewed site is
     # evaluated on data skewed like its own; its profile applies to both alike.

@@ -33,19 +33,24 @@ it) is described by
 How the split is made: class ``c``'s samples are dealt to the sites in shares
 ``w_s * m_s[c]`` normalised over the sites, where ``w_s`` is the site's size weight and
 ``m_s`` its class mix (its Dirichlet draw under label skew; the dataset's class
-frequencies otherwise), so a site's class mix moves towards ``class_mix`` but is bounded
-by the samples there are. Under Dirichlet label skew the shares are drawn again (next
-seeds, up to 50 times) until every site holds at least a quarter of its intended size:
-a site of five images is no hospital. The test split is dealt with the training
-split's shares.
+frequencies otherwise). Every sample is dealt, so ``class_mix`` is a site's weight for
+each class relative to the other sites', not its composition: on training labels that
+are 10 % class 0, two sites with ``[0.8, 0.2]`` and ``[0.2, 0.8]`` hold 31 % and 3 %
+class 0 (and 1009 and 2873 images). Under Dirichlet label skew the shares are
+drawn again (next seeds, up to 50 times) until every site holds at least a quarter of
+its intended size (a site of five images is no hospital); when no draw does, the best
+one is kept with a :class:`SiteSizeWarning`. The test split is dealt with the training
+split's shares. Multi-label data (ChestMNIST) is dealt by size only: label skew on it is
+refused.
 Without profiles, groups or quantity skew, the split is exactly the plain
-:func:`medfed.sites.partition.partition_labels` one. Everything is seeded by the
+:func:`medfed.sites.partition.partition_labels` one (no redraws). Everything is seeded by the
 experiment seed: the same seed gives the same site datasets in every process.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -66,6 +71,7 @@ __all__ = [
     "SitePlan",
     "SiteProfile",
     "SiteProfileError",
+    "SiteSizeWarning",
     "apply_profile",
     "build_site",
     "check_federation_profiles",
@@ -84,6 +90,10 @@ Chain = tuple[tuple[str, int], ...]
 
 class SiteProfileError(MedfedError):
     """A site profile, patient group or quantity skew is malformed."""
+
+
+class SiteSizeWarning(UserWarning):
+    """Under Dirichlet label skew, some site holds under a quarter of its intended size."""
 
 
 def site_seed(*keys: int) -> int:
@@ -305,7 +315,8 @@ class FederationPlan:
 
 
 def plan_federation(
-    federation: FederationConfig, *, dataset: str, num_classes: int, channels: int, seed: int
+    federation: FederationConfig, *, dataset: str, num_classes: int, channels: int, seed: int,
+    multi_label: bool = False,
 ) -> FederationPlan:
     """Resolve the federation's profiles into one :class:`SitePlan` per site.
 
@@ -320,14 +331,23 @@ def plan_federation(
         corruptions are not drawn for gray images.
     seed : int
         The experiment seed.
+    multi_label : bool
+        The dataset's images carry several labels (ChestMNIST): they are dealt by size
+        only, so label skew (Dirichlet or class mixes) is refused.
 
     Raises
     ------
     SiteProfileError
-        A class mix whose length differs from ``num_classes``, or an RGB-only
-        corruption in a chain on gray images.
+        A class mix whose length differs from ``num_classes``, an RGB-only corruption in
+        a chain on gray images, or label skew on multi-label data.
     """
     profiles = _profiles(federation)
+    if multi_label and (federation.partition == "dirichlet" or any(p.class_mix is not None for p in profiles)):
+        where = "federation.partition 'dirichlet'" if federation.partition == "dirichlet" else "a site's class_mix"
+        raise SiteProfileError(
+            f"{where} skews the sites' labels, but {dataset} is multi-label: its images are dealt to the sites by "
+            "size only; use partition 'iid' without class_mix (sites may still differ by size, groups and scanner)."
+        )
     groups = _parse_groups(federation.groups)
     quantity, quantity_value = _parse_quantity(federation.quantity_skew)
     training = [p for p in profiles if not p.held_out] or [SiteProfile()]
@@ -384,9 +404,12 @@ def plan_for(cfg: ExperimentConfig) -> FederationPlan:
     """:func:`plan_federation` for an experiment (dataset metadata only, no images)."""
     from medfed.data import dataset_info
 
+    from medfed.data.info import MULTI_LABEL, normalize_task
+
     info = dataset_info(cfg.data.dataset)
     return plan_federation(
         cfg.federation, dataset=cfg.data.dataset, num_classes=info.num_classes, channels=info.in_chans, seed=cfg.seed,
+        multi_label=normalize_task(info.task) == MULTI_LABEL,
     )
 
 
@@ -436,12 +459,26 @@ def split_sites(
     num_classes = max(plan.num_classes, int(labels.max()) + 1 if labels.size else 1)
     prior = np.bincount(labels, minlength=num_classes) / max(labels.size, 1)
     # A Dirichlet draw can leave a site a handful of samples: draw again (next seeds) until
-    # every site holds at least _MIN_SHARE of its intended size, keeping the last draw.
+    # every site holds at least _MIN_SHARE of its intended size, else keep the best draw.
+    best = None
     for attempt in range(_MAX_REDRAWS if plan.partition == "dirichlet" else 1):
-        shares = _shares(plan, weights, prior, seed + attempt)
-        parts = split_by_proportions(labels, shares, seed)
-        if all(len(part) >= _MIN_SHARE * w * labels.size for part, w in zip(parts, weights)):
+        drawn = _shares(plan, weights, prior, seed + attempt)
+        parts = split_by_proportions(labels, drawn, seed)
+        fill = min(len(part) / max(w * labels.size, 1e-12) for part, w in zip(parts, weights))
+        if best is None or fill > best[0]:
+            best = (fill, parts, drawn)
+        if fill >= _MIN_SHARE:
             break
+    fill, parts, shares = best
+    if plan.partition == "dirichlet" and fill < _MIN_SHARE and labels.size:
+        smallest = int(np.argmin([len(part) / w for part, w in zip(parts, weights)]))
+        warnings.warn(
+            f"No Dirichlet(alpha={plan.dirichlet_alpha:g}) label skew in {_MAX_REDRAWS} draws gave every site "
+            f"a quarter of its intended size: site {plan.sites[smallest].name} holds {len(parts[smallest])} of "
+            f"{weights[smallest] * labels.size:.0f} images in the best draw, kept. Raise "
+            "federation.dirichlet_alpha or simulate fewer sites for sites of a useful size.",
+            SiteSizeWarning, stacklevel=2,
+        )
     return _fill_empty_sites(parts), shares
 
 

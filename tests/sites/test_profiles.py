@@ -214,3 +214,40 @@ def test_class_mix_must_fit_the_dataset():
     cfg = config_from_dict({"federation": {"sites": [{"class_mix": [1, 1, 1]}]}})
     with pytest.raises(Exception, match="one weight per class"):
         plan_federation(cfg.federation, dataset="breastmnist", num_classes=2, channels=1, seed=0)
+
+
+@pytest.mark.parametrize("federation", [
+    {"scenario": "scanner-and-label-shift"},
+    {"sites": [{"class_mix": [1, 2] + [1] * 12}]},
+])
+def test_label_skew_on_multi_label_data_is_refused_not_dropped(federation):
+    # ChestMNIST's sites were dealt by size only, their Dirichlet skew or class mix silently ignored.
+    from medfed.sites.profiles import SiteProfileError
+
+    cfg = config_from_dict({"data": {"dataset": "chestmnist"}, "federation": federation})
+    with pytest.raises(SiteProfileError, match="chestmnist is multi-label: .* use partition 'iid' without class_mix"):
+        plan_for(cfg)
+    plan_for(config_from_dict({"data": {"dataset": "chestmnist"},
+                               "federation": {"scenario": "scanner-shift"}}))  # sizes and scanners only: fine
+
+
+def test_a_label_skew_that_starves_a_site_keeps_the_best_draw_and_warns():
+    # Heavily imbalanced labels (10 % class 0) and 10 sites at alpha 0.1: no draw in 50 gives
+    # every site a quarter of its size. The last draw was kept, silently; now the best, with a warning.
+    from medfed.sites.profiles import SiteSizeWarning, split_sites
+
+    labels = (np.arange(2000) % 10 != 0).astype(np.int64)
+    cfg = load_config(overrides=["federation.num_sites=10", "federation.sites=[{}]", "federation.partition=dirichlet",
+                                 "federation.dirichlet_alpha=0.05"])
+    plan = plan_for(cfg)
+    with pytest.warns(SiteSizeWarning, match=r"^No Dirichlet\(alpha=0.05\) label skew in 50 draws .* holds \d+ of 200 "):
+        parts, _ = split_sites(plan, labels, seed=0)
+    smallest = min(len(part) for part in parts)
+    # The best of the 50 draws: no other draw's smallest site is larger.
+    from medfed.sites import profiles
+
+    weights = np.full(10, 0.1)
+    prior = np.bincount(labels) / labels.size
+    others = [min(len(p) for p in profiles.split_by_proportions(labels, profiles._shares(plan, weights, prior, a), 0))
+              for a in range(50)]
+    assert smallest == max(others)
