@@ -378,6 +378,8 @@ def _progress_line(record: dict, rounds: int) -> str | None:
             parts.append(f"train loss {train['loss']:.4f}")
         if "acc" in evaluate:
             parts.append(f"test acc {evaluate['acc']:.4f}" + (f" auc {evaluate['auc']:.4f}" if "auc" in evaluate else ""))
+        if record.get("model_kept"):
+            parts.append(f"global model kept: {record['model_kept']}")
         return "medfed server: " + ", ".join(parts)
     if event == "dropout":
         return (f"medfed server: round {record['round']} {record['phase']}: site {record['site']} left out: "

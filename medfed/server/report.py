@@ -836,8 +836,10 @@ def _left_out_row(record: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _dropouts_html(run: RunMetrics) -> list[str]:
-    """A table of the sites left out of rounds, and of the rounds retried for lack of a quorum."""
-    if not run.left_out and not run.quorum_misses:
+    """A table of the sites left out of rounds, of the rounds retried for lack of a quorum,
+    and of the rounds that kept the global model (an aggregate that was not finite)."""
+    kept = [run.round_records[r] for r in run.rounds if run.round_records.get(r, {}).get("model_kept")]
+    if not run.left_out and not run.quorum_misses and not kept:
         return []
     escape = html.escape
     rows = [
@@ -849,6 +851,11 @@ def _dropouts_html(run: RunMetrics) -> list[str]:
         f"{escape(str(r.get('sites', '')))} site(s) {escape(str(r.get('stage', '')))}, needed "
         f"{escape(str(r.get('needed', '')))}; round retried</td></tr>"
         for r in run.quorum_misses
+    ]
+    rows += [
+        f"<tr><td>{escape(str(r['round']))}</td><td>train</td><td>–</td><td>global model kept: "
+        f"{escape(str(r['model_kept']))}</td></tr>"
+        for r in kept
     ]
     headers = "".join(f"<th>{h}</th>" for h in ("Round", "Phase", "Site", "Reason"))
     return ["<h2>Sites left out</h2>", f"<table><thead><tr>{headers}</tr></thead><tbody>{''.join(rows)}</tbody></table>"]

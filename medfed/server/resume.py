@@ -144,6 +144,8 @@ class RoundOffsetStrategy(DelegatingStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = self.strategy.aggregate_train(server_round + self.offset, replies)
         self.recorder.aggregated("train", metrics)
+        if arrays is None and getattr(self.strategy, "model_kept", None):
+            self.recorder.model_kept(self.strategy.model_kept)
         return arrays, metrics
 
     def configure_evaluate(

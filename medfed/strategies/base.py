@@ -50,6 +50,7 @@ from ._validation import (
     update_norm,
 )
 from .hooks import ClientHooks
+from .state import load_strategy_state, strategy_state
 
 __all__ = ["MedfedStrategy", "ReplyPolicy"]
 
@@ -88,9 +89,10 @@ class MedfedStrategy:
         Set by :func:`~medfed.strategies.create_strategy` from the experiment config.
     dropped_replies : Mapping[int, str]
         Node id -> reason, for the replies the latest ``aggregate_train`` left out.
-    aggregate_not_finite : bool
-        Whether the latest ``aggregate_train`` returned no arrays because their aggregate
-        held NaN/inf (the round keeps the global model).
+    model_kept : str or None
+        Why the latest ``aggregate_train`` returned no arrays though valid replies were
+        left (the round keeps the global model, and the strategy's state is put back as
+        it was before the round), e.g. an aggregate that is not finite; None otherwise.
     global_arrays : ArrayRecord or None
         The arrays of the round being trained (set by ``configure_train``): the
         reference of update norms, clipping and partial updates.
@@ -99,7 +101,7 @@ class MedfedStrategy:
     client_hooks: ClassVar[type[ClientHooks]] = ClientHooks
     reply_policy: ReplyPolicy = ReplyPolicy()
     dropped_replies: Mapping[int, str] = MappingProxyType({})
-    aggregate_not_finite: bool = False
+    model_kept: str | None = None
     global_arrays: ArrayRecord | None = None
 
     def client_params(self) -> dict[str, Any]:
@@ -164,14 +166,22 @@ class MedfedStrategy:
         dropped_messages = {id(answered[index]) for index in invalid}
         kept = [msg for msg in replies if id(msg) not in dropped_messages]
         self._clip(kept)
+        before = strategy_state(self)
         arrays, metrics = self.aggregate_valid_replies(server_round, kept)
         arrays = self._complete(arrays)
         # Finite replies can still overflow an aggregation (FedLD's Gram matrix, a sum near
-        # float32's limit): a NaN global model would end the study.
-        self.aggregate_not_finite = arrays is not None and not _all_finite(arrays)
-        if self.aggregate_not_finite:
-            log(WARNING, "aggregate_train: round %s: the aggregate of the valid replies is not finite (NaN/inf); "
-                "the global arrays stay unchanged this round.", server_round)
+        # float32's limit) or the state a strategy carries to the next round (FedAdam's
+        # second moment, FedAvgM's momentum): a NaN model would end the study, an inf moment
+        # freeze its weights for good. The round then keeps the model and the state.
+        self.model_kept = None
+        if arrays is not None and not _all_finite(arrays):
+            self.model_kept = "the aggregate of the valid replies is not finite (NaN/inf)"
+        elif not _all_finite(strategy_state(self)):
+            self.model_kept = f"{type(self).__name__}'s state after aggregation is not finite (NaN/inf)"
+        if self.model_kept is not None:
+            load_strategy_state(self, before)
+            log(WARNING, "aggregate_train: round %s: %s; the global model and the strategy's state stay as they "
+                "were this round.", server_round, self.model_kept)
             return None, metrics
         return arrays, metrics
 
@@ -264,10 +274,10 @@ def _arrays_of(msg: Message) -> dict[str, np.ndarray]:
     return numpy_arrays(next(iter(msg.content.array_records.values())))
 
 
-def _all_finite(arrays: ArrayRecord) -> bool:
+def _all_finite(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> bool:
     """Whether every floating-point array of ``arrays`` holds only finite values."""
     for array in arrays.values():
-        values = array.numpy()
+        values = array.numpy() if isinstance(array, Array) else np.asarray(array)
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return False
     return True

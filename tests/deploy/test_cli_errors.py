@@ -211,3 +211,12 @@ def test_the_superlink_watch_withdraws_strangers_keys_and_says_who_left_or_joine
     out, control = io.StringIO(), Control()
     _SuperLinkWatch(control, out, None, registered).check()
     assert control.withdrawn == [] and not registered.exists() and out.getvalue() == ""
+
+
+def test_a_round_that_kept_the_global_model_says_so_in_the_servers_progress():
+    from medfed.deploy.superlink import _progress_line
+
+    line = _progress_line({"event": "round", "round": 2, "wall_time_s": 1.0, "train": {"loss": 0.5},
+                           "model_kept": "the aggregate of the valid replies is not finite (NaN/inf)"}, 3)
+    assert line == ("medfed server: round 2/3 done in 1.0 s, train loss 0.5000, global model kept: the aggregate of "
+                    "the valid replies is not finite (NaN/inf)")

@@ -184,4 +184,4 @@ def test_an_aggregate_that_overflows_keeps_the_global_model_and_the_run_goes_on(
     arrays, _ = guard.aggregate_train(2, [_reply(node, [1.0]) for node in (1, 2, 3)])
     # Assert: no new arrays (Flower keeps the previous ones), and no "0 valid replies" quorum error.
     assert arrays is None
-    assert strategy.aggregate_not_finite
+    assert strategy.model_kept == "the aggregate of the valid replies is not finite (NaN/inf)"

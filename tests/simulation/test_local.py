@@ -167,3 +167,35 @@ def test_a_relative_data_root_given_again_on_resume_is_the_stored_absolute_one(l
     monkeypatch.chdir(tiny_root.parent)
     relative = tiny_config(Path(tiny_root.name), tmp_path, rounds=3)
     assert check_run_dir(relative, run_dir, resume=True) is not None
+
+
+def test_a_round_whose_aggregate_is_not_finite_keeps_the_model_and_says_so(tiny_root, tiny_config, tmp_path):
+    # A round that kept the global model looked like any other in metrics.jsonl and the report.
+    from flwr.app import Array, ArrayRecord
+
+    from medfed.strategies import registry
+    from medfed.strategies.fedavg import FedAvg
+
+    class OverflowsInRound2(FedAvg):
+        def aggregate_valid_replies(self, server_round, replies):
+            arrays, metrics = super().aggregate_valid_replies(server_round, replies)
+            if server_round == 2:
+                arrays = ArrayRecord({k: Array(np.full_like(v.numpy(), np.inf)) for k, v in arrays.items()})
+            return arrays, metrics
+
+    registry._REGISTRY["test-overflows-in-round-2"] = OverflowsInRound2
+    try:
+        run_dir = run_local(tiny_config(tiny_root, tmp_path, rounds=2,
+                                        strategy={"name": "test-overflows-in-round-2"}))
+    finally:
+        del registry._REGISTRY["test-overflows-in-round-2"]
+    rounds = {r["round"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "round"}
+    assert "model_kept" not in rounds[1]
+    assert rounds[2]["model_kept"] == "the aggregate of the valid replies is not finite (NaN/inf)"
+    # The model of round 1 is the final model, and the report names the kept round.
+    assert load_checkpoint(run_dir / "checkpoint.safetensors").server_round == 2
+    final = load_arrays(run_dir / "model.safetensors")
+    assert all(np.isfinite(v).all() for v in final.values())
+    html = (run_dir / "report.html").read_text()
+    assert "global model kept: the aggregate of the valid replies is not finite" in html

@@ -6,7 +6,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from medfed.simulation.local import _ensure_task_identity
-from medfed.strategies import MedfedStrategy, ReplyPolicy, create_strategy, list_strategies
+from medfed.strategies import MedfedStrategy, ReplyPolicy, create_strategy, list_strategies, strategy_state
 from medfed.strategies._validation import clip_update, find_norm_outliers, update_norm
 
 GLOBAL = {"w": np.array([0.0, 0.0], dtype=np.float32), "b": np.array([0.0], dtype=np.float32)}
@@ -64,6 +64,15 @@ def test_finite_replies_whose_aggregate_overflows_leave_the_global_model_unchang
     arrays, _ = strategy.aggregate_train(2, replies)
     # Assert: either the strategy's arithmetic stayed finite, or the round keeps the old model.
     assert arrays is None or all(np.isfinite(a.numpy()).all() for a in arrays.values())
+    # ... and the state it carries on is as finite as before the round: FedAdam's second
+    # moment and FedAvgM's momentum turned inf, which froze or stopped the model for good.
+    state = strategy_state(strategy)
+    assert all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f"), name
+    if arrays is None:
+        assert strategy.model_kept is not None
+    again = [_good(make_reply, node, [1.0, 1.0]) for node in (11, 12, 13)]
+    arrays, _ = strategy.aggregate_train(3, again)
+    assert arrays is not None and all(np.isfinite(a.numpy()).all() for a in arrays.values()), name
 
 
 @pytest.mark.parametrize("name", list_strategies())
