@@ -1,5 +1,6 @@
 """The quorum guard: a round below federation.min_sites never replaces the global model."""
 
+import json
 import time
 
 import numpy as np
@@ -185,3 +186,32 @@ def test_an_aggregate_that_overflows_keeps_the_global_model_and_the_run_goes_on(
     # Assert: no new arrays (Flower keeps the previous ones), and no "0 valid replies" quorum error.
     assert arrays is None
     assert strategy.model_kept == "the aggregate of the valid replies is not finite (NaN/inf)"
+
+
+@pytest.mark.parametrize("misses, stops", [([3, 5, 8], False), ([3, 3, 3], True)])
+def test_quorum_retries_count_per_round_not_over_the_whole_run(misses, stops, monkeypatch, tmp_path):
+    # round_retries=2 is "in a row": three misses of different rounds stopped a long study.
+    from types import SimpleNamespace
+
+    from medfed.config import ExperimentConfig
+    from medfed.server import server_app
+    from medfed.server.quorum import QuorumError, QuorumNotMet
+
+    cfg = ExperimentConfig()
+    fails = iter(misses)
+
+    def run(grid, cfg, run_dir, resume):
+        missed = next(fails, None)
+        if missed is not None:
+            raise QuorumNotMet(missed, 1, 2, "valid replies")
+
+    monkeypatch.setattr(server_app, "_run", run)
+    monkeypatch.setattr(server_app, "check_run_config", lambda run_config: None)
+    monkeypatch.setattr(server_app, "read_run_config", lambda run_config: (cfg, tmp_path, False))
+    if stops:
+        with pytest.raises(QuorumError, match=r"^Round 3 had 1 site\(s\) valid replies .* 3 time\(s\) in a row"):
+            server_app.main(None, SimpleNamespace(run_config={}))
+    else:
+        server_app.main(None, SimpleNamespace(run_config={}))
+    attempts = [json.loads(line)["attempt"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert attempts == ([1, 2, 3] if stops else [1, 1, 1])
