@@ -14,6 +14,9 @@ of sites, so one hospital offline stops the federation forever. Here:
   aggregate. Below the quorum it raises :class:`QuorumNotMet` *before* the strategy can
   replace the global model, and the ServerApp retries the round from the last
   checkpoint (``federation.round_retries`` times) or stops with :class:`QuorumError`.
+  Evaluation waits as long for the quorum; without it, the round's evaluation is
+  skipped. Flower's own sampling is given the nodes counted (:class:`NodeSnapshot`), so
+  that a site leaving in between cannot make it wait forever.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from flwr.serverapp.strategy import Strategy
 
 from medfed.errors import MedfedError
 from medfed.server.delegating_strategy import DelegatingStrategy
+from medfed.server.held_out import NodeView
 
 __all__ = ["QuorumError", "QuorumGuard", "QuorumNotMet", "apply_quorum", "quorum_advice", "wait_for_nodes"]
 
@@ -128,10 +132,27 @@ class QuorumGuard(DelegatingStrategy):
     ) -> Iterable[Message]:
         wanted = self.num_sites if self._first_round else self.min_sites
         self._first_round = False
-        connected = wait_for_nodes(grid, wanted, self.timeout_s)
-        if connected < self.min_sites:
-            raise QuorumNotMet(server_round, connected, self.min_sites, "connected")
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        wait_for_nodes(grid, wanted, self.timeout_s)
+        nodes = list(grid.get_node_ids())
+        if len(nodes) < self.min_sites:
+            raise QuorumNotMet(server_round, len(nodes), self.min_sites, "connected")
+        return self.strategy.configure_train(server_round, arrays, config, NodeSnapshot(grid, nodes))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluate on the sites connected within the deadline; skip the round's evaluation
+        (the model is kept and checkpointed all the same) when fewer than the quorum are."""
+        if getattr(self.strategy, "fraction_evaluate", 1.0) == 0:
+            return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        needed = getattr(self.strategy, "min_available_nodes", self.min_sites)
+        wait_for_nodes(grid, needed, self.timeout_s)
+        nodes = list(grid.get_node_ids())
+        if len(nodes) < needed:
+            log(WARNING, "[medfed] round %d: %d site(s) connected for evaluation within %.0f s, fewer than the "
+                "quorum (%d); the round's evaluation is skipped", server_round, len(nodes), self.timeout_s, needed)
+            return []
+        return self.strategy.configure_evaluate(server_round, arrays, config, NodeSnapshot(grid, nodes))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -153,6 +174,22 @@ class QuorumGuard(DelegatingStrategy):
         # No arrays from enough valid replies: the strategy keeps the global model this round
         # (a NaN/inf aggregate, which it logged); Flower then goes on with the previous arrays.
         return arrays, metrics
+
+
+class NodeSnapshot(NodeView):
+    """``grid`` with its node list fixed at ``node_ids``.
+
+    Flower's sampling waits, without a deadline, while fewer than its minimum of nodes are
+    connected: given the nodes counted after :func:`wait_for_nodes`, it samples at once; a
+    site that left since is asked all the same and recorded as dropped out.
+    """
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        super().__init__(grid)
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
 
 
 def quorum_advice(records: Sequence[dict[str, Any]], server_round: int, resume: str) -> str:

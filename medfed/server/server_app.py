@@ -124,6 +124,9 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
     deployed = _is_deployed(grid)
     roster = _discover_sites(grid, cfg, deployed=deployed, run_dir=run_dir)
     held_out_names = [role.name for role in roster.roles.values() if role.held_out and not role.problem]
+    if held_out_names and cfg.federation.fraction_evaluate == 0:  # deployed: a site's node config says held out
+        print(f"medfed: WARNING: held-out site(s) {', '.join(held_out_names)} only evaluate, but "
+              "federation.fraction_evaluate is 0: they take no part in this run", flush=True)
     earlier = read_metrics(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []  # earlier starts
     run_key = _run_key(earlier)
     log.write({"event": "start", "time": _now(), "resumed_from_round": start.completed_rounds,

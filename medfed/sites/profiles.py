@@ -258,6 +258,12 @@ def check_federation_profiles(federation: FederationConfig) -> None:
                     f"must give one proportion per patient group ({len(groups)} in federation.groups). "
                     f"Got {len(profile.group_mix)}.",
                 )
+        if federation.fraction_evaluate == 0 and any(profile.held_out for profile in profiles):
+            raise _fail(
+                "federation.fraction_evaluate",
+                "is 0 (no evaluation), but the federation has held-out sites, which only evaluate: set "
+                "fraction_evaluate above 0, or drop held_out from federation.sites.",
+            )
     except SiteProfileError as error:
         raise ConfigError(str(error)) from None
 

@@ -215,3 +215,52 @@ def test_quorum_retries_count_per_round_not_over_the_whole_run(misses, stops, mo
         server_app.main(None, SimpleNamespace(run_config={}))
     attempts = [json.loads(line)["attempt"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert attempts == ([1, 2, 3] if stops else [1, 1, 1])
+
+
+class _MessagingGrid(_Grid):
+    """A grid whose node count changes between calls, and that can build messages."""
+
+    def __init__(self, counts):
+        from medfed.simulation.local import _ensure_task_identity
+
+        super().__init__(counts)
+        _ensure_task_identity()  # Flower 1.42 stamps new Messages with the task identity
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id)
+
+
+def _within(seconds, call):
+    """``call()``'s result, or a failure if it has not returned after ``seconds`` (a thread)."""
+    import threading
+
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    return result[0]
+
+
+def test_evaluation_without_a_quorum_connected_is_skipped_not_waited_for_forever():
+    # Flower's sampling loops, without a deadline, until min_available_nodes are connected:
+    # sites that left after training hung the server before the round's checkpoint.
+    guard = QuorumGuard(FedAvg(min_available_nodes=2, min_evaluate_nodes=2), min_sites=2, num_sites=3,
+                        timeout_s=0.3)
+    messages = _within(10, lambda: list(guard.configure_evaluate(1, ArrayRecord(), ConfigRecord(),
+                                                                 _MessagingGrid([1]))))
+    assert messages == []
+    # With the quorum connected, every connected site evaluates.
+    messages = _within(10, lambda: list(guard.configure_evaluate(1, ArrayRecord(), ConfigRecord(),
+                                                                 _MessagingGrid([3]))))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("phase", ["train", "evaluate"])
+def test_a_site_leaving_after_the_wait_cannot_make_flowers_sampling_wait_forever(phase):
+    # 3 sites when the guard counted them, 1 when Flower's sampling looks: it is given the count.
+    guard = QuorumGuard(FedAvg(min_available_nodes=2, min_train_nodes=2, min_evaluate_nodes=2), min_sites=2,
+                        num_sites=3, timeout_s=0.3, wait_for_all_first=False)
+    configure = guard.configure_train if phase == "train" else guard.configure_evaluate
+    messages = _within(10, lambda: list(configure(2, ArrayRecord(), ConfigRecord(), _MessagingGrid([3, 3, 1]))))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [0, 1, 2]

@@ -251,3 +251,11 @@ def test_a_label_skew_that_starves_a_site_keeps_the_best_draw_and_warns():
     others = [min(len(p) for p in profiles.split_by_proportions(labels, profiles._shares(plan, weights, prior, a), 0))
               for a in range(50)]
     assert smallest == max(others)
+
+
+def test_held_out_sites_without_evaluation_are_a_config_error():
+    # fraction_evaluate 0 turned off every evaluation, the held-out sites' too, silently.
+    with pytest.raises(ConfigError, match=r"^Config key 'federation.fraction_evaluate' is 0 \(no evaluation\), but "
+                                          r"the federation has held-out sites"):
+        load_config(overrides=["federation.scenario=unseen-hospital", "federation.fraction_evaluate=0"])
+    load_config(overrides=["federation.scenario=scanner-shift", "federation.fraction_evaluate=0"])
