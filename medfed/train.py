@@ -158,6 +158,7 @@ def train_pooled(
         loss_fn = make_loss(
             info.task, splits["train"].class_counts(), weighting=loss_weighting, label_smoothing=label_smoothing
         )
+        eval_loss_fn = make_loss(info.task)  # validation and test losses: plain cross-entropy
         optimizer = make_optimizer(model, settings)
         steps = settings.epochs * len(loaders["train"])
         scheduler = make_scheduler(optimizer, steps, warmup_steps=min(len(loaders["train"]), steps // 10))
@@ -177,7 +178,7 @@ def train_pooled(
                     model, loaders["train"], loss_fn, optimizer, task=info.task, device=dev,
                     scheduler=scheduler, on_batch=lambda *_batch: progress.advance(bar),
                 )
-                val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev, mirror=mirror)
+                val = evaluate(model, loaders["val"], eval_loss_fn, task=info.task, device=dev, mirror=mirror)
                 # The mean of the two metrics MedMNIST reports: AUC alone can pick an
                 # epoch whose decision threshold is off (high AUC, poor ACC).
                 scores.append((val["acc"] + val["auc"]) / 2 if val["auc"] == val["auc"] else val["acc"])
@@ -193,8 +194,8 @@ def train_pooled(
                     + ("  *" if improved else "")
                 )
         model.load_state_dict(best_state)
-        val = evaluate(model, loaders["val"], loss_fn, task=info.task, device=dev, mirror=mirror)
-        test = evaluate(model, loaders["test"], loss_fn, task=info.task, device=dev, mirror=mirror)
+        val = evaluate(model, loaders["val"], eval_loss_fn, task=info.task, device=dev, mirror=mirror)
+        test = evaluate(model, loaders["test"], eval_loss_fn, task=info.task, device=dev, mirror=mirror)
         save_arrays(out_dir / MODEL_FILE, get_weights(model))
         result = {
             "test": _jsonable(test),

@@ -172,7 +172,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     adapted = hooks.before_evaluation(model, kept, image_batches(site.train, _EVAL_BATCH), device)
     if adapted:
         log(INFO, "[%s] %s.", site.name, adapted)
-    loss_fn = make_loss(site.info.task, site.train.class_counts())
+    # The test loss is the plain cross-entropy: the training loss's class weights come from
+    # each site's own training counts, which would make sites' test losses incomparable
+    # (and NaN for a class the site never trained on).
+    loss_fn = make_loss(site.info.task)
     loader = make_loader(site.test, _EVAL_BATCH, shuffle=False)
     result = evaluate(model, loader, loss_fn, task=site.info.task, device=device, precision=cfg.train.precision,
                       channels_last=cfg.train.channels_last, forward=hooks.forward, keep_predictions=True)

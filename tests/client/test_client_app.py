@@ -167,3 +167,28 @@ def test_an_error_at_a_site_reaches_the_server_without_the_sites_paths(
     assert reply.has_error() and "at the site; the site's log has the details" in reply.error.reason
     assert "patients-2026" not in reply.error.reason and "hospital-a" not in reply.error.reason
     assert "patients-2026" in caplog.text
+
+
+def test_the_test_loss_is_plain_cross_entropy_whatever_the_sites_training_classes(
+    tiny_root, tiny_config, tmp_path, global_arrays
+):
+    # The test loss took the training loss's class weights, from each site's own training
+    # counts: two sites with the same test images reported different losses (and a class
+    # the site never trained on weighed nothing).
+    data = dict(np.load(tiny_root / "breastmnist.npz"))
+    folders = []
+    for name, train_class in (("only-benign", 0), ("only-malignant", 1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        np.savez(folder / "breastmnist.npz", **{**data, "train_labels": np.full_like(data["train_labels"], train_class)})
+        folders.append(folder)
+    grid = LocalGrid(client_app, [{"data-path": str(folder)} for folder in folders],
+                     to_run_config(tiny_config(tiny_root, tmp_path, federation={"num_sites": 2, "partition": "iid"})))
+    replies = grid.send_and_receive([_message(global_arrays, MessageType.EVALUATE, node_id=node)
+                                     for node in grid.get_node_ids()])
+    losses = []
+    for reply in replies:
+        assert not reply.has_error(), reply.error.reason
+        (metrics,) = reply.content.metric_records.values()
+        losses.append(metrics["loss"])
+    assert len(losses) == 2 and np.isfinite(losses).all() and losses[0] == pytest.approx(losses[1], rel=1e-6)
