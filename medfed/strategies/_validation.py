@@ -121,6 +121,8 @@ def find_invalid_replies(
     contents: Sequence[RecordDict],
     weighted_by_key: str = "num-examples",
     reference: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
+    *,
+    whole: bool = False,
 ) -> dict[int, str]:
     """Find training replies that must not enter a weighted average.
 
@@ -147,6 +149,10 @@ def find_invalid_replies(
         send a subset of them (FedBN keeps its BatchNorm), never an array they lack: with
         only two replies the majority cannot tell a broken reply from a good one, the
         global model can.
+    whole : bool
+        Every site sends all of ``reference``'s arrays (its client hooks send the whole
+        model): a reply that lacks some is invalid, even when most replies lack them
+        (Flower's FedOpt stops the run on such an aggregate).
 
     Returns
     -------
@@ -162,7 +168,7 @@ def find_invalid_replies(
             record_name, record = next(iter(content.array_records.items()))
             reason = _array_problem(record)
             if reason is None and reference is not None:
-                reason = _misfit(record, reference)
+                reason = _misfit(record, reference, whole=whole)
             if reason is None:
                 layouts[index] = (
                     record_name,
@@ -229,11 +235,14 @@ def find_invalid_evaluate_replies(
     return dict(sorted(invalid.items()))
 
 
-def _misfit(record: Mapping, reference: Mapping[str, tuple[tuple[int, ...], str]]) -> str | None:
+def _misfit(record: Mapping, reference: Mapping[str, tuple[tuple[int, ...], str]], *, whole: bool = False) -> str | None:
     """Why ``record`` does not fit the global arrays, or None."""
     extra = [name for name in record if name not in reference]
     if extra:
         return f"its arrays are not the global model's: unexpected arrays {_short_list(extra)}"
+    missing = [name for name in reference if name not in record] if whole else []
+    if missing:
+        return f"its arrays are not the whole global model: it lacks {_short_list(missing)}"
     for name, array in record.items():
         shape, dtype = reference[name]
         if tuple(array.shape) != tuple(shape):

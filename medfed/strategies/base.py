@@ -89,6 +89,11 @@ class MedfedStrategy:
         Set by :func:`~medfed.strategies.create_strategy` from the experiment config.
     dropped_replies : Mapping[int, str]
         Node id -> reason, for the replies the latest ``aggregate_train`` left out.
+    partial_replies : bool
+        Whether the sites send only some of the global arrays (FedBN keeps its
+        BatchNorm, Local-only sends none). False by default: a reply that lacks an array
+        of the global model is dropped, even when most replies lack it (Flower's FedOpt
+        stops the run on such an aggregate).
     model_kept : str or None
         Why the latest ``aggregate_train`` returned no arrays though valid replies were
         left (the round keeps the global model, and the strategy's state is put back as
@@ -99,6 +104,7 @@ class MedfedStrategy:
     """
 
     client_hooks: ClassVar[type[ClientHooks]] = ClientHooks
+    partial_replies: ClassVar[bool] = False
     reply_policy: ReplyPolicy = ReplyPolicy()
     dropped_replies: Mapping[int, str] = MappingProxyType({})
     model_kept: str | None = None
@@ -148,6 +154,7 @@ class MedfedStrategy:
             [msg.content for msg in answered], getattr(self, "weighted_by_key", "num-examples"),
             reference=None if self.global_arrays is None else
             {name: (array.shape, array.dtype) for name, array in self.global_arrays.items()},
+            whole=not self.partial_replies,
         )
         invalid.update(self._norm_outliers(answered, invalid))
 

@@ -122,3 +122,4 @@ class FedBN(MedfedStrategy, flwr_strategy.FedAvg):
     """
 
     client_hooks = FedBNHooks
+    partial_replies = True
