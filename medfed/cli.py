@@ -375,7 +375,8 @@ def _is_input_error(err: BaseException) -> bool:
     from medfed.errors import MedfedError
 
     # A path that is a file where a folder is expected (or the reverse) is the same kind of mistake.
-    return isinstance(err, (MedfedError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError))
+    return isinstance(err, (MedfedError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                            PermissionError))
 
 
 def _interrupted_message(args: argparse.Namespace) -> str:

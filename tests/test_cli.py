@@ -314,3 +314,27 @@ def test_simulate_ends_by_naming_its_run_folder_and_report(tiny_root, tmp_path, 
     assert main(["simulate"] + [a for s in settings for a in ("--set", s)]) == 0
     out = capsys.readouterr().out
     assert out.rstrip().endswith(f"run folder: {tmp_path / 'named'}\nreport: {tmp_path / 'named' / 'report.html'}")
+
+
+@pytest.mark.parametrize("command", ["simulate", "report"])
+def test_a_run_folder_that_cannot_be_written_is_one_line_and_exit_2(command, tiny_root, tmp_path, capsys, monkeypatch):
+    # simulate and server made the run folder first and died with a PermissionError or
+    # NotADirectoryError traceback; report, in a read-only run folder, in savefig.
+    import os
+
+    if command == "simulate":
+        (tmp_path / "afile").write_text("not a folder")
+        code = main(["simulate", "--set", f"data.root={tiny_root}", "--set", f"output_dir={tmp_path / 'afile'}",
+                     "--set", "name=x"])
+        expected = f"The output folder {tmp_path / 'afile' / 'x'} cannot be made: {tmp_path / 'afile'} is a file"
+    else:
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps({"event": "round", "round": 1, "train": {"loss": 1.0},
+                                                       "evaluate": {"acc": 0.5}}) + "\n")
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == run else real_access(path, mode))
+        code = main(["report", str(run)])
+        expected = f"Cannot write the report into {run}: no write permission; copy the run folder"
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err

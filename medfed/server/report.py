@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -461,6 +462,12 @@ def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run = load_run_metrics(run_dir)
     summary = _summarize(run_dir, run)
+    for folder in (run_dir, run_dir / "figures"):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise ReportError(
+                f"Cannot write the report into {folder}: no write permission; copy the run folder somewhere "
+                "writable and run medfed report on the copy."
+            )
     figure_dir = run_dir / "figures"
     figure_dir.mkdir(exist_ok=True)
     figures = list(zip(FIGURE_NAMES, _make_figures(run, _class_names(run_dir))))

@@ -37,6 +37,7 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from medfed._io import check_output_folder
 from medfed.errors import MedfedError
 from medfed.config import ExperimentConfig, config_to_dict, load_config, save_config, with_absolute_paths
 from medfed.server.checkpoint import Checkpoint, load_checkpoint
@@ -249,6 +250,7 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         ``_MAY_CHANGE``) or with fewer rounds than already done.
     """
     run_dir = Path(run_dir)
+    check_output_folder(run_dir, "the run folder: output_dir and name, or --run-dir")
     finished = finished_rounds(run_dir)
     if not resume:
         if finished is not None:
