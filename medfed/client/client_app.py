@@ -69,6 +69,7 @@ from medfed.client.task import (
 from medfed.config import ExperimentConfig, from_run_config
 from medfed.data import ImageDataset, confusion, train_augmentation
 from medfed.data.pooled import score_histograms
+from medfed.errors import MedfedError
 from medfed.strategies import ClientHooks, ModelSpec, client_hooks_for
 from medfed.strategies._groups import group_count_metrics
 from medfed.transfer import numpy_from_wire, to_wire
@@ -99,8 +100,10 @@ def _errors_stay_at_the_site(handler: Callable[[Message, Context], Message]) -> 
             log(ERROR, "[medfed] %s refused at this site: %s", handler.__name__, error)
             raise SiteRefusal(f"the site's data does not fit the study: {error.reason}") from None
         except Exception as error:
+            # An input error (medfed's own: a bad file, a folder missing) says all in its one
+            # line; anything else is a bug, whose traceback the site's log keeps.
             log(ERROR, "[medfed] %s failed at this site: %s: %s", handler.__name__, type(error).__name__, error,
-                exc_info=True)
+                exc_info=not isinstance(error, MedfedError))
             raise SiteFailure(f"{type(error).__name__} at the site; the site's log has the details") from None
 
     return guarded

@@ -169,7 +169,7 @@ def run_server(
     listen = parse_address(address)
     run_dir = Path(run_dir if run_dir is not None else Path(cfg.output_dir) / cfg.name).expanduser().resolve()
     check_run_dir(cfg, run_dir, resume)
-    _preflight(cfg)
+    _preflight(cfg, simulated=False)
     if insecure:
         _say(out, "WARNING: --insecure: no TLS and no site authentication. Updates travel in clear text and "
                   "any machine that reaches the port can join. Use only for a test on a closed network.")

@@ -366,12 +366,14 @@ def _set_thread_env(cfg: ExperimentConfig) -> None:
         os.environ.setdefault(name, threads)
 
 
-def _preflight(cfg: ExperimentConfig) -> None:
-    """Check names and data before the run starts (each raises a one-line error).
+def _preflight(cfg: ExperimentConfig, *, simulated: bool = True) -> None:
+    """Check names and, for a simulation, data before the run starts (each raises a one-line error).
 
-    The dataset file is read and validated here, as every site will read it: a missing,
-    corrupt or mis-shaped file otherwise fails at each site, and the run folder it leaves
-    behind can be neither resumed nor started afresh.
+    A simulation's dataset file is read and validated here, and dealt to the sites, as
+    every site will: a missing, corrupt or mis-shaped file, or a split too small for the
+    sites, otherwise fails at each site, and the run folder it leaves behind can be
+    neither resumed nor started afresh. A deployed server (``simulated=False``) needs no
+    data: the sites bring their own.
     """
     from medfed.client.site_data import load_dataset_once
     from medfed.config import ConfigError
@@ -389,9 +391,11 @@ def _preflight(cfg: ExperimentConfig) -> None:
         from medfed.server.server_app import initial_model_arrays
 
         initial_model_arrays(cfg, strategy)
-    from medfed.sites.profiles import plan_for
+    from medfed.sites.profiles import deal_sites, plan_for
 
-    plan_for(cfg)  # class mixes and colour corruptions fit the dataset
+    plan = plan_for(cfg)  # class mixes and colour corruptions fit the dataset
+    if not simulated:
+        return
     if cfg.data.root is not None:
         from medfed.data import DatasetNotFoundError
         from medfed.data.medmnist_files import medmnist_filename, medmnist_url
@@ -405,7 +409,8 @@ def _preflight(cfg: ExperimentConfig) -> None:
                 f"(from {medmnist_url(cfg.data.dataset, cfg.data.img_size)}), or set data.root to the folder that "
                 f"holds it{embedded}."
             )
-    load_dataset_once(cfg.data.dataset, cfg.data.root, cfg.data.img_size)  # cached: in-process sites reuse it
+    splits = load_dataset_once(cfg.data.dataset, cfg.data.root, cfg.data.img_size)  # cached: in-process sites reuse it
+    deal_sites(plan, splits["train"].labels, splits["test"].labels, cfg.seed)  # every site gets images of both splits
     if cfg.simulation.ray_address:
         _check_ray_address(cfg.simulation.ray_address)
 

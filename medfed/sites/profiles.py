@@ -59,7 +59,9 @@ import numpy as np
 
 from medfed.errors import MedfedError
 from medfed.sites.corruptions import CorruptionError, check_corruption, corrupt, default_corruptions
-from medfed.sites.partition import _fill_empty_sites, dirichlet_proportions, partition_labels, split_by_proportions
+from medfed.sites.partition import (
+    PartitionError, _fill_empty_sites, dirichlet_proportions, partition_labels, split_by_proportions,
+)
 
 if TYPE_CHECKING:
     from medfed.config import ExperimentConfig, FederationConfig
@@ -73,6 +75,7 @@ __all__ = [
     "SiteProfileError",
     "SiteSizeWarning",
     "apply_profile",
+    "deal_sites",
     "build_site",
     "check_federation_profiles",
     "describe_chain",
@@ -512,6 +515,34 @@ def _shares(plan: FederationPlan, weights: np.ndarray, prior: np.ndarray, seed: 
     return np.where(totals > 0, raw / np.where(totals > 0, totals, 1), 1.0 / num_sites).T
 
 
+def deal_sites(
+    plan: FederationPlan, train_labels: np.ndarray, test_labels: np.ndarray, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every site's training and test indices, as :func:`build_site` deals them.
+
+    Raises
+    ------
+    SiteProfileError
+        When a site would get no image of either split (too few images for the sites).
+    """
+    try:
+        train_parts, shares = split_sites(plan, train_labels, site_seed(seed, 0))
+    except PartitionError as err:
+        raise SiteProfileError(f"The training split cannot be dealt to the sites: {err}") from None
+    try:
+        test_parts, _ = split_sites(plan, test_labels, site_seed(seed, 1), shares=shares)
+    except PartitionError as err:
+        raise SiteProfileError(f"The test split cannot be dealt to the sites: {err}") from None
+    for split, parts, labels in (("training", train_parts, train_labels), ("test", test_parts, test_labels)):
+        empty = [site.name for site, part in zip(plan.sites, parts) if len(part) == 0]
+        if empty:
+            raise SiteProfileError(
+                f"Site {empty[0]} would get no {split} image: the {split} split holds {len(labels)} image(s) for "
+                f"{len(plan.sites)} sites; give the dataset more {split} images, or simulate fewer sites."
+            )
+    return train_parts, test_parts
+
+
 def build_site(
     plan: FederationPlan, partition_id: int, train: ImageDataset, test: ImageDataset, seed: int
 ) -> tuple[ImageDataset, ImageDataset]:
@@ -527,8 +558,7 @@ def build_site(
             f"Partition id {partition_id} is not a site of this federation (0 .. {len(plan.sites) - 1}); "
             "simulate num_sites plus held-out sites."
         )
-    train_parts, shares = split_sites(plan, train.labels, site_seed(seed, 0))
-    test_parts, _ = split_sites(plan, test.labels, site_seed(seed, 1), shares=shares)
+    train_parts, test_parts = deal_sites(plan, train.labels, test.labels, seed)
     site = plan.sites[partition_id]
     return (
         apply_profile(plan, site, train.subset(train_parts[partition_id]), seed, split=0),

@@ -192,3 +192,15 @@ def test_the_test_loss_is_plain_cross_entropy_whatever_the_sites_training_classe
         (metrics,) = reply.content.metric_records.values()
         losses.append(metrics["loss"])
     assert len(losses) == 2 and np.isfinite(losses).all() and losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_an_input_error_at_a_site_is_logged_in_one_line_a_bug_with_its_traceback(
+    tiny_root, tiny_config, tmp_path, global_arrays, caplog
+):
+    # A missing data folder is the site's input: its line says all (the simulate console
+    # showed a traceback per site); a bug keeps its traceback for whoever fixes it.
+    grid = LocalGrid(client_app, [{"data-path": str(tmp_path / "missing")}], to_run_config(tiny_config(tiny_root, tmp_path)))
+    (reply,) = grid.send_and_receive([_message(global_arrays, MessageType.TRAIN)])
+    assert reply.has_error()
+    (record,) = [r for r in caplog.records if "failed at this site" in r.getMessage()]
+    assert not record.exc_info

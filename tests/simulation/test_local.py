@@ -199,3 +199,23 @@ def test_a_round_whose_aggregate_is_not_finite_keeps_the_model_and_says_so(tiny_
     assert all(np.isfinite(v).all() for v in final.values())
     html = (run_dir / "report.html").read_text()
     assert "global model kept: the aggregate of the valid replies is not finite" in html
+
+
+def test_a_split_too_small_for_the_sites_is_refused_before_the_run_folder_exists(tiny_root, tiny_config, tmp_path):
+    # An empty test split passed the checks, failed at every site, and left a run folder
+    # that could be neither resumed nor started afresh.
+    from medfed.simulation.run import _preflight
+    from medfed.sites.profiles import SiteProfileError
+
+    data = dict(np.load(tiny_root / "breastmnist.npz"))
+    root = tmp_path / "data"
+    root.mkdir()
+    np.savez(root / "breastmnist.npz", **{**data, "test_images": data["test_images"][:0],
+                                          "test_labels": data["test_labels"][:0]})
+    cfg = tiny_config(root, tmp_path / "runs")
+    with pytest.raises(SiteProfileError, match=r"^The test split cannot be dealt to the sites: "):
+        _preflight(cfg)
+    assert not (tmp_path / "runs").exists()
+    # A deployed server needs no data: the sites bring their own.
+    _preflight(tiny_config(None, tmp_path / "runs", data={"dataset": "pneumoniamnist", "root": None, "img_size": 28}),
+               simulated=False)
