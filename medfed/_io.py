@@ -20,7 +20,7 @@ class OutputFolderError(MedfedError):
     """An output folder that cannot be made or written, or that holds what must not be overwritten."""
 
 
-def check_output_folder(folder: str | Path, option: str = "--out") -> Path:
+def check_output_folder(folder: str | Path, option: str = "--out", *, results: bool = True) -> Path:
     """Refuse, before any work, an output folder that a file stands in the way of, or that cannot be written.
 
     Parameters
@@ -29,6 +29,9 @@ def check_output_folder(folder: str | Path, option: str = "--out") -> Path:
         The folder results will go to; it need not exist yet (nothing is made here).
     option : str
         How the user gave it, named in the message.
+    results : bool
+        The folder receives results (a model, a run, a preview), which are shared: a
+        folder that holds private keys (a certificate folder given by mistake) is refused.
 
     Returns
     -------
@@ -50,6 +53,12 @@ def check_output_folder(folder: str | Path, option: str = "--out") -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputFolderError(
             f"The output folder {folder} cannot be written: no write permission in {existing} ({option})."
+        )
+    keys = sorted(p.name for p in folder.glob("*.key")) if results and folder.is_dir() else []
+    if keys:
+        raise OutputFolderError(
+            f"{folder} holds private keys ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}): a certificate "
+            f"folder, not a place for results that will be shared; give another folder ({option})."
         )
     return folder
 

@@ -49,8 +49,9 @@ RUN_FILES = (TRAIN_METRICS_FILE, MODEL_FILE, METRICS_FILE, CHECKPOINT_FILE)
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an output folder that cannot be made, already holds a run (nothing is overwritten)
-    or holds private keys (a certificate folder given by mistake).
+    """Refuse an output folder that cannot be made, holds private keys (a certificate folder
+    given by mistake: :func:`~medfed._io.check_output_folder`) or already holds a run
+    (nothing is overwritten).
 
     Raises
     ------
@@ -63,12 +64,6 @@ def _check_out_dir(out_dir: Path) -> None:
         raise OutputFolderError(
             f"{out_dir} already holds a run ({', '.join(held)}); train into another folder (--out), or move that "
             "run away first."
-        )
-    keys = sorted(p.name for p in out_dir.glob("*.key")) if out_dir.is_dir() else []
-    if keys:  # a model is shared; a folder that holds private keys must not become one that is
-        raise OutputFolderError(
-            f"{out_dir} holds private keys ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}): a certificate "
-            "folder, not a place for a model that will be shared; train into another folder (--out)."
         )
 
 

@@ -338,3 +338,17 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_and_exit_2(command, tin
         expected = f"Cannot write the report into {run}: no write permission; copy the run folder"
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("command", [["sites"], ["simulate"]])
+def test_results_never_go_into_a_certificate_folder(command, tiny_root, tmp_path, capsys):
+    # medfed sites wrote its preview next to ca.key (and medfed certs --force then refused
+    # the folder); a run folder there would be shared with its keys.
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "ca.key").write_text("secret")
+    where = ["--out", str(certs)] if command == ["sites"] else ["--set", f"output_dir={tmp_path}", "--set", "name=certs"]
+    code = main([*command, "--set", f"data.root={tiny_root}", *where])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{certs} holds private keys (ca.key): a certificate folder" in err
+    assert sorted(p.name for p in certs.iterdir()) == ["ca.key"]

@@ -144,7 +144,7 @@ def make_certs(
     if duplicates:
         raise CertsError(f"Site names must be unique; {', '.join(duplicates)} appears more than once.")
 
-    check_output_folder(given, "--out")
+    check_output_folder(given, "--out", results=False)
     # A link to the real folder stays a link: the folder it points to gets the new files.
     folder = given.resolve()
     old = _files_in(folder, given) if folder.exists() else []
