@@ -69,20 +69,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="breastmnist", help="MedMNIST 2D flag (default: breastmnist)")
     p.add_argument("--data-root", default=None, help="folder with the official .npz files (default: the embedded BreastMNIST)")
     p.add_argument("--model", default="nano", help="variant: nano, tiny, small, base, large (default: nano)")
-    p.add_argument("--img-size", type=int, default=28, choices=(28, 64, 128, 224))
+    p.add_argument("--img-size", type=int, default=28, choices=(28, 64, 128, 224), help="(default: 28)")
     from medfed.config import TrainConfig
 
     train = TrainConfig()  # defaults shared with the experiment config's train section
 
     p.add_argument("--epochs", type=_positive(int), default=100, help="(default: 100)")
-    p.add_argument("--batch-size", type=_positive(int), default=train.batch_size)
-    p.add_argument("--optimizer", default=train.optimizer, choices=("adamw", "sgd"))
-    p.add_argument("--lr", type=_positive(float), default=train.lr)
+    p.add_argument("--batch-size", type=_positive(int), default=train.batch_size, help=f"(default: {train.batch_size})")
+    p.add_argument("--optimizer", default=train.optimizer, choices=("adamw", "sgd"), help=f"(default: {train.optimizer})")
+    p.add_argument("--lr", type=_positive(float), default=train.lr, help=f"learning rate (default: {train.lr:g})")
     p.add_argument("--weight-decay", type=_number(lambda v: 0 <= v < float("inf"), "a number >= 0"),
-                   default=train.weight_decay)
+                   default=train.weight_decay, help=f"(default: {train.weight_decay:g})")
     p.add_argument("--loss-weighting", default=None, choices=("none", "sqrt", "balanced"),
                    help="class weighting of the loss (default: balanced)")
-    p.add_argument("--label-smoothing", type=_number(lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0)
+    p.add_argument("--label-smoothing", type=_number(lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0,
+                   help="(default: 0)")
     p.add_argument("--hflip-p", type=_number(lambda v: 0 <= v <= 1, "in [0, 1]"), default=None,
                    help="mirroring probability in training (default: 0.5)")
     p.add_argument("--selection-window", type=_positive(int), default=None,

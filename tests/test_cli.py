@@ -352,3 +352,11 @@ def test_results_never_go_into_a_certificate_folder(command, tiny_root, tmp_path
     err = capsys.readouterr().err.strip()
     assert code == 2 and f"{certs} holds private keys (ca.key): a certificate folder" in err
     assert sorted(p.name for p in certs.iterdir()) == ["ca.key"]
+
+
+def test_python_dash_m_medfed_is_the_medfed_command():
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "medfed", "--version"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("medfed "), shown.stderr

@@ -6,7 +6,7 @@ what was found and what to do.
 
 from __future__ import annotations
 
-from medfed.errors import MedfedError
+from medfed.errors import MedfedError, MedfedWarning
 
 __all__ = [
     "ColourImagesError", "DatasetMismatchError", "DatasetNotFoundError", "DatasetValidationError", "DatasetSizeWarning",
@@ -52,7 +52,7 @@ class ColourImagesError(DatasetMismatchError):
     """Colour images where grayscale ones were asked for."""
 
 
-class DatasetSizeWarning(UserWarning):
+class DatasetSizeWarning(MedfedWarning):
     """A MedMNIST file holds split sizes that differ from the official release.
 
     The file is still loaded; results are then not comparable with published ones.

@@ -140,9 +140,12 @@ def make_certs(
         raise CertsError("Give at least one site name (--sites NAME[,NAME...]).")
     for name in sites:
         validate_site_name(name)
-    duplicates = sorted({name for name in sites if sites.count(name) > 1})
+    # Each site gets the folder sites/NAME: names that differ only in case are one folder
+    # on a case-insensitive file system (macOS, Windows).
+    folded = [name.casefold() for name in sites]
+    duplicates = sorted({name for name in sites if folded.count(name.casefold()) > 1})
     if duplicates:
-        raise CertsError(f"Site names must be unique; {', '.join(duplicates)} appears more than once.")
+        raise CertsError(f"Site names must be unique, ignoring case; {', '.join(duplicates)} appear more than once.")
 
     check_output_folder(given, "--out", results=False)
     # A link to the real folder stays a link: the folder it points to gets the new files.

@@ -111,6 +111,8 @@ class Address:
 def parse_address(text: str, what: str = "--address") -> Address:
     """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) or raise a one-line :class:`DeployError`."""
     text = (text or "").strip()
+    if "://" in text:
+        raise DeployError(f"{what} takes HOST:PORT without a scheme (TLS is on unless --insecure). Got {text!r}.")
     host, sep, port_text = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:

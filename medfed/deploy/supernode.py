@@ -58,6 +58,8 @@ def check_site_data(path: str | Path) -> str:
     from medfed.data.site_folder import is_site_folder
 
     folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise SiteDataError(f"--data {folder} is a file; give the site's data folder (the folder that holds it).")
     if not folder.is_dir():
         raise SiteDataError(f"The site data folder {folder} does not exist (--data).")
     npz_files = sorted(p for p in folder.glob("*.npz") if medmnist_file_parts(p.name))

@@ -52,7 +52,7 @@ _FROM_FEDERATION = ("fraction_train", "fraction_evaluate")
 #: the run mid-way (the record keys the ClientApp reads, the metric aggregation functions).
 _SET_BY_MEDFED = {
     "min_available_nodes": "federation.num_sites",
-    "min_train_nodes": "federation.fraction_train and federation.quorum",
+    "min_train_nodes": "federation.fraction_train and federation.min_sites",
     "min_evaluate_nodes": "federation.fraction_evaluate",
     "eta_l": "train.lr (the sites' learning rate; Flower's FedOpt strategies only log eta_l)",
     "arrayrecord_key": "nothing: medfed's sites send and read the arrays under Flower's default key",
@@ -411,10 +411,8 @@ def _unknown_parameter(name: str, key: str, accepted: Mapping[str, inspect.Param
     choices = [p for p in accepted if p not in _FROM_FEDERATION]
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return (
-        f"Strategy {name!r} has no parameter {key!r}{hint} "
-        f"(accepted: {', '.join(choices)})"
-    )
+    accepted_text = f"accepted: {', '.join(choices)}" if choices else "it takes none in strategy.params"
+    return f"Strategy {name!r} has no parameter {key!r}{hint} ({accepted_text})."
 
 
 def _refused(name: str, params: Mapping[str, Any], exc: BaseException) -> str:

@@ -64,7 +64,8 @@ def test_keys_are_private_and_certificates_public(tmp_path):
 
 @pytest.mark.parametrize("host, sites, match", [
     ("https://x:1", ["a"], "neither an IP address nor a DNS name"),
-    ("x.org", ["a", "a"], "appears more than once"),
+    ("x.org", ["a", "a"], "appear more than once"),
+    ("x.org", ["Alpha", "alpha"], r"unique, ignoring case; Alpha, alpha appear more than once"),
     ("x.org", ["bad/name"], "must be 1-64 letters"),
 ])
 def test_bad_names_are_one_line_errors(tmp_path, host, sites, match):
@@ -224,7 +225,7 @@ def test_addresses_parse(text, host, port):
     assert (address.host, address.port) == (host, port)
 
 
-@pytest.mark.parametrize("text", ["9092", "host:", "host:99999", "a:b:c:1"])
+@pytest.mark.parametrize("text", ["9092", "host:", "host:99999", "a:b:c:1", "https://host:9092"])
 def test_bad_addresses_are_refused(text):
     with pytest.raises(DeployError, match="HOST:PORT|IPv6"):
         parse_address(text)
@@ -260,6 +261,7 @@ def test_site_data_check_accepts_an_image_folder(tmp_path):
     (lambda p: None, "does not exist"),
     (lambda p: p.mkdir(), "neither a MedMNIST .npz file nor labels.csv"),
     (lambda p: _npz(p, n_train=0), "no training images"),
+    (lambda p: p.write_text("a file"), r"is a file; give the site's data folder"),
 ])
 def test_bad_site_folders_fail_before_connecting(tmp_path, setup, match):
     folder = tmp_path / "site"

@@ -105,7 +105,7 @@ def test_params_reach_the_constructor_and_ints_become_floats():
 
 @pytest.mark.parametrize(("name", "key", "value", "instead"), [
     ("fedprox", "min_available_nodes", 2, "federation.num_sites"),  # the quorum lowered it anyway
-    ("fedavg", "min_train_nodes", 3, "federation.fraction_train and federation.quorum"),
+    ("fedavg", "min_train_nodes", 3, "federation.fraction_train and federation.min_sites"),
     ("fedadam", "eta_l", 0.9, "train.lr"),  # Flower's FedOpt only logs it
     ("fedavg", "arrayrecord_key", "foo", "medfed's sites send and read the arrays"),  # every site failed
     ("fedavg", "configrecord_key", "foo", "read their instructions"),
@@ -348,3 +348,10 @@ def test_the_studys_group_count_is_the_federations_groups_else_the_strategys_num
     assert study_group_count([], "fairlora", {}) == create_strategy("fairlora", {}, num_sites=2).num_groups
     assert study_group_count([], "fairlora", {"num_groups": 4}) == 4
     assert study_group_count([], "fedavg", {}) == 0
+
+
+def test_a_parameter_of_a_strategy_that_takes_none_says_so():
+    # It read "(accepted: )".
+    with pytest.raises(StrategyError, match=r"^Strategy 'fedavg' has no parameter 'proximal_mu' \(it takes none in "
+                                            r"strategy.params\)\.$"):
+        create_strategy("fedavg", {"proximal_mu": 0.1}, num_sites=2)
