@@ -28,8 +28,8 @@ class DatasetMismatchError(DatasetValidationError):
     Attributes
     ----------
     detail : str
-        What was found, naming no file (``"label 5"``, ``"3 of 500 images in colour"``): a
-        site may tell a server this much.
+        What was found, naming no file and no value (``"2 label(s) above 1"``, ``"3 of 500
+        images in colour"``): a site may tell a server this much.
     """
 
     def __init__(self, message: str, *, detail: str) -> None:

@@ -251,7 +251,7 @@ def _parse_label(value: str, task: str, where: str) -> tuple[int, ...]:
             raise LabelRangeError(
                 f"{where}: a multi-label label must be 0/1 values separated by spaces or ';' (e.g. '0;1;0'). "
                 f"Got {value!r} instead.",
-                detail=f"labels such as {value[:20]!r}",
+                detail="labels that are not 0/1 values",
             )
         return tuple(int(part) for part in parts)
     try:
@@ -259,7 +259,7 @@ def _parse_label(value: str, task: str, where: str) -> tuple[int, ...]:
     except ValueError:
         raise LabelRangeError(
             f"{where}: label must be an integer class index ({task}). Got {value!r} instead.",
-            detail=f"labels such as {value[:20]!r}",
+            detail="labels that are not class indices",
         ) from None
     if label < 0:
         raise DatasetValidationError(f"{where}: label must be >= 0. Got {label} instead.")
@@ -303,10 +303,12 @@ def _resolve_num_classes(rows: list[_Row], task: str, num_classes: int | None, r
     if num_classes is None:
         num_classes = 2 if task == BINARY_CLASS else max(2, largest.label[0] + 1)
     if largest.label[0] >= num_classes:
+        beyond = sum(row.label[0] >= num_classes for row in rows)
         raise LabelRangeError(
             f"{largest.where}: label {largest.label[0]} is unknown; site folder {root} has {num_classes} classes "
             f"(labels 0 to {num_classes - 1}).",
-            detail=f"label {largest.label[0]}",
+            # Travels to the server (a study mismatch): counts, never a label's value.
+            detail=f"{beyond} label(s) above {num_classes - 1}",
         )
     return num_classes
 

@@ -157,8 +157,8 @@ def test_site_folder_unlike_the_experiment_is_refused(tiny_root, tiny_config, tm
     [
         (28, 3, 1, "the site holds 6 of 6 images in colour but the study's dataset breastmnist is grayscale"),
         (64, 1, 1, "the site holds 64x64 px images (width x height) but the study's data.img_size is 28"),
-        (28, 1, 5, "the site's images have label 5 but the study's dataset breastmnist is binary-class with 2 classes "
-                   "(labels 0 to 1)"),
+        (28, 1, 5, "the site's images have 1 label(s) above 1 but the study's dataset breastmnist is binary-class "
+                   "with 2 classes (labels 0 to 1)"),
     ],
 )
 def test_what_does_not_fit_the_study_is_said_without_the_sites_paths(
@@ -194,10 +194,13 @@ def test_a_few_colour_images_among_gray_ones_are_named(tiny_root, tiny_config, t
     [
         ("chestmnist", ["0", "1"], "the site's images have labels of 1 values but the study's dataset chestmnist is "
                                    "multi-label with 14 values per label (0 or 1 each, such as '0;1;0')"),
-        ("chestmnist", ["0", "5"], "the site's images have labels such as '5' but the study's dataset chestmnist is "
+        ("chestmnist", ["0", "5"], "the site's images have labels that are not 0/1 values but the study's dataset chestmnist is "
                                    "multi-label with 14 values per label (0 or 1 each, such as '0;1;0')"),
-        ("breastmnist", ["0;1", "1;0"], "the site's images have labels such as '0;1' but the study's dataset "
+        ("breastmnist", ["0;1", "1;0"], "the site's images have labels that are not class indices but the study's dataset "
                                         "breastmnist is binary-class with 2 classes (labels 0 to 1)"),
+        # A record number in the label column: the server learns how many, never the value.
+        ("breastmnist", ["0", "31415926"], "the site's images have 3 label(s) above 1 but the study's dataset "
+                                           "breastmnist is binary-class with 2 classes (labels 0 to 1)"),
     ],
 )
 def test_labels_of_the_wrong_form_for_the_study_are_said_so(tiny_root, tiny_config, tmp_path, flag, labels, reason):
