@@ -71,6 +71,7 @@ from medfed.data import ImageDataset, confusion, train_augmentation
 from medfed.data.pooled import score_histograms
 from medfed.errors import MedfedError
 from medfed.strategies import ClientHooks, ModelSpec, client_hooks_for
+from medfed.strategies.hooks import GlobalModelMismatch
 from medfed.strategies._groups import group_count_metrics
 from medfed.transfer import numpy_from_wire, to_wire
 
@@ -275,7 +276,11 @@ def _model(
             _MODELS.popitem(last=False)
     model = _MODELS[key]
     received = numpy_from_wire(msg.content["arrays"])
-    hooks.load_global(model, OrderedDict((key, torch.from_numpy(value)) for key, value in received.items()), kept)
+    try:
+        hooks.load_global(model, OrderedDict((key, torch.from_numpy(value)) for key, value in received.items()), kept)
+    except GlobalModelMismatch as error:  # names arrays and shapes only: the server may be told
+        raise SiteRefusal(f"the global model does not fit this site's model ({error}); run the server's medfed "
+                          "version at the site") from None
     return prepare_model(model, device, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
 
 

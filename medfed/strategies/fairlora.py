@@ -49,7 +49,7 @@ from medfed.models.pretrained import PretrainedError, load_pretrained
 
 from ._groups import read_group_counts
 from .base import MedfedStrategy
-from .hooks import ClientHooks, ModelSpec
+from .hooks import ClientHooks, GlobalModelMismatch, ModelSpec
 from .registry import StrategyError, check_number, register_strategy
 
 __all__ = ["FairLoRA", "FairLoRAHooks", "fairlora_aggregate"]
@@ -160,7 +160,7 @@ class FairLoRAHooks(ClientHooks):
         expected = set(self.sent_arrays(model))
         if set(arrays) != expected:
             missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
-            raise ValueError(
+            raise GlobalModelMismatch(
                 f"FairLoRA expects the adapters and head only; the global arrays lack {missing[:3]} and have "
                 f"{extra[:3]} besides. Do the strategy's params match model.init_from?"
             )

@@ -36,13 +36,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfed.errors import MedfedError
 from medfed.models import create_model
 from medfed.models.pretrained import load_pretrained
 
-__all__ = ["ClientHooks", "ExtraLoss", "ModelSpec"]
+__all__ = ["ClientHooks", "ExtraLoss", "GlobalModelMismatch", "ModelSpec"]
 
 #: ``f(logits [B, C], targets) -> scalar`` added to the training loss.
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class GlobalModelMismatch(MedfedError):
+    """The global arrays a site received do not fit the model it builds: the server and the
+    site run different medfed versions or study settings. Its text names arrays and
+    shapes only, which the server may be told."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,10 @@ class ClientHooks:
         self, model: nn.Module, arrays: Mapping[str, torch.Tensor], local_state: Mapping[str, torch.Tensor]
     ) -> None:
         """Load the received global arrays (all of the model's state), then ``local_state``."""
-        model.load_state_dict(dict(arrays), strict=True)
+        try:
+            model.load_state_dict(dict(arrays), strict=True)
+        except RuntimeError as error:  # torch names the missing, unexpected and misshapen arrays
+            raise GlobalModelMismatch(" ".join(str(error).split())[:400]) from None
         if local_state:
             model.load_state_dict(dict(local_state), strict=False)
 

@@ -204,3 +204,14 @@ def test_an_input_error_at_a_site_is_logged_in_one_line_a_bug_with_its_traceback
     assert reply.has_error()
     (record,) = [r for r in caplog.records if "failed at this site" in r.getMessage()]
     assert not record.exc_info
+
+
+def test_a_global_model_that_does_not_fit_the_sites_model_is_refused_in_words(grid, global_arrays):
+    # Another medfed version or study setting at the server: the server saw only
+    # "RuntimeError at the site"; the arrays' names and shapes are no site data.
+    name = next(iter(global_arrays))
+    partial = {k: v for k, v in global_arrays.items() if k != name}
+    (reply,) = grid.send_and_receive([_message(partial, MessageType.TRAIN)])
+    assert reply.has_error()
+    assert "the global model does not fit this site's model" in reply.error.reason
+    assert name in reply.error.reason and "run the server's medfed version at the site" in reply.error.reason
