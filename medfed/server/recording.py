@@ -182,6 +182,13 @@ class RoundRecorder:
         source, and is attributed to the node the message was for.
         """
         self._bytes_sent += sum(sent.values())
+        # Evaluation replies the strategy refuses to average (find_invalid_evaluate_replies,
+        # e.g. no examples, or group counts above them) enter neither the site lines nor the pool.
+        answered = [r for r in replies if not r.has_error() and r.content.metric_records]
+        refused: dict[int, str] = {}
+        if phase == "evaluate":
+            invalid = find_invalid_evaluate_replies([r.content for r in answered])
+            refused = {id(answered[index]): why for index, why in invalid.items()}
         for reply in replies:
             node_id = replying_node(reply, addressees)
             if reply.has_error():
@@ -192,13 +199,12 @@ class RoundRecorder:
             self.node_names[node_id] = site_name(reply)
             received = payload_bytes(reply.content)
             self._bytes_received += received
+            if id(reply) in refused:
+                self.record_dropout(phase, node_id, f"reply rejected: {refused[id(reply)]}")
+                continue
             self.log.write(self._site_record(phase, reply, sent.get(node_id, 0), received))
         if phase == "evaluate":
-            # Only replies the strategy may aggregate (find_invalid_evaluate_replies): a refused
-            # reply (e.g. group counts above its examples) must not enter the pool either.
-            answered = [r for r in replies if not r.has_error() and r.content.metric_records]
-            invalid = find_invalid_evaluate_replies([r.content for r in answered])
-            answered = [r for i, r in enumerate(answered) if i not in invalid]
+            answered = [r for r in answered if id(r) not in refused]
             federation = [r for r in answered if not _held_out(r)]
             held_out = [r for r in answered if _held_out(r)]
             if self.task is not None and federation:  # pooled-test figures need the task's layout

@@ -264,3 +264,25 @@ def test_a_site_leaving_after_the_wait_cannot_make_flowers_sampling_wait_forever
     configure = guard.configure_train if phase == "train" else guard.configure_evaluate
     messages = _within(10, lambda: list(configure(2, ArrayRecord(), ConfigRecord(), _MessagingGrid([3, 3, 1]))))
     assert sorted(m.metadata.dst_node_id for m in messages) == [0, 1, 2]
+
+
+def test_an_evaluation_reply_the_strategy_refuses_is_a_dropout_not_a_site_result():
+    # A reply with no examples was refused by the aggregate but recorded as an ordinary site line.
+    from flwr.app import ConfigRecord as Config
+
+    from medfed.server.recording import RoundRecorder
+
+    def reply(node_id, name, examples, acc):
+        metadata = Metadata(run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
+                            reply_to_message_id=f"i{node_id}", group_id="1", created_at=0.0, ttl=60.0,
+                            message_type=MessageType.EVALUATE)
+        content = RecordDict({"metrics": MetricRecord({"num-examples": examples, "acc": acc}),
+                              "site": Config({"name": name})})
+        return Message(content=content, metadata=metadata)
+
+    lines = []
+    recorder = RoundRecorder(type("Log", (), {"write": staticmethod(lines.append)})())
+    recorder.round_started(1)
+    recorder.record_exchange("evaluate", {}, [reply(1, "a", 10, 0.9), reply(2, "b", 0, 0.1)])
+    assert [(line["event"], line["site"]) for line in lines] == [("site", "a"), ("dropout", "b")]
+    assert lines[1]["phase"] == "evaluate" and lines[1]["reason"].startswith("reply rejected: ")
