@@ -95,7 +95,8 @@ def _errors_stay_at_the_site(handler: Callable[[Message, Context], Message]) -> 
     def guarded(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except SiteRefusal:
+        except SiteRefusal as error:
+            log(ERROR, "[medfed] %s refused at this site: %s", handler.__name__, error)
             raise
         except StudyMismatchError as error:
             log(ERROR, "[medfed] %s refused at this site: %s", handler.__name__, error)

@@ -18,9 +18,12 @@ ClientApp keeps it
 
 A round ``t`` loads the newest state written before it (training: ``r < t``;
 evaluation, which follows training in the same round: ``r <= t``). A resumed run
-restarts at the round after its checkpoint, so files a killed process wrote for a round
-that the server never completed are never read; the newest three files per site are
-kept.
+restarts at the round after its checkpoint, and a site that trains a round again
+rewrites its file, so training never reads what a killed process wrote for a round the
+server never completed. Evaluation may: a site that does not train round ``t`` again
+(not sampled, or failed) is evaluated with the killed run's round-``t`` file, which,
+with the run's fixed seeds, holds what training round ``t`` again would write. The
+newest three files per site are kept.
 """
 
 from __future__ import annotations
