@@ -227,6 +227,8 @@ def load_medmnist(
 
 def _fetch_missing(path: Path, url: str, *, embedded: bool, download: bool, downloader: Downloader) -> None:
     """Download a missing file or raise :class:`DatasetNotFoundError` saying what to do."""
+    if path.is_dir():
+        raise DatasetNotFoundError(f"MedMNIST file {path} is a folder; put the .npz file there instead.")
     if embedded:
         raise DatasetNotFoundError(
             f"{path.name} is not embedded in medfed (only breastmnist.npz at 28 px is). Download it from {url} and "
@@ -277,6 +279,12 @@ def _read_npz(path: Path, url: str) -> dict[str, np.ndarray]:
                     f"MedMNIST file {path} lacks keys {missing}: expected {list(_REQUIRED_KEYS)}, "
                     f"found {sorted(archive.files)}."
                 )
+            objects = [key for key in _REQUIRED_KEYS if _holds_objects(archive, key)]
+            if objects:
+                raise DatasetValidationError(
+                    f"MedMNIST file {path} holds Python objects in {objects}, which are never unpickled; save "
+                    "its arrays as numbers (uint8 images, integer labels)."
+                )
             return {key: archive[key] for key in _REQUIRED_KEYS}
     except DatasetValidationError:
         raise
@@ -288,6 +296,18 @@ def _read_npz(path: Path, url: str) -> dict[str, np.ndarray]:
             f"MedMNIST file {path} is not a readable .npz archive ({detail}); it may be "
             f"truncated or corrupt. Replace it with an intact copy (a site: its own export; the public release: {url})."
         ) from error
+
+
+def _holds_objects(archive: NpzFile, key: str) -> bool:
+    """Whether ``archive[key]`` is an array of Python objects (read from its header only)."""
+    try:
+        with archive.zip.open(f"{key}.npy") as member:
+            major, _minor = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            _shape, _order, dtype = read_header(member)
+    except (KeyError, ValueError, OSError):
+        return False  # reading the array says what is wrong with it
+    return dtype.hasobject
 
 
 def validate_medmnist_arrays(

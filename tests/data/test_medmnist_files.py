@@ -381,3 +381,18 @@ def test_shared_pneumoniamnist_subset_loads_with_one_warning(shared_data_dir):
     image, label, group = datasets["test"][0]
     assert tuple(image.shape) == (1, 28, 28) and -1.0 <= float(image.min()) <= float(image.max()) <= 1.0
 
+
+
+def test_an_archive_of_python_objects_and_a_folder_for_a_file_are_said_as_they_are(tmp_path):
+    # Both were called "not a readable .npz archive ... truncated or corrupt" / "not found".
+    arrays = {f"{split}_images": np.zeros((2, 28, 28), np.uint8) for split in ("train", "val", "test")}
+    arrays.update({f"{split}_labels": np.zeros((2, 1), np.uint8) for split in ("train", "val", "test")})
+    arrays["train_labels"] = np.array([[1], ["x"]], dtype=object)
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    with pytest.raises(DatasetValidationError, match=r"holds Python objects in \['train_labels'\], which are never "
+                                                     r"unpickled; save its arrays as numbers"):
+        load_medmnist("breastmnist", tmp_path, download=False)
+    folder = tmp_path / "other"
+    (folder / "breastmnist.npz").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match=r"breastmnist.npz is a folder; put the .npz file there instead"):
+        load_medmnist("breastmnist", folder, download=False)
