@@ -234,6 +234,11 @@ def create_strategy(
             )
         kwargs["num_groups"] = num_groups
     kwargs.update(_typed_params(name, factory, params))
+    if getattr(factory, "__module__", "").startswith("flwr."):
+        # Flower's constructors take any number: a negative eta ran a whole study backwards.
+        for key, (in_range, what) in _FLOWER_RANGES.items():
+            if key in params:
+                check_number(name, key, kwargs[key], in_range, what)
 
     missing = [
         p.name
@@ -449,6 +454,17 @@ def _typed_params(name: str, factory: StrategyFactory, params: dict[str, Any]) -
                 f"{_SIMPLE_TYPES[expected]}. Got {value!r} instead."
             )
     return checked
+
+
+#: Ranges of Flower's own strategy arguments (FedOpt family, FedAvgM), which Flower does not check.
+_FLOWER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "eta": (lambda v: v > 0, "a number > 0 (the server learning rate)"),
+    "tau": (lambda v: v > 0, "a number > 0 (the adaptivity constant)"),
+    "beta_1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "beta_2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "server_learning_rate": (lambda v: v > 0, "a number > 0"),
+    "server_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+}
 
 
 # Flower's own strategies, by name (create_strategy adds medfed's reply checks).

@@ -355,3 +355,14 @@ def test_a_parameter_of_a_strategy_that_takes_none_says_so():
     with pytest.raises(StrategyError, match=r"^Strategy 'fedavg' has no parameter 'proximal_mu' \(it takes none in "
                                             r"strategy.params\)\.$"):
         create_strategy("fedavg", {"proximal_mu": 0.1}, num_sites=2)
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("fedadam", "eta", -1.0), ("fedyogi", "tau", 0.0), ("fedadam", "beta_1", 1.0), ("fedavgm", "server_momentum", 1.5),
+])
+def test_flowers_arguments_out_of_range_are_refused_before_the_run(name, key, value):
+    # Flower's constructors take any number: eta=-1 ran a whole study backwards (exit 0).
+    with pytest.raises(StrategyError, match=rf"^The '{key}' parameter of strategy '{name}' \(strategy.params.{key}\) "
+                                            r"must be a number"):
+        create_strategy(name, {key: value}, num_sites=2)
+    create_strategy("fedadam", {"eta": 0.01, "beta_1": 0.9}, num_sites=2)
