@@ -21,6 +21,7 @@ of sites, so one hospital offline stops the federation forever. Here:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
@@ -213,6 +214,13 @@ def quorum_advice(records: Sequence[dict[str, Any]], server_round: int, resume: 
     # its last step get its update rejected ("... holds 3 NaN/inf values").
     if reasons and all("TrainingDivergedError" in reason or "NaN/inf" in reason for reason in reasons):
         # Sites seed their training from (seed, round, site): a resume diverges again.
+        before = [r for r in records[last_start + 1:] if r["event"] == "round" and r.get("round") == server_round - 1]
+        loss = before[-1].get("evaluate", {}).get("loss", 0.0) if before else 0.0
+        if loss is None or not math.isfinite(loss):  # null in metrics.jsonl: not finite
+            return (f"Every site's training diverged, starting from a global model whose test loss in round "
+                    f"{server_round - 1} was not finite: the aggregate itself diverged. Start a new run (another "
+                    "name or output_dir) with a lower train.lr, or the strategy's server learning rate, or turn on "
+                    "strategy.clip_update_norm; a resume would repeat the same round.")
         return ("Every site's training diverged (a NaN or infinite loss or update): start a new run (another "
                 "name or output_dir) with a lower train.lr; a resume would repeat the same round.")
     said = f" Why: {'; '.join(sorted(set(reasons))[:3])}." if reasons else ""

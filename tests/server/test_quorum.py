@@ -286,3 +286,16 @@ def test_an_evaluation_reply_the_strategy_refuses_is_a_dropout_not_a_site_result
     recorder.record_exchange("evaluate", {}, [reply(1, "a", 10, 0.9), reply(2, "b", 0, 0.1)])
     assert [(line["event"], line["site"]) for line in lines] == [("site", "a"), ("dropout", "b")]
     assert lines[1]["phase"] == "evaluate" and lines[1]["reason"].startswith("reply rejected: ")
+
+
+def test_a_stop_after_a_diverged_global_model_blames_the_aggregate_not_the_sites():
+    # Every site diverged in round 3 because round 2's aggregate was already inf: "lower
+    # train.lr" alone missed the server's part.
+    from medfed.server.quorum import quorum_advice
+
+    diverged = {"event": "dropout", "round": 3, "phase": "train", "site": "a",
+                "reason": "error reply: SiteFailure: TrainingDivergedError at the site"}
+    records = [{"event": "start"}, {"event": "round", "round": 2, "evaluate": {"loss": None, "acc": 0.5}}, diverged]
+    assert "starting from a global model whose test loss in round 2 was not finite" in quorum_advice(records, 3, "x")
+    records[1]["evaluate"]["loss"] = 0.7
+    assert quorum_advice(records, 3, "x").startswith("Every site's training diverged (a NaN or infinite loss")
