@@ -6,14 +6,15 @@ linear layer ``y = x W + b``, the update
 
     Delta W = A diag(pi^T S) B * (alpha / r)
 
-where ``A`` (``in x r``, initialised to 0) and ``B`` (``r x out``, initialised normal)
-are shared by all patient groups, ``S`` (``G x r``) holds one row of singular values
+where ``A`` (``in x r``, initialised to 0) and ``B`` (``r x out``, initialised normal
+with std ``1 / sqrt(r)``, where the authors' code takes std 1) are shared by all patient groups, ``S`` (``G x r``) holds one row of singular values
 per group, and ``pi`` (``G``) are the soft group weights of the sample: ``own`` (0.7)
 on its group and the rest spread evenly over the others; uniform ``1 / G`` where the
 group is unknown (id < 0). ``S`` starts with its first ``r / 2`` entries
 ``linspace(0.5, 0.1)``, shared by all groups, and its second half a copy of the same
-profile, scaled by 0.2 and cyclically shifted by the group index (so groups start
-apart), as in the authors' code.
+profile, scaled by 0.2 and cyclically shifted right by the group index (so groups start
+apart). The authors' code shifts left by ``g * (r / 2) // G``, which gives the same rows
+for the default 2 groups at rank 4 (or 2), not for more groups or a higher rank.
 
 :class:`GroupLoRAModel` wraps a backbone without changing its code: the adapters sit
 in their own ``ModuleDict`` and are added to the target layers' outputs by forward

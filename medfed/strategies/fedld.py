@@ -3,7 +3,9 @@ Decomposition", MICCAI 2024, https://arxiv.org/abs/2408.12300).
 
 Client half: the local loss is cross-entropy plus a margin term
 ``lambda * log(1 + ||softmax(z)||_2^2)``, the norm taken over the batch's whole
-``B x C`` softmax matrix (:func:`margin_loss`, ``margin_lambda`` default 0.03).
+``B x C`` softmax matrix (:func:`margin_loss`, ``margin_lambda`` default 0.03), as in
+the authors' code. Its pull on each sample therefore shrinks as the batch grows: the
+authors trained with batches of 50, medfed's default is 32.
 
 Server half: per floating-point state tensor, the updates ``Delta_i = w_i - w_global``
 are combined by :func:`principal_gradient_aggregate` (round 1: their plain mean), which
@@ -12,7 +14,15 @@ take the plain mean of the sites' values: they are estimates, not descent direct
 and the principal-gradient step can push a running variance below zero (NaN at
 evaluation; the authors' code steps them too). Integer tensors (BatchNorm counters) take
 the rounded mean. As in the authors' code the sites are not weighted by their sample
-counts.
+counts. Where medfed departs from the authors' code: it keeps at least one principal
+direction and takes a lone site's update as it is (theirs keeps ``floor(m * 0.8)``
+directions, none for one site, whose update is then zero), and an update orthogonal to
+a kept direction adds nothing along it (theirs divides 0 by 0: NaN).
+
+The step is much shorter than FedAvg's unless the sites' updates agree: for random
+updates about 0.4x the mean's norm with 5 sites; with two sites (one direction kept) a
+tensor barely moves once the two updates point apart (cosine -0.01: 0.03 against the
+mean's 0.74), so FedLD with two sites leaves many tensors nearly unchanged.
 """
 
 from __future__ import annotations

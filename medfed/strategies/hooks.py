@@ -15,7 +15,8 @@ hook                          used for
 :meth:`~ClientHooks.extra_loss`      a term added to the loss (FedProx, FedLD)
 :meth:`~ClientHooks.sent_arrays`     what travels back (FairLoRA: adapters and head)
 :meth:`~ClientHooks.local_state`     what stays at the site until the next round
-:meth:`~ClientHooks.reply_metrics`   extra counts for the server (FairLoRA: per group)
+:meth:`~ClientHooks.reply_metrics`   extra metrics for the server (every site sends
+                                     per-group counts of the study's groups anyway)
 :meth:`~ClientHooks.before_evaluation`  fit what the site owns but never trained
                                      (FedBN: BatchNorm statistics at an unseen site)
 ============================  ==========================================================
