@@ -89,11 +89,12 @@ class MedfedStrategy:
         Set by :func:`~medfed.strategies.create_strategy` from the experiment config.
     dropped_replies : Mapping[int, str]
         Node id -> reason, for the replies the latest ``aggregate_train`` left out.
-    partial_replies : bool
-        Whether the sites send only some of the global arrays (FedBN keeps its
-        BatchNorm, Local-only sends none). False by default: a reply that lacks an array
-        of the global model is dropped, even when most replies lack it (Flower's FedOpt
-        stops the run on such an aggregate).
+    partial_replies : bool or None
+        Whether the sites may send only some of the global arrays (FedBN keeps its
+        BatchNorm, Local-only sends none). When not, a reply that lacks an array of the
+        global model is dropped, even when most replies lack it (Flower's FedOpt stops
+        the run on such an aggregate). None (the default): when the client hooks choose
+        what travels (override ``sent_arrays``).
     model_kept : str or None
         Why the latest ``aggregate_train`` returned no arrays though valid replies were
         left (the round keeps the global model, and the strategy's state is put back as
@@ -104,11 +105,18 @@ class MedfedStrategy:
     """
 
     client_hooks: ClassVar[type[ClientHooks]] = ClientHooks
-    partial_replies: ClassVar[bool] = False
+    partial_replies: ClassVar[bool | None] = None
     reply_policy: ReplyPolicy = ReplyPolicy()
     dropped_replies: Mapping[int, str] = MappingProxyType({})
     model_kept: str | None = None
     global_arrays: ArrayRecord | None = None
+
+    @classmethod
+    def sends_partial_replies(cls) -> bool:
+        """Whether a reply may hold only some of the global arrays (see ``partial_replies``)."""
+        if cls.partial_replies is not None:
+            return cls.partial_replies
+        return cls.client_hooks.sent_arrays is not ClientHooks.sent_arrays
 
     def client_params(self) -> dict[str, Any]:
         """Client-side hyper-parameters sent with every instruction (ConfigRecord values).
@@ -154,7 +162,7 @@ class MedfedStrategy:
             [msg.content for msg in answered], getattr(self, "weighted_by_key", "num-examples"),
             reference=None if self.global_arrays is None else
             {name: (array.shape, array.dtype) for name, array in self.global_arrays.items()},
-            whole=not self.partial_replies,
+            whole=not self.sends_partial_replies(),
         )
         invalid.update(self._norm_outliers(answered, invalid))
 

@@ -210,6 +210,7 @@ class FairLoRA(MedfedStrategy, flwr_strategy.FedAvg):
     """
 
     client_hooks = FairLoRAHooks
+    partial_replies = False  # its hooks choose what travels: all of the global arrays
 
     def __init__(
         self,

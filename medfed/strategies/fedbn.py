@@ -122,4 +122,3 @@ class FedBN(MedfedStrategy, flwr_strategy.FedAvg):
     """
 
     client_hooks = FedBNHooks
-    partial_replies = True

@@ -35,4 +35,3 @@ class LocalOnly(MedfedStrategy, flwr_strategy.FedAvg):
     """No aggregation: every site keeps its own model (constructor as Flower's FedAvg)."""
 
     client_hooks = LocalOnlyHooks
-    partial_replies = True

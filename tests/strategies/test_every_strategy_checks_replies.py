@@ -86,7 +86,7 @@ def test_wrong_dtype_and_wrong_keys_are_dropped_by_every_registered_strategy(nam
     # Execute
     strategy.aggregate_train(2, replies)
     # Assert
-    whole = not strategy.partial_replies  # else a subset may travel (FedBN)
+    whole = not strategy.sends_partial_replies()  # else a subset may travel (FedBN)
     assert dict(strategy.dropped_replies) == {
         14: "array 'w' has dtype float64, the global model's float32",
         15: ("its arrays are not the whole global model: it lacks ['b']" if whole
@@ -102,7 +102,7 @@ def test_replies_lacking_arrays_cannot_outvote_the_whole_model(name, make_reply)
     partial = [make_reply(node, {"w": np.array([1.0, 1.0], dtype=np.float32)}, 10, {"loss": 1.0}, server_round=2)
                for node in (11, 12)]
     arrays, _ = strategy.aggregate_train(2, [*partial, _good(make_reply, 13, [1.0, 1.0])])
-    if not strategy.partial_replies:
+    if not strategy.sends_partial_replies():
         assert sorted(strategy.dropped_replies) == [11, 12]
     if arrays is not None:
         assert sorted(arrays) == ["b", "w"]
@@ -132,7 +132,7 @@ def test_with_two_replies_one_that_lacks_an_array_or_a_metric_loses_even_when_it
                          10, {}, server_round=2)
     strategy = _strategy(name)
     no_b_reason = ("its arrays are not the whole global model: it lacks ['b']"
-                   if not strategy.partial_replies
+                   if not strategy.sends_partial_replies()
                    else "its arrays differ from the other replies': missing arrays ['b']")
     for broken, reason in [(no_b, no_b_reason),
                            (no_loss, "its metrics differ from the other replies': missing ['loss']")]:
