@@ -21,8 +21,8 @@ a kept direction adds nothing along it (theirs divides 0 by 0: NaN).
 
 The step is much shorter than FedAvg's unless the sites' updates agree: for random
 updates about 0.4x the mean's norm with 5 sites; with two sites (one direction kept) a
-tensor barely moves once the two updates point apart (cosine -0.01: 0.03 against the
-mean's 0.74), so FedLD with two sites leaves many tensors nearly unchanged.
+tensor does not move once the two updates point apart (two unit updates at cosine -0.01:
+norm 0.00 against the mean's 0.70), so FedLD with two sites leaves many tensors unchanged.
 """
 
 from __future__ import annotations
