@@ -519,6 +519,12 @@ class FederationConfig(_Validated):
     round_retries : int
         How many times in a row a round that missed the quorum is retried before the
         run stops (resumable) with an error.
+    pooled_test_metrics : bool
+        Sites send, with their test metrics, the counts the server pools into metrics of
+        the union of their test sets (``evaluate_pooled``): per-class score histograms and
+        per-group confusions. With a small test split a 200-bin histogram tells each test
+        image's label, patient group and score to within a bin; False keeps them at the
+        sites (the pooled figures are then missing; the sample-weighted ones remain).
     """
 
     _prefix: ClassVar[str] = "federation."
@@ -538,6 +544,7 @@ class FederationConfig(_Validated):
     min_sites: int | None = _leaf(_Optional(_Int(1)), None)
     round_timeout_s: float = _leaf(_Float(0.0, low_closed=False), 1800.0)
     round_retries: int = _leaf(_Int(0), 2)
+    pooled_test_metrics: bool = _leaf(_Choice((True, False)), True)
 
     def __post_init__(self) -> None:
         super().__post_init__()

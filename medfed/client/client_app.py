@@ -23,7 +23,9 @@ metrics on augmented images, as the batches went by: no second pass over the dat
 pooled-test ACC and AUC). No per-sample score is sent, but the 200 bins are fine enough
 that, for a small test split, the histogram and its per-group copies tell each test
 image's label, group and score to within a bin (0.08 logit): they are as sensitive as
-the scores themselves, though nothing links them to an image.
+the scores themselves, though nothing links them to an image. A study that sets
+``federation.pooled_test_metrics: false`` keeps them (and the per-group confusions) at
+the sites.
 
 Patient groups: Flower requires the same MetricRecord keys from every reply, so every
 site sends the keys of every group of the study (``federation.groups``, else FairLoRA's
@@ -189,7 +191,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         **hooks.reply_metrics(site.test.groups),
         **_metric_record(result, site.test, with_confusion=True, num_groups=num_groups),
     }
-    metrics.update(_pooling_counts(site.info.task, *result["predictions"], num_groups))
+    if cfg.federation.pooled_test_metrics:
+        metrics.update(_pooling_counts(site.info.task, *result["predictions"], num_groups))
     return _reply(msg, site, start, metrics)
 
 

@@ -215,3 +215,13 @@ def test_a_global_model_that_does_not_fit_the_sites_model_is_refused_in_words(gr
     assert reply.has_error()
     assert "the global model does not fit this site's model" in reply.error.reason
     assert name in reply.error.reason and "run the server's medfed version at the site" in reply.error.reason
+
+
+def test_a_study_can_keep_the_score_histograms_at_the_sites(tiny_root, tiny_config, tmp_path, global_arrays):
+    # A 200-bin histogram of a small test split tells each image's label, group and score.
+    cfg = tiny_config(tiny_root, tmp_path, federation={"num_sites": 3, "partition": "iid", "groups": ["a", "b"],
+                                                       "pooled_test_metrics": False})
+    reply = _exchange(_grid(cfg), _message(global_arrays, MessageType.EVALUATE, node_id=4))
+    (metrics,) = reply.content.metric_records.values()
+    assert not [key for key in metrics if key.startswith(("score-hist", "confusion-group-"))]
+    assert {"acc", "auc", "acc-group-0", "num-examples-group-1", "confusion"} <= set(metrics)
