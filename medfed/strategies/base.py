@@ -191,7 +191,7 @@ class MedfedStrategy:
         self.model_kept = None
         if arrays is not None and not _all_finite(arrays):
             self.model_kept = "the aggregate of the valid replies is not finite (NaN/inf)"
-        elif not _all_finite(strategy_state(self)):
+        elif not _all_finite(strategy_state(self, copy=False)):
             self.model_kept = f"{type(self).__name__}'s state after aggregation is not finite (NaN/inf)"
         if self.model_kept is not None:
             load_strategy_state(self, before)

@@ -53,12 +53,15 @@ _LAYOUTS: tuple[tuple[type, dict[str, str]], ...] = (
 )
 
 
-def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+def strategy_state(strategy: Strategy, *, copy: bool = True) -> dict[str, np.ndarray]:
     """Everything ``strategy`` carries from one round to the next.
 
     Parameters
     ----------
     strategy : flwr.serverapp.strategy.Strategy
+    copy : bool
+        Copy the arrays (False: views of the strategy's own, to read at once, e.g. to
+        check that they are finite without doubling a large state in memory).
 
     Returns
     -------
@@ -68,7 +71,7 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
         or before the first aggregation.
     """
     if callable(getattr(strategy, "state_dict", None)):
-        return {key: _copy(value) for key, value in strategy.state_dict().items()}
+        return {key: _copy(value) if copy else np.asarray(value) for key, value in strategy.state_dict().items()}
     state: dict[str, np.ndarray] = {}
     for attribute, kind in _layout(strategy).items():
         value = getattr(strategy, attribute, None)
@@ -83,7 +86,7 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
             }
         else:
             items = {f"{attribute}/{index:06d}": array for index, array in enumerate(value)}
-        state.update({key: _copy(array) for key, array in items.items()})
+        state.update({key: _copy(array) if copy else np.asarray(array) for key, array in items.items()})
     return state
 
 
