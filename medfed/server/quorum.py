@@ -214,7 +214,8 @@ def quorum_advice(records: Sequence[dict[str, Any]], server_round: int, resume: 
     # its last step get its update rejected ("... holds 3 NaN/inf values").
     if reasons and all("TrainingDivergedError" in reason or "NaN/inf" in reason for reason in reasons):
         # Sites seed their training from (seed, round, site): a resume diverges again.
-        before = [r for r in records[last_start + 1:] if r["event"] == "round" and r.get("round") == server_round - 1]
+        # Every retry of the round starts anew ("start" line): the round before is further back.
+        before = [r for r in records if r["event"] == "round" and r.get("round") == server_round - 1]
         loss = before[-1].get("evaluate", {}).get("loss", 0.0) if before else 0.0
         if loss is None or not math.isfinite(loss):  # null in metrics.jsonl: not finite
             return (f"Every site's training diverged, starting from a global model whose test loss in round "

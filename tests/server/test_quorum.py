@@ -295,7 +295,9 @@ def test_a_stop_after_a_diverged_global_model_blames_the_aggregate_not_the_sites
 
     diverged = {"event": "dropout", "round": 3, "phase": "train", "site": "a",
                 "reason": "error reply: SiteFailure: TrainingDivergedError at the site"}
-    records = [{"event": "start"}, {"event": "round", "round": 2, "evaluate": {"loss": None, "acc": 0.5}}, diverged]
+    # Each retry of round 3 (round_retries, default 2) starts anew, after round 2's line.
+    records = [{"event": "start"}, {"event": "round", "round": 2, "evaluate": {"loss": None, "acc": 0.5}}, diverged,
+               {"event": "start"}, diverged, {"event": "start"}, diverged]
     assert "starting from a global model whose test loss in round 2 was not finite" in quorum_advice(records, 3, "x")
     records[1]["evaluate"]["loss"] = 0.7
     assert quorum_advice(records, 3, "x").startswith("Every site's training diverged (a NaN or infinite loss")
