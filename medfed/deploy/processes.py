@@ -137,7 +137,10 @@ def _remove_orphaned_app_folders() -> None:
     (killed with SIGKILL): their pid, in the folder's name, no longer runs."""
     for folder in Path(tempfile.gettempdir()).glob(f"{_APP_FOLDER_PREFIX}*-*"):
         pid = folder.name[len(_APP_FOLDER_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+        try:
+            if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+        except OSError:  # removed meanwhile by another medfed process
             continue
         try:
             os.kill(int(pid), 0)

@@ -382,6 +382,8 @@ def _progress_line(record: dict, rounds: int) -> str | None:
             parts.append(f"test acc {evaluate['acc']:.4f}" + (f" auc {evaluate['auc']:.4f}" if "auc" in evaluate else ""))
         if record.get("model_kept"):
             parts.append(f"global model kept: {record['model_kept']}")
+        if record.get("evaluation_skipped"):
+            parts.append(f"evaluation skipped: {record['evaluation_skipped']}")
         return "medfed server: " + ", ".join(parts)
     if event == "dropout":
         return (f"medfed server: round {record['round']} {record['phase']}: site {record['site']} left out: "

@@ -113,6 +113,8 @@ class QuorumGuard(DelegatingStrategy):
     on_rejected : callable, optional
         Called with ``(node_id, reason)`` for each training reply the strategy left out
         (its ``dropped_replies``), e.g. to record it under the site's name.
+    on_evaluation_skipped : callable, optional
+        Called with the reason when a round's evaluation is skipped for want of a quorum.
     wait_for_all_first : bool
         Wait for all ``num_sites`` before the first round (simulation: the simulated
         nodes connect while the ServerApp starts). ``medfed server`` waits for the sites
@@ -120,9 +122,11 @@ class QuorumGuard(DelegatingStrategy):
     """
 
     def __init__(self, strategy: Strategy, *, min_sites: int, num_sites: int, timeout_s: float,
-                 on_rejected: Callable[[int, str], None] | None = None, wait_for_all_first: bool = True) -> None:
+                 on_rejected: Callable[[int, str], None] | None = None, wait_for_all_first: bool = True,
+                 on_evaluation_skipped: Callable[[str], None] | None = None) -> None:
         super().__init__(strategy)
         self.on_rejected = on_rejected
+        self.on_evaluation_skipped = on_evaluation_skipped
         self.min_sites = min_sites
         self.num_sites = num_sites
         self.timeout_s = timeout_s
@@ -150,8 +154,11 @@ class QuorumGuard(DelegatingStrategy):
         wait_for_nodes(grid, needed, self.timeout_s)
         nodes = list(grid.get_node_ids())
         if len(nodes) < needed:
-            log(WARNING, "[medfed] round %d: %d site(s) connected for evaluation within %.0f s, fewer than the "
-                "quorum (%d); the round's evaluation is skipped", server_round, len(nodes), self.timeout_s, needed)
+            reason = (f"{len(nodes)} site(s) connected for evaluation within {self.timeout_s:g} s, fewer than the "
+                      f"quorum ({needed})")
+            log(WARNING, "[medfed] round %d: %s; the round's evaluation is skipped", server_round, reason)
+            if self.on_evaluation_skipped is not None:
+                self.on_evaluation_skipped(reason)
             return []
         return self.strategy.configure_evaluate(server_round, arrays, config, NodeSnapshot(grid, nodes))
 

@@ -149,11 +149,16 @@ class RoundRecorder:
         self._bytes_sent = 0
         self._bytes_received = 0
         self._aggregates: dict[str, dict[str, float]] = {}
-        self._model_kept: str | None = None
+        #: What did not happen this round, and why: "model_kept", "evaluation_skipped".
+        self._notes: dict[str, str] = {}
 
     def model_kept(self, reason: str) -> None:
         """The round keeps the global model though valid replies came (the strategy says why)."""
-        self._model_kept = reason
+        self._notes["model_kept"] = reason
+
+    def evaluation_skipped(self, reason: str) -> None:
+        """The round's evaluation did not take place (too few sites connected)."""
+        self._notes["evaluation_skipped"] = reason
 
     def round_started(self, server_round: int) -> None:
         """Start the clock and the counters of ``server_round`` (true round number)."""
@@ -249,16 +254,15 @@ class RoundRecorder:
             **{phase: self._aggregates.get(phase, {}) for phase in ("train", "evaluate")},
             **{phase: self._aggregates[phase] for phase in ("evaluate_pooled", "held_out") if phase in self._aggregates},
         }
-        if self._model_kept is not None:
-            record["model_kept"] = self._model_kept
+        record.update(self._notes)
         self.log.write(record)
         self.history.append(record)
         train, evaluate = record["train"], record["evaluate"]
         log(INFO, "[medfed] round %d/%d  train loss %s  test acc %s auc %s  (%.1f s, %.2f MB)",
             self.server_round, num_rounds, _fmt(train.get("loss")), _fmt(evaluate.get("acc")),
             _fmt(evaluate.get("auc")), record["wall_time_s"], (self._bytes_sent + self._bytes_received) / 1e6)
-        if self._model_kept is not None:
-            log(WARNING, "[medfed] round %d kept the global model: %s", self.server_round, self._model_kept)
+        for what, reason in self._notes.items():
+            log(WARNING, "[medfed] round %d: %s: %s", self.server_round, what.replace("_", " "), reason)
         return record
 
 

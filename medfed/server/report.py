@@ -844,9 +844,11 @@ def _left_out_row(record: dict[str, Any]) -> tuple[Any, ...]:
 
 def _dropouts_html(run: RunMetrics) -> list[str]:
     """A table of the sites left out of rounds, of the rounds retried for lack of a quorum,
-    and of the rounds that kept the global model (an aggregate that was not finite)."""
-    kept = [run.round_records[r] for r in run.rounds if run.round_records.get(r, {}).get("model_kept")]
-    if not run.left_out and not run.quorum_misses and not kept:
+    and of the rounds that kept the global model (an aggregate that was not finite) or
+    skipped their evaluation (too few sites connected)."""
+    notes = [(r, what, run.round_records[r][what]) for r in run.rounds for what in ("model_kept", "evaluation_skipped")
+             if run.round_records.get(r, {}).get(what)]
+    if not run.left_out and not run.quorum_misses and not notes:
         return []
     escape = html.escape
     rows = [
@@ -860,9 +862,9 @@ def _dropouts_html(run: RunMetrics) -> list[str]:
         for r in run.quorum_misses
     ]
     rows += [
-        f"<tr><td>{escape(str(r['round']))}</td><td>train</td><td>–</td><td>global model kept: "
-        f"{escape(str(r['model_kept']))}</td></tr>"
-        for r in kept
+        f"<tr><td>{escape(str(r))}</td><td>{'train' if what == 'model_kept' else 'evaluate'}</td><td>–</td><td>"
+        f"{'global model kept' if what == 'model_kept' else 'evaluation skipped'}: {escape(str(reason))}</td></tr>"
+        for r, what, reason in notes
     ]
     headers = "".join(f"<th>{h}</th>" for h in ("Round", "Phase", "Site", "Reason"))
     return ["<h2>Sites left out</h2>", f"<table><thead><tr>{headers}</tr></thead><tbody>{''.join(rows)}</tbody></table>"]

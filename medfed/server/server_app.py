@@ -171,7 +171,8 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
     if remaining > 0:
         guarded = QuorumGuard(strategy, min_sites=cfg.federation.quorum, num_sites=cfg.federation.num_sites,
                               timeout_s=cfg.federation.round_timeout_s, wait_for_all_first=not deployed,
-                              on_rejected=lambda node, why: recorder.record_dropout("train", node, f"update rejected: {why}"))
+                              on_rejected=lambda node, why: recorder.record_dropout("train", node, f"update rejected: {why}"),
+                              on_evaluation_skipped=recorder.evaluation_skipped)
         poll = float(os.environ.get("MEDFED_REPLY_POLL_S", DEPLOYED_POLL_INTERVAL_S)) if deployed else None
         RoundOffsetStrategy(guarded, start.completed_rounds, recorder, roster, seed=cfg.seed).start(
             TransferGrid(RecordingGrid(grid, recorder, poll_interval_s=poll), cfg.federation.transfer_dtype), arrays,

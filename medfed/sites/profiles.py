@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medfed.errors import MedfedError
+from medfed.errors import MedfedError, MedfedWarning
 from medfed.sites.corruptions import CorruptionError, check_corruption, corrupt, default_corruptions
 from medfed.sites.partition import (
     PartitionError, _fill_empty_sites, dirichlet_proportions, partition_labels, split_by_proportions,
@@ -95,7 +95,7 @@ class SiteProfileError(MedfedError):
     """A site profile, patient group or quantity skew is malformed."""
 
 
-class SiteSizeWarning(UserWarning):
+class SiteSizeWarning(MedfedWarning):
     """Under Dirichlet label skew, some site holds under a quarter of its intended size."""
 
 

@@ -50,7 +50,7 @@ from ._validation import (
     update_norm,
 )
 from .hooks import ClientHooks
-from .state import load_strategy_state, strategy_state
+from .state import StrategyStateError, load_strategy_state, strategy_state
 
 __all__ = ["MedfedStrategy", "ReplyPolicy"]
 
@@ -194,7 +194,11 @@ class MedfedStrategy:
         elif not _all_finite(strategy_state(self, copy=False)):
             self.model_kept = f"{type(self).__name__}'s state after aggregation is not finite (NaN/inf)"
         if self.model_kept is not None:
-            load_strategy_state(self, before)
+            try:
+                load_strategy_state(self, before)
+            except StrategyStateError as error:  # a plug-in with state_dict() but no load_state_dict()
+                log(WARNING, "aggregate_train: round %s: %s's state cannot be put back (%s); it goes on from "
+                    "the state of this round.", server_round, type(self).__name__, error)
             log(WARNING, "aggregate_train: round %s: %s; the global model and the strategy's state stay as they "
                 "were this round.", server_round, self.model_kept)
             return None, metrics

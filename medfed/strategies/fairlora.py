@@ -164,7 +164,10 @@ class FairLoRAHooks(ClientHooks):
                 f"FairLoRA expects the adapters and head only; the global arrays lack {missing[:3]} and have "
                 f"{extra[:3]} besides. Do the strategy's params match model.init_from?"
             )
-        model.load_state_dict(dict(arrays), strict=False)
+        try:
+            model.load_state_dict(dict(arrays), strict=False)
+        except RuntimeError as error:  # shapes: another rank or number of groups at the server
+            raise GlobalModelMismatch(" ".join(str(error).split())[:400]) from None
 
     def forward(self, model: nn.Module, images: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         return model(images, groups)

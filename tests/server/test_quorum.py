@@ -245,11 +245,19 @@ def _within(seconds, call):
 def test_evaluation_without_a_quorum_connected_is_skipped_not_waited_for_forever():
     # Flower's sampling loops, without a deadline, until min_available_nodes are connected:
     # sites that left after training hung the server before the round's checkpoint.
+    from medfed.server.recording import RoundRecorder
+
+    lines = []
+    recorder = RoundRecorder(type("Log", (), {"write": staticmethod(lines.append)})())
+    recorder.round_started(1)
     guard = QuorumGuard(FedAvg(min_available_nodes=2, min_evaluate_nodes=2), min_sites=2, num_sites=3,
-                        timeout_s=0.3)
+                        timeout_s=0.3, on_evaluation_skipped=recorder.evaluation_skipped)
     messages = _within(10, lambda: list(guard.configure_evaluate(1, ArrayRecord(), ConfigRecord(),
                                                                  _MessagingGrid([1]))))
     assert messages == []
+    # The round line says so (and with it medfed server's progress and the report).
+    assert recorder.round_finished(3)["evaluation_skipped"] == (
+        "1 site(s) connected for evaluation within 0.3 s, fewer than the quorum (2)")
     # With the quorum connected, every connected site evaluates.
     messages = _within(10, lambda: list(guard.configure_evaluate(1, ArrayRecord(), ConfigRecord(),
                                                                  _MessagingGrid([3]))))
