@@ -172,7 +172,7 @@ def _worker_plain(args: dict, output_dir: str) -> dict:
                          .astype(reference[k].dtype) for k, v in aggregated.items()}
         load(global_arrays)
         for site in sites:  # as in medfed.client.client_app.evaluate_global
-            evaluate(model, make_loader(site.test, 256, shuffle=False), make_loss(info.task, site.train.class_counts()),
+            evaluate(model, make_loader(site.test, 256, shuffle=False), make_loss(info.task),
                      task=info.task, device=device)
         round_s.append(time.perf_counter() - round_started)
     last_end = time.time()

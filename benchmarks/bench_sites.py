@@ -118,10 +118,11 @@ def _local(cfg) -> dict:
             optimizer = make_optimizer(model, settings)
             for _ in range(settings.epochs):
                 train_epoch(model, loader, loss_fn, optimizer, task=site.info.task, device=device)
-        own = evaluate(model, make_loader(site.test, 256, shuffle=False), loss_fn, task=site.info.task, device=device)
+        test_loss = make_loss(site.info.task)  # plain cross-entropy, as a site's evaluation
+        own = evaluate(model, make_loader(site.test, 256, shuffle=False), test_loss, task=site.info.task, device=device)
         entry = {"acc": own["acc"], "auc": own["auc"], "num_test": len(site.test)}
         for other in held_out:
-            unseen = evaluate(model, make_loader(other.test, 256, shuffle=False), loss_fn, task=site.info.task,
+            unseen = evaluate(model, make_loader(other.test, 256, shuffle=False), test_loss, task=site.info.task,
                               device=device)
             entry["on_held_out"] = {"site": other.name, "acc": unseen["acc"], "auc": unseen["auc"]}
         results[site.name] = entry
