@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medfed.errors import MedfedWarning
-from medfed.server.run_files import CONFIG_FILE
+from medfed.server.run_files import CONFIG_FILE, MODEL_FILE
 
 __all__ = ["main"]
 
@@ -321,8 +321,10 @@ def _run_server(args: argparse.Namespace) -> None:
         config = config or stored
     cfg = load_config(config, args.overrides, run_folder=bool(args.resume) and args.config is None)
     args.run_dir = args.run_dir or Path(cfg.output_dir) / cfg.name  # run_server's default; for the hint
-    run_server(cfg, certs=args.certs, address=args.address, run_dir=args.run_dir, resume=args.resume,
-               insecure=args.insecure, join_timeout_s=args.join_timeout)
+    run_dir = run_server(cfg, certs=args.certs, address=args.address, run_dir=args.run_dir, resume=args.resume,
+                         insecure=args.insecure, join_timeout_s=args.join_timeout)
+    print(f"medfed server: the study is finished; report {run_dir / 'report.html'}, model {run_dir / MODEL_FILE}. "
+          "The sites' clients may be stopped (they keep trying to reach the server).", flush=True)
 
 
 def _add_client(sub: argparse._SubParsersAction) -> None:

@@ -22,6 +22,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -158,6 +159,7 @@ def run_client(
     summary = check_site_data(data)
     data_path = Path(data).expanduser().resolve()
     state_path = Path(state_dir if state_dir is not None else "medfed-state").expanduser().resolve()
+    _check_state_folder(state_path)
     node_config = (f'site-name="{site}" data-path="{_quoted(str(data_path))}" '
                    f'state-dir="{_quoted(str(state_path))}"')
     if device:
@@ -190,6 +192,21 @@ def run_client(
         _keep_running(command, env, address, ca_cert, site, max_wait_s, out)
 
 
+def _check_state_folder(folder: Path) -> None:
+    """Make the site's state folder now and write a file in it: a folder that cannot hold the
+    site's state would otherwise fail only after a round's training (a FedBN or FairLoRA
+    site saves its state then), and stop the study."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".medfed-write-check-"):
+            pass
+    except OSError as error:
+        raise DeployError(
+            f"The site's state folder {folder} cannot be written ({error.strerror or error}); give a folder this "
+            "site can write (--state-dir)."
+        ) from None
+
+
 def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_cert: Path | None, site: str,
                   max_wait_s: float | None, out) -> None:
     """Run the SuperNode, and again whenever it ends by itself, until Ctrl-C or a problem to report.
@@ -205,8 +222,13 @@ def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_
         if max_wait_s is not None:  # Flower gives up on an unreachable server after what is left
             left = max_wait_s - (time.monotonic() - waiting) if waiting is not None else max_wait_s
             run_command = command + ["--max-wait-time", f"{max(left, 1.0):g}"]
+        lasting: list[str] = []
         code, refused, connected, failing_since = _run_supernode(
-            run_command, env, site, out, on_retrying=lambda: _explain_lost_server(address, ca_cert, site, out))
+            run_command, env, site, out,
+            on_retrying=lambda still_failing, stop: _watch_lost_server(address, ca_cert, site, out, still_failing,
+                                                                       lambda why: (lasting.append(why), stop())))
+        if lasting:  # e.g. the server came back with certificates remade by 'medfed certs --force'
+            raise DeployError(f"Site {site}: {lasting[0]}.")
         if connected:
             waiting, first_refusal = failing_since, None
         elif waiting is None:
@@ -235,7 +257,9 @@ def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_
                     "trusted_sites.txt, and is this the site's own folder from 'medfed certs'?"
                 )
             pause = min(REFUSED_PAUSE_S, left)
-            _say(out, f"medfed client: site {site}: the server refused this site's key; trying again in {pause:.3g} s")
+            _say(out, f"medfed client: site {site}: the server refused this site's connection (after a crash it "
+                      f"holds the site's previous one for up to a minute; else it does not trust this key); trying "
+                      f"again in {pause:.3g} s")
             time.sleep(pause)
             continue
         # The SuperNode ended by itself: Flower's SuperNode exits (0) when the server no
@@ -336,17 +360,30 @@ def _speaks_tls(sock: socket.socket, address: Address) -> tuple[bool, str] | Non
                   "and give --certs, the site folder 'medfed certs' wrote")
 
 
-def _explain_lost_server(address: Address, ca_cert: Path | None, site: str, out) -> None:
-    """Say why a connected SuperNode lost the server (Flower only says that it retries)."""
-    problem = probe_server(address, ca_cert)
-    if problem is not None:
-        _say(out, f"medfed client: site {site}: lost the server: {problem[1]} Flower keeps trying to reconnect.")
+def _watch_lost_server(address: Address, ca_cert: Path | None, site: str, out, still_failing: Callable[[], bool],
+                       stop: Callable[[str], None], every_s: float | None = None) -> None:
+    """While a connected SuperNode retries a lost server, say why (Flower only says that it
+    retries), again whenever the reason changes; on a lasting reason (the server came back
+    with another CA, or without TLS) call ``stop(reason)``: Flower would retry forever."""
+    said = None
+    while still_failing():
+        problem = probe_server(address, ca_cert)
+        if problem is not None and problem[0]:  # said by the caller, as the client's error
+            stop(problem[1])
+            return
+        if problem is not None and problem[1] != said:
+            said = problem[1]
+            _say(out, f"medfed client: site {site}: lost the server: {said} Flower keeps trying to reconnect.")
+        time.sleep(REFUSED_PAUSE_S if every_s is None else every_s)
 
 
 def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
-                   on_retrying: Callable[[], None] | None = None) -> tuple[int, bool, bool, float | None]:
-    """Run the SuperNode until it exits, echoing its output; ``on_retrying()`` is called (in
-    a thread of its own) when Flower, once connected, starts retrying an unreachable server.
+                   on_retrying: Callable[[Callable[[], bool], Callable[[], None]], None] | None = None,
+                   ) -> tuple[int, bool, bool, float | None]:
+    """Run the SuperNode until it exits, echoing its output; ``on_retrying(still_failing,
+    stop)`` is called (in a thread of its own) when Flower, once connected, starts retrying
+    an unreachable server: ``still_failing()`` says whether it has not got through again,
+    ``stop()`` ends the SuperNode.
 
     Returns (exit code, key refused or no connection, connected once, when Flower began
     retrying an unreachable server if it had not got through again: None if not).
@@ -355,6 +392,11 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
     refused = threading.Event()
     connected = threading.Event()
     failing_since: list[float] = []
+    started: list[subprocess.Popen] = []
+
+    def stop() -> None:
+        for child in started:
+            child.terminate()
 
     def echo(stream) -> None:
         for raw in stream:
@@ -369,12 +411,13 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
             elif _RETRYING in line and not failing_since:
                 failing_since.append(time.monotonic())
                 if on_retrying is not None and connected.is_set():  # a probe may take seconds: not in the echo's way
-                    threading.Thread(target=on_retrying, daemon=True).start()
+                    threading.Thread(target=on_retrying, args=(lambda: bool(failing_since), stop), daemon=True).start()
 
     reader = None
     try:
         with interrupt_on_sigterm():
             supernode = processes.start(command, stdout=subprocess.PIPE)
+            started.append(supernode)
             # Read in a thread and wait here: the SuperNode's helpers keep the pipe open
             # after it exits, and watch for its pid to vanish, which needs this wait().
             reader = threading.Thread(target=echo, args=(supernode.stdout,), daemon=True)

@@ -232,3 +232,31 @@ def test_a_connected_site_that_loses_the_server_says_why(site, monkeypatch):
     assert ("medfed client: site a: lost the server: cannot reach 127.0.0.1:9 (connection refused): is the server "
             "running and the address right? Flower keeps trying to reconnect.") in text
     assert text.index("Connection attempt failed") < text.index("lost the server")
+
+
+def test_a_site_whose_server_comes_back_with_new_certificates_stops_and_says_why(site, monkeypatch):
+    # After 'medfed certs --force', the server returned with another CA: Flower retried the
+    # TLS handshake forever, and the site's last medfed line was the stale "connection refused".
+    fake_supernode(site, monkeypatch, f"{CONNECTED}; {RETRYING}; sleep 30")
+    gone = (False, "cannot reach 127.0.0.1:9 (connection refused): is the server running and the address right?")
+    remade = (True, "the server's certificate is not signed by this site's ca.crt")
+    probes = iter([None, gone, gone])  # the server answers the first probe, is down, then back with new certs
+    monkeypatch.setattr(supernode, "probe_server", lambda address, ca: next(probes, remade))
+    out = io.StringIO()
+    start = time.monotonic()
+    with pytest.raises(DeployError, match=r"^Site a: the server's certificate is not signed by this site's ca.crt\.$"):
+        client(site, "127.0.0.1:9", out=out)
+    assert time.monotonic() - start < 20  # the SuperNode's 30 s sleep was cut short
+    said = [line for line in out.getvalue().splitlines() if "lost the server" in line]
+    assert said == [f"medfed client: site a: lost the server: {gone[1]} Flower keeps trying to reconnect."]
+
+
+def test_a_state_folder_the_site_cannot_write_is_refused_before_connecting(site, monkeypatch):
+    # It failed only after round 1's training (FedBN saves its state then), three times, and
+    # stopped the study.
+    args = fake_supernode(site, monkeypatch, "exit 3")
+    (site / "a-file").write_text("not a folder")
+    with pytest.raises(DeployError, match=r"^The site's state folder .*a-file/state cannot be written \(.*\); give a "
+                                          r"folder this site can write \(--state-dir\)\.$"):
+        client(site, 9, state_dir=site / "a-file" / "state")
+    assert not args.exists()  # the SuperNode never started

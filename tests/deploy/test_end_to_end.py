@@ -257,6 +257,8 @@ def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher
     registered = json.loads((run_dir / "flower" / "registered_sites.json").read_text())
     assert sorted(registered.values()) == ["alpha", "beta", "gamma"]
     assert not (tmp_path / "pwned").exists()
+    # The server's last line says where the results are.
+    assert f"the study is finished; report {run_dir / 'report.html'}" in server_log
     # Clients stop on SIGTERM and take their Flower processes with them.
     for site in ("alpha", "beta", "gamma"):
         os.killpg(launcher.procs[site].pid, signal.SIGTERM)
