@@ -126,8 +126,8 @@ def train(msg: Message, context: Context) -> Message:
     if site.held_out:
         raise SiteRefusal(f"Site {site.name!r} is held out: it only evaluates the global model and never trains.")
     config = msg.content["config"]
-    server_round = int(config["server-round"])
     settings = _train_settings(config, cfg)
+    server_round = int(config["server-round"])
     if len(site.train) < settings.batch_size and site.name not in _WARNED_SMALL:
         _WARNED_SMALL.add(site.name)
         log(WARNING, "[%s] trains on %d image(s), fewer than one batch (%d): its updates and metrics are mostly "
@@ -251,7 +251,7 @@ def _train_settings(config: ConfigRecord, cfg: ExperimentConfig) -> TrainSetting
     """The round's settings, from the strategy's ConfigRecord only (one source: the
     experiment config the server read); the learning rate decays over the rounds
     (:func:`round_learning_rate`)."""
-    missing = [key for key in _TRAIN_KEYS if key not in config]
+    missing = [key for key in (*_TRAIN_KEYS, "server-round") if key not in config]
     if missing:
         raise ValueError(
             f"The training instruction lacks {missing}; the server sends them from the experiment's 'train' "

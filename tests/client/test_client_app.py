@@ -225,3 +225,12 @@ def test_a_study_can_keep_the_score_histograms_at_the_sites(tiny_root, tiny_conf
     (metrics,) = reply.content.metric_records.values()
     assert not [key for key in metrics if key.startswith(("score-hist", "confusion-group-"))]
     assert {"acc", "auc", "acc-group-0", "num-examples-group-1", "confusion"} <= set(metrics)
+
+
+def test_a_training_instruction_without_its_round_says_what_it_lacks(grid, global_arrays, caplog):
+    # It failed on config["server-round"] (a bare KeyError) before the check that names what is missing.
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in global_arrays.items()}),
+                          "config": ConfigRecord(SETTINGS)})
+    (reply,) = grid.send_and_receive([Message(content, 2, MessageType.TRAIN)])
+    assert reply.has_error() and "ValueError at the site" in reply.error.reason
+    assert "The training instruction lacks ['server-round']" in caplog.text
