@@ -361,7 +361,7 @@ def _speaks_tls(sock: socket.socket, address: Address) -> tuple[bool, str] | Non
 
 
 def _watch_lost_server(address: Address, ca_cert: Path | None, site: str, out, still_failing: Callable[[], bool],
-                       stop: Callable[[str], None], every_s: float | None = None) -> None:
+                       stop: Callable[[str], None]) -> None:
     """While a connected SuperNode retries a lost server, say why (Flower only says that it
     retries), again whenever the reason changes; on a lasting reason (the server came back
     with another CA, or without TLS) call ``stop(reason)``: Flower would retry forever."""
@@ -374,7 +374,7 @@ def _watch_lost_server(address: Address, ca_cert: Path | None, site: str, out, s
         if problem is not None and problem[1] != said:
             said = problem[1]
             _say(out, f"medfed client: site {site}: lost the server: {said} Flower keeps trying to reconnect.")
-        time.sleep(REFUSED_PAUSE_S if every_s is None else every_s)
+        time.sleep(REFUSED_PAUSE_S)
 
 
 def _run_supernode(command: list[str], env: dict[str, str], site: str, out,

@@ -18,6 +18,8 @@ class UnknownModelError(MedfedError):
 
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+#: The MedViTV2 variants' names start so; the command line takes the size alone.
+_MEDVIT_PREFIX = "medvit_v2_"
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -37,9 +39,6 @@ def registered_name(name: str) -> str:
     """The registered name of a MedViTV2 size, as the command line takes it ("nano" ->
     "medvit_v2_nano"); a name that already starts with ``medvit_v2_`` is returned as is."""
     return name if name.startswith(_MEDVIT_PREFIX) else f"{_MEDVIT_PREFIX}{name}"
-
-
-_MEDVIT_PREFIX = "medvit_v2_"
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int = 224, **kwargs) -> nn.Module:

@@ -167,7 +167,7 @@ class FairLoRAHooks(ClientHooks):
         try:
             model.load_state_dict(dict(arrays), strict=False)
         except RuntimeError as error:  # shapes: another rank or number of groups at the server
-            raise GlobalModelMismatch(" ".join(str(error).split())[:400]) from None
+            raise GlobalModelMismatch.from_load_error(error) from None
 
     def forward(self, model: nn.Module, images: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         return model(images, groups)

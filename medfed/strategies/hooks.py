@@ -52,6 +52,12 @@ class GlobalModelMismatch(MedfedError):
     site run different medfed versions or study settings. Its text names arrays and
     shapes only, which the server may be told."""
 
+    @classmethod
+    def from_load_error(cls, error: RuntimeError) -> GlobalModelMismatch:
+        """From torch's ``load_state_dict`` error, which names the missing, unexpected and
+        misshapen arrays (on one line, shortened)."""
+        return cls(" ".join(str(error).split())[:400])
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -110,8 +116,8 @@ class ClientHooks:
         """Load the received global arrays (all of the model's state), then ``local_state``."""
         try:
             model.load_state_dict(dict(arrays), strict=True)
-        except RuntimeError as error:  # torch names the missing, unexpected and misshapen arrays
-            raise GlobalModelMismatch(" ".join(str(error).split())[:400]) from None
+        except RuntimeError as error:
+            raise GlobalModelMismatch.from_load_error(error) from None
         if local_state:
             model.load_state_dict(dict(local_state), strict=False)
 
