@@ -3,3 +3,7 @@
 
 Nothing is imported here, so that ``medfed.client.task`` can be used without Flower.
 """
+
+#: What a site's log says in the study's last round; ``medfed client`` looks for it, to tell
+#: a study that finished from a server that went away.
+LAST_ROUND_MARK = "the study's last round"

@@ -59,6 +59,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from medfed.client import LAST_ROUND_MARK
 from medfed.client.site_data import (
     PARTITION_ID_KEY, SiteData, StudyMismatchError, derive_seed, load_site_data, site_role, study_group_count,
 )
@@ -153,8 +154,9 @@ def train(msg: Message, context: Context) -> Message:
             on_batch=seen, precision=cfg.train.precision, channels_last=cfg.train.channels_last,
             forward=hooks.forward,
         )
-        log(INFO, "[%s] round %s epoch %d/%d  loss %.4f",
-            site.name, server_round, epoch, settings.epochs, fit["loss"])
+        log(INFO, "[%s] round %s epoch %d/%d  loss %.4f%s",
+            site.name, _round_label(server_round, cfg), epoch, settings.epochs, fit["loss"],
+            f" ({LAST_ROUND_MARK})" if server_round == cfg.rounds and epoch == settings.epochs else "")
     result = {"loss": fit["loss"], **seen.metrics(site.info.task)}
     # The hooks' entries first: the site's own metrics win over their defaults.
     metrics = {
@@ -173,8 +175,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg, site, device = _setup(context)
     config = msg.content["config"]
     hooks = client_hooks_for(cfg.strategy.name)(config)
-    kept = load_site_state(context, site.name, latest_round=int(config.get("server-round", 0)),
-                           run_key=str(config.get(RUN_KEY, "")))
+    server_round = int(config.get("server-round", 0))
+    kept = load_site_state(context, site.name, latest_round=server_round, run_key=str(config.get(RUN_KEY, "")))
     model = _model(cfg, site, hooks, msg, kept, device)
     adapted = hooks.before_evaluation(model, kept, image_batches(site.train, _EVAL_BATCH), device)
     if adapted:
@@ -193,6 +195,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     }
     if cfg.federation.pooled_test_metrics:
         metrics.update(_pooling_counts(site.info.task, *result["predictions"], num_groups))
+    log(INFO, "[%s] round %s: test acc %.4f  auc %.4f  loss %.4f on %d image(s)%s", site.name,
+        _round_label(server_round, cfg), result["acc"], result["auc"], result["loss"], len(site.test),
+        f" ({LAST_ROUND_MARK})" if server_round == cfg.rounds else "")
     return _reply(msg, site, start, metrics)
 
 
@@ -222,6 +227,11 @@ def _data_problem(context: Context, cfg: ExperimentConfig, name: str) -> str:
             name, type(error).__name__, error)
         return f"{type(error).__name__} reading the site's data; the site's log has the details"
     return ""
+
+
+def _round_label(server_round: int, cfg: ExperimentConfig) -> str:
+    """``"3/20"``: the site's operator sees how far the study is."""
+    return f"{server_round}/{cfg.rounds}"
 
 
 def _setup(context: Context) -> tuple[ExperimentConfig, SiteData, torch.device]:

@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from medfed.client import LAST_ROUND_MARK
 from medfed.deploy.certs import site_certs, validate_site_name
 from medfed.deploy.processes import ProcessSet, flower_executable, free_port, interrupt_on_sigterm
 from medfed.deploy.superlink import Address, DeployError, parse_address
@@ -225,8 +226,8 @@ def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_
         lasting: list[str] = []
         code, refused, connected, failing_since = _run_supernode(
             run_command, env, site, out,
-            on_retrying=lambda still_failing, stop: _watch_lost_server(address, ca_cert, site, out, still_failing,
-                                                                       lambda why: (lasting.append(why), stop())))
+            on_retrying=lambda still_failing, stop, finished: _watch_lost_server(
+                address, ca_cert, site, out, still_failing, lambda why: (lasting.append(why), stop()), finished))
         if lasting:  # e.g. the server came back with certificates remade by 'medfed certs --force'
             raise DeployError(f"Site {site}: {lasting[0]}.")
         if connected:
@@ -361,29 +362,35 @@ def _speaks_tls(sock: socket.socket, address: Address) -> tuple[bool, str] | Non
 
 
 def _watch_lost_server(address: Address, ca_cert: Path | None, site: str, out, still_failing: Callable[[], bool],
-                       stop: Callable[[str], None]) -> None:
+                       stop: Callable[[str], None], finished: bool = False) -> None:
     """While a connected SuperNode retries a lost server, say why (Flower only says that it
     retries), again whenever the reason changes; on a lasting reason (the server came back
-    with another CA, or without TLS) call ``stop(reason)``: Flower would retry forever."""
+    with another CA, or without TLS) call ``stop(reason)``: Flower would retry forever.
+    ``finished``: the site has just answered the study's last round, so a server that
+    went away most likely ended the study; that is said first."""
     said = None
+    if finished:
+        _say(out, f"medfed client: site {site}: the server closed after the study's last round: the study has most "
+                  "likely finished. This client waits for the server's next study; stop it with Ctrl-C.")
     while still_failing():
         problem = probe_server(address, ca_cert)
         if problem is not None and problem[0]:  # said by the caller, as the client's error
             stop(problem[1])
             return
-        if problem is not None and problem[1] != said:
+        if problem is not None and problem[1] != said and not finished:
             said = problem[1]
             _say(out, f"medfed client: site {site}: lost the server: {said} Flower keeps trying to reconnect.")
         time.sleep(REFUSED_PAUSE_S)
 
 
 def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
-                   on_retrying: Callable[[Callable[[], bool], Callable[[], None]], None] | None = None,
+                   on_retrying: Callable[[Callable[[], bool], Callable[[], None], bool], None] | None = None,
                    ) -> tuple[int, bool, bool, float | None]:
     """Run the SuperNode until it exits, echoing its output; ``on_retrying(still_failing,
-    stop)`` is called (in a thread of its own) when Flower, once connected, starts retrying
-    an unreachable server: ``still_failing()`` says whether it has not got through again,
-    ``stop()`` ends the SuperNode.
+    stop, finished)`` is called (in a thread of its own) when Flower, once connected, starts
+    retrying an unreachable server: ``still_failing()`` says whether it has not got through
+    again, ``stop()`` ends the SuperNode, ``finished`` whether the site's last message was
+    of the study's last round (its ClientApp logged ``LAST_ROUND_MARK``).
 
     Returns (exit code, key refused or no connection, connected once, when Flower began
     retrying an unreachable server if it had not got through again: None if not).
@@ -392,6 +399,7 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
     refused = threading.Event()
     connected = threading.Event()
     failing_since: list[float] = []
+    last_round = threading.Event()
     started: list[subprocess.Popen] = []
 
     def stop() -> None:
@@ -408,10 +416,15 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
             elif _CONNECTED in line or _RECONNECTED in line:
                 connected.set()
                 failing_since.clear()
+            elif LAST_ROUND_MARK in line:
+                last_round.set()
+            elif _RECEIVING in line:  # another message: the study goes on
+                last_round.clear()
             elif _RETRYING in line and not failing_since:
                 failing_since.append(time.monotonic())
                 if on_retrying is not None and connected.is_set():  # a probe may take seconds: not in the echo's way
-                    threading.Thread(target=on_retrying, args=(lambda: bool(failing_since), stop), daemon=True).start()
+                    threading.Thread(target=on_retrying, args=(lambda: bool(failing_since), stop, last_round.is_set()),
+                                     daemon=True).start()
 
     reader = None
     try:
@@ -440,6 +453,8 @@ _REFUSED = "Exit Code: 305"
 _CONNECTED = "SuperNode ID:"
 _RECONNECTED = "Connection successful after"
 _RETRYING = "Connection attempt failed"
+#: ... when it receives a message for its ClientApp.
+_RECEIVING = "Receiving: "
 #: How long a refused site keeps trying by default, and the pause between tries (s).
 REFUSED_RETRY_S = 120.0
 REFUSED_PAUSE_S = 5.0

@@ -234,3 +234,21 @@ def test_a_training_instruction_without_its_round_says_what_it_lacks(grid, globa
     (reply,) = grid.send_and_receive([Message(content, 2, MessageType.TRAIN)])
     assert reply.has_error() and "ValueError at the site" in reply.error.reason
     assert "The training instruction lacks ['server-round']" in caplog.text
+
+
+@pytest.mark.parametrize("message_type", [MessageType.TRAIN, MessageType.EVALUATE])
+def test_the_sites_log_shows_the_round_of_the_study_and_marks_its_last(grid, global_arrays, caplog, message_type):
+    # A hospital's operator reads how far the study is; 'medfed client' reads the mark
+    # (LAST_ROUND_MARK) to tell a finished study from a server that went away.
+    import logging
+
+    from medfed.client import LAST_ROUND_MARK
+
+    caplog.set_level(logging.INFO)
+    for server_round in (1, 2):  # the tiny config's study has 2 rounds
+        _exchange(grid, _message(global_arrays, message_type, **{"server-round": server_round}))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[site-0] round")]
+    assert [line.split()[2].rstrip(":") for line in lines] == ["1/2", "2/2"]
+    assert [LAST_ROUND_MARK in line for line in lines] == [False, True]
+    if message_type == MessageType.EVALUATE:
+        assert "test acc" in lines[0] and lines[0].endswith("on 4 image(s)")

@@ -234,6 +234,33 @@ def test_a_connected_site_that_loses_the_server_says_why(site, monkeypatch):
     assert text.index("Connection attempt failed") < text.index("lost the server")
 
 
+@pytest.mark.parametrize("after_last_round, finished", [
+    ('echo "INFO :      [a] round 3/3: test acc 0.8 (the study\'s last round)"', True),
+    ('echo "INFO :      [a] round 2/3: test acc 0.8"', False),
+    # the mark, then another message: the study went on after it (a longer resumed study)
+    ('echo "INFO :      [a] round 3/3 epoch 1/1 (the study\'s last round)"; '
+     'echo "INFO :      Receiving: evaluate message (ID: 1)"', False),
+])
+def test_a_site_whose_server_ends_after_the_last_round_says_the_study_finished(site, monkeypatch, after_last_round,
+                                                                                finished):
+    # The study ended and its server stopped: the site used to say only "lost the server:
+    # connection refused: is the server running?", as after a crash.
+    fake_supernode(site, monkeypatch, f"{CONNECTED}; {after_last_round}; {RETRYING}; sleep 1; kill -TERM $PPID; "
+                                      "sleep 30")
+    probes = iter([None])
+    gone = (False, "cannot reach 127.0.0.1:9 (connection refused): is the server running and the address right?")
+    monkeypatch.setattr(supernode, "probe_server", lambda address, ca: next(probes, gone))
+    out = io.StringIO()
+    # Execute
+    with pytest.raises(KeyboardInterrupt):
+        client(site, "127.0.0.1:9", out=out)
+    # Assert
+    text = out.getvalue()
+    assert ("medfed client: site a: the server closed after the study's last round: the study has most likely "
+            "finished." in text) == finished
+    assert ("lost the server" in text) != finished
+
+
 def test_a_site_whose_server_comes_back_with_new_certificates_stops_and_says_why(site, monkeypatch):
     # After 'medfed certs --force', the server returned with another CA: Flower retried the
     # TLS handshake forever, and the site's last medfed line was the stale "connection refused".
