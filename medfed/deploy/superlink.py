@@ -608,7 +608,8 @@ class _SuperLinkWatch(threading.Thread):
         self.trusted = trusted
         self.registered_file = registered_file
         self._registered: dict[str, str] | None = None
-        self._online: set[str] | None = None  # None: not announcing yet
+        self._announcing = False
+        self._online: set[str] | None = None  # the trusted sites online at the last check once announcing
         self.own_runs: set[int] = set()
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
@@ -620,9 +621,10 @@ class _SuperLinkWatch(threading.Thread):
             yield self.own_runs
 
     def announce_sites(self) -> None:
-        """From now on, say which sites go offline or join."""
-        with self._lock:
-            self._online = set(self.control.online().values())
+        """From now on, say which sites go offline or join; the sites online now, as
+        :meth:`check` counts them (a stranger's node withdrawn), are not announced."""
+        self._announcing = True
+        self.check()
 
     def check(self) -> None:
         """Stop foreign runs, withdraw foreign keys and say who left or joined, once."""
@@ -653,6 +655,7 @@ class _SuperLinkWatch(threading.Thread):
                     _say(self.out, f"medfed server: site {name} joined")
                 for name in sorted(self._online - online):
                     _say(self.out, f"medfed server: site {name} went offline")
+            if self._announcing:
                 self._online = online
 
     def run(self) -> None:

@@ -201,12 +201,17 @@ def test_the_superlink_watch_withdraws_strangers_keys_and_says_who_left_or_joine
     assert out.getvalue().splitlines() == [
         "medfed server: withdrew a key registered as beta that is not in trusted_sites.txt (someone reached the "
         "server's port: see 'Network' in the README)"]
+    # A stranger's key registered just before the run starts is withdrawn, never counted
+    # as a site that was online (and later "went offline").
+    control.listed.append(node(4, "gamma", b"evil2"))
     watch.announce_sites()
     control.listed[1].status = "offline"
     watch.check()
     control.listed[1].status = "online"
     watch.check()
-    assert out.getvalue().splitlines()[1:] == ["medfed server: site beta went offline", "medfed server: site beta joined"]
+    assert control.withdrawn == [3, 4]
+    assert [line for line in out.getvalue().splitlines()[1:] if "withdrew" not in line] == [
+        "medfed server: site beta went offline", "medfed server: site beta joined"]
     # --insecure: no keys to check and no registrations to keep.
     out, control = io.StringIO(), Control()
     _SuperLinkWatch(control, out, None, registered).check()
