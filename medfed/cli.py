@@ -342,6 +342,11 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
                    help="where the site keeps its strategy's local state, in SITE/RUN-KEY inside it (default: ./medfed-state)")
     p.add_argument("--max-wait", type=_positive(float), default=None, metavar="SECONDS",
                    help="give up when the server is unreachable for this long (default: keep trying)")
+    p.add_argument("--held-out", action="store_true",
+                   help="this site only evaluates the global model and never trains (an unseen hospital)")
+    p.add_argument("--allow-strategy", action="append", default=[], metavar="MODULE:CLASS",
+                   help="run this plug-in strategy's code at the site if the study uses it (repeatable; default: "
+                        "medfed's registered strategies only)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site key: a test on a closed network only")
     p.set_defaults(func=_run_client)
 
@@ -350,7 +355,8 @@ def _run_client(args: argparse.Namespace) -> None:
     from medfed.deploy.supernode import run_client
 
     run_client(server=args.server, site=args.site, data=args.data, certs=args.certs, insecure=args.insecure,
-               device=args.device, max_wait_s=args.max_wait, state_dir=args.state_dir)
+               device=args.device, max_wait_s=args.max_wait, state_dir=args.state_dir, held_out=args.held_out,
+               allowed_strategies=args.allow_strategy)
 
 
 def build_parser() -> argparse.ArgumentParser:

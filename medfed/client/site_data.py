@@ -45,6 +45,9 @@ HELD_OUT_KEY = "held-out"
 NUM_PARTITIONS_KEY = "num-partitions"
 DATA_PATH_KEY = "data-path"
 SITE_NAME_KEY = "site-name"
+#: Node config: the plug-in strategies (``package.module:Class``) a deployed site runs,
+#: separated by spaces (``medfed client --allow-strategy``).
+ALLOWED_STRATEGIES_KEY = "allowed-strategies"
 
 
 class SiteDataError(MedfedError):
@@ -130,6 +133,24 @@ def site_identity(node_config: Mapping[str, Any], node_id: int) -> tuple[str, in
         partition_id = int(node_config[PARTITION_ID_KEY])
         return f"site-{partition_id}", partition_id
     return f"node-{node_id}", int(node_id) % 2**32
+
+
+def plugin_refusal(node_config: Mapping[str, Any], cfg: ExperimentConfig) -> str | None:
+    """Why this site does not run the study's strategy, or None when it does.
+
+    A plug-in strategy (an import path) runs its client half in the site's process, next
+    to its images, and chooses what its replies carry: a deployed site imports it only when
+    its operator named it (``medfed client --allow-strategy``). The registered strategies
+    are medfed's own; a simulated site runs on the researcher's machine and runs any.
+    The answer names no file, and may reach the server.
+    """
+    name = cfg.strategy.name
+    if ":" not in name or not str(node_config.get(DATA_PATH_KEY, "")).strip():
+        return None
+    if name in str(node_config.get(ALLOWED_STRATEGIES_KEY, "")).split():
+        return None
+    return (f"the study uses the plug-in strategy {name!r}, whose code this site does not run unless its "
+            f"operator allows it ('medfed client --allow-strategy {name}')")
 
 
 def site_role(node_config: Mapping[str, Any], node_id: int, cfg: ExperimentConfig) -> tuple[str, bool]:

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medfed.client import LAST_ROUND_MARK
@@ -115,7 +115,8 @@ def _check_site_folder(folder: Path) -> dict[str, int]:
 
 def run_client(
     *, server: str, site: str, data: str | Path, certs: str | Path | None, insecure: bool = False,
-    device: str | None = None, max_wait_s: float | None = None, state_dir: str | Path | None = None, out=None,
+    device: str | None = None, max_wait_s: float | None = None, state_dir: str | Path | None = None,
+    held_out: bool = False, allowed_strategies: Sequence[str] = (), out=None,
 ) -> None:
     """Validate the site's data, then run its SuperNode until Ctrl-C (or SIGTERM).
 
@@ -146,6 +147,13 @@ def run_client(
         Where the site keeps what its strategy keeps between rounds (FedBN's BatchNorm,
         FairLoRA's state), in ``SITE/RUN KEY`` inside it: ``./medfed-state`` by default.
         It never leaves the site.
+    held_out : bool
+        The site only evaluates the global model and never trains (an unseen hospital).
+    allowed_strategies : sequence of str
+        Plug-in strategies (``package.module:Class``) whose client half this site runs; a
+        study with another plug-in leaves the site out at its start, with that reason
+        (:func:`medfed.client.site_data.plugin_refusal`). medfed's registered strategies
+        always run.
     out : file, optional
         Where progress lines go (default stdout).
 
@@ -154,6 +162,8 @@ def run_client(
     medfed.errors.MedfedError
         Bad data, certificates or address; a SuperNode the server refused.
     """
+    from medfed.client.site_data import ALLOWED_STRATEGIES_KEY, HELD_OUT_KEY
+
     out = out or sys.stdout
     validate_site_name(site)
     address = parse_address(server, "--server")
@@ -163,6 +173,10 @@ def run_client(
     _check_state_folder(state_path)
     node_config = (f'site-name="{site}" data-path="{_quoted(str(data_path))}" '
                    f'state-dir="{_quoted(str(state_path))}"')
+    if held_out:
+        node_config += f' {HELD_OUT_KEY}="true"'
+    if allowed_strategies:
+        node_config += f' {ALLOWED_STRATEGIES_KEY}="{_quoted(" ".join(_strategy_paths(allowed_strategies)))}"'
     if device:
         from medfed.client.task import select_device
 
@@ -183,7 +197,9 @@ def run_client(
         files = site_certs(certs, site)
         command += ["--root-certificates", str(files.ca_cert), "--auth-supernode-private-key", str(files.site_key)]
         ca_cert = files.ca_cert
-    _say(out, f"medfed client: site {site}: data {data_path} ({summary}); connecting to {address}"
+    role = "; held out: it evaluates the global model and never trains" if held_out else ""
+    plugins = f"; it runs the plug-in strategies {', '.join(allowed_strategies)}" if allowed_strategies else ""
+    _say(out, f"medfed client: site {site}: data {data_path} ({summary}){role}{plugins}; connecting to {address}"
               f"{' (INSECURE)' if insecure else ' with TLS'}")
     # The SuperNode's SuperExec starts one ClientApp process per message; it looks for work
     # every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower: 1 s) in the SuperNode's
@@ -191,6 +207,19 @@ def run_client(
     env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", CLIENTAPP_POLL_S)}
     with interrupt_on_sigterm():
         _keep_running(command, env, address, ca_cert, site, max_wait_s, out)
+
+
+def _strategy_paths(paths: Sequence[str]) -> list[str]:
+    """``paths`` checked to be plug-in import paths (``package.module:Class``), as the
+    study's ``strategy.name`` names them; nothing is imported here."""
+    for path in paths:
+        module, _, attribute = path.partition(":")
+        if not module or not attribute or any(c.isspace() for c in path) or ":" in attribute:
+            raise DeployError(
+                f"--allow-strategy {path!r} is not a plug-in's import path: give 'package.module:ClassName', as in "
+                "the study's strategy.name (medfed's registered strategies need no permission)."
+            )
+    return list(paths)
 
 
 def _check_state_folder(folder: Path) -> None:

@@ -287,3 +287,41 @@ def test_a_state_folder_the_site_cannot_write_is_refused_before_connecting(site,
                                           r"folder this site can write \(--state-dir\)\.$"):
         client(site, 9, state_dir=site / "a-file" / "state")
     assert not args.exists()  # the SuperNode never started
+
+
+def test_a_held_out_site_and_its_allowed_plugins_reach_the_clientapp_through_the_node_config(site, monkeypatch):
+    from flwr.common.config import parse_config_args
+
+    from medfed.client.site_data import plugin_refusal, site_role
+    from medfed.config import config_from_dict
+
+    monkeypatch.setattr(supernode, "MAX_CRASHES", 0)
+    args = fake_supernode(site, monkeypatch, "exit 3")
+    with listener(site / "certs") as port:
+        with pytest.raises(DeployError):
+            client(site, port, held_out=True, allowed_strategies=["mypkg.heads:LocalHead", "lab.fed:Other"])
+    line = args.read_text()
+    node_config = parse_config_args([line[line.index("site-name="):line.index(" --host")]])
+    cfg = config_from_dict({"strategy": {"name": "mypkg.heads:LocalHead"}})
+    assert site_role(node_config, 7, cfg) == ("a", True)
+    assert plugin_refusal(node_config, cfg) is None
+
+
+@pytest.mark.parametrize("path", ["fedavg", "mypkg.heads", "mypkg heads:X", ":X", "a:b:c"])
+def test_allow_strategy_takes_plugin_import_paths_only(site, monkeypatch, path):
+    args = fake_supernode(site, monkeypatch, "exit 3")
+    with pytest.raises(DeployError, match=r"--allow-strategy .* is not a plug-in's import path"):
+        client(site, 9, allowed_strategies=[path])
+    assert not args.exists()
+
+
+def test_the_client_command_passes_held_out_and_allowed_plugins_on(site, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(supernode, "_keep_running", lambda command, *rest: seen.update(command=command))
+    argv = ["client", "--site", "a", "--data", str(site / "data"), "--certs", str(site / "certs" / "sites" / "a"),
+            "--server", "127.0.0.1:9", "--held-out", "--allow-strategy", "mypkg.heads:LocalHead"]
+    assert main(argv) == 0
+    node_config = seen["command"][seen["command"].index("--node-config") + 1]
+    assert 'held-out="true"' in node_config and 'allowed-strategies="mypkg.heads:LocalHead"' in node_config
+    assert "held out: it evaluates the global model and never trains; it runs the plug-in strategies " \
+           "mypkg.heads:LocalHead" in capsys.readouterr().out

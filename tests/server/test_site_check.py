@@ -211,3 +211,50 @@ def test_a_node_whose_key_is_not_among_the_registered_sites_is_left_out(tiny_roo
     roster = SiteRoster(grid, check_data=True, registered=lambda: {})
     roster.discover(0, 60.0)
     assert roster.left_out[node].problem == "its key is not one of the study's registered sites"
+
+
+def _plugin_module(folder: Path, monkeypatch) -> Path:
+    """A plug-in strategy module on sys.path that leaves a file behind when it is imported."""
+    mark = folder / "imported"
+    (folder / "medfed_probe_plugin.py").write_text(
+        f"import pathlib\npathlib.Path({str(mark)!r}).write_text('yes')\n"
+        "from flwr.serverapp.strategy import FedAvg\n\n\nclass Plugin(FedAvg):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    return mark
+
+
+def test_a_deployed_site_runs_a_plugin_strategy_only_when_its_operator_allows_it(tiny_root, tiny_config, tmp_path,
+                                                                                 monkeypatch):
+    # The coordinator's config named any importable module, and every site imported it and
+    # ran its client half next to its images, which also chooses what the replies carry.
+    from flwr.app import ConfigRecord, Message
+
+    mark = _plugin_module(tmp_path, monkeypatch)
+    cfg = tiny_config(tiny_root, tmp_path, strategy={"name": "medfed_probe_plugin:Plugin"})
+    nodes = [{"data-path": str(tiny_root), "site-name": "alpha"},
+             {"data-path": str(tiny_root), "site-name": "beta", "allowed-strategies": "other:X medfed_probe_plugin:Plugin"}]
+    grid = LocalGrid(client_app, nodes, to_run_config(cfg))
+    alpha, beta = sorted(grid.get_node_ids())
+    refusal = ("the study uses the plug-in strategy 'medfed_probe_plugin:Plugin', whose code this site does not run "
+               "unless its operator allows it ('medfed client --allow-strategy medfed_probe_plugin:Plugin')")
+    # Execute / Assert: alpha refuses an instruction, before importing anything.
+    message = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), alpha, MessageType.EVALUATE)
+    (reply,) = grid.send_and_receive([message])
+    assert reply.has_error() and refusal in reply.error.reason
+    assert not mark.exists()
+    # ... and the server's check leaves it out at the start, with that reason; beta allowed it.
+    roster = SiteRoster(grid, check_data=True)
+    roster.discover(0, 60.0)
+    assert {node: role.problem for node, role in roster.left_out.items()} == {alpha: refusal}
+    assert mark.exists()  # beta imported it
+
+
+def test_simulated_sites_and_registered_strategies_need_no_permission(tiny_root, tiny_config, tmp_path):
+    from medfed.client.site_data import plugin_refusal
+
+    plugin = tiny_config(tiny_root, tmp_path, strategy={"name": "medfed_probe_plugin:Plugin"})
+    assert plugin_refusal({"partition-id": 0, "num-partitions": 3}, plugin) is None
+    assert plugin_refusal({"data-path": str(tiny_root)}, tiny_config(tiny_root, tmp_path)) is None  # FedAvg
+    assert plugin_refusal({"data-path": str(tiny_root), "allowed-strategies": "medfed_probe_plugin:Plugin2"},
+                          plugin) is not None  # another plug-in's name is no permission
