@@ -80,9 +80,12 @@ def main() -> None:
                             args.revision], check=True)
         try:
             runs = {name: [] for name in trees}
+            threads = set()
             for _ in range(args.repeats):
                 for name, tree in trees.items():
-                    runs[name] += _run(tree, spec)["epoch_s"]
+                    result = _run(tree, spec)
+                    runs[name] += result["epoch_s"]
+                    threads.add(result["threads"])
         finally:
             if args.revision:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees[args.revision])])
@@ -95,7 +98,8 @@ def main() -> None:
         print(f"  ratio current / {args.revision}: {ratio:.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"spec": spec, "machine": platform.processor() or platform.machine(),
-                                          "cores": os.cpu_count(), "revision": args.revision, "runs": summary}, indent=2))
+                                          "cores": os.cpu_count(), "torch_threads": sorted(threads), "revision": args.revision,
+                                          "runs": summary}, indent=2))
 
 
 if __name__ == "__main__":
