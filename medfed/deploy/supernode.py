@@ -65,37 +65,41 @@ def check_site_data(path: str | Path) -> str:
     if not folder.is_dir():
         raise SiteDataError(f"The site data folder {folder} does not exist (--data).")
     npz_files = sorted(p for p in folder.glob("*.npz") if medmnist_file_parts(p.name))
-    if npz_files:
-        splits = _check_medmnist_files(npz_files)
+    if npz_files:  # the study decides which file a site trains on: each is checked and counted
+        held = {path.name: _check_medmnist_file(path) for path in npz_files}
     elif is_site_folder(folder):
-        splits = _check_site_folder(folder)
+        held = {"labels.csv": _check_site_folder(folder)}
     else:
         raise SiteDataError(
             f"The site data folder {folder} holds neither a MedMNIST .npz file nor labels.csv "
             "(see 'Run a real federation' in the README for the layout)."
         )
-    if not splits.get("train"):
-        raise SiteDataError(f"The site data at {folder} has no training images; add a 'train' split.")
-    if not (splits.get("test") or splits.get("val")):
-        raise SiteDataError(f"The site data at {folder} has no 'test' (or 'val') images to evaluate on; add one.")
-    return ", ".join(f"{name} {count}" for name, count in splits.items()) + " images"
+    for source, splits in held.items():
+        where = f"{folder}" if len(held) == 1 else f"{folder / source}"
+        if not splits.get("train"):
+            raise SiteDataError(f"The site data at {where} has no training images; add a 'train' split.")
+        if not (splits.get("test") or splits.get("val")):
+            raise SiteDataError(f"The site data at {where} has no 'test' (or 'val') images to evaluate on; add one.")
+
+    def counts(splits: dict[str, int]) -> str:
+        return ", ".join(f"{name} {count}" for name, count in splits.items()) + " images"
+
+    if len(held) == 1:
+        return counts(next(iter(held.values())))
+    return "; ".join(f"{source}: {counts(splits)}" for source, splits in held.items())
 
 
-def _check_medmnist_files(files: list[Path]) -> dict[str, int]:
+def _check_medmnist_file(path: Path) -> dict[str, int]:
     from medfed.data import DatasetSizeWarning, load_medmnist
     from medfed.data.medmnist_files import medmnist_file_parts
     from medfed.data.info import dataset_info
 
-    counts: dict[str, int] = {}
-    for path in files:
-        flag, size = medmnist_file_parts(path.name)
-        dataset_info(flag)  # an unknown flag is a one-line error
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DatasetSizeWarning)  # a site holds a share, not the release
-            splits = load_medmnist(flag, path.parent, size, download=False)
-        for name, dataset in splits.items():
-            counts[name] = max(counts.get(name, 0), len(dataset))
-    return counts
+    flag, size = medmnist_file_parts(path.name)
+    dataset_info(flag)  # an unknown flag is a one-line error
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetSizeWarning)  # a site holds a share, not the release
+        splits = load_medmnist(flag, path.parent, size, download=False)
+    return {name: len(dataset) for name, dataset in splits.items()}
 
 
 def _check_site_folder(folder: Path) -> dict[str, int]:

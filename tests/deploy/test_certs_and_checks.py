@@ -245,6 +245,17 @@ def test_site_data_check_accepts_a_medmnist_folder(tmp_path):
     assert check_site_data(_npz(tmp_path / "site")) == "train 4, val 1, test 2 images"
 
 
+def test_a_folder_of_two_datasets_is_counted_per_file(tmp_path):
+    # The counts were the largest split of any file: a folder with BreastMNIST and
+    # PneumoniaMNIST announced PneumoniaMNIST's 3,882 training images for a BreastMNIST study.
+    folder = _npz(tmp_path / "site")
+    np.savez(folder / "pneumoniamnist.npz", **{
+        f"{split}_{kind}": np.zeros((n, 28, 28) if kind == "images" else (n, 1), np.uint8)
+        for split, n in (("train", 9), ("val", 3), ("test", 5)) for kind in ("images", "labels")})
+    assert check_site_data(folder) == ("breastmnist.npz: train 4, val 1, test 2 images; "
+                                       "pneumoniamnist.npz: train 9, val 3, test 5 images")
+
+
 def test_site_data_check_accepts_an_image_folder(tmp_path):
     from PIL import Image
 
