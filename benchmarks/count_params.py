@@ -3,8 +3,11 @@
 Counts at 224 px, 3 channels, 1000 classes (the setting the paper and the public code
 report), plus every variant at 28 and 64 px, 1 channel, 2 classes (medfed's federations).
 MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on one image;
-neighborhood attention's gather path is not a matmul, so its score and weighting
-products are added by hand (``2 * H * W * k**2 * C`` MACs per local block).
+what it does not see is added by hand: neighborhood attention's gather path, which is
+not a matmul (``2 * H * W * k**2 * C`` MACs per local block), and, where the counter
+does not count ``scaled_dot_product_attention`` (it did not on CPU with torch 2.x), the
+attention products of the global blocks (``2 * H * W * N_kv * C``, ``N_kv`` the pooled
+keys) and of local blocks whose window covers the map (``2 * (H * W)**2 * C``).
 
 Usage::
 
@@ -21,24 +24,44 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from medfed.models import create_model, list_models
-from medfed.models.medvitv2 import LocalFeaturePerception
+from medfed.models.neighborhood_attention import clamp_window
+from medfed.models.medvitv2 import EfficientSelfAttention, LocalFeaturePerception, kv_reduction
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def _neighborhood_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Score (q.k) and weighting (p.v) MACs of the local blocks' attention."""
-    macs, hooks = [0], []
+def _counter_sees_sdpa() -> bool:
+    """Whether FlopCounterMode counts ``scaled_dot_product_attention`` on this machine."""
+    q = torch.randn(1, 1, 4, 8)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    return counter.get_total_flops() > 0
 
-    def count(block: LocalFeaturePerception, _inp, out: torch.Tensor) -> None:
+
+def _attention_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Score (q.k) and weighting (p.v) MACs of the attention that FlopCounterMode misses."""
+    macs, hooks = [0], []
+    sdpa_counted = _counter_sees_sdpa()
+
+    def local(block: LocalFeaturePerception, _inp, out: torch.Tensor) -> None:
         _, chs, h, w = out.shape
-        k = min(block.attn.kernel_size, max(h, w))  # a window covering the map is full attention
-        window = h * w if k >= max(h, w) else k * k
-        macs[0] += 2 * h * w * window * chs
+        if block.attn.kernel_size >= max(h, w):  # a window covering the map is full attention (SDPA)
+            macs[0] += 0 if sdpa_counted else 2 * (h * w) ** 2 * chs
+        else:
+            kernel, _ = clamp_window(h, w, block.attn.kernel_size, block.attn.dilation)
+            macs[0] += 2 * h * w * kernel**2 * chs
+
+    def global_(attention: EfficientSelfAttention, inp: tuple, _out: torch.Tensor) -> None:
+        _, chs, h, w = inp[0].shape
+        r = kv_reduction(attention.sr_ratio, min(h, w))
+        keys = -(-h // r) * -(-w // r) if r > 1 else h * w
+        macs[0] += 0 if sdpa_counted else 2 * h * w * keys * chs
 
     for module in model.modules():
         if isinstance(module, LocalFeaturePerception):
-            hooks.append(module.register_forward_hook(count))
+            hooks.append(module.register_forward_hook(local))
+        elif isinstance(module, EfficientSelfAttention):
+            hooks.append(module.register_forward_hook(global_))
     with torch.no_grad():
         model(x)
     for hook in hooks:
@@ -52,7 +75,7 @@ def measure(name: str, img_size: int, in_chans: int, num_classes: int) -> dict:
     x = torch.randn(1, in_chans, img_size, img_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
-    macs = counter.get_total_flops() // 2 + _neighborhood_macs(model, x)
+    macs = counter.get_total_flops() // 2 + _attention_macs(model, x)
     return {
         "model": name, "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),

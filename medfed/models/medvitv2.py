@@ -37,8 +37,9 @@ from the FasterKAN copy the public code vendors). Differences, on purpose:
 * NATTEN >= 0.20 has no relative position bias, so neither has this model.
 
 Layout: stem (four 3x3 conv-BN-ReLU, stride 4 overall), four stages whose first
-block down-samples with a patch embedding (AvgPool 2 + 1x1 conv + BN), then
-BatchNorm, global average pooling and a linear classifier.
+block starts with a patch embedding (stage 1 keeps the stem's resolution; stages 2-4:
+AvgPool 2 + 1x1 conv + BN, halving the map down to ``MIN_MAP_SIZE``), then BatchNorm,
+global average pooling and a linear classifier.
 """
 
 from __future__ import annotations
@@ -404,8 +405,11 @@ class MedViTV2(nn.Module):
     Args:
         num_classes: Outputs of the classifier (classes, or labels for multi-label).
         in_chans: Input channels (1 for grey-scale, 3 for colour).
-        img_size: Input side in pixels the dilation schedule is planned for;
-            other sizes still run (kernel and dilation are clamped).
+        img_size: Input side in pixels the dilation schedule and the global blocks'
+            key/value pooling are planned for; other sizes still run (kernel and
+            dilation are clamped). It is part of a checkpoint's identity: a global
+            block planned to pool (at 224 px) has a BatchNorm (``sr_norm``) that one
+            planned for 28 px has not, so their state dicts differ.
         depths: Blocks per stage.
         dims: Channels per stage.
         stem_chs: Channels of the four stem convolutions.
@@ -476,7 +480,8 @@ class MedViTV2(nn.Module):
         self.apply(_init_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C_in, H, W]`` -> feature map ``[B, dims[-1], H/32, W/32]`` (ceil)."""
+        """``[B, C_in, H, W]`` -> feature map ``[B, dims[-1], h, w]``: ``H/32`` and ``W/32``
+        (ceil), but never below ``MIN_MAP_SIZE`` (2 x 2 at 28 px)."""
         return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
