@@ -29,6 +29,7 @@ def run(config: str | None, overrides: list[str], output_dir: Path) -> dict:
     from medfed.config import load_config
     from medfed.server.metrics_log import load_run_metrics
     from medfed.simulation import simulate
+    from medfed.simulation.run import resolve_engine
 
     cfg = load_config(config, [*overrides, f"output_dir={output_dir}"])
     load_before = os.getloadavg()
@@ -39,7 +40,7 @@ def run(config: str | None, overrides: list[str], output_dir: Path) -> dict:
     last = metrics.rounds[-1]
     rounds = metrics.round_records.values()
     return {
-        "config": config or "(default)", "overrides": overrides, "engine": cfg.simulation.engine,
+        "config": config or "(default)", "overrides": overrides, "engine": resolve_engine(cfg),
         "sites": cfg.federation.num_sites, "rounds": cfg.rounds, "local_epochs": cfg.train.local_epochs,
         "model": cfg.model.name, "dataset": cfg.data.dataset, "img_size": cfg.data.img_size,
         "total_s": total_s, "load_average_before": load_before, "load_average_after": os.getloadavg(),
