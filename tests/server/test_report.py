@@ -609,3 +609,41 @@ def test_a_plugin_figure_cannot_take_a_core_figures_name() -> None:
 
     with pytest.raises(ValueError, match="'confusion' is one of the report's own"):
         register_figure("confusion", "mine")
+
+
+def test_the_pooled_and_held_out_rows_are_the_last_rounds(tmp_path: Path) -> None:
+    # A mutation that read the rounds oldest-first showed round 1 as the run's result.
+    records = _three_round_records()
+    for record in records:
+        if record["event"] == "round":
+            r = record["round"]
+            record["evaluate_pooled"] = {"acc": 0.5 + 0.1 * r, "auc": 0.6, "num_examples": 60}
+            record["held_out"] = {"acc": 0.1 * r, "auc": 0.5, "num_examples": 7}
+    # Execute
+    summary = summarize(_write_run(tmp_path / "run", records))
+    # Assert
+    assert (summary.pooled_row.server_round, summary.pooled_row.acc) == (3, pytest.approx(0.8))
+    assert (summary.held_out_row.server_round, summary.held_out_row.acc) == (3, pytest.approx(0.3))
+
+
+def test_the_mean_of_sites_counts_the_training_sites_examples_only(tmp_path: Path) -> None:
+    # Prepare: the last round also evaluates a held-out hospital (5 examples).
+    records = _three_round_records()
+    end = records.pop()
+    records.append({"event": "site", "round": 3, "phase": "evaluate", "site": "unseen", "num_examples": 5,
+                    "held_out": True, "metrics": {"loss": 0.5, "acc": 0.4, "auc": 0.5, "balanced_acc": 0.5}})
+    records.append(end)
+    # Execute
+    summary = summarize(_write_run(tmp_path / "run", records))
+    # Assert
+    assert summary.global_row.num_examples == sum(EVAL_EXAMPLES.values())
+
+
+def test_a_round_without_its_round_line_counts_its_sites_bytes(tmp_path: Path) -> None:
+    # A run killed after its sites replied but before the round line: the bytes come from the site lines.
+    records = [r for r in _three_round_records()[:-1] if not (r["event"] == "round" and r["round"] == 3)]
+    # Execute
+    summary = summarize(_write_run(tmp_path / "run", records))
+    # Assert: rounds 1-2 from their round lines, round 3 as the sum of its 6 site lines.
+    assert summary.bytes_sent == 2 * 1_000_000 + 6 * 100_000
+    assert summary.bytes_received == 2 * 2_000_000 + 3 * 200_000
