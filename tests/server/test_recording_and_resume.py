@@ -253,3 +253,69 @@ def test_the_pool_takes_only_replies_the_strategy_may_aggregate(tmp_path):
     record = recorder.round_finished(num_rounds=1)
     # Assert: the pool of a and b, all 8 of their samples right.
     assert record["evaluate_pooled"]["num_examples"] == 8 and record["evaluate_pooled"]["acc"] == 1.0
+
+
+def test_the_held_out_row_weights_each_hospital_by_its_examples(tmp_path):
+    # With one held-out site in every test, an unweighted mean went unnoticed.
+    from flwr.app import Metadata
+
+    def reply(node_id: int, name: str, examples: int, acc: float) -> Message:
+        metadata = Metadata(run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
+                            reply_to_message_id=f"i{node_id}", group_id="1", created_at=0.0, ttl=60.0,
+                            message_type=MessageType.EVALUATE)
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": examples, "acc": acc}),
+                                           "site": ConfigRecord({"name": name, "held-out": True})}),
+                       metadata=metadata)
+
+    recorder = RoundRecorder(MetricsLog(tmp_path / "metrics.jsonl"), task=None)
+    recorder.round_started(1)
+    # Execute
+    recorder.record_exchange("evaluate", {}, [reply(1, "unseen-a", 10, 1.0), reply(2, "unseen-b", 30, 0.0)])
+    record = recorder.round_finished(num_rounds=1)
+    # Assert
+    assert record["held_out"]["acc"] == pytest.approx(0.25) and record["held_out"]["num_examples"] == 40
+
+
+def _roster(roles: dict):
+    from medfed.server.held_out import SiteRoster
+
+    roster = SiteRoster(grid=None)
+    roster.roles = dict(roles)
+    return roster
+
+
+def test_sampling_draws_other_sites_each_round_and_the_same_ones_in_every_run(tmp_path):
+    # A seed without the round number would train the same half of the sites in every round.
+    from medfed.server.held_out import SiteRole
+
+    grid = LocalGrid(_echo_app(), [{"site-name": f"site-{i}"} for i in range(10)], {})
+    roster = _roster({node: SiteRole(f"site-{node - 2}", False) for node in grid.get_node_ids()})
+
+    def draws(seed: int) -> list[frozenset[int]]:
+        strategy = RoundOffsetStrategy(FedAvg(fraction_train=0.5, min_train_nodes=2, min_available_nodes=2), 0,
+                                       RoundRecorder(MetricsLog(tmp_path / f"m{seed}.jsonl")), roster, seed=seed)
+        return [frozenset(m.metadata.dst_node_id for m in strategy.configure_train(r, ArrayRecord(), ConfigRecord(), grid))
+                for r in range(1, 6)]
+
+    first = draws(0)
+    assert all(len(sampled) == 5 for sampled in first)
+    assert len(set(first)) > 1  # not the same sites every round
+    assert draws(0) == first  # the same sites in every run
+    assert draws(1) != first
+
+
+def test_held_out_sites_are_evaluated_unless_their_data_does_not_fit(tmp_path):
+    from medfed.server.held_out import NodeView, SiteRole
+
+    roster = _roster({2: SiteRole("site-0", False), 3: SiteRole("unseen", True),
+                      4: SiteRole("unseen-bad", True, "labels out of range")})
+    assert roster.held_out_nodes == frozenset({3})
+
+
+def test_the_strategy_sees_the_nodes_by_site_name_whatever_their_ids():
+    # The engines number nodes differently: by name, both sample the same sites. Unnamed nodes last.
+    from medfed.server.held_out import NodeView
+
+    grid = LocalGrid(_echo_app(), [{"site-name": "x"}] * 4, {})  # node ids 2, 3, 4, 5
+    view = NodeView(grid, hidden=set(), names={2: "site-2", 3: "site-0", 4: "site-1"})
+    assert list(view.get_node_ids()) == [3, 4, 2, 5]
