@@ -305,7 +305,7 @@ def test_sampling_draws_other_sites_each_round_and_the_same_ones_in_every_run(tm
 
 
 def test_held_out_sites_are_evaluated_unless_their_data_does_not_fit(tmp_path):
-    from medfed.server.held_out import NodeView, SiteRole
+    from medfed.server.held_out import SiteRole
 
     roster = _roster({2: SiteRole("site-0", False), 3: SiteRole("unseen", True),
                       4: SiteRole("unseen-bad", True, "labels out of range")})
