@@ -48,8 +48,8 @@ def _attention_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
         if block.attn.kernel_size >= max(h, w):  # a window covering the map is full attention (SDPA)
             macs[0] += 0 if sdpa_counted else 2 * (h * w) ** 2 * chs
         else:
-            kernel, _ = clamp_window(h, w, block.attn.kernel_size, block.attn.dilation)
-            macs[0] += 2 * h * w * kernel**2 * chs
+            (rows, cols), _ = clamp_window(h, w, block.attn.kernel_size, block.attn.dilation)
+            macs[0] += 2 * h * w * rows * cols * chs
 
     def global_(attention: EfficientSelfAttention, inp: tuple, _out: torch.Tensor) -> None:
         _, chs, h, w = inp[0].shape

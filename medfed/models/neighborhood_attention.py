@@ -12,6 +12,10 @@ Border semantics (identical to NATTEN's): per axis, positions are split into
 ``kernel_size`` consecutive group members centred on the query, shifted inward at the
 borders of the group (never zero-padded). Every query therefore attends to exactly
 ``kernel_size**2`` keys, which requires ``kernel_size * dilation <= H`` and ``<= W``.
+Kernel and dilation may differ per axis (``(rows, columns)``, as in NATTEN); a kernel
+equal to its axis's length covers the axis, even when that length is even (NATTEN
+wants odd kernels): that is how :class:`NeighborhoodAttention2D` treats a map narrower
+than its window on one axis only.
 
 Backends (all exact: the same keys, the same softmax; they differ by rounding only)
 -------------------------------------------------------------------------------------
@@ -42,7 +46,8 @@ first matching row wins. ``P = H * W``; "scores" is ``B * heads * P**2 * 4`` byt
 ========  ==============================================  ========  =====================================
 device    condition                                       backend   evidence
 ========  ==============================================  ========  =====================================
-any       NATTEN fused kernels accept the inputs, k > 1    natten    NATTEN's own kernels (none built here)
+any       NATTEN fused kernels accept the inputs, k odd    natten    NATTEN's own kernels (none built here)
+          and > 1 on both axes
 CPU       P <= 441 (maps up to 21 x 21) and scores         dense     measured on 2 shared CPU cores
           <= 256 MiB                                                 (docs/performance.md), two runs:
                                                                      dense 3-14x faster forward and
@@ -136,6 +141,25 @@ def _check_positive_int(value: object, name: str, caller: str, odd: bool = False
         raise ValueError(f"The {name!r} parameter of {caller} must be {kind}. Got {value!r} instead.")
 
 
+#: A window's size or dilation per axis: ``(rows, columns)``.
+Pair = tuple[int, int]
+
+
+def _per_axis(value: object, name: str, caller: str) -> Pair:
+    """``value`` (one int for both axes, or ``(rows, columns)``) as a pair of ints >= 1."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2:
+        raise ValueError(
+            f"The {name!r} parameter of {caller} must be an int or a pair (rows, columns). Got {value!r} instead."
+        )
+    if not all(isinstance(one, int) and not isinstance(one, bool) and one >= 1 for one in pair):
+        raise ValueError(
+            f"The {name!r} parameter of {caller} must be an int >= 1, or one per axis (rows, columns), each an "
+            f"int >= 1. Got {value!r} instead."
+        )
+    return pair[0], pair[1]
+
+
 def neighborhood_indices(
     length: int, kernel_size: int, dilation: int = 1, device: torch.device | str | None = None
 ) -> Tensor:
@@ -181,16 +205,16 @@ def _neighborhood_indices(length: int, kernel_size: int, dilation: int, device: 
 
 
 @functools.lru_cache(maxsize=64)
-def _window_table(height: int, width: int, kernel_size: int, dilation: int, device: torch.device) -> Tensor:
-    """Flat key index per (window offset, flat query): int64 ``[k*k, H*W]``, row-major offsets."""
-    rows = _neighborhood_indices(height, kernel_size, dilation, device)  # [H, k]
-    cols = _neighborhood_indices(width, kernel_size, dilation, device)  # [W, k]
-    flat = rows.t()[:, None, :, None] * width + cols.t()[None, :, None, :]  # [k, k, H, W]
-    return flat.reshape(kernel_size * kernel_size, height * width).contiguous()
+def _window_table(height: int, width: int, kernel: Pair, dilation: Pair, device: torch.device) -> Tensor:
+    """Flat key index per (window offset, flat query): int64 ``[kh*kw, H*W]``, row-major offsets."""
+    rows = _neighborhood_indices(height, kernel[0], dilation[0], device)  # [H, kh]
+    cols = _neighborhood_indices(width, kernel[1], dilation[1], device)  # [W, kw]
+    flat = rows.t()[:, None, :, None] * width + cols.t()[None, :, None, :]  # [kh, kw, H, W]
+    return flat.reshape(kernel[0] * kernel[1], height * width).contiguous()
 
 
-def clamp_window(height: int, width: int, kernel_size: int, dilation: int) -> tuple[int, int]:
-    """Largest window that fits a ``height x width`` map.
+def clamp_window(height: int, width: int, kernel_size: int, dilation: int) -> tuple[Pair, Pair]:
+    """The window a ``kernel_size`` window with ``dilation`` becomes on a ``height x width`` map, per axis.
 
     Parameters
     ----------
@@ -203,22 +227,29 @@ def clamp_window(height: int, width: int, kernel_size: int, dilation: int) -> tu
 
     Returns
     -------
-    tuple of int
-        ``(kernel, dilation)``: the largest odd kernel ``<= kernel_size`` that is
-        ``<= min(height, width)``, and the largest dilation ``<= dilation`` with
-        ``kernel * dilation <= min(height, width)``; both at least 1. For example a
-        kernel 7 on a 4 x 4 map becomes 3, and on a 1 x 1 map 1 (the query alone).
+    tuple of (int, int)
+        ``((kernel_rows, kernel_columns), (dilation_rows, dilation_columns))``. An axis
+        no longer than ``kernel_size`` is covered whole (kernel = its length, dilation
+        1: NATTEN's semantics of a window as large as the axis); on a longer axis the
+        kernel stays and the dilation is the largest ``<= dilation`` with
+        ``kernel * dilation <= length``. For example kernel 7 with dilation 2 on a
+        4 x 20 map gives ``((4, 7), (1, 2))``: each query sees its whole column of 4
+        and 7 positions of its row. (A map no larger than the window on both axes is
+        full attention, which :class:`NeighborhoodAttention2D` computes directly.)
     """
     caller = "clamp_window"
     _check_positive_int(height, "height", caller)
     _check_positive_int(width, "width", caller)
     _check_positive_int(kernel_size, "kernel_size", caller, odd=True)
     _check_positive_int(dilation, "dilation", caller)
-    side = min(height, width)
-    kernel = min(kernel_size, side)
-    if kernel % 2 == 0:
-        kernel -= 1
-    return kernel, max(1, min(dilation, side // kernel))
+
+    def axis(length: int) -> tuple[int, int]:
+        if length <= kernel_size:
+            return length, 1
+        return kernel_size, max(1, min(dilation, length // kernel_size))
+
+    (kernel_rows, dilation_rows), (kernel_cols, dilation_cols) = axis(height), axis(width)
+    return (kernel_rows, kernel_cols), (dilation_rows, dilation_cols)
 
 
 # --------------------------------------------------------------------------------------
@@ -364,9 +395,9 @@ class _NeighborhoodAttentionFunction(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _torch_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int) -> Tensor:
+def _torch_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     batch, height, width, heads, dim = query.shape
-    table = _window_table(height, width, kernel_size, dilation, query.device)
+    table = _window_table(height, width, kernel, dilation, query.device)
     flat = [t.reshape(batch, height * width, heads, dim) for t in (query, key, value)]
     out = _NeighborhoodAttentionFunction.apply(*flat, table, dim**-0.5)
     return out.reshape(batch, height, width, heads, dim)
@@ -378,17 +409,17 @@ def _torch_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, ker
 
 
 @functools.lru_cache(maxsize=32)
-def _neighborhood_mask(height: int, width: int, kernel_size: int, dilation: int, device: torch.device) -> Tensor:
+def _neighborhood_mask(height: int, width: int, kernel: Pair, dilation: Pair, device: torch.device) -> Tensor:
     """Boolean ``[P, P]`` mask, True where query (row) may attend to key (column)."""
-    table = _window_table(height, width, kernel_size, dilation, device)  # [k*k, P]
+    table = _window_table(height, width, kernel, dilation, device)  # [kh*kw, P]
     positions = height * width
     mask = torch.zeros(positions, positions, dtype=torch.bool, device=device)
     return mask.scatter_(1, table.t(), True)
 
 
-def _dense_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int) -> Tensor:
+def _dense_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     batch, height, width, heads, dim = query.shape
-    mask = _neighborhood_mask(height, width, kernel_size, dilation, query.device)
+    mask = _neighborhood_mask(height, width, kernel, dilation, query.device)
     q, k, v = (t.reshape(batch, height * width, heads, dim).transpose(1, 2) for t in (query, key, value))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale: dim ** -0.5
     return out.transpose(1, 2).reshape(batch, height, width, heads, dim)
@@ -405,7 +436,7 @@ def _natten_package() -> ModuleType | None:
     return natten
 
 
-def _flex_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int) -> Tensor:
+def _flex_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     natten = _natten_package()
     if natten is None:
         raise AttentionBackendError(
@@ -420,7 +451,7 @@ def _flex_neighborhood_attention(query: Tensor, key: Tensor, value: Tensor, kern
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns on every uncompiled call
-        return natten.na2d(query, key, value, kernel_size=kernel_size, dilation=dilation, backend="flex-fna")
+        return natten.na2d(query, key, value, kernel_size=kernel, dilation=dilation, backend="flex-fna")
 
 
 # --------------------------------------------------------------------------------------
@@ -472,14 +503,16 @@ def _dense_fits(query: Tensor) -> bool:
     return positions <= _CPU_DENSE_MAX_POSITIONS and score_bytes <= _CPU_DENSE_MAX_SCORE_BYTES
 
 
-def select_backend(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int = 1) -> str:
+def select_backend(
+    query: Tensor, key: Tensor, value: Tensor, kernel_size: int | Pair, dilation: int | Pair = 1
+) -> str:
     """The backend ``"auto"`` runs for these inputs (the module docstring's table).
 
     Parameters
     ----------
     query, key, value : Tensor
         ``[B, H, W, heads, dim]`` inputs of :func:`neighborhood_attention`.
-    kernel_size, dilation : int
+    kernel_size, dilation : int or (int, int)
         The window.
 
     Returns
@@ -487,10 +520,15 @@ def select_backend(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, 
     str
         One of :data:`BACKENDS` except ``"flex"`` (never chosen automatically).
     """
-    # NATTEN rejects kernel_size 1 (the query alone, i.e. out = value).
-    if kernel_size > 1 and natten_kernel_backend(query, key, value) is not None:
+    if _natten_takes(_per_axis(kernel_size, "kernel_size", "select_backend")) and \
+            natten_kernel_backend(query, key, value) is not None:
         return "natten"
     return "dense" if _dense_fits(query) else "gather"
+
+
+def _natten_takes(kernel: Pair) -> bool:
+    """NATTEN rejects kernel 1 (the query alone, i.e. out = value) and wants odd kernels."""
+    return all(k > 1 and k % 2 == 1 for k in kernel)
 
 
 def _requested_backend(implementation: str) -> str:
@@ -510,7 +548,8 @@ def _requested_backend(implementation: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _validate(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilation: int) -> None:
+def _validate(query: Tensor, key: Tensor, value: Tensor, kernel_size: object, dilation: object) -> tuple[Pair, Pair]:
+    """Check the inputs; return the window per axis."""
     caller = "neighborhood_attention"
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, Tensor):
@@ -537,22 +576,28 @@ def _validate(query: Tensor, key: Tensor, value: Tensor, kernel_size: int, dilat
             f"{caller} expects query, key and value of one floating dtype. "
             f"Got {query.dtype}, {key.dtype} and {value.dtype}."
         )
-    _check_positive_int(kernel_size, "kernel_size", caller, odd=True)
-    _check_positive_int(dilation, "dilation", caller)
+    kernel = _per_axis(kernel_size, "kernel_size", caller)
+    dilations = _per_axis(dilation, "dilation", caller)
     height, width = query.shape[1:3]
-    if kernel_size * dilation > min(height, width):
-        raise ValueError(
-            f"{caller} needs kernel_size * dilation <= H and <= W. Got {kernel_size} * {dilation} = "
-            f"{kernel_size * dilation} for a {height} x {width} map; reduce them (see clamp_window)."
-        )
+    for k, d, length, axis in zip(kernel, dilations, (height, width), ("rows", "columns")):
+        if k % 2 == 0 and not (k == length and d == 1):  # an even kernel only as a whole axis
+            raise ValueError(
+                f"The 'kernel_size' parameter of {caller} must be an odd int >= 1. Got {kernel_size!r} instead."
+            )
+        if k * d > length:
+            raise ValueError(
+                f"{caller} needs kernel_size * dilation <= H and <= W. Got {k} * {d} = {k * d} for a {height} x "
+                f"{width} map ({axis}); reduce them (see clamp_window)."
+            )
+    return kernel, dilations
 
 
 def neighborhood_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    kernel_size: int,
-    dilation: int = 1,
+    kernel_size: int | Pair,
+    dilation: int | Pair = 1,
     *,
     implementation: Implementation = "auto",
 ) -> Tensor:
@@ -562,10 +607,12 @@ def neighborhood_attention(
     ----------
     query, key, value : Tensor
         ``[B, H, W, heads, dim]``, same shape, device and floating dtype.
-    kernel_size : int
-        Odd window size; each query attends to ``kernel_size**2`` keys.
-    dilation : int, default 1
-        Step between window members; ``kernel_size * dilation <= min(H, W)``.
+    kernel_size : int or (int, int)
+        Odd window size, one for both axes or ``(rows, columns)``; each query attends
+        to ``kernel_size**2`` keys (``rows * columns``). A kernel equal to its axis's
+        length covers that axis and may be even.
+    dilation : int or (int, int), default 1
+        Step between window members; ``kernel_size * dilation <= H`` (and ``<= W``) per axis.
     implementation : {"auto", "gather", "dense", "natten", "flex"}, default "auto"
         The backend (module docstring). "auto" follows :func:`use_attention_backend`
         or ``MEDFED_ATTENTION_BACKEND`` when set, else :func:`select_backend`;
@@ -586,24 +633,24 @@ def neighborhood_attention(
     ValueError
         Malformed inputs (shapes, devices, dtypes, window larger than the map).
     """
-    _validate(query, key, value, kernel_size, dilation)
+    kernel, dilations = _validate(query, key, value, kernel_size, dilation)
     backend = _requested_backend(implementation)
     if backend == "auto":
-        backend = select_backend(query, key, value, kernel_size, dilation)
+        backend = select_backend(query, key, value, kernel, dilations)
     if backend == "natten":
-        kernels = natten_kernel_backend(query, key, value) if kernel_size > 1 else None
+        kernels = natten_kernel_backend(query, key, value) if _natten_takes(kernel) else None
         if kernels is None:
             raise AttentionBackendError(
-                "neighborhood_attention(implementation='natten') needs kernel_size >= 2, CUDA tensors and NATTEN "
-                f"built with CUDA kernels that accept them. Got kernel_size={kernel_size} and {query.device} "
+                "neighborhood_attention(implementation='natten') needs odd kernel sizes >= 3, CUDA tensors and "
+                f"NATTEN built with CUDA kernels that accept them. Got kernel_size={kernel_size} and {query.device} "
                 f"{query.dtype} tensors; use implementation='auto'."
             )
-        return _natten().na2d(query, key, value, kernel_size=kernel_size, dilation=dilation, backend=kernels)
+        return _natten().na2d(query, key, value, kernel_size=kernel, dilation=dilations, backend=kernels)
     if backend == "dense":
-        return _dense_neighborhood_attention(query, key, value, kernel_size, dilation)
+        return _dense_neighborhood_attention(query, key, value, kernel, dilations)
     if backend == "flex":
-        return _flex_neighborhood_attention(query, key, value, kernel_size, dilation)
-    return _torch_neighborhood_attention(query, key, value, kernel_size, dilation)
+        return _flex_neighborhood_attention(query, key, value, kernel, dilations)
+    return _torch_neighborhood_attention(query, key, value, kernel, dilations)
 
 
 def _full_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
@@ -619,9 +666,11 @@ class NeighborhoodAttention2D(nn.Module):
 
     Where the window covers the whole map (``kernel_size >= max(H, W)``), every query
     attends to every key: NATTEN's semantics for such a window, computed as plain full
-    attention. Otherwise the window is clamped to the map at forward time
-    (:func:`clamp_window`), for maps narrower than ``kernel_size * dilation``. There is no
-    relative position bias (NATTEN dropped it in 0.20).
+    attention. Otherwise the window is clamped to the map per axis at forward time
+    (:func:`clamp_window`): an axis no longer than the kernel is covered whole, and the
+    dilation shrinks on an axis shorter than ``kernel_size * dilation``. (Clamping both
+    axes to the shorter one left a 2 x 10 map with a 1 x 1 window: each query saw itself
+    alone.) There is no relative position bias (NATTEN dropped it in 0.20).
 
     Parameters
     ----------
@@ -696,8 +745,8 @@ class NeighborhoodAttention2D(nn.Module):
             # is what a shrunken kernel would not (a 2 x 2 map would clamp to kernel 1).
             out = _full_attention(query, key, value)
         else:
-            kernel_size, dilation = clamp_window(height, width, self.kernel_size, self.dilation)
-            out = neighborhood_attention(query, key, value, kernel_size, dilation)
+            kernel, dilation = clamp_window(height, width, self.kernel_size, self.dilation)
+            out = neighborhood_attention(query, key, value, kernel, dilation)
         return self.proj_drop(self.proj(out.reshape(batch, height, width, self.dim)))
 
     def extra_repr(self) -> str:

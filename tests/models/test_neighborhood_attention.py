@@ -33,6 +33,10 @@ def _qkv(shape, *, seed: int, dtype=torch.float32, requires_grad: bool = False, 
     )
 
 
+def _pair(value):
+    return tuple(value) if isinstance(value, tuple) else (value, value)
+
+
 def _window_members(length: int, kernel_size: int, dilation: int, position: int) -> list[int]:
     """Positions seen by ``position`` on one axis, from the definition (independent of the module)."""
     group = list(range(position % dilation, length, dilation))
@@ -45,11 +49,12 @@ def _window_members(length: int, kernel_size: int, dilation: int, position: int)
 def _dense_reference(query, key, value, kernel_size: int, dilation: int):
     """Full softmax attention with every key outside the neighbourhood masked out."""
     batch, height, width, heads, dim = query.shape
+    (kernel_rows, kernel_cols), (dilation_rows, dilation_cols) = _pair(kernel_size), _pair(dilation)
     mask = torch.zeros(height * width, height * width, dtype=torch.bool)
     for row in range(height):
-        rows = _window_members(height, kernel_size, dilation, row)
+        rows = _window_members(height, kernel_rows, dilation_rows, row)
         for col in range(width):
-            cols = _window_members(width, kernel_size, dilation, col)
+            cols = _window_members(width, kernel_cols, dilation_cols, col)
             for key_row in rows:
                 for key_col in cols:
                     mask[row * width + col, key_row * width + key_col] = True
@@ -102,6 +107,8 @@ NATTEN_CASES = [
     (56, 56, 7, 1),
     (56, 56, 5, 4),
     (56, 30, 7, 4),
+    (7, 12, (3, 5), (2, 1)),  # a window per axis, as NATTEN takes it
+    (12, 9, (5, 3), (2, 3)),
 ]
 
 
@@ -109,7 +116,7 @@ NATTEN_CASES = [
 def test_forward_matches_natten_flex(natten_flex_na2d, height, width, kernel_size, dilation):
     # Prepare: one sample on large maps (uncompiled flex attention builds the full score matrix).
     batch = 1 if height * width > 1000 else 2
-    query, key, value = _qkv((batch, height, width, 2, 8), seed=height * 100 + width + kernel_size + dilation)
+    query, key, value = _qkv((batch, height, width, 2, 8), seed=height * 100 + width + sum(_pair(kernel_size)) + sum(_pair(dilation)))
 
     # Execute
     ours = neighborhood_attention(query, key, value, kernel_size, dilation)
@@ -132,6 +139,9 @@ DENSE_CASES = [
     (11, 7, 7, 1),
     (8, 8, 1, 4),
     (10, 14, 5, 2),
+    (7, 12, (3, 5), (2, 1)),
+    (2, 9, (2, 3), (1, 2)),  # an even kernel covering its whole axis
+    (9, 4, (5, 4), (1, 1)),
 ]
 
 
@@ -139,7 +149,7 @@ DENSE_CASES = [
 def test_forward_and_gradients_match_dense_reference(height, width, kernel_size, dilation):
     # Prepare
     shape = (2, height, width, 2, 4)
-    ours_inputs = _qkv(shape, seed=dilation * 1000 + height, dtype=torch.float64, requires_grad=True)
+    ours_inputs = _qkv(shape, seed=sum(_pair(dilation)) * 1000 + height, dtype=torch.float64, requires_grad=True)
     reference_inputs = tuple(t.detach().clone().requires_grad_(True) for t in ours_inputs)
     grad_weights = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
@@ -382,16 +392,16 @@ def test_corner_window_is_shifted_inward():
 @pytest.mark.parametrize(
     ("height", "width", "kernel_size", "dilation", "expected"),
     [
-        (1, 1, 7, 1, (1, 1)),
-        (2, 2, 7, 3, (1, 2)),
-        (4, 4, 7, 1, (3, 1)),
-        (6, 6, 7, 1, (5, 1)),
-        (7, 7, 7, 2, (7, 1)),
-        (14, 28, 7, 4, (7, 2)),
-        (5, 9, 7, 1, (5, 1)),
-        (56, 56, 7, 8, (7, 8)),
-        (28, 28, 3, 9, (3, 9)),
-        (28, 28, 3, 10, (3, 9)),
+        (1, 1, 7, 1, ((1, 1), (1, 1))),
+        (2, 2, 7, 3, ((2, 2), (1, 1))),
+        (4, 4, 7, 1, ((4, 4), (1, 1))),
+        (7, 7, 7, 2, ((7, 7), (1, 1))),
+        (14, 28, 7, 4, ((7, 7), (2, 4))),
+        (5, 9, 7, 1, ((5, 7), (1, 1))),
+        (2, 10, 7, 1, ((2, 7), (1, 1))),
+        (56, 56, 7, 8, ((7, 7), (8, 8))),
+        (28, 28, 3, 9, ((3, 3), (9, 9))),
+        (28, 28, 3, 10, ((3, 3), (9, 9))),
     ],
 )
 def test_clamp_window(height, width, kernel_size, dilation, expected):
@@ -412,6 +422,25 @@ def test_module_forward_backward_on_small_maps(size):
     # Assert
     assert out.shape == x.shape
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("size", [(2, 10), (10, 2), (4, 20), (5, 12)])
+def test_a_map_narrower_than_the_window_on_one_axis_keeps_its_window_on_the_other(size):
+    # The window was clamped to the shorter side: on a 2 x 10 map each query saw itself alone,
+    # and the query and key projections got no gradient.
+    torch.manual_seed(0)
+    module = NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=7, dilation=1).double()
+    x = torch.randn(2, *size, 8, dtype=torch.float64)
+    # Execute
+    out = module(x)
+    out.pow(2).sum().backward()
+    # Assert: the reference with the short axis covered whole, the long one at kernel 7.
+    q, k, v = module.qkv(x).reshape(2, *size, 3, 2, 4).unbind(3)
+    window = (min(size[0], 7), min(size[1], 7))
+    expected = module.proj(_dense_reference(q, k, v, window, 1).reshape(2, *size, 8))
+    torch.testing.assert_close(out, expected)
+    queries = module.qkv.weight.grad[:8]
+    assert queries.abs().max() > 1e-3
 
 
 def test_module_on_single_position_returns_projected_value():
@@ -567,7 +596,7 @@ def test_dispatch_calls_natten_when_kernels_accept(monkeypatch):
     forced_torch = neighborhood_attention(query, key, value, 3, 2, implementation="torch")
 
     # Assert
-    assert calls == [{"kernel_size": 3, "dilation": 2, "backend": "cutlass-fna"}]
+    assert calls == [{"kernel_size": (3, 3), "dilation": (2, 2), "backend": "cutlass-fna"}]
     assert torch.all(dispatched == 5.0)
     torch.testing.assert_close(single, value)
     torch.testing.assert_close(forced_torch, _dense_reference(query, key, value, 3, 2), atol=1e-6, rtol=0)
