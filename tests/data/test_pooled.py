@@ -100,3 +100,23 @@ def test_four_labels_are_pooled_as_four_two_by_two_matrices_not_one_four_by_four
     assert pooled["acc"] == pytest.approx(expected["acc"]) and pooled["auc"] == pytest.approx(expected["auc"])
     assert np.asarray(_matrix(flat, 4, multi_label=True)).shape == (4, 2, 2)
     assert np.asarray(_matrix(list(range(16)), 4, multi_label=False)).shape == (4, 4)
+
+
+def test_a_pool_one_sample_short_of_its_num_examples_is_undefined():
+    # Prepare: 20 samples of which one has a NaN score: the confusion and the histogram count
+    # 19. A single missing sample already makes the pool undefined, not only a missing site.
+    rng = np.random.default_rng(1)
+    y = np.array([0, 1] * 10)
+    p = rng.random(20)
+    scores = np.stack([1 - p, p], 1)
+    scores[3] = np.nan
+    matrix, hist = confusion("binary-class", y, scores), score_histograms("binary-class", y, scores)
+    assert matrix.sum() == 19 and hist.sum() == 19
+
+    # Execute
+    short = pooled_metrics("binary-class", matrix, hist, num_examples=20)
+    full = pooled_metrics("binary-class", matrix, hist, num_examples=19)
+
+    # Assert
+    assert np.isnan([short["acc"], short["auc"], short["balanced_acc"]]).all() and short["num_examples"] == 20
+    assert np.isfinite([full["acc"], full["auc"], full["balanced_acc"]]).all() and full["num_examples"] == 19
