@@ -255,3 +255,25 @@ def test_a_well_formed_handmade_entry_reads_back():
     record = _packed(f'[["a", "float32", [2], "numpy.ndarray", {len(_TWO)}]]', _TWO)
     assert numpy_from_wire(record)["a"].tolist() == [0.0, 0.0]
     assert from_wire(record)["a"].shape == (2,)
+
+
+def test_an_entry_with_bytes_beyond_its_npy_data_is_refused_even_when_the_manifest_counts_them():
+    # Prepare: a packed state dict whose first entry gets 4 bytes more, with its declared size
+    # raised to match: the manifest and the message agree, the header names the right shape,
+    # so only the rule "exactly the .npy bytes of its shape and dtype" can refuse it.
+    blob = to_wire({"w": np.arange(3, dtype=np.float32), "count": np.array(7, np.int64)},
+                   "float32")[PACKED_KEY].numpy().tobytes()
+    size = int.from_bytes(blob[:8], "little")
+    manifest, payload = json.loads(blob[8:8 + size]), blob[8 + size:]
+    first = manifest[0][4]
+    manifest[0][4] += 4
+    record = _packed(json.dumps(manifest), payload[:first] + b"\0\0\0\0" + payload[first:])
+    # the same rebuild without the extra bytes reads back: the test fails for them alone
+    manifest[0][4] -= 4
+    assert numpy_from_wire(_packed(json.dumps(manifest), payload))["w"].tolist() == [0.0, 1.0, 2.0]
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="array 'w' does not hold the .npy bytes of a float32 array"):
+        unpack_arrays(record)
+    with pytest.raises(ValueError, match="array 'w' does not hold the .npy bytes of a float32 array"):
+        numpy_from_wire(record)
