@@ -202,3 +202,19 @@ def test_a_reply_whose_arrays_do_not_read_as_declared_is_dropped_not_a_crash(arr
     invalid = find_invalid_replies([_content(_ok()), _with_array("b", array), _content(_ok())], "num-examples")
     # Assert
     assert invalid == {1: reason}
+
+
+def test_group_counts_one_more_than_the_examples_are_refused_and_equal_ones_pass():
+    # FairLoRA weights groups by these counts: a count beyond the reply's own examples, even by
+    # one, is not a count of its examples.
+    def with_groups(c0, c1):
+        content = _content(_ok())
+        content["metrics"] = MetricRecord({"num-examples": 10, "num-examples-group-0": c0,
+                                           "num-examples-group-1": c1})
+        return content
+
+    # Execute
+    invalid = find_invalid_replies([with_groups(6, 4), with_groups(6, 5), with_groups(6.0, 4.0)])
+
+    # Assert: 6 + 4 = 10 fits (examples of no known group are in none); 6 + 5 = 11 does not.
+    assert invalid == {1: "its group counts add up to 11, more than its 'num-examples' of 10"}
