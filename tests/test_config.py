@@ -653,6 +653,7 @@ def test_a_cross_key_error_survives_pickling():
 
 @pytest.mark.parametrize(("num_sites", "fraction", "per_round", "quorum"), [
     (4, 1.0, 4, 3), (4, 0.5, 2, 2), (10, 0.3, 3, 2), (4, 0.3, 2, 2), (5, 0.1, 1, 1),
+    (25, 0.28, 7, 4),  # 0.28 * 25 is 7.000000000000001 in floating point: 7 sites are meant, not 8
 ])
 def test_the_default_quorum_is_a_majority_of_the_sites_a_round_samples(num_sites, fraction, per_round, quorum):
     # A majority of all sites could never be met when a round samples half of them or less.
