@@ -1,5 +1,10 @@
 """Site-local strategy state: per site in context.state, per round on disk, newest usable round."""
 
+import contextlib
+import signal
+import sys
+
+import pytest
 import torch
 from flwr.app import Context, RecordDict
 
@@ -71,3 +76,28 @@ def test_a_run_key_cannot_leave_the_sites_folder(tmp_path):
     save_site_state(context, "alpha", 1, {"bn": torch.tensor([1.0])}, run_key="../../evil")
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.safetensors")] == [
         "state/alpha/_.._evil/round-000001.safetensors"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_round_whose_state_write_fails_midway_leaves_no_file_and_the_previous_round_is_read(tmp_path):
+    # A disk that fills while round 2's file is written: a file written in place would be left
+    # half written, and a restarted process would load it as round 2's state. Written through
+    # a temporary file and a rename, round 2 has no file and round 1's state is the newest.
+    import resource
+
+    # Prepare
+    save_site_state(_context(tmp_path), "site-0", 1, {"bn": torch.tensor([1.0])})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a killed process
+    # Execute: no file may grow beyond 4 KiB while round 2's 40 KB state is written.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with contextlib.suppress(OSError):
+            save_site_state(_context(tmp_path), "site-0", 2, {"bn": torch.zeros(10_000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+    # Assert
+    assert sorted(p.name for p in (tmp_path / "site-0").iterdir()) == ["round-000001.safetensors"]
+    assert load_site_state(_context(tmp_path), "site-0", latest_round=2)["bn"].tolist() == [1.0]
