@@ -8,6 +8,7 @@ import pytest
 from medfed.sites.partition import (
     PartitionError,
     dirichlet_partition,
+    dirichlet_proportions,
     iid_partition,
     partition_labels,
     split_by_proportions,
@@ -104,3 +105,22 @@ def test_invalid_arguments_raise_one_line_errors(call, message):
     # Assert
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_dirichlet_partition_redraws_with_the_next_seed_when_a_site_is_left_empty():
+    # Prepare: 20 samples of 2 classes over 4 sites, alpha 0.5: the draw of seed 1 leaves a
+    # site empty, the draw of seed 2 does not. Redrawing with seed 1 again would only give
+    # the same empty site, to be filled by moving a sample from the largest site.
+    labels = np.arange(20) % 2
+    first = split_by_proportions(labels, dirichlet_proportions(2, 4, 0.5, 1), 1)
+    second_shares = dirichlet_proportions(2, 4, 0.5, 2)
+    second = split_by_proportions(labels, second_shares, 2)
+    assert min(len(p) for p in first) == 0 and min(len(p) for p in second) > 0
+
+    # Execute
+    parts, shares = dirichlet_partition(labels, 4, alpha=0.5, seed=1)
+
+    # Assert: the draw of seed 2, as it was drawn.
+    np.testing.assert_array_equal(shares, second_shares)
+    assert all(np.array_equal(p, q) for p, q in zip(parts, second, strict=True))
+    _assert_exact_cover(parts, 20)
