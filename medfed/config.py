@@ -570,7 +570,7 @@ class FederationConfig(_Validated):
     @property
     def sites_per_round(self) -> int:
         """Training sites a round samples: ``fraction_train`` of ``num_sites``, rounded up, at least 1."""
-        # Less a hair: 0.3 * 10 is 3.0000000000000004 in floating point, and 3 sites are meant.
+        # Less a hair: 0.28 * 25 is 7.000000000000001 in floating point, and 7 sites are meant.
         return max(1, math.ceil(self.fraction_train * self.num_sites - 1e-9))
 
     @property
