@@ -217,18 +217,23 @@ def test_max_wait_bounds_the_total_wait(site, monkeypatch):
     assert time.monotonic() - start < 3.5  # 2 s of waiting, not 2 x 2 s
 
 
-def test_a_connected_site_that_loses_the_server_says_why(site, monkeypatch):
-    # Prepare: the SuperNode connects, then Flower retries (the server went away), then SIGTERM.
-    fake_supernode(site, monkeypatch, f"{CONNECTED}; {RETRYING}; sleep 1; kill -TERM $PPID; sleep 30")
+def _output_of_a_site_that_loses_the_server(site: Path, monkeypatch, before: str = "true") -> str:
+    """The SuperNode connects, runs the shell snippet ``before``, then Flower retries (the
+    server went away), then SIGTERM. Returns what the client printed."""
+    fake_supernode(site, monkeypatch, f"{CONNECTED}; {before}; {RETRYING}; sleep 1; kill -TERM $PPID; sleep 30")
     probes = iter([None])  # the server answers before the SuperNode starts, then is gone
     gone = (False, "cannot reach 127.0.0.1:9 (connection refused): is the server running and the address right?")
     monkeypatch.setattr(supernode, "probe_server", lambda address, ca: next(probes, gone))
     out = io.StringIO()
-    # Execute
     with pytest.raises(KeyboardInterrupt):
         client(site, "127.0.0.1:9", out=out)
+    return out.getvalue()
+
+
+def test_a_connected_site_that_loses_the_server_says_why(site, monkeypatch):
+    # Execute
+    text = _output_of_a_site_that_loses_the_server(site, monkeypatch)
     # Assert: medfed's reason follows Flower's retry line.
-    text = out.getvalue()
     assert ("medfed client: site a: lost the server: cannot reach 127.0.0.1:9 (connection refused): is the server "
             "running and the address right? Flower keeps trying to reconnect.") in text
     assert text.index("Connection attempt failed") < text.index("lost the server")
@@ -245,17 +250,7 @@ def test_a_site_whose_server_ends_after_the_last_round_says_the_study_finished(s
                                                                                 finished):
     # The study ended and its server stopped: the site used to say only "lost the server:
     # connection refused: is the server running?", as after a crash.
-    fake_supernode(site, monkeypatch, f"{CONNECTED}; {after_last_round}; {RETRYING}; sleep 1; kill -TERM $PPID; "
-                                      "sleep 30")
-    probes = iter([None])
-    gone = (False, "cannot reach 127.0.0.1:9 (connection refused): is the server running and the address right?")
-    monkeypatch.setattr(supernode, "probe_server", lambda address, ca: next(probes, gone))
-    out = io.StringIO()
-    # Execute
-    with pytest.raises(KeyboardInterrupt):
-        client(site, "127.0.0.1:9", out=out)
-    # Assert
-    text = out.getvalue()
+    text = _output_of_a_site_that_loses_the_server(site, monkeypatch, before=after_last_round)
     assert ("medfed client: site a: the server closed after the study's last round: the study has most likely "
             "finished." in text) == finished
     assert ("lost the server" in text) != finished
