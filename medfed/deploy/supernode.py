@@ -407,6 +407,8 @@ def _watch_lost_server(address: Address, ca_cert: Path | None, site: str, out, s
                   "likely finished. This client waits for the server's next study; stop it with Ctrl-C.")
     while still_failing():
         problem = probe_server(address, ca_cert)
+        if not still_failing():  # got through again, or the SuperNode ended, during the probe
+            return
         if problem is not None and problem[0]:  # said by the caller, as the client's error
             stop(problem[1])
             return
@@ -422,7 +424,8 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
     """Run the SuperNode until it exits, echoing its output; ``on_retrying(still_failing,
     stop, finished)`` is called (in a thread of its own) when Flower, once connected, starts
     retrying an unreachable server: ``still_failing()`` says whether it has not got through
-    again, ``stop()`` ends the SuperNode, ``finished`` whether the site's last message was
+    again and still runs (a watch must end with its SuperNode: one left behind probed on
+    for good), ``stop()`` ends the SuperNode, ``finished`` whether the site's last message was
     of the study's last round (its ClientApp logged ``LAST_ROUND_MARK``).
 
     Returns (exit code, key refused or no connection, connected once, when Flower began
@@ -433,6 +436,7 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
     connected = threading.Event()
     failing_since: list[float] = []
     last_round = threading.Event()
+    ended = threading.Event()  # a watch of this SuperNode ends with it
     started: list[subprocess.Popen] = []
 
     def stop() -> None:
@@ -456,7 +460,8 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
             elif _RETRYING in line and not failing_since:
                 failing_since.append(time.monotonic())
                 if on_retrying is not None and connected.is_set():  # a probe may take seconds: not in the echo's way
-                    threading.Thread(target=on_retrying, args=(lambda: bool(failing_since), stop, last_round.is_set()),
+                    still_failing = lambda: bool(failing_since) and not ended.is_set()  # noqa: E731
+                    threading.Thread(target=on_retrying, args=(still_failing, stop, last_round.is_set()),
                                      daemon=True).start()
 
     reader = None
@@ -473,6 +478,7 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
         _say(out, f"medfed client: site {site}: stopping")
         raise
     finally:
+        ended.set()
         processes.stop()
         if reader is not None:
             reader.join(timeout=5)

@@ -256,6 +256,24 @@ def test_a_site_whose_server_ends_after_the_last_round_says_the_study_finished(s
     assert ("lost the server" in text) != finished
 
 
+def test_a_watch_of_the_lost_server_ends_with_its_supernode(site, monkeypatch):
+    # A SuperNode that lost the server and then ended by itself left its watch probing for
+    # good (every REFUSED_PAUSE_S, for the rest of the client's life).
+    fake_supernode(site, monkeypatch, f"{CONNECTED}; {RETRYING}; sleep 0.5; exit 0", "kill -TERM $PPID; sleep 30")
+    probes = []
+    gone = (False, "cannot reach 127.0.0.1:9 (connection refused): is the server running and the address right?")
+    # The client itself finds the server; its watch (another thread) finds it gone.
+    monkeypatch.setattr(supernode, "probe_server", lambda address, ca: probes.append(1) or (
+        None if threading.current_thread() is threading.main_thread() else gone))
+    with pytest.raises(KeyboardInterrupt):
+        client(site, "127.0.0.1:9")
+    # Assert: no probe after the client stopped.
+    time.sleep(0.5)
+    calls = len(probes)
+    time.sleep(0.5)
+    assert len(probes) == calls
+
+
 def test_a_site_whose_server_comes_back_with_new_certificates_stops_and_says_why(site, monkeypatch):
     # After 'medfed certs --force', the server returned with another CA: Flower retried the
     # TLS handshake forever, and the site's last medfed line was the stale "connection refused".
