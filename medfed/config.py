@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -1150,6 +1151,39 @@ def load_config(
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """Nested plain-dict copy of ``cfg`` with snake_case keys (the YAML layout)."""
     return dataclasses.asdict(cfg)
+
+
+#: Keys that may differ between a run and its resumption: where the run lives, how many
+#: rounds it runs (may only grow), how long a round waits for slow sites, and which engine or
+#: Ray cluster runs the simulation (both engines give the same weights).
+RESUME_MAY_CHANGE = ("name", "output_dir", "rounds", "simulation.engine", "simulation.ray_address",
+                     "federation.round_timeout_s")
+
+
+#: Keys that name a file or folder: a resume compares them resolved, and may name them
+#: otherwise (relative to another working folder).
+_PATH_KEYS = ("data.root", "model.init_from")
+
+
+def study_fingerprint(cfg: ExperimentConfig) -> str:
+    """A hex digest of what makes ``cfg`` one study: every key but :data:`RESUME_MAY_CHANGE`
+    and the paths (``data.root``, ``model.init_from``).
+
+    A run and its resumptions share it; a site keeps its state under it
+    (:mod:`medfed.client.site_state`), so that another study (another strategy, model,
+    dataset or setting) can never read that state.
+    """
+    def drop(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        kept = {}
+        for key, value in tree.items():
+            dotted = f"{prefix}{key}"
+            if dotted in RESUME_MAY_CHANGE or dotted in _PATH_KEYS:
+                continue
+            kept[key] = drop(value, dotted + ".") if isinstance(value, dict) and dotted != "strategy.params" else value
+        return kept
+
+    text = json.dumps(drop(config_to_dict(cfg)), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def absolute_path(path: str | None) -> str | None:

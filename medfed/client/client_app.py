@@ -64,13 +64,13 @@ from medfed.client.site_data import (
     PARTITION_ID_KEY, SiteData, StudyMismatchError, derive_seed, load_site_data, plugin_refusal, site_role,
     study_group_count,
 )
-from medfed.client.site_state import RUN_KEY, load_site_state, save_site_state
+from medfed.client.site_state import RUN_KEY, ForeignSiteState, load_site_state, save_site_state
 from medfed.client.task import (
     TrainSettings, evaluate, image_batches, make_loader, make_loss, make_optimizer, prediction_metrics, prepare_model,
     round_learning_rate,
     scores_from_logits, seed_everything, select_device, train_epoch,
 )
-from medfed.config import ExperimentConfig, from_run_config
+from medfed.config import ExperimentConfig, from_run_config, study_fingerprint
 from medfed.data import ImageDataset, confusion, train_augmentation
 from medfed.data.pooled import score_histograms
 from medfed.errors import MedfedError
@@ -130,6 +130,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     settings = _train_settings(config, cfg)
     server_round = int(config["server-round"])
+    _check_round(server_round, cfg)
     if len(site.train) < settings.batch_size and site.name not in _WARNED_SMALL:
         _WARNED_SMALL.add(site.name)
         log(WARNING, "[%s] trains on %d image(s), fewer than one batch (%d): its updates and metrics are mostly "
@@ -137,7 +138,7 @@ def train(msg: Message, context: Context) -> Message:
             site.name, len(site.train), settings.batch_size)
     hooks = client_hooks_for(cfg.strategy.name)(config)
     run_key = str(config.get(RUN_KEY, ""))
-    kept = load_site_state(context, site.name, latest_round=server_round - 1, run_key=run_key)
+    kept = _kept_state(context, site.name, cfg, server_round - 1, run_key)
     model = _model(cfg, site, hooks, msg, kept, device)
     # Seeded after the model is built: building it draws from the RNG only in a fresh process.
     seed = derive_seed(cfg.seed, server_round, site.key)
@@ -164,7 +165,8 @@ def train(msg: Message, context: Context) -> Message:
         **hooks.reply_metrics(site.train.groups),
         **_metric_record(result, site.train, with_confusion=False, num_groups=study_group_count(cfg)),
     }
-    save_site_state(context, site.name, server_round, hooks.local_state(model), run_key=run_key)
+    save_site_state(context, site.name, server_round, hooks.local_state(model), run_key=run_key,
+                    study=study_fingerprint(cfg))
     return _reply(msg, site, start, metrics, to_wire(hooks.sent_arrays(model), cfg.federation.transfer_dtype))
 
 
@@ -177,7 +179,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     hooks = client_hooks_for(cfg.strategy.name)(config)
     server_round = int(config.get("server-round", 0))
-    kept = load_site_state(context, site.name, latest_round=server_round, run_key=str(config.get(RUN_KEY, "")))
+    _check_round(server_round, cfg)
+    kept = _kept_state(context, site.name, cfg, server_round, str(config.get(RUN_KEY, "")))
     model = _model(cfg, site, hooks, msg, kept, device)
     adapted = hooks.before_evaluation(model, kept, image_batches(site.train, _EVAL_BATCH), device)
     if adapted:
@@ -231,6 +234,25 @@ def _data_problem(context: Context, cfg: ExperimentConfig, name: str) -> str:
             name, type(error).__name__, error)
         return f"{type(error).__name__} reading the site's data; the site's log has the details"
     return ""
+
+
+def _check_round(server_round: int, cfg: ExperimentConfig) -> None:
+    """A round beyond the study's is no instruction of this study's server."""
+    if server_round > cfg.rounds:
+        raise SiteRefusal(f"round {server_round} is beyond the study's {cfg.rounds} rounds")
+
+
+def _kept_state(context: Context, name: str, cfg: ExperimentConfig, latest_round: int, run_key: str) -> dict:
+    """What the site kept for this study (:func:`load_site_state`); another study's is refused."""
+    try:
+        return load_site_state(context, name, latest_round=latest_round, run_key=run_key,
+                               study=study_fingerprint(cfg))
+    except ForeignSiteState as error:
+        log(ERROR, "[%s] %s; not read.", name, error)
+        raise SiteRefusal(
+            "the site keeps another study's state under this run key (a server reuses run keys only to resume "
+            "the same study): start the study afresh"
+        ) from None
 
 
 def _round_label(server_round: int, cfg: ExperimentConfig) -> str:

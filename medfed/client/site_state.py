@@ -24,6 +24,13 @@ server never completed. Evaluation may: a site that does not train round ``t`` a
 (not sampled, or failed) is evaluated with the killed run's round-``t`` file, which,
 with the run's fixed seeds, holds what training round ``t`` again would write. The
 newest three files per site are kept.
+
+Each file (and the in-memory copy) carries the study's fingerprint
+(:func:`medfed.config.study_fingerprint`: every setting but those a resume may change),
+and state is read only by the study that wrote it. The run key comes from the server:
+one that reused another study's key (say a Local-only study's, whose site models never
+left the sites) would otherwise make the site load that private state into the model it
+sends back. Such an instruction is refused (:class:`ForeignSiteState`).
 """
 
 from __future__ import annotations
@@ -34,12 +41,15 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from medfed._io import write_bytes_atomic
+from medfed.errors import MedfedError
 
 __all__ = [
-    "NODE_STATE_DIR_KEY", "RUN_KEY", "SITE_STATE_DIR_KEY", "load_site_state", "save_site_state", "site_state_dir",
+    "NODE_STATE_DIR_KEY", "RUN_KEY", "SITE_STATE_DIR_KEY", "ForeignSiteState", "load_site_state", "save_site_state",
+    "site_state_dir",
 ]
 
 NODE_STATE_DIR_KEY = "state-dir"
@@ -48,6 +58,13 @@ SITE_STATE_DIR_KEY = "site-state-dir"
 RUN_KEY = "run-key"
 _ARRAYS = "medfed-site-state"
 _ROUND = "medfed-site-state-round"
+#: The safetensors metadata key (and the in-memory ConfigRecord key) of the study's fingerprint.
+_STUDY = "medfed-study"
+
+
+class ForeignSiteState(MedfedError):
+    """The state kept under this run key was written by another study (or by a medfed
+    that did not record its study); it is not read."""
 _KEEP = 3
 _FILE = re.compile(r"round-(\d{6})\.safetensors")
 
@@ -67,7 +84,7 @@ def _safe(name: str, fallback: str) -> str:
 
 
 def load_site_state(
-    context: Context, site_name: str, *, latest_round: int, run_key: str = ""
+    context: Context, site_name: str, *, latest_round: int, run_key: str = "", study: str = ""
 ) -> dict[str, torch.Tensor]:
     """The newest state written in a round ``<= latest_round`` (``{}`` if none).
 
@@ -82,33 +99,54 @@ def load_site_state(
         evaluate it.
     run_key : str
         The run's key, as the server sent it (``""``: none, the folder of old runs).
+    study : str
+        The study's fingerprint (:func:`medfed.config.study_fingerprint`); state written
+        under another is not read.
+
+    Raises
+    ------
+    ForeignSiteState
+        The newest state was written by another study (the folder is named, for the
+        site's log; the server must be told less).
     """
     state = context.state
     if _ARRAYS in state.array_records and _ROUND in state.config_records:
-        if int(state.config_records[_ROUND]["round"]) <= latest_round:
+        kept = state.config_records[_ROUND]
+        if int(kept["round"]) <= latest_round:
+            if str(kept.get("study", "")) != study:
+                raise ForeignSiteState("this site's state in memory was written by another study")
             return state.array_records[_ARRAYS].to_torch_state_dict()
     folder = site_state_dir(context, site_name, run_key)
     if folder is None or not folder.is_dir():
         return {}
     rounds = sorted(r for r in _rounds_on_disk(folder) if r <= latest_round)
-    return load_file(str(folder / f"round-{rounds[-1]:06d}.safetensors")) if rounds else {}
+    if not rounds:
+        return {}
+    path = folder / f"round-{rounds[-1]:06d}.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        written_by = (handle.metadata() or {}).get(_STUDY, "")
+    if written_by != study:
+        raise ForeignSiteState(f"{path} was written by another study than this one (or by an older medfed)")
+    return load_file(str(path))
 
 
 def save_site_state(
-    context: Context, site_name: str, server_round: int, state: Mapping[str, torch.Tensor], *, run_key: str = ""
+    context: Context, site_name: str, server_round: int, state: Mapping[str, torch.Tensor], *, run_key: str = "",
+    study: str = "",
 ) -> None:
-    """Keep ``state`` as written in ``server_round`` of the run ``run_key`` (nothing happens when it is empty)."""
+    """Keep ``state`` as written in ``server_round`` of the run ``run_key`` by the study
+    ``study`` (its fingerprint); nothing happens when it is empty."""
     if not state:
         return
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     context.state[_ARRAYS] = ArrayRecord(tensors)
-    context.state[_ROUND] = ConfigRecord({"round": int(server_round)})
+    context.state[_ROUND] = ConfigRecord({"round": int(server_round), "study": study})
     folder = site_state_dir(context, site_name, run_key)
     if folder is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{server_round:06d}.safetensors"
-    write_bytes_atomic(path, save(tensors))
+    write_bytes_atomic(path, save(tensors, metadata={_STUDY: study}))
     for old in sorted(_rounds_on_disk(folder))[:-_KEEP]:
         (folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)
 

@@ -39,7 +39,9 @@ from flwr.serverapp.strategy import Strategy
 
 from medfed._io import check_output_folder
 from medfed.errors import MedfedError
-from medfed.config import ExperimentConfig, config_to_dict, load_config, save_config, with_absolute_paths
+from medfed.config import (
+    RESUME_MAY_CHANGE, ExperimentConfig, config_to_dict, load_config, save_config, with_absolute_paths,
+)
 from medfed.server.checkpoint import Checkpoint, load_checkpoint
 from medfed.server.held_out import NodeView, SiteRoster
 from medfed.server.delegating_strategy import DelegatingStrategy
@@ -58,11 +60,6 @@ __all__ = [
 # Count lists in evaluate replies that only serve pooled-test metrics.
 _POOLING_COUNTS = ("score-hist", "confusion-group-")
 
-# Keys that may differ between a run and its resumption: where the run lives, how many
-# rounds it runs (may only grow), how long a round waits for slow sites, and which engine or
-# Ray cluster runs the simulation (both engines give the same weights).
-_MAY_CHANGE = ("name", "output_dir", "rounds", "simulation.engine", "simulation.ray_address",
-               "federation.round_timeout_s")
 
 
 class ResumeError(MedfedError):
@@ -229,7 +226,7 @@ def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = 
         a, b = stored.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict) and dotted != "strategy.params":
             found += _differences(a, b, dotted + ".")
-        elif a != b and dotted not in _MAY_CHANGE:
+        elif a != b and dotted not in RESUME_MAY_CHANGE:
             found.append((dotted, a, b))
     return found
 
@@ -247,7 +244,7 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
     ResumeError
         A fresh run whose directory already holds a run; a resume without a stored
         config, with a config that differs from the stored one (other than the keys in
-        ``_MAY_CHANGE``) or with fewer rounds than already done.
+        ``RESUME_MAY_CHANGE``) or with fewer rounds than already done.
     """
     run_dir = Path(run_dir)
     check_output_folder(run_dir, "the run folder: output_dir and name, or --run-dir")

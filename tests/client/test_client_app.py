@@ -252,3 +252,32 @@ def test_the_sites_log_shows_the_round_of_the_study_and_marks_its_last(grid, glo
     assert [LAST_ROUND_MARK in line for line in lines] == [False, True]
     if message_type == MessageType.EVALUATE:
         assert "test acc" in lines[0] and lines[0].endswith("on 4 image(s)")
+
+
+def test_a_run_key_reused_by_another_study_does_not_read_the_sites_private_state(tiny_root, tiny_config, tmp_path,
+                                                                                 global_arrays):
+    # A Local-only study keeps each site's whole model at the site. A FedAvg study whose server
+    # sent the same run key made the site load that model and send it back, whole.
+    node = [{"data-path": str(tiny_root), "site-name": "alpha", "state-dir": str(tmp_path / "state")}]
+    local = tiny_config(tiny_root, tmp_path, strategy={"name": "local"}, rounds=4)
+    grid = LocalGrid(client_app, node, to_run_config(local))
+    (alpha,) = grid.get_node_ids()
+    for server_round in (1, 2):
+        _exchange(grid, _message(global_arrays, MessageType.TRAIN, node_id=alpha, **{"server-round": server_round,
+                                                                                     "run-key": "aaaa"}))
+    # Execute: another study, the same key, the same site (a new process: nothing in memory).
+    fedavg = tiny_config(tiny_root, tmp_path, rounds=4)
+    (reply,) = LocalGrid(client_app, node, to_run_config(fedavg)).send_and_receive(
+        [_message(global_arrays, MessageType.TRAIN, node_id=alpha, **{"server-round": 3, "run-key": "aaaa"})])
+    # Assert: refused, in words that name no folder.
+    assert reply.has_error() and "keeps another study's state under this run key" in reply.error.reason
+    assert str(tmp_path) not in reply.error.reason
+    # ... while the study itself, resumed with more rounds, reads its state on.
+    resumed = tiny_config(tiny_root, tmp_path, strategy={"name": "local"}, rounds=6)
+    _exchange(LocalGrid(client_app, node, to_run_config(resumed)),
+              _message(global_arrays, MessageType.TRAIN, node_id=alpha, **{"server-round": 3, "run-key": "aaaa"}))
+
+
+def test_a_round_beyond_the_studys_is_refused(grid, global_arrays):
+    (reply,) = grid.send_and_receive([_message(global_arrays, MessageType.TRAIN, **{"server-round": 3})])
+    assert reply.has_error() and "round 3 is beyond the study's 2 rounds" in reply.error.reason

@@ -101,3 +101,40 @@ def test_a_round_whose_state_write_fails_midway_leaves_no_file_and_the_previous_
     # Assert
     assert sorted(p.name for p in (tmp_path / "site-0").iterdir()) == ["round-000001.safetensors"]
     assert load_site_state(_context(tmp_path), "site-0", latest_round=2)["bn"].tolist() == [1.0]
+
+
+def test_state_is_read_only_by_the_study_that_wrote_it(tmp_path):
+    from medfed.client.site_state import ForeignSiteState
+
+    # Prepare: study "s1" keeps state under run key "k", on disk and in memory.
+    writer = _context(node_state_dir=tmp_path)
+    save_site_state(writer, "alpha", 1, {"bn": torch.tensor([1.0])}, run_key="k", study="s1")
+    # Execute / Assert: the same study reads it (a restarted process and the same one) ...
+    assert load_site_state(_context(node_state_dir=tmp_path), "alpha", latest_round=1, run_key="k",
+                           study="s1")["bn"].tolist() == [1.0]
+    assert load_site_state(writer, "alpha", latest_round=1, run_key="k", study="s1")["bn"].tolist() == [1.0]
+    # ... another study, sent the same run key, does not, from disk or from memory.
+    with pytest.raises(ForeignSiteState, match="round-000001.safetensors was written by another study"):
+        load_site_state(_context(node_state_dir=tmp_path), "alpha", latest_round=1, run_key="k", study="s2")
+    with pytest.raises(ForeignSiteState, match="in memory was written by another study"):
+        load_site_state(writer, "alpha", latest_round=1, run_key="k", study="s2")
+
+
+def test_a_studys_fingerprint_ignores_what_a_resume_may_change_only():
+    from medfed.config import config_from_dict, study_fingerprint
+
+    base = {"name": "a", "rounds": 5, "strategy": {"name": "fedbn"}}
+    same = [
+        {**base, "name": "b", "rounds": 9, "output_dir": "elsewhere"},
+        {**base, "simulation": {"engine": "ray"}, "federation": {"round_timeout_s": 60}},
+        {**base, "data": {"root": "../data"}},  # a path, as another working folder names it
+    ]
+    other = [
+        {**base, "strategy": {"name": "local"}},
+        {**base, "strategy": {"name": "fedbn", "params": {"unknown_but_kept": 1}}},
+        {**base, "seed": 1},
+        {**base, "model": {"name": "medvit_v2_tiny"}},
+    ]
+    fingerprint = study_fingerprint(config_from_dict(base))
+    assert all(study_fingerprint(config_from_dict(c)) == fingerprint for c in same)
+    assert all(study_fingerprint(config_from_dict(c)) != fingerprint for c in other)
