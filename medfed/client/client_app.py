@@ -75,7 +75,8 @@ from medfed.data import ImageDataset, confusion, train_augmentation
 from medfed.data.pooled import score_histograms
 from medfed.errors import MedfedError
 from medfed.strategies import ClientHooks, ModelSpec, client_hooks_for
-from medfed.strategies.hooks import GlobalModelMismatch
+from medfed.models.pretrained import PretrainedError
+from medfed.strategies.hooks import INIT_DIGEST_KEY, GlobalModelMismatch
 from medfed.strategies._groups import group_count_metrics
 from medfed.transfer import numpy_from_wire, to_wire
 
@@ -311,10 +312,17 @@ _MAX_MODELS = 2
 def _model(
     cfg: ExperimentConfig, site: SiteData, hooks: ClientHooks, msg: Message, kept: dict, device: torch.device
 ) -> torch.nn.Module:
-    spec = ModelSpec(cfg.model.name, site.info.num_classes, site.info.in_chans, cfg.data.img_size, cfg.model.init_from)
+    spec = ModelSpec(cfg.model.name, site.info.num_classes, site.info.in_chans, cfg.data.img_size, cfg.model.init_from,
+                     init_sha256=str(msg.content["config"].get(INIT_DIGEST_KEY, "")) or None)
     key = (type(hooks), hooks.model_key(), spec)
     if key not in _MODELS:
-        _MODELS[key] = hooks.build_model(spec)
+        try:
+            _MODELS[key] = hooks.build_model(spec)
+        except PretrainedError as error:
+            # One answer for every failure: which files exist at the site is not the server's to learn.
+            log(ERROR, "[%s] %s", site.name, error)
+            raise SiteRefusal("the study's pretrained model (model.init_from) is not at this site as the server has "
+                              "it; copy the server's file to the path the study names") from None
         while len(_MODELS) > _MAX_MODELS:
             _MODELS.popitem(last=False)
     model = _MODELS[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 
 from medfed.errors import MedfedError
 
-__all__ = ["PretrainedError", "load_pretrained", "resolve_checkpoint", "state_dict_misfit"]
+__all__ = ["PretrainedError", "checkpoint_digest", "load_pretrained", "resolve_checkpoint", "state_dict_misfit"]
 
 #: The model file of a run folder (``medfed.server.run_files.MODEL_FILE``; the models
 #: package does not import the federation's, see ARCHITECTURE.md).
@@ -36,7 +37,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
+def checkpoint_digest(path: str | Path) -> str:
+    """The SHA-256 (hex) of the ``model.safetensors`` that ``path`` names."""
+    digest = hashlib.sha256()
+    with open(resolve_checkpoint(path), "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_pretrained(model: nn.Module, path: str | Path, sha256: str | None = None) -> nn.Module:
     """Load every entry of ``model``'s state dict from the checkpoint at ``path``.
 
     Parameters
@@ -45,6 +55,9 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
         A freshly built model of the checkpoint's variant and sizes.
     path : str or Path
         A ``model.safetensors`` or a folder holding one.
+    sha256 : str, optional
+        The checkpoint's expected :func:`checkpoint_digest`: a site loads only the file
+        the server started from, never another file that happens to lie at that path.
 
     Returns
     -------
@@ -58,6 +71,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
         variant, class count or image size).
     """
     file = resolve_checkpoint(path)
+    if sha256 is not None and checkpoint_digest(file) != sha256:
+        raise PretrainedError(f"model.init_from: {file} is not the checkpoint the server started from (another SHA-256).")
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError) as error:

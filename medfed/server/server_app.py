@@ -39,6 +39,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.client.site_state import RUN_KEY
+from medfed.models.pretrained import checkpoint_digest
+from medfed.strategies.hooks import INIT_DIGEST_KEY
 from medfed.config import ExperimentConfig, config_to_dict, from_run_config
 from medfed.deploy.app_guard import check_run_config
 from medfed.data import dataset_info
@@ -177,7 +179,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         RoundOffsetStrategy(guarded, start.completed_rounds, recorder, roster, seed=cfg.seed).start(
             TransferGrid(RecordingGrid(grid, recorder, poll_interval_s=poll), cfg.federation.transfer_dtype), arrays,
             num_rounds=remaining, timeout=cfg.federation.round_timeout_s,
-            train_config=train_config(cfg, run_key), evaluate_config=ConfigRecord({RUN_KEY: run_key}),
+            train_config=train_config(cfg, run_key), evaluate_config=ConfigRecord(_instruction_keys(cfg, run_key)),
             evaluate_fn=end_of_round,
         )
     final = {k: v.astype(reference[k].dtype, copy=False) for k, v in numpy_arrays(arrays).items()}
@@ -286,12 +288,22 @@ def initial_model_arrays(cfg: ExperimentConfig, strategy: MedfedStrategy | None 
 
 def train_config(cfg: ExperimentConfig, run_key: str = "") -> ConfigRecord:
     """The local-training settings sent to the sites every round (strategies may add keys),
-    and the run's key, under which sites keep their local state (:mod:`medfed.client.site_state`)."""
+    and what every instruction carries (:func:`_instruction_keys`)."""
     t = cfg.train
     return ConfigRecord({
         "local-epochs": t.local_epochs, "batch-size": t.batch_size, "optimizer": t.optimizer,
-        "lr": t.lr, "weight-decay": t.weight_decay, "momentum": t.momentum, RUN_KEY: run_key,
+        "lr": t.lr, "weight-decay": t.weight_decay, "momentum": t.momentum, **_instruction_keys(cfg, run_key),
     })
+
+
+def _instruction_keys(cfg: ExperimentConfig, run_key: str) -> dict[str, str]:
+    """The run's key, under which sites keep their local state (:mod:`medfed.client.site_state`),
+    and with ``model.init_from`` its checkpoint's SHA-256: a site that loads the checkpoint
+    itself (FairLoRA's backbone) loads only that file, not whatever lies at that path."""
+    keys = {RUN_KEY: run_key}
+    if cfg.model.init_from is not None:
+        keys[INIT_DIGEST_KEY] = checkpoint_digest(cfg.model.init_from)
+    return keys
 
 
 def _run_key(records: list[dict[str, Any]]) -> str:

@@ -145,7 +145,7 @@ class FairLoRAHooks(ClientHooks):
                 "or 'medfed simulate' output (model.safetensors or its run folder)."
             )
         backbone = create_model(spec.name, num_classes=spec.num_classes, in_chans=spec.in_chans, img_size=spec.img_size)
-        load_pretrained(backbone, spec.init_from)
+        load_pretrained(backbone, spec.init_from, spec.init_sha256)
         return GroupLoRAModel(
             backbone, num_groups=self.num_groups, rank=self.rank, alpha=self.alpha, targets=self.targets,
             trainable=(_HEAD,), own_group_weight=self.own_group_weight,

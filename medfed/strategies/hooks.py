@@ -59,6 +59,10 @@ class GlobalModelMismatch(MedfedError):
         return cls(" ".join(str(error).split())[:400])
 
 
+#: The instruction config key of the SHA-256 of the server's ``model.init_from`` checkpoint.
+INIT_DIGEST_KEY = "init-from-sha256"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What a model is built from: registry name, sizes, and an optional checkpoint.
@@ -71,6 +75,9 @@ class ModelSpec:
         Outputs, input channels and input side in pixels.
     init_from : str or None
         ``model.init_from``: a ``model.safetensors`` file or a run folder holding one.
+    init_sha256 : str or None
+        At a site: the SHA-256 of the server's ``init_from`` checkpoint, which a site's
+        file must match (:func:`medfed.models.pretrained.load_pretrained`).
     """
 
     name: str
@@ -78,6 +85,7 @@ class ModelSpec:
     in_chans: int
     img_size: int
     init_from: str | None = None
+    init_sha256: str | None = None
 
 
 class ClientHooks:

@@ -281,3 +281,30 @@ def test_a_run_key_reused_by_another_study_does_not_read_the_sites_private_state
 def test_a_round_beyond_the_studys_is_refused(grid, global_arrays):
     (reply,) = grid.send_and_receive([_message(global_arrays, MessageType.TRAIN, **{"server-round": 3})])
     assert reply.has_error() and "round 3 is beyond the study's 2 rounds" in reply.error.reason
+
+
+def test_a_site_loads_only_the_pretrained_model_the_server_started_from(tiny_root, tiny_config, tmp_path,
+                                                                        global_arrays):
+    # model.init_from named any path on the site's machine (FairLoRA loads its backbone at
+    # the site): another file there, a site's private state say, was loaded in its place, and
+    # the error told the server which files exist.
+    from medfed.models.pretrained import checkpoint_digest
+    from medfed.server.checkpoint import save_arrays
+    from medfed.strategies.hooks import INIT_DIGEST_KEY
+
+    servers = tmp_path / "server.safetensors"
+    save_arrays(servers, global_arrays)
+    other = tmp_path / "other.safetensors"
+    save_arrays(other, {k: v + 1 if v.dtype.kind == "f" else v for k, v in global_arrays.items()})
+    refusals = []
+    for path in (other, tmp_path / "missing.safetensors"):
+        cfg = tiny_config(tiny_root, tmp_path, strategy={"name": "fairlora"},
+                          model={"name": "medvit_v2_nano", "init_from": str(path)})
+        grid = LocalGrid(client_app, [{"data-path": str(tiny_root), "site-name": "alpha"}], to_run_config(cfg))
+        message = _message(global_arrays, MessageType.EVALUATE, **{INIT_DIGEST_KEY: checkpoint_digest(servers)})
+        (reply,) = grid.send_and_receive([message])
+        refusals.append(reply.error.reason)
+    # Assert: both refused, in the same words, naming no file.
+    assert refusals[0] == refusals[1]
+    assert "the study's pretrained model (model.init_from) is not at this site as the server has it" in refusals[0]
+    assert str(tmp_path) not in refusals[0]
