@@ -347,6 +347,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-strategy", action="append", default=[], metavar="MODULE:CLASS",
                    help="run this plug-in strategy's code at the site if the study uses it (repeatable; default: "
                         "medfed's registered strategies only)")
+    p.add_argument("--no-pooled-test-metrics", dest="pooled_test_metrics", action="store_false",
+                   help="never send histograms of this site's test scores: a study that asks for them "
+                        "(federation.pooled_test_metrics) leaves the site out")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site key: a test on a closed network only")
     p.set_defaults(func=_run_client)
 
@@ -356,7 +359,7 @@ def _run_client(args: argparse.Namespace) -> None:
 
     run_client(server=args.server, site=args.site, data=args.data, certs=args.certs, insecure=args.insecure,
                device=args.device, max_wait_s=args.max_wait, state_dir=args.state_dir, held_out=args.held_out,
-               allowed_strategies=args.allow_strategy)
+               allowed_strategies=args.allow_strategy, pooled_test_metrics=args.pooled_test_metrics)
 
 
 def build_parser() -> argparse.ArgumentParser:

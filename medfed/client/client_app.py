@@ -61,7 +61,7 @@ from flwr.common.logger import log
 
 from medfed.client import LAST_ROUND_MARK
 from medfed.client.site_data import (
-    PARTITION_ID_KEY, SiteData, StudyMismatchError, derive_seed, load_site_data, plugin_refusal, site_role,
+    PARTITION_ID_KEY, SiteData, StudyMismatchError, derive_seed, load_site_data, policy_refusal, site_role,
     study_group_count,
 )
 from medfed.client.site_state import RUN_KEY, ForeignSiteState, load_site_state, save_site_state
@@ -216,7 +216,7 @@ def describe_site(msg: Message, context: Context) -> Message:
     site = ConfigRecord({"name": name, "held-out": held_out})
     question = msg.content.config_records.get("config", ConfigRecord()).get("question")
     if question == "site-check":
-        refusal = plugin_refusal(context.node_config, cfg)
+        refusal = policy_refusal(context.node_config, cfg)
         if refusal is not None:
             log(ERROR, "[%s] the server leaves this site out: %s", name, refusal)
         site["problem"] = refusal or _data_problem(context, cfg, name)
@@ -264,7 +264,7 @@ def _round_label(server_round: int, cfg: ExperimentConfig) -> str:
 def _setup(context: Context) -> tuple[ExperimentConfig, SiteData, torch.device]:
     # strict=False: a run config may carry server-only keys (run-dir, resume).
     cfg = from_run_config(context.run_config, strict=False)
-    refusal = plugin_refusal(context.node_config, cfg)
+    refusal = policy_refusal(context.node_config, cfg)
     if refusal is not None:  # before anything imports the strategy's module
         raise SiteRefusal(refusal)
     device = select_device(str(context.node_config.get("device", "")) or None)  # a deployed site may choose

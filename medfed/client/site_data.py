@@ -48,6 +48,9 @@ SITE_NAME_KEY = "site-name"
 #: Node config: the plug-in strategies (``package.module:Class``) a deployed site runs,
 #: separated by spaces (``medfed client --allow-strategy``).
 ALLOWED_STRATEGIES_KEY = "allowed-strategies"
+#: Node config: ``"false"`` when the site never sends its test scores' histograms
+#: (``medfed client --no-pooled-test-metrics``).
+POOLED_TEST_METRICS_KEY = "pooled-test-metrics"
 
 
 class SiteDataError(MedfedError):
@@ -135,22 +138,33 @@ def site_identity(node_config: Mapping[str, Any], node_id: int) -> tuple[str, in
     return f"node-{node_id}", int(node_id) % 2**32
 
 
-def plugin_refusal(node_config: Mapping[str, Any], cfg: ExperimentConfig) -> str | None:
-    """Why this site does not run the study's strategy, or None when it does.
+def policy_refusal(node_config: Mapping[str, Any], cfg: ExperimentConfig) -> str | None:
+    """Why this site's operator keeps it out of the study, or None when nothing does.
 
-    A plug-in strategy (an import path) runs its client half in the site's process, next
-    to its images, and chooses what its replies carry: a deployed site imports it only when
-    its operator named it (``medfed client --allow-strategy``). The registered strategies
-    are medfed's own; a simulated site runs on the researcher's machine and runs any.
+    What the coordinator's config asks of a deployed site that its operator may refuse
+    (``medfed client`` options; a simulated site runs on the researcher's machine and
+    refuses nothing):
+
+    - a plug-in strategy (an import path) runs its client half in the site's process,
+      next to its images, and chooses what its replies carry: the site imports it only
+      when its operator named it (``--allow-strategy``); medfed's registered strategies
+      need no permission;
+    - pooled test metrics send per-class histograms of the site's test scores, which for a
+      small test split tell each image's label and score to within a bin: a site started
+      with ``--no-pooled-test-metrics`` does not take part in a study that asks for them.
+
     The answer names no file, and may reach the server.
     """
+    if not str(node_config.get(DATA_PATH_KEY, "")).strip():
+        return None
     name = cfg.strategy.name
-    if ":" not in name or not str(node_config.get(DATA_PATH_KEY, "")).strip():
-        return None
-    if name in str(node_config.get(ALLOWED_STRATEGIES_KEY, "")).split():
-        return None
-    return (f"the study uses the plug-in strategy {name!r}, whose code this site does not run unless its "
-            f"operator allows it ('medfed client --allow-strategy {name}')")
+    if ":" in name and name not in str(node_config.get(ALLOWED_STRATEGIES_KEY, "")).split():
+        return (f"the study uses the plug-in strategy {name!r}, whose code this site does not run unless its "
+                f"operator allows it ('medfed client --allow-strategy {name}')")
+    if cfg.federation.pooled_test_metrics and str(node_config.get(POOLED_TEST_METRICS_KEY, "")).lower() == "false":
+        return ("the study asks for histograms of the sites' test scores (federation.pooled_test_metrics), which "
+                "this site's operator does not send; set federation.pooled_test_metrics: false")
+    return None
 
 
 def site_role(node_config: Mapping[str, Any], node_id: int, cfg: ExperimentConfig) -> tuple[str, bool]:

@@ -120,7 +120,7 @@ def _check_site_folder(folder: Path) -> dict[str, int]:
 def run_client(
     *, server: str, site: str, data: str | Path, certs: str | Path | None, insecure: bool = False,
     device: str | None = None, max_wait_s: float | None = None, state_dir: str | Path | None = None,
-    held_out: bool = False, allowed_strategies: Sequence[str] = (), out=None,
+    held_out: bool = False, allowed_strategies: Sequence[str] = (), pooled_test_metrics: bool = True, out=None,
 ) -> None:
     """Validate the site's data, then run its SuperNode until Ctrl-C (or SIGTERM).
 
@@ -156,8 +156,11 @@ def run_client(
     allowed_strategies : sequence of str
         Plug-in strategies (``package.module:Class``) whose client half this site runs; a
         study with another plug-in leaves the site out at its start, with that reason
-        (:func:`medfed.client.site_data.plugin_refusal`). medfed's registered strategies
+        (:func:`medfed.client.site_data.policy_refusal`). medfed's registered strategies
         always run.
+    pooled_test_metrics : bool
+        False: the site never sends histograms of its test scores, and a study that asks
+        for them (``federation.pooled_test_metrics``) leaves it out at its start.
     out : file, optional
         Where progress lines go (default stdout).
 
@@ -166,7 +169,7 @@ def run_client(
     medfed.errors.MedfedError
         Bad data, certificates or address; a SuperNode the server refused.
     """
-    from medfed.client.site_data import ALLOWED_STRATEGIES_KEY, HELD_OUT_KEY
+    from medfed.client.site_data import ALLOWED_STRATEGIES_KEY, HELD_OUT_KEY, POOLED_TEST_METRICS_KEY
 
     out = out or sys.stdout
     validate_site_name(site)
@@ -181,6 +184,8 @@ def run_client(
         node_config += f' {HELD_OUT_KEY}="true"'
     if allowed_strategies:
         node_config += f' {ALLOWED_STRATEGIES_KEY}="{_quoted(" ".join(_strategy_paths(allowed_strategies)))}"'
+    if not pooled_test_metrics:
+        node_config += f' {POOLED_TEST_METRICS_KEY}="false"'
     if device:
         from medfed.client.task import select_device
 
@@ -203,8 +208,9 @@ def run_client(
         ca_cert = files.ca_cert
     role = "; held out: it evaluates the global model and never trains" if held_out else ""
     plugins = f"; it runs the plug-in strategies {', '.join(allowed_strategies)}" if allowed_strategies else ""
-    _say(out, f"medfed client: site {site}: data {data_path} ({summary}){role}{plugins}; connecting to {address}"
-              f"{' (INSECURE)' if insecure else ' with TLS'}")
+    scores = "; it never sends histograms of its test scores" if not pooled_test_metrics else ""
+    _say(out, f"medfed client: site {site}: data {data_path} ({summary}){role}{plugins}{scores}; connecting to "
+              f"{address}{' (INSECURE)' if insecure else ' with TLS'}")
     # The SuperNode's SuperExec starts one ClientApp process per message; it looks for work
     # every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower: 1 s) in the SuperNode's
     # in-memory state, so polling often costs next to nothing.

@@ -305,7 +305,7 @@ def test_a_state_folder_the_site_cannot_write_is_refused_before_connecting(site,
 def test_a_held_out_site_and_its_allowed_plugins_reach_the_clientapp_through_the_node_config(site, monkeypatch):
     from flwr.common.config import parse_config_args
 
-    from medfed.client.site_data import plugin_refusal, site_role
+    from medfed.client.site_data import policy_refusal, site_role
     from medfed.config import config_from_dict
 
     monkeypatch.setattr(supernode, "MAX_CRASHES", 0)
@@ -317,7 +317,7 @@ def test_a_held_out_site_and_its_allowed_plugins_reach_the_clientapp_through_the
     node_config = parse_config_args([line[line.index("site-name="):line.index(" --host")]])
     cfg = config_from_dict({"strategy": {"name": "mypkg.heads:LocalHead"}})
     assert site_role(node_config, 7, cfg) == ("a", True)
-    assert plugin_refusal(node_config, cfg) is None
+    assert policy_refusal(node_config, cfg) is None
 
 
 @pytest.mark.parametrize("path", ["fedavg", "mypkg.heads", "mypkg heads:X", ":X", "a:b:c"])
@@ -332,9 +332,15 @@ def test_the_client_command_passes_held_out_and_allowed_plugins_on(site, monkeyp
     seen = {}
     monkeypatch.setattr(supernode, "_keep_running", lambda command, *rest: seen.update(command=command))
     argv = ["client", "--site", "a", "--data", str(site / "data"), "--certs", str(site / "certs" / "sites" / "a"),
-            "--server", "127.0.0.1:9", "--held-out", "--allow-strategy", "mypkg.heads:LocalHead"]
+            "--server", "127.0.0.1:9", "--held-out", "--allow-strategy", "mypkg.heads:LocalHead",
+            "--no-pooled-test-metrics"]
     assert main(argv) == 0
     node_config = seen["command"][seen["command"].index("--node-config") + 1]
     assert 'held-out="true"' in node_config and 'allowed-strategies="mypkg.heads:LocalHead"' in node_config
+    assert 'pooled-test-metrics="false"' in node_config
     assert "held out: it evaluates the global model and never trains; it runs the plug-in strategies " \
-           "mypkg.heads:LocalHead" in capsys.readouterr().out
+           "mypkg.heads:LocalHead; it never sends histograms of its test scores" in capsys.readouterr().out
+    # Without the options, none of the three.
+    assert main(argv[:9]) == 0
+    assert "held-out" not in seen["command"][seen["command"].index("--node-config") + 1]
+    assert "pooled-test-metrics" not in seen["command"][seen["command"].index("--node-config") + 1]

@@ -251,10 +251,24 @@ def test_a_deployed_site_runs_a_plugin_strategy_only_when_its_operator_allows_it
 
 
 def test_simulated_sites_and_registered_strategies_need_no_permission(tiny_root, tiny_config, tmp_path):
-    from medfed.client.site_data import plugin_refusal
+    from medfed.client.site_data import policy_refusal
 
     plugin = tiny_config(tiny_root, tmp_path, strategy={"name": "medfed_probe_plugin:Plugin"})
-    assert plugin_refusal({"partition-id": 0, "num-partitions": 3}, plugin) is None
-    assert plugin_refusal({"data-path": str(tiny_root)}, tiny_config(tiny_root, tmp_path)) is None  # FedAvg
-    assert plugin_refusal({"data-path": str(tiny_root), "allowed-strategies": "medfed_probe_plugin:Plugin2"},
+    assert policy_refusal({"partition-id": 0, "num-partitions": 3}, plugin) is None
+    assert policy_refusal({"data-path": str(tiny_root)}, tiny_config(tiny_root, tmp_path)) is None  # FedAvg
+    assert policy_refusal({"data-path": str(tiny_root), "allowed-strategies": "medfed_probe_plugin:Plugin2"},
                           plugin) is not None  # another plug-in's name is no permission
+
+
+def test_a_site_that_keeps_its_test_scores_is_left_out_of_a_study_that_pools_them(tiny_root, tiny_config, tmp_path):
+    # The coordinator alone decided whether a site's score histograms leave it.
+    nodes = [{"data-path": str(tiny_root), "site-name": "alpha"},
+             {"data-path": str(tiny_root), "site-name": "beta", "pooled-test-metrics": "false"}]
+    for pooled, left_out in ((True, ["beta"]), (False, [])):
+        cfg = tiny_config(tiny_root, tmp_path, federation={"num_sites": 2, "pooled_test_metrics": pooled})
+        roster = SiteRoster(LocalGrid(client_app, nodes, to_run_config(cfg)), check_data=True)
+        roster.discover(0, 60.0)
+        assert [role.name for role in roster.left_out.values()] == left_out
+        if left_out:
+            (role,) = roster.left_out.values()
+            assert "which this site's operator does not send; set federation.pooled_test_metrics: false" in role.problem
