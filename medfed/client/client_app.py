@@ -250,6 +250,11 @@ def _kept_state(context: Context, name: str, cfg: ExperimentConfig, latest_round
                                study=study_fingerprint(cfg))
     except ForeignSiteState as error:
         log(ERROR, "[%s] %s; not read.", name, error)
+        if error.legacy:
+            raise SiteRefusal(
+                "the site's state for this run was written by an older medfed, which did not record its study, so "
+                "it is not read: a run begun with that version cannot be resumed; start it afresh"
+            ) from None
         raise SiteRefusal(
             "the site keeps another study's state under this run key (a server reuses run keys only to resume "
             "the same study): start the study afresh"

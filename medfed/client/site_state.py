@@ -63,8 +63,12 @@ _STUDY = "medfed-study"
 
 
 class ForeignSiteState(MedfedError):
-    """The state kept under this run key was written by another study (or by a medfed
-    that did not record its study); it is not read."""
+    """The state kept under this run key was written by another study, or (``legacy``) by
+    a medfed that did not record its study; it is not read."""
+
+    def __init__(self, message: str, *, legacy: bool = False) -> None:
+        super().__init__(message)
+        self.legacy = legacy
 _KEEP = 3
 _FILE = re.compile(r"round-(\d{6})\.safetensors")
 
@@ -125,8 +129,10 @@ def load_site_state(
     path = folder / f"round-{rounds[-1]:06d}.safetensors"
     with safe_open(str(path), framework="pt") as handle:
         written_by = (handle.metadata() or {}).get(_STUDY, "")
+    if written_by != study and not written_by:
+        raise ForeignSiteState(f"{path} was written by an older medfed, which did not record its study", legacy=True)
     if written_by != study:
-        raise ForeignSiteState(f"{path} was written by another study than this one (or by an older medfed)")
+        raise ForeignSiteState(f"{path} was written by another study than this one")
     return load_file(str(path))
 
 

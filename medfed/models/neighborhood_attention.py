@@ -170,7 +170,8 @@ def neighborhood_indices(
     length : int
         Number of positions on the axis; ``kernel_size * dilation <= length``.
     kernel_size : int
-        Odd window size (keys per query on this axis).
+        Odd window size (keys per query on this axis), or ``length`` (even or odd) for a
+        window covering the axis.
     dilation : int, default 1
         Step between the keys of a window.
     device : torch.device or str, optional
@@ -184,7 +185,8 @@ def neighborhood_indices(
     """
     caller = "neighborhood_indices"
     _check_positive_int(length, "length", caller)
-    _check_positive_int(kernel_size, "kernel_size", caller, odd=True)
+    # An even kernel only as the whole axis (``kernel_size == length``, dilation 1), as in neighborhood_attention.
+    _check_positive_int(kernel_size, "kernel_size", caller, odd=(kernel_size, dilation) != (length, 1))
     _check_positive_int(dilation, "dilation", caller)
     if kernel_size * dilation > length:
         raise ValueError(

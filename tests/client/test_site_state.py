@@ -118,6 +118,11 @@ def test_state_is_read_only_by_the_study_that_wrote_it(tmp_path):
         load_site_state(_context(node_state_dir=tmp_path), "alpha", latest_round=1, run_key="k", study="s2")
     with pytest.raises(ForeignSiteState, match="in memory was written by another study"):
         load_site_state(writer, "alpha", latest_round=1, run_key="k", study="s2")
+    # State from a medfed that recorded no study is not read by a study either, and says why.
+    save_site_state(_context(node_state_dir=tmp_path), "alpha", 1, {"bn": torch.tensor([1.0])}, run_key="old")
+    with pytest.raises(ForeignSiteState, match="written by an older medfed") as caught:
+        load_site_state(_context(node_state_dir=tmp_path), "alpha", latest_round=1, run_key="old", study="s1")
+    assert caught.value.legacy
 
 
 def test_a_studys_fingerprint_ignores_what_a_resume_may_change_only():

@@ -564,6 +564,12 @@ def test_clamp_window_rejects_bad_arguments(args, match):
         clamp_window(*args)
 
 
+def test_an_even_kernel_is_only_the_whole_axis():
+    assert neighborhood_indices(2, 2).tolist() == [[0, 1], [0, 1]]
+    with pytest.raises(ValueError, match="'kernel_size' parameter of neighborhood_indices must be an odd int"):
+        neighborhood_indices(4, 2)
+
+
 def test_indices_reject_window_larger_than_axis():
     with pytest.raises(ValueError, match=r"kernel_size \* dilation <= length. Got 3 \* 3 > 8"):
         neighborhood_indices(8, 3, 3)
