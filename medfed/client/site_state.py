@@ -60,6 +60,8 @@ _ARRAYS = "medfed-site-state"
 _ROUND = "medfed-site-state-round"
 #: The safetensors metadata key (and the in-memory ConfigRecord key) of the study's fingerprint.
 _STUDY = "medfed-study"
+_KEEP = 3
+_FILE = re.compile(r"round-(\d{6})\.safetensors")
 
 
 class ForeignSiteState(MedfedError):
@@ -69,8 +71,6 @@ class ForeignSiteState(MedfedError):
     def __init__(self, message: str, *, legacy: bool = False) -> None:
         super().__init__(message)
         self.legacy = legacy
-_KEEP = 3
-_FILE = re.compile(r"round-(\d{6})\.safetensors")
 
 
 def site_state_dir(context: Context, site_name: str, run_key: str = "") -> Path | None:
@@ -129,9 +129,10 @@ def load_site_state(
     path = folder / f"round-{rounds[-1]:06d}.safetensors"
     with safe_open(str(path), framework="pt") as handle:
         written_by = (handle.metadata() or {}).get(_STUDY, "")
-    if written_by != study and not written_by:
-        raise ForeignSiteState(f"{path} was written by an older medfed, which did not record its study", legacy=True)
     if written_by != study:
+        if not written_by:
+            raise ForeignSiteState(f"{path} was written by an older medfed, which did not record its study",
+                                   legacy=True)
         raise ForeignSiteState(f"{path} was written by another study than this one")
     return load_file(str(path))
 

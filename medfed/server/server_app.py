@@ -131,6 +131,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
               "federation.fraction_evaluate is 0: they take no part in this run", flush=True)
     earlier = read_metrics(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []  # earlier starts
     run_key = _run_key(earlier)
+    instruction = _instruction_keys(cfg, run_key)
     log.write({"event": "start", "time": _now(), "resumed_from_round": start.completed_rounds,
                "num_rounds": cfg.rounds, "run_key": run_key, **_site_facts(cfg, held_out_names)})
     # By site name: a site restarted (insecure) or resumed comes back as another node.
@@ -179,7 +180,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         RoundOffsetStrategy(guarded, start.completed_rounds, recorder, roster, seed=cfg.seed).start(
             TransferGrid(RecordingGrid(grid, recorder, poll_interval_s=poll), cfg.federation.transfer_dtype), arrays,
             num_rounds=remaining, timeout=cfg.federation.round_timeout_s,
-            train_config=train_config(cfg, run_key), evaluate_config=ConfigRecord(_instruction_keys(cfg, run_key)),
+            train_config=train_config(cfg, instruction), evaluate_config=ConfigRecord(instruction),
             evaluate_fn=end_of_round,
         )
     final = {k: v.astype(reference[k].dtype, copy=False) for k, v in numpy_arrays(arrays).items()}
@@ -286,13 +287,13 @@ def initial_model_arrays(cfg: ExperimentConfig, strategy: MedfedStrategy | None 
     return {k: v.detach().cpu().numpy().copy() for k, v in hooks.initial_arrays(spec).items()}
 
 
-def train_config(cfg: ExperimentConfig, run_key: str = "") -> ConfigRecord:
+def train_config(cfg: ExperimentConfig, instruction: dict[str, str] | None = None) -> ConfigRecord:
     """The local-training settings sent to the sites every round (strategies may add keys),
-    and what every instruction carries (:func:`_instruction_keys`)."""
+    and what every instruction carries (:func:`_instruction_keys`; without it, an empty run key)."""
     t = cfg.train
     return ConfigRecord({
         "local-epochs": t.local_epochs, "batch-size": t.batch_size, "optimizer": t.optimizer,
-        "lr": t.lr, "weight-decay": t.weight_decay, "momentum": t.momentum, **_instruction_keys(cfg, run_key),
+        "lr": t.lr, "weight-decay": t.weight_decay, "momentum": t.momentum, **(instruction or {RUN_KEY: ""}),
     })
 
 
