@@ -1,8 +1,8 @@
 """One ``medfed simulate`` run, timed, with its final-round test metrics, as JSON.
 
 The README's federated figures come from here: the run's wall time from the call to its
-end (start-up included), the last round's test metrics (mean over sites and on the pooled
-test set), the bytes exchanged over the whole run (``bytes_sent + bytes_received`` of the
+end (start-up included), the last round's test metrics (example-weighted mean over sites,
+and on the pooled test set), the bytes exchanged over the whole run (``bytes_sent + bytes_received`` of the
 round records), and the machine, with its load average before and after (the times mean
 little on a loaded machine; the metrics do not depend on it).
 

@@ -138,8 +138,8 @@ def train(msg: Message, context: Context) -> Message:
             "noise (a small federation.dirichlet_alpha, or a quantity skew, can leave a site this small).",
             site.name, len(site.train), settings.batch_size)
     hooks = client_hooks_for(cfg.strategy.name)(config)
-    run_key = str(config.get(RUN_KEY, ""))
-    kept = _kept_state(context, site.name, cfg, server_round - 1, run_key)
+    run_key, study = str(config.get(RUN_KEY, "")), study_fingerprint(cfg)
+    kept = _kept_state(context, site.name, study, server_round - 1, run_key)
     model = _model(cfg, site, hooks, msg, kept, device)
     # Seeded after the model is built: building it draws from the RNG only in a fresh process.
     seed = derive_seed(cfg.seed, server_round, site.key)
@@ -166,8 +166,7 @@ def train(msg: Message, context: Context) -> Message:
         **hooks.reply_metrics(site.train.groups),
         **_metric_record(result, site.train, with_confusion=False, num_groups=study_group_count(cfg)),
     }
-    save_site_state(context, site.name, server_round, hooks.local_state(model), run_key=run_key,
-                    study=study_fingerprint(cfg))
+    save_site_state(context, site.name, server_round, hooks.local_state(model), run_key=run_key, study=study)
     return _reply(msg, site, start, metrics, to_wire(hooks.sent_arrays(model), cfg.federation.transfer_dtype))
 
 
@@ -181,7 +180,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     hooks = client_hooks_for(cfg.strategy.name)(config)
     server_round = int(config.get("server-round", 0))
     _check_round(server_round, cfg)
-    kept = _kept_state(context, site.name, cfg, server_round, str(config.get(RUN_KEY, "")))
+    kept = _kept_state(context, site.name, study_fingerprint(cfg), server_round, str(config.get(RUN_KEY, "")))
     model = _model(cfg, site, hooks, msg, kept, device)
     adapted = hooks.before_evaluation(model, kept, image_batches(site.train, _EVAL_BATCH), device)
     if adapted:
@@ -243,11 +242,10 @@ def _check_round(server_round: int, cfg: ExperimentConfig) -> None:
         raise SiteRefusal(f"round {server_round} is beyond the study's {cfg.rounds} rounds")
 
 
-def _kept_state(context: Context, name: str, cfg: ExperimentConfig, latest_round: int, run_key: str) -> dict:
-    """What the site kept for this study (:func:`load_site_state`); another study's is refused."""
+def _kept_state(context: Context, name: str, study: str, latest_round: int, run_key: str) -> dict:
+    """What the site kept for the study ``study`` (:func:`load_site_state`); another study's is refused."""
     try:
-        return load_site_state(context, name, latest_round=latest_round, run_key=run_key,
-                               study=study_fingerprint(cfg))
+        return load_site_state(context, name, latest_round=latest_round, run_key=run_key, study=study)
     except ForeignSiteState as error:
         log(ERROR, "[%s] %s; not read.", name, error)
         if error.legacy:

@@ -148,11 +148,7 @@ Pair = tuple[int, int]
 def _per_axis(value: object, name: str, caller: str) -> Pair:
     """``value`` (one int for both axes, or ``(rows, columns)``) as a pair of ints >= 1."""
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2:
-        raise ValueError(
-            f"The {name!r} parameter of {caller} must be an int or a pair (rows, columns). Got {value!r} instead."
-        )
-    if not all(isinstance(one, int) and not isinstance(one, bool) and one >= 1 for one in pair):
+    if len(pair) != 2 or not all(isinstance(one, int) and not isinstance(one, bool) and one >= 1 for one in pair):
         raise ValueError(
             f"The {name!r} parameter of {caller} must be an int >= 1, or one per axis (rows, columns), each an "
             f"int >= 1. Got {value!r} instead."
