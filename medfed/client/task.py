@@ -286,7 +286,10 @@ def train_epoch(
     channels_last: bool = False,
     forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean training loss.
+    """One pass over ``loader``; returns ``{"loss": mean training loss}``.
+
+    The loss returned is ``loss_fn``'s alone, per image: a strategy's extra term is
+    optimised but not counted, so that training losses compare across strategies.
 
     Args:
         extra_loss: Optional ``f(logits, targets) -> scalar`` added to the loss;
@@ -306,9 +309,8 @@ def train_epoch(
         targets = _targets(labels, task).to(device)
         with _autocast(device, precision):
             logits = model(images) if forward is None else forward(model, images, _groups)
-            loss = loss_fn(logits.float(), targets)
-            if extra_loss is not None:
-                loss = loss + extra_loss(logits.float(), targets)
+            task_loss = loss_fn(logits.float(), targets)
+            loss = task_loss if extra_loss is None else task_loss + extra_loss(logits.float(), targets)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"Training loss became {loss.item()}: lower the learning rate (now "
@@ -319,7 +321,7 @@ def train_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total += loss.item() * len(images)
+        total += task_loss.item() * len(images)
         count += len(images)
         if on_batch is not None:
             on_batch(logits.detach().float(), labels, _groups)

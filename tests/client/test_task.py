@@ -123,3 +123,24 @@ def test_select_device_takes_a_present_gpu_and_refuses_a_missing_index(monkeypat
     assert select_device("cuda") == torch.device("cuda") and select_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(DeviceError, match=r"'cuda:2' is not on this machine: use one it has \(cpu, cuda:0, cuda:1\)"):
         select_device("cuda:2")
+
+
+def test_training_loss_reported_is_the_task_loss_without_the_strategy_term():
+    # FedProx's and FedLD's terms are optimised, not reported: losses then compare across strategies.
+    from medfed.client.task import train_epoch
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 1, 0])
+    loader = [(images, labels, torch.zeros(6, dtype=torch.long))]
+    reported = []
+    for extra in (None, lambda logits, _targets: logits.sum() * 0 + 7.0):
+        model = nn.Linear(3, 2)
+        torch.nn.init.constant_(model.weight, 0.1)
+        torch.nn.init.zeros_(model.bias)
+        expected = float(nn.CrossEntropyLoss()(model(images), labels))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        fit = train_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, task="multi-class",
+                          device=torch.device("cpu"), extra_loss=extra)
+        reported.append(fit["loss"])
+        assert math.isclose(fit["loss"], expected, rel_tol=1e-6)
+    assert reported[0] == reported[1]
