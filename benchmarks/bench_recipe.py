@@ -25,6 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,16 +70,18 @@ def run(dataset: str, root: str, seed: int, extra: dict, track_test: bool, epoch
     s = {**DATASETS[dataset], **({"epochs": epochs} if epochs else {})}
     settings = TrainSettings(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], weight_decay=0.05)
     per_epoch_test = []
-    on_epoch = None
+    on_epoch: Callable[[int, torch.nn.Module], None] | None = None
     if track_test:
         test = load_medmnist(dataset, root, size=28)["test"]
         loader = make_loader(test, 256, shuffle=False)
         loss = make_loss(test.info.task)
 
-        def on_epoch(epoch: int, model: torch.nn.Module) -> None:
+        def on_test_epoch(epoch: int, model: torch.nn.Module) -> None:
             mirror = extra.get("hflip_p", default_hflip_p(dataset)) > 0  # as train_pooled predicts
             m = evaluate(model, loader, loss, task=test.info.task, device=torch.device("cpu"), mirror=mirror)
             per_epoch_test.append({"epoch": epoch, "acc": m["acc"], "auc": m["auc"]})
+
+        on_epoch = on_test_epoch
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -147,7 +150,7 @@ def main() -> None:
             print(f"{r['dataset']:15} {r['variant_name']:20} {r['seed']:4d}  {cells}")
         print()
     if not ablation:
-        print(f"| dataset | test ACC | test AUC | ResNet-18 (28) ACC / AUC | MedViTV2-T (224) ACC | seeds |")
+        print("| dataset | test ACC | test AUC | ResNet-18 (28) ACC / AUC | MedViTV2-T (224) ACC | seeds |")
         print("|---|---|---|---|---|---|")
         for dataset in args.datasets:
             rs = [r for r in rows if r["dataset"] == dataset]

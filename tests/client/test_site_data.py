@@ -231,7 +231,7 @@ def test_patient_groups_outside_the_studys_are_refused(tiny_root, tiny_config, t
     # Prepare: a site folder whose 'group' column holds 0, 1 and 2 (and -1, unknown).
     from dataclasses import replace
 
-    from medfed.config import FederationConfig, StrategyConfig
+    from medfed.config import StrategyConfig
 
     folder = tmp_path / "ward-7"
     folder.mkdir()
