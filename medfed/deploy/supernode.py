@@ -56,7 +56,7 @@ def check_site_data(path: str | Path) -> str:
         One line naming the problem (missing folder, unreadable image, bad label...).
     """
     from medfed.client.site_data import SiteDataError
-    from medfed.data.medmnist_files import medmnist_file_parts
+    from medfed.data.medmnist_files import parse_medmnist_filename
     from medfed.data.site_folder import is_site_folder
 
     folder = Path(path).expanduser()
@@ -64,7 +64,9 @@ def check_site_data(path: str | Path) -> str:
         raise SiteDataError(f"--data {folder} is a file; give the site's data folder (the folder that holds it).")
     if not folder.is_dir():
         raise SiteDataError(f"The site data folder {folder} does not exist (--data).")
-    npz_files = sorted(p for p in folder.glob("*.npz") if medmnist_file_parts(p.name))
+    # Only the official files of MedMNIST 2D datasets, as the ClientApp (site_data) reads
+    # them: another .npz next to labels.csv (a site's own features) is not data for medfed.
+    npz_files = sorted(p for p in folder.glob("*.npz") if parse_medmnist_filename(p.name))
     if npz_files:  # the study decides which file a site trains on: each is checked and counted
         held = {path.name: _check_medmnist_file(path) for path in npz_files}
     elif is_site_folder(folder):
@@ -91,11 +93,9 @@ def check_site_data(path: str | Path) -> str:
 
 def _check_medmnist_file(path: Path) -> dict[str, int]:
     from medfed.data import DatasetSizeWarning, load_medmnist
-    from medfed.data.medmnist_files import medmnist_file_parts
-    from medfed.data.info import dataset_info
+    from medfed.data.medmnist_files import parse_medmnist_filename
 
-    flag, size = medmnist_file_parts(path.name)
-    dataset_info(flag)  # an unknown flag is a one-line error
+    flag, size = parse_medmnist_filename(path.name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DatasetSizeWarning)  # a site holds a share, not the release
         splits = load_medmnist(flag, path.parent, size, download=False)

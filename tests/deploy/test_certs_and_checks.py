@@ -266,6 +266,9 @@ def test_site_data_check_accepts_an_image_folder(tmp_path):
         rows.append(f"images/{i}.png,{i % 2},{split}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     assert check_site_data(tmp_path) == "train 2, test 1 images"
+    # A .npz of the hospital's own next to labels.csv is not a MedMNIST file (it stopped the client).
+    np.savez(tmp_path / "features.npz", embeddings=np.zeros((3, 4)))
+    assert check_site_data(tmp_path) == "train 2, test 1 images"
 
 
 @pytest.mark.parametrize("setup, match", [
