@@ -59,7 +59,7 @@ class DatasetSizeWarning(MedfedWarning):
     """
 
 
-class LowBitDepthWarning(UserWarning):
+class LowBitDepthWarning(MedfedWarning):
     """A site's 16-bit images use only a small part of 0..65535 (12-bit data saved as 16-bit).
 
     medfed maps 0..65535 onto 0..255, so such images become nearly black.
