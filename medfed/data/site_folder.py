@@ -15,23 +15,27 @@ belongs to ``train``). Labels are integer class indices;
 for the multi-label task a label is a list of 0/1 values separated by spaces or ``;``
 (e.g. ``0;1;0``). Only the splits present are returned.
 
-Images are read with Pillow. If every image is grayscale they are kept as 1 channel,
-otherwise all are converted to RGB (grayscale replicated); alpha is dropped; 16-bit
-grayscale is scaled to 8 bits (value / 257), with a :class:`LowBitDepthWarning` when
-no image of the site exceeds 4095 (12-bit data saved as 16-bit would be nearly black).
-All images must then have the same size.
+Images are read with Pillow and turned upright by their EXIF orientation (as image
+viewers show them). If every image is grayscale they are kept as 1 channel, otherwise
+all are converted to RGB (grayscale replicated); alpha is dropped; 16-bit grayscale is
+scaled to 8 bits (value / 257), with a :class:`LowBitDepthWarning` when no image of the
+site exceeds 4095 (12-bit data saved as 16-bit would be nearly black). Where grayscale
+images are asked for, an RGB file whose three channels are equal (a gray X-ray that a
+converter saved as RGB or JPEG) counts as grayscale. All images must then have the same
+size.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dataset import UNKNOWN_GROUP, ImageDataset
 from .errors import ColourImagesError, DatasetNotFoundError, DatasetValidationError, LabelRangeError, LowBitDepthWarning
@@ -48,6 +52,12 @@ _GRAY_MODES = {"1", "L", "LA", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 # Missing files are listed up to this many in one message.
 _MAX_LISTED = 5
+#: Most classes inferred from a site's labels: MedMNIST's largest 2D set has 11, and a
+#: larger label is more likely a patient id or a date in the wrong column, whose value
+#: would otherwise size the model's head.
+_MAX_INFERRED_CLASSES = 1000
+# A label or group cell: ASCII digits only (int() also takes "1_0", "+1" and other scripts' digits).
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -191,9 +201,12 @@ def _parse_csv(csv_path: Path, task: str, split: str | None) -> tuple[list[_Row]
         reader = csv.DictReader(handle)
         header = [name.strip().lower() for name in (reader.fieldnames or [])]
         if "filename" not in header or "label" not in header:
+            semicolons = len(header) == 1 and ";" in header[0]
+            hint = (" It looks separated by ';' (Excel in some languages): save it with ',' between cells."
+                    if semicolons else "")
             raise DatasetValidationError(
                 f"{csv_path} must start with a header row holding 'filename' and 'label' (optionally 'group'"
-                f"{', split' if split is None else ''}). Got {reader.fieldnames} instead."
+                f"{', split' if split is None else ''}). Got {reader.fieldnames} instead.{hint}"
             )
         if split is not None and "split" in header:
             raise DatasetValidationError(
@@ -204,13 +217,19 @@ def _parse_csv(csv_path: Path, task: str, split: str | None) -> tuple[list[_Row]
         rows: list[_Row] = []
         for record in reader:
             where = f"{csv_path} line {reader.line_num}"
+            extra = [cell for cell in record.get(None, []) if cell.strip()]  # csv's cells beyond the header
+            if extra:
+                raise DatasetValidationError(
+                    f"{where}: {len(header) + len(record[None])} cells where the header has {len(header)} "
+                    f"(extra: {extra[0]!r}); put a filename holding ',' in double quotes."
+                )
             record = {key: (value or "").strip() for key, value in record.items() if key is not None}
             filename = record["filename"]
             if not filename:
                 raise DatasetValidationError(f"{where}: the filename is empty.")
             rows.append(_Row(
                 split=_parse_split(record.get("split", ""), where) if split is None else split,
-                image_path=csv_path.parent / filename,
+                image_path=_image_path(csv_path.parent, filename),
                 label=_parse_label(record["label"], task, where),
                 group=_parse_group(record.get("group", ""), where) if has_groups else UNKNOWN_GROUP,
                 where=where,
@@ -218,6 +237,17 @@ def _parse_csv(csv_path: Path, task: str, split: str | None) -> tuple[list[_Row]
     if not rows:
         raise DatasetValidationError(f"{csv_path} lists no images; expected at least one row after the header.")
     return rows, has_groups
+
+
+def _image_path(folder: Path, filename: str) -> Path:
+    """``folder / filename``; a Windows path (``images\\a.png``, as Excel or pandas on
+    Windows write it) is read with ``/`` where only that spelling names a file."""
+    path = folder / filename
+    if "\\" in filename and not path.exists():
+        posix = folder / filename.replace("\\", "/")
+        if posix.exists():
+            return posix
+    return path
 
 
 def _read_text(csv_path: Path) -> str:
@@ -254,13 +284,12 @@ def _parse_label(value: str, task: str, where: str) -> tuple[int, ...]:
                 detail="labels that are not 0/1 values",
             )
         return tuple(int(part) for part in parts)
-    try:
-        label = int(value)
-    except ValueError:
+    if not _INTEGER.fullmatch(value):
         raise LabelRangeError(
             f"{where}: label must be an integer class index ({task}). Got {value!r} instead.",
             detail="labels that are not class indices",
-        ) from None
+        )
+    label = int(value)
     if label < 0:
         raise DatasetValidationError(f"{where}: label must be >= 0. Got {label} instead.")
     return (label,)
@@ -269,10 +298,7 @@ def _parse_label(value: str, task: str, where: str) -> tuple[int, ...]:
 def _parse_group(value: str, where: str) -> int:
     if value == "":
         return UNKNOWN_GROUP
-    try:
-        group = int(value)
-    except ValueError:
-        group = None
+    group = int(value) if _INTEGER.fullmatch(value) else None
     if group is None or group < UNKNOWN_GROUP:
         raise DatasetValidationError(
             f"{where}: group must be an integer id >= 0 (or empty / -1 for unknown). Got {value!r} instead."
@@ -300,6 +326,13 @@ def _resolve_num_classes(rows: list[_Row], task: str, num_classes: int | None, r
     if task == BINARY_CLASS and num_classes not in (None, 2):
         raise ValueError(f"A binary-class site folder has 2 classes, but num_classes={num_classes} was given.")
     largest = max(rows, key=lambda row: row.label[0])
+    if num_classes is None and largest.label[0] >= _MAX_INFERRED_CLASSES:
+        raise LabelRangeError(
+            f"{largest.where}: label {largest.label[0]} is not a plausible class index (labels are 0, 1, ... "
+            f"one per class; medfed infers at most {_MAX_INFERRED_CLASSES} classes); check that column "
+            "(a patient id or a date?).",
+            detail=f"a label above {_MAX_INFERRED_CLASSES - 1}",
+        )
     if num_classes is None:
         num_classes = 2 if task == BINARY_CLASS else max(2, largest.label[0] + 1)
     if largest.label[0] >= num_classes:
@@ -325,6 +358,9 @@ def _read_images(rows: list[_Row], root: Path, grayscale: bool = False) -> tuple
     read = [_read_image(row.image_path) for row in rows]
     images = [image for image, _ in read]
     _warn_low_bit_depth([peak for _, peak in read if peak is not None], root)
+    if grayscale:  # an RGB file of a gray image (equal channels) is a grayscale image
+        images = [image[..., :1] if image.shape[2] == 3 and (image == image[..., :1]).all() else image
+                  for image in images]
     colour = [row for row, image in zip(rows, images) if image.shape[2] == 3]
     if grayscale and colour:
         listed = ", ".join(str(row.image_path) for row in colour[:_MAX_LISTED])
@@ -371,6 +407,7 @@ def _read_image(image_path: Path) -> tuple[np.ndarray, int | None]:
     try:
         with Image.open(image_path) as image:
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # upright, as viewers show it
             mode = image.mode
             if mode in _SIXTEEN_BIT_MODES:
                 values = np.asarray(image, dtype=np.int64)

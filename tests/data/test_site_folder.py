@@ -162,6 +162,14 @@ def _one_image_site(root: Path, csv_lines: list[str]) -> None:
         (["filename,label"], {}, ["lists no images"]),
         (["filename,label", "a.png,0 1", "b.png,1 0 1"], {"task": "multi-label"}, ["line 3", "2 values", "Got 3"]),
         (["filename,label", "a.png,0;2"], {"task": "multi-label"}, ["0/1 values", "'0;2'"]),
+        # int() reads "1_0" as 10 and "+1" as 1: a label is ASCII digits only.
+        (["filename,label", "a.png,1_0"], {}, ["line 2", "integer", "'1_0'"]),
+        (["filename,label,group", "a.png,0,1_0"], {}, ["line 2", "group must be an integer", "'1_0'"]),
+        # A patient id in the label column: refused at once (it sized a 10^7-class head: 2 GB).
+        (["filename,label", "a.png,0", "b.png,99999999999"], {}, ["line 3", "99999999999", "not a plausible class"]),
+        # A cell beyond the header's (an unquoted comma in a name) was dropped without a word.
+        (["filename,label", "a.png,0,7"], {}, ["line 2", "3 cells where the header has 2", "'7'"]),
+        (["filename;label", "a.png;0"], {}, ["'filename' and 'label'", "separated by ';'"]),
     ],
 )
 def test_csv_errors_name_line_and_value(tmp_path, lines, kwargs, fragments):
@@ -300,3 +308,50 @@ def test_two_names_linked_to_one_stored_image_are_two_entries(tmp_path):
     _write_csv(tmp_path / "labels.csv", ["filename,label", "images/p1.png,0", "images/p2.png,0", "images/other.png,1"])
     # Execute / Assert
     assert len(load_site_folder(tmp_path)["train"]) == 3
+
+
+def test_a_trailing_comma_after_every_cell_is_not_an_extra_cell(tmp_path):
+    _one_image_site(tmp_path, ["filename,label", "a.png,0,", "b.png,1,"])
+    assert load_site_folder(tmp_path)["train"].labels.tolist() == [0, 1]
+
+
+def test_a_windows_path_in_the_csv_finds_the_image(tmp_path):
+    # Excel or pandas on Windows write images\a.png; on Linux that is a file name with a backslash.
+    _write_png(tmp_path / "images" / "a.png", _gray(0))
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "images\\a.png,1"])
+    train = load_site_folder(tmp_path)["train"]
+    assert train.images[0, ..., 0].tolist() == _gray(0).tolist()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_gray_image_saved_as_rgb_is_grayscale_where_grayscale_is_asked_for(tmp_path, suffix):
+    # DICOM converters often write gray X-rays as RGB PNG or JPEG: R = G = B, not "in colour".
+    gray = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))  # smooth: JPEG keeps R = G = B
+    Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB").save(tmp_path / f"a{suffix}")
+    _write_png(tmp_path / "b.png", np.stack([gray, gray, 255 - gray], axis=-1))  # a colour image
+    _write_csv(tmp_path / "labels.csv", ["filename,label", f"a{suffix},0"])
+    train = load_site_folder(tmp_path, in_chans=1)["train"]
+    assert train.info.in_chans == 1 and train.images.shape == (1, 16, 16, 1)
+    if suffix == ".png":
+        assert train.images[0, ..., 0].tolist() == gray.tolist()
+    # A colour image is still refused, and a colour study still gets three channels.
+    _write_csv(tmp_path / "labels.csv", ["filename,label", f"a{suffix},0", "b.png,1"])
+    with pytest.raises(DatasetValidationError, match="1 of 2 images are in colour"):
+        load_site_folder(tmp_path, in_chans=1)
+    assert load_site_folder(tmp_path)["train"].images.shape == (2, 16, 16, 3)
+
+
+def test_an_image_is_turned_upright_by_its_exif_orientation(tmp_path):
+    # Prepare: stored pixels with a white band on top; EXIF orientation 6 (rotate 90 degrees
+    # clockwise to view) puts it on the right, where the radiologist saw it.
+    stored = np.zeros((8, 12), np.uint8)
+    stored[:2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "a.png", exif=exif)
+    _write_csv(tmp_path / "labels.csv", ["filename,label", "a.png,0"])
+    # Execute
+    image = load_site_folder(tmp_path)["train"].images[0, ..., 0]
+    # Assert: 12 wide x 8 high becomes 8 wide x 12 high, the band on the right
+    assert image.shape == (12, 8)
+    assert (image[:, -2:] == 255).all() and (image[:, :-2] == 0).all()
