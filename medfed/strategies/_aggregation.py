@@ -4,10 +4,80 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
-from flwr.app import MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-__all__ = ["nan_aware_weighted_mean", "aggregate_metrics_ignoring_nan"]
+# Not re-exported by flwr.serverapp.strategy; FedAvg's own weighted mean (flwr is pinned to 1.42.0).
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+__all__ = [
+    "RUNNING_STATISTICS",
+    "aggregate_metrics_ignoring_nan",
+    "is_parameter",
+    "mean_of_statistics",
+    "nan_aware_weighted_mean",
+]
+
+#: State-dict suffixes of BatchNorm's running statistics: estimates of the features' mean
+#: and variance, not weights (averaged, never stepped by a server optimiser).
+RUNNING_STATISTICS = (".running_mean", ".running_var")
+
+
+def is_parameter(name: str, dtype: Any) -> bool:
+    """Whether an array is a trainable parameter: floating point and no BatchNorm running statistic.
+
+    The others are BatchNorm's running mean and variance and integer or bool arrays
+    (BatchNorm's ``num_batches_tracked`` counters).
+
+    >>> is_parameter("bn.weight", "float32"), is_parameter("bn.running_var", "float32")
+    (True, False)
+    >>> is_parameter("bn.num_batches_tracked", np.int64)
+    False
+    """
+    return np.issubdtype(np.dtype(dtype), np.floating) and not name.endswith(RUNNING_STATISTICS)
+
+
+def mean_of_statistics(contents: Sequence[RecordDict], weighted_by_key: str | None) -> dict[str, np.ndarray]:
+    """Mean over the replies of every array that is no parameter (:func:`is_parameter`).
+
+    Parameters
+    ----------
+    contents : Sequence[RecordDict]
+        Checked replies, each with one ArrayRecord and one MetricRecord.
+    weighted_by_key : str or None
+        Weight each reply by this metric (its example count), exactly as FedAvg does
+        (Flower's ``aggregate_arrayrecords``); None: the plain mean, computed in float64.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        Name -> mean, for the names of the first reply's ArrayRecord that are running
+        statistics or integer/bool arrays; integer means are not rounded (floating
+        point, as FedAvg leaves them). ``{}`` without replies or such arrays.
+    """
+    records = [next(iter(content.array_records.values())) for content in contents]
+    if not records:
+        return {}
+    names = [name for name, array in records[0].items() if not is_parameter(name, array.dtype)]
+    if not names:
+        return {}
+    if weighted_by_key is None:
+        return {
+            name: np.mean(np.stack([record[name].numpy() for record in records]), axis=0, dtype=np.float64)
+            for name in names
+        }
+    subsets = [
+        RecordDict({
+            "arrays": ArrayRecord({name: record[name] for name in names}),
+            "metrics": MetricRecord(
+                {weighted_by_key: next(iter(content.metric_records.values()))[weighted_by_key]}
+            ),
+        })
+        for content, record in zip(contents, records, strict=True)
+    ]
+    return {name: array.numpy() for name, array in aggregate_arrayrecords(subsets, weighted_by_key).items()}
 
 
 def nan_aware_weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:

@@ -13,6 +13,13 @@ alike (the registry wraps Flower's own classes and users' classes with it too):
   before ``aggregate_evaluate`` the same way.
 * **Norm clipping** (``ReplyPolicy.clip_update_norm``): each kept update
   ``w_i - w_global`` is scaled down to that norm before aggregation.
+* **BatchNorm statistics.** Where the strategy's server step is not a plain mean
+  (Flower's FedAdam, FedYogi, FedAdagrad, FedAvgM with server momentum or learning
+  rate, FedLD), BatchNorm's running means and variances and integer arrays (its
+  ``num_batches_tracked`` counters) take the mean of the kept replies instead
+  (:attr:`MedfedStrategy.statistics_mean`): a server optimiser would step them as
+  weights, drive a running variance below zero (NaN at evaluation) and never move a
+  counter.
 * **Partial updates.** Sites of some strategies send only part of the model (FedBN
   keeps BatchNorm at home, FairLoRA sends adapters and head): the aggregate is merged
   into the previous global arrays, so the global ArrayRecord stays complete.
@@ -38,9 +45,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategy
+
+# Not re-exported by flwr.serverapp.strategy: the base of FedAdam, FedYogi, FedAdagrad.
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from medfed.transfer import numpy_arrays
 
+from ._aggregation import mean_of_statistics
 from ._groups import equity_scaled_metrics
 from ._validation import (
     clip_update,
@@ -102,6 +114,18 @@ class MedfedStrategy:
     global_arrays : ArrayRecord or None
         The arrays of the round being trained (set by ``configure_train``): the
         reference of update norms, clipping and partial updates.
+    statistics_mean : {"examples", "sites"} or None
+        How BatchNorm's running statistics and the integer/bool arrays (counters) of
+        the new global model are computed, in place of the strategy's own value for
+        them: ``"examples"``, the example-weighted mean of the kept replies (FedAvg's
+        rule, the same arithmetic); ``"sites"``, their plain mean. Where the strategy
+        keeps its own copy of the current arrays (``current_arrays``: FedOpt's dict,
+        FedAvgM's ArrayRecord), that copy holds these means as well, before the step
+        (the server optimiser then sees no update of them, and its moments stay zero
+        there) and after it. None (the default): ``"examples"`` for Flower's server
+        optimisers (FedAdam, FedYogi, FedAdagrad; FedAvgM with a server momentum or
+        learning rate), the strategy's own aggregation for every other strategy (FedAvg,
+        FedMedian, FedTrimmedAvg... keep their running statistics valid themselves).
     """
 
     client_hooks: ClassVar[type[ClientHooks]] = ClientHooks
@@ -110,6 +134,7 @@ class MedfedStrategy:
     dropped_replies: Mapping[int, str] = MappingProxyType({})
     model_kept: str | None = None
     global_arrays: ArrayRecord | None = None
+    statistics_mean: ClassVar[str | None] = None
 
     @classmethod
     def sends_partial_replies(cls) -> bool:
@@ -182,8 +207,12 @@ class MedfedStrategy:
         kept = [msg for msg in replies if id(msg) not in dropped_messages]
         self._clip(kept)
         before = strategy_state(self)
+        statistics = self._mean_of_statistics(kept)
+        self._put_into_current_arrays(statistics)
         arrays, metrics = self.aggregate_valid_replies(server_round, kept)
-        arrays = self._complete(arrays)
+        arrays = self._complete(_replaced(arrays, statistics))
+        if arrays is not None:
+            self._put_into_current_arrays({name: arrays[name].numpy() for name in statistics if name in arrays})
         # Finite replies can still overflow an aggregation (FedLD's Gram matrix, a sum near
         # float32's limit) or the state a strategy carries to the next round (FedAdam's
         # second moment, FedAvgM's momentum): a NaN model would end the study, an inf moment
@@ -267,6 +296,41 @@ class MedfedStrategy:
             clipped = clip_update(_arrays_of(msg), reference, max_norm)
             msg.content[name] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in clipped.items()})
 
+    def _statistics_rule(self) -> str | None:
+        if self.statistics_mean is not None:
+            return self.statistics_mean
+        if isinstance(self, FedOpt):
+            return "examples"
+        if isinstance(self, flwr_strategy.FedAvgM) and self.server_opt:
+            return "examples"
+        return None
+
+    def _mean_of_statistics(self, kept: list[Message]) -> dict[str, np.ndarray]:
+        """The running statistics' and counters' means over ``kept`` (``statistics_mean``)."""
+        rule = self._statistics_rule()
+        if rule is None:
+            return {}
+        if rule not in ("examples", "sites"):
+            raise ValueError(f"{type(self).__name__}.statistics_mean must be 'examples', 'sites' or None. "
+                             f"Got {rule!r} instead.")
+        weighted_by_key = getattr(self, "weighted_by_key", "num-examples") if rule == "examples" else None
+        return mean_of_statistics([msg.content for msg in kept if not msg.has_error()], weighted_by_key)
+
+    def _put_into_current_arrays(self, values: Mapping[str, np.ndarray]) -> None:
+        """Give the server optimiser's copy of the current arrays (FedOpt's dict, FedAvgM's
+        ArrayRecord) ``values``, in a new container: FedAvgM's may be the round's global
+        ArrayRecord itself."""
+        current = getattr(self, "current_arrays", None)
+        if not values or current is None:
+            return
+        if isinstance(current, ArrayRecord):
+            self.current_arrays = ArrayRecord({
+                name: Array(np.asarray(values[name], order="C")) if name in values else array
+                for name, array in current.items()
+            })
+        elif isinstance(current, dict):
+            self.current_arrays = {name: values.get(name, array) for name, array in current.items()}
+
     def _complete(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """Arrays the sites did not send keep their previous global value; the others keep
         its dtype (Flower's mean turns BatchNorm's int64 counters into float64, and the
@@ -277,6 +341,20 @@ class MedfedStrategy:
         for name, previous in self.global_arrays.items():
             merged[name] = _in_dtype(arrays[name], previous.dtype) if name in arrays else previous
         return merged
+
+
+def _replaced(arrays: ArrayRecord | None, values: Mapping[str, np.ndarray]) -> ArrayRecord | None:
+    """``arrays`` with the entries of ``values`` put in (added where ``arrays`` lacks them)."""
+    if arrays is None or not values:
+        return arrays
+    replaced = ArrayRecord({
+        name: Array(np.asarray(values[name], order="C")) if name in values else array
+        for name, array in arrays.items()
+    })
+    for name, value in values.items():
+        if name not in replaced:
+            replaced[name] = Array(np.asarray(value, order="C"))
+    return replaced
 
 
 def _in_dtype(array: Array, dtype: str) -> Array:
