@@ -10,11 +10,12 @@ authors trained with batches of 50, medfed's default is 32.
 Server half: per floating-point state tensor, the updates ``Delta_i = w_i - w_global``
 are combined by :func:`principal_gradient_aggregate` (round 1: their plain mean), which
 keeps the principal directions the sites agree on. BatchNorm's running statistics
-take the plain mean of the sites' values: they are estimates, not descent directions,
-and the principal-gradient step can push a running variance below zero (NaN at
-evaluation; the authors' code steps them too). Integer tensors (BatchNorm counters) take
-the rounded mean. As in the authors' code the sites are not weighted by their sample
-counts. Where medfed departs from the authors' code: it keeps at least one principal
+take the plain mean of the sites' values (``statistics_mean = "sites"``, applied by
+:class:`~medfed.strategies.base.MedfedStrategy`): they are estimates, not descent
+directions, and the principal-gradient step can push a running variance below zero (NaN
+at evaluation; the authors' code steps them too). Integer tensors (BatchNorm counters)
+take the rounded mean. As in the authors' code the sites are not weighted by their
+sample counts. Where medfed departs from the authors' code: it keeps at least one principal
 direction and takes a lone site's update as it is (theirs keeps ``floor(m * 0.8)``
 directions, none for one site, whose update is then zero), and an update orthogonal to
 a kept direction adds nothing along it (theirs divides 0 by 0: NaN).
@@ -36,6 +37,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr_strategy
 from torch import nn
 
+from ._aggregation import is_parameter
 from .base import MedfedStrategy
 from .hooks import ClientHooks, ExtraLoss
 from .registry import check_number, register_strategy
@@ -43,8 +45,6 @@ from .registry import check_number, register_strategy
 __all__ = ["FedLD", "FedLDHooks", "margin_loss", "principal_gradient_aggregate"]
 
 MARGIN_KEY = "fedld-margin-lambda"
-#: State-dict suffixes of BatchNorm's running statistics (averaged, never stepped).
-RUNNING_STATISTICS = (".running_mean", ".running_var")
 
 
 def margin_loss(logits: torch.Tensor, margin_lambda: float) -> torch.Tensor:
@@ -196,6 +196,8 @@ class FedLD(MedfedStrategy, flwr_strategy.FedAvg):
     """
 
     client_hooks = FedLDHooks
+    #: Running statistics and counters: the plain mean over the sites, as in the authors' code.
+    statistics_mean = "sites"
 
     def __init__(self, *, margin_lambda: float = 0.03, k_proportion: float = 0.8, **kwargs: Any) -> None:
         # 1e400 in YAML is inf: the margin term would make every loss inf.
@@ -211,24 +213,21 @@ class FedLD(MedfedStrategy, flwr_strategy.FedAvg):
     def aggregate_valid_replies(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Principal-gradient step per float parameter, plain mean of running statistics and counters."""
+        """Principal-gradient step per parameter; the running statistics and counters are
+        left out here and get the plain mean in ``aggregate_train`` (``statistics_mean``)."""
         contents = self._answered_contents(replies)
         if not contents:
             return None, None
         records = [next(iter(c.array_records.values())) for c in contents]
         result = ArrayRecord()
-        for name in records[0]:
-            values = [record[name].numpy() for record in records]
-            if name.endswith(RUNNING_STATISTICS):
-                new = np.mean(np.stack(values), axis=0, dtype=np.float64).astype(values[0].dtype)
-            elif np.issubdtype(values[0].dtype, np.floating):
-                previous = self.global_arrays[name].numpy()
-                step = principal_gradient_aggregate(
-                    [v - previous for v in values], self.k_proportion, first_round=server_round == 1
-                )
-                new = previous + step
-            else:
-                new = np.rint(np.mean(np.stack(values).astype(np.float64), axis=0)).astype(values[0].dtype)
-            result[name] = Array(np.asarray(new, order="C"))
+        for name, array in records[0].items():
+            if not is_parameter(name, array.dtype):
+                continue
+            previous = self.global_arrays[name].numpy()
+            step = principal_gradient_aggregate(
+                [record[name].numpy() - previous for record in records], self.k_proportion,
+                first_round=server_round == 1,
+            )
+            result[name] = Array(np.asarray(previous + step, order="C"))
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return result, metrics
