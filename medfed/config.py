@@ -458,11 +458,13 @@ class StrategyConfig(_Validated):
         strategy sends those to the sites. A plain dict: ``frozen`` is shallow, do
         not mutate it.
     max_update_norm_z : float or None
-        Drop a training reply whose update norm lies more than this many robust
+        Drop a training reply whose update norm (over the parameters, not
+        BatchNorm's running statistics or counters) lies more than this many robust
         standard deviations above the round's median (>= 3 replies); null (default):
         off, since with few sites of unequal size it drops honest large sites.
     clip_update_norm : float or None
-        Scale every site's update down to at most this L2 norm; null: off.
+        Scale every site's update of the parameters down to at most this L2 norm
+        (BatchNorm's running statistics and counters pass unclipped); null: off.
     """
 
     _prefix: ClassVar[str] = "strategy."

@@ -18,6 +18,8 @@ from flwr.app import ArrayRecord, RecordDict
 
 from medfed.transfer import numpy_arrays
 
+from ._aggregation import is_parameter
+
 __all__ = [
     "array_layout",
     "clip_update",
@@ -311,7 +313,13 @@ def _is_finite_number(value: object) -> bool:
 
 
 def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of ``arrays - reference`` over the float arrays both hold.
+    """L2 norm of ``arrays - reference`` over the parameters both hold.
+
+    BatchNorm's running statistics do not count: they follow the site's image
+    intensities (another scanner), move far more than the weights, and would make
+    clipping shrink the weight update and the outlier check drop the heterogeneous
+    sites. Integer arrays (BatchNorm counters) do not count either
+    (:func:`~medfed.strategies._aggregation.is_parameter`).
 
     Parameters
     ----------
@@ -323,13 +331,13 @@ def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
     Returns
     -------
     float
-        ``sqrt(sum_k ||arrays[k] - reference[k]||^2)``, computed in float64; integer
-        arrays (BatchNorm counters) do not count.
+        ``sqrt(sum_k ||arrays[k] - reference[k]||^2)`` over the parameters ``k``,
+        computed in float64.
     """
     total = 0.0
     for name, array in arrays.items():
         array = np.asarray(array)
-        if name not in reference or not np.issubdtype(array.dtype, np.floating):
+        if name not in reference or not is_parameter(name, array.dtype):
             continue
         delta = array.astype(np.float64) - np.asarray(reference[name], dtype=np.float64)
         total += float(np.dot(delta.ravel(), delta.ravel()))
@@ -390,7 +398,10 @@ def find_norm_outliers(norms: Sequence[float], max_z: float) -> dict[int, str]:
 def clip_update(
     arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], max_norm: float
 ) -> dict[str, np.ndarray]:
-    """Scale ``arrays - reference`` down to norm ``max_norm`` (norm clipping).
+    """Scale the parameters' update ``arrays - reference`` down to norm ``max_norm`` (norm clipping).
+
+    Only the parameters are measured (:func:`update_norm`) and scaled; BatchNorm's
+    running statistics and integer arrays pass through unchanged.
 
     Parameters
     ----------
@@ -402,9 +413,16 @@ def clip_update(
     Returns
     -------
     dict[str, np.ndarray]
-        ``reference + delta * min(1, max_norm / ||delta||)`` for float arrays the
+        ``reference + delta * min(1, max_norm / ||delta||)`` for the parameters the
         reference holds, in their dtype; other arrays unchanged. ``arrays`` itself
         (same objects) when the update is already short enough.
+
+    Examples
+    --------
+    >>> clipped = clip_update({"w": np.full(2, 4.0), "bn.running_var": np.full(2, 9.0)},
+    ...                       {"w": np.zeros(2), "bn.running_var": np.ones(2)}, max_norm=np.sqrt(2))
+    >>> clipped["w"], clipped["bn.running_var"]
+    (array([1., 1.]), array([9., 9.]))
     """
     norm = update_norm(arrays, reference)
     if norm <= max_norm:
@@ -413,7 +431,7 @@ def clip_update(
     clipped = {}
     for name, array in arrays.items():
         array = np.asarray(array)
-        if name in reference and np.issubdtype(array.dtype, np.floating):
+        if name in reference and is_parameter(name, array.dtype):
             base = np.asarray(reference[name], dtype=np.float64)
             array = (base + (array.astype(np.float64) - base) * factor).astype(array.dtype)
         clipped[name] = array

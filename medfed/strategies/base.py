@@ -11,8 +11,11 @@ alike (the registry wraps Flower's own classes and users' classes with it too):
   with a WARNING; :attr:`MedfedStrategy.dropped_replies` tells the server which.
   Evaluation replies whose metrics cannot be averaged with the others' are dropped
   before ``aggregate_evaluate`` the same way.
-* **Norm clipping** (``ReplyPolicy.clip_update_norm``): each kept update
-  ``w_i - w_global`` is scaled down to that norm before aggregation.
+* **Norm clipping** (``ReplyPolicy.clip_update_norm``): each kept update of the
+  parameters ``w_i - w_global`` is scaled down to that norm before aggregation.
+  Update norms, for clipping and the outlier check, run over the parameters only:
+  BatchNorm's running statistics (which follow a site's image intensities and move far
+  more than the weights) and integer counters neither count nor get clipped.
 * **BatchNorm statistics.** Where the strategy's server step is not a plain mean
   (Flower's FedAdam, FedYogi, FedAdagrad, FedAvgM with server momentum or learning
   rate, FedLD), BatchNorm's running means and variances and integer arrays (its
@@ -74,7 +77,8 @@ class ReplyPolicy:
     Attributes
     ----------
     max_update_norm_z : float or None
-        Drop a reply whose update norm ``||w_i - w_global||`` lies more than this many
+        Drop a reply whose update norm ``||w_i - w_global||`` (over the parameters,
+        not BatchNorm's running statistics or counters) lies more than this many
         robust standard deviations above the median of the round's replies
         (:func:`~medfed.strategies._validation.find_norm_outliers`; needs >= 3
         replies). None (the default) turns the check off: a site with more data takes
@@ -82,8 +86,9 @@ class ReplyPolicy:
         (it dropped 11 honest site-rounds in 10 of the 36 runs of
         ``benchmarks/bench_strategies.py``).
     clip_update_norm : float or None
-        Scale every update down to at most this L2 norm before aggregation. None
-        turns clipping off.
+        Scale every update of the parameters down to at most this L2 norm before
+        aggregation; BatchNorm's running statistics and counters are neither counted
+        nor scaled. None turns clipping off.
     """
 
     max_update_norm_z: float | None = None

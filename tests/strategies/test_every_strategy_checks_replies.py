@@ -273,3 +273,37 @@ def test_norm_helpers_match_hand_computations():
     # MAD of 0 (most sites identical) still flags the one far off.
     assert find_norm_outliers([1.0, 1.0, 1.01, 1.02, 1.3], max_z=6) == {}
     assert list(find_norm_outliers([1.0, 1.0, 1.0, 1000.0], max_z=6)) == [3]
+
+
+def test_clipping_measures_and_scales_the_parameters_not_the_batchnorm_statistics():
+    # The weights moved 0.5 per entry (norm 1), the running variance 10 (another scanner's
+    # intensities): counted in, the norm would be 20 and the weight update shrunk to 0.075.
+    reference = {"w": np.zeros(4, np.float32), "bn.running_var": np.ones(4, np.float32)}
+    arrays = {"w": np.full(4, 0.5, np.float32), "bn.running_var": np.full(4, 11.0, np.float32)}
+    assert update_norm(arrays, reference) == pytest.approx(1.0)
+    clipped = clip_update(arrays, reference, max_norm=1.5)
+    np.testing.assert_array_equal(clipped["w"], arrays["w"])
+    np.testing.assert_array_equal(clipped["bn.running_var"], arrays["bn.running_var"])
+    # Clipped below the weights' norm, the weights shrink and the statistics pass through unclipped.
+    clipped = clip_update(arrays, reference, max_norm=0.5)
+    np.testing.assert_allclose(clipped["w"], np.full(4, 0.25))
+    np.testing.assert_array_equal(clipped["bn.running_var"], arrays["bn.running_var"])
+
+
+def test_a_site_whose_running_variance_differs_is_no_norm_outlier(make_reply):
+    # Four sites with the same weight update; the fourth's images have other intensity
+    # statistics (another scanner): its running variance is 11, the others' 1.1.
+    reference = {"w": np.zeros(2, np.float32), "bn.running_mean": np.zeros(2, np.float32),
+                 "bn.running_var": np.ones(2, np.float32), "bn.num_batches_tracked": np.array(0, np.int64)}
+    sites = [{"w": np.full(2, 0.3, np.float32), "bn.running_mean": np.full(2, 0.1 if i < 3 else 5.0, np.float32),
+              "bn.running_var": np.full(2, 1.1 if i < 3 else 11.0, np.float32),
+              "bn.num_batches_tracked": np.array(10 * (i + 1), np.int64)} for i in range(4)]
+    assert find_norm_outliers([update_norm(site, reference) for site in sites], max_z=6) == {}
+    # The same through a strategy: nobody is dropped, and the fourth site's statistics count.
+    strategy = create_strategy("fedavg", {}, num_sites=4, reply_policy=ReplyPolicy(max_update_norm_z=6.0))
+    list(strategy.configure_train(2, ArrayRecord({k: Array(v) for k, v in reference.items()}), ConfigRecord(),
+                                  _FourNodes()))
+    arrays, _ = strategy.aggregate_train(2, [make_reply(11 + i, site, 10, server_round=2)
+                                             for i, site in enumerate(sites)])
+    assert dict(strategy.dropped_replies) == {}
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), np.full(2, 3.575), rtol=1e-6)
