@@ -115,15 +115,15 @@ def test_the_statistics_are_fedavgs_bit_for_bit(make_reply):
     assert not np.array_equal(results["fedadam"]["conv.weight"].numpy(), results["fedavg"]["conv.weight"].numpy())
 
 
-def test_fedavgm_resumed_from_its_saved_state_continues_bit_exactly(make_reply):
-    params = {"server_momentum": 0.9}
-    strategy = create_strategy("fedavgm", params, num_sites=3)
+@pytest.mark.parametrize(("name", "params"), [("fedavgm", {"server_momentum": 0.9}), ("fedadam", {})])
+def test_a_server_optimiser_resumed_from_its_saved_state_continues_bit_exactly(name, params, make_reply):
+    strategy = create_strategy(name, params, num_sites=3)
     arrays = ArrayRecord({k: Array(v) for k, v in _initial().items()})
     arrays = _round(strategy, 1, arrays, make_reply)
     # What a checkpoint holds after round 1: the global arrays and the strategy's state.
     saved_arrays, saved_state = arrays, strategy_state(strategy)
     straight = _round(strategy, 3, _round(strategy, 2, arrays, make_reply), make_reply)
-    resumed = create_strategy("fedavgm", params, num_sites=3)
+    resumed = create_strategy(name, params, num_sites=3)
     load_strategy_state(resumed, saved_state)
     again = _round(resumed, 3, _round(resumed, 2, saved_arrays, make_reply), make_reply)
     for key in straight:
