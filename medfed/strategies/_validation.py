@@ -316,7 +316,7 @@ def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
     """L2 norm of ``arrays - reference`` over the parameters both hold.
 
     BatchNorm's running statistics do not count: they follow the site's image
-    intensities (another scanner), move far more than the weights, and would make
+    intensities (another scanner), can move far more than the weights, and would make
     clipping shrink the weight update and the outlier check drop the heterogeneous
     sites. Integer arrays (BatchNorm counters) do not count either
     (:func:`~medfed.strategies._aggregation.is_parameter`).

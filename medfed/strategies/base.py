@@ -14,7 +14,7 @@ alike (the registry wraps Flower's own classes and users' classes with it too):
 * **Norm clipping** (``ReplyPolicy.clip_update_norm``): each kept update of the
   parameters ``w_i - w_global`` is scaled down to that norm before aggregation.
   Update norms, for clipping and the outlier check, run over the parameters only:
-  BatchNorm's running statistics (which follow a site's image intensities and move far
+  BatchNorm's running statistics (which follow a site's image intensities and can move far
   more than the weights) and integer counters neither count nor get clipped.
 * **BatchNorm statistics.** Where the strategy's server step is not a plain mean
   (Flower's FedAdam, FedYogi, FedAdagrad, FedAvgM with server momentum or learning
