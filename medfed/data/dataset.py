@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .errors import DatasetValidationError
+from .errors import DatasetValidationError, LabelRangeError
 from .info import DatasetInfo
 
 __all__ = ["ImageDataset", "TrainAugmentation", "default_hflip_p", "train_augmentation", "UNKNOWN_GROUP"]
@@ -57,6 +57,16 @@ class ImageDataset(Dataset):
     ----------
     images, labels, groups, info, transform
         As above, after conversion.
+
+    Raises
+    ------
+    DatasetValidationError
+        Images, labels or groups of the wrong dtype or shape.
+    LabelRangeError
+        (A :class:`DatasetValidationError`.) A class index outside ``0 .. num_classes - 1``,
+        or a multi-label target other than 0 and 1: a model with ``num_classes`` outputs
+        cannot learn it, and :meth:`class_counts` would count classes the dataset does
+        not have.
     """
 
     def __init__(
@@ -87,6 +97,7 @@ class ImageDataset(Dataset):
                 f"ImageDataset '{info.flag}' expects integer labels of shape {expected_shape}. "
                 f"Got {labels.dtype} {tuple(labels.shape)} instead."
             )
+        _check_label_values(labels, info)
         if groups is not None:
             groups = np.asarray(groups)
             if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
@@ -204,6 +215,31 @@ class ImageDataset(Dataset):
         else:
             groups = torch.from_numpy(self.groups.copy())
         return images, labels, groups
+
+
+def _check_label_values(labels: np.ndarray, info: DatasetInfo) -> None:
+    """Raise LabelRangeError unless every label is a class index of ``info`` (multi-label: 0 or 1)."""
+    if not labels.size:
+        return
+    if info.is_multi_label:
+        outside = (labels != 0) & (labels != 1)
+        if outside.any():
+            count = int(outside.sum())
+            raise LabelRangeError(
+                f"ImageDataset '{info.flag}' expects multi-label targets of 0 or 1. Got {count} other value(s), "
+                f"e.g. {labels[outside].flat[0]}, instead; give each sample one 0/1 target per label.",
+                detail=f"{count} multi-label target(s) other than 0 and 1",
+            )
+        return
+    low, high, last = int(labels.min()), int(labels.max()), info.num_classes - 1
+    if low < 0 or high > last:
+        count = int(((labels < 0) | (labels > last)).sum())
+        raise LabelRangeError(
+            f"ImageDataset '{info.flag}' expects class indices 0 to {last} ({info.num_classes} classes). Got "
+            f"{count} label(s) outside that range (from {low} to {high}) instead; relabel those samples, or "
+            "describe the data with a DatasetInfo whose num_classes covers them.",
+            detail=f"{count} label(s) outside 0 to {last}",
+        )
 
 
 class TrainAugmentation:

@@ -110,6 +110,33 @@ def test_constructor_rejects_inconsistent_arrays(images, labels, fragment):
     assert fragment in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("labels", "info", "fragment"),
+    [(np.array([0, 7]), RGB, "expects class indices 0 to 1 (2 classes). Got 1 label(s) outside that range (from 0 to 7)"),
+     (np.array([[-1], [1]]), RGB, "Got 1 label(s) outside that range (from -1 to 1)"),
+     (np.array([0, 3, 3]), GRAY, "expects class indices 0 to 2 (3 classes). Got 2 label(s)"),
+     (np.array([[0, 2], [1, 1]]), MULTI, "expects multi-label targets of 0 or 1. Got 1 other value(s), e.g. 2,")],
+)
+def test_constructor_rejects_labels_outside_the_classes(labels, info, fragment):
+    # A label 7 with 2 classes was accepted (class_counts then had 8 entries); -1 raised
+    # numpy's bare "ValueError: 'list' argument must have no negative elements" in class_counts.
+    from medfed.data.errors import LabelRangeError
+
+    images = np.zeros((len(labels), 2, 2, info.in_chans), np.uint8)
+    with pytest.raises(LabelRangeError) as caught:
+        ImageDataset(images, labels, info)
+    assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value) and isinstance(caught.value, DatasetValidationError)
+    # What a site may tell a server: how many, never a value.
+    assert caught.value.detail.startswith(fragment.split("Got ")[1].split()[0] + " ")
+
+
+def test_constructor_accepts_every_class_and_boolean_multi_label_targets():
+    assert ImageDataset(np.zeros((3, 2, 2), np.uint8), np.array([0, 1, 2]), GRAY).class_counts().tolist() == [1, 1, 1]
+    multi = ImageDataset(np.zeros((2, 2, 2), np.uint8), np.array([[True, False], [True, True]]), MULTI)
+    assert multi.class_counts().tolist() == [2, 1]
+
+
 # --- augmentation ------------------------------------------------------------------------
 
 
