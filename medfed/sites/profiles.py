@@ -60,7 +60,7 @@ import numpy as np
 from medfed.errors import MedfedError, MedfedWarning
 from medfed.sites.corruptions import CorruptionError, check_corruption, corrupt, default_corruptions
 from medfed.sites.partition import (
-    PartitionError, _fill_empty_sites, dirichlet_proportions, partition_labels, split_by_proportions,
+    PartitionError, _fill_empty_sites, dirichlet_proportions, expected_sizes, partition_labels, split_by_proportions,
 )
 
 if TYPE_CHECKING:
@@ -461,10 +461,11 @@ def split_sites(
     if labels.ndim == 2 and labels.shape[1] > 1:  # multi-label: sizes only
         order = np.random.default_rng(seed).permutation(labels.shape[0])
         bounds = np.rint(np.cumsum(weights) * labels.shape[0]).astype(np.int64)[:-1]
-        return _fill_empty_sites([np.sort(p).astype(np.int64) for p in np.split(order, bounds)]), None
+        parts = [np.sort(p).astype(np.int64) for p in np.split(order, bounds)]
+        return _fill_empty_sites(parts, weights * labels.shape[0]), None
     labels = labels.reshape(-1).astype(np.int64)
     if shares is not None:
-        return _fill_empty_sites(split_by_proportions(labels, shares, seed)), shares
+        return _fill_empty_sites(split_by_proportions(labels, shares, seed), expected_sizes(labels, shares)), shares
     num_classes = max(plan.num_classes, int(labels.max()) + 1 if labels.size else 1)
     prior = np.bincount(labels, minlength=num_classes) / max(labels.size, 1)
     # A Dirichlet draw can leave a site a handful of samples: draw again (next seeds) until
@@ -488,7 +489,7 @@ def split_sites(
             "federation.dirichlet_alpha or simulate fewer sites for sites of a useful size.",
             SiteSizeWarning, stacklevel=2,
         )
-    return _fill_empty_sites(parts), shares
+    return _fill_empty_sites(parts, expected_sizes(labels, shares)), shares
 
 
 # Under Dirichlet label skew, a site must hold at least this fraction of its intended size.

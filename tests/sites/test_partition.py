@@ -64,7 +64,7 @@ def test_dirichlet_partition_small_alpha_skews_labels_and_keeps_sites_non_empty(
     assert largest_share > 0.8
 
 
-def test_dirichlet_partition_fills_empty_sites_from_the_largest():
+def test_dirichlet_partition_fills_empty_sites():
     # Prepare: 4 samples of one class over 4 sites with a tiny alpha: draws leave sites empty.
     labels = np.zeros(4, dtype=np.int64)
     # Execute

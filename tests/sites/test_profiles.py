@@ -259,3 +259,38 @@ def test_held_out_sites_without_evaluation_are_a_config_error():
                                           r"the federation has held-out sites"):
         load_config(overrides=["federation.scenario=unseen-hospital", "federation.fraction_evaluate=0"])
     load_config(overrides=["federation.scenario=scanner-shift", "federation.fraction_evaluate=0"])
+
+
+def test_filling_empty_sites_takes_from_every_over_served_site_not_only_the_largest():
+    # 150 sites under a power law (exponent 3) on BreastMNIST-sized splits: most sites' shares
+    # round to no image, and each took one from the then largest site, which drained site 0
+    # from ~130 intended test images to 2 (and from 454 training images to 315).
+    from medfed.sites.profiles import deal_sites
+
+    cfg = load_config(overrides=["federation.num_sites=150", "federation.quantity_skew={power_law: 3}"])
+    plan = plan_for(cfg)
+    train_labels, test_labels = np.arange(546) % 2, np.arange(156) % 2
+    train_parts, test_parts = deal_sites(plan, train_labels, test_labels, seed=0)
+    for parts, n in ((train_parts, 546), (test_parts, 156)):
+        np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(n))
+        assert min(len(part) for part in parts) == 1
+    sizes = [len(part) for part in test_parts]
+    # The 7 images left beyond one per site: site 0 (share 83 %) keeps them, not 2.
+    assert sizes[0] == 156 - 149 and sizes[1:] == [1] * 149
+    # Training: the donors keep about the same fraction of their intended size.
+    weights = np.array([(i + 1) ** -3.0 for i in range(150)])
+    intended = weights / weights.sum() * 546
+    donors = [s for s in range(150) if len(train_parts[s]) >= 2]
+    fractions = [len(train_parts[s]) / intended[s] for s in donors]
+    assert len(train_parts[0]) >= 340 and max(fractions) - min(fractions) < 0.2
+
+
+def test_fill_rule_is_the_largest_size_for_its_share_and_leaves_full_splits_alone():
+    from medfed.sites.partition import _fill_empty_sites
+
+    parts = [np.arange(10), np.arange(10, 14), np.array([], np.int64), np.array([], np.int64)]
+    # Site 1 holds 4 for an intended 2 (twice its share), site 0 10 for 10: site 1 gives first.
+    filled = _fill_empty_sites(parts, np.array([10.0, 2.0, 0.5, 0.5]))
+    assert [len(p) for p in filled] == [10, 2, 1, 1] and filled[2].tolist() == [13] and filled[3].tolist() == [12]
+    untouched = _fill_empty_sites(parts[:2], np.array([1.0, 1.0]))
+    assert all(np.array_equal(a, b) for a, b in zip(untouched, parts[:2]))
