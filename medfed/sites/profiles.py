@@ -41,10 +41,14 @@ drawn again (next seeds, up to 50 times) until every site holds at least a quart
 its intended size (a site of five images is no hospital); when no draw does, the best
 one is kept with a :class:`SiteSizeWarning`. The test split is dealt with the training
 split's shares. Multi-label data (ChestMNIST) is dealt by size only: label skew on it is
-refused.
+refused. A site whose share rounds to no image gets one from the site that holds the most
+for its share (:func:`medfed.sites.partition._fill_empty_sites`).
 Without profiles, groups or quantity skew, the split is exactly the plain
-:func:`medfed.sites.partition.partition_labels` one (no redraws). Everything is seeded by the
-experiment seed: the same seed gives the same site datasets in every process.
+:func:`medfed.sites.partition.partition_labels` one (no redraws). Either way, a site left
+under a quarter of its intended size (a plain Dirichlet split's equal share; a test split
+with nearly as many sites as images) is named in a :class:`SiteSizeWarning`
+(:func:`deal_sites`). Everything is seeded by the experiment seed: the same seed gives the
+same site datasets in every process.
 """
 
 from __future__ import annotations
@@ -96,7 +100,11 @@ class SiteProfileError(MedfedError):
 
 
 class SiteSizeWarning(MedfedWarning):
-    """Under Dirichlet label skew, some site holds under a quarter of its intended size."""
+    """A site holds under a quarter of the images it is meant to hold (see :func:`deal_sites`).
+
+    Said by :func:`deal_sites` (and :func:`split_sites` for a profile federation's
+    Dirichlet draws).
+    """
 
 
 def site_seed(*keys: int) -> int:
@@ -521,6 +529,16 @@ def deal_sites(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Every site's training and test indices, as :func:`build_site` deals them.
 
+    Warns
+    -----
+    SiteSizeWarning
+        Once per split, naming the smallest site, when some site holds under a quarter
+        of its intended size: of an equal share of the training split under a plain
+        federation's Dirichlet label skew (its shares give sites any size; a profile
+        federation's draws warn in :func:`split_sites`); otherwise of what its shares
+        give it before rounding, which filling empty sites (every site gets at least one
+        image) can take from it when there are nearly as many sites as images.
+
     Raises
     ------
     SiteProfileError
@@ -541,7 +559,47 @@ def deal_sites(
                 f"Site {empty[0]} would get no {split} image: the {split} split holds {len(labels)} image(s) for "
                 f"{len(plan.sites)} sites; give the dataset more {split} images, or simulate fewer sites."
             )
+    _warn_small_sites(plan, train_parts, train_labels, shares, "training")
+    _warn_small_sites(plan, test_parts, test_labels, shares, "test")
     return train_parts, test_parts
+
+
+def _warn_small_sites(
+    plan: FederationPlan, parts: list[np.ndarray], labels: np.ndarray, shares: np.ndarray | None, split: str
+) -> None:
+    """Warn (SiteSizeWarning) when a site of ``split`` holds under _MIN_SHARE of its intended size."""
+    dirichlet = plan.partition == "dirichlet"
+    if split == "training" and dirichlet and not plan.plain:
+        return  # split_sites has warned, with its redraws
+    labels = np.asarray(labels)
+    total, num_sites = labels.shape[0], len(plan.sites)
+    if split == "training" and dirichlet:
+        intended = np.full(num_sites, total / num_sites)
+    elif shares is not None:
+        intended = expected_sizes(labels.reshape(-1), shares)
+    else:
+        weights = np.array([site.weight for site in plan.sites], dtype=np.float64)
+        intended = weights / weights.sum() * total
+    sizes = np.array([len(part) for part in parts], dtype=np.float64)
+    short = np.flatnonzero(sizes < _MIN_SHARE * intended)
+    if not short.size:
+        return
+    site = int(short[np.argmin(sizes[short] / intended[short])])
+    name, held, meant = plan.sites[site].name, len(parts[site]), intended[site]
+    if split == "training" and dirichlet:
+        message = (
+            f"Dirichlet(alpha={plan.dirichlet_alpha:g}) label skew leaves {short.size} of {num_sites} sites under "
+            f"a quarter of an equal share of the {total} training images: site {name} trains on {held} of "
+            f"{meant:.0f}. Raise federation.dirichlet_alpha or simulate fewer sites for sites of a useful size."
+        )
+    else:
+        message = (
+            f"Site {name} gets {held} of the {meant:.0f} {split} images its share intends ({short.size} of "
+            f"{num_sites} sites get under a quarter of theirs): the {split} split holds {total} images for "
+            f"{num_sites} sites, and every site gets at least one. Simulate fewer sites for {split} splits of "
+            "a useful size."
+        )
+    warnings.warn(message, SiteSizeWarning, stacklevel=3)
 
 
 def build_site(

@@ -265,12 +265,19 @@ def test_filling_empty_sites_takes_from_every_over_served_site_not_only_the_larg
     # 150 sites under a power law (exponent 3) on BreastMNIST-sized splits: most sites' shares
     # round to no image, and each took one from the then largest site, which drained site 0
     # from ~130 intended test images to 2 (and from 454 training images to 315).
-    from medfed.sites.profiles import deal_sites
+    from medfed.sites.profiles import SiteSizeWarning, deal_sites
 
     cfg = load_config(overrides=["federation.num_sites=150", "federation.quantity_skew={power_law: 3}"])
     plan = plan_for(cfg)
     train_labels, test_labels = np.arange(546) % 2, np.arange(156) % 2
-    train_parts, test_parts = deal_sites(plan, train_labels, test_labels, seed=0)
+    with pytest.warns(SiteSizeWarning) as caught:
+        train_parts, test_parts = deal_sites(plan, train_labels, test_labels, seed=0)
+    # Still far below its share, and said so, naming the site and its test images.
+    assert [str(w.message) for w in caught] == [
+        "Site site-0 gets 7 of the 130 test images its share intends (3 of 150 sites get under a quarter of "
+        "theirs): the test split holds 156 images for 150 sites, and every site gets at least one. Simulate "
+        "fewer sites for test splits of a useful size."
+    ]
     for parts, n in ((train_parts, 546), (test_parts, 156)):
         np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(n))
         assert min(len(part) for part in parts) == 1
@@ -294,3 +301,30 @@ def test_fill_rule_is_the_largest_size_for_its_share_and_leaves_full_splits_alon
     assert [len(p) for p in filled] == [10, 2, 1, 1] and filled[2].tolist() == [13] and filled[3].tolist() == [12]
     untouched = _fill_empty_sites(parts[:2], np.array([1.0, 1.0]))
     assert all(np.array_equal(a, b) for a, b in zip(untouched, parts[:2]))
+
+
+def test_a_plain_dirichlet_split_that_leaves_sites_a_few_images_warns_like_a_profile_one():
+    # Plain federations (no profiles) never redraw (their splits are pinned), and said nothing
+    # when alpha 0.001 left 18 of 20 sites one training image each.
+    import warnings
+
+    from medfed.sites.profiles import SiteSizeWarning, deal_sites
+
+    train_labels, test_labels = np.arange(546) % 2, np.arange(156) % 2
+    plan = plan_for(load_config(overrides=["federation.num_sites=20", "federation.partition=dirichlet",
+                                           "federation.dirichlet_alpha=0.001"]))
+    assert plan.plain
+    with pytest.warns(SiteSizeWarning) as caught:
+        train_parts, _ = deal_sites(plan, train_labels, test_labels, seed=0)
+    assert len(caught) == 1
+    short = sum(len(part) < 546 / 20 / 4 for part in train_parts)
+    assert str(caught[0].message) == (
+        f"Dirichlet(alpha=0.001) label skew leaves {short} of 20 sites under a quarter of an equal share of the 546 "
+        f"training images: site site-0 trains on {len(train_parts[0])} of 27. Raise federation.dirichlet_alpha or "
+        "simulate fewer sites for sites of a useful size."
+    )
+    # Sites of a useful size (IID, or a mild skew) are dealt silently.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for overrides in ([], ["federation.partition=dirichlet", "federation.dirichlet_alpha=100"]):
+            deal_sites(plan_for(load_config(overrides=overrides)), train_labels, test_labels, seed=0)
