@@ -33,7 +33,7 @@ from medfed.config import ExperimentConfig
 from medfed.data import DatasetInfo, DatasetSizeWarning, ImageDataset, load_medmnist
 from medfed.data.info import MULTI_LABEL, normalize_task
 from medfed.config import FederationConfig
-from medfed.sites.profiles import build_site, num_nodes, plan_federation
+from medfed.sites.profiles import SiteSizeWarning, build_site, num_nodes, plan_federation
 
 __all__ = ["SiteData", "SiteDataError", "StudyMismatchError", "derive_seed", "load_dataset_once", "load_site_data", "site_identity", "site_role"]
 
@@ -295,8 +295,12 @@ def _simulated_site(
         multi_label=normalize_task(train.info.task) == MULTI_LABEL,
     )
     # The test split is dealt with the training split's class shares, so a skewed site is
-    # evaluated on data skewed like its own; its profile applies to both alike.
-    site_train, site_test = build_site(plan, partition_id, train, test, seed)
+    # evaluated on data skewed like its own; its profile applies to both alike. Every site
+    # deals the whole federation: a SiteSizeWarning would be said once per site (or per Ray
+    # worker); medfed simulate's check before the run (deal_sites) has said it once.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SiteSizeWarning)
+        site_train, site_test = build_site(plan, partition_id, train, test, seed)
     site = plan.sites[partition_id]
     return site.name, site.held_out, site_train, site_test
 

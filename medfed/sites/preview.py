@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medfed._io import json_text, write_bytes_atomic
-from medfed.sites.profiles import apply_profile, build_site, describe_chain, plan_for
+from medfed.sites.profiles import SiteSizeWarning, apply_profile, build_site, describe_chain, plan_for
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -41,10 +41,13 @@ def preview_run_sites(cfg: ExperimentConfig, run_dir: str | Path) -> None:
     """Write the site preview into a simulation's run directory when its sites have profiles.
 
     The report embeds ``RUN_DIR/sites.png``. Plain federations (no profiles, groups or
-    quantity skew) get none: their sites differ by chance only.
+    quantity skew) get none: their sites differ by chance only. A :class:`SiteSizeWarning`
+    is not said again here: the simulation's check before the run has said it.
     """
     if not plan_for(cfg).plain:
-        preview_sites(cfg, run_dir)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SiteSizeWarning)
+            preview_sites(cfg, run_dir)
 
 
 def _load_splits(cfg: ExperimentConfig):
@@ -94,6 +97,12 @@ def preview_sites(cfg: ExperimentConfig, out_dir: str | Path, *, images_per_site
     -------
     dict
         The content of ``sites.json``.
+
+    Warns
+    -----
+    SiteSizeWarning
+        Once, when a site holds under a quarter of its intended size
+        (:func:`medfed.sites.profiles.deal_sites`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +112,10 @@ def preview_sites(cfg: ExperimentConfig, out_dir: str | Path, *, images_per_site
     sources = train.subset(_source_indices(train.labels, images_per_site, cfg.seed))
     rows, row_groups, summaries = [], [], []
     for site in plan.sites:
-        site_train, site_test = build_site(plan, site.partition_id, train, test, cfg.seed)
+        with warnings.catch_warnings():
+            if site.partition_id:  # each site deals the whole federation: its SiteSizeWarning is said once, for site 0
+                warnings.simplefilter("ignore", SiteSizeWarning)
+            site_train, site_test = build_site(plan, site.partition_id, train, test, cfg.seed)
         # The montage row: the same source images through this site's profile.
         profiled = apply_profile(plan, site, sources, cfg.seed, split=2)
         rows.append(profiled.images)

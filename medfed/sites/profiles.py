@@ -103,7 +103,8 @@ class SiteSizeWarning(MedfedWarning):
     """A site holds under a quarter of the images it is meant to hold (see :func:`deal_sites`).
 
     Said by :func:`deal_sites` (and :func:`split_sites` for a profile federation's
-    Dirichlet draws).
+    Dirichlet draws), once per federation: ``medfed simulate`` says it before the run,
+    ``medfed sites`` for its first site; simulated sites building their share stay quiet.
     """
 
 

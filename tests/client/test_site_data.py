@@ -25,6 +25,27 @@ def test_simulated_sites_partition_the_training_split_exactly(tiny_root, tiny_co
     assert [s.key for s in sites] == [0, 1, 2]
 
 
+def test_simulated_sites_leave_the_site_size_warning_to_the_check_before_the_run(tiny_root, tiny_config, tmp_path):
+    # Each site deals the whole federation, so a starved site's SiteSizeWarning was said once per
+    # site (four times in a 10-site in-process run); medfed simulate's check before the run
+    # (deal_sites) says it once.
+    import warnings
+
+    from medfed.client.site_data import load_dataset_once
+    from medfed.sites.profiles import SiteSizeWarning, deal_sites, plan_for
+
+    # 2 classes under alpha 0.01 fill about 2 of the 6 sites in every draw.
+    cfg = tiny_config(tiny_root, tmp_path, federation={"num_sites": 6, "partition": "dirichlet",
+                                                       "dirichlet_alpha": 0.01, "sites": [{}]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sites = [load_site_data({"partition-id": i, "num-partitions": 6}, i + 10, cfg) for i in range(6)]
+    assert sum(len(s.train) for s in sites) == 24
+    splits = load_dataset_once("breastmnist", str(tiny_root), 28)
+    with pytest.warns(SiteSizeWarning, match="label skew in 50 draws gave every site a quarter"):
+        deal_sites(plan_for(cfg), splits["train"].labels, splits["test"].labels, cfg.seed)
+
+
 def test_partition_is_the_same_in_every_call(tiny_root, tiny_config, tmp_path):
     # Prepare
     cfg = tiny_config(tiny_root, tmp_path)

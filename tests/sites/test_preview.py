@@ -59,3 +59,15 @@ def test_cli_sites_bad_profile_is_one_line_error(tmp_path, capsys):
     code = main(["sites", "--set", "federation.sites=[{corruptions: [[nope, 1]]}]", "--out", str(tmp_path)])
     assert code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_sites_says_a_site_size_warning_once_not_once_per_site(tmp_path, capsys):
+    # Every site deals the whole federation again; 20 sites said nothing (plain Dirichlet had
+    # no warning), and a profile federation's warning was left to Python's once-per-place filter.
+    code = main(["sites", "--set", "federation.num_sites=20", "--set", "federation.partition=dirichlet",
+                 "--set", "federation.dirichlet_alpha=0.001", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert [line for line in err.splitlines() if line.startswith("medfed: warning:")] == [
+        line for line in err.splitlines() if "label skew leaves" in line
+    ] and err.count("medfed: warning:") == 1
