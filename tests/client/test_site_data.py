@@ -203,7 +203,9 @@ def test_a_few_colour_images_among_gray_ones_are_named(tiny_root, tiny_config, t
     # One screenshot among a ward's gray scans: "holds 3-channel images" did not say which.
     cfg = tiny_config(tiny_root, tmp_path)
     folder = _write_site_folder(tmp_path / "site", 28, 1)
-    Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8)).save(folder / "3.png")
+    screenshot = np.zeros((28, 28, 3), dtype=np.uint8)
+    screenshot[..., 0] = 200  # red: in colour (an RGB file of a gray image would count as gray)
+    Image.fromarray(screenshot).save(folder / "3.png")
     with pytest.raises(StudyMismatchError) as info:
         load_site_data({"data-path": str(folder)}, 1, cfg)
     assert f"1 of 6 images are in colour where grayscale ones are needed: {folder / '3.png'}; " in str(info.value)
