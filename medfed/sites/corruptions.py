@@ -18,8 +18,8 @@ blur        ``defocus_blur`` (disk radius px, alias blur sigma), ``motion_blur``
             (length px, sigma px), ``gaussian_blur`` (sigma px), ``zoom_blur``
             (largest zoom factor)
 colour      ``brightness_up``/``brightness_down`` (intensity factor),
-            ``contrast_up``/``contrast_down`` (factor on the distance to the image
-            mean), ``gamma_corr_up``/``gamma_corr_down`` (exponent on intensity in
+            ``contrast_up``/``contrast_down`` (factor on the distance to the image's
+            mean luminance), ``gamma_corr_up``/``gamma_corr_down`` (exponent on intensity in
             [0, 1]), ``saturate`` (added HSV saturation; RGB only)
 artefacts   ``stain_deposit`` (number of deposits; pathology), ``bubble`` (largest
             radius px, largest number; pathology), ``black_corner`` (radius of the dermatoscope's
@@ -63,6 +63,10 @@ where MedMNIST-C draws between 1 and that number and enlarges its inks with the
 severity, so bloodmnist's severities 3..5 (3, 3, 3) coincide here. Some of MedMNIST-C's
 per-dataset values are not monotone in the severity (octmnist ``defocus_blur``'s
 aliasing sigma, dermamnist ``black_corner``): they are kept as they are.
+``contrast_up``/``contrast_down`` match the PIL ``ImageEnhance.Contrast`` that MedMNIST-C
+uses within 1 level, not exactly: PIL rounds a gray image's mean to a whole level (kept
+unrounded here; an RGB image's mean luminance is rounded as PIL does) and truncates
+its blend where the output here is rounded.
 
 The random draws of one call are made so that a higher severity adds to a lower one
 (the same noise field scaled up, the same first artefacts plus more): with a fixed seed
@@ -307,7 +311,17 @@ def _brightness(x, factor, rng, scale):
 @_register("contrast_up", "colour", (1.1, 1.2, 1.3, 1.4, 1.6))
 @_register("contrast_down", "colour", (0.9, 0.8, 0.7, 0.6, 0.4))
 def _contrast(x, factor, rng, scale):
-    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    # MedMNIST-C's PIL ImageEnhance.Contrast blends with a gray image of the mean
+    # luminance: PIL's L conversion of each pixel ((19595 R + 38470 G + 7471 B + 2**15) >> 16,
+    # 0.299 R + 0.587 G + 0.114 B rounded) averaged and rounded to a whole level. (The plain
+    # mean over R, G and B differed by up to ~12 levels on pink pathology images.) Gray
+    # images keep their unrounded mean, within 1 level of PIL's.
+    if x.shape[-1] == 3:
+        levels = np.rint(x * 255.0).astype(np.int64)
+        luminance = (levels @ np.array([19595, 38470, 7471], dtype=np.int64) + 0x8000) >> 16
+        mean = np.floor(luminance.mean(axis=(1, 2)) + 0.5)[:, None, None, None] / 255.0
+    else:
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
     return mean + (x - mean) * factor
 
 

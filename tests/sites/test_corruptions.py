@@ -197,3 +197,33 @@ def test_artefacts_keep_their_size_relative_to_a_small_image(name):
         out = corrupt(images, name, 5, seed=1)
         covered[side] = float(np.mean(np.abs(out.astype(int) - images).max(axis=-1) > 8))
     assert covered[28] < 0.35 and covered[28] < 3 * covered[224]
+
+
+def _contrast_settings():
+    """Every (name, dataset, severity, factor) corrupt() uses for contrast: the single table and MedMNIST-C's."""
+    from medfed.sites.corruptions import _MEDMNIST_C, _REGISTRY
+
+    for name in ("contrast_up", "contrast_down"):
+        for dataset in [None, *(flag for flag, table in _MEDMNIST_C.items() if name in table)]:
+            factors = _MEDMNIST_C[dataset][name] if dataset else _REGISTRY[name].params
+            for severity, factor in enumerate(factors, start=1):
+                yield name, dataset, severity, factor
+
+
+def test_contrast_matches_pil_image_enhance_as_medmnist_c_within_one_level():
+    # MedMNIST-C's contrast is PIL's ImageEnhance.Contrast: a blend with the mean of the
+    # image's luminance (L). Coloured images whose channels differ (pink, as pathology)
+    # tell that mean from the plain mean over R, G and B (up to ~12 levels off before).
+    from PIL import Image, ImageEnhance
+
+    rng = np.random.default_rng(0)
+    low = rng.integers(0, 150, size=(6, 1, 1, 3))
+    rgb = (low + rng.integers(0, 100, size=(6, 28, 24, 3))).astype(np.uint8)
+    gray = _batch(28, 1, n=2)
+    settings = list(_contrast_settings())
+    assert {factor for *_, factor in settings} >= {0.15, 0.4, 0.9, 1.1, 1.6, 1.8}
+    for name, dataset, severity, factor in settings:
+        for images in (rgb, gray):
+            ours = corrupt(images, name, severity, seed=0, dataset=dataset).astype(int)
+            pil = np.stack([np.asarray(ImageEnhance.Contrast(Image.fromarray(im)).enhance(factor)) for im in images])
+            assert np.abs(ours - pil).max() <= 1, (name, dataset, severity, images.shape)
