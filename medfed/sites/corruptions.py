@@ -96,6 +96,7 @@ __all__ = [
 ]
 
 SEVERITIES = (1, 2, 3, 4, 5)
+_CHUNK_VALUES = 1 << 17  # values (pixels x channels) per chunk of images in corrupt(); one image at least
 
 
 class CorruptionError(MedfedError):
@@ -104,27 +105,34 @@ class CorruptionError(MedfedError):
 
 @dataclass(frozen=True)
 class _Corruption:
+    """``draw(rng, shape, param)`` makes a call's random draws for the whole batch ``shape``
+    at once: a tuple of arrays of one row per image, sliced per chunk of images, and of
+    generators, passed as they are to the chunks in order (noise fields, drawn chunk by
+    chunk). ``apply(x, param, draws, scale)`` corrupts one chunk ``x`` with its draws."""
+
     family: str
     params: tuple  # one entry per severity 1..5
-    apply: Callable[[np.ndarray, object, np.random.Generator, float], np.ndarray]
+    apply: Callable[[np.ndarray, object, tuple, float], np.ndarray]
     rgb_only: bool = False
+    draw: Callable[[np.random.Generator, tuple[int, ...], object], tuple] | None = None
 
 
 _REGISTRY: dict[str, _Corruption] = {}
 
 
-def _register(name: str, family: str, params: tuple, *, rgb_only: bool = False):
+def _register(name: str, family: str, params: tuple, *, rgb_only: bool = False, draw=None):
     def decorator(function):
         if len(params) != len(SEVERITIES):
             raise AssertionError(f"{name} needs one parameter per severity")
-        _REGISTRY[name] = _Corruption(family, tuple(params), function, rgb_only)
+        _REGISTRY[name] = _Corruption(family, tuple(params), function, rgb_only, draw)
         return function
 
     return decorator
 
 
 # ----------------------------------------------------------------------------------
-# Helpers. Images inside the functions are float64 [N, H, W, C] in [0, 1].
+# Helpers. Images inside the functions are float64 [N, H, W, C] in [0, 1]: a chunk of
+# consecutive images of the batch (see corrupt()).
 # ----------------------------------------------------------------------------------
 def _spatial_scale(side: int) -> float:
     return max(side / 224.0, 0.5)
@@ -167,7 +175,7 @@ def _positions(rng: np.random.Generator, count: int, n: int, height: int, width:
 # digital
 # ----------------------------------------------------------------------------------
 @_register("pixelate", "digital", (0.30, 0.25, 0.20, 0.15, 0.10))
-def _pixelate(x, fraction, rng, scale):
+def _pixelate(x, fraction, draws, scale):
     from PIL import Image
 
     # The kept fraction is raised to the spatial scale: at 224 px MedMNIST-C's value,
@@ -180,7 +188,7 @@ def _pixelate(x, fraction, rng, scale):
 
 
 @_register("jpeg_compression", "digital", (50, 30, 15, 10, 7))
-def _jpeg(x, quality, rng, scale):
+def _jpeg(x, quality, draws, scale):
     from PIL import Image
 
     def one(im, _):
@@ -194,29 +202,46 @@ def _jpeg(x, quality, rng, scale):
 # ----------------------------------------------------------------------------------
 # noise (std in intensity units: independent of the image size)
 # ----------------------------------------------------------------------------------
-@_register("gaussian_noise", "noise", (0.04, 0.08, 0.12, 0.18, 0.26))
-def _gaussian_noise(x, std, rng, scale):
-    return x + rng.standard_normal(x.shape) * std
+def _noise_stream(rng, shape, param):
+    # A noise field is drawn chunk by chunk, in order: the generator fills the values one
+    # after the other, so the chunks' draws are those of one draw for the whole batch.
+    return (rng,)
 
 
-@_register("speckle_noise", "noise", (0.05, 0.15, 0.20, 0.35, 0.45))
-def _speckle_noise(x, std, rng, scale):
-    return x + x * rng.standard_normal(x.shape) * std
+@_register("gaussian_noise", "noise", (0.04, 0.08, 0.12, 0.18, 0.26), draw=_noise_stream)
+def _gaussian_noise(x, std, draws, scale):
+    return x + draws[0].standard_normal(x.shape) * std
 
 
-@_register("impulse_noise", "noise", (0.01, 0.03, 0.06, 0.09, 0.17))
-def _impulse_noise(x, amount, rng, scale):
+@_register("speckle_noise", "noise", (0.05, 0.15, 0.20, 0.35, 0.45), draw=_noise_stream)
+def _speckle_noise(x, std, draws, scale):
+    return x + x * draws[0].standard_normal(x.shape) * std
+
+
+def _impulse_streams(rng, shape, param):
+    # The whole batch's hit values, then its salt values: the salt stream is a copy of the
+    # generator advanced past the hit values (one 64-bit draw per uniform double), so both
+    # can be drawn chunk by chunk.
+    salt = type(rng.bit_generator)()
+    salt.state = rng.bit_generator.state
+    salt.advance(int(np.prod(shape)))
+    return (rng, np.random.Generator(salt))
+
+
+@_register("impulse_noise", "noise", (0.01, 0.03, 0.06, 0.09, 0.17), draw=_impulse_streams)
+def _impulse_noise(x, amount, draws, scale):
     # One uniform draw per pixel and channel (as skimage's "s&p", which MedMNIST-C uses:
     # colour images get coloured specks): the values hit at a lower amount are hit at a higher one.
-    u = rng.uniform(size=x.shape)
-    salt = rng.uniform(size=x.shape) < 0.5
+    hits, salts = draws
+    u = hits.uniform(size=x.shape)
+    salt = salts.uniform(size=x.shape) < 0.5
     hit = u < amount
     return np.where(hit, np.where(salt, 1.0, 0.0), x)
 
 
-@_register("shot_noise", "noise", (60, 25, 18, 10, 5))
-def _shot_noise(x, photons, rng, scale):
-    return rng.poisson(np.clip(x, 0, 1) * photons) / photons
+@_register("shot_noise", "noise", (60, 25, 18, 10, 5), draw=_noise_stream)
+def _shot_noise(x, photons, draws, scale):
+    return draws[0].poisson(np.clip(x, 0, 1) * photons) / photons
 
 
 # ----------------------------------------------------------------------------------
@@ -235,7 +260,7 @@ def _disk(radius: float) -> np.ndarray:
 
 
 @_register("defocus_blur", "blur", ((4, 0.1), (5, 0.2), (6, 0.3), (7, 0.4), (8, 0.5)))
-def _defocus_blur(x, params, rng, scale):
+def _defocus_blur(x, params, draws, scale):
     from scipy import ndimage
 
     radius, alias = params
@@ -244,13 +269,17 @@ def _defocus_blur(x, params, rng, scale):
     return ndimage.gaussian_filter(blurred, sigma=(0, alias * scale, alias * scale, 0))
 
 
-@_register("motion_blur", "blur", ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)))
-def _motion_blur(x, params, rng, scale):
+def _motion_angles(rng, shape, params):
+    return (rng.uniform(-np.pi / 4, np.pi / 4, size=shape[0]),)
+
+
+@_register("motion_blur", "blur", ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)), draw=_motion_angles)
+def _motion_blur(x, params, draws, scale):
     # MedMNIST-C calls ImageMagick's MotionBlurImage(radius, sigma, angle), angle uniform
     # in [-45, 45] degrees: a one-sided streak (a camera or patient moving) of
     # 2 * ceil(radius) + 1 taps from the centre, Gaussian weights of the distance.
     radius, sigma = params[0] * scale, params[1] * scale
-    angles = rng.uniform(-np.pi / 4, np.pi / 4, size=x.shape[0])
+    (angles,) = draws
     reach = 2 * max(1, int(np.ceil(radius)))
 
     def one(im, index):
@@ -274,7 +303,7 @@ def _motion_blur(x, params, rng, scale):
 
 
 @_register("gaussian_blur", "blur", (0.8, 1.1, 1.4, 1.7, 2.0))
-def _gaussian_blur(x, sigma, rng, scale):
+def _gaussian_blur(x, sigma, draws, scale):
     # MedMNIST-C gives torchvision kernel sizes 3..11 at 224 px; these are the sigmas
     # torchvision derives from them (0.3 * ((k - 1) / 2 - 1) + 0.8).
     from scipy import ndimage
@@ -283,7 +312,7 @@ def _gaussian_blur(x, sigma, rng, scale):
 
 
 @_register("zoom_blur", "blur", (1.11, 1.16, 1.21, 1.26, 1.31))
-def _zoom_blur(x, largest, rng, scale):
+def _zoom_blur(x, largest, draws, scale):
     # ``largest``: the zoom factors are 1.01, 1.02, .. below it; or a tuple, the factors
     # themselves (MedMNIST-C's per-dataset values, see _MEDMNIST_C).
     from scipy import ndimage
@@ -304,13 +333,13 @@ def _zoom_blur(x, largest, rng, scale):
 # ----------------------------------------------------------------------------------
 @_register("brightness_up", "colour", (1.1, 1.2, 1.3, 1.4, 1.5))
 @_register("brightness_down", "colour", (0.9, 0.8, 0.7, 0.6, 0.5))
-def _brightness(x, factor, rng, scale):
+def _brightness(x, factor, draws, scale):
     return x * factor
 
 
 @_register("contrast_up", "colour", (1.1, 1.2, 1.3, 1.4, 1.6))
 @_register("contrast_down", "colour", (0.9, 0.8, 0.7, 0.6, 0.4))
-def _contrast(x, factor, rng, scale):
+def _contrast(x, factor, draws, scale):
     # MedMNIST-C's PIL ImageEnhance.Contrast blends with a gray image of the mean
     # luminance: PIL's L conversion of each pixel ((19595 R + 38470 G + 7471 B + 2**15) >> 16,
     # 0.299 R + 0.587 G + 0.114 B rounded) averaged and rounded to a whole level. (The plain
@@ -327,12 +356,12 @@ def _contrast(x, factor, rng, scale):
 
 @_register("gamma_corr_up", "colour", (1.1, 1.2, 1.3, 1.4, 1.6))
 @_register("gamma_corr_down", "colour", (0.9, 0.8, 0.7, 0.6, 0.4))
-def _gamma(x, gamma, rng, scale):
+def _gamma(x, gamma, draws, scale):
     return np.clip(x, 0, 1) ** gamma
 
 
 @_register("saturate", "colour", (0.05, 0.10, 0.15, 0.20, 0.25), rgb_only=True)
-def _saturate(x, shift, rng, scale):
+def _saturate(x, shift, draws, scale):
     from skimage.color import hsv2rgb, rgb2hsv
 
     hsv = rgb2hsv(np.clip(x, 0, 1))
@@ -346,11 +375,17 @@ def _saturate(x, shift, rng, scale):
 _MAX_COUNT = 25  # artefact positions drawn per image, shared by all severities
 
 
-@_register("stain_deposit", "artefact", (1, 2, 3, 4, 5))
-def _stain_deposit(x, count, rng, scale):
-    n, height, width, channels = x.shape
+def _stain_draws(rng, shape, count):
+    n, height, width, _ = shape
     centres = _positions(rng, _MAX_COUNT, n, height, width)
     radii = np.maximum(rng.uniform(6, 14, size=(n, _MAX_COUNT)) * 2 * _artefact_scale(height, width), 1.0)
+    return centres, radii
+
+
+@_register("stain_deposit", "artefact", (1, 2, 3, 4, 5), draw=_stain_draws)
+def _stain_deposit(x, count, draws, scale):
+    n, height, width, channels = x.shape
+    centres, radii = draws
     # Haematoxylin-like dark purple; gray images get its luminance.
     stain = np.array([0.35, 0.15, 0.45]) if channels == 3 else np.array([0.25])
     yy, xx = np.mgrid[0:height, 0:width]
@@ -363,8 +398,16 @@ def _stain_deposit(x, count, rng, scale):
     return out
 
 
-@_register("bubble", "artefact", ((7, 15), (10, 15), (12, 15), (15, 20), (17, 25)))
-def _bubble(x, params, rng, scale):
+def _bubble_draws(rng, shape, params):
+    n, height, width, _ = shape
+    centres = _positions(rng, _MAX_COUNT, n, height, width)
+    sizes = rng.uniform(0.0, 1.0, size=(n, _MAX_COUNT))
+    counts = 7 + np.floor(rng.uniform(0.0, 1.0, size=n) * (int(params[1]) - 6)).astype(int)
+    return centres, sizes, counts
+
+
+@_register("bubble", "artefact", ((7, 15), (10, 15), (12, 15), (15, 20), (17, 25)), draw=_bubble_draws)
+def _bubble(x, params, draws, scale):
     # MedMNIST-C's (max_radius, max_bubbles) (medmnistc/corruptions/microscopy.py,
     # Bubble.apply): randint(7, max_bubbles) bubbles, each of radius randint(3, max_radius)
     # px at 224 px (here a radius uniform in [3, max_radius], not only whole pixels). One
@@ -372,9 +415,7 @@ def _bubble(x, params, rng, scale):
     # severity keeps the bubbles of a lower one, grown, plus more.
     max_radius, max_bubbles = params
     n, height, width, _ = x.shape
-    centres = _positions(rng, _MAX_COUNT, n, height, width)
-    sizes = rng.uniform(0.0, 1.0, size=(n, _MAX_COUNT))
-    counts = 7 + np.floor(rng.uniform(0.0, 1.0, size=n) * (int(max_bubbles) - 6)).astype(int)
+    centres, sizes, counts = draws
     yy, xx = np.mgrid[0:height, 0:width]
     out = x.copy()
     for i in range(n):
@@ -389,7 +430,7 @@ def _bubble(x, params, rng, scale):
 
 
 @_register("black_corner", "artefact", (0.95, 0.88, 0.80, 0.72, 0.64))
-def _black_corner(x, radius, rng, scale):
+def _black_corner(x, radius, draws, scale):
     # The dermatoscope's round field of view: black outside a circle whose radius is a
     # fraction of the half diagonal, with a soft edge. (MedMNIST-C's factors are not
     # monotone in the severity; these are.)
@@ -400,15 +441,21 @@ def _black_corner(x, radius, rng, scale):
     return x * keep
 
 
-@_register("characters", "artefact", (1, 2, 3, 4, 6))
-def _characters(x, count, rng, scale):
+def _character_draws(rng, shape, count):
+    n, height, width, _ = shape
+    symbols = rng.choice(list("ABCDEFGHKLMNPRSTUVXYZ0123456789"), size=(n, _MAX_COUNT))
+    centres = _positions(rng, _MAX_COUNT, n, height, width) * 0.8
+    shades = rng.choice([0, 255], size=(n, _MAX_COUNT))
+    return symbols, centres, shades
+
+
+@_register("characters", "artefact", (1, 2, 3, 4, 6), draw=_character_draws)
+def _characters(x, count, draws, scale):
     from PIL import ImageDraw, ImageFont
 
     n, height, width, channels = x.shape
     font = ImageFont.load_default(size=max(6, int(round(height / 5))))
-    symbols = rng.choice(list("ABCDEFGHKLMNPRSTUVXYZ0123456789"), size=(n, _MAX_COUNT))
-    centres = _positions(rng, _MAX_COUNT, n, height, width) * 0.8
-    shades = rng.choice([0, 255], size=(n, _MAX_COUNT))
+    symbols, centres, shades = draws
 
     def one(im, i):
         picture = _to_pil(im)
@@ -703,7 +750,9 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int, *, dataset:
     -------
     np.ndarray
         New ``uint8`` array of the same shape, values in [0, 255]; ``images`` is not
-        modified. The same arguments give the same output.
+        modified. The same arguments give the same output. The images are corrupted in
+        chunks of about 1 MB of float64 each, so memory beyond the output stays a few MB
+        (under 20 MB for ``saturate``) whatever the batch size.
 
     Raises
     ------
@@ -722,13 +771,31 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int, *, dataset:
             f"Got {images.dtype} {tuple(images.shape)} instead."
         )
     spec = _REGISTRY[name]
-    x = images.astype(np.float64)[..., None] if images.ndim == 3 else images.astype(np.float64)
-    if spec.rgb_only and x.shape[-1] != 3:
+    source = images[..., None] if images.ndim == 3 else images
+    if spec.rgb_only and source.shape[-1] != 3:
         raise CorruptionError(f"Corruption {name!r} changes colour saturation and needs RGB images [N, H, W, 3].")
     if images.shape[0] == 0:
         return images.copy()
     params = _MEDMNIST_C.get(dataset, {}).get(name, spec.params) if dataset is not None else spec.params
+    param = params[severity - 1]
     rng = np.random.default_rng(seed)
-    out = spec.apply(x / 255.0, params[severity - 1], rng, _spatial_scale(min(x.shape[1:3])))
-    out = np.clip(np.rint(np.asarray(out) * 255.0), 0, 255).astype(np.uint8)
+    draws = spec.draw(rng, source.shape, param) if spec.draw is not None else ()
+    scale = _spatial_scale(min(source.shape[1:3]))
+    # Chunks of whole images, so that the float64 copies are of one chunk (~1 MB each),
+    # not of the batch (8 bytes per value, several copies: ~32x the uint8 input). Every
+    # corruption works image by image and gets its batch's draws, so the output does not
+    # depend on the chunking.
+    out = np.empty(source.shape, dtype=np.uint8)
+    step = max(1, _CHUNK_VALUES // source[0].size)
+    for start in range(0, len(source), step):
+        stop = min(start + step, len(source))
+        x = source[start:stop].astype(np.float64)
+        x /= 255.0
+        chunk_draws = tuple(d[start:stop] if isinstance(d, np.ndarray) else d for d in draws)
+        result = np.asarray(spec.apply(x, param, chunk_draws, scale)) * 255.0
+        del x
+        np.rint(result, out=result)
+        np.clip(result, 0, 255, out=result)
+        out[start:stop] = result
+        del result
     return out.reshape(images.shape)

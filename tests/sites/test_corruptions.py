@@ -227,3 +227,50 @@ def test_contrast_matches_pil_image_enhance_as_medmnist_c_within_one_level():
             ours = corrupt(images, name, severity, seed=0, dataset=dataset).astype(int)
             pil = np.stack([np.asarray(ImageEnhance.Contrast(Image.fromarray(im)).enhance(factor)) for im in images])
             assert np.abs(ours - pil).max() <= 1, (name, dataset, severity, images.shape)
+
+
+@pytest.mark.parametrize(("name", "channels"), list(_cases()))
+def test_output_does_not_depend_on_the_chunks_of_images(name, channels, monkeypatch):
+    # corrupt() works on chunks of images; every random draw is the batch's, so one image
+    # per chunk gives the output of one chunk for the batch, bit for bit.
+    from medfed.sites import corruptions
+
+    images = _batch(28, channels, n=5)
+    outputs = {}
+    for values in (1, 2 * 28 * 28 * 3 + 1, 10**9):
+        monkeypatch.setattr(corruptions, "_CHUNK_VALUES", values)
+        outputs[values] = corrupt(images, name, 4, seed=11)
+    for values, output in outputs.items():
+        np.testing.assert_array_equal(output, outputs[10**9], err_msg=f"{values} values per chunk")
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "impulse_noise", "shot_noise", "contrast_up", "motion_blur", "bubble"])
+def test_peak_memory_stays_near_the_input_size_not_a_float64_copy_of_the_batch(name):
+    # A whole float64 batch and its temporaries peaked at 32-42x the uint8 input (24 MB here;
+    # ~770 MB for 500 gray images at 224 px); chunks of images keep it near the output's size.
+    import tracemalloc
+
+    images = np.random.default_rng(0).integers(0, 256, size=(64, 64, 64, 3), dtype=np.uint8)  # 0.75 MB
+    corrupt(images[:1], name, 3, seed=0)  # imports and caches outside the measure
+    tracemalloc.start()
+    try:
+        corrupt(images, name, 3, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{name}: peak {peak / 2**20:.1f} MB"
+
+
+def test_impulse_noise_draws_hits_then_salts_each_for_the_whole_batch():
+    # Chunks draw the salts from a copy of the generator advanced past the batch's hits:
+    # the values of two whole-batch draws, one after the other, as before chunking.
+    from medfed.sites import corruptions
+
+    images = _batch(64, 3, n=40)  # several chunks
+    amount = corruptions._REGISTRY["impulse_noise"].params[2]
+    rng = np.random.default_rng(5)
+    hit = rng.uniform(size=images.shape) < amount
+    salt = rng.uniform(size=images.shape) < 0.5
+    expected = np.where(hit, np.where(salt, 255, 0), images)
+    assert len(images) > corruptions._CHUNK_VALUES // images[0].size
+    np.testing.assert_array_equal(corrupt(images, "impulse_noise", 3, seed=5), expected)
