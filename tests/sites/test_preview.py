@@ -71,3 +71,16 @@ def test_cli_sites_says_a_site_size_warning_once_not_once_per_site(tmp_path, cap
     assert [line for line in err.splitlines() if line.startswith("medfed: warning:")] == [
         line for line in err.splitlines() if "label skew leaves" in line
     ] and err.count("medfed: warning:") == 1
+
+
+def test_intensity_stats_of_a_site_match_its_float64_pixels_without_copying_them():
+    import numpy as np
+
+    from medfed.sites.preview import _intensity_stats
+
+    images = np.random.default_rng(0).integers(0, 256, size=(90, 64, 64), dtype=np.uint8)  # several chunks
+    pixels = images.astype(np.float64) / 255.0
+    mean, contrast = _intensity_stats(images)
+    assert abs(mean - pixels.mean()) < 1e-12
+    assert contrast == pixels.reshape(len(pixels), -1).std(axis=1).mean()
+    assert _intensity_stats(images[:0]) == (None, None)
