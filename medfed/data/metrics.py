@@ -235,12 +235,18 @@ def equity_scaled(
     Returns
     -------
     float
-        ``nan`` if ``metric_overall`` is ``nan``.
+        ``nan`` if ``metric_overall`` is ``nan``, or if group values are given and none
+        is defined (every group one class: no disparity can be measured, and ``overall``
+        would read as perfect equity).
     """
     if not alpha >= 0:
         raise ValueError(f"The 'alpha' parameter of equity_scaled must be a float >= 0. Got {alpha!r} instead.")
     if math.isnan(metric_overall):
         return float("nan")
-    values = per_group_values.values() if isinstance(per_group_values, Mapping) else per_group_values
-    disparity = sum(abs(float(value) - metric_overall) for value in values if not math.isnan(float(value)))
+    values = [float(v) for v in (per_group_values.values() if isinstance(per_group_values, Mapping)
+                                 else per_group_values)]
+    defined = [value for value in values if not math.isnan(value)]
+    if values and not defined:
+        return float("nan")
+    disparity = sum(abs(value - metric_overall) for value in defined)
     return float(metric_overall / (1.0 + alpha * disparity))

@@ -160,5 +160,7 @@ def test_equity_scaled_by_hand():
     assert equity_scaled(0.8, [0.8, 0.8]) == pytest.approx(0.8)
     assert equity_scaled(0.8, [0.7, float("nan")]) == pytest.approx(0.8 / 1.1)  # nan group left out
     assert math.isnan(equity_scaled(float("nan"), [0.5]))
+    # Every group one class (group = label): no disparity is measured; it read as perfect equity.
+    assert math.isnan(equity_scaled(0.8, [float("nan"), float("nan")]))
     with pytest.raises(ValueError, match="'alpha'"):
         equity_scaled(0.8, [0.7], alpha=-1)
