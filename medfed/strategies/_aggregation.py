@@ -96,12 +96,21 @@ def nan_aware_weighted_mean(values: Sequence[float], weights: Sequence[float]) -
     return sum(v * w for v, w in pairs) / total
 
 
-def aggregate_metrics_ignoring_nan(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
-    """Sample-weighted mean of every scalar metric over the replies, skipping NaN.
+def _may_be_undefined(key: str) -> bool:
+    """Whether a site's NaN under ``key`` means "undefined here" rather than "broken": AUC
+    on a one-class split, and per-group metrics (a group the site lacks)."""
+    return key == "auc" or "-group-" in key
 
-    Drop-in for Flower's ``aggregate_metricrecords`` (same signature). List-valued
-    metrics (a confusion matrix) are summed element-wise: counts add up to the
-    federation's pooled counts.
+
+def aggregate_metrics_ignoring_nan(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """Sample-weighted mean of every scalar metric over the replies, skipping a NaN AUC.
+
+    Drop-in for Flower's ``aggregate_metricrecords`` (same signature). A site's NaN
+    ``auc`` or per-group metric (undefined on its split) is left out of that mean
+    (:func:`nan_aware_weighted_mean`); any other NaN (a site whose model outputs NaN
+    has ACC NaN) makes the mean NaN: leaving the site out would report the others' ACC
+    as the federation's. List-valued metrics (a confusion matrix) are summed
+    element-wise: counts add up to the federation's pooled counts.
     """
     metrics = [next(iter(r.metric_records.values())) for r in records]
     weights = [float(m[weighting_metric_name]) for m in metrics]
@@ -113,5 +122,10 @@ def aggregate_metrics_ignoring_nan(records: list[RecordDict], weighting_metric_n
         if isinstance(values[0], list):
             out[key] = [sum(col) for col in zip(*values)]
         elif len(values) == len(weights):
-            out[key] = nan_aware_weighted_mean([float(v) for v in values], weights)
+            values = [float(v) for v in values]
+            if _may_be_undefined(key):
+                out[key] = nan_aware_weighted_mean(values, weights)
+            else:
+                total = sum(weights)
+                out[key] = sum(v * w for v, w in zip(values, weights)) / total if total > 0 else float("nan")
     return out

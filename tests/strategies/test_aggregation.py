@@ -32,3 +32,15 @@ def test_registry_installs_the_nan_aware_aggregation():
     strategy = create_strategy("fedavg", {}, num_sites=2, fraction_train=1.0, fraction_evaluate=1.0)
     assert strategy.evaluate_metrics_aggr_fn is aggregate_metrics_ignoring_nan
     assert strategy.train_metrics_aggr_fn is aggregate_metrics_ignoring_nan
+
+
+def test_a_site_whose_accuracy_is_nan_makes_the_mean_nan_not_the_others_mean():
+    # 4 images at ACC 0.75 and 100 whose model output NaN: "ACC 0.75" hid the broken site.
+    replies = [
+        RecordDict({"metrics": MetricRecord({"num-examples": 4, "acc": 0.75, "auc": 0.8, "acc-group-0": 0.5})}),
+        RecordDict({"metrics": MetricRecord({"num-examples": 100, "acc": float("nan"), "auc": float("nan"),
+                                             "acc-group-0": float("nan")})}),
+    ]
+    out = aggregate_metrics_ignoring_nan(replies, "num-examples")
+    assert math.isnan(out["acc"])
+    assert out["auc"] == 0.8 and out["acc-group-0"] == 0.5  # undefined on a split: left out
