@@ -266,12 +266,14 @@ def evaluate_robustness(spec: ModelSpec, corruptions: list[str] | str = "default
     }
     for name in names:
         levels = {str(s): measure(corrupt(test.images, name, s, seed, dataset=spec.dataset)) for s in severities}
-        mean = {k: float(np.nanmean([v[k] for v in levels.values()])) for k in ("acc", "auc", "balanced_error")}
+        # A plain mean: a severity where the model broke down (NaN) must not leave the mean
+        # to the milder ones.
+        mean = {k: float(np.mean([v[k] for v in levels.values()])) for k in ("acc", "auc", "balanced_error")}
         result["corruptions"][name] = {"severities": levels, "mean": mean,
                                        "parameters": parameter_source(name, spec.dataset)}
     if result["corruptions"]:
         result["mean_over_corruptions"] = {
-            k: float(np.nanmean([c["mean"][k] for c in result["corruptions"].values()]))
+            k: float(np.mean([c["mean"][k] for c in result["corruptions"].values()]))
             for k in ("acc", "auc", "balanced_error")
         }
     if out_dir is not None:

@@ -284,3 +284,27 @@ def test_only_a_run_whose_model_is_its_latest_is_evaluated(tiny_root, tmp_path, 
         assert code == 0
         rounds = json.loads((run / "robustness.json").read_text())["rounds"]
         assert rounds == (None if log == "copied without its log" else 2)
+
+
+def test_a_severity_where_the_model_breaks_down_makes_the_corruption_mean_nan(tiny_root, tmp_path, monkeypatch):
+    # {1: 0.9, 2: NaN} averaged to 0.9 with nanmean: the corruption looked harmless.
+    import math
+
+    import medfed.data
+    from medfed.robustness import evaluate_robustness, model_from_file
+
+    _save_model(tmp_path)
+    real = medfed.data.classification_metrics
+    calls = []
+
+    def broken_at_severity_2(task, y_true, y_score):
+        calls.append(1)
+        metrics = real(task, y_true, y_score)
+        return dict.fromkeys(metrics, float("nan")) if len(calls) == 3 else metrics  # clean, severity 1, 2
+
+    monkeypatch.setattr(medfed.data, "classification_metrics", broken_at_severity_2)
+    result = evaluate_robustness(model_from_file(tmp_path, "breastmnist", str(tiny_root), 28, "medvit_v2_nano"),
+                                 ["gaussian_noise"], (1, 2))
+    levels = result["corruptions"]["gaussian_noise"]
+    assert math.isfinite(levels["severities"]["1"]["acc"]) and math.isnan(levels["severities"]["2"]["acc"])
+    assert math.isnan(levels["mean"]["acc"]) and math.isnan(result["mean_over_corruptions"]["acc"])
