@@ -60,7 +60,9 @@ def run_metrics(run_dir: Path) -> dict[str, float | None]:
     from medfed.server.metrics_log import load_run_metrics
 
     run = load_run_metrics(run_dir)
-    last = run.rounds[-1]
+    # The last round that was evaluated: a final round whose evaluation was skipped (too few
+    # sites in time) would give no figures, and the seed would drop out of the mean.
+    last = max((r for r in run.rounds if run.aggregate(r, "evaluate")), default=run.rounds[-1])
     evaluate = run.aggregate(last, "evaluate")
     records = {site: run.site_record(last, "evaluate", site) for site in run.sites}
     in_federation = [r["metrics"]["acc"] for r in records.values() if r and not r.get("held_out")]

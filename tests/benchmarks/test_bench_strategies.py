@@ -31,3 +31,15 @@ def test_the_table_names_the_seeds_whose_value_is_nan():
     assert _fmt([math.nan, 0.6, 0.7], "worst_site_acc") == "0.650 ± 0.071 (1 of 3 NaN)"
     assert _fmt([0.6, 0.7], "acc") == "0.650 ± 0.071"
     assert _fmt([None, None], "held_out_acc") == "-"
+
+
+def test_a_final_round_without_evaluation_takes_the_last_evaluated_round(tmp_path):
+    records = [{"event": "start", "resumed_from_round": 0, "num_rounds": 2}]
+    for r, acc in ((1, 0.65), (2, None)):
+        records += [{"event": "site", "round": r, "phase": "evaluate", "site": "site-0", "num_examples": 10,
+                     "metrics": {"acc": acc}}] if acc is not None else []
+        records.append({"event": "round", "round": r, "wall_time_s": 1.0, "bytes_sent": 10, "bytes_received": 20,
+                        "train": {}, "evaluate": {"acc": acc} if acc is not None else {}})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    numbers = run_metrics(tmp_path)
+    assert numbers["acc"] == 0.65 and numbers["worst_site_acc"] == 0.65
