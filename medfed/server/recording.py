@@ -276,13 +276,17 @@ def _metrics(reply: Message) -> dict[str, Any]:
 
 
 def _weighted_mean(metrics: list[dict[str, Any]]) -> dict[str, float]:
-    """NaN-aware sample-weighted mean of the scalar metrics (not counts or lists)."""
-    from medfed.strategies._aggregation import nan_aware_weighted_mean
+    """The held-out sites' scalar metrics (not counts or lists) as the strategies aggregate
+    the training sites': sample-weighted (:func:`~medfed.strategies._aggregation.sites_mean`),
+    per-group metrics weighted by the group's counts, with their ES versions."""
+    from medfed.strategies._aggregation import sites_mean
+    from medfed.strategies._groups import equity_scaled_metrics
 
     weights = [float(m.get("num-examples", 0)) for m in metrics]
     keys = [k for k, v in metrics[0].items()
             if k not in _NOT_METRICS and not isinstance(v, list) and not k.startswith(GROUP_COUNT_PREFIX)]
-    out = {k: nan_aware_weighted_mean([float(m.get(k, float("nan"))) for m in metrics], weights) for k in keys}
+    out = {k: sites_mean(k, [float(m.get(k, float("nan"))) for m in metrics], weights) for k in keys}
+    out.update(equity_scaled_metrics(out, metrics))
     out["num_examples"] = int(sum(weights))
     return out
 

@@ -102,6 +102,15 @@ def _may_be_undefined(key: str) -> bool:
     return key == "auc" or "-group-" in key
 
 
+def sites_mean(key: str, values: Sequence[float], weights: Sequence[float]) -> float:
+    """The weighted mean of the sites' ``values`` of metric ``key``: a NaN AUC or per-group
+    metric (undefined on a site's split) is left out; any other NaN makes the mean NaN."""
+    if _may_be_undefined(key):
+        return nan_aware_weighted_mean(values, weights)
+    total = sum(weights)
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / total if total > 0 else float("nan")
+
+
 def aggregate_metrics_ignoring_nan(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
     """Sample-weighted mean of every scalar metric over the replies, skipping a NaN AUC.
 
@@ -122,10 +131,5 @@ def aggregate_metrics_ignoring_nan(records: list[RecordDict], weighting_metric_n
         if isinstance(values[0], list):
             out[key] = [sum(col) for col in zip(*values)]
         elif len(values) == len(weights):
-            values = [float(v) for v in values]
-            if _may_be_undefined(key):
-                out[key] = nan_aware_weighted_mean(values, weights)
-            else:
-                total = sum(weights)
-                out[key] = sum(v * w for v, w in zip(values, weights)) / total if total > 0 else float("nan")
+            out[key] = sites_mean(key, [float(v) for v in values], weights)
     return out

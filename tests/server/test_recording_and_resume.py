@@ -276,6 +276,28 @@ def test_the_held_out_row_weights_each_hospital_by_its_examples(tmp_path):
     assert record["held_out"]["acc"] == pytest.approx(0.25) and record["held_out"]["num_examples"] == 40
 
 
+def test_the_held_out_row_weights_a_groups_figure_by_that_groups_members(tmp_path):
+    # Two unseen hospitals with 90 and 10 members of group 0: weighting by all examples gave 0.70, not 0.86.
+    from flwr.app import Metadata
+
+    def reply(node_id: int, name: str, members: int, acc: float) -> Message:
+        metadata = Metadata(run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
+                            reply_to_message_id=f"i{node_id}", group_id="1", created_at=0.0, ttl=60.0,
+                            message_type=MessageType.EVALUATE)
+        metrics = MetricRecord({"num-examples": 100, "num-examples-group-0": members, "acc": acc,
+                                "acc-group-0": acc})
+        return Message(content=RecordDict({"metrics": metrics, "site": ConfigRecord({"name": name, "held-out": True})}),
+                       metadata=metadata)
+
+    recorder = RoundRecorder(MetricsLog(tmp_path / "metrics.jsonl"), task=None)
+    recorder.round_started(1)
+    recorder.record_exchange("evaluate", {}, [reply(1, "unseen-a", 90, 0.9), reply(2, "unseen-b", 10, 0.5)])
+    held_out = recorder.round_finished(num_rounds=1)["held_out"]
+    assert held_out["acc"] == pytest.approx(0.7)
+    assert held_out["acc-group-0"] == pytest.approx(0.86)
+    assert held_out["es-acc"] == pytest.approx(0.7 / (1 + 0.16))
+
+
 def _roster(roles: dict):
     from medfed.server.held_out import SiteRoster
 
