@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medfed._io import OutputFolderError, check_output_folder, json_text, made_folder, write_bytes_atomic
 from medfed.client.task import (
     DEFAULT_LOSS_WEIGHTING,
+    TrainingDivergedError,
     TrainSettings,
     evaluate,
     get_weights,
@@ -129,6 +130,7 @@ def train_pooled(
     Raises:
         OutputFolderError: ``out_dir`` cannot be made or already holds a run (checked
             first; a run that fails or is interrupted leaves no empty folder behind).
+        TrainingDivergedError: the loss, or every epoch's validation score, was not finite.
     """
     console = console or Console()
     out_dir = Path(out_dir)
@@ -188,6 +190,11 @@ def train_pooled(
                     f"epoch {epoch:3d}  loss {fit['loss']:.4f}  val acc {val['acc']:.4f} auc {val['auc']:.4f}"
                     + ("  *" if improved else "")
                 )
+        if best_state is None:  # every validation score NaN: the model predicts NaN in eval mode
+            raise TrainingDivergedError(
+                f"No epoch of the {settings.epochs} gave a finite validation score (ACC and AUC NaN: the model's "
+                f"predictions are not finite); lower the learning rate (now {settings.lr:g})."
+            )
         model.load_state_dict(best_state)
         val = evaluate(model, loaders["val"], eval_loss_fn, task=info.task, device=dev, mirror=mirror)
         test = evaluate(model, loaders["test"], eval_loss_fn, task=info.task, device=dev, mirror=mirror)

@@ -135,6 +135,22 @@ def test_train_saves_the_epoch_whose_trailing_validation_mean_is_best(tiny_root,
                if weights_after[2][k].is_floating_point())
 
 
+def test_train_whose_every_validation_score_is_nan_stops_with_why_and_leaves_no_folder(tiny_root, tmp_path,
+                                                                                       monkeypatch):
+    # A model that predicts NaN in eval mode only (finite training loss): load_state_dict(None) raised TypeError.
+    import medfed.train as train_module
+    from medfed.client.task import TrainingDivergedError, TrainSettings
+
+    nan = float("nan")
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda *a, **k: {"acc": nan, "auc": nan, "balanced_acc": nan, "loss": nan})
+    with pytest.warns(UserWarning, match="breastmnist"), \
+            pytest.raises(TrainingDivergedError, match="No epoch of the 2 gave a finite validation score"):
+        train_module.train_pooled(dataset="breastmnist", data_root=tiny_root, model_name="medvit_v2_nano",
+                                  img_size=28, settings=TrainSettings(epochs=2, batch_size=8), out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_default_selection_window_is_a_tenth_of_the_run_between_1_and_5():
     from medfed.train import default_selection_window
 
