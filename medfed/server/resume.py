@@ -252,8 +252,9 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
     if not resume:
         if finished is not None:
             raise ResumeError(
-                f"{run_dir} already holds a finished run ({finished} rounds); start the new run in another folder, "
-                "or resume that one with more rounds (--resume with --set rounds=N)."
+                f"{run_dir} already holds a finished run ({_rounds(finished)}); start the new run in another folder "
+                "(the run folder is output_dir/name: e.g. --set name=NEW), or resume that one with more rounds "
+                "(--resume with --set rounds=N)."
             )
         if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists():
             raise ResumeError(
@@ -280,10 +281,14 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         )
     if finished is not None and finished >= cfg.rounds:
         raise ResumeError(
-            f"{run_dir} has already finished its {finished} rounds; to train on, resume with more rounds "
+            f"{run_dir} has already finished its {_rounds(finished)}; to train on, resume with more rounds "
             f"(--set rounds={finished + 1} or more)."
         )
     return stored
+
+
+def _rounds(count: int) -> str:
+    return f"{count} round{'' if count == 1 else 's'}"
 
 
 def finished_rounds(run_dir: Path) -> int | None:
