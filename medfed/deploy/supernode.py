@@ -18,6 +18,7 @@ labels, file names and the data path never do.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -449,9 +450,13 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
         for child in started:
             child.terminate()
 
+    plain = not (callable(getattr(out, "isatty", None)) and out.isatty())
+
     def echo(stream) -> None:
         for raw in stream:
             line = raw.decode("utf-8", errors="replace")
+            if plain:  # a log file or a pipe: Flower's colour codes would be noise in it
+                line = _ANSI_COLOUR.sub("", line)
             out.write(line)
             out.flush()
             if _REFUSED in line:
@@ -491,6 +496,8 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
     return code, refused.is_set(), connected.is_set(), (failing_since or [None])[0]
 
 
+#: The colour codes in Flower's log lines (ESC [ ... m).
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 #: What Flower's SuperNode prints when it cannot open a connection to the SuperLink: a
 #: refused key, or (told apart by :func:`probe_server`) an unreachable server or TLS mismatch.
 _REFUSED = "Exit Code: 305"

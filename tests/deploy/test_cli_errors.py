@@ -225,3 +225,17 @@ def test_a_round_that_kept_the_global_model_says_so_in_the_servers_progress():
                            "model_kept": "the aggregate of the valid replies is not finite (NaN/inf)"}, 3)
     assert line == ("medfed server: round 2/3 done in 1.0 s, train loss 0.5000, global model kept: the aggregate of "
                     "the valid replies is not finite (NaN/inf)")
+
+
+def test_the_supernodes_colour_codes_are_left_out_of_a_log_file_and_its_lines_are_kept():
+    # A site's output went to a file with 109 colour codes in it.
+    import io
+    import sys
+
+    from medfed.deploy.supernode import _run_supernode
+
+    out = io.StringIO()
+    script = "print('\\x1b[32mINFO\\x1b[0m :      Starting Flower SuperNode'); print('plain line')"
+    code, refused, connected, failing = _run_supernode([sys.executable, "-c", script], {}, "hospital-a", out)
+    assert code == 0 and not refused and not connected and failing is None
+    assert out.getvalue() == "INFO :      Starting Flower SuperNode\nplain line\n"
