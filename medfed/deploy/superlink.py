@@ -21,9 +21,9 @@ What :func:`run_server` does, in order:
    app whose run config is the experiment and nothing else): the same ServerApp as
    ``medfed simulate`` runs the rounds and writes ``RUN_DIR`` (given to it through
    ``MEDFED_RUN_DIR``, never through the run config that the sites receive). Progress
-   (rounds, sites left out, quorum) is printed from ``RUN_DIR/metrics.jsonl``, and the
-   run's end read from its status in the SuperLink; Flower's own log, the ServerApp's
-   included, goes to ``RUN_DIR/flower/superlink.log``;
+   (rounds, sites left out, sites the server waits for, quorum) is printed from
+   ``RUN_DIR/metrics.jsonl``, and the run's end read from its status in the SuperLink;
+   Flower's own log, the ServerApp's included, goes to ``RUN_DIR/flower/superlink.log``;
 6. on success, on error and on Ctrl-C (or SIGTERM), stops every process it started
    (:class:`~medfed.deploy.processes.ProcessSet`). The run folder then resumes with
    ``medfed server --resume --run-dir RUN_DIR``. A server killed outright (SIGKILL, a
@@ -395,6 +395,11 @@ def _progress_line(record: dict, rounds: int) -> str | None:
     if event == "site_left_out":
         return (f"medfed server: site {record['site']} left out of the run: {record['reason']} (asked again while "
                 "the run goes on)")
+    if event == "waiting_for_sites":  # the ServerApp asked the sites to check their data; some are late
+        missing = ", ".join(str(name) for name in record.get("missing", [])) or "?"
+        return (f"medfed server: round {record.get('round', '?')}: waiting for site(s) {missing} to check their data "
+                f"({record.get('answered', '?')} of {record.get('asked', '?')} answered; at most "
+                f"{record.get('remaining_s', '?')} s more, then the run goes on without their answer)")
     if event == "site_admitted":
         return f"medfed server: site {record['site']}'s data now fits the study; it takes part from this round"
     if event == "quorum_missed":

@@ -32,7 +32,32 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-__all__ = ["NodeView", "SiteRole", "SiteRoster", "ask_sites"]
+__all__ = ["NodeView", "SiteRole", "SiteRoster", "SiteWait", "ask_sites"]
+
+
+#: Seconds between two lines that say which sites the server still waits for.
+WAIT_REPORT_S = 30.0
+#: Seconds between two pulls for replies where the Grid does not say (Flower's own
+#: ``send_and_receive`` of a SuperLink's ServerApp sleeps 3 s; its in-memory Grid has
+#: ``pull_interval``).
+FLOWER_PULL_INTERVAL_S = 3.0
+
+
+class SiteWait(NamedTuple):
+    """Where a wait for the sites' answers stands."""
+
+    answered: int
+    asked: int
+    #: The sites not heard from: their names where known, else "node <id>".
+    missing: tuple[str, ...]
+    #: Seconds the server still waits for them.
+    remaining_s: float
+
+    def describe(self, check_data: bool) -> str:
+        question = "the check of their data" if check_data else "who they are"
+        return (f"{self.answered} of {self.asked} site(s) have answered {question}; waiting for "
+                f"{', '.join(self.missing)} (at most {self.remaining_s:.0f} s more, then the run goes on without "
+                "their answer)")
 
 
 class SiteRole(NamedTuple):
@@ -57,12 +82,24 @@ def _question(check_data: bool) -> RecordDict:
     return RecordDict({"config": ConfigRecord({"question": "site-check" if check_data else "site-role"})})
 
 
-def ask_sites(grid: Grid, node_ids: Iterable[int], *, check_data: bool, timeout_s: float) -> dict[int, SiteRole]:
-    """One ``query`` to each of ``node_ids``; ``{node id: SiteRole}`` of those that answered."""
+def ask_sites(grid: Grid, node_ids: Iterable[int], *, check_data: bool, timeout_s: float,
+              names: Callable[[], Mapping[int, str]] | None = None,
+              on_wait: Callable[[SiteWait], None] | None = None) -> dict[int, SiteRole]:
+    """One ``query`` to each of ``node_ids``; ``{node id: SiteRole}`` of those that answered.
+
+    Replies are read as Flower's ``Grid.send_and_receive`` reads them (pushed, then pulled
+    until all have come or ``timeout_s`` has passed; a later reply is not read), but while
+    some are missing a line says every :data:`WAIT_REPORT_S` seconds which sites the server
+    still waits for (named by ``names()``, node id -> site name, where known) and for how
+    long; ``on_wait`` receives the same as a :class:`SiteWait`. A site that loads a large
+    dataset to check it may take minutes, and the server would otherwise say nothing.
+    """
     messages = [Message(content=_question(check_data), dst_node_id=node_id, message_type=MessageType.QUERY)
                 for node_id in node_ids]
     sites: dict[int, SiteRole] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout_s) if messages else ():
+    replies = _push_and_pull(grid, messages, timeout_s, check_data=check_data, names=names,
+                             on_wait=on_wait) if messages else ()
+    for reply in replies:
         role = _role(reply)
         if role is None:
             log(WARNING, "Node %s did not say who it is; it may be sampled for training, and is sampled last.",
@@ -70,6 +107,52 @@ def ask_sites(grid: Grid, node_ids: Iterable[int], *, check_data: bool, timeout_
             continue
         sites[reply.metadata.src_node_id] = role
     return sites
+
+
+def _push_and_pull(grid: Grid, messages: list[Message], timeout_s: float, *, check_data: bool,
+                   names: Callable[[], Mapping[int, str]] | None,
+                   on_wait: Callable[[SiteWait], None] | None) -> list[Message]:
+    """Flower's ``send_and_receive`` (same pulls, same timeout), saying whom it waits for."""
+    pushed = list(grid.push_messages(messages))
+    pending = {message_id: node_id for message_id, node_id in _addressees(pushed, messages).items() if message_id}
+    poll_s = float(getattr(grid, "pull_interval", FLOWER_PULL_INTERVAL_S))
+    start = time.monotonic()
+    deadline, report_due = start + timeout_s, start + WAIT_REPORT_S
+    replies: list[Message] = []
+    while pending and time.monotonic() < deadline:
+        pulled = list(grid.pull_messages(list(pending)))
+        replies.extend(pulled)
+        for reply in pulled:
+            pending.pop(reply.metadata.reply_to_message_id, None)
+        if not pending:
+            break
+        now = time.monotonic()
+        if now >= report_due:
+            report_due = now + WAIT_REPORT_S
+            known = names() if names is not None else {}
+            missing = sorted(pending.values(), key=lambda node_id: (node_id is None, node_id or 0))
+            wait = SiteWait(len(messages) - len(pending), len(messages),
+                            tuple(known.get(node_id) or ("a site" if node_id is None else f"node {node_id}")
+                                  for node_id in missing),
+                            max(0.0, deadline - now))
+            log(INFO, "%s", wait.describe(check_data))
+            if on_wait is not None:
+                on_wait(wait)
+        time.sleep(poll_s)
+    return replies
+
+
+def _addressees(pushed: list[str | None], messages: list[Message]) -> dict[str | None, int | None]:
+    """Message id -> the node it went to (None where unknown).
+
+    Flower's Grids give a pushed message its id (``metadata.message_id``) and return the
+    ids in the order of the messages, with None (HTTP) or nothing (in-memory) for one they
+    could not push.
+    """
+    by_id = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
+    in_order = len(pushed) == len(messages)
+    return {message_id: by_id.get(message_id, messages[position].metadata.dst_node_id if in_order else None)
+            for position, message_id in enumerate(pushed)}
 
 
 def _role(reply: Message) -> SiteRole | None:
@@ -108,13 +191,18 @@ class SiteRoster:
         Returns node id -> the site name its key is registered under (``medfed server``
         with TLS), or None. A node that answers under another name is left out: a site's
         name is otherwise only what it says.
+    on_wait : callable, optional
+        Called with a :class:`SiteWait` every :data:`WAIT_REPORT_S` seconds while answers
+        are missing (a line in the ServerApp's log says the same).
     """
 
     def __init__(self, grid: Grid, *, check_data: bool = False, timeout_s: float = 600.0,
                  on_answer: Callable[[int, SiteRole], None] | None = None,
-                 registered: Callable[[], Mapping[int, str] | None] | None = None) -> None:
+                 registered: Callable[[], Mapping[int, str] | None] | None = None,
+                 on_wait: Callable[[SiteWait], None] | None = None) -> None:
         self.grid = grid
         self.registered = registered
+        self.on_wait = on_wait
         self.check_data = check_data
         self.timeout_s = timeout_s
         self.on_answer = on_answer
@@ -169,10 +257,17 @@ class SiteRoster:
         return bool(others) and bool(set(others) & set(self.grid.get_node_ids()))
 
     def _ask(self, node_ids: list[int], timeout_s: float) -> None:
-        answers = ask_sites(self.grid, node_ids, check_data=self.check_data, timeout_s=timeout_s)
+        answers = ask_sites(self.grid, node_ids, check_data=self.check_data, timeout_s=timeout_s,
+                            names=self._known_names, on_wait=self.on_wait)
         self._silent.update(node_id for node_id in node_ids if node_id not in answers)
         for node_id, role in answers.items():
             self._heard(node_id, role)
+
+    def _known_names(self) -> dict[int, str]:
+        """Node id -> site name, for saying whom the server waits for: the name a node's key
+        is registered under (deployment with TLS), else the name it answered with before."""
+        registered = self.registered() if self.registered is not None else None
+        return {**self.names, **(registered or {})}
 
     def _heard(self, node_id: int, role: SiteRole) -> None:
         registered = self.registered() if self.registered is not None else None

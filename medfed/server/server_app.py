@@ -29,6 +29,7 @@ import os
 import random
 import secrets
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from medfed.config import ExperimentConfig, config_to_dict, from_run_config
 from medfed.deploy.app_guard import check_run_config
 from medfed.data import dataset_info
 from medfed.server.checkpoint import save_arrays, save_checkpoint
-from medfed.server.held_out import SiteRole, SiteRoster
+from medfed.server.held_out import SiteRole, SiteRoster, SiteWait
 from medfed.server.quorum import QuorumError, QuorumGuard, QuorumNotMet, apply_quorum, quorum_advice
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.metrics_log import MetricsLog, read_metrics
@@ -71,7 +72,12 @@ RESUME_ENV = "MEDFED_RESUME"
 #: ``MEDFED_REPLY_POLL_S`` overrides it (benchmarks/bench_deployment.py compares the two).
 DEPLOYED_POLL_INTERVAL_S = 0.5
 #: Longest wait, in seconds, for the sites to say who they are (and, deployed, to check
-#: their data) before round 1; at most ``federation.round_timeout_s``.
+#: their data) before round 1; at most ``federation.round_timeout_s``. A deployed site
+#: checks by loading all its images in a fresh ClientApp process: 224 px PNGs decode at
+#: about 0.7 ms (grayscale) and 1.4 ms (RGB) each on one core with a warm cache, so a site
+#: of 100,000 images takes 1-3 minutes and more from a cold disk; a MedMNIST+ 224 px .npz
+#: of that size is 5-16 GB to decompress (about 150 MB/s). The server says every 30 s
+#: whom it still waits for (:func:`medfed.server.held_out.ask_sites`).
 SITE_CHECK_TIMEOUT_S = 600.0
 
 app = ServerApp()
@@ -124,7 +130,14 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         np.random.seed(cfg.seed)
         arrays = _to_record(reference)
     deployed = _is_deployed(grid)
-    roster = _discover_sites(grid, cfg, deployed=deployed, run_dir=run_dir)
+
+    def waiting(wait: SiteWait) -> None:
+        # medfed server prints this (the ServerApp's own log reaches only Flower's run log).
+        log.write({"event": "waiting_for_sites", "time": _now(),
+                   "round": max(recorder.server_round, start.completed_rounds + 1), "answered": wait.answered,
+                   "asked": wait.asked, "missing": list(wait.missing), "remaining_s": round(wait.remaining_s)})
+
+    roster = _discover_sites(grid, cfg, deployed=deployed, run_dir=run_dir, on_wait=waiting if deployed else None)
     held_out_names = [role.name for role in roster.roles.values() if role.held_out and not role.problem]
     if held_out_names and cfg.federation.fraction_evaluate == 0:  # deployed: a site's node config says held out
         print(f"medfed: WARNING: held-out site(s) {', '.join(held_out_names)} only evaluate, but "
@@ -202,21 +215,24 @@ def read_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, Path,
     return cfg, run_dir, resume
 
 
-def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool, run_dir: Path) -> SiteRoster:
+def _discover_sites(grid: Grid, cfg: ExperimentConfig, *, deployed: bool, run_dir: Path,
+                    on_wait: Callable[[SiteWait], None] | None = None) -> SiteRoster:
     """Who the nodes are, asked before round 1: which sites are held out, the site names
     (a site whose first reply is an error is recorded by name, not node id; a simulated
     round that samples draws by them, the same on both engines), and in deployment whether
     each site's data fits the study and answers under the name its key is registered
     under (:data:`~medfed.server.run_files.REGISTERED_SITES_FILE`). Real sites come and go: a deployed server without
     held-out sites asks those connected (``medfed server`` waited for the sites), not all
-    of them, or a server that started with a quorum would wait here for the absent ones."""
+    of them, or a server that started with a quorum would wait here for the absent ones.
+    ``on_wait`` hears every :data:`~medfed.server.held_out.WAIT_REPORT_S` seconds whom the
+    server still waits for (here and when a site joins later)."""
     from medfed.sites.profiles import num_held_out, num_nodes
 
     federation = cfg.federation
     # A site that never answers holds up round 1 this long (then it is sampled as any other).
     timeout_s = min(SITE_CHECK_TIMEOUT_S, federation.round_timeout_s)
     roster = SiteRoster(grid, check_data=deployed, timeout_s=timeout_s,
-                        registered=(lambda: read_registered_sites(run_dir)) if deployed else None)
+                        registered=(lambda: read_registered_sites(run_dir)) if deployed else None, on_wait=on_wait)
     roster.discover(num_nodes(federation) if num_held_out(federation) or not deployed else 0, timeout_s)
     return roster
 

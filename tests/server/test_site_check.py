@@ -272,3 +272,127 @@ def test_a_site_that_keeps_its_test_scores_is_left_out_of_a_study_that_pools_the
         if left_out:
             (role,) = roster.left_out.values()
             assert "which this site's operator does not send; set federation.pooled_test_metrics: false" in role.problem
+
+
+class _Clock:
+    """Stands in for the ``time`` module: sleeping moves the clock on at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _LateGrid(LocalGrid):
+    """A LocalGrid whose sites named in ``late`` answer the server's question only at that
+    clock time (as a SuperNode cut off mid-message answers after it reconnects)."""
+
+    def __init__(self, *args, late: dict[str, float], clock: _Clock) -> None:
+        super().__init__(*args)
+        self.late, self.clock, self.due = late, clock, {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for message_id, message in zip(ids, messages):
+            name = self.contexts[message.metadata.dst_node_id].node_config["site-name"]
+            if message.metadata.message_type == MessageType.QUERY and name in self.late:
+                self.due[message_id] = self.clock.start + self.late[name]
+        return ids
+
+    def pull_messages(self, message_ids):
+        return super().pull_messages([i for i in message_ids if self.clock.now >= self.due.get(i, 0.0)])
+
+    def send_and_receive(self, messages, *, timeout=None):  # as Flower's: pull every 3 s until the timeout
+        pending, replies = set(self.push_messages(messages)), []
+        end = self.clock.now + timeout
+        while self.clock.now < end:
+            pulled = list(self.pull_messages(pending))
+            replies += pulled
+            pending -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not pending:
+                break
+            self.clock.sleep(3)
+        return replies
+
+
+def _late_grid(cfg, tiny_root: Path, clock: _Clock, monkeypatch, **late: float) -> _LateGrid:
+    from medfed.server import held_out
+
+    monkeypatch.setattr(held_out, "time", clock)
+    clock.start = clock.now
+    nodes = [{"data-path": str(tiny_root), "site-name": name} for name in ("alpha", "beta", "gamma")]
+    return _LateGrid(client_app, nodes, to_run_config(cfg), late=late, clock=clock)
+
+
+def test_while_a_site_is_late_the_server_says_every_30_s_whom_it_waits_for(tiny_root, tiny_config, tmp_path,
+                                                                          monkeypatch):
+    from medfed.server import held_out
+
+    # Prepare: beta and gamma (their keys registered under their names) answer after 75 s.
+    cfg = tiny_config(tiny_root, tmp_path)
+    clock = _Clock()
+    grid = _late_grid(cfg, tiny_root, clock, monkeypatch, beta=75.0, gamma=75.0)
+    alpha, beta, gamma = sorted(grid.get_node_ids())
+    registered = {alpha: "alpha", beta: "beta", gamma: "gamma"}
+    lines, waits = [], []
+    monkeypatch.setattr(held_out, "log", lambda level, text, *args: lines.append(text % args))
+    roster = SiteRoster(grid, check_data=True, timeout_s=600.0, registered=lambda: registered,
+                        on_wait=waits.append)
+    # Execute
+    roster.discover(0, 600.0)
+    # Assert: the answers are those of sites that answer at once.
+    assert roster.names == {alpha: "alpha", beta: "beta", gamma: "gamma"} and roster.left_out == {}
+    assert [(w.answered, w.asked, w.missing, w.remaining_s) for w in waits] == [
+        (1, 3, ("beta", "gamma"), 570.0), (1, 3, ("beta", "gamma"), 540.0)]
+    assert lines == [
+        "1 of 3 site(s) have answered the check of their data; waiting for beta, gamma (at most 570 s more, then "
+        "the run goes on without their answer)",
+        "1 of 3 site(s) have answered the check of their data; waiting for beta, gamma (at most 540 s more, then "
+        "the run goes on without their answer)",
+    ]
+
+
+def test_a_site_that_answers_after_the_wait_is_not_heard_as_before(tiny_root, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_root, tmp_path)
+    clock = _Clock()
+    grid = _late_grid(cfg, tiny_root, clock, monkeypatch, gamma=100.0)
+    alpha, beta, gamma = sorted(grid.get_node_ids())
+    waits = []
+    roster = SiteRoster(grid, check_data=True, timeout_s=45.0, on_wait=waits.append)
+    roster.discover(0, 45.0)
+    # Asked no more, sampled like any site; the wait ended at the timeout. No name is known
+    # for a node that never answered (--insecure): its id stands for it.
+    assert roster.names == {alpha: "alpha", beta: "beta"} and roster._silent == {gamma}
+    assert 1045.0 <= clock.now < 1049.0
+    assert [w.missing for w in waits] == [(f"node {gamma}",)]
+
+
+def test_medfed_server_prints_whom_a_deployed_run_waits_for(tiny_root, tiny_config, tmp_path, monkeypatch):
+    from medfed.deploy.superlink import _progress_line
+
+    from medfed.server.run_files import REGISTERED_SITES_FILE
+
+    # Prepare: gamma answers the check before round 1 after 40 s; the sites' keys are
+    # registered under their names (medfed server with TLS).
+    cfg = tiny_config(tiny_root, tmp_path, rounds=1)
+    grid = _late_grid(cfg, tiny_root, _Clock(), monkeypatch, gamma=40.0)
+    run_dir = tmp_path / "run"
+    (run_dir / REGISTERED_SITES_FILE).parent.mkdir(parents=True)
+    (run_dir / REGISTERED_SITES_FILE).write_text(json.dumps({"2": "alpha", "3": "beta", "4": "gamma"}))
+    # Execute
+    _serve(cfg, grid, run_dir, monkeypatch)
+    # Assert: one line on medfed server's terminal; the run went on with all three.
+    records = _records(run_dir)
+    waiting = [r for r in records if r["event"] == "waiting_for_sites"]
+    assert [(r["round"], r["answered"], r["asked"], r["missing"], r["remaining_s"]) for r in waiting] == [
+        (1, 2, 3, ["gamma"], 570)]
+    assert _progress_line(waiting[0], 1) == (
+        "medfed server: round 1: waiting for site(s) gamma to check their data (2 of 3 answered; at most 570 s more, "
+        "then the run goes on without their answer)")
+    assert {r["site"] for r in records if r["event"] == "site"} == {"alpha", "beta", "gamma"}
+    assert records[-1]["event"] == "end"
