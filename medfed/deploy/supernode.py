@@ -8,7 +8,9 @@ the server, and the node config the ClientApp reads (``site-name``, ``data-path`
 started again when it ends by itself (a server on a new run folder does not know its
 node). Before each start, and when it could not connect, :func:`probe_server` checks
 the server's address and certificate, so that the message names the real cause. Ctrl-C
-(or SIGTERM) stops it and every ClientApp process it started.
+(or SIGTERM) stops it and every ClientApp process it started. Flower's files (the app of
+each study, installed at its first message) go to ``STATE_DIR/SITE/flower``
+(:data:`FLOWER_HOME`), not to ``~/.flwr``.
 
 What leaves the site: the model's weights after local training and the metrics of
 :mod:`medfed.client.client_app` (counts, loss, ACC/AUC, confusion matrix). Images,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -35,12 +38,19 @@ from medfed.deploy.certs import site_certs, validate_site_name
 from medfed.deploy.processes import ProcessSet, flower_executable, free_port, interrupt_on_sigterm
 from medfed.deploy.superlink import Address, DeployError, parse_address
 
-__all__ = ["check_site_data", "probe_server", "run_client"]
+__all__ = ["FLOWER_HOME", "check_site_data", "probe_server", "run_client"]
 
 #: Seconds between the SuperNode's checks for a message to run (Flower's default: 1 s).
 CLIENTAPP_POLL_S = "0.1"
 #: Seconds :func:`probe_server` waits for a connection or a TLS handshake.
 PROBE_TIMEOUT_S = 5.0
+#: The SuperNode's Flower home (``FLWR_HOME``), in the site's own folder of its state
+#: folder (``STATE_DIR/SITE/flower``; a run key, the other folders there, is hexadecimal):
+#: Flower installs each run's app under it, in ``apps/``, instead of in ``~/.flwr``.
+FLOWER_HOME = "flower"
+#: The folders Flower installs medfed's app in (``apps/PUBLISHER.NAME.VERSION.HASH``, the
+#: FAB's hash cut to 8 digits): one per distinct study configuration, reused for the same one.
+_MEDFED_APP_FOLDER = re.compile(r"medfed\.medfed-[a-z]+\.\d+\.\d+\.\d+\.[0-9a-f]{8}")
 _TASKS = ("multi-class", "multi-label, binary-class")
 
 
@@ -151,7 +161,7 @@ def run_client(
     state_dir : str or Path, optional
         Where the site keeps what its strategy keeps between rounds (FedBN's BatchNorm,
         FairLoRA's state), in ``SITE/RUN KEY`` inside it: ``./medfed-state`` by default.
-        It never leaves the site.
+        It never leaves the site. The SuperNode's Flower home is ``SITE/flower`` in it.
     held_out : bool
         The site only evaluates the global model and never trains (an unseen hospital).
     allowed_strategies : sequence of str
@@ -179,6 +189,8 @@ def run_client(
     data_path = Path(data).expanduser().resolve()
     state_path = Path(state_dir if state_dir is not None else "medfed-state").expanduser().resolve()
     _check_state_folder(state_path)
+    flower_home = state_path / site / FLOWER_HOME
+    _remove_installed_apps(flower_home)
     node_config = (f'site-name="{site}" data-path="{_quoted(str(data_path))}" '
                    f'state-dir="{_quoted(str(state_path))}"')
     if held_out:
@@ -215,7 +227,8 @@ def run_client(
     # The SuperNode's SuperExec starts one ClientApp process per message; it looks for work
     # every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower: 1 s) in the SuperNode's
     # in-memory state, so polling often costs next to nothing.
-    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", CLIENTAPP_POLL_S)}
+    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", CLIENTAPP_POLL_S),
+           "FLWR_HOME": str(flower_home)}
     with interrupt_on_sigterm():
         _keep_running(command, env, address, ca_cert, site, max_wait_s, out)
 
@@ -246,6 +259,29 @@ def _check_state_folder(folder: Path) -> None:
             f"The site's state folder {folder} cannot be written ({error.strerror or error}); give a folder this "
             "site can write (--state-dir)."
         ) from None
+
+
+def _remove_installed_apps(home: Path) -> None:
+    """Remove the copies of medfed's app that Flower installed in ``home`` for earlier runs.
+
+    Flower installs a run's app at its first message and never removes it; each study
+    (each configuration, a resume with more rounds included) is an app of its own. A run
+    that is still going gets its copy back at its next message. Only folders that hold
+    what medfed's app holds (``pyproject.toml``, nothing else) are removed.
+    """
+    try:
+        folders = list((home / "apps").iterdir())
+    except OSError:  # none yet
+        return
+    for folder in folders:
+        if not _MEDFED_APP_FOLDER.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            files = list(folder.iterdir())
+            if all(f.name == "pyproject.toml" and f.is_file() and not f.is_symlink() for f in files):
+                shutil.rmtree(folder)
+        except OSError:  # another process's, or read-only: left as it is
+            continue
 
 
 def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_cert: Path | None, site: str,

@@ -340,6 +340,41 @@ def test_a_device_the_site_lacks_stops_the_client_before_connecting(tmp_path):
                    device="cuda:99")
 
 
+def test_the_sites_supernode_keeps_flowers_files_in_its_state_folder_and_drops_old_app_copies(tmp_path, monkeypatch):
+    # Flower installed every study's app in ~/.flwr/apps and never removed one.
+    import io
+
+    from medfed.deploy import supernode
+    from medfed.deploy.supernode import run_client
+
+    seen = {}
+    monkeypatch.setattr(supernode, "_keep_running", lambda command, env, *rest: seen.update(env=env))
+    home = tmp_path / "state" / "a" / "flower"
+    apps = home / "apps"
+
+    def app(name: str, files=("pyproject.toml",)) -> Path:
+        (apps / name).mkdir(parents=True)
+        for file in files:
+            (apps / name / file).write_text("x")
+        return apps / name
+
+    app("medfed.medfed-simulation.0.1.0.777affaa")
+    app("medfed.medfed-study.0.1.0.0f466981")
+    kept = [app("medfed.medfed-study.0.1.0.1234abcd", ("pyproject.toml", "notes.txt")),  # not what medfed installs
+            app("someone.else.1.0.0.0f466981")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "pyproject.toml").write_text("x")
+    (apps / "medfed.medfed-study.0.1.0.deadbeef").symlink_to(elsewhere)
+    kept.append(apps / "medfed.medfed-study.0.1.0.deadbeef")
+    # Execute
+    run_client(server="localhost:1", site="a", data=_npz(tmp_path / "site"), certs=None, insecure=True,
+               state_dir=tmp_path / "state", out=io.StringIO())
+    # Assert
+    assert seen["env"]["FLWR_HOME"] == str(home.resolve())
+    assert sorted(apps.iterdir()) == sorted(kept) and (elsewhere / "pyproject.toml").is_file()
+
+
 @pytest.mark.parametrize("path", ["/data/back\\slash", "C:\\sites\\north", "/data/tab\there", "/data/a b/ünï"])
 def test_a_site_path_reaches_the_supernode_as_written(path):
     # A backslash made Flower's node config invalid TOML: the SuperNode failed 6 times in a row.
