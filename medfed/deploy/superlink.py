@@ -201,7 +201,7 @@ def run_server(
     try:
         (home / "app").mkdir(parents=True, exist_ok=True)
         _claim(home, processes.marker)
-        (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg)), encoding="utf-8")
+        (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg), deployed=True), encoding="utf-8")
         _write_flower_config(home, listen.local, tls)
         with interrupt_on_sigterm():
             _new_superexec_secret(home)

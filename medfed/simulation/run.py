@@ -452,7 +452,7 @@ def _toml_value(value: bool | int | float | str) -> str:
     return json.dumps(value)  # a TOML basic string: JSON's escapes are valid TOML
 
 
-def app_pyproject(run_config: dict[str, bool | int | float | str]) -> str:
+def app_pyproject(run_config: dict[str, bool | int | float | str], *, deployed: bool = False) -> str:
     """A minimal Flower app ``pyproject.toml`` whose run config is ``run_config``.
 
     Parameters
@@ -460,12 +460,19 @@ def app_pyproject(run_config: dict[str, bool | int | float | str]) -> str:
     run_config : dict
         Flat, dotted kebab-case keys (``to_run_config``); written as TOML dotted keys,
         which Flower flattens back to the same names.
+    deployed : bool
+        The app ``medfed server`` submits to the sites ("medfed-study"; Flower names the
+        folder a site installs it in after it), not the simulation's ("medfed-simulation").
+        Nothing checks the name (:mod:`medfed.deploy.app_guard` checks the components and,
+        on the coordinator, the whole file against the one the server wrote).
     """
+    name, description = (("medfed-study", "medfed study run by medfed server on the sites' SuperNodes") if deployed
+                         else ("medfed-simulation", "medfed experiment run on the Flower simulation engine"))
     lines = [
         "[project]",
-        'name = "medfed-simulation"',
+        f'name = "{name}"',
         'version = "0.1.0"',
-        'description = "medfed experiment run on the Flower simulation engine"',
+        f'description = "{description}"',
         'license = "Apache-2.0"',
         "",
         "[tool.flwr.app]",

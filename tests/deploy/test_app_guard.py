@@ -37,6 +37,12 @@ def test_medfed_own_app_passes_at_a_site_and_at_the_server_that_wrote_it(tmp_pat
     fab = _fab(tmp_path / "app", medfed_pyproject)
     check_app(fab)
     check_app(fab, expected_pyproject=(tmp_path / "app" / "pyproject.toml").read_bytes())
+    # The app medfed server submits, named for what it is (a site's Flower names the app's folder after it).
+    deployed = app_pyproject(to_run_config(ExperimentConfig()), deployed=True)
+    assert 'name = "medfed-study"' in deployed and 'name = "medfed-simulation"' in medfed_pyproject
+    fab = _fab(tmp_path / "deployed", deployed)
+    check_app(fab)
+    check_app(fab, expected_pyproject=(tmp_path / "deployed" / "pyproject.toml").read_bytes())
 
 
 @pytest.mark.parametrize("extra", [
