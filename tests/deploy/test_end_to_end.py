@@ -259,6 +259,9 @@ def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher
     assert not (tmp_path / "pwned").exists()
     # The server's last line says where the results are.
     assert f"the study is finished; report {run_dir / 'report.html'}" in server_log
+    # Each site's Flower installed the study's app in the site's state folder (./medfed-state), not in ~/.flwr.
+    for site in ("alpha", "beta"):
+        assert list((tmp_path / "medfed-state" / site / "flower" / "apps").glob("medfed.medfed-study.0.1.0.*")), site
     # Clients stop on SIGTERM and take their Flower processes with them.
     for site in ("alpha", "beta", "gamma"):
         os.killpg(launcher.procs[site].pid, signal.SIGTERM)
