@@ -7,6 +7,7 @@ known input errors end in one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import warnings
@@ -434,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medfed.deploy.processes import interrupt_on_sigterm
 
     args = build_parser().parse_args(argv)
+    # Flower sends usage events to its servers unless told not to (read when flwr is first
+    # imported, and inherited by every process medfed starts): off unless the user turned it on.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     shown_by, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         with interrupt_on_sigterm():  # a scheduler's SIGTERM gets Ctrl-C's clean-up and message

@@ -376,3 +376,21 @@ def test_python_dash_m_medfed_is_the_medfed_command():
 
     shown = subprocess.run([sys.executable, "-m", "medfed", "--version"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and shown.stdout.startswith("medfed "), shown.stderr
+
+
+@pytest.mark.parametrize("given, expected", [(None, "0"), ("1", "1")])
+def test_flowers_usage_telemetry_is_off_unless_the_user_turns_it_on(tmp_path, given, expected):
+    # Flower posts usage events (simulation start and end...) unless FLWR_TELEMETRY_ENABLED=0;
+    # it reads the variable when flwr is first imported, which medfed's commands do after main starts.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
+    if given is not None:
+        env["FLWR_TELEMETRY_ENABLED"] = given
+    script = ("from medfed.cli import main; main(['report', 'no-such-run']); "
+              "import flwr.supercore.telemetry as t; print(t.FLWR_TELEMETRY_ENABLED)")
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == expected, done.stderr

@@ -228,7 +228,9 @@ def run_client(
     # every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower: 1 s) in the SuperNode's
     # in-memory state, so polling often costs next to nothing.
     env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", CLIENTAPP_POLL_S),
-           "FLWR_HOME": str(flower_home)}
+           "FLWR_HOME": str(flower_home),
+           # Flower's usage telemetry (on unless turned off) leaves a hospital only if its operator says so.
+           "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
     with interrupt_on_sigterm():
         _keep_running(command, env, address, ca_cert, site, max_wait_s, out)
 
