@@ -139,8 +139,13 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> None:
+    from flwr.supercore.logger import update_console_handler
+
     from medfed.config import load_config
     from medfed.simulation import simulate
+
+    # Flower's log lines carry colour codes: noise in a log file or a pipe.
+    update_console_handler(colored=sys.stderr.isatty())
 
     if args.resume is not None:
         run_dir = Path(args.resume)

@@ -394,3 +394,13 @@ def test_flowers_usage_telemetry_is_off_unless_the_user_turns_it_on(tmp_path, gi
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.strip().splitlines()[-1] == expected, done.stderr
+
+
+def test_simulate_leaves_flowers_colour_codes_out_of_output_that_is_not_a_terminal(tmp_path, monkeypatch):
+    # `medfed simulate > run.log` filled the log with ESC[92m ... ESC[0m around every Flower line.
+    from flwr.supercore import logger
+
+    monkeypatch.setattr(logger.console_handler, "colored", True)
+    (tmp_path / "exp.yaml").write_text("rounds: -1\n")
+    assert main(["simulate", "--config", str(tmp_path / "exp.yaml")]) == 2  # stderr is pytest's, not a terminal
+    assert logger.console_handler.colored is False
