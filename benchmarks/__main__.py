@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -92,7 +93,8 @@ def plan(mode: str) -> list[Step]:
 
 def describe_machine() -> dict:
     """CPU model, cores, memory, GPU and the versions that decide the figures."""
-    info: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(),
+    info: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "revision": _revision(),
+                  "platform": platform.platform(),
                   "python": platform.python_version(), "cpu_cores": os.cpu_count(), "cpu_model": _cpu_model(),
                   "load_avg_1m": os.getloadavg()[0]}
     try:
@@ -125,6 +127,18 @@ def describe_machine() -> dict:
     except Exception:  # noqa: BLE001
         info["natten_cuda_kernels"] = False
     return info
+
+
+def _revision() -> str | None:
+    """The checkout's commit, ``-dirty`` when tracked files have changes; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
 def _cpu_model() -> str:

@@ -11,7 +11,7 @@ had twice the rounds of the others, which the table says). Its groups come from 
 sites' data (site folders' ``group`` column, or a scenario that simulates groups); without
 groups every sample has weight ``1 / G`` on each group and FairLoRA is plain LoRA.
 
-Per run, from ``metrics.jsonl``'s last round: test ACC and AUC (sample-weighted over
+Per run, from ``metrics.jsonl``'s last evaluated round: test ACC, AUC and loss (sample-weighted over
 the sites' test splits; for Local-only and FedBN each site evaluates its own model),
 worst-site ACC, held-out ACC (the ``held_out: true`` sites, which never train, when the
 federation has any), ES-AUC (when sites report groups) and bytes per round (sent +
@@ -22,6 +22,12 @@ Usage (the issue's two federations; ``benchmarks/results/strategies_*.json``)::
     python benchmarks/bench_strategies.py --config experiments/pneumoniamnist-scanner-and-label-shift.yaml \\
         --seeds 0 1 2
     python benchmarks/bench_strategies.py --config experiments/breastmnist-group-shift.yaml --seeds 0 1 2
+
+Flower's server optimisers at their defaults, beside FedAvg, on the default experiment
+(``benchmarks/results/strategies_flower_optimisers.json``)::
+
+    python benchmarks/bench_strategies.py --strategies fedavg fedadam fedyogi fedadagrad --seeds 0 \
+        --set rounds=4 --out benchmarks/results/strategies_flower_optimisers.json
 """
 
 from __future__ import annotations
@@ -44,8 +50,13 @@ STRATEGIES = {
     "fedbn": ("fedbn", {}),
     "fedld": ("fedld", {"margin_lambda": 0.03}),
     "fairlora": ("fairlora", {"num_groups": 2, "rank": 4}),
+    # Flower's server optimisers at Flower's defaults (eta 0.1, 0.01, 0.1): not in the default set.
+    "fedadam": ("fedadam", {}),
+    "fedyogi": ("fedyogi", {}),
+    "fedadagrad": ("fedadagrad", {}),
 }
-COLUMNS = ("acc", "auc", "worst_site_acc", "held_out_acc", "es_auc", "bytes_per_round")
+DEFAULT_STRATEGIES = ("local", "fedavg", "fedprox", "fedbn", "fedld", "fairlora")
+COLUMNS = ("acc", "auc", "loss", "worst_site_acc", "held_out_acc", "es_auc", "bytes_per_round")
 
 
 def run_metrics(run_dir: Path) -> dict[str, float | None]:
@@ -69,7 +80,7 @@ def run_metrics(run_dir: Path) -> dict[str, float | None]:
     held_out = run.aggregate(last, "held_out") or {}
     per_round = [r["bytes_sent"] + r["bytes_received"] for r in run.round_records.values()]
     return {
-        "acc": evaluate.get("acc"), "auc": evaluate.get("auc"),
+        "acc": evaluate.get("acc"), "auc": evaluate.get("auc"), "loss": evaluate.get("loss"),
         # A site whose ACC is NaN (its training diverged) is the worst; min() would skip it or not,
         # by where it stands in the list.
         "worst_site_acc": (math.nan if any(math.isnan(a) for a in in_federation) else min(in_federation))
@@ -96,18 +107,23 @@ def _fmt(values: list[float | None], kind: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="experiment YAML: the federation")
+    parser.add_argument("--config", default=None,
+                        help="experiment YAML: the federation (default: medfed simulate's default experiment)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--backbone", default=None, help="FairLoRA backbone (default: the seed's FedAvg run)")
     parser.add_argument("--work-dir", default=None, help="where run folders go (default: a temporary folder)")
     parser.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/strategies_<name>.json)")
     args = parser.parse_args()
 
     import dataclasses
+    import sys
 
     import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.__main__ import describe_machine
 
     from medfed.config import StrategyConfig, load_config
     from medfed.simulation.local import run_local
@@ -153,6 +169,7 @@ def main() -> None:
         "fairlora_backbone": args.backbone or "the same seed's FedAvg run",
         "runs": {label: results[label] for label in args.strategies},
         "machine": platform.processor() or platform.machine(), "time": datetime.now(timezone.utc).isoformat(),
+        "environment": describe_machine(), "torch_threads": torch.get_num_threads(),
     }, indent=2) + "\n")
     print(f"\nwrote {out}")
 
