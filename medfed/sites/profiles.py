@@ -402,6 +402,11 @@ def plan_federation(
         site if names.count(site.name) == 1 else SitePlan(**{**site.__dict__, "name": f"{site.name}-{site.partition_id}"})
         for site in sites
     ]
+    names = [site.name for site in sites]
+    if len(set(names)) < len(names):  # a suffixed name that another site has: two sites would answer as one
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise _fail("federation.sites", f"gives two sites the name {twice[0]!r} (a repeated name is suffixed with "
+                                        "the site's number, and another site is named so); rename one.")
     plain = not federation.sites and not federation.groups and not federation.quantity_skew
     return FederationPlan(
         sites=tuple(sites), groups=groups, partition=federation.partition,

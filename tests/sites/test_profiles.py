@@ -216,6 +216,17 @@ def test_class_mix_must_fit_the_dataset():
         plan_federation(cfg.federation, dataset="breastmnist", num_classes=2, channels=1, seed=0)
 
 
+def test_site_names_that_stay_twice_after_suffixing_are_refused():
+    # [a, a, a-1] became a-0, a-1, a-1: the second 'a-1' was left out as a stranger and the run waited 30 min.
+    from medfed.sites.profiles import SiteProfileError
+
+    cfg = config_from_dict({"federation": {"num_sites": 3, "sites": [{"name": "a"}, {"name": "a"}, {"name": "a-1"}]}})
+    with pytest.raises(SiteProfileError, match="'federation.sites' gives two sites the name 'a-1'"):
+        plan_federation(cfg.federation, dataset="breastmnist", num_classes=2, channels=1, seed=0)
+    cycled = config_from_dict({"federation": {"num_sites": 4, "sites": [{"name": "a"}, {"name": "b"}]}})
+    assert [site.name for site in plan_for(cycled).sites] == ["a-0", "b-1", "a-2", "b-3"]
+
+
 @pytest.mark.parametrize("federation", [
     {"scenario": "scanner-and-label-shift"},
     {"sites": [{"class_mix": [1, 2] + [1] * 12}]},
