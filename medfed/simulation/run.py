@@ -385,12 +385,12 @@ def _preflight(cfg: ExperimentConfig, *, simulated: bool = True) -> None:
             f"Config key 'model.name' must be one of {', '.join(list_models())}. Got {cfg.model.name!r} instead."
         )
     strategy = build_strategy(cfg)
-    if cfg.model.init_from is not None:
-        # Built once here, as the ServerApp will: weights that do not fit the model, or
-        # FairLoRA targets that match no layer, fail now, not after the run folder exists.
-        from medfed.server.server_app import initial_model_arrays
+    # Built once here, as the ServerApp will: weights that do not fit the model, FairLoRA
+    # targets that match no layer, or FairLoRA without a backbone fail now, not after the
+    # run folder exists (or, in deployment, after the server opened its port).
+    from medfed.server.server_app import initial_model_arrays
 
-        initial_model_arrays(cfg, strategy)
+    initial_model_arrays(cfg, strategy)
     from medfed.sites.profiles import deal_sites, plan_for
 
     plan = plan_for(cfg)  # class mixes and colour corruptions fit the dataset
@@ -413,6 +413,23 @@ def _preflight(cfg: ExperimentConfig, *, simulated: bool = True) -> None:
     deal_sites(plan, splits["train"].labels, splits["test"].labels, cfg.seed)  # every site gets images of both splits
     if cfg.simulation.ray_address:
         _check_ray_address(cfg.simulation.ray_address)
+    elif resolve_engine(cfg) == "ray":
+        _check_site_resources(cfg)
+
+
+def _check_site_resources(cfg: ExperimentConfig) -> None:
+    """On a Ray started here, a site must fit the machine: Ray would find no worker to run
+    it on (tracebacks, then a ServerApp that waits for sites for good)."""
+    from medfed.config import ConfigError
+
+    sim = cfg.simulation
+    for key, wanted, present, what in (("cpus_per_site", sim.cpus_per_site, _available_cpus(), "CPU cores"),
+                                       ("gpus_per_site", sim.gpus_per_site, _visible_gpus(), "GPUs")):
+        if wanted > present:
+            raise ConfigError(
+                f"Config key 'simulation.{key}' is {wanted:g} but this machine has {present} {what} for Ray; give at "
+                f"most {present}, or simulation.engine: inprocess."
+            )
 
 
 def _check_ray_address(address: str) -> None:

@@ -92,6 +92,23 @@ def test_initial_weights_that_cannot_be_built_stop_before_the_run_folder(tiny_ro
     assert not (tmp_path / "runs" / "bad").exists()
 
 
+@pytest.mark.parametrize("command", ["simulate", "server"])
+def test_fairlora_without_a_backbone_stops_before_the_run_folder_and_the_port(tiny_root, tmp_path, capsys, command):
+    # simulate wrote config.yaml first; medfed server opened its port and waited for the sites.
+    from medfed.deploy.processes import free_port
+
+    if command == "server":  # a second's wait for sites, should it start after all
+        command = ["server", "--insecure", "--address", f"127.0.0.1:{free_port()}", "--join-timeout", "1"]
+    else:
+        command = [command]
+    settings = [f"output_dir={tmp_path / 'runs'}", "name=bad", f"data.root={tiny_root}", "strategy.name=fairlora",
+                "simulation.engine=inprocess"]
+    code = main(command + [a for s in settings for a in ("--set", s)])
+    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if "WARNING: --insecure" not in line)
+    assert code == 2 and "adapts a pretrained backbone: set model.init_from" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(("dataset", "embedded"), [("pneumoniamnist", False), ("breastmnist", True)])
 def test_a_data_root_without_the_file_says_where_it_looked_and_where_the_file_is(tmp_path, capsys, monkeypatch,
                                                                                   dataset, embedded):
@@ -107,3 +124,20 @@ def test_a_data_root_without_the_file_says_where_it_looked_and_where_the_file_is
     assert f"points to {tmp_path.parent / 'shared' / 'data'}, which" in err  # resolved from here
     assert f"which has no {dataset}.npz; put the file there (from https://zenodo.org/" in err
     assert ("null for the embedded copy" in err) == embedded
+
+
+@pytest.mark.parametrize(("key", "value", "what"), [("cpus_per_site", "64", "CPU cores"), ("gpus_per_site", "1", "GPUs")])
+def test_a_site_larger_than_the_machine_is_refused_before_ray_starts(tiny_root, tmp_path, capsys, monkeypatch, key,
+                                                                      value, what):
+    # cpus_per_site=64 on 2 cores: Ray's "ActorPool is empty" tracebacks, then a run that never ended.
+    from medfed.simulation import run as run_module
+
+    monkeypatch.setattr(run_module, "_available_cpus", lambda: 2)
+    monkeypatch.setattr(run_module, "_visible_gpus", lambda: 0)
+    settings = [f"output_dir={tmp_path / 'runs'}", "name=big", f"data.root={tiny_root}", "simulation.engine=ray",
+                f"simulation.{key}={value}"]
+    code = main(["simulate"] + [a for s in settings for a in ("--set", s)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"Config key 'simulation.{key}' is {value} but this machine has" in err and what in err
+    assert not (tmp_path / "runs").exists()
