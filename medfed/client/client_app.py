@@ -64,7 +64,7 @@ from medfed.client.site_data import (
     PARTITION_ID_KEY, SiteData, StudyMismatchError, derive_seed, load_site_data, policy_refusal, site_role,
     study_group_count,
 )
-from medfed.client.site_state import RUN_KEY, ForeignSiteState, load_site_state, save_site_state
+from medfed.client.site_state import RUN_KEY, DamagedSiteState, ForeignSiteState, load_site_state, save_site_state
 from medfed.client.task import (
     TrainSettings, evaluate, image_batches, make_loader, make_loss, make_optimizer, prediction_metrics, prepare_model,
     round_learning_rate,
@@ -246,6 +246,10 @@ def _kept_state(context: Context, name: str, study: str, latest_round: int, run_
     """What the site kept for the study ``study`` (:func:`load_site_state`); another study's is refused."""
     try:
         return load_site_state(context, name, latest_round=latest_round, run_key=run_key, study=study)
+    except DamagedSiteState as error:
+        log(ERROR, "[%s] %s.", name, error)
+        raise SiteRefusal("the site's kept state for this run cannot be read; the site's log names the file and "
+                          "what to do") from None
     except ForeignSiteState as error:
         log(ERROR, "[%s] %s; not read.", name, error)
         if error.legacy:

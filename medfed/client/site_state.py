@@ -41,15 +41,15 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from medfed._io import write_bytes_atomic
 from medfed.errors import MedfedError
 
 __all__ = [
-    "NODE_STATE_DIR_KEY", "RUN_KEY", "SITE_STATE_DIR_KEY", "ForeignSiteState", "load_site_state", "save_site_state",
-    "site_state_dir",
+    "NODE_STATE_DIR_KEY", "RUN_KEY", "SITE_STATE_DIR_KEY", "DamagedSiteState", "ForeignSiteState", "load_site_state",
+    "save_site_state", "site_state_dir",
 ]
 
 NODE_STATE_DIR_KEY = "state-dir"
@@ -71,6 +71,11 @@ class ForeignSiteState(MedfedError):
     def __init__(self, message: str, *, legacy: bool = False) -> None:
         super().__init__(message)
         self.legacy = legacy
+
+
+class DamagedSiteState(MedfedError):
+    """The newest kept state file cannot be read (truncated or corrupted since it was
+    written); the message names the file and what to do."""
 
 
 def site_state_dir(context: Context, site_name: str, run_key: str = "") -> Path | None:
@@ -112,6 +117,8 @@ def load_site_state(
     ForeignSiteState
         The newest state was written by another study (the folder is named, for the
         site's log; the server must be told less).
+    DamagedSiteState
+        The newest state file cannot be read (named, with what to do, for the site's log).
     """
     state = context.state
     if _ARRAYS in state.array_records and _ROUND in state.config_records:
@@ -127,14 +134,21 @@ def load_site_state(
     if not rounds:
         return {}
     path = folder / f"round-{rounds[-1]:06d}.safetensors"
-    with safe_open(str(path), framework="pt") as handle:
-        written_by = (handle.metadata() or {}).get(_STUDY, "")
-    if written_by != study:
-        if not written_by:
-            raise ForeignSiteState(f"{path} was written by an older medfed, which did not record its study",
-                                   legacy=True)
-        raise ForeignSiteState(f"{path} was written by another study than this one")
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            written_by = (handle.metadata() or {}).get(_STUDY, "")
+        if written_by == study:
+            return load_file(str(path))
+    except (SafetensorError, OSError) as error:  # written atomically: damaged since (a disk, a hand)
+        older = f"round-{rounds[-2]:06d}" if len(rounds) > 1 else "none"
+        raise DamagedSiteState(
+            f"{path} cannot be read ({type(error).__name__}: {error}); delete it to go on from the site's state "
+            f"before it (kept: {older}), or restore it from a backup"
+        ) from None
+    if not written_by:
+        raise ForeignSiteState(f"{path} was written by an older medfed, which did not record its study",
+                               legacy=True)
+    raise ForeignSiteState(f"{path} was written by another study than this one")
 
 
 def save_site_state(

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from medfed._io import json_text
-from medfed.errors import MedfedError
+from medfed.errors import MedfedError, MedfedWarning
 from medfed.server.run_files import METRICS_FILE
 
 __all__ = ["MetricsLog", "MetricsLogError", "RunMetrics", "load_run_metrics", "parse_line", "read_metrics"]
@@ -90,7 +90,7 @@ class MetricsLog:
         warnings.warn(
             f"Dropped a partially written last line ({len(tail)} bytes) from {self.path}, "
             "left by a run that was stopped mid-write.",
-            stacklevel=3,
+            MedfedWarning, stacklevel=3,
         )
         with open(self.path, "r+b") as handle:
             handle.truncate(cut)

@@ -143,3 +143,26 @@ def test_a_studys_fingerprint_ignores_what_a_resume_may_change_only():
     fingerprint = study_fingerprint(config_from_dict(base))
     assert all(study_fingerprint(config_from_dict(c)) == fingerprint for c in same)
     assert all(study_fingerprint(config_from_dict(c)) != fingerprint for c in other)
+
+
+def test_a_damaged_state_file_is_named_with_what_to_do(tmp_path):
+    # A truncated file failed every round as "SafetensorError at the site", naming no file.
+    from medfed.client.site_state import DamagedSiteState
+
+    writer = _context(tmp_path)
+    for r in (1, 2):
+        save_site_state(writer, "site-0", r, {"bn": torch.tensor([float(r)])}, study="s")
+    damaged = tmp_path / "site-0" / "round-000002.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:20])
+    with pytest.raises(DamagedSiteState, match=r"round-000002.safetensors cannot be read .* delete it to go on from "
+                                               r"the site's state before it \(kept: round-000001\)"):
+        load_site_state(_context(tmp_path), "site-0", latest_round=2, study="s")
+    damaged.unlink()  # as the message says
+    assert load_site_state(_context(tmp_path), "site-0", latest_round=2, study="s")["bn"].tolist() == [1.0]
+    # The ClientApp leaves the site out with a reason that names no file; its log has the rest.
+    from medfed.client.client_app import SiteRefusal, _kept_state
+
+    (tmp_path / "site-0" / "round-000003.safetensors").write_bytes(b"x" * 10)
+    with pytest.raises(SiteRefusal, match="kept state for this run cannot be read") as refused:
+        _kept_state(_context(tmp_path), "site-0", "s", 3, "")
+    assert "round-" not in str(refused.value)

@@ -46,7 +46,9 @@ def test_metrics_log_drops_partial_last_line_on_open(tmp_path: Path) -> None:
     path.write_text('{"event": "start"}\n{"event": "ro')
 
     # Execute
-    with pytest.warns(UserWarning, match="Dropped a partially written last line"):
+    from medfed.errors import MedfedWarning
+
+    with pytest.warns(MedfedWarning, match="Dropped a partially written last line"):  # one line in the CLI
         log = MetricsLog(path)
     log.write({"event": "end"})
 
