@@ -7,6 +7,7 @@ known input errors end in one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import sys
@@ -407,14 +408,28 @@ def _interrupted_message(args: argparse.Namespace) -> str:
         # e.g. a server stopped while it waited for its sites: --resume would find no run there.
         return (f"medfed: interrupted before the run started ({CONFIG_FILE} is not in {run_dir} yet); nothing to "
                 "resume: run the same command again")
-    if args.command == "simulate":
-        from medfed.simulation.run import resume_hint
+    step = _resume_step(args)
+    return f"medfed: interrupted; {step}" if step else "medfed: interrupted"
 
-        return resume_hint(run_dir)
-    if args.command == "server":
-        return (f"medfed: interrupted; continue with {_server_resume_command(args)} "
-                f"(medfed report {shlex.quote(str(run_dir))} reports the rounds done)")
-    return "medfed: interrupted"
+
+def _resume_step(args: argparse.Namespace) -> str:
+    """``continue with medfed ... --resume ...`` for a simulate or server run that has begun; "" otherwise."""
+    from medfed.server.run_files import CONFIG_FILE
+
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None or args.command not in ("simulate", "server") or not (Path(run_dir) / CONFIG_FILE).is_file():
+        return ""
+    quoted = shlex.quote(str(run_dir))
+    command = f"medfed simulate --resume {quoted}" if args.command == "simulate" else _server_resume_command(args)
+    return f"continue with {command} (medfed report {quoted} reports the rounds done)"
+
+
+def _disk_full_message(args: argparse.Namespace, err: OSError) -> str:
+    """One line for a full disk: run files are written whole or not at all, so nothing written before is lost."""
+    where = f" writing {err.filename}" if err.filename else ""
+    step = _resume_step(args) or "run the command again"
+    return (f"medfed {args.command}: error: {err.strerror or err}{where}; files already written are intact (each is "
+            f"replaced whole or not at all): free space, then {step}")
 
 
 def _server_resume_command(args: argparse.Namespace) -> str:
@@ -451,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_interrupted_message(args), file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - only known input errors become one line
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(_disk_full_message(args, err), file=sys.stderr)
+            return 1
         if _is_input_error(err):
             print(f"medfed {args.command}: error: {err}", file=sys.stderr)
             return 2

@@ -404,3 +404,24 @@ def test_simulate_leaves_flowers_colour_codes_out_of_output_that_is_not_a_termin
     (tmp_path / "exp.yaml").write_text("rounds: -1\n")
     assert main(["simulate", "--config", str(tmp_path / "exp.yaml")]) == 2  # stderr is pytest's, not a terminal
     assert logger.console_handler.colored is False
+
+
+def test_a_full_disk_is_one_line_that_says_nothing_written_is_lost_and_how_to_go_on(tmp_path, capsys, monkeypatch):
+    # A full disk printed a 35-line traceback and no way on, though the last checkpoint was intact.
+    import errno
+
+    import medfed.simulation
+
+    def full_disk(cfg, **_kwargs):
+        run_dir = tmp_path / "runs" / "full"
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text("rounds: 3\n")
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / ".checkpoint.safetensors.x.tmp"))
+
+    monkeypatch.setattr(medfed.simulation, "simulate", full_disk)
+    code = main(["simulate", "--set", f"output_dir={tmp_path / 'runs'}", "--set", "name=full"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("medfed simulate: error: No space left on device writing ")
+    assert err.endswith(f"free space, then continue with medfed simulate --resume {tmp_path / 'runs' / 'full'} "
+                        f"(medfed report {tmp_path / 'runs' / 'full'} reports the rounds done)")
