@@ -864,12 +864,62 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     PyYAML silently keeps the last of two equal keys, and follows YAML 1.1, where a
     float needs a dot and a signed exponent: it reads ``lr: 1e-3`` as the string
-    ``"1e-3"``. Both are easy mistakes in an experiment file.
+    ``"1e-3"``. Both are easy mistakes in an experiment file. Merge keys
+    (``<<: *base``) are YAML's: a key the mapping sets itself wins over a merged one.
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        self._refuse_duplicates(node, deep)
+        # SafeConstructor flattens merge keys (``<<: *base``) first: merged keys give way
+        # to the mapping's own, as YAML says.
+        return super().construct_mapping(node, deep=deep)
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Replace merge keys by the keys they merge, as YAML says: the mapping's own keys
+        win, then the merged mappings' in the order given (``<<: [*a, *b]``: ``a``'s).
+
+        PyYAML's own keeps the first of two merged keys only when both keys are the same
+        str object: ``<<: [{lr: 0.5}, {lr: 0.9}]`` gave 0.9.
+        """
+        own: list[tuple[yaml.Node, yaml.Node]] = []
+        merged: list[tuple[yaml.Node, yaml.Node]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE_TAG:
+                if key_node.tag == "tag:yaml.org,2002:value":  # as SafeConstructor does
+                    key_node.tag = _STR_TAG
+                own.append((key_node, value_node))
+                continue
+            subnodes = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for subnode in subnodes:
+                if not isinstance(subnode, yaml.MappingNode):
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"expected a mapping or a list of mappings for merging, but found {subnode.id}",
+                        subnode.start_mark,
+                    )
+                self.flatten_mapping(subnode)
+                merged.extend(subnode.value)
+        if len(own) == len(node.value):
+            return
+        taken = {_key_identity(key_node) for key_node, _ in own}
+        kept = []
+        for key_node, value_node in merged:
+            identity = _key_identity(key_node)
+            if identity is None or identity not in taken:
+                kept.append((key_node, value_node))
+                if identity is not None:
+                    taken.add(identity)
+        node.value = kept + own
+
+    def _refuse_duplicates(self, node: yaml.MappingNode, deep: bool) -> None:
+        """Refuse a key the mapping gives twice itself (a merge key's keys may repeat it)."""
         seen: set[Any] = set()
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:  # its mappings are checked as mappings of their own
+                for merged in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+                    if isinstance(merged, yaml.MappingNode):
+                        self._refuse_duplicates(merged, deep)
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen
@@ -878,7 +928,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if duplicate:
                 raise _DuplicateKey(key, key_node.start_mark.line + 1)
-        return super().construct_mapping(node, deep=deep)
+
+
+def _key_identity(key_node: yaml.Node) -> tuple[str, str] | None:
+    """What makes two scalar keys the same key (their tag and text); None for other keys."""
+    return (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
 
 
 _UniqueKeyLoader.add_implicit_resolver(
@@ -953,6 +1007,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
 #: Spellings of null in YAML; for a text key that takes null, only these mean None.
 _NULLS = ("", "~", "null", "Null", "NULL")
 _STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
@@ -1007,7 +1062,7 @@ def _check_scalars(loader: yaml.SafeLoader, node: yaml.Node, key: str, label: st
     in an override those are typos more often than intent.
     """
     if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
+        for key_node, value_node in _mapping_pairs(node):
             _check_scalars(loader, value_node, f"{key}.{key_node.value}", label)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
@@ -1023,6 +1078,25 @@ def _check_scalars(loader: yaml.SafeLoader, node: yaml.Node, key: str, label: st
             f"1e-3). Got {node.value!r}, which YAML would read as "
             f"{loader.construct_object(node)!r}{_origin(label)}."
         )
+
+
+def _mapping_pairs(node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
+    """The (key, value) node pairs of a mapping, those of its merge keys (``<<``) included.
+
+    Unlike SafeConstructor's ``flatten_mapping``, leaves the nodes as they are: the
+    loader flattens them again when it builds the mapping. A merged key that the mapping
+    sets itself is listed twice (both values are checked). A merge value that is not a
+    mapping or a list of mappings is left to the loader, which reports it.
+    """
+    pairs: list[tuple[yaml.Node, yaml.Node]] = []
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE_TAG:
+            pairs.append((key_node, value_node))
+            continue
+        for merged in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+            if isinstance(merged, yaml.MappingNode):
+                pairs.extend(_mapping_pairs(merged))
+    return pairs
 
 
 #: Names inside list values (a patient group given by its name alone, a group's or a

@@ -249,6 +249,40 @@ def test_duplicate_keys_are_refused_with_their_line(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "train:\n  <<: {lr: 0.5}\n  batch_size: 4\n",
+        "strategy:\n  params: &p {lr: 0.5, batch_size: 4}\ntrain:\n  <<: *p\n",
+        "train:\n  <<: [{lr: 0.5}, {lr: 0.9, batch_size: 4}]\n",  # the first mapping wins
+        "train:\n  <<: {lr: 0.9, batch_size: 4}\n  lr: 0.5\n",  # the mapping's own key wins
+    ],
+)
+def test_yaml_merge_keys_are_read_as_yaml_says(tmp_path, text):
+    cfg = load_config(_write(tmp_path, text))
+
+    assert (cfg.train.lr, cfg.train.batch_size) == (0.5, 4)
+
+
+def test_a_key_given_twice_beside_a_merge_key_is_still_refused(tmp_path):
+    path = _write(tmp_path, "train:\n  <<: {batch_size: 4}\n  lr: 0.5\n  lr: 0.1\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value) == f"Config file '{path}' sets key 'lr' twice (second time at line 4); keep one."
+    with pytest.raises(ConfigError, match="sets key 'lr' twice"):
+        load_config(_write(tmp_path, "train:\n  <<: {lr: 0.5, lr: 0.1}\n"))
+
+
+def test_merge_keys_in_an_override(tmp_path):
+    cfg = load_config(overrides=["train={<<: {lr: 0.5, batch_size: 4}, lr: 0.25}"])
+
+    assert (cfg.train.lr, cfg.train.batch_size) == (0.25, 4)
+    with pytest.raises(ConfigError, match=r"^Config key 'train\.lr' must be a number written in plain decimal"):
+        load_config(overrides=["train={<<: {lr: 0x10}}"])
+
+
 @pytest.mark.parametrize(("text", "kind"), [("- 1\n- 2\n", "list"), ("just words\n", "str")])
 def test_top_level_must_be_a_mapping(tmp_path, text, kind):
     path = _write(tmp_path, text)
