@@ -804,7 +804,7 @@ def _with_scenario(raw: Mapping[str, Any], sources: _Sources, *, warn: bool = Fa
         return raw
     name = federation["scenario"]
     path = scenario_path(name)
-    fragment = _read_yaml(path)
+    fragment = _read_yaml(path, "federation")
     fragment.pop("description", None)
     for key in fragment:
         if key == "scenario" or key not in {f.name for f in fields(FederationConfig)}:
@@ -942,10 +942,6 @@ _UniqueKeyLoader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-
-
 class _DuplicateKey(Exception):
     def __init__(self, key: Any, line: int) -> None:
         super().__init__(key, line)
@@ -953,7 +949,12 @@ class _DuplicateKey(Exception):
         self.line = line
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, prefix: str = "") -> dict[str, Any]:
+    """The mapping a YAML file holds, read as :func:`load_config` describes (numbers in plain decimal).
+
+    ``prefix`` is the dotted key of the section the file fills ("" for an experiment,
+    ``"federation"`` for a scenario), named in errors.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -963,8 +964,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"Cannot read config file '{path}': {exc}.") from None
+    loader = _UniqueKeyLoader(text)
     try:
-        data = _load_yaml(text)
+        node = loader.get_single_node()
+        if isinstance(node, yaml.MappingNode):
+            _check_scalars(loader, node, prefix, str(path), in_file=True)
+        data = None if node is None else loader.construct_document(node)
     except _DuplicateKey as exc:
         raise ConfigError(
             f"Config file '{path}' sets key {exc.key!r} twice (second time at line "
@@ -976,6 +981,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc)
         message = f"Cannot parse config file '{path}'{where}: {problem}."
         raise ConfigError(" ".join(message.split())) from None
+    finally:
+        loader.dispose()
     if data is None:  # an empty file means "all defaults"
         return {}
     if not isinstance(data, dict):
@@ -1055,29 +1062,45 @@ def _yaml_override(key: str, value_text: str, text: str, label: str) -> Any:
         loader.dispose()
 
 
-def _check_scalars(loader: yaml.SafeLoader, node: yaml.Node, key: str, label: str) -> None:
-    """Read unquoted scalars under text keys as text; refuse numbers not in plain decimal.
+def _check_scalars(
+    loader: yaml.SafeLoader, node: yaml.Node, key: str, label: str, *, in_file: bool = False
+) -> None:
+    """Refuse numbers not in plain decimal; in an override, read unquoted scalars under text keys as text.
 
     YAML 1.1 reads ``010`` as 8 (octal), ``1:30`` as 90 (base 60) and ``0x10`` as 16;
-    in an override those are typos more often than intent.
+    those are typos more often than intent, in an override and in a file alike.
+    ``key`` is the dotted key of ``node`` ("" for a file's top level). In a file
+    (``in_file``), text keys keep YAML's reading (``name: yes`` is refused as a bool,
+    not taken as "yes"), and an error names the file's line.
     """
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in _mapping_pairs(node):
-            _check_scalars(loader, value_node, f"{key}.{key_node.value}", label)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _check_scalars(loader, item, key, label)
-    elif node.style is not None:  # quoted: the user chose YAML's reading
-        return
-    elif key in _text_keys() or key in _NAME_KEYS:
-        if not (_text_keys().get(key) and node.value in _NULLS):
-            node.tag = _STR_TAG
-    elif node.tag in _NUMBER_TAGS and not _is_plain_decimal(node.value):
-        raise ConfigError(
-            f"Config key {key!r} must be a number written in plain decimal (such as 10, -2.5 or "
-            f"1e-3). Got {node.value!r}, which YAML would read as "
-            f"{loader.construct_object(node)!r}{_origin(label)}."
-        )
+    seen: set[int] = set()  # collections met before, through an alias (&a ... *a)
+
+    def walk(node: yaml.Node, key: str) -> None:
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in _mapping_pairs(node):
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                walk(value_node, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item, key)
+        elif node.style is not None:  # quoted: the user chose YAML's reading
+            return
+        elif key in _text_keys() or key in _NAME_KEYS:
+            if not in_file and not (_text_keys().get(key) and node.value in _NULLS):
+                node.tag = _STR_TAG
+        elif node.tag in _NUMBER_TAGS and not _is_plain_decimal(node.value):
+            where = f"{label}, line {node.start_mark.line + 1}" if in_file else label
+            raise ConfigError(
+                f"Config key {key!r} must be a number written in plain decimal (such as 10, -2.5 or "
+                f"1e-3). Got {node.value!r}, which YAML would read as "
+                f"{loader.construct_object(node)!r}{_origin(where)}."
+            )
+
+    walk(node, key)
 
 
 def _mapping_pairs(node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
@@ -1174,6 +1197,9 @@ def load_config(
     path : str or PathLike, optional
         YAML file (snake_case keys). Missing keys keep their defaults; None uses the
         defaults only (the small CPU federation described in the module docstring).
+        An unquoted number must be written in plain decimal, as in an override below
+        (``rounds: 010``, ``0x10`` or ``1:30`` is refused, not read as 8, 16 or 90);
+        merge keys (``<<: *base``) are read as YAML says.
     run_folder : bool
         ``path`` is a run folder's ``config.yaml`` (:func:`save_config`): its scenario was
         merged when the run began, so it is not read again (a scenario file given relative

@@ -700,3 +700,61 @@ def test_a_quorum_above_the_sites_a_round_samples_is_refused():
     with pytest.raises(ConfigError, match=r"'federation.min_sites' must be at most the sites a round samples "
                                           r"\(fraction_train 0.5 of 4 sites: 2\), or null. Got 3"):
         load_config(overrides=["federation.num_sites=4", "federation.fraction_train=0.5", "federation.min_sites=3"])
+
+
+# --- numbers in files -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "key", "line", "got", "yaml_reads"),
+    [
+        ("federation:\n  num_sites: 012\n", "federation.num_sites", 2, "012", "10"),  # octal
+        ("seed: 010\n", "seed", 1, "010", "8"),
+        ("rounds: 2\nseed: 0b101\n", "seed", 2, "0b101", "5"),
+        ("rounds: 0x10\n", "rounds", 1, "0x10", "16"),
+        ("rounds: 1:30\n", "rounds", 1, "1:30", "90"),  # base 60
+        ("train:\n  batch_size: 4\n  lr: 1:30.5\n", "train.lr", 3, "1:30.5", "90.5"),
+        ("strategy:\n  params:\n    extra: [1, 017]\n", "strategy.params.extra", 3, "017", "15"),
+        ("train:\n  <<: {lr: 0x1}\n", "train.lr", 2, "0x1", "1"),
+    ],
+)
+def test_a_file_number_yaml_would_read_other_than_decimal_is_refused(tmp_path, text, key, line, got, yaml_reads):
+    path = _write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value) == (
+        f"Config key {key!r} must be a number written in plain decimal (such as 10, -2.5 or 1e-3). "
+        f"Got {got!r}, which YAML would read as {yaml_reads} (from {path}, line {line})."
+    )
+
+
+def test_a_file_keeps_decimal_numbers_quoted_text_and_booleans(tmp_path):
+    path = _write(tmp_path, (
+        "rounds: 1_000\nseed: +5\nname: '010'\n"
+        "train:\n  lr: 1e-3\n  weight_decay: 0.001\n  momentum: .5\n  compile: true\n"
+        "strategy:\n  params: {note: \"0x10\", mu: -0.5, n: 0, e: 5E-2}\n"
+    ))
+
+    cfg = load_config(path)
+
+    assert (cfg.rounds, cfg.seed, cfg.name) == (1000, 5, "010")
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.momentum, cfg.train.compile) == (0.001, 0.001, 0.5, True)
+    assert cfg.strategy.params == {"note": "0x10", "mu": -0.5, "n": 0, "e": 0.05}
+
+
+def test_a_scenario_file_number_is_checked_too(tmp_path):
+    scenario = _write(tmp_path, "description: mine\nnum_sites: 010\n", name="mine.yaml")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[f"federation.scenario={scenario}"])
+
+    assert str(info.value) == (
+        "Config key 'federation.num_sites' must be a number written in plain decimal (such as 10, -2.5 or 1e-3). "
+        f"Got '010', which YAML would read as 8 (from {scenario}, line 2)."
+    )
+
+
+def test_a_saved_config_loads_back_under_the_file_number_rule(tmp_path):
+    cfg = load_config(overrides=["name=010", "train.lr=1e-5", "strategy.params={note: '0x10', big: 1e20}"])
+
+    assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg
