@@ -981,6 +981,11 @@ def _read_yaml(path: Path, prefix: str = "") -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc)
         message = f"Cannot parse config file '{path}'{where}: {problem}."
         raise ConfigError(" ".join(message.split())) from None
+    except RecursionError:  # PyYAML's composer recurses once per level
+        raise ConfigError(
+            f"Config file '{path}' is nested too deeply for YAML to read (a setting needs a handful of levels, "
+            f"at most {_MAX_NESTING})."
+        ) from None
     finally:
         loader.dispose()
     if data is None:  # an empty file means "all defaults"
@@ -1058,6 +1063,11 @@ def _yaml_override(key: str, value_text: str, text: str, label: str) -> Any:
         raise ConfigError(
             " ".join(f"Cannot parse the value of override {text!r} as YAML: {problem}.".split())
         ) from None
+    except RecursionError:  # PyYAML's composer recurses once per level
+        raise ConfigError(
+            f"The value of override {_short(text, 80)!r} is nested too deeply for YAML to read (a setting needs "
+            f"a handful of levels, at most {_MAX_NESTING})."
+        ) from None
     finally:
         loader.dispose()
 
@@ -1074,36 +1084,56 @@ def _check_scalars(
     not taken as "yes"), and an error names the file's line.
     """
     seen: set[int] = set()  # collections met before, through an alias (&a ... *a)
+    inside: list[int] = []  # the collections around the node
+
+    def origin(node: yaml.Node) -> str:
+        return _origin(f"{label}, line {node.start_mark.line + 1}" if in_file else label)
 
     def walk(node: yaml.Node, key: str) -> None:
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in inside:
+                raise ConfigError(
+                    f"Config key {key!r} contains itself: a YAML alias (*name) inside the anchor (&name) it "
+                    f"refers to{origin(node)}."
+                )
+            if len(inside) == _MAX_NESTING:
+                # Validation, copies and run-folder writes recurse once per level (Python's limit: 1000).
+                raise ConfigError(
+                    f"Config key {key!r} is nested more than {_MAX_NESTING} lists or mappings deep"
+                    f"{origin(node)}; no setting needs that."
+                )
             if id(node) in seen:
                 return
             seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in _mapping_pairs(node):
-                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
-                walk(value_node, f"{key}.{name}" if key else str(name))
-        elif isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                walk(item, key)
+            inside.append(id(node))
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in _mapping_pairs(node):
+                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                    walk(value_node, f"{key}.{name}" if key else str(name))
+            else:
+                for item in node.value:
+                    walk(item, key)
+            inside.pop()
         elif node.style is not None:  # quoted: the user chose YAML's reading
             return
         elif key in _text_keys() or key in _NAME_KEYS:
             if not in_file and not (_text_keys().get(key) and node.value in _NULLS):
                 node.tag = _STR_TAG
         elif node.tag in _NUMBER_TAGS and not _is_plain_decimal(node.value):
-            where = f"{label}, line {node.start_mark.line + 1}" if in_file else label
             raise ConfigError(
                 f"Config key {key!r} must be a number written in plain decimal (such as 10, -2.5 or "
                 f"1e-3). Got {node.value!r}, which YAML would read as "
-                f"{loader.construct_object(node)!r}{_origin(where)}."
+                f"{loader.construct_object(node)!r}{origin(node)}."
             )
 
     walk(node, key)
 
 
-def _mapping_pairs(node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
+#: How many lists or mappings deep a config value may nest (settings need a handful).
+_MAX_NESTING = 100
+
+
+def _mapping_pairs(node: yaml.MappingNode, _merging: tuple[int, ...] = ()) -> list[tuple[yaml.Node, yaml.Node]]:
     """The (key, value) node pairs of a mapping, those of its merge keys (``<<``) included.
 
     Unlike SafeConstructor's ``flatten_mapping``, leaves the nodes as they are: the
@@ -1117,8 +1147,13 @@ def _mapping_pairs(node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
             pairs.append((key_node, value_node))
             continue
         for merged in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+            if id(merged) in (*_merging, id(node)):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    "found a merge key that merges a mapping into itself", key_node.start_mark,
+                )
             if isinstance(merged, yaml.MappingNode):
-                pairs.extend(_mapping_pairs(merged))
+                pairs.extend(_mapping_pairs(merged, (*_merging, id(node))))
     return pairs
 
 

@@ -758,3 +758,70 @@ def test_a_saved_config_loads_back_under_the_file_number_rule(tmp_path):
     cfg = load_config(overrides=["name=010", "train.lr=1e-5", "strategy.params={note: '0x10', big: 1e20}"])
 
     assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg
+
+
+# --- nesting -------------------------------------------------------------------------------
+@pytest.mark.parametrize("depth", [101, 5000])
+def test_a_file_nested_too_deeply_is_a_config_error(tmp_path, depth):
+    path = _write(tmp_path, "strategy:\n  params:\n    x: " + "[" * depth + "]" * depth + "\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value) in (
+        f"Config file '{path}' is nested too deeply for YAML to read (a setting needs a handful of levels, at most "
+        "100).",  # PyYAML gave up first
+        f"Config key 'strategy.params.x' is nested more than 100 lists or mappings deep (from {path}, line 3); "
+        "no setting needs that.",
+    )
+
+
+@pytest.mark.parametrize("depth", [101, 5000])
+def test_an_override_nested_too_deeply_is_a_config_error(depth):
+    override = "strategy.params.x=" + "[" * depth + "]" * depth
+
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+
+    assert str(info.value) in (
+        f"The value of override {override[:77] + '...'!r} is nested too deeply for YAML to read (a setting needs a "
+        "handful of levels, at most 100).",
+        "Config key 'strategy.params.x' is nested more than 100 lists or mappings deep (from --set "
+        f"{override}); no setting needs that.",
+    )
+
+
+def test_nesting_a_setting_could_use_is_kept(tmp_path):
+    value = "[" * 20 + "1" + "]" * 20
+    cfg = load_config(_write(tmp_path, f"strategy:\n  params:\n    x: {value}\n"), overrides=[f"strategy.params.y={value}"])
+
+    assert cfg.strategy.params["x"] == cfg.strategy.params["y"] == yaml.safe_load(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("strategy:\n  params: &a {b: *a}\n",
+         "Config key 'strategy.params.b' contains itself: a YAML alias (*name) inside the anchor (&name) it refers "
+         "to (from {path}, line 2)."),
+        ("strategy:\n  params: {b: &a [1, *a]}\n",
+         "Config key 'strategy.params.b' contains itself: a YAML alias (*name) inside the anchor (&name) it refers "
+         "to (from {path}, line 2)."),
+        ("train: &t\n  <<: *t\n",
+         "Cannot parse config file '{path}' at line 2, column 3: found a merge key that merges a mapping into "
+         "itself."),
+    ],
+)
+def test_a_value_that_contains_itself_is_a_config_error(tmp_path, text, message):
+    path = _write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value) == message.format(path=path)
+
+
+def test_an_alias_used_twice_is_fine(tmp_path):
+    path = _write(tmp_path, "strategy:\n  params:\n    a: &l [1, 2]\n    b: *l\n    c: {d: *l}\n")
+
+    assert load_config(path).strategy.params == {"a": [1, 2], "b": [1, 2], "c": {"d": [1, 2]}}
