@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -39,6 +40,48 @@ def check_output_folder(folder: str | Path, option: str = "--out", *, results: b
         ``folder`` as a Path.
     """
     folder = Path(folder)
+    too_long = _too_long(folder)
+    if too_long is None:
+        try:
+            return _check_output_folder(folder, option, results)
+        except OSError as exc:  # ENAMETOOLONG on a file system with other limits than it says
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            too_long = "a name in it or its path is longer than its file system allows"
+    raise OutputFolderError(
+        f"The output folder {_shortened(str(folder))} cannot be made: {too_long}; give a shorter one ({option})."
+    )
+
+
+def _too_long(folder: Path) -> str | None:
+    """What of ``folder`` is longer than its file system allows (a name in it, or the whole path), or None.
+
+    Checked before any lookup: a name too long under a folder that does not exist yet
+    passes every lookup (the missing folder answers first) and fails only when made.
+    """
+    existing = next((path for path in folder.parents if os.path.isdir(path)), Path("."))
+    limits = []
+    for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            limits.append(os.pathconf(existing, name))
+        except (OSError, ValueError):
+            limits.append(default)
+    name_max, path_max = limits
+    longest = max(folder.parts, key=lambda part: len(os.fsencode(part)), default="")
+    if len(os.fsencode(longest)) > name_max:
+        return (f"the name {_shortened(longest, 30)} is {len(os.fsencode(longest))} bytes long, and its file "
+                f"system allows {name_max}")
+    path_bytes = len(os.fsencode(str(folder.absolute())))
+    if path_bytes >= path_max:  # PATH_MAX counts the terminating NUL
+        return f"its path is {path_bytes} bytes long, and its file system allows {path_max - 1}"
+    return None
+
+
+def _shortened(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_output_folder(folder: Path, option: str, results: bool) -> Path:
     for path in (folder, *folder.parents):
         if path.is_symlink() and not path.exists():
             raise OutputFolderError(

@@ -1,4 +1,4 @@
-"""Tests for medfed._io.json_text: the standard JSON every run output is written in."""
+"""Tests for medfed._io: the standard JSON every run output is written in, output folder checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from medfed._io import json_text
+from medfed._io import OutputFolderError, check_output_folder, json_text
 
 
 def test_non_finite_numbers_become_null_at_any_depth_and_numpy_values_become_json() -> None:
@@ -31,3 +31,23 @@ def test_non_finite_numbers_become_null_at_any_depth_and_numpy_values_become_jso
 def test_a_value_without_a_json_form_is_a_type_error_naming_its_type() -> None:
     with pytest.raises(TypeError, match="Tensor is not JSON serialisable"):
         json_text({"weights": torch.zeros(2)})
+
+
+@pytest.mark.parametrize(
+    ("relative", "message"),
+    [
+        ("a" * 300 + "/run", "the name " + "a" * 27 + "... is 300 bytes long, and its file system allows 255"),
+        # Under a folder that does not exist yet, every lookup answers "no such file" first.
+        ("missing/" + "b" * 256, "the name " + "b" * 27 + "... is 256 bytes long, and its file system allows 255"),
+        ("/".join(["c" * 200] * 25), "its path is "),
+    ],
+)
+def test_an_output_folder_name_too_long_for_the_file_system_is_one_line(tmp_path: Path, relative: str, message: str) -> None:
+    folder = tmp_path / relative
+
+    with pytest.raises(OutputFolderError) as info:
+        check_output_folder(folder, "output_dir")
+
+    text = str(info.value)
+    assert text.startswith(f"The output folder {str(folder)[:97]}... cannot be made: {message}")
+    assert text.endswith("; give a shorter one (output_dir).") and "\n" not in text
