@@ -86,7 +86,12 @@ class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
 # well after "must be" and a ``coerce`` that returns the normalised value or raises.
 # --------------------------------------------------------------------------------------
 class _Invalid(Exception):
-    """Raised by a constraint when a value does not satisfy it (internal)."""
+    """Raised by a constraint when a value does not satisfy it (internal).
+
+    Its argument, when given, replaces the constraint's description in the message: a
+    bound that only some values reach (a run name's length) is named when it is the one
+    broken.
+    """
 
 
 def _is_int(value: Any) -> bool:
@@ -170,10 +175,11 @@ class _Choice(_Constraint):
 
 @dataclass(frozen=True)
 class _Str(_Constraint):
-    """A non-empty string, optionally matching ``pattern``."""
+    """A non-empty string, optionally matching ``pattern`` and at most ``max_length`` characters long."""
 
     pattern: str | None = None
     what: str = "a non-empty str"
+    max_length: int | None = None
 
     @property
     def description(self) -> str:
@@ -184,6 +190,8 @@ class _Str(_Constraint):
             raise _Invalid
         if self.pattern is not None and not re.fullmatch(self.pattern, value):
             raise _Invalid
+        if self.max_length is not None and len(value) > self.max_length:
+            raise _Invalid(f"{self.what}, at most {self.max_length} characters long (got {len(value)})")
         return value
 
 
@@ -196,7 +204,12 @@ class _Optional(_Constraint):
         return f"{self.inner.description} or null"
 
     def coerce(self, value: Any) -> Any:
-        return None if value is None else self.inner.coerce(value)
+        try:
+            return None if value is None else self.inner.coerce(value)
+        except _Invalid as exc:
+            if exc.args:
+                raise _Invalid(f"{exc.args[0]} or null") from None
+            raise
 
 
 @functools.cache
@@ -325,8 +338,9 @@ class _CrossKeyError(ConfigError):
 def _check(key: str, constraint: _Constraint, value: Any, source: str | None) -> Any:
     try:
         return constraint.coerce(value)
-    except _Invalid:
-        raise _invalid_value(key, constraint.description, value, source) from None
+    except _Invalid as exc:
+        expected = exc.args[0] if exc.args else constraint.description
+        raise _invalid_value(key, expected, value, source) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -623,10 +637,16 @@ class SimulationConfig(_Validated):
             )
 
 
-# The run folder is {output_dir}/{name}: a name must stay one safe path component.
+# The run folder is {output_dir}/{name}: a name must stay one safe path component. A
+# file name is at most 255 bytes on the common file systems (ext4, XFS, APFS, NTFS), and
+# names are built from it (a temporary file's prefix and suffix beside a file, a copy's or
+# an archive's suffix); 100 leaves room for those, and refuses here what would otherwise
+# fail with "File name too long" after output_dir was made. The pattern is ASCII: one
+# character is one byte.
 _RUN_NAME = _Str(
     pattern=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
     what="a str of letters, digits, '.', '_' or '-' that does not start with '.' or '-'",
+    max_length=100,
 )
 
 
@@ -637,7 +657,8 @@ class ExperimentConfig(_Validated):
     Attributes
     ----------
     name : str
-        Run name; the run folder is ``{output_dir}/{name}``.
+        Run name; the run folder is ``{output_dir}/{name}``. Letters, digits, ``.``,
+        ``_`` and ``-``, not first ``.`` or ``-``; at most 100 characters.
     seed : int
         Seed of every random choice (partition, sampling, initialisation), in
         [0, 2**32 - 1] (what numpy's seeding takes).

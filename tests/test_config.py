@@ -825,3 +825,15 @@ def test_an_alias_used_twice_is_fine(tmp_path):
     path = _write(tmp_path, "strategy:\n  params:\n    a: &l [1, 2]\n    b: *l\n    c: {d: *l}\n")
 
     assert load_config(path).strategy.params == {"a": [1, 2], "b": [1, 2], "c": {"d": [1, 2]}}
+
+
+# --- run name ------------------------------------------------------------------------------
+def test_a_run_name_is_at_most_100_characters():
+    assert load_config(overrides=["name=" + "a" * 100]).name == "a" * 100
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["name=" + "a" * 300])
+
+    assert str(info.value) == (
+        "Config key 'name' must be a str of letters, digits, '.', '_' or '-' that does not start with '.' or '-', "
+        f"at most 100 characters long (got 300). Got {'a' * 300!r} (from --set name={'a' * 300})."
+    )
