@@ -106,9 +106,19 @@ class _Constraint:
         raise NotImplementedError
 
 
+#: The largest int a config key takes where it has no bound of its own: a run config
+#: carries ints to the sites as Flower's sint64 (config_record_to_proto refuses more with
+#: "Value out of range" once the run has started), and no count of rounds, epochs, images
+#: or sites comes near 2**31 - 1.
+MAX_INT = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class _Int(_Constraint):
-    """An int in ``[low, high]``; no upper bound when ``high`` is None."""
+    """An int in ``[low, high]``; when ``high`` is None, ``>= low`` and at most :data:`MAX_INT`.
+
+    The description names :data:`MAX_INT` only to a value above it.
+    """
 
     low: int
     high: int | None = None
@@ -122,6 +132,8 @@ class _Int(_Constraint):
     def coerce(self, value: Any) -> int:
         if not _is_int(value) or value < self.low or (self.high is not None and value > self.high):
             raise _Invalid
+        if self.high is None and value > MAX_INT:
+            raise _Invalid(f"an int in the range [{self.low}, {MAX_INT}]")
         return value
 
 

@@ -837,3 +837,31 @@ def test_a_run_name_is_at_most_100_characters():
         "Config key 'name' must be a str of letters, digits, '.', '_' or '-' that does not start with '.' or '-', "
         f"at most 100 characters long (got 300). Got {'a' * 300!r} (from --set name={'a' * 300})."
     )
+
+
+# --- ints a run config can carry ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "low"),
+    [("rounds", 1), ("train.batch_size", 1), ("train.local_epochs", 1), ("federation.num_sites", 1),
+     ("federation.round_retries", 0)],
+)
+def test_ints_stop_at_2_to_the_31_minus_1(key, low):
+    # Flower's config_record_to_proto refused 2**63 with "Value out of range" once the run had started.
+    assert to_run_config(load_config(overrides=[f"{key}=2147483647"]))[key.replace("_", "-")] == 2**31 - 1
+    for value in (2**31, 2**63, 10**20):
+        with pytest.raises(ConfigError) as info:
+            load_config(overrides=[f"{key}={value}"])
+
+        assert str(info.value) == (
+            f"Config key {key!r} must be an int in the range [{low}, 2147483647]. Got {value} (from --set {key}={value})."
+        )
+
+
+def test_an_optional_int_above_the_bound_says_null_is_fine_too():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["federation.min_sites=10000000000"])
+
+    assert str(info.value) == (
+        "Config key 'federation.min_sites' must be an int in the range [1, 2147483647] or null. Got 10000000000 "
+        "(from --set federation.min_sites=10000000000)."
+    )
