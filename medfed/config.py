@@ -724,18 +724,42 @@ def _all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+#: Other frameworks' names (Flower's, papers') for medfed's keys, where they mean one key.
+_SYNONYMS = {
+    "learning_rate": "train.lr",
+    "epochs": "train.local_epochs",
+    "num_epochs": "train.local_epochs",
+    "num_clients": "federation.num_sites",
+    "num_supernodes": "federation.num_sites",
+    "min_clients": "federation.min_sites",
+    "min_available_clients": "federation.min_sites",
+    "num_rounds": "rounds",
+    "fraction_fit": "federation.fraction_train",
+    "proximal_mu": "strategy.params.proximal_mu",
+}
+
+
 def _unknown_key(key: str, source: str | None) -> ConfigError:
     known = _all_keys()
     parent, _, last = key.rpartition(".")
     siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
-    # Hints, best first: the same name in another section ("lr" -> "train.lr"),
-    # then a close spelling among the siblings ("train.lrr" -> "train.lr").
-    same_name = [k for k in known if k.rpartition(".")[2] == last]
-    close = difflib.get_close_matches(last, siblings, n=1, cutoff=0.6)
+    # Hints, best first, regardless of case: the same name in another section
+    # ("lr" -> "train.lr", "train.LR" -> "train.lr"), another framework's name for a
+    # key ("learning_rate" -> "train.lr"), a close spelling among the siblings
+    # ("train.lrr" -> "train.lr"), then, under strategy, a strategy parameter.
+    name = last.lower().replace("-", "_")
+    same_name = [k for k in known if k.rpartition(".")[2] == name]
+    close = difflib.get_close_matches(name, [sibling.lower() for sibling in siblings], n=1, cutoff=0.6)
+    suggestion = None
     if same_name:
-        hint = f" (did you mean {same_name[0]!r}?)"
+        suggestion = same_name[0]
+    elif name in _SYNONYMS:
+        suggestion = _SYNONYMS[name]
     elif close:
         suggestion = f"{parent}.{close[0]}" if parent else close[0]
+    elif parent == "strategy":
+        suggestion = f"strategy.params.{last}"
+    if suggestion is not None:
         hint = f" (did you mean {suggestion!r}?)"
     elif siblings:
         where = f"under {parent!r}" if parent else "at the top level"

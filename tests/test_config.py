@@ -197,6 +197,38 @@ def test_unknown_override_keys_get_a_hint(override, message):
     assert str(info.value) == f"{message} in --set {override}."
 
 
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("train.LR", "train.lr"),  # case
+        ("Rounds", "rounds"),
+        ("TRAIN", "train"),
+        ("train.Batch_Size", "train.batch_size"),
+        ("train.learning_rate", "train.lr"),  # other frameworks' names
+        ("learning_rate", "train.lr"),
+        ("federation.num_clients", "federation.num_sites"),
+        ("federation.min_clients", "federation.min_sites"),
+        ("federation.min_available_clients", "federation.min_sites"),
+        ("epochs", "train.local_epochs"),
+        ("train.epochs", "train.local_epochs"),
+        ("num_rounds", "rounds"),
+        ("federation.fraction_fit", "federation.fraction_train"),
+        ("strategy.proximal_mu", "strategy.params.proximal_mu"),
+        ("proximal_mu", "strategy.params.proximal_mu"),
+        ("strategy.margin_lambda", "strategy.params.margin_lambda"),  # any strategy parameter
+        ("strategy.nmae", "strategy.name"),
+    ],
+)
+def test_unknown_keys_get_a_hint_regardless_of_case_and_for_other_frameworks_names(tmp_path, key, hint):
+    section, _, name = key.rpartition(".")
+    path = _write(tmp_path, f"{section}:\n  {name}: 1\n" if section else f"{name}: 1\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(info.value) == f"Unknown config key {key!r} (did you mean {hint!r}?) in {path}."
+
+
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
     path = _write(tmp_path, "rounds: 2\ntrain:\n  lrr: 0.1\n")
 
