@@ -450,7 +450,7 @@ def _typed_params(name: str, factory: StrategyFactory, params: dict[str, Any]) -
             checked[key] = float(value)
         elif not isinstance(value, expected) or (expected is not bool and is_bool):
             raise StrategyError(
-                f"The {key!r} parameter of strategy {name!r} must be "
+                f"The {key!r} parameter of strategy {name!r} (strategy.params.{key}) must be "
                 f"{_SIMPLE_TYPES[expected]}. Got {value!r} instead."
             )
     return checked

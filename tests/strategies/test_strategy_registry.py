@@ -158,17 +158,20 @@ def test_import_path_passes_any_params_to_a_kwargs_constructor():
         (
             "fedprox",
             {"proximal_mu": "big"},
-            "The 'proximal_mu' parameter of strategy 'fedprox' must be a float. Got 'big' instead.",
+            "The 'proximal_mu' parameter of strategy 'fedprox' (strategy.params.proximal_mu) must be a float. "
+            "Got 'big' instead.",
         ),
         (
             "fedprox",
             {"proximal_mu": True},
-            "The 'proximal_mu' parameter of strategy 'fedprox' must be a float. Got True instead.",
+            "The 'proximal_mu' parameter of strategy 'fedprox' (strategy.params.proximal_mu) must be a float. "
+            "Got True instead.",
         ),
         (
             "fedavgm",
             {"server_momentum": "high"},
-            "The 'server_momentum' parameter of strategy 'fedavgm' must be a float. Got 'high' instead.",
+            "The 'server_momentum' parameter of strategy 'fedavgm' (strategy.params.server_momentum) must be a float. "
+            "Got 'high' instead.",
         ),
         (
             "fedavg",
