@@ -825,7 +825,9 @@ def test_an_override_nested_too_deeply_is_a_config_error(depth):
 
 def test_nesting_a_setting_could_use_is_kept(tmp_path):
     value = "[" * 20 + "1" + "]" * 20
-    cfg = load_config(_write(tmp_path, f"strategy:\n  params:\n    x: {value}\n"), overrides=[f"strategy.params.y={value}"])
+    path = _write(tmp_path, f"strategy:\n  params:\n    x: {value}\n")
+
+    cfg = load_config(path, overrides=[f"strategy.params.y={value}"])
 
     assert cfg.strategy.params["x"] == cfg.strategy.params["y"] == yaml.safe_load(value)
 
@@ -885,7 +887,8 @@ def test_ints_stop_at_2_to_the_31_minus_1(key, low):
             load_config(overrides=[f"{key}={value}"])
 
         assert str(info.value) == (
-            f"Config key {key!r} must be an int in the range [{low}, 2147483647]. Got {value} (from --set {key}={value})."
+            f"Config key {key!r} must be an int in the range [{low}, 2147483647]. Got {value} "
+            f"(from --set {key}={value})."
         )
 
 

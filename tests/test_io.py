@@ -42,7 +42,9 @@ def test_a_value_without_a_json_form_is_a_type_error_naming_its_type() -> None:
         ("/".join(["c" * 200] * 25), "its path is "),
     ],
 )
-def test_an_output_folder_name_too_long_for_the_file_system_is_one_line(tmp_path: Path, relative: str, message: str) -> None:
+def test_an_output_folder_name_too_long_for_the_file_system_is_one_line(
+    tmp_path: Path, relative: str, message: str
+) -> None:
     folder = tmp_path / relative
 
     with pytest.raises(OutputFolderError) as info:
