@@ -381,7 +381,10 @@ def plan_federation(
     weights += [float(np.mean(weights))] * len(held_out)
     sites = []
     for pid, profile in enumerate(chosen):
-        where = f"federation.sites ({'held-out ' if profile.held_out else ''}site {pid})"
+        # The profile's own entry (profiles cycle over the sites); a default profile has no
+        # chain, so only federation.groups can have brought a corruption in.
+        index = next((i for i, given in enumerate(profiles) if given is profile), None)
+        where = f"federation.sites[{index}]" if index is not None else "federation.groups"
         if profile.class_mix is not None and len(profile.class_mix) != num_classes:
             raise _fail(f"{where}.class_mix", f"must give one weight per class ({num_classes}). Got {len(profile.class_mix)}.")
         chain = profile.corruptions

@@ -211,9 +211,14 @@ def test_bad_profiles_are_one_line_config_errors(override, message):
 
 
 def test_class_mix_must_fit_the_dataset():
-    cfg = config_from_dict({"federation": {"sites": [{"class_mix": [1, 1, 1]}]}})
-    with pytest.raises(Exception, match="one weight per class"):
+    # The key is the profile's own entry: 'federation.sites (site 2)' named no config key, and
+    # site 2 used profile 0.
+    cfg = config_from_dict({"federation": {"num_sites": 3, "sites": [{}, {"class_mix": [1, 1, 1]}]}})
+    with pytest.raises(Exception, match=r"'federation.sites\[1\].class_mix' must give one weight per class"):
         plan_federation(cfg.federation, dataset="breastmnist", num_classes=2, channels=1, seed=0)
+    gray = config_from_dict({"federation": {"groups": ["a", {"name": "b", "corruptions": [["saturate", 1]]}]}})
+    with pytest.raises(Exception, match="'federation.groups' uses 'saturate'"):
+        plan_federation(gray.federation, dataset="breastmnist", num_classes=2, channels=1, seed=0)
 
 
 def test_site_names_that_stay_twice_after_suffixing_are_refused():
