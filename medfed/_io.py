@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +134,11 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -
     an atomic rename: a reader sees the old file or the new one, never half of it.
 
     ``mode`` (e.g. ``0o600`` for a private key) is set before any byte is written; None
-    gives the mode ``open()`` would (``0o666`` less the umask)."""
+    gives the mode ``open()`` would (``0o666`` less the umask). Temporary files of this
+    ``path`` left by a writer that was killed (SIGKILL, power loss) more than
+    :data:`STALE_TEMPORARY_S` seconds ago are removed first: they would stay for good."""
     path = Path(path)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp makes the file private (0600); by default give it the mode open() would,
@@ -147,6 +152,19 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: A temporary file of :func:`write_bytes_atomic` older than this is a dead writer's: a
+#: live one writes and renames within seconds, even a large model.
+STALE_TEMPORARY_S = 600.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    cutoff = time.time() - STALE_TEMPORARY_S
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with suppress(OSError):  # gone meanwhile, or not ours to remove
+            if leftover.is_file() and not leftover.is_symlink() and leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 def _umask() -> int:

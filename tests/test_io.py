@@ -53,3 +53,23 @@ def test_an_output_folder_name_too_long_for_the_file_system_is_one_line(
     text = str(info.value)
     assert text.startswith(f"The output folder {str(folder)[:97]}... cannot be made: {message}")
     assert text.endswith("; give a shorter one (output_dir).") and "\n" not in text
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_of_that_file(tmp_path) -> None:
+    # SIGKILL mid-write left .checkpoint.safetensors.x.tmp (2.7 MB) for good.
+    import os
+    import time
+
+    from medfed._io import STALE_TEMPORARY_S, write_bytes_atomic
+
+    stale = tmp_path / ".checkpoint.safetensors.abc123.tmp"
+    live = tmp_path / ".checkpoint.safetensors.def456.tmp"  # a writer at work now
+    other = tmp_path / ".model.safetensors.abc123.tmp"  # another file's: not this write's business
+    for leftover in (stale, live, other):
+        leftover.write_bytes(b"half")
+    old = time.time() - STALE_TEMPORARY_S - 5
+    for leftover in (stale, other):
+        os.utime(leftover, (old, old))
+    write_bytes_atomic(tmp_path / "checkpoint.safetensors", b"whole")
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == b"whole"
+    assert not stale.exists() and live.exists() and other.exists()
