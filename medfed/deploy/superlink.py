@@ -164,14 +164,16 @@ def run_server(
     DeployError, CertsError, ResumeError, ConfigError
         Bad input, a SuperLink that does not start, or a run that did not finish.
     """
-    from medfed.server.resume import check_run_dir
+    from medfed.server.resume import check_checkpoint_fits, check_run_dir
     from medfed.simulation.run import _preflight, app_pyproject
 
     out = out or sys.stdout
     listen = parse_address(address)
     run_dir = Path(run_dir if run_dir is not None else Path(cfg.output_dir) / cfg.name).expanduser().resolve()
     check_run_dir(cfg, run_dir, resume)
-    _preflight(cfg, simulated=False)
+    reference = _preflight(cfg, simulated=False)
+    if resume:
+        check_checkpoint_fits(run_dir, reference)
     if insecure:
         _say(out, "WARNING: --insecure: no TLS and no site authentication. Updates travel in clear text and "
                   "any machine that reaches the port can join. Use only for a test on a closed network.")

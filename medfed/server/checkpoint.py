@@ -34,7 +34,9 @@ __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "Checkpoint",
     "CheckpointError",
+    "checkpoint_model_shapes",
     "checkpoint_round",
+    "checkpoint_state",
     "load_arrays",
     "load_checkpoint",
     "save_arrays",
@@ -162,8 +164,40 @@ def checkpoint_round(path: str | Path) -> int:
     CheckpointError
         As :func:`load_checkpoint`.
     """
+    return checkpoint_state(path)[0]
+
+
+def checkpoint_state(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """(last completed round, JSON state) of the checkpoint at ``path``, read without its arrays.
+
+    Raises
+    ------
+    CheckpointError
+        As :func:`load_checkpoint`.
+    """
     path = Path(path)
-    return _checked_metadata(path, _read(path, what="checkpoint", tensors=False)[1])[0]
+    return _checked_metadata(path, _read(path, what="checkpoint", tensors=False)[1])
+
+
+def checkpoint_model_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The global model's array names and shapes in the checkpoint at ``path``, read from its
+    header only (no array is loaded).
+
+    Raises
+    ------
+    CheckpointError
+        As :func:`load_checkpoint`.
+    """
+    path = Path(path)
+    checkpoint_state(path)  # a medfed checkpoint of this format version
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return {key[len(_MODEL_PREFIX):]: tuple(handle.get_slice(key).get_shape())
+                    for key in handle.keys() if key.startswith(_MODEL_PREFIX)}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"The checkpoint {path} is truncated or corrupt ({error}); restore it from a backup, or start the run afresh in a new folder."
+        ) from error
 
 
 def _checked_metadata(path: Path, metadata: dict[str, str]) -> tuple[int, dict[str, Any]]:

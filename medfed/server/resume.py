@@ -25,9 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,13 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from medfed._io import check_output_folder
+from medfed._io import check_output_folder, json_text
 from medfed.errors import MedfedError
 from medfed.config import (
-    RESUME_MAY_CHANGE, ExperimentConfig, config_to_dict, load_config, save_config, with_absolute_paths,
+    RESUME_MAY_CHANGE, ExperimentConfig, _read_yaml, absolute_path, config_to_dict, load_config, save_config,
+    with_absolute_paths,
 )
-from medfed.server.checkpoint import Checkpoint, load_checkpoint
+from medfed.server.checkpoint import Checkpoint, checkpoint_model_shapes, checkpoint_state, load_checkpoint
 from medfed.server.held_out import NodeView, SiteRoster
 from medfed.server.delegating_strategy import DelegatingStrategy
 from medfed.server.recording import RoundRecorder
@@ -51,6 +52,7 @@ from medfed.server.run_files import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
 __all__ = [
     "ResumeError",
     "RoundOffsetStrategy",
+    "check_checkpoint_fits",
     "check_run_dir",
     "get_rng_state",
     "prepare_run_dir",
@@ -219,16 +221,142 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "", *,
+                 stored_only: bool = False) -> list[tuple[str, Any, Any]]:
+    """(dotted key, stored value, current value) of the keys that differ, but those a resume may
+    change; with ``stored_only``, keys that ``stored`` does not hold (a checkpoint written by a
+    medfed before the key existed) are not compared."""
     found = []
     for key in sorted(set(stored) | set(current)):
         dotted = f"{prefix}{key}"
+        if stored_only and key not in stored:
+            continue
         a, b = stored.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict) and dotted != "strategy.params":
-            found += _differences(a, b, dotted + ".")
+            found += _differences(a, b, dotted + ".", stored_only=stored_only)
         elif a != b and dotted not in RESUME_MAY_CHANGE:
             found.append((dotted, a, b))
     return found
+
+
+_MAY_CHANGE_IN_WORDS = ("only rounds may grow, and name, output_dir, federation.round_timeout_s, simulation.engine and "
+                        "simulation.ray_address may change")
+
+
+def _missing_keys(reference: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of ``reference`` that ``found`` lacks (``strategy.params`` is one key)."""
+    missing = []
+    for key, value in reference.items():
+        dotted = f"{prefix}{key}"
+        if key not in found:
+            missing.append(dotted)
+        elif isinstance(value, dict) and isinstance(found[key], dict) and dotted != "strategy.params":
+            missing += _missing_keys(value, found[key], dotted + ".")
+    return missing
+
+
+def _check_config_file_complete(path: Path, recorded: Mapping[str, Any] | None) -> None:
+    """Refuse a run folder's ``config.yaml`` that is empty or lacks keys: medfed writes every key
+    there, and :func:`load_config` would quietly give a missing key its default (an empty file:
+    the built-in federation), which the resume would then write back over the run's config.
+
+    The keys checked are the top-level ones (the same in every medfed) and, where the
+    checkpoint records the run's config, every key it records.
+    """
+    raw = _read_yaml(path)
+    reference: dict[str, Any] = {f.name: None for f in fields(ExperimentConfig)}
+    reference.update(recorded or {})
+    missing = _missing_keys(reference, raw)
+    if not missing:
+        return
+    what = "is empty" if not raw else f"lacks the key '{missing[0]}'"
+    raise ResumeError(
+        f"Cannot resume: {path} {what}, but medfed writes every key of the run's config there (the file is damaged); "
+        "restore it from a backup or a copy of the run folder, then resume."
+    )
+
+
+def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config the run's checkpoint was made with (None without a checkpoint, or from a
+    medfed that did not record it), read without the arrays.
+
+    Raises
+    ------
+    CheckpointError
+        A checkpoint that is truncated, corrupt or of another format.
+    """
+    path = run_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    recorded = checkpoint_state(path)[1].get("config")
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _check_recorded_config(run_dir: Path, recorded: dict[str, Any], cfg: ExperimentConfig) -> None:
+    """Refuse a resume whose config differs from the one its checkpoint was made with, by the rule
+    of ``config.yaml`` (:data:`RESUME_MAY_CHANGE`): an edited ``config.yaml`` must not change the run."""
+    recorded = json.loads(json.dumps(recorded))  # a copy
+    for section, key in (("data", "root"), ("model", "init_from")):  # compared resolved, as config.yaml's
+        if isinstance(recorded.get(section), dict) and isinstance(recorded[section].get(key), str):
+            recorded[section][key] = absolute_path(recorded[section][key])
+    current = json.loads(json_text(config_to_dict(with_absolute_paths(cfg))))  # as the checkpoint stores it
+    diffs = _differences(recorded, current, stored_only=True)
+    if diffs:
+        key, old, new = diffs[0]
+        raise ResumeError(
+            f"Cannot resume {run_dir}: its {CHECKPOINT_FILE} was made with {key}={old!r} but this run asks for "
+            f"{key}={new!r} (was {CONFIG_FILE} edited?); resume with the config the run was made with "
+            f"({_MAY_CHANGE_IN_WORDS})."
+        )
+    rounds = recorded.get("rounds")
+    if isinstance(rounds, int) and cfg.rounds < rounds:
+        raise ResumeError(
+            f"Cannot resume {run_dir} with rounds={cfg.rounds}: its {CHECKPOINT_FILE} was made with rounds={rounds}; "
+            "'rounds' may only grow."
+        )
+
+
+def check_checkpoint_fits(run_dir: Path, reference: Mapping[str, np.ndarray],
+                          shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Refuse a checkpoint whose model arrays are not this run's: another name or shape
+    (a checkpoint copied from another run, another model or strategy).
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run folder; nothing to check without a checkpoint in it.
+    reference : Mapping[str, np.ndarray]
+        This run's initial model arrays (:func:`medfed.server.server_app.initial_model_arrays`).
+    shapes : Mapping[str, tuple], optional
+        The checkpoint's array names and shapes, when already loaded; else read from its header.
+
+    Raises
+    ------
+    ResumeError
+        Naming the first array that does not fit.
+    """
+    run_dir = Path(run_dir)
+    if shapes is None:
+        if not (run_dir / CHECKPOINT_FILE).exists():
+            return
+        shapes = checkpoint_model_shapes(run_dir / CHECKPOINT_FILE)
+    misfit = None
+    for key, array in reference.items():
+        if key not in shapes:
+            misfit = f"it has no array {key!r}"
+        elif tuple(shapes[key]) != tuple(np.shape(array)):
+            misfit = f"its array {key!r} has shape {list(shapes[key])}, the model's {list(np.shape(array))}"
+        if misfit:
+            break
+    else:
+        extra = [key for key in shapes if key not in reference]
+        if extra:
+            misfit = f"its array {extra[0]!r} is not in the model"
+    if misfit:
+        raise ResumeError(
+            f"Cannot resume {run_dir}: the model in its {CHECKPOINT_FILE} does not fit this run's model ({misfit}); "
+            "the checkpoint is another run's: put back this run's own, or start afresh in a new folder."
+        )
 
 
 def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> ExperimentConfig | None:
@@ -243,8 +371,11 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
     ------
     ResumeError
         A fresh run whose directory already holds a run; a resume without a stored
-        config, with a config that differs from the stored one (other than the keys in
+        config, with an empty or incomplete one, with a config that differs from the
+        stored one or from the one its checkpoint was made with (other than the keys in
         ``RESUME_MAY_CHANGE``) or with fewer rounds than already done.
+    CheckpointError
+        A resume whose checkpoint is truncated, corrupt or of another format.
     """
     run_dir = Path(run_dir)
     check_output_folder(run_dir, "the run folder: output_dir and name, or --run-dir")
@@ -264,6 +395,8 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         return None
     if not (run_dir / CONFIG_FILE).is_file():
         raise ResumeError(f"Cannot resume {run_dir}: it has no {CONFIG_FILE}; is it a medfed run directory?")
+    recorded = _recorded_config(run_dir)
+    _check_config_file_complete(run_dir / CONFIG_FILE, recorded)
     stored = load_config(run_dir / CONFIG_FILE, run_folder=True)
     # A path given relative (an older run folder, or --config beside --resume) is the same path.
     diffs = _differences(config_to_dict(with_absolute_paths(stored)), config_to_dict(with_absolute_paths(cfg)))
@@ -271,14 +404,15 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         key, old, new = diffs[0]
         raise ResumeError(
             f"Cannot resume {run_dir}: its {CONFIG_FILE} has {key}={old!r} but this run asks for {key}={new!r}; "
-            "resume with the stored config (only rounds may grow, and name, output_dir, federation.round_timeout_s, "
-            "simulation.engine and simulation.ray_address may change)."
+            f"resume with the stored config ({_MAY_CHANGE_IN_WORDS})."
         )
     if cfg.rounds < stored.rounds:
         raise ResumeError(
             f"Cannot resume {run_dir} with rounds={cfg.rounds}: its {CONFIG_FILE} asks for {stored.rounds}; "
             "'rounds' may only grow."
         )
+    if recorded is not None:
+        _check_recorded_config(run_dir, recorded, cfg)
     if finished is not None and finished >= cfg.rounds:
         raise ResumeError(
             f"{run_dir} has already finished its {_rounds(finished)}; to train on, resume with more rounds "

@@ -52,7 +52,9 @@ from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.metrics_log import MetricsLog, read_metrics
 from medfed.server.report import build_report, print_summary
 from medfed.server.transfer import TransferGrid
-from medfed.server.resume import RoundOffsetStrategy, get_rng_state, prepare_run_dir, set_rng_state
+from medfed.server.resume import (
+    RoundOffsetStrategy, check_checkpoint_fits, get_rng_state, prepare_run_dir, set_rng_state,
+)
 from medfed.server.run_files import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, read_registered_sites
 from medfed.strategies import ModelSpec, ReplyPolicy, create_strategy, load_strategy_state, strategy_state
 from medfed.strategies.base import MedfedStrategy
@@ -122,6 +124,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
     reference = initial_model_arrays(cfg, strategy)
     apply_quorum(strategy, cfg.federation.quorum)
     if start.checkpoint is not None:
+        check_checkpoint_fits(run_dir, reference, {k: v.shape for k, v in start.checkpoint.arrays.items()})
         load_strategy_state(strategy, start.checkpoint.strategy_state)
         set_rng_state(start.checkpoint.state["rng"])
         arrays = _to_record(start.checkpoint.arrays)

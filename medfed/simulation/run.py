@@ -124,7 +124,7 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     medfed.server.resume.ResumeError
         A fresh run into a directory that holds one, or a resume that does not fit.
     """
-    from medfed.server.resume import check_run_dir
+    from medfed.server.resume import check_checkpoint_fits, check_run_dir
 
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
     run_dir = run_dir.expanduser().resolve()
@@ -132,7 +132,9 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     # --config would otherwise write a relative root back).
     cfg = with_absolute_paths(cfg)
     check_run_dir(cfg, run_dir, resume)  # fail before Ray starts; the ServerApp checks again
-    _preflight(cfg)
+    reference = _preflight(cfg)
+    if resume:
+        check_checkpoint_fits(run_dir, reference)
     engine = resolve_engine(cfg)
     print(f"medfed simulate: engine {engine} (simulation.engine: {cfg.simulation.engine})", flush=True)
     if engine == "inprocess":
@@ -366,8 +368,9 @@ def _set_thread_env(cfg: ExperimentConfig) -> None:
         os.environ.setdefault(name, threads)
 
 
-def _preflight(cfg: ExperimentConfig, *, simulated: bool = True) -> None:
-    """Check names and, for a simulation, data before the run starts (each raises a one-line error).
+def _preflight(cfg: ExperimentConfig, *, simulated: bool = True) -> dict[str, Any]:
+    """Check names and, for a simulation, data before the run starts (each raises a one-line error);
+    return the initial model arrays (a resume checks its checkpoint against them).
 
     A simulation's dataset file is read and validated here, and dealt to the sites, as
     every site will: a missing, corrupt or mis-shaped file, or a split too small for the
@@ -390,12 +393,12 @@ def _preflight(cfg: ExperimentConfig, *, simulated: bool = True) -> None:
     # run folder exists (or, in deployment, after the server opened its port).
     from medfed.server.server_app import initial_model_arrays
 
-    initial_model_arrays(cfg, strategy)
+    reference = initial_model_arrays(cfg, strategy)
     from medfed.sites.profiles import deal_sites, plan_for
 
     plan = plan_for(cfg)  # class mixes and colour corruptions fit the dataset
     if not simulated:
-        return
+        return reference
     if cfg.data.root is not None:
         from medfed.data import DatasetNotFoundError
         from medfed.data.medmnist_files import medmnist_filename, medmnist_url
@@ -415,6 +418,7 @@ def _preflight(cfg: ExperimentConfig, *, simulated: bool = True) -> None:
         _check_ray_address(cfg.simulation.ray_address)
     elif resolve_engine(cfg) == "ray":
         _check_site_resources(cfg)
+    return reference
 
 
 def _check_site_resources(cfg: ExperimentConfig) -> None:

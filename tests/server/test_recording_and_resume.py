@@ -11,13 +11,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from medfed.config import config_from_dict, save_config
+from medfed.config import config_from_dict, config_to_dict, save_config
 from medfed.server.recording import RecordingGrid, RoundRecorder
 from medfed.server.metrics_log import MetricsLog
-from medfed.server.checkpoint import CheckpointError
+from medfed.server.checkpoint import CheckpointError, save_checkpoint
 from medfed.server.resume import (
     ResumeError,
     RoundOffsetStrategy,
+    check_checkpoint_fits,
     check_run_dir,
     get_rng_state,
     prepare_run_dir,
@@ -216,6 +217,97 @@ def test_run_dir_checks_give_one_line_errors(stored_run, changes, resume, messag
     # Assert
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def _checkpoint(run_dir, cfg, arrays=None, **state) -> None:
+    """A checkpoint after round 1 made with ``cfg`` (as the ServerApp records it)."""
+    save_checkpoint(run_dir / "checkpoint.safetensors", server_round=1, arrays=arrays or {"w": WEIGHTS},
+                    strategy_state={}, state={"config": config_to_dict(cfg), **state})
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"train": {"lr": 0.01}}, "was made with train.lr=0.001 but this run asks for train.lr=0.01"),
+    ({"train": {"local_epochs": 3}}, "was made with train.local_epochs=2 but this run asks for train.local_epochs=3"),
+    ({"rounds": 2}, "was made with rounds=3; 'rounds' may only grow"),
+])
+def test_a_config_yaml_edited_after_the_checkpoint_is_refused(stored_run, edit, message):
+    # Prepare: config.yaml edited by hand after round 1 (the same change by --set was refused).
+    cfg, run_dir = stored_run
+    _checkpoint(run_dir, cfg)
+    edited = config_from_dict({"rounds": 3, "output_dir": cfg.output_dir, **edit})
+    save_config(edited, run_dir / "config.yaml")
+    before = (run_dir / "config.yaml").read_bytes()
+    # Execute
+    with pytest.raises(ResumeError) as info:
+        prepare_run_dir(edited, run_dir, resume=True)
+    # Assert
+    assert message in str(info.value) and "checkpoint.safetensors" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert (run_dir / "config.yaml").read_bytes() == before
+
+
+def test_a_resume_may_change_what_its_checkpoint_allows(stored_run):
+    # rounds may grow, the engine and the round timeout may change; an older checkpoint
+    # without a key of today's config (here: any key of train) is not compared on it.
+    cfg, run_dir = stored_run
+    recorded = config_to_dict(cfg)
+    del recorded["train"]
+    save_checkpoint(run_dir / "checkpoint.safetensors", server_round=1, arrays={"w": WEIGHTS}, strategy_state={},
+                    state={"config": recorded})
+    other = config_from_dict({"rounds": 5, "output_dir": cfg.output_dir, "simulation": {"engine": "ray"},
+                              "federation": {"round_timeout_s": 60}})
+    assert check_run_dir(other, run_dir, resume=True) == cfg
+    _checkpoint(run_dir, cfg)
+    assert check_run_dir(other, run_dir, resume=True) == cfg
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "config.yaml is empty"),
+    ("name: breastmnist-fedavg\nseed: 0\noutput_dir: runs\nrounds: 3\n", "config.yaml lacks the key 'data'"),
+])
+def test_an_empty_or_incomplete_config_yaml_is_refused_not_read_as_defaults(stored_run, text, message):
+    # Read as a run folder's config, an empty file was the built-in defaults (20 rounds),
+    # which the resume then wrote over config.yaml.
+    cfg, run_dir = stored_run
+    (run_dir / "config.yaml").write_text(text)
+    defaults = config_from_dict({"output_dir": cfg.output_dir, "name": cfg.name})
+    # Execute
+    with pytest.raises(ResumeError) as info:
+        prepare_run_dir(defaults, run_dir, resume=True)
+    # Assert
+    assert message in str(info.value) and str(run_dir / "config.yaml") in str(info.value)
+    assert "restore it" in str(info.value) and "\n" not in str(info.value)
+    assert (run_dir / "config.yaml").read_text() == text
+
+
+def test_a_config_yaml_that_lost_a_key_its_checkpoint_records_is_refused(stored_run):
+    cfg, run_dir = stored_run
+    _checkpoint(run_dir, cfg)
+    text = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(text.replace("  lr: 0.001\n", ""))
+    with pytest.raises(ResumeError, match="config.yaml lacks the key 'train.lr'"):
+        check_run_dir(cfg, run_dir, resume=True)
+
+
+def test_a_checkpoint_whose_arrays_are_another_models_is_refused_by_name(stored_run):
+    # A FairLoRA checkpoint copied into a FedAvg folder ended in a KeyError at the last round.
+    cfg, run_dir = stored_run
+    reference = {"w": WEIGHTS, "b": np.zeros(2, np.float32)}
+    _checkpoint(run_dir, cfg, arrays=reference)
+    check_checkpoint_fits(run_dir, reference)  # its own: fine
+    cases = [
+        ({"w": WEIGHTS, "b": np.zeros(3, np.float32)}, "its array 'b' has shape [2], the model's [3]"),
+        ({"w": WEIGHTS}, "its array 'b' is not in the model"),
+        ({"w": WEIGHTS, "b": np.zeros(2, np.float32), "adapters.q": WEIGHTS}, "it has no array 'adapters.q'"),
+    ]
+    for model, misfit in cases:
+        with pytest.raises(ResumeError) as info:
+            check_checkpoint_fits(run_dir, model)
+        assert f"does not fit this run's model ({misfit})" in str(info.value)
+        with pytest.raises(ResumeError, match="shape|not in the model|no array"):  # arrays already loaded
+            check_checkpoint_fits(run_dir, model, {k: v.shape for k, v in reference.items()})
+    check_checkpoint_fits(tmp := run_dir / "none", reference)  # no checkpoint: nothing to check
+    assert not tmp.exists()
 
 
 def test_resume_needs_a_run_directory(tmp_path):

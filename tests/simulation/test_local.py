@@ -135,6 +135,23 @@ def test_resume_with_more_rounds_continues_the_round_count(local_run, tiny_root,
     assert metric_records(run_dir)[: len(metric_records(local_run))] == metric_records(local_run)
 
 
+def test_a_checkpoint_of_another_model_is_refused_by_the_server_app(local_run, tiny_root, tiny_config, tmp_path):
+    # A FairLoRA checkpoint copied into a FedAvg folder ended in a KeyError traceback.
+    from medfed.server.checkpoint import save_checkpoint
+    from medfed.server.resume import ResumeError
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(local_run, run_dir)
+    checkpoint = load_checkpoint(run_dir / "checkpoint.safetensors")
+    foreign = {"adapters.0.lora_a": np.zeros((4, 2), np.float32), **checkpoint.arrays}
+    save_checkpoint(run_dir / "checkpoint.safetensors", server_round=checkpoint.server_round, arrays=foreign,
+                    strategy_state=checkpoint.strategy_state, state=checkpoint.state)
+    # Execute
+    with pytest.raises(ResumeError, match=r"does not fit this run's model \(its array 'adapters.0.lora_a' is not in the "
+                                          r"model\)"):
+        run_local(tiny_config(tiny_root, tmp_path, rounds=3), run_dir=run_dir, resume=True)
+
+
 def test_a_run_begun_with_a_relative_data_root_resumes_from_another_folder(tiny_root, tiny_config, tmp_path, monkeypatch):
     from medfed.config import load_config
     from medfed.simulation import simulate
