@@ -6,7 +6,8 @@ continue a run after the last complete round:
 * the global model arrays, stored under ``model/<state_dict key>``;
 * the strategy's state between rounds (e.g. FedAdam moments), under ``strategy/<key>``;
 * in the safetensors metadata (a str -> str map): the format name and version, the round
-  number and a JSON document with the rest (RNG state, metrics history, config).
+  number and a JSON document with the rest (RNG state, metrics history, config, and the
+  run key under which the sites keep their local state).
 
 Both kinds of file are written to a temporary file in the target's directory, flushed and
 fsynced, then moved onto the target with :func:`os.replace`, so a crash at any moment leaves
@@ -67,7 +68,7 @@ class Checkpoint:
     strategy_state : dict[str, np.ndarray]
         The strategy's arrays between rounds (empty for stateless strategies).
     state : dict[str, Any]
-        JSON-compatible extra state (RNG state, metrics history, config).
+        JSON-compatible extra state (RNG state, metrics history, config, run key).
     """
 
     server_round: int

@@ -45,6 +45,7 @@ from medfed.config import (
 )
 from medfed.server.checkpoint import Checkpoint, checkpoint_model_shapes, checkpoint_state, load_checkpoint
 from medfed.server.held_out import NodeView, SiteRoster
+from medfed.server.metrics_log import read_metrics
 from medfed.server.delegating_strategy import DelegatingStrategy
 from medfed.server.recording import RoundRecorder
 from medfed.server.run_files import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
@@ -56,6 +57,7 @@ __all__ = [
     "check_run_dir",
     "get_rng_state",
     "prepare_run_dir",
+    "run_key_of",
     "set_rng_state",
 ]
 
@@ -276,9 +278,8 @@ def _check_config_file_complete(path: Path, recorded: Mapping[str, Any] | None) 
     )
 
 
-def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
-    """The config the run's checkpoint was made with (None without a checkpoint, or from a
-    medfed that did not record it), read without the arrays.
+def _checkpoint_state(run_dir: Path) -> dict[str, Any] | None:
+    """The JSON state of the run's checkpoint (None without one), read without the arrays.
 
     Raises
     ------
@@ -286,10 +287,54 @@ def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
         A checkpoint that is truncated, corrupt or of another format.
     """
     path = run_dir / CHECKPOINT_FILE
-    if not path.exists():
-        return None
-    recorded = checkpoint_state(path)[1].get("config")
+    return checkpoint_state(path)[1] if path.exists() else None
+
+
+def _recorded_config(state: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The config a checkpoint's state records (None from a medfed that did not record it)."""
+    recorded = (state or {}).get("config")
     return recorded if isinstance(recorded, dict) else None
+
+
+#: The checkpoint state's key of the run key (:mod:`medfed.client.site_state`).
+RUN_KEY_STATE = "run_key"
+
+
+def run_key_of(run_dir: Path, state: Mapping[str, Any] | None) -> str | None:
+    """The key of the run in ``run_dir``, under which its sites keep their local state.
+
+    Read from the checkpoint's ``state`` (:data:`RUN_KEY_STATE`), else (a checkpoint of a
+    medfed that did not store it there, or none) from the first ``"start"`` record of
+    ``metrics.jsonl``, which is ``""`` for a run begun before medfed made keys.
+
+    Returns
+    -------
+    str or None
+        None when the run has neither a checkpoint nor a start record (a new key is made).
+
+    Raises
+    ------
+    ResumeError
+        A checkpoint, but the key is in neither place: a new key would leave the sites'
+        state behind (FedBN's BatchNorm, Local-only's models) and the run would go on
+        differently from an uninterrupted one, while the server cannot tell whether the
+        sites keep any.
+    MetricsLogError
+        A ``metrics.jsonl`` that cannot be read.
+    """
+    if state is not None and isinstance(state.get(RUN_KEY_STATE), str):
+        return state[RUN_KEY_STATE]
+    path = Path(run_dir) / METRICS_FILE
+    for record in read_metrics(path) if path.is_file() else []:
+        if record["event"] == "start":
+            return str(record.get("run_key", ""))
+    if state is not None:
+        raise ResumeError(
+            f"Cannot resume {run_dir}: its run key, under which the sites keep their local state, is neither in its "
+            f"{CHECKPOINT_FILE} (written by an older medfed) nor in a 'start' line of its {METRICS_FILE}; put back "
+            f"that file's first line from a backup, or start the run afresh in a new folder."
+        )
+    return None
 
 
 def _check_recorded_config(run_dir: Path, recorded: dict[str, Any], cfg: ExperimentConfig) -> None:
@@ -395,7 +440,8 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         return None
     if not (run_dir / CONFIG_FILE).is_file():
         raise ResumeError(f"Cannot resume {run_dir}: it has no {CONFIG_FILE}; is it a medfed run directory?")
-    recorded = _recorded_config(run_dir)
+    state = _checkpoint_state(run_dir)
+    recorded = _recorded_config(state)
     _check_config_file_complete(run_dir / CONFIG_FILE, recorded)
     stored = load_config(run_dir / CONFIG_FILE, run_folder=True)
     # A path given relative (an older run folder, or --config beside --resume) is the same path.
@@ -413,6 +459,8 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         )
     if recorded is not None:
         _check_recorded_config(run_dir, recorded, cfg)
+    if state is not None:
+        run_key_of(run_dir, state)  # the sites will find their state again
     if finished is not None and finished >= cfg.rounds:
         raise ResumeError(
             f"{run_dir} has already finished its {_rounds(finished)}; to train on, resume with more rounds "

@@ -53,7 +53,8 @@ from medfed.server.metrics_log import MetricsLog, read_metrics
 from medfed.server.report import build_report, print_summary
 from medfed.server.transfer import TransferGrid
 from medfed.server.resume import (
-    RoundOffsetStrategy, check_checkpoint_fits, get_rng_state, prepare_run_dir, set_rng_state,
+    RUN_KEY_STATE, RoundOffsetStrategy, RunStart, check_checkpoint_fits, get_rng_state, prepare_run_dir, run_key_of,
+    set_rng_state,
 )
 from medfed.server.run_files import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, read_registered_sites
 from medfed.strategies import ModelSpec, ReplyPolicy, create_strategy, load_strategy_state, strategy_state
@@ -117,6 +118,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     start = prepare_run_dir(cfg, run_dir, resume)
+    run_key = _run_key(run_dir, start)
     log = MetricsLog(run_dir / METRICS_FILE)
     recorder = RoundRecorder(log, task=dataset_info(cfg.data.dataset).task)
     recorder.history = start.history
@@ -146,7 +148,6 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
         print(f"medfed: WARNING: held-out site(s) {', '.join(held_out_names)} only evaluate, but "
               "federation.fraction_evaluate is 0: they take no part in this run", flush=True)
     earlier = read_metrics(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []  # earlier starts
-    run_key = _run_key(earlier)
     instruction = _instruction_keys(cfg, run_key)
     log.write({"event": "start", "time": _now(), "resumed_from_round": start.completed_rounds,
                "num_rounds": cfg.rounds, "run_key": run_key, **_site_facts(cfg, held_out_names)})
@@ -176,7 +177,8 @@ def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None
             return None  # the checkpoint we resumed from already holds this state
         if local_round > 0:
             recorder.round_finished(cfg.rounds)
-        state = {"rng": get_rng_state(), "history": recorder.history, "config": config_to_dict(cfg)}
+        state = {"rng": get_rng_state(), "history": recorder.history, "config": config_to_dict(cfg),
+                 RUN_KEY_STATE: run_key}
         save_checkpoint(
             run_dir / CHECKPOINT_FILE, server_round=start.completed_rounds + local_round,
             arrays=numpy_arrays(round_arrays), strategy_state=strategy_state(strategy), state=state,
@@ -326,16 +328,16 @@ def _instruction_keys(cfg: ExperimentConfig, run_key: str) -> dict[str, str]:
     return keys
 
 
-def _run_key(records: list[dict[str, Any]]) -> str:
-    """This run's key: made at its first start, read back from its first ``"start"`` record
-    by every resume, so that its sites find their local state again and never another run's.
+def _run_key(run_dir: Path, start: RunStart) -> str:
+    """This run's key: made at its first start, kept in every checkpoint (and the ``"start"``
+    records) and read back by every resume (:func:`medfed.server.resume.run_key_of`), so that
+    its sites find their local state again and never another run's.
 
     ``""`` for a run begun before medfed made keys: its sites go on with their folders
     without one."""
-    for record in records:
-        if record["event"] == "start":
-            return str(record.get("run_key", ""))
-    return secrets.token_hex(8)  # not Python's or NumPy's RNG: a resumed run draws as an uninterrupted one
+    key = run_key_of(run_dir, start.checkpoint.state if start.checkpoint is not None else None)
+    # Not Python's or NumPy's RNG: a resumed run draws as an uninterrupted one.
+    return key if key is not None else secrets.token_hex(8)
 
 
 def _is_deployed(grid: Grid) -> bool:

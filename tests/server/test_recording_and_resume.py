@@ -22,6 +22,7 @@ from medfed.server.resume import (
     check_run_dir,
     get_rng_state,
     prepare_run_dir,
+    run_key_of,
     set_rng_state,
 )
 from medfed.simulation.local import LocalGrid
@@ -222,7 +223,7 @@ def test_run_dir_checks_give_one_line_errors(stored_run, changes, resume, messag
 def _checkpoint(run_dir, cfg, arrays=None, **state) -> None:
     """A checkpoint after round 1 made with ``cfg`` (as the ServerApp records it)."""
     save_checkpoint(run_dir / "checkpoint.safetensors", server_round=1, arrays=arrays or {"w": WEIGHTS},
-                    strategy_state={}, state={"config": config_to_dict(cfg), **state})
+                    strategy_state={}, state={"config": config_to_dict(cfg), "run_key": "0123456789abcdef", **state})
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -253,7 +254,7 @@ def test_a_resume_may_change_what_its_checkpoint_allows(stored_run):
     recorded = config_to_dict(cfg)
     del recorded["train"]
     save_checkpoint(run_dir / "checkpoint.safetensors", server_round=1, arrays={"w": WEIGHTS}, strategy_state={},
-                    state={"config": recorded})
+                    state={"config": recorded, "run_key": "k"})
     other = config_from_dict({"rounds": 5, "output_dir": cfg.output_dir, "simulation": {"engine": "ray"},
                               "federation": {"round_timeout_s": 60}})
     assert check_run_dir(other, run_dir, resume=True) == cfg
@@ -308,6 +309,31 @@ def test_a_checkpoint_whose_arrays_are_another_models_is_refused_by_name(stored_
             check_checkpoint_fits(run_dir, model, {k: v.shape for k, v in reference.items()})
     check_checkpoint_fits(tmp := run_dir / "none", reference)  # no checkpoint: nothing to check
     assert not tmp.exists()
+
+
+def test_the_run_key_is_read_from_the_checkpoint_first(stored_run):
+    # Emptying metrics.jsonl (or deleting its first line, as medfed's message on a damaged
+    # line advises) made a resume draw a new key: FedBN's sites lost their BatchNorm.
+    cfg, run_dir = stored_run
+    assert run_key_of(run_dir, None) is None  # nothing yet: the ServerApp makes a key
+    (run_dir / "metrics.jsonl").write_text('{"event": "start", "run_key": "from-log"}\n')
+    assert run_key_of(run_dir, None) == "from-log"
+    assert run_key_of(run_dir, {"run_key": "from-checkpoint"}) == "from-checkpoint"
+    assert run_key_of(run_dir, {}) == "from-log"  # a checkpoint of an older medfed
+    (run_dir / "metrics.jsonl").write_text('{"event": "start"}\n')
+    assert run_key_of(run_dir, {}) == ""  # a run begun before medfed made keys
+
+
+def test_a_checkpoint_without_the_run_key_and_a_log_without_a_start_is_refused(stored_run):
+    cfg, run_dir = stored_run
+    _checkpoint(run_dir, cfg, run_key=None)  # an older medfed's checkpoint
+    (run_dir / "metrics.jsonl").write_text('{"event": "round", "round": 1}\n')  # its start line deleted
+    with pytest.raises(ResumeError) as info:
+        check_run_dir(cfg, run_dir, resume=True)
+    assert "its run key, under which the sites keep their local state, is neither in its checkpoint.safetensors" in (
+        str(info.value))
+    _checkpoint(run_dir, cfg)  # today's checkpoint holds it
+    assert check_run_dir(cfg, run_dir, resume=True) == cfg
 
 
 def test_resume_needs_a_run_directory(tmp_path):

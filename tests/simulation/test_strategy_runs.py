@@ -112,6 +112,28 @@ def test_fedbn_run_killed_in_round_2_resumes_bit_identically(fedbn_run, tiny_roo
         _assert_same_arrays(resumed[key], uninterrupted[key])
 
 
+def test_fedbn_resume_finds_the_sites_state_without_the_first_line_of_metrics_jsonl(fedbn_run, tiny_root, tiny_config,
+                                                                                    tmp_path, metric_records):
+    # The run key lived only in the first "start" line: deleting it (as medfed's message on a
+    # damaged line advises) made the resume draw a new key, and the sites lost their BatchNorm.
+    cfg = tiny_config(tiny_root, tmp_path, strategy={"name": "fedbn"})
+    with pytest.raises(_Killed):
+        run_local(cfg, client_app=_app_that_dies(round_to_die=2, site_to_die=2))
+    run_dir = tmp_path / cfg.name
+    first_key = load_run_metrics(run_dir).starts[0]["run_key"]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_text("".join(lines[1:]))
+    # Execute
+    run_local(cfg, resume=True)
+    # Assert
+    assert [start["run_key"] for start in load_run_metrics(run_dir).starts] == [first_key]
+    _assert_same_arrays(load_arrays(run_dir / "model.safetensors"), load_arrays(fedbn_run / "model.safetensors"))
+    resumed, uninterrupted = _site_states(run_dir), _site_states(fedbn_run)
+    assert list(resumed) == list(uninterrupted)
+    for key in resumed:
+        _assert_same_arrays(resumed[key], uninterrupted[key])
+
+
 # --- FairLoRA ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def backbone(tiny_root, tiny_config, tmp_path_factory) -> Path:
