@@ -163,9 +163,12 @@ def run_server(
     ------
     DeployError, CertsError, ResumeError, ConfigError
         Bad input, a SuperLink that does not start, or a run that did not finish.
+    RunFolderInUse
+        Another medfed process runs in ``run_dir``.
     """
     from medfed.server.resume import check_checkpoint_fits, check_run_dir
-    from medfed.simulation.run import _preflight, app_pyproject
+    from medfed.server.run_lock import run_folder_lock
+    from medfed.simulation.run import _preflight
 
     out = out or sys.stdout
     listen = parse_address(address)
@@ -187,6 +190,20 @@ def run_server(
                 f"The experiment has federation.num_sites={cfg.federation.num_sites} but {certs} trusts only "
                 f"{len(tls.trusted_sites)} site(s) ({', '.join(tls.trusted_sites)}); make keys for every site."
             )
+    # One medfed process per run folder (medfed.server.run_lock), held to the end: the
+    # ServerApp writes the folder from Flower's processes, which this server starts and
+    # stops. Checked again under the lock, for a run that another process began or ended
+    # since the check above.
+    with run_folder_lock(run_dir):
+        check_run_dir(cfg, run_dir, resume)
+        return _serve(cfg, run_dir=run_dir, resume=resume, listen=listen, tls=tls, certs=certs, address=address,
+                      insecure=insecure, join_timeout_s=join_timeout_s, out=out)
+
+
+def _serve(cfg: ExperimentConfig, *, run_dir: Path, resume: bool, listen: Address, tls: ServerCerts | None,
+           certs: str | Path | None, address: str, insecure: bool, join_timeout_s: float | None, out) -> Path:
+    """:func:`run_server` from the Flower processes on, with the run folder locked."""
+    from medfed.simulation.run import app_pyproject
 
     home = run_dir / FLOWER_HOME
     env = {

@@ -123,8 +123,11 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     ------
     medfed.server.resume.ResumeError
         A fresh run into a directory that holds one, or a resume that does not fit.
+    medfed.server.run_lock.RunFolderInUse
+        Another medfed process runs in ``run_dir``.
     """
     from medfed.server.resume import check_checkpoint_fits, check_run_dir
+    from medfed.server.run_lock import run_folder_lock
 
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
     run_dir = run_dir.expanduser().resolve()
@@ -136,12 +139,23 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
     if resume:
         check_checkpoint_fits(run_dir, reference)
     engine = resolve_engine(cfg)
-    print(f"medfed simulate: engine {engine} (simulation.engine: {cfg.simulation.engine})", flush=True)
-    if engine == "inprocess":
-        from medfed.simulation.local import run_local
+    # One medfed process per run folder (medfed.server.run_lock), from before anything is
+    # written in it; checked again under the lock, for a run that another process began or
+    # ended since the check above (a fresh run would clear its site state).
+    with run_folder_lock(run_dir):
+        check_run_dir(cfg, run_dir, resume)
+        print(f"medfed simulate: engine {engine} (simulation.engine: {cfg.simulation.engine})", flush=True)
+        if engine == "inprocess":
+            from medfed.simulation.local import run_local
 
-        with _stop_on_interrupt(run_dir):  # SIGTERM too: a message and exit 130, as on Ray
-            return run_local(cfg, run_dir=run_dir, resume=resume)  # writes the site preview too
+            with _stop_on_interrupt(run_dir):  # SIGTERM too: a message and exit 130, as on Ray
+                return run_local(cfg, run_dir=run_dir, resume=resume)  # writes the site preview too
+        _simulate_on_ray(cfg, run_dir, resume)
+    return run_dir
+
+
+def _simulate_on_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
+    """:func:`simulate` on Flower's simulation engine (this module's docstring)."""
     from medfed.sites.preview import preview_run_sites
 
     preview_run_sites(cfg, run_dir)  # the report shows the sites (the server never loads images)
@@ -182,7 +196,6 @@ def simulate(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume
             )
     finally:
         shutil.rmtree(app_dir, ignore_errors=True)
-    return run_dir
 
 
 def _available_cpus() -> int:

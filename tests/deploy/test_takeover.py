@@ -90,3 +90,16 @@ def test_a_server_refused_on_a_folder_in_use_leaves_its_flower_files_alone(tmp_p
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_server_on_a_run_folder_another_medfed_process_holds_is_refused_before_it_starts(tmp_path, tiny_root,
+                                                                                        tiny_config):
+    from medfed.deploy.superlink import FLOWER_HOME, run_server
+    from medfed.server.run_lock import RunFolderInUse, run_folder_lock
+
+    cfg = tiny_config(tiny_root, tmp_path)
+    with run_folder_lock(tmp_path / "run"):  # a medfed simulate or server on it
+        with pytest.raises(RunFolderInUse, match="is in use by another medfed process"):
+            run_server(cfg, certs=None, run_dir=tmp_path / "run", address="127.0.0.1:29733", insecure=True,
+                       out=io.StringIO(), join_timeout_s=1)
+    assert not (tmp_path / "run" / FLOWER_HOME).exists()  # nothing started

@@ -152,6 +152,26 @@ def test_a_checkpoint_of_another_model_is_refused_by_the_server_app(local_run, t
         run_local(tiny_config(tiny_root, tmp_path, rounds=3), run_dir=run_dir, resume=True)
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_simulate_refuses_a_run_folder_another_process_holds(local_run, tiny_root, tiny_config, tmp_path, resume):
+    # Two `medfed simulate --resume` on one folder both ran: metrics.jsonl got three start
+    # records, rounds twice and two end records, and both wrote the checkpoint.
+    from medfed.server.run_lock import RunFolderInUse, run_folder_lock
+    from medfed.simulation import simulate
+
+    run_dir = tmp_path / "copy"
+    if resume:
+        shutil.copytree(local_run, run_dir)
+    cfg = tiny_config(tiny_root, tmp_path, rounds=3, simulation={"cpus_per_site": 1.0, "engine": "inprocess"})
+    with run_folder_lock(run_dir):  # as another medfed process would
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir())
+        # Execute
+        with pytest.raises(RunFolderInUse, match="is in use by another medfed process"):
+            simulate(cfg, run_dir=run_dir, resume=resume)
+        # Assert: nothing written
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir()) == before
+
+
 def test_a_run_begun_with_a_relative_data_root_resumes_from_another_folder(tiny_root, tiny_config, tmp_path, monkeypatch):
     from medfed.config import load_config
     from medfed.simulation import simulate
