@@ -89,7 +89,7 @@ class _Invalid(Exception):
     """Raised by a constraint when a value does not satisfy it (internal).
 
     Its argument, when given, replaces the constraint's description in the message: a
-    bound that only some values reach (a run name's length) is named when it is the one
+    bound that only some values reach (an int's upper bound) is named when it is the one
     broken.
     """
 
@@ -187,11 +187,10 @@ class _Choice(_Constraint):
 
 @dataclass(frozen=True)
 class _Str(_Constraint):
-    """A non-empty string, optionally matching ``pattern`` and at most ``max_length`` characters long."""
+    """A non-empty string, optionally matching ``pattern``."""
 
     pattern: str | None = None
     what: str = "a non-empty str"
-    max_length: int | None = None
 
     @property
     def description(self) -> str:
@@ -202,8 +201,6 @@ class _Str(_Constraint):
             raise _Invalid
         if self.pattern is not None and not re.fullmatch(self.pattern, value):
             raise _Invalid
-        if self.max_length is not None and len(value) > self.max_length:
-            raise _Invalid(f"{self.what}, at most {self.max_length} characters long (got {len(value)})")
         return value
 
 
@@ -649,16 +646,13 @@ class SimulationConfig(_Validated):
             )
 
 
-# The run folder is {output_dir}/{name}: a name must stay one safe path component. A
-# file name is at most 255 bytes on the common file systems (ext4, XFS, APFS, NTFS), and
-# names are built from it (a temporary file's prefix and suffix beside a file, a copy's or
-# an archive's suffix); 100 leaves room for those, and refuses here what would otherwise
-# fail with "File name too long" after output_dir was made. The pattern is ASCII: one
-# character is one byte.
+# The run folder is {output_dir}/{name}: a name must stay one safe path component. Its
+# length is the file system's business, checked where a fresh run's folder is checked
+# (medfed._io.check_output_folder): a bound here would also refuse the run folders an
+# older medfed made, whose config.yaml is read back through it.
 _RUN_NAME = _Str(
     pattern=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
     what="a str of letters, digits, '.', '_' or '-' that does not start with '.' or '-'",
-    max_length=100,
 )
 
 
@@ -670,7 +664,8 @@ class ExperimentConfig(_Validated):
     ----------
     name : str
         Run name; the run folder is ``{output_dir}/{name}``. Letters, digits, ``.``,
-        ``_`` and ``-``, not first ``.`` or ``-``; at most 100 characters.
+        ``_`` and ``-``, not first ``.`` or ``-``; a name longer than the file system
+        takes is refused when a fresh run's folder is checked.
     seed : int
         Seed of every random choice (partition, sampling, initialisation), in
         [0, 2**32 - 1] (what numpy's seeding takes).

@@ -862,15 +862,10 @@ def test_an_alias_used_twice_is_fine(tmp_path):
 
 
 # --- run name ------------------------------------------------------------------------------
-def test_a_run_name_is_at_most_100_characters():
-    assert load_config(overrides=["name=" + "a" * 100]).name == "a" * 100
-    with pytest.raises(ConfigError) as info:
-        load_config(overrides=["name=" + "a" * 300])
-
-    assert str(info.value) == (
-        "Config key 'name' must be a str of letters, digits, '.', '_' or '-' that does not start with '.' or '-', "
-        f"at most 100 characters long (got 300). Got {'a' * 300!r} (from --set name={'a' * 300})."
-    )
+def test_a_long_run_name_is_the_file_systems_business_not_the_configs():
+    # A 100-character bound here refused the run folders an older medfed made (their config.yaml is
+    # read back through it); the file system's limit is checked where a fresh run's folder is.
+    assert load_config(overrides=["name=" + "a" * 150]).name == "a" * 150
 
 
 # --- ints a run config can carry ------------------------------------------------------------
