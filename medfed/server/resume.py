@@ -315,19 +315,28 @@ def run_key_of(run_dir: Path, state: Mapping[str, Any] | None) -> str | None:
     Raises
     ------
     ResumeError
-        A checkpoint, but the key is in neither place: a new key would leave the sites'
+        The checkpoint's key differs from the log's (a checkpoint copied from another run
+        of the same study: its sites' state is not this run's); or a checkpoint, but the
+        key is in neither place: a new key would leave the sites'
         state behind (FedBN's BatchNorm, Local-only's models) and the run would go on
         differently from an uninterrupted one, while the server cannot tell whether the
         sites keep any.
     MetricsLogError
         A ``metrics.jsonl`` that cannot be read.
     """
-    if state is not None and isinstance(state.get(RUN_KEY_STATE), str):
-        return state[RUN_KEY_STATE]
+    kept = state.get(RUN_KEY_STATE) if state is not None else None
     path = Path(run_dir) / METRICS_FILE
-    for record in read_metrics(path) if path.is_file() else []:
-        if record["event"] == "start":
-            return str(record.get("run_key", ""))
+    logged = next((str(record.get("run_key", "")) for record in (read_metrics(path) if path.is_file() else [])
+                   if record["event"] == "start"), None)
+    if isinstance(kept, str):
+        if logged is not None and logged != kept:  # the log is this folder's; the checkpoint came from elsewhere
+            raise ResumeError(
+                f"Cannot resume {run_dir}: its {CHECKPOINT_FILE} was written by another run than its {METRICS_FILE} "
+                "(their run keys differ); put back this run's checkpoint, or start the run afresh in a new folder."
+            )
+        return kept
+    if logged is not None:
+        return logged
     if state is not None:
         raise ResumeError(
             f"Cannot resume {run_dir}: its run key, under which the sites keep their local state, is neither in its "

@@ -118,8 +118,8 @@ def main(grid: Grid, context: Context) -> None:
 
 def _run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     start = prepare_run_dir(cfg, run_dir, resume)
+    log = MetricsLog(run_dir / METRICS_FILE)  # first: it repairs a half-written last line (and says so once)
     run_key = _run_key(run_dir, start)
-    log = MetricsLog(run_dir / METRICS_FILE)
     recorder = RoundRecorder(log, task=dataset_info(cfg.data.dataset).task)
     recorder.history = start.history
     strategy = build_strategy(cfg)

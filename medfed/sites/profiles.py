@@ -380,19 +380,17 @@ def plan_federation(
         weights = [1.0] * num_sites
     weights += [float(np.mean(weights))] * len(held_out)
     sites = []
+    for index, group in enumerate(groups):
+        _refuse_saturate_on_gray(group.corruptions, f"federation.groups[{index}]", dataset, channels)
     for pid, profile in enumerate(chosen):
-        # The profile's own entry (profiles cycle over the sites); a default profile has no
-        # chain, so only federation.groups can have brought a corruption in.
-        index = next((i for i, given in enumerate(profiles) if given is profile), None)
-        where = f"federation.sites[{index}]" if index is not None else "federation.groups"
+        index = next((i for i, given in enumerate(profiles) if given is profile), None)  # profiles cycle
+        where = f"federation.sites[{index}]" if index is not None else "federation.sites"  # None: the default
         if profile.class_mix is not None and len(profile.class_mix) != num_classes:
             raise _fail(f"{where}.class_mix", f"must give one weight per class ({num_classes}). Got {len(profile.class_mix)}.")
         chain = profile.corruptions
         if profile.random_corruptions:
             chain = _random_chain(profile, dataset, channels, site_seed(seed, 5, pid))
-        for name, _ in chain + tuple(c for g in groups for c in g.corruptions):
-            if name == "saturate" and channels != 3:
-                raise _fail(where, f"uses 'saturate', which needs RGB images; {dataset} is gray.")
+        _refuse_saturate_on_gray(chain, where, dataset, channels)
         default_name = f"held-out-{pid - num_sites}" if profile.held_out else f"site-{pid}"
         sites.append(SitePlan(
             partition_id=pid, name=profile.name or default_name,
@@ -415,6 +413,11 @@ def plan_federation(
         sites=tuple(sites), groups=groups, partition=federation.partition,
         dirichlet_alpha=federation.dirichlet_alpha, plain=plain, num_classes=num_classes,
     )
+
+
+def _refuse_saturate_on_gray(chain: Chain, where: str, dataset: str, channels: int) -> None:
+    if channels != 3 and any(name == "saturate" for name, _ in chain):
+        raise _fail(where, f"uses 'saturate', which needs RGB images; {dataset} is gray.")
 
 
 def _random_chain(profile: SiteProfile, dataset: str, channels: int, seed: int) -> Chain:

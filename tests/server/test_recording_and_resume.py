@@ -318,8 +318,14 @@ def test_the_run_key_is_read_from_the_checkpoint_first(stored_run):
     assert run_key_of(run_dir, None) is None  # nothing yet: the ServerApp makes a key
     (run_dir / "metrics.jsonl").write_text('{"event": "start", "run_key": "from-log"}\n')
     assert run_key_of(run_dir, None) == "from-log"
-    assert run_key_of(run_dir, {"run_key": "from-checkpoint"}) == "from-checkpoint"
+    assert run_key_of(run_dir, {"run_key": "from-log"}) == "from-log"
     assert run_key_of(run_dir, {}) == "from-log"  # a checkpoint of an older medfed
+    # A checkpoint copied from another run of the same study: its key would make the sites
+    # load that run's state (FedBN's BatchNorm, Local-only's models).
+    with pytest.raises(ResumeError, match="checkpoint.safetensors was written by another run than its metrics.jsonl"):
+        run_key_of(run_dir, {"run_key": "from-another-run"})
+    (run_dir / "metrics.jsonl").write_text("")
+    assert run_key_of(run_dir, {"run_key": "from-checkpoint"}) == "from-checkpoint"  # the log emptied
     (run_dir / "metrics.jsonl").write_text('{"event": "start"}\n')
     assert run_key_of(run_dir, {}) == ""  # a run begun before medfed made keys
 

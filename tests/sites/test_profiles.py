@@ -216,8 +216,9 @@ def test_class_mix_must_fit_the_dataset():
     cfg = config_from_dict({"federation": {"num_sites": 3, "sites": [{}, {"class_mix": [1, 1, 1]}]}})
     with pytest.raises(Exception, match=r"'federation.sites\[1\].class_mix' must give one weight per class"):
         plan_federation(cfg.federation, dataset="breastmnist", num_classes=2, channels=1, seed=0)
-    gray = config_from_dict({"federation": {"groups": ["a", {"name": "b", "corruptions": [["saturate", 1]]}]}})
-    with pytest.raises(Exception, match="'federation.groups' uses 'saturate'"):
+    gray = config_from_dict({"federation": {"sites": [{"name": "a"}, {"name": "b"}],
+                                            "groups": ["a", {"name": "b", "corruptions": [["saturate", 1]]}]}})
+    with pytest.raises(Exception, match=r"'federation.groups\[1\]' uses 'saturate'"):
         plan_federation(gray.federation, dataset="breastmnist", num_classes=2, channels=1, seed=0)
 
 
