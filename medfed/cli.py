@@ -419,9 +419,12 @@ def _resume_step(args: argparse.Namespace) -> str:
     run_dir = getattr(args, "run_dir", None)
     if run_dir is None or args.command not in ("simulate", "server") or not (Path(run_dir) / CONFIG_FILE).is_file():
         return ""
-    quoted = shlex.quote(str(run_dir))
-    command = f"medfed simulate --resume {quoted}" if args.command == "simulate" else _server_resume_command(args)
-    return f"continue with {command} (medfed report {quoted} reports the rounds done)"
+    if args.command == "simulate":
+        from medfed.simulation.run import resume_step
+
+        return resume_step(run_dir)
+    return (f"continue with {_server_resume_command(args)} "
+            f"(medfed report {shlex.quote(str(run_dir))} reports the rounds done)")
 
 
 def _disk_full_message(args: argparse.Namespace, err: OSError) -> str:

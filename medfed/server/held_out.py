@@ -131,7 +131,9 @@ def _push_and_pull(grid: Grid, messages: list[Message], timeout_s: float, *, che
             report_due = now + WAIT_REPORT_S
             known = names() if names is not None else {}
             missing = sorted(pending.values(), key=lambda node_id: (node_id is None, node_id or 0))
-            wait = SiteWait(len(messages) - len(pending), len(messages),
+            # Out of the questions that went out: one Flower could not push is not answered.
+            sent = sum(1 for message_id in pushed if message_id)
+            wait = SiteWait(sent - len(pending), sent,
                             tuple(known.get(node_id) or ("a site" if node_id is None else f"node {node_id}")
                                   for node_id in missing),
                             max(0.0, deadline - now))

@@ -248,11 +248,15 @@ def resolve_engine(cfg: ExperimentConfig) -> str:
 INTERRUPT_GRACE_S = 5.0
 
 
+def resume_step(run_dir: str | Path) -> str:
+    """How to go on with a stopped simulation: ``continue with medfed simulate --resume ...``."""
+    quoted = shlex.quote(str(run_dir))
+    return f"continue with medfed simulate --resume {quoted} (medfed report {quoted} reports the rounds done)"
+
+
 def resume_hint(run_dir: str | Path) -> str:
     """What ``medfed simulate`` prints when a signal stops it."""
-    quoted = shlex.quote(str(run_dir))
-    return (f"medfed: interrupted; continue with medfed simulate --resume {quoted} "
-            f"(medfed report {quoted} reports the rounds done)")
+    return f"medfed: interrupted; {resume_step(run_dir)}"
 
 
 @contextmanager
@@ -260,7 +264,7 @@ def _stop_on_interrupt(run_dir: Path) -> Iterator[None]:
     """SIGINT/SIGTERM: KeyboardInterrupt now, and a forced exit (130) after ``INTERRUPT_GRACE_S``.
 
     The KeyboardInterrupt leaves the block (as does any exception raised after the signal)
-    and the CLI prints :func:`resume_hint`; the forced exit then only ends threads that
+    and the CLI prints the same line (:func:`resume_step`); the forced exit then only ends threads that
     Flower leaves running. When the main thread is
     still in the block at the forced exit, the forced exit prints the hint: after SIGTERM
     to the process group, Ray's own processes are gone and Ray's shutdown waits for them.

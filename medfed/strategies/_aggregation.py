@@ -14,7 +14,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 __all__ = [
     "RUNNING_STATISTICS",
-    "aggregate_metrics_ignoring_nan",
+    "aggregate_site_metrics",
     "is_parameter",
     "mean_of_statistics",
     "nan_aware_weighted_mean",
@@ -111,7 +111,7 @@ def sites_mean(key: str, values: Sequence[float], weights: Sequence[float]) -> f
     return sum(v * w for v, w in zip(values, weights, strict=True)) / total if total > 0 else float("nan")
 
 
-def aggregate_metrics_ignoring_nan(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+def aggregate_site_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
     """Sample-weighted mean of every scalar metric over the replies, skipping a NaN AUC.
 
     Drop-in for Flower's ``aggregate_metricrecords`` (same signature). A site's NaN

@@ -32,7 +32,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Strategy
 
 from medfed.errors import MedfedError
-from ._aggregation import aggregate_metrics_ignoring_nan
+from ._aggregation import aggregate_site_metrics
 from .base import MedfedStrategy, ReplyPolicy
 from .hooks import ClientHooks
 
@@ -219,8 +219,8 @@ def create_strategy(
         ),
     }
     # Sites with a single class report AUC = NaN; don't let one poison the mean.
-    derived["train_metrics_aggr_fn"] = aggregate_metrics_ignoring_nan
-    derived["evaluate_metrics_aggr_fn"] = aggregate_metrics_ignoring_nan
+    derived["train_metrics_aggr_fn"] = aggregate_site_metrics
+    derived["evaluate_metrics_aggr_fn"] = aggregate_site_metrics
     # A constructor with **kwargs (FedLD, FairLoRA) hands them to Flower's FedAvg, which
     # takes every key above; ``num_rounds`` only goes where it is named.
     kwargs = {key: value for key, value in derived.items() if key in accepted or takes_any}

@@ -78,7 +78,7 @@ def test_each_name_builds_its_class_sized_for_the_federation(name, cls):
     assert strategy.fraction_train == 0.5
     assert strategy.fraction_evaluate == 0.25
     assert strategy.weighted_by_key == "num-examples"
-    assert strategy.evaluate_metrics_aggr_fn is registry_module.aggregate_metrics_ignoring_nan
+    assert strategy.evaluate_metrics_aggr_fn is registry_module.aggregate_site_metrics
 
 
 def test_list_strategies_is_sorted_and_complete():
