@@ -987,11 +987,17 @@ def _key_identity(key_node: yaml.Node) -> tuple[str, str] | None:
     return (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
 
 
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+# 1e-3 and 1e3 are floats here (PyYAML's YAML 1.1 wants a dot: "1e-3" would be a str).
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Writes what :class:`_UniqueKeyLoader` reads back: a string such as a run named
+    ``1e3`` is quoted (PyYAML's own dumper left it bare, and it came back a float)."""
+
+
+_ConfigDumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
 
 
 class _DuplicateKey(Exception):
@@ -1412,7 +1418,7 @@ def save_config(cfg: ExperimentConfig, path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    text = yaml.dump(config_to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False)
     write_bytes_atomic(path, text.encode("utf-8"))
     return path
 

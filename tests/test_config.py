@@ -622,6 +622,14 @@ def test_save_then_load_gives_the_same_config(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left
 
 
+def test_a_name_that_reads_as_a_number_is_saved_quoted_and_loads_back(tmp_path):
+    # save_config wrote name: 1e3 bare, which medfed's loader reads as 1000.0: the run could not be resumed.
+    cfg = load_config(overrides=["name=1e3"])
+    path = save_config(cfg, tmp_path / "config.yaml")
+    assert "name: '1e3'" in path.read_text()
+    assert load_config(path, run_folder=True) == cfg
+
+
 def test_dataset_choices_are_medmnists_2d_flags():
     # config reads medmnist/info.py on its own to avoid importing torch; check it
     # agrees with the package.
