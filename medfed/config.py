@@ -55,6 +55,7 @@ __all__ = [
     "from_run_config",
     "list_scenarios",
     "load_config",
+    "read_yaml_mapping",
     "save_config",
     "scenario_path",
     "to_run_config",
@@ -856,7 +857,7 @@ def _with_scenario(raw: Mapping[str, Any], sources: _Sources, *, warn: bool = Fa
         return raw
     name = federation["scenario"]
     path = scenario_path(name)
-    fragment = _read_yaml(path, "federation")
+    fragment = read_yaml_mapping(path, "federation")
     fragment.pop("description", None)
     for key in fragment:
         if key == "scenario" or key not in {f.name for f in fields(FederationConfig)}:
@@ -1007,7 +1008,7 @@ class _DuplicateKey(Exception):
         self.line = line
 
 
-def _read_yaml(path: Path, prefix: str = "") -> dict[str, Any]:
+def read_yaml_mapping(path: Path, prefix: str = "") -> dict[str, Any]:
     """The mapping a YAML file holds, read as :func:`load_config` describes (numbers in plain decimal).
 
     ``prefix`` is the dotted key of the section the file fills ("" for an experiment,
@@ -1332,7 +1333,7 @@ def load_config(
     raw: dict[str, Any] = {}
     sources = _Sources(None)
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = read_yaml_mapping(Path(path))
         sources = _Sources(str(path))
     for text in overrides:
         key, value = _parse_override(text)

@@ -387,15 +387,13 @@ def _print_progress(metrics: Path, offset: int, rounds: int, out) -> int:
     return offset + len(complete)
 
 
-def _rounds(count: int) -> str:
-    return f"{count} round{'' if count == 1 else 's'}"
-
-
 def _progress_line(record: dict, rounds: int) -> str | None:
+    from medfed.server.resume import rounds_phrase
+
     event = record.get("event")
     if event == "start":
         resumed = record.get("resumed_from_round") or 0
-        return f"medfed server: training {_rounds(rounds)}" + (f", resuming after round {resumed}" if resumed else "")
+        return f"medfed server: training {rounds_phrase(rounds)}" + (f", resuming after round {resumed}" if resumed else "")
     if event == "round":
         train, evaluate = record.get("train", {}), record.get("evaluate", {})
         parts = [f"round {record['round']}/{rounds} done in {record.get('wall_time_s', 0):.1f} s"]
@@ -425,7 +423,7 @@ def _progress_line(record: dict, rounds: int) -> str | None:
         return (f"medfed server: round {record['round']}: {record['sites']} site(s) {record['stage']}, quorum "
                 f"{record['needed']}: the global model is unchanged; retrying the round")
     if event == "end":
-        return f"medfed server: finished {_rounds(record.get('rounds_done', rounds))}"
+        return f"medfed server: finished {rounds_phrase(record.get('rounds_done', rounds))}"
     return None
 
 

@@ -40,8 +40,8 @@ from flwr.serverapp.strategy import Strategy
 from medfed._io import check_output_folder, json_text
 from medfed.errors import MedfedError
 from medfed.config import (
-    RESUME_MAY_CHANGE, ExperimentConfig, _read_yaml, absolute_path, config_to_dict, load_config, save_config,
-    with_absolute_paths,
+    RESUME_MAY_CHANGE, ExperimentConfig, absolute_path, config_to_dict, load_config, save_config,
+    read_yaml_mapping, with_absolute_paths,
 )
 from medfed.server.checkpoint import Checkpoint, checkpoint_model_shapes, checkpoint_state, load_checkpoint
 from medfed.server.held_out import NodeView, SiteRoster
@@ -57,6 +57,7 @@ __all__ = [
     "check_run_dir",
     "get_rng_state",
     "prepare_run_dir",
+    "rounds_phrase",
     "run_key_of",
     "set_rng_state",
 ]
@@ -241,8 +242,8 @@ def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = 
     return found
 
 
-_MAY_CHANGE_IN_WORDS = ("only rounds may grow, and name, output_dir, federation.round_timeout_s, simulation.engine and "
-                        "simulation.ray_address may change")
+_MAY_CHANGE = [key for key in RESUME_MAY_CHANGE if key != "rounds"]
+_MAY_CHANGE_IN_WORDS = f"only rounds may grow, and {', '.join(_MAY_CHANGE[:-1])} and {_MAY_CHANGE[-1]} may change"
 
 
 def _missing_keys(reference: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -265,7 +266,7 @@ def _check_config_file_complete(path: Path, recorded: Mapping[str, Any] | None) 
     The keys checked are the top-level ones (the same in every medfed) and, where the
     checkpoint records the run's config, every key it records.
     """
-    raw = _read_yaml(path)
+    raw = read_yaml_mapping(path)
     reference: dict[str, Any] = {f.name: None for f in fields(ExperimentConfig)}
     reference.update(recorded or {})
     missing = _missing_keys(reference, raw)
@@ -437,7 +438,7 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
     if not resume:
         if finished is not None:
             raise ResumeError(
-                f"{run_dir} already holds a finished run ({_rounds(finished)}); start the new run in another folder "
+                f"{run_dir} already holds a finished run ({rounds_phrase(finished)}); start the new run in another folder "
                 "(the run folder is output_dir/name: e.g. --set name=NEW), or resume that one with more rounds "
                 "(--resume with --set rounds=N)."
             )
@@ -472,13 +473,14 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Experim
         run_key_of(run_dir, state)  # the sites will find their state again
     if finished is not None and finished >= cfg.rounds:
         raise ResumeError(
-            f"{run_dir} has already finished its {_rounds(finished)}; to train on, resume with more rounds "
+            f"{run_dir} has already finished its {rounds_phrase(finished)}; to train on, resume with more rounds "
             f"(--set rounds={finished + 1} or more)."
         )
     return stored
 
 
-def _rounds(count: int) -> str:
+def rounds_phrase(count: int) -> str:
+    """``"1 round"``, ``"3 rounds"``."""
     return f"{count} round{'' if count == 1 else 's'}"
 
 
