@@ -60,21 +60,23 @@ def plan(mode: str) -> list[Step]:
             Step("communication", "bench_communication", ["--device", "cpu"], "communication_cpu.json"),
         ]
     if mode == "gpu":
+        # Models last: its cases are the longest and the least predictable (torch.compile, the
+        # large variant at 224 px), so a lease that runs out cuts those, not the federation.
         return [
             Step("attention", "bench_attention", ["--device", "cuda", "--sizes", "7", "14", "28", "42", "56",
                                                   "--batch", "16", "--repeats", "20", "--case-budget", "3"],
                  "attention_cuda.json"),
-            Step("models", "bench_models", ["--device", "cuda", "--variants", *("nano", "tiny", "small", "base",
-                                                                              "large"),
-                                            "--sizes", "28", "64", "224", "--knobs", "--knob-variants", "tiny",
-                                            "--warmup", "3", "--steps", "10", "--case-budget", "2"],
-                 "models_cuda.json"),
             Step("federation", "bench_federation", ["--device", "cuda", "--paths", "plain", "inprocess", "--model",
                                                     "medvit_v2_tiny", "--img-size", "64", "--sites", "4", "--rounds",
                                                     "3", "--epochs", "1", "--batch-size", "32"],
                  "federation_cuda.json"),
             Step("communication", "bench_communication", ["--device", "cuda", "--rounds", "3"],
                  "communication_cuda.json"),
+            Step("models", "bench_models", ["--device", "cuda", "--variants", *("nano", "tiny", "small", "base",
+                                                                              "large"),
+                                            "--sizes", "28", "64", "224", "--knobs", "--knob-variants", "tiny",
+                                            "--warmup", "3", "--steps", "10", "--case-budget", "2"],
+                 "models_cuda.json"),
         ]
     if mode == "smoke":
         return [

@@ -213,6 +213,21 @@ def _format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write_report(out: Path, args: argparse.Namespace, in_process: bool, rows: list[dict], wall_time_s: float) -> None:
+    report = {
+        "benchmark": "models",
+        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
+        "memory_measure": ("torch.cuda.max_memory_allocated during the warm-up steps (weights, gradients, "
+                           "optimizer state and activations)" if args.device == "cuda" else
+                           "growth of ru_maxrss during warm-up steps, in a fresh process after model construction "
+                           "(a lower bound)" if not in_process else "growth of ru_maxrss (in one process: lower bound)"),
+        "results": rows,
+        "wall_time_s": wall_time_s,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -253,21 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {case['model']} {case['img_size']}px {case['mode']} {case['precision']}"
               f"{' cl' if case['channels_last'] else ''}{' compile' if case['compile'] else ''}: {status}",
               file=sys.stderr, flush=True)
+        # After every case: a sweep stopped by a time limit (a GPU lease) keeps what it measured.
+        _write_report(out, args, in_process, rows, time.perf_counter() - started)
     print(f"\nModels on {args.device}: images/s = batch / median step time; peak MiB = "
           + ("growth of peak RSS during the case" if args.device == "cpu" else "peak CUDA tensor memory of the case"))
     print(_format_table(rows))
-    report = {
-        "benchmark": "models",
-        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
-        "memory_measure": ("torch.cuda.max_memory_allocated during the warm-up steps (weights, gradients, "
-                           "optimizer state and activations)" if args.device == "cuda" else
-                           "growth of ru_maxrss during warm-up steps, in a fresh process after model construction "
-                           "(a lower bound)" if not in_process else "growth of ru_maxrss (in one process: lower bound)"),
-        "results": rows,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nWrote {out}")
     return 0
 

@@ -45,4 +45,7 @@ python -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "natten==$natte
 ls "$DEST"/*.whl | grep -q 'natten-.*-py3-none-any.whl' || {
     echo "fetch_wheels: the NATTEN wheel is not pure Python (was CUDA found here?); build it without CUDA." >&2
     exit 1; }
-du -ch "$DEST"/*.whl | tail -1 | sed "s|total|in $DEST/ for Python $PY|"
+# The sdist too, for natten_build_probe.sh (how far a build of the fused kernels gets there).
+rm -f "$DEST"/natten-*.tar.gz
+python -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$DEST" "natten==$natten_version"
+du -ch "$DEST"/* | tail -1 | sed "s|total|in $DEST/ for Python $PY|"

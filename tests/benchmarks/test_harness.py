@@ -20,7 +20,7 @@ def test_gpu_mode_runs_every_benchmark_on_cuda_with_the_issues_cases():
     # Execute
     steps = _args("gpu")
     # Assert
-    assert list(steps) == ["attention", "models", "federation", "communication"]
+    assert list(steps) == ["attention", "federation", "communication", "models"]
     assert all(argv[argv.index("--device") + 1] == "cuda" for argv in steps.values())
     sizes = steps["attention"][steps["attention"].index("--sizes") + 1:steps["attention"].index("--batch")]
     assert {"28", "56"} <= set(sizes) and steps["attention"][steps["attention"].index("--batch") + 1] == "16"
