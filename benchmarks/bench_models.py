@@ -177,7 +177,7 @@ def plan_cases(args: argparse.Namespace) -> list[dict]:
     batches = dict(CPU_BATCH if args.device == "cpu" else CUDA_BATCH)
     if args.batch:
         batches = {size: args.batch for size in args.sizes}
-    default_precision = "bfloat16" if args.device == "cuda" else "float32"
+    default_precision = args.precision or ("bfloat16" if args.device == "cuda" else "float32")
     base = {"device": args.device, "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
             "case_budget_s": args.case_budget}
     cases = []
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 64, 224])
     parser.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
     parser.add_argument("--batch", type=int, default=0, help="one batch size for every size (0: per-size defaults)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                        help="precision of the rows (default: what medfed's 'auto' picks, bfloat16 on CUDA)")
     parser.add_argument("--knobs", action="store_true",
                         help="also measure precision, channels-last and torch.compile one at a time")
     parser.add_argument("--knob-variants", nargs="+", choices=MEDVIT, default=None,
