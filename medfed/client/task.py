@@ -59,11 +59,11 @@ class TrainSettings:
 
     Defaults are those of the experiment config's ``train`` section
     (:class:`medfed.config.TrainConfig`). The last four are speed knobs (measured in
-    ``docs/performance.md``): ``precision`` ("auto": bfloat16 autocast on CUDA, float32
-    elsewhere; or "float32" / "bfloat16" everywhere), ``channels_last`` (model and
-    images in channels-last memory format), ``compile`` (``torch.compile`` the model) and
-    ``data_on_device`` (keep the training split on the GPU when it fits,
-    :mod:`medfed.client.device_loader`).
+    ``docs/performance.md``): ``precision`` ("auto": bfloat16 autocast on CUDA for images of
+    :data:`AUTO_BFLOAT16_MIN_SIDE` px or more, float32 otherwise; or "float32" /
+    "bfloat16" everywhere), ``channels_last`` (model and images in channels-last memory
+    format), ``compile`` (``torch.compile`` the model) and ``data_on_device`` (keep the
+    training split on the GPU when it fits, :mod:`medfed.client.device_loader`).
     """
 
     epochs: int = _DEFAULTS.local_epochs
@@ -121,13 +121,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(device: torch.device, precision: str = "auto"):
-    # "auto": bf16 autocast on CUDA needs no loss scaling; the CPU stays in fp32, where
-    # bf16 would be slower on most CPUs and less exact.
-    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision not in ("auto", "float32"):
+AUTO_BFLOAT16_MIN_SIDE = 224
+"""``precision: auto`` autocasts to bfloat16 on CUDA for images of at least this side (px).
+
+Measured on an H200 (``docs/performance.md``, "Training speed knobs"; nano and tiny,
+training, one process): at 28 and 64 px MedViTV2's steps are bound by kernel launches and
+autocast's casts only add work (float32 1.1-1.8x faster); at 224 px bfloat16 is 1.1-1.4x
+faster and needs about 0.6x the memory. 128 px was not measured: it stays float32.
+"""
+
+
+def _autocast(device: torch.device, precision: str = "auto", image_side: int = 0):
+    # "auto": bf16 autocast on CUDA needs no loss scaling, and pays where the model is bound
+    # by arithmetic (large images); the CPU stays in fp32, where bf16 would be slower on most
+    # CPUs and less exact.
+    if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"Unknown precision {precision!r}. Expected 'auto', 'float32' or 'bfloat16'.")
+    auto_bfloat16 = device.type == "cuda" and image_side >= AUTO_BFLOAT16_MIN_SIDE
+    if precision == "bfloat16" or (precision == "auto" and auto_bfloat16):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -307,7 +319,7 @@ def train_epoch(
     for images, labels, _groups in loader:
         images = images.to(device, non_blocking=True, memory_format=_memory_format(channels_last))
         targets = _targets(labels, task).to(device)
-        with _autocast(device, precision):
+        with _autocast(device, precision, images.shape[-1]):
             logits = model(images) if forward is None else forward(model, images, _groups)
             task_loss = loss_fn(logits.float(), targets)
             loss = task_loss if extra_loss is None else task_loss + extra_loss(logits.float(), targets)
@@ -357,7 +369,7 @@ def predict(
     scores, trues, groups, logits_all = [], [], [], []
     for images, labels, group in loader:
         images = images.to(device, memory_format=_memory_format(channels_last))
-        with _autocast(device, precision):
+        with _autocast(device, precision, images.shape[-1]):
             logits = forward(model, images, group).float()
             if mirror:
                 logits = 0.5 * (logits + forward(model, torch.flip(images, dims=[3]), group).float())

@@ -57,11 +57,14 @@ CPU       otherwise                                        gather    28 x 28: in
                                                                      (dense took 0.06-2.9x gather's
                                                                      time); 56 x 56: gather 1.6-2.6x
                                                                      faster in both runs
-CUDA      P <= 3136 (maps up to 56 x 56) and scores        dense     hypothesis from one H200 figure
-          <= 1/4 of the device's memory                              (28 x 28, batch 16: gather 3.9 ms,
-                                                                     dense 0.3 ms fwd), to be confirmed
-                                                                     by ``python -m benchmarks --gpu``
-CUDA      otherwise                                        gather
+CUDA      P <= 3136 (maps up to 56 x 56) and scores        dense     measured on an H200 (batch 16,
+          <= 1/4 of the device's memory                              ``python -m benchmarks --gpu``):
+                                                                     dense took 0.03-0.68x gather's time
+                                                                     forward and 0.04-0.66x with backward
+                                                                     on 7-56 px maps, dilation 1 and 2;
+                                                                     NATTEN flex (uncompiled) 1.2-4.6x
+CUDA      otherwise                                        gather    not measured: MedViTV2's maps are
+                                                                     at most 56 x 56 at 224 px
 ========  ==============================================  ========  =====================================
 
 A user forces a backend with the ``implementation`` argument, with
@@ -298,6 +301,18 @@ def natten_kernel_backend(query: Tensor, key: Tensor, value: Tensor) -> str | No
         logger.debug("NATTEN rejected the inputs (%s); using the PyTorch neighborhood attention.", error)
         return None
     return next((name for name in _NATTEN_KERNEL_BACKENDS if name in compatible), None)
+
+
+def _why_no_natten(query: Tensor, kernel: tuple[int, int]) -> str:
+    """The first reason NATTEN's fused kernels cannot run these inputs, in words."""
+    if not _natten_takes(kernel):
+        return f"NATTEN's kernels need odd kernel sizes >= 3, got {kernel}"
+    if not query.is_cuda:
+        return f"NATTEN's kernels need CUDA tensors, got {query.device}"
+    if _natten() is None:
+        return ("NATTEN is missing or was built without its CUDA kernels (docs/performance.md, "
+                "\"NATTEN's CUDA kernels\", says how to build them)")
+    return f"none of NATTEN's kernels accepts {query.dtype} tensors of head dim {query.shape[-1]} on this GPU"
 
 
 # --------------------------------------------------------------------------------------
@@ -638,11 +653,8 @@ def neighborhood_attention(
     if backend == "natten":
         kernels = natten_kernel_backend(query, key, value) if _natten_takes(kernel) else None
         if kernels is None:
-            raise AttentionBackendError(
-                "neighborhood_attention(implementation='natten') needs odd kernel sizes >= 3, CUDA tensors and "
-                f"NATTEN built with CUDA kernels that accept them. Got kernel_size={kernel_size} and {query.device} "
-                f"{query.dtype} tensors; use implementation='auto'."
-            )
+            raise AttentionBackendError(f"neighborhood_attention(implementation='natten') cannot run here: "
+                                        f"{_why_no_natten(query, kernel)}; use implementation='auto'.")
         return _natten().na2d(query, key, value, kernel_size=kernel, dilation=dilations, backend=kernels)
     if backend == "dense":
         return _dense_neighborhood_attention(query, key, value, kernel, dilations)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfed.client.device_loader import DeviceLoader, augment_batch, fits_on_device
-from medfed.client.task import make_loader, prepare_model, train_epoch
+from medfed.client.task import AUTO_BFLOAT16_MIN_SIDE, _autocast, make_loader, prepare_model, train_epoch
 from medfed.config import ConfigError, load_config
 from medfed.data import DatasetInfo, ImageDataset, TrainAugmentation
 
@@ -128,3 +128,19 @@ def test_speed_knobs_in_the_config():
     assert load_config(overrides=["train.compile=true"]).train.compile is True
     with pytest.raises(ConfigError, match="'train.precision' must be one of 'auto', 'float32', 'bfloat16'"):
         load_config(overrides=["train.precision=fp16"])
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the rule is checked without a GPU
+def test_auto_precision_autocasts_to_bfloat16_only_on_cuda_and_only_for_large_images():
+    # Execute: what "auto" picks per device and image side (MedMNIST's 28/64/128/224 px)
+    def picks(device: str, side: int, precision: str = "auto") -> torch.dtype:
+        context = _autocast(torch.device(device), precision, side)
+        return context.fast_dtype if isinstance(context, torch.autocast) else torch.float32
+
+    # Assert: measured faster on an H200 at 224 px, slower at 28 and 64 px (docs/performance.md)
+    assert AUTO_BFLOAT16_MIN_SIDE == 224
+    assert [picks("cuda", side) for side in (28, 64, 128, 224, 512)] == [torch.float32] * 3 + [torch.bfloat16] * 2
+    assert picks("cpu", 224) == torch.float32
+    assert picks("cuda", 28, "bfloat16") == torch.bfloat16 and picks("cuda", 224, "float32") == torch.float32
+    with pytest.raises(ValueError, match="Unknown precision 'fp16'"):
+        _autocast(torch.device("cpu"), "fp16", 28)

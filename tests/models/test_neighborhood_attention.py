@@ -509,9 +509,11 @@ def test_unknown_implementation_rejected():
         neighborhood_attention(_GOOD, _GOOD, _GOOD, 3, implementation="cuda")
 
 
-def test_natten_implementation_refused_on_cpu():
-    with pytest.raises(ValueError, match="implementation='natten'.* Got kernel_size=3 and cpu"):
+def test_natten_implementation_refused_on_cpu_with_the_reason():
+    with pytest.raises(ValueError, match="implementation='natten'.*need CUDA tensors, got cpu"):
         neighborhood_attention(_GOOD, _GOOD, _GOOD, 3, implementation="natten")
+    with pytest.raises(ValueError, match=r"implementation='natten'.*need odd kernel sizes >= 3, got \(1, 1\)"):
+        neighborhood_attention(_GOOD, _GOOD, _GOOD, 1, implementation="natten")
 
 
 def test_backend_errors_are_one_line_medfed_errors(monkeypatch):
@@ -522,7 +524,7 @@ def test_backend_errors_are_one_line_medfed_errors(monkeypatch):
     with pytest.raises(AttentionBackendError, match="environment variable MEDFED_ATTENTION_BACKEND must be"):
         neighborhood_attention(_GOOD, _GOOD, _GOOD, 3)
     monkeypatch.setenv("MEDFED_ATTENTION_BACKEND", "natten")
-    with pytest.raises(AttentionBackendError, match="implementation='natten'.* Got kernel_size=3 and cpu"):
+    with pytest.raises(AttentionBackendError, match="implementation='natten'.*need CUDA tensors, got cpu"):
         neighborhood_attention(_GOOD, _GOOD, _GOOD, 3)
     monkeypatch.setenv("MEDFED_ATTENTION_BACKEND", "flex")
     monkeypatch.setattr(na_module, "_natten_package", lambda: None)
