@@ -11,11 +11,16 @@ continue a run after the last complete round:
 
 Both kinds of file are written to a temporary file in the target's directory, flushed and
 fsynced, then moved onto the target with :func:`os.replace`, so a crash at any moment leaves
-either the old complete file or the new complete file, never a truncated one.
+either the old complete file or the new complete file, never a truncated one. Their
+metadata also holds ``sha256``, a digest of every array (name, dtype, shape, bytes):
+safetensors checks a file's layout, not its contents, so a flipped bit in the weights
+(a failing disk, a bad copy) would otherwise load silently. Reading all arrays checks it;
+files without it (written before it existed, or by other tools) are read unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -48,6 +53,7 @@ CHECKPOINT_FORMAT = "medfed.checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 
 _MODEL_PREFIX = "model/"
+_DIGEST_KEY = "sha256"
 _STRATEGY_PREFIX = "strategy/"
 
 
@@ -263,9 +269,20 @@ def _as_storable(key: str, value: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
+def _arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of the arrays' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        array = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
 def _write_atomically(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """Write ``tensors`` to a temporary sibling of ``path``, fsync it and move it onto ``path``."""
     storable = {key: _as_storable(key, value, path) for key, value in tensors.items()}
+    metadata = {**metadata, _DIGEST_KEY: _arrays_digest(storable)}
     write_bytes_atomic(path, save(storable, metadata=metadata))
     _fsync_directory(path.parent)
 
@@ -283,7 +300,7 @@ def _fsync_directory(directory: Path) -> None:
 
 def _read(path: Path, *, what: str, tensors: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Return (arrays, metadata) of a safetensors file, with one-line errors (no arrays
-    without ``tensors``)."""
+    without ``tensors``); arrays are checked against the file's digest when it has one."""
     if not path.is_file():
         raise CheckpointError(
             f"No {what} at {path}: check the path, or start a fresh run instead of resuming."
@@ -296,4 +313,9 @@ def _read(path: Path, *, what: str, tensors: bool = True) -> tuple[dict[str, np.
         raise CheckpointError(
             f"The {what} {path} is truncated or corrupt ({error}); restore it from a backup, or start the run afresh in a new folder."
         ) from error
+    if tensors and _DIGEST_KEY in metadata and _arrays_digest(arrays) != metadata[_DIGEST_KEY]:
+        raise CheckpointError(
+            f"The {what} {path} is damaged: its arrays no longer match the checksum written with them (a disk "
+            "error or a changed file); restore it from a backup, or start the run afresh in a new folder."
+        )
     return arrays, metadata

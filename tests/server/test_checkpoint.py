@@ -300,3 +300,34 @@ def test_written_files_get_the_mode_open_would_give_them(tmp_path: Path) -> None
     finally:
         os.umask(previous)
     assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def _flip_one_bit_in_the_arrays(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    header_length = int.from_bytes(data[:8], "little")
+    data[8 + header_length + 5] ^= 0x01  # a bit of the first stored array, layout untouched
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_the_weights_is_refused_not_loaded(tmp_path: Path) -> None:
+    # Prepare: a checkpoint and a model file, each with one bit of its arrays flipped
+    # (a failing disk): safetensors' own checks see a well-formed file.
+    checkpoint_path, model_path = tmp_path / "checkpoint.safetensors", tmp_path / "model.safetensors"
+    _save_example(checkpoint_path, server_round=4)
+    save_arrays(model_path, _model_arrays())
+    for path in (checkpoint_path, model_path):
+        _flip_one_bit_in_the_arrays(path)
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=r"checkpoint .* is damaged: its arrays no longer match the checksum"):
+        load_checkpoint(checkpoint_path)
+    with pytest.raises(CheckpointError, match=r"model file .* is damaged: .*restore it from a backup"):
+        load_arrays(model_path)
+    assert checkpoint_round(checkpoint_path) == 4  # the header alone is intact and still readable
+
+
+def test_files_without_a_checksum_still_load(tmp_path: Path) -> None:
+    # Written before checksums existed, or by another safetensors tool.
+    path = tmp_path / "model.safetensors"
+    save_file({"w": np.arange(3, dtype=np.float32)}, str(path))
+    np.testing.assert_array_equal(load_arrays(path)["w"], np.arange(3, dtype=np.float32))
