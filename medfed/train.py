@@ -34,6 +34,7 @@ from medfed.client.task import (
     make_loss,
     make_optimizer,
     make_scheduler,
+    prepare_model,
     seed_everything,
     select_device,
     train_epoch,
@@ -146,9 +147,14 @@ def train_pooled(
         window = default_selection_window(settings.epochs) if selection_window is None else selection_window
         window = max(1, min(window, settings.epochs))
         train_set = splits["train"].with_transform(train_augmentation(img_size, hflip_p=hflip_p))
-        model = create_model(model_name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=img_size).to(dev)
+        model = create_model(model_name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=img_size)
+        model = prepare_model(model, dev, channels_last=settings.channels_last, compile=settings.compile)
+        # The speed knobs as a site applies them (medfed.client.client_app), so that the
+        # settings recorded in metrics.json are those the run trained with.
+        knobs = {"precision": settings.precision, "channels_last": settings.channels_last}
         loaders = {
-            "train": make_loader(train_set, settings.batch_size, shuffle=True, seed=seed),
+            "train": make_loader(train_set, settings.batch_size, shuffle=True, seed=seed, device=dev,
+                                 on_device=settings.data_on_device),
             "val": make_loader(splits["val"], 256, shuffle=False),
             "test": make_loader(splits["test"], 256, shuffle=False),
         }
@@ -173,9 +179,9 @@ def train_pooled(
                 progress.update(bar, description=f"epoch {epoch}/{settings.epochs}")
                 fit = train_epoch(
                     model, loaders["train"], loss_fn, optimizer, task=info.task, device=dev,
-                    scheduler=scheduler, on_batch=lambda *_batch: progress.advance(bar),
+                    scheduler=scheduler, on_batch=lambda *_batch: progress.advance(bar), **knobs,
                 )
-                val = evaluate(model, loaders["val"], eval_loss_fn, task=info.task, device=dev, mirror=mirror)
+                val = evaluate(model, loaders["val"], eval_loss_fn, task=info.task, device=dev, mirror=mirror, **knobs)
                 # The mean of the two metrics MedMNIST reports: AUC alone can pick an
                 # epoch whose decision threshold is off (high AUC, poor ACC).
                 scores.append((val["acc"] + val["auc"]) / 2 if val["auc"] == val["auc"] else val["acc"])
@@ -196,8 +202,8 @@ def train_pooled(
                 f"predictions are not finite); lower the learning rate (now {settings.lr:g})."
             )
         model.load_state_dict(best_state)
-        val = evaluate(model, loaders["val"], eval_loss_fn, task=info.task, device=dev, mirror=mirror)
-        test = evaluate(model, loaders["test"], eval_loss_fn, task=info.task, device=dev, mirror=mirror)
+        val = evaluate(model, loaders["val"], eval_loss_fn, task=info.task, device=dev, mirror=mirror, **knobs)
+        test = evaluate(model, loaders["test"], eval_loss_fn, task=info.task, device=dev, mirror=mirror, **knobs)
         save_arrays(out_dir / MODEL_FILE, get_weights(model))
         result = {
             "test": _jsonable(test),

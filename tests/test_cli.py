@@ -151,6 +151,37 @@ def test_train_whose_every_validation_score_is_nan_stops_with_why_and_leaves_no_
     assert not (tmp_path / "run").exists()
 
 
+def test_train_applies_the_speed_knobs_it_records(tiny_root, tmp_path, monkeypatch):
+    # Prepare: the knobs of TrainSettings reach the model and every training and
+    # evaluation pass (they used to be recorded in metrics.json but never applied).
+    import medfed.train as train_module
+    from medfed.client.task import TrainSettings
+
+    seen = {"prepare": [], "train": [], "evaluate": []}
+    real = {name: getattr(train_module, name) for name in ("prepare_model", "train_epoch", "evaluate")}
+
+    def spy(name, key):
+        def call(*args, **kwargs):
+            seen[key].append({k: kwargs.get(k) for k in ("precision", "channels_last", "compile")})
+            return real[name](*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(train_module, "prepare_model", spy("prepare_model", "prepare"))
+    monkeypatch.setattr(train_module, "train_epoch", spy("train_epoch", "train"))
+    monkeypatch.setattr(train_module, "evaluate", spy("evaluate", "evaluate"))
+    settings = TrainSettings(epochs=1, batch_size=8, precision="bfloat16", channels_last=True)
+    # Execute
+    with pytest.warns(UserWarning, match="breastmnist"):
+        result = train_module.train_pooled(dataset="breastmnist", data_root=tiny_root, model_name="medvit_v2_nano",
+                                           img_size=28, settings=settings, out_dir=tmp_path / "run")
+    # Assert
+    assert seen["prepare"] == [{"precision": None, "channels_last": True, "compile": False}]
+    assert seen["train"] == [{"precision": "bfloat16", "channels_last": True, "compile": None}]
+    assert len(seen["evaluate"]) == 3 and all(
+        call == {"precision": "bfloat16", "channels_last": True, "compile": None} for call in seen["evaluate"])
+    assert (result["config"]["precision"], result["config"]["channels_last"]) == ("bfloat16", True)
+
+
 def test_default_selection_window_is_a_tenth_of_the_run_between_1_and_5():
     from medfed.train import default_selection_window
 
