@@ -14,7 +14,8 @@ synchronised). Peak memory:
   before it (cases run in this process: a CUDA context per case would cost seconds).
 
 Knobs (each a column of the JSON, measured as separate rows where asked):
-``precision`` (``float32`` or ``bfloat16`` autocast), ``channels_last`` and ``compile``
+``precision`` (``float32`` or ``bfloat16`` autocast; by default what medfed's ``auto``
+trains in at each size, ``--precision`` forces one), ``channels_last`` and ``compile``
 (``torch.compile`` of the model; the compile time is reported apart, not in images/s).
 
 Usage::
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -177,7 +179,15 @@ def plan_cases(args: argparse.Namespace) -> list[dict]:
     batches = dict(CPU_BATCH if args.device == "cpu" else CUDA_BATCH)
     if args.batch:
         batches = {size: args.batch for size in args.sizes}
-    default_precision = args.precision or ("bfloat16" if args.device == "cuda" else "float32")
+
+    def default_precision(size: int) -> str:
+        """--precision, or what medfed's ``auto`` trains in at this size on this device."""
+        from medfed.client.task import AUTO_BFLOAT16_MIN_SIDE
+
+        if args.precision:
+            return args.precision
+        return "bfloat16" if args.device == "cuda" and size >= AUTO_BFLOAT16_MIN_SIDE else "float32"
+
     base = {"device": args.device, "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
             "case_budget_s": args.case_budget}
     cases = []
@@ -185,7 +195,7 @@ def plan_cases(args: argparse.Namespace) -> list[dict]:
         for model in [*args.variants, *args.resnets]:
             for mode in args.modes:
                 cases.append({**base, "model": model, "img_size": size, "batch": batches[size], "mode": mode,
-                              "precision": default_precision, "channels_last": False, "compile": False})
+                              "precision": default_precision(size), "channels_last": False, "compile": False})
     if args.knobs:
         # Each knob alone against the default row, at the smallest size.
         size = min(args.sizes)
@@ -193,7 +203,7 @@ def plan_cases(args: argparse.Namespace) -> list[dict]:
             for knob in ({"precision": "float32"}, {"precision": "bfloat16"}, {"channels_last": True},
                          {"compile": True}):
                 row = {**base, "model": model, "img_size": size, "batch": batches[size], "mode": "train",
-                       "precision": default_precision, "channels_last": False, "compile": False, **knob}
+                       "precision": default_precision(size), "channels_last": False, "compile": False, **knob}
                 if row not in cases:
                     cases.append(row)
     return cases
@@ -213,7 +223,9 @@ def _format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_report(out: Path, args: argparse.Namespace, in_process: bool, rows: list[dict], wall_time_s: float) -> None:
+def _write_report(out: Path, args: argparse.Namespace, in_process: bool, rows: list[dict], planned: int,
+                  wall_time_s: float) -> None:
+    """The sweep's JSON so far, replaced atomically (a sweep cut off keeps its last complete file)."""
     report = {
         "benchmark": "models",
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
@@ -222,10 +234,14 @@ def _write_report(out: Path, args: argparse.Namespace, in_process: bool, rows: l
                            "growth of ru_maxrss during warm-up steps, in a fresh process after model construction "
                            "(a lower bound)" if not in_process else "growth of ru_maxrss (in one process: lower bound)"),
         "results": rows,
+        "cases_planned": planned,
+        "complete": len(rows) == planned,
         "wall_time_s": wall_time_s,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
     parser.add_argument("--batch", type=int, default=0, help="one batch size for every size (0: per-size defaults)")
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
-                        help="precision of the rows (default: what medfed's 'auto' picks, bfloat16 on CUDA)")
+                        help="precision of every row (default: what medfed's precision 'auto' trains in: "
+                        "bfloat16 on CUDA from 224 px, float32 otherwise)")
     parser.add_argument("--knobs", action="store_true",
                         help="also measure precision, channels-last and torch.compile one at a time")
     parser.add_argument("--knob-variants", nargs="+", choices=MEDVIT, default=None,
@@ -263,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     started = time.perf_counter()
-    for case in plan_cases(args):
+    cases = plan_cases(args)
+    for case in cases:
         result = _run_here(case) if in_process else _run_in_subprocess(case, args.timeout)
         rows.append({**case, **result})
         status = f"{result['images_per_s']:.1f} images/s" if result["ok"] else result["error"]
@@ -271,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{' cl' if case['channels_last'] else ''}{' compile' if case['compile'] else ''}: {status}",
               file=sys.stderr, flush=True)
         # After every case: a sweep stopped by a time limit (a GPU lease) keeps what it measured.
-        _write_report(out, args, in_process, rows, time.perf_counter() - started)
+        _write_report(out, args, in_process, rows, len(cases), time.perf_counter() - started)
     print(f"\nModels on {args.device}: images/s = batch / median step time; peak MiB = "
           + ("growth of peak RSS during the case" if args.device == "cpu" else "peak CUDA tensor memory of the case"))
     print(_format_table(rows))

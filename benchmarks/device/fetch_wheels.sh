@@ -4,7 +4,7 @@
 # the network; its python3 (3.12) already holds torch, numpy, grpcio, protobuf, pyyaml, rich,
 # typer, requests, safetensors, scikit-learn and matplotlib (.library/device/KINDS.md).
 #
-#   benchmarks/device/fetch_wheels.sh            # here, in the project's venv (22 wheels, about 25 MB)
+#   benchmarks/device/fetch_wheels.sh            # here, in the project's venv (22 wheels and NATTEN's sdist, about 27 MB)
 #   then run benchmarks/device/run_gpu.sh there  # see docs/performance.md, "The GPU run"
 #
 # Versions are those of this venv, the ones the test suite ran with. grpcio and protobuf
@@ -37,15 +37,16 @@ for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 man
 done
 python -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
     "${platforms[@]}" -d "$DEST" "${packages[@]}"
-# NATTEN is published only as an sdist. Built here, without a CUDA toolkit, it is a
-# pure-Python wheel (flex backend, no fused kernels); built there it would compile its
-# CUDA kernels for far longer than a lease lasts (docs/performance.md, NATTEN section).
+# NATTEN is published only as an sdist. Built here, without CUDA kernels, it is a
+# pure-Python wheel (flex backend, no fused kernels); building its kernels for SM 9.0
+# takes about 9 minutes on the 16-core GPU machine, more than a lease leaves beside the
+# plan (docs/performance.md, NATTEN section). The sdist travels too, for
+# natten_build_probe.sh; the wheel is built from that very file.
 natten_version=$(python -c "import importlib.metadata as m; print(m.version('natten'))")
-python -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "natten==$natten_version"
+rm -f "$DEST"/natten-*.tar.gz
+python -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$DEST" "natten==$natten_version"
+NATTEN_CUDA_ARCH="" python -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "$DEST"/natten-"$natten_version".tar.gz
 ls "$DEST"/*.whl | grep -q 'natten-.*-py3-none-any.whl' || {
     echo "fetch_wheels: the NATTEN wheel is not pure Python (was CUDA found here?); build it without CUDA." >&2
     exit 1; }
-# The sdist too, for natten_build_probe.sh (how far a build of the fused kernels gets there).
-rm -f "$DEST"/natten-*.tar.gz
-python -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$DEST" "natten==$natten_version"
 du -ch "$DEST"/* | tail -1 | sed "s|total|in $DEST/ for Python $PY|"

@@ -25,6 +25,8 @@ sdist=$(ls .whl/natten-*.tar.gz 2>/dev/null | head -1)
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } > "$LOG" 2>&1
 export NATTEN_CUDA_ARCH="9.0" NATTEN_N_WORKERS="$(nproc)" NATTEN_BUILD_DIR=/tmp/natten-build
+# A fresh build: what an earlier probe on this machine compiled must not count.
+rm -rf "$NATTEN_BUILD_DIR" /tmp/natten-wheel
 mkdir -p "$NATTEN_BUILD_DIR" /tmp/natten-wheel
 started=$(date +%s)
 timeout --signal=KILL "$BUDGET" python3 -m pip wheel -v --no-deps --no-build-isolation --no-index \

@@ -4,8 +4,10 @@
 #   $OUT/results/*.json   the four benchmarks' JSON and run_gpu.json
 #   $OUT/performance.md   docs/performance.md with its gpu block rewritten
 #   $OUT/gpu.log          the whole output
-# The device tool's call (one call; the plan takes under 8 minutes):
-#   run(command="bash benchmarks/device/run_gpu.sh", carry=[".whl"], timeout_s=590)
+# The device tool's call (one call; the plan took 244 s on an H200, and
+# natten_build_probe.sh uses the rest of the call):
+#   run(command="bash benchmarks/device/run_gpu.sh; rc=$?; bash benchmarks/device/natten_build_probe.sh $((575 - SECONDS)); exit $rc",
+#       carry=[".whl"], timeout_s=590)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/medfed-gpu-out}

@@ -22,6 +22,7 @@ from medfed.data import classification_metrics, confusion, group_metrics
 from medfed.errors import MedfedError
 
 __all__ = [
+    "AUTO_BFLOAT16_MIN_SIDE",
     "TrainSettings",
     "prepare_model",
     "select_device",
@@ -121,17 +122,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: ``precision: auto`` autocasts to bfloat16 on CUDA for images whose shorter side is at
+#: least this many px. From one H200 lease (``docs/performance.md``, "Training speed
+#: knobs"; nano and tiny, training; each precision in its own process): at 28 px float32
+#: was faster in three comparisons out of three (one of them within one process), at 64 px
+#: in two of two, where MedViTV2's steps are bound by kernel launches and autocast only adds
+#: casts; at 224 px bfloat16 was 1.1-1.4x faster with about 0.6x the memory. 128 px was not
+#: measured and stays float32. Tentative: a launch-bound step's rate moved by up to 30%
+#: between processes, as large as some of these differences.
 AUTO_BFLOAT16_MIN_SIDE = 224
-"""``precision: auto`` autocasts to bfloat16 on CUDA for images of at least this side (px).
-
-Measured on an H200 (``docs/performance.md``, "Training speed knobs"; nano and tiny,
-training, one process): at 28 and 64 px MedViTV2's steps are bound by kernel launches and
-autocast's casts only add work (float32 1.1-1.8x faster); at 224 px bfloat16 is 1.1-1.4x
-faster and needs about 0.6x the memory. 128 px was not measured: it stays float32.
-"""
 
 
-def _autocast(device: torch.device, precision: str = "auto", image_side: int = 0):
+def _autocast(device: torch.device, precision: str, image_side: int):
     # "auto": bf16 autocast on CUDA needs no loss scaling, and pays where the model is bound
     # by arithmetic (large images); the CPU stays in fp32, where bf16 would be slower on most
     # CPUs and less exact.
@@ -319,7 +321,7 @@ def train_epoch(
     for images, labels, _groups in loader:
         images = images.to(device, non_blocking=True, memory_format=_memory_format(channels_last))
         targets = _targets(labels, task).to(device)
-        with _autocast(device, precision, images.shape[-1]):
+        with _autocast(device, precision, min(images.shape[-2:])):
             logits = model(images) if forward is None else forward(model, images, _groups)
             task_loss = loss_fn(logits.float(), targets)
             loss = task_loss if extra_loss is None else task_loss + extra_loss(logits.float(), targets)
@@ -369,7 +371,7 @@ def predict(
     scores, trues, groups, logits_all = [], [], [], []
     for images, labels, group in loader:
         images = images.to(device, memory_format=_memory_format(channels_last))
-        with _autocast(device, precision, images.shape[-1]):
+        with _autocast(device, precision, min(images.shape[-2:])):
             logits = forward(model, images, group).float()
             if mirror:
                 logits = 0.5 * (logits + forward(model, torch.flip(images, dims=[3]), group).float())
