@@ -35,6 +35,7 @@ from medfed.client.task import (
     make_optimizer,
     make_scheduler,
     prepare_model,
+    resolved_precision,
     seed_everything,
     select_device,
     train_epoch,
@@ -167,7 +168,8 @@ def train_pooled(
         scheduler = make_scheduler(optimizer, steps, warmup_steps=min(len(loaders["train"]), steps // 10))
         console.print(
             f"[bold]medfed train[/]: {model_name} on {dataset} ({len(train_set)} train / {len(splits['val'])} val / "
-            f"{len(splits['test'])} test, {img_size} px) on {dev}, "
+            f"{len(splits['test'])} test, {img_size} px) on {dev} in "
+            f"{resolved_precision(dev, settings.precision, img_size)}, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
         )
         best_score, best_epoch, best_state, history, scores = -float("inf"), 0, None, [], []
@@ -213,7 +215,8 @@ def train_pooled(
             "history": history,
             "config": {
                 "dataset": dataset, "model": model_name, "img_size": img_size, "seed": seed,
-                "device": str(dev), **asdict(settings), "loss_weighting": loss_weighting,
+                "device": str(dev), **asdict(settings),
+                "precision_used": resolved_precision(dev, settings.precision, img_size), "loss_weighting": loss_weighting,
                 "label_smoothing": label_smoothing, "hflip_p": hflip_p, "selection_window": window,
             },
         }

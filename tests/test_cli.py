@@ -28,6 +28,7 @@ def test_train_writes_selected_model_and_metrics(tiny_root, tmp_path, capsys):
     assert 0.0 <= metrics["test"]["acc"] <= 1.0
     assert metrics["best_epoch"] in (1, 2)
     assert len(metrics["history"]) == 2
+    assert (metrics["config"]["precision"], metrics["config"]["precision_used"]) == ("auto", "float32")  # CPU
     weights = load_arrays(out / "model.safetensors")
     assert any(k.endswith("head.weight") for k in weights)
     assert "test ACC" in captured.out
@@ -180,6 +181,7 @@ def test_train_applies_the_speed_knobs_it_records(tiny_root, tmp_path, monkeypat
     assert len(seen["evaluate"]) == 3 and all(
         call == {"precision": "bfloat16", "channels_last": True, "compile": None} for call in seen["evaluate"])
     assert (result["config"]["precision"], result["config"]["channels_last"]) == ("bfloat16", True)
+    assert result["config"]["precision_used"] == "bfloat16"
 
 
 def test_default_selection_window_is_a_tenth_of_the_run_between_1_and_5():

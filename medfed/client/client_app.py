@@ -67,8 +67,7 @@ from medfed.client.site_data import (
 from medfed.client.site_state import RUN_KEY, DamagedSiteState, ForeignSiteState, load_site_state, save_site_state
 from medfed.client.task import (
     TrainSettings, evaluate, image_batches, make_loader, make_loss, make_optimizer, prediction_metrics, prepare_model,
-    round_learning_rate,
-    scores_from_logits, seed_everything, select_device, train_epoch,
+    resolved_precision, round_learning_rate, scores_from_logits, seed_everything, select_device, train_epoch,
 )
 from medfed.config import ExperimentConfig, from_run_config, study_fingerprint
 from medfed.data import ImageDataset, confusion, train_augmentation
@@ -118,6 +117,8 @@ def _errors_stay_at_the_site(handler: Callable[[Message, Context], Message]) -> 
 _EVAL_BATCH = 256
 #: Sites already warned, in this process, that they train on less than one batch.
 _WARNED_SMALL: set[str] = set()
+#: Sites that have said, in this process, which device and precision they train in.
+_ANNOUNCED: set[str] = set()
 
 
 @app.train()
@@ -137,6 +138,10 @@ def train(msg: Message, context: Context) -> Message:
         log(WARNING, "[%s] trains on %d image(s), fewer than one batch (%d): its updates and metrics are mostly "
             "noise (a small federation.dirichlet_alpha, or a quantity skew, can leave a site this small).",
             site.name, len(site.train), settings.batch_size)
+    if site.name not in _ANNOUNCED:  # once per process: what this site trains on, and in what
+        _ANNOUNCED.add(site.name)
+        log(INFO, "[%s] trains on %s in %s", site.name, device,
+            resolved_precision(device, cfg.train.precision, cfg.data.img_size))
     hooks = client_hooks_for(cfg.strategy.name)(config)
     run_key, study = str(config.get(RUN_KEY, "")), study_fingerprint(cfg)
     kept = _kept_state(context, site.name, study, server_round - 1, run_key)

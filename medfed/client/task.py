@@ -23,6 +23,7 @@ from medfed.errors import MedfedError
 
 __all__ = [
     "AUTO_BFLOAT16_MIN_SIDE",
+    "resolved_precision",
     "TrainSettings",
     "prepare_model",
     "select_device",
@@ -133,14 +134,21 @@ def seed_everything(seed: int) -> None:
 AUTO_BFLOAT16_MIN_SIDE = 224
 
 
-def _autocast(device: torch.device, precision: str, image_side: int):
+def resolved_precision(device: torch.device, precision: str, image_side: int) -> str:
+    """What ``precision`` (a :class:`TrainSettings` value) trains in: ``"float32"`` or
+    ``"bfloat16"`` (autocast), on ``device`` for images whose shorter side is ``image_side`` px."""
     # "auto": bf16 autocast on CUDA needs no loss scaling, and pays where the model is bound
     # by arithmetic (large images); the CPU stays in fp32, where bf16 would be slower on most
     # CPUs and less exact.
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"Unknown precision {precision!r}. Expected 'auto', 'float32' or 'bfloat16'.")
-    auto_bfloat16 = device.type == "cuda" and image_side >= AUTO_BFLOAT16_MIN_SIDE
-    if precision == "bfloat16" or (precision == "auto" and auto_bfloat16):
+    if precision == "auto":
+        return "bfloat16" if device.type == "cuda" and image_side >= AUTO_BFLOAT16_MIN_SIDE else "float32"
+    return precision
+
+
+def _autocast(device: torch.device, precision: str, image_side: int):
+    if resolved_precision(device, precision, image_side) == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

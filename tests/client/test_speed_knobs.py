@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfed.client.device_loader import DeviceLoader, augment_batch, fits_on_device
-from medfed.client.task import AUTO_BFLOAT16_MIN_SIDE, _autocast, make_loader, prepare_model, train_epoch
+from medfed.client.task import (
+    AUTO_BFLOAT16_MIN_SIDE, _autocast, make_loader, prepare_model, resolved_precision, train_epoch,
+)
 from medfed.config import ConfigError, load_config
 from medfed.data import DatasetInfo, ImageDataset, TrainAugmentation
 
@@ -141,6 +143,8 @@ def test_auto_precision_autocasts_to_bfloat16_only_on_cuda_and_only_for_large_im
     assert AUTO_BFLOAT16_MIN_SIDE == 224
     assert [picks("cuda", side) for side in (28, 64, 128, 224, 512)] == [torch.float32] * 3 + [torch.bfloat16] * 2
     assert picks("cpu", 224) == torch.float32
+    assert resolved_precision(torch.device("cuda"), "auto", 28) == "float32"
+    assert resolved_precision(torch.device("cuda"), "auto", 224) == "bfloat16"
     assert picks("cuda", 28, "bfloat16") == torch.bfloat16 and picks("cuda", 224, "float32") == torch.float32
     with pytest.raises(ValueError, match="Unknown precision 'fp16'"):
         _autocast(torch.device("cpu"), "fp16", 28)
