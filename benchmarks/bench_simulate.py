@@ -31,7 +31,8 @@ def run(config: str | None, overrides: list[str], output_dir: Path) -> dict:
     from medfed.simulation import simulate
     from medfed.simulation.run import resolve_engine
 
-    cfg = load_config(config, [*overrides, f"output_dir={output_dir}"])
+    # The pooled figures it reports need the sites' score histograms (off by default: privacy).
+    cfg = load_config(config, ["federation.pooled_test_metrics=true", *overrides, f"output_dir={output_dir}"])
     load_before = os.getloadavg()
     started = time.perf_counter()
     run_dir = simulate(cfg)

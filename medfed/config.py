@@ -550,8 +550,9 @@ class FederationConfig(_Validated):
         Sites send, with their test metrics, the counts the server pools into metrics of
         the union of their test sets (``evaluate_pooled``): per-class score histograms and
         per-group confusions. With a small test split a 200-bin histogram tells each test
-        image's label, patient group and score to within a bin; False keeps them at the
-        sites (the pooled figures are then missing; the sample-weighted ones remain).
+        image's label, patient group and score to within a bin, so this is off by default
+        (the pooled figures are then missing; the sample-weighted ones remain): turn it on
+        for simulated sites, or where every site agrees to send them.
     """
 
     _prefix: ClassVar[str] = "federation."
@@ -571,7 +572,7 @@ class FederationConfig(_Validated):
     min_sites: int | None = _leaf(_Optional(_Int(1)), None)
     round_timeout_s: float = _leaf(_Float(0.0, low_closed=False), 1800.0)
     round_retries: int = _leaf(_Int(0), 2)
-    pooled_test_metrics: bool = _leaf(_Choice((True, False)), True)
+    pooled_test_metrics: bool = _leaf(_Choice((True, False)), False)
 
     def __post_init__(self) -> None:
         super().__post_init__()

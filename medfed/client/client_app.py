@@ -17,15 +17,16 @@ passes.
 Train reply metrics: ``num-examples``, ``loss`` (mean training loss of the last local
 epoch) and ``acc``/``auc``/``balanced_acc`` of that epoch's predictions (running
 metrics on augmented images, as the batches went by: no second pass over the data). Evaluate reply metrics: the same on the site's test split, plus
-``confusion`` (the flattened ``[C, C]`` matrix, ints), ``num-classes`` and
+``confusion`` (the flattened ``[C, C]`` matrix, ints), ``num-classes`` and, only when the
+study sets ``federation.pooled_test_metrics`` (off by default),
 ``score-hist`` (per-class histograms of the test scores over fixed bins,
 :func:`medfed.data.pooled.score_histograms`, flattened: what the server needs for
 pooled-test ACC and AUC). No per-sample score is sent, but the 200 bins are fine enough
 that, for a small test split, the histogram and its per-group copies tell each test
 image's label, group and score to within a bin (0.08 logit): they are as sensitive as
-the scores themselves, though nothing links them to an image. A study that sets
-``federation.pooled_test_metrics: false`` keeps them (and the per-group confusions) at
-the sites.
+the scores themselves, though nothing links them to an image. Hence off by default: a
+study that leaves ``federation.pooled_test_metrics`` false keeps them (and the per-group
+confusions) at the sites.
 
 Patient groups: Flower requires the same MetricRecord keys from every reply, so every
 site sends the keys of every group of the study (``federation.groups``, else FairLoRA's

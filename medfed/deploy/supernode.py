@@ -13,8 +13,10 @@ each study, installed at its first message) go to ``STATE_DIR/SITE/flower``
 (:data:`FLOWER_HOME`), not to ``~/.flwr``.
 
 What leaves the site: the model's weights after local training and the metrics of
-:mod:`medfed.client.client_app` (counts, loss, ACC/AUC, confusion matrix). Images,
-labels, file names and the data path never do.
+:mod:`medfed.client.client_app` (counts, loss, ACC/AUC, confusion matrix, the same per
+patient group; and, only in a study that sets ``federation.pooled_test_metrics``, score
+histograms fine enough to tell a small test split's labels). Images, file names and the
+data path never do.
 """
 
 from __future__ import annotations

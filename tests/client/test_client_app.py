@@ -118,7 +118,9 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model(tiny_root, tiny_
     assert distance(prox) < distance(plain)
 
 
-def test_evaluate_reply_carries_metrics_and_confusion_matrix(grid, global_arrays):
+def test_evaluate_reply_carries_metrics_and_confusion_matrix(tiny_root, tiny_config, tmp_path, global_arrays):
+    # Prepare: a study that pools its sites' test sets (off by default: see the next tests)
+    grid = _grid(tiny_config(tiny_root, tmp_path, federation={"pooled_test_metrics": True}))
     # Execute
     reply = _exchange(grid, _message(global_arrays, MessageType.EVALUATE, node_id=4))
     # Assert
@@ -217,10 +219,11 @@ def test_a_global_model_that_does_not_fit_the_sites_model_is_refused_in_words(gr
     assert name in reply.error.reason and "run the server's medfed version at the site" in reply.error.reason
 
 
-def test_a_study_can_keep_the_score_histograms_at_the_sites(tiny_root, tiny_config, tmp_path, global_arrays):
-    # A 200-bin histogram of a small test split tells each image's label, group and score.
-    cfg = tiny_config(tiny_root, tmp_path, federation={"num_sites": 3, "partition": "iid", "groups": ["a", "b"],
-                                                       "pooled_test_metrics": False})
+def test_score_histograms_stay_at_the_sites_unless_the_study_asks(tiny_root, tiny_config, tmp_path, global_arrays):
+    # A 200-bin histogram of a small test split tells each image's label, group and score:
+    # a study sends them only when it sets federation.pooled_test_metrics (off by default).
+    cfg = tiny_config(tiny_root, tmp_path, federation={"num_sites": 3, "partition": "iid", "groups": ["a", "b"]})
+    assert cfg.federation.pooled_test_metrics is False
     reply = _exchange(_grid(cfg), _message(global_arrays, MessageType.EVALUATE, node_id=4))
     (metrics,) = reply.content.metric_records.values()
     assert not [key for key in metrics if key.startswith(("score-hist", "confusion-group-"))]

@@ -17,7 +17,7 @@ from medfed.simulation.local import run_local
 def sites_run(tiny_root, tiny_config, tmp_path_factory) -> Path:
     # Site 0 holds only group 0, site 1 only group 1, site 2 both; a fourth, held-out site.
     federation = {
-        "num_sites": 3, "partition": "iid",
+        "num_sites": 3, "partition": "iid", "pooled_test_metrics": True,  # off by default (privacy)
         "groups": ["female", {"name": "male", "corruptions": [["contrast_down", 2]]}],
         "sites": [
             {"group_mix": [1, 0], "corruptions": [["gaussian_noise", 1]]},
