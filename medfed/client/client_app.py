@@ -325,8 +325,14 @@ _MAX_MODELS = 2
 def _model(
     cfg: ExperimentConfig, site: SiteData, hooks: ClientHooks, msg: Message, kept: dict, device: torch.device
 ) -> torch.nn.Module:
+    digest = str(msg.content["config"].get(INIT_DIGEST_KEY, "")) or None
+    if cfg.model.init_from is not None and digest is None:
+        # medfed's server always sends it; without it a site would load whatever file lies at
+        # a path the server names (say a Local-only site's private model) and send parts back.
+        raise SiteRefusal("the study names a pretrained model (model.init_from) but the instruction carries no "
+                          "SHA-256 of it; run the server's medfed version at the site")
     spec = ModelSpec(cfg.model.name, site.info.num_classes, site.info.in_chans, cfg.data.img_size, cfg.model.init_from,
-                     init_sha256=str(msg.content["config"].get(INIT_DIGEST_KEY, "")) or None)
+                     init_sha256=digest)
     key = (type(hooks), hooks.model_key(), spec)
     if key not in _MODELS:
         try:

@@ -311,3 +311,20 @@ def test_a_site_loads_only_the_pretrained_model_the_server_started_from(tiny_roo
     assert refusals[0] == refusals[1]
     assert "the study's pretrained model (model.init_from) is not at this site as the server has it" in refusals[0]
     assert str(tmp_path) not in refusals[0]
+
+
+def test_a_site_refuses_a_pretrained_model_named_without_its_sha256(tiny_root, tiny_config, tmp_path, global_arrays):
+    # A server that leaves the digest out would make the site load any file at that path
+    # (a Local-only site's private model, say) and send FairLoRA's head from it back.
+    from medfed.server.checkpoint import save_arrays
+
+    private = tmp_path / "private.safetensors"
+    save_arrays(private, global_arrays)
+    cfg = tiny_config(tiny_root, tmp_path, strategy={"name": "fairlora"},
+                      model={"name": "medvit_v2_nano", "init_from": str(private)})
+    grid = LocalGrid(client_app, [{"data-path": str(tiny_root), "site-name": "alpha"}], to_run_config(cfg))
+    # Execute
+    (reply,) = grid.send_and_receive([_message(global_arrays, MessageType.EVALUATE)])
+    # Assert
+    assert reply.has_error()
+    assert "names a pretrained model (model.init_from) but the instruction carries no SHA-256" in reply.error.reason
