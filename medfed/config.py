@@ -442,15 +442,16 @@ class TrainConfig(_Validated):
     momentum : float
         SGD momentum in [0, 1); ignored by AdamW.
     precision : str
-        ``"auto"`` (bfloat16 autocast on a GPU for images of 224 px or more, where an H200
-        measured it faster; float32 otherwise), ``"float32"`` or ``"bfloat16"``.
+        ``"auto"`` (bfloat16 autocast on a GPU of the Ampere generation or later for images
+        of 224 px or more, where an H200 measured it faster; float32 otherwise),
+        ``"float32"`` or ``"bfloat16"``.
     channels_last : bool
         Model and images in channels-last memory format.
     compile : bool
         ``torch.compile`` the model (once per process; the first round pays the compile).
     data_on_device : bool
         On a GPU, keep a site's training split on the device when it fits (uint8, at most
-        a quarter of the free memory) and augment there; no effect on a CPU.
+        a sixteenth of the device's memory) and augment there; no effect on a CPU.
     """
 
     _prefix: ClassVar[str] = "train."

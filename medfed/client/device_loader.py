@@ -24,8 +24,11 @@ from medfed.data import ImageDataset, TrainAugmentation
 
 __all__ = ["DeviceLoader", "fits_on_device"]
 
-#: Share of the device's free memory the uint8 copy may take.
-MAX_FREE_MEMORY_FRACTION = 0.25
+#: Share of the device's total memory the uint8 copy may take. Total, not free: free
+#: memory moves with what earlier sites left cached and with other processes on the GPU,
+#: and the two loaders draw different augmentations, so a choice made on it could give a
+#: site other weights from run to run (or in a resume).
+MAX_MEMORY_FRACTION = 1 / 16
 
 
 def fits_on_device(dataset: ImageDataset, device: torch.device) -> bool:
@@ -35,8 +38,7 @@ def fits_on_device(dataset: ImageDataset, device: torch.device) -> bool:
         return False
     if dataset.transform is not None and not isinstance(dataset.transform, TrainAugmentation):
         return False
-    free, _total = torch.cuda.mem_get_info(device)
-    return dataset.images.nbytes <= MAX_FREE_MEMORY_FRACTION * free
+    return dataset.images.nbytes <= MAX_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory
 
 
 def augment_batch(images: torch.Tensor, augmentation: TrainAugmentation, generator: torch.Generator) -> torch.Tensor:

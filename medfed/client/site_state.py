@@ -165,9 +165,11 @@ def save_site_state(
     folder = site_state_dir(context, site_name, run_key)
     if folder is None:
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    # Private to the site's account: a Local-only site's file is its whole model, trained
+    # on its patients (folders made here are 0700, files 0600, whatever the umask).
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"round-{server_round:06d}.safetensors"
-    write_bytes_atomic(path, save(tensors, metadata={_STUDY: study}))
+    write_bytes_atomic(path, save(tensors, metadata={_STUDY: study}), mode=0o600)
     for old in sorted(_rounds_on_disk(folder))[:-_KEEP]:
         (folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)
 

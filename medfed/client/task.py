@@ -113,6 +113,10 @@ def select_device(preferred: str | None = None) -> torch.device:
     name = {"cpu": "cpu", "cuda": f"cuda:{device.index or 0}"}.get(device.type, device.type)
     if name not in available:
         raise DeviceError(f"Device {preferred!r} is not on this machine: use one it has ({', '.join(available)}).")
+    if device.type == "cuda" and device.index is not None:
+        # The current GPU too: code that uses it rather than its tensors' GPU (NATTEN's
+        # kernels, autocast's bfloat16 check) would otherwise run on cuda:0.
+        torch.cuda.set_device(device)
     return device
 
 
@@ -143,8 +147,15 @@ def resolved_precision(device: torch.device, precision: str, image_side: int) ->
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"Unknown precision {precision!r}. Expected 'auto', 'float32' or 'bfloat16'.")
     if precision == "auto":
-        return "bfloat16" if device.type == "cuda" and image_side >= AUTO_BFLOAT16_MIN_SIDE else "float32"
+        large = image_side >= AUTO_BFLOAT16_MIN_SIDE
+        return "bfloat16" if device.type == "cuda" and large and _native_bfloat16(device) else "float32"
     return precision
+
+
+def _native_bfloat16(device: torch.device) -> bool:
+    """Whether the GPU computes bfloat16 in hardware (Ampere, compute capability 8, and
+    later); older ones (a T4, a V100) emulate it, slower than float32."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _autocast(device: torch.device, precision: str, image_side: int):

@@ -166,3 +166,13 @@ def test_a_damaged_state_file_is_named_with_what_to_do(tmp_path):
     with pytest.raises(SiteRefusal, match="kept state for this run cannot be read") as refused:
         _kept_state(_context(tmp_path), "site-0", "s", 3, "")
     assert "round-" not in str(refused.value)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+def test_state_files_are_private_to_the_sites_account(tmp_path):
+    # A Local-only site's file is its whole model: other accounts on the machine must not read it.
+    save_site_state(_context(node_state_dir=tmp_path), "site-0", 1, {"w": torch.ones(2)}, run_key="k1")
+    folder = tmp_path / "site-0" / "k1"
+    (written,) = folder.iterdir()
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert folder.stat().st_mode & 0o777 == 0o700

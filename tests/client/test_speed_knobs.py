@@ -133,7 +133,8 @@ def test_speed_knobs_in_the_config():
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # the rule is checked without a GPU
-def test_auto_precision_autocasts_to_bfloat16_only_on_cuda_and_only_for_large_images():
+def test_auto_precision_autocasts_to_bfloat16_only_on_cuda_and_only_for_large_images(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H200
     # Execute: what "auto" picks per device and image side (MedMNIST's 28/64/128/224 px)
     def picks(device: str, side: int, precision: str = "auto") -> torch.dtype:
         context = _autocast(torch.device(device), precision, side)
@@ -148,3 +149,18 @@ def test_auto_precision_autocasts_to_bfloat16_only_on_cuda_and_only_for_large_im
     assert picks("cuda", 28, "bfloat16") == torch.bfloat16 and picks("cuda", 224, "float32") == torch.float32
     with pytest.raises(ValueError, match="Unknown precision 'fp16'"):
         _autocast(torch.device("cpu"), "fp16", 28)
+    # A GPU before Ampere (a T4: 7.5) emulates bfloat16, slower than float32: auto keeps float32.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert picks("cuda", 224) == torch.float32 and picks("cuda", 224, "bfloat16") == torch.bfloat16
+
+
+def test_the_device_loader_is_chosen_by_the_gpus_size_not_by_its_momentary_free_memory(monkeypatch):
+    # Free memory moves with what earlier sites left cached; the two loaders draw different
+    # augmentations, so the choice must not depend on it.
+    from types import SimpleNamespace
+
+    dataset = _dataset(n=16)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))  # nothing free right now
+    for total, fits in ((16 * dataset.images.nbytes, True), (16 * dataset.images.nbytes - 1, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, t=total: SimpleNamespace(total_memory=t))
+        assert fits_on_device(dataset, torch.device("cuda")) is fits

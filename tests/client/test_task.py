@@ -120,7 +120,11 @@ def test_select_device_takes_a_present_gpu_and_refuses_a_missing_index(monkeypat
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
     assert select_device("cuda") == torch.device("cuda") and select_device("cuda:1") == torch.device("cuda:1")
+    # cuda:1 also becomes the current GPU (code that uses the current one would run on cuda:0)
+    assert made_current == [torch.device("cuda:1")]
     with pytest.raises(DeviceError, match=r"'cuda:2' is not on this machine: use one it has \(cpu, cuda:0, cuda:1\)"):
         select_device("cuda:2")
 

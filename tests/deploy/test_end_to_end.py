@@ -256,6 +256,8 @@ def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher
     # What the ServerApp checks each site's name against: the trusted registrations only.
     registered = json.loads((run_dir / "flower" / "registered_sites.json").read_text())
     assert sorted(registered.values()) == ["alpha", "beta", "gamma"]
+    # Flower's state database (every site's replies) is the server account's alone.
+    assert (run_dir / "flower").stat().st_mode & 0o777 == 0o700
     assert not (tmp_path / "pwned").exists()
     # The server's last line says where the results are.
     assert f"the study is finished; report {run_dir / 'report.html'}" in server_log
