@@ -226,7 +226,7 @@ def _serve(cfg: ExperimentConfig, *, run_dir: Path, resume: bool, listen: Addres
         (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg), deployed=True), encoding="utf-8")
         _write_flower_config(home, listen.local, tls)
         with interrupt_on_sigterm():
-            _new_superexec_secret(home)
+            new_superexec_secret(home)
             superlink = processes.start(_superlink_command(listen, home, tls), log=home / SUPERLINK_LOG)
             if not wait_for_port(listen.local.host, listen.port, 60.0, alive=lambda: superlink.poll() is None):
                 raise DeployError(
@@ -462,7 +462,7 @@ def _superexec_command(listen: Address, home: Path, tls: ServerCerts | None, sup
     return command + (["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)])
 
 
-def _new_superexec_secret(home: Path) -> None:
+def new_superexec_secret(home: Path) -> None:
     """A new random secret for the SuperLink and its SuperExec, readable by this user alone."""
     secret = home / SUPEREXEC_SECRET
     secret.unlink(missing_ok=True)

@@ -12,6 +12,15 @@ the server's address and certificate, so that the message names the real cause. 
 each study, installed at its first message) go to ``STATE_DIR/SITE/flower``
 (:data:`FLOWER_HOME`), not to ``~/.flwr``.
 
+The SuperNode hands each message to a ClientApp process through its local task API
+(a port on 127.0.0.1). Left to start its own SuperExec (Flower's default), it answers
+that API without asking who polls it: any local account could take a message first and
+read the global model, the site's kept state and its node config (data path included),
+and reply in the site's name. ``medfed client`` therefore starts the SuperNode with
+``--isolation process`` and its own SuperExec, both holding a secret that only this
+account can read (``STATE_DIR/SITE/flower/superexec.secret``, new at every start), as
+``medfed server`` does for its SuperLink.
+
 What leaves the site: the model's weights after local training and the metrics of
 :mod:`medfed.client.client_app` (counts, loss, ACC/AUC, confusion matrix, the same per
 patient group; and, only in a study that sets ``federation.pooled_test_metrics``, score
@@ -38,7 +47,7 @@ from pathlib import Path
 from medfed.client import LAST_ROUND_MARK
 from medfed.deploy.certs import site_certs, validate_site_name
 from medfed.deploy.processes import ProcessSet, flower_executable, free_port, interrupt_on_sigterm
-from medfed.deploy.superlink import Address, DeployError, parse_address
+from medfed.deploy.superlink import SUPEREXEC_SECRET, Address, DeployError, new_superexec_secret, parse_address
 
 __all__ = ["FLOWER_HOME", "check_site_data", "probe_server", "run_client"]
 
@@ -206,10 +215,16 @@ def run_client(
 
         select_device(device)  # an absent or unknown device is one line now, not an error every round
         node_config += f' device="{_quoted(device)}"'
+    flower_home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    new_superexec_secret(flower_home)
+    task_api = f"127.0.0.1:{free_port()}"
+    host, _, port = task_api.rpartition(":")
+    secret = ["--superexec-auth-secret-file", str(flower_home / SUPEREXEC_SECRET)]
     command = [
         flower_executable("flower-supernode"), "--superlink", str(address), "--node-config", node_config,
-        "--host", "127.0.0.1", "--port", str(free_port()),
+        "--host", host, "--port", port, "--isolation", "process", *secret,
     ]
+    superexec = [flower_executable("flower-superexec"), "--runtime-api-address", task_api, "--insecure", *secret]
     if insecure:
         _say(out, "WARNING: --insecure: no TLS and no site key. The model updates travel in clear text and the "
                   "server cannot tell this site from any other machine. Use only for a test on a closed network.")
@@ -234,7 +249,7 @@ def run_client(
            # Flower's usage telemetry (on unless turned off) leaves a hospital only if its operator says so.
            "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
     with interrupt_on_sigterm():
-        _keep_running(command, env, address, ca_cert, site, max_wait_s, out)
+        _keep_running(command, env, address, ca_cert, site, max_wait_s, out, superexec)
 
 
 def _strategy_paths(paths: Sequence[str]) -> list[str]:
@@ -289,8 +304,9 @@ def _remove_installed_apps(home: Path) -> None:
 
 
 def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_cert: Path | None, site: str,
-                  max_wait_s: float | None, out) -> None:
-    """Run the SuperNode, and again whenever it ends by itself, until Ctrl-C or a problem to report.
+                  max_wait_s: float | None, out, superexec: list[str] | None = None) -> None:
+    """Run the SuperNode (with ``superexec``, its SuperExec: see :func:`_run_supernode`), and
+    again whenever it ends by itself, until Ctrl-C or a problem to report.
 
     ``waiting`` is when the server became unreachable or started refusing the key (None
     while it is fine); ``max_wait_s`` bounds the time since then, Flower's own retries included.
@@ -305,7 +321,7 @@ def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_
             run_command = command + ["--max-wait-time", f"{max(left, 1.0):g}"]
         lasting: list[str] = []
         code, refused, connected, failing_since = _run_supernode(
-            run_command, env, site, out,
+            run_command, env, site, out, superexec=superexec,
             on_retrying=lambda still_failing, stop, finished: _watch_lost_server(
                 address, ca_cert, site, out, still_failing, lambda why: (lasting.append(why), stop()), finished))
         if lasting:  # e.g. the server came back with certificates remade by 'medfed certs --force'
@@ -467,13 +483,17 @@ def _watch_lost_server(address: Address, ca_cert: Path | None, site: str, out, s
 
 def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
                    on_retrying: Callable[[Callable[[], bool], Callable[[], None], bool], None] | None = None,
-                   ) -> tuple[int, bool, bool, float | None]:
+                   superexec: list[str] | None = None) -> tuple[int, bool, bool, float | None]:
     """Run the SuperNode until it exits, echoing its output; ``on_retrying(still_failing,
     stop, finished)`` is called (in a thread of its own) when Flower, once connected, starts
     retrying an unreachable server: ``still_failing()`` says whether it has not got through
     again and still runs (a watch must end with its SuperNode: one left behind probed on
     for good), ``stop()`` ends the SuperNode, ``finished`` whether the site's last message was
     of the study's last round (its ClientApp logged ``LAST_ROUND_MARK``).
+
+    ``superexec``: the command of the SuperNode's SuperExec (for ``--isolation process``),
+    started beside it and stopped with it; its output (the ClientApps') is echoed and
+    watched like the SuperNode's.
 
     Returns (exit code, key refused or no connection, connected once, when Flower began
     retrying an unreachable server if it had not got through again: None if not).
@@ -515,15 +535,24 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
                     threading.Thread(target=on_retrying, args=(still_failing, stop, last_round.is_set()),
                                      daemon=True).start()
 
-    reader = None
+    readers: list[threading.Thread] = []
     try:
         with interrupt_on_sigterm():
+            children = []
+            if superexec is not None:
+                # First, so that the SuperNode is the last process started (a SIGTERM that
+                # arrives while one is being forked is lost). It waits for the SuperNode's
+                # task API by itself, and ends with this process at the latest.
+                children.append(processes.start([*superexec, "--parent-pid", str(os.getpid())],
+                                                stdout=subprocess.PIPE))
             supernode = processes.start(command, stdout=subprocess.PIPE)
-            started.append(supernode)
-            # Read in a thread and wait here: the SuperNode's helpers keep the pipe open
+            children.append(supernode)
+            started.extend(children)
+            # Read in threads and wait here: the SuperNode's helpers keep the pipe open
             # after it exits, and watch for its pid to vanish, which needs this wait().
-            reader = threading.Thread(target=echo, args=(supernode.stdout,), daemon=True)
-            reader.start()
+            for child in children:
+                readers.append(threading.Thread(target=echo, args=(child.stdout,), daemon=True))
+                readers[-1].start()
             code = supernode.wait()
     except KeyboardInterrupt:
         _say(out, f"medfed client: site {site}: stopping")
@@ -531,7 +560,7 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
     finally:
         ended.set()
         processes.stop()
-        if reader is not None:
+        for reader in readers:
             reader.join(timeout=5)
     return code, refused.is_set(), connected.is_set(), (failing_since or [None])[0]
 

@@ -32,6 +32,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from medfed.server.recording import site_text
+
 __all__ = ["NodeView", "SiteRole", "SiteRoster", "SiteWait", "ask_sites"]
 
 
@@ -161,8 +163,8 @@ def _role(reply: Message) -> SiteRole | None:
     if reply.has_error() or "site" not in reply.content.config_records:
         return None
     site = reply.content.config_records["site"]
-    return SiteRole(str(site.get("name", f"node-{reply.metadata.src_node_id}")), bool(site.get("held-out", False)),
-                    str(site.get("problem", "")))
+    return SiteRole(site_text(str(site.get("name", f"node-{reply.metadata.src_node_id}")), 100),
+                    bool(site.get("held-out", False)), site_text(str(site.get("problem", ""))))
 
 
 class SiteRoster:

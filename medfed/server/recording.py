@@ -71,12 +71,19 @@ def payload_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.array_records.values())
 
 
+def site_text(text: str, limit: int = 300) -> str:
+    """Text that a site sent (its name, an error), safe to print and log: control
+    characters, a terminal's escape codes among them, become ``?``; cut to ``limit``."""
+    printable = "".join(c if c.isprintable() else "?" for c in text)
+    return printable if len(printable) <= limit else printable[:limit - 3] + "..."
+
+
 def site_name(reply: Message) -> str:
     """The site name a reply carries, else ``node-<source node id>``."""
     if not reply.has_error() and "site" in reply.content.config_records:
         name = reply.content.config_records["site"].get("name")
         if isinstance(name, str) and name:
-            return name
+            return site_text(name, 100)
     return f"node-{reply.metadata.src_node_id}"
 
 
@@ -386,7 +393,7 @@ _FLOWER_EXCEPTION = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", re.DOTA
 def error_text(reason: str) -> str:
     """A site's error as people read it: Flower's ``<class 'pkg.SiteFailure'>:<'text'>`` -> ``SiteFailure: text``."""
     match = _FLOWER_EXCEPTION.fullmatch(reason.strip())
-    return f"{match.group(1)}: {match.group(2)}" if match else reason
+    return site_text(f"{match.group(1)}: {match.group(2)}" if match else reason, 500)
 
 
 class RecordingGrid(DelegatingGrid):

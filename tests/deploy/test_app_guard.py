@@ -132,7 +132,7 @@ def test_the_superlinks_runtime_api_hands_tasks_only_to_medfeds_superexec(tmp_pa
 
     from medfed.deploy.certs import make_certs, server_certs
     from medfed.deploy.processes import free_port, wait_for_port
-    from medfed.deploy.superlink import SUPEREXEC_SECRET, Address, _new_superexec_secret, _superlink_command
+    from medfed.deploy.superlink import SUPEREXEC_SECRET, Address, new_superexec_secret, _superlink_command
 
     make_certs(tmp_path / "certs", "127.0.0.1", ["alpha"])
     tls = server_certs(tmp_path / "certs")
@@ -141,7 +141,7 @@ def test_the_superlinks_runtime_api_hands_tasks_only_to_medfeds_superexec(tmp_pa
     listen = Address("127.0.0.1", free_port())
     processes = ProcessSet()
     try:
-        _new_superexec_secret(home)
+        new_superexec_secret(home)
         assert oct((home / SUPEREXEC_SECRET).stat().st_mode & 0o777) == "0o600"
         link = processes.start(_superlink_command(listen, home, tls), log=home / "superlink.log")
         assert wait_for_port(listen.host, listen.port, 60.0, alive=lambda: link.poll() is None)

@@ -56,7 +56,11 @@ def fake_supernode(tmp_path: Path, monkeypatch, *runs: str) -> Path:
         f"case $n in\n{cases}esac\n"
     )
     script.chmod(0o755)
-    monkeypatch.setattr(supernode, "flower_executable", lambda name: str(script))
+    superexec = tmp_path / "flower-superexec"  # the SuperNode's own SuperExec: nothing to do here
+    superexec.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/superexec-args"\n')
+    superexec.chmod(0o755)
+    monkeypatch.setattr(supernode, "flower_executable",
+                        lambda name: str(superexec if name == "flower-superexec" else script))
     return tmp_path / "args"
 
 
@@ -344,3 +348,41 @@ def test_the_client_command_passes_held_out_and_allowed_plugins_on(site, monkeyp
     assert main(argv[:9]) == 0
     assert "held-out" not in seen["command"][seen["command"].index("--node-config") + 1]
     assert "pooled-test-metrics" not in seen["command"][seen["command"].index("--node-config") + 1]
+
+
+def test_the_sites_task_api_answers_only_its_own_superexec(site, monkeypatch):
+    # Flower's default SuperNode hands a message to whoever polls its local task API first:
+    # any account on the site's machine could read the global model, the site's kept state
+    # and its data path, and reply in its name. medfed's SuperNode asks for its SuperExec's
+    # secret (a file only this account reads).
+    import os
+    import subprocess
+
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    from medfed.deploy.processes import ProcessSet, wait_for_port
+
+    seen = {}
+    monkeypatch.setattr(supernode, "_keep_running", lambda command, env, *rest: seen.update(
+        command=command, env=env, superexec=rest[-1]))
+    client(site, 9)  # a server that is not there: the task API is served all the same
+    command, superexec = seen["command"], seen["superexec"]
+    secret = Path(command[command.index("--superexec-auth-secret-file") + 1])
+    assert command[command.index("--isolation") + 1] == "process"
+    assert superexec[superexec.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_bytes()) >= 32
+    task_api = f"127.0.0.1:{command[command.index('--port') + 1]}"
+    assert superexec[superexec.index("--runtime-api-address") + 1] == task_api
+    processes = ProcessSet({**os.environ, **seen["env"]})
+    try:
+        node = processes.start(command, stdout=subprocess.DEVNULL)
+        assert wait_for_port("127.0.0.1", int(task_api.rpartition(":")[2]), 60.0, alive=lambda: node.poll() is None)
+        stranger = RuntimeHttpClient.from_server_address(
+            server_address=task_api, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-superexec")])
+        with pytest.raises(Exception, match="401 Unauthorized"):
+            stranger.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
+    finally:
+        processes.stop()

@@ -6,7 +6,7 @@ import pytest
 
 from medfed.deploy.certs import make_certs, server_certs
 from medfed.deploy.processes import ProcessSet, free_port, wait_for_port
-from medfed.deploy.superlink import Address, DeployError, _Control, _new_superexec_secret, _superlink_command
+from medfed.deploy.superlink import Address, DeployError, _Control, new_superexec_secret, _superlink_command
 
 
 def _registered(control: _Control) -> dict[str, bytes]:
@@ -17,7 +17,7 @@ def _superlink(home, certs_dir, processes: ProcessSet) -> _Control:
     """A real SuperLink on the run folder's state database, as medfed server starts it."""
     tls = server_certs(certs_dir)
     listen = Address("127.0.0.1", free_port())
-    _new_superexec_secret(home)
+    new_superexec_secret(home)
     link = processes.start(_superlink_command(listen, home, tls), log=home / "superlink.log")
     if not wait_for_port(listen.host, listen.port, 60.0, alive=lambda: link.poll() is None):
         pytest.fail((home / "superlink.log").read_text()[-2000:])

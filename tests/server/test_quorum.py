@@ -309,3 +309,23 @@ def test_a_stop_after_a_diverged_global_model_blames_the_aggregate_not_the_sites
     assert "starting from a global model whose test loss in round 2 was not finite" in quorum_advice(records, 3, "x")
     records[1]["evaluate"]["loss"] = 0.7
     assert quorum_advice(records, 3, "x").startswith("Every site's training diverged (a NaN or infinite loss")
+
+
+def test_text_a_site_sends_is_printed_without_control_characters():
+    # A site's name, error or problem reaches the coordinator's terminal and log: escape
+    # codes in it could rewrite what the coordinator sees.
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from medfed.server.held_out import _role
+    from medfed.server.recording import error_text, site_name, site_text
+
+    assert site_text("alpha\x1b[2J\r\nbeta") == "alpha?[2J??beta"
+    assert len(site_text("x" * 10_000)) == 300
+    assert error_text("refused\x1b]0;owned\x07") == "refused?]0;owned?"
+    content = RecordDict({"site": ConfigRecord({"name": "a\x1b[31mb", "problem": "bad\x1b[0m"})})
+    reply = SimpleNamespace(content=content, has_error=lambda: False, metadata=SimpleNamespace(src_node_id=3))
+    assert site_name(reply) == "a?[31mb"
+    role = _role(reply)
+    assert (role.name, role.problem) == ("a?[31mb", "bad?[0m")
