@@ -26,6 +26,7 @@ __all__ = [
     "resolved_precision",
     "TrainSettings",
     "prepare_model",
+    "check_device",
     "select_device",
     "DeviceError",
     "TrainingDivergedError",
@@ -93,8 +94,9 @@ def _available_devices() -> list[str]:
     return devices + (["mps"] if torch.backends.mps.is_available() else [])
 
 
-def select_device(preferred: str | None = None) -> torch.device:
-    """The site's accelerator when it has one (CUDA), else the CPU.
+def check_device(preferred: str | None = None) -> torch.device:
+    """The device ``preferred`` names (None: CUDA when present, else the CPU), checked to be
+    on this machine; nothing is set up on it.
 
     Raises
     ------
@@ -113,9 +115,21 @@ def select_device(preferred: str | None = None) -> torch.device:
     name = {"cpu": "cpu", "cuda": f"cuda:{device.index or 0}"}.get(device.type, device.type)
     if name not in available:
         raise DeviceError(f"Device {preferred!r} is not on this machine: use one it has ({', '.join(available)}).")
+    return device
+
+
+def select_device(preferred: str | None = None) -> torch.device:
+    """The device this process trains on: :func:`check_device`, made the current GPU when it
+    names one (code that uses the current GPU rather than its tensors', NATTEN's kernels and
+    autocast's bfloat16 check, would otherwise run on cuda:0).
+
+    Raises
+    ------
+    DeviceError
+        As :func:`check_device`.
+    """
+    device = check_device(preferred)
     if device.type == "cuda" and device.index is not None:
-        # The current GPU too: code that uses it rather than its tensors' GPU (NATTEN's
-        # kernels, autocast's bfloat16 check) would otherwise run on cuda:0.
         torch.cuda.set_device(device)
     return device
 

@@ -221,7 +221,8 @@ def _serve(cfg: ExperimentConfig, *, run_dir: Path, resume: bool, listen: Addres
         (home / "app").mkdir(parents=True, exist_ok=True)
         # Flower's state database holds every site's replies (weights included): the
         # server's account alone reads it, whatever the umask (SQLite makes it 0644).
-        home.chmod(0o700)
+        if home.stat().st_uid == os.getuid():  # another account's folder is left as it is
+            home.chmod(0o700)
         _claim(home, processes.marker)
         (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg), deployed=True), encoding="utf-8")
         _write_flower_config(home, listen.local, tls)

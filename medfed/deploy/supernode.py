@@ -46,7 +46,7 @@ from pathlib import Path
 
 from medfed.client import LAST_ROUND_MARK
 from medfed.deploy.certs import site_certs, validate_site_name
-from medfed.deploy.processes import ProcessSet, flower_executable, free_port, interrupt_on_sigterm
+from medfed.deploy.processes import ProcessSet, flower_executable, free_port, interrupt_on_sigterm, wait_for_port
 from medfed.deploy.superlink import SUPEREXEC_SECRET, Address, DeployError, new_superexec_secret, parse_address
 
 __all__ = ["FLOWER_HOME", "check_site_data", "probe_server", "run_client"]
@@ -211,20 +211,11 @@ def run_client(
     if not pooled_test_metrics:
         node_config += f' {POOLED_TEST_METRICS_KEY}="false"'
     if device:
-        from medfed.client.task import select_device
+        from medfed.client.task import check_device
 
-        select_device(device)  # an absent or unknown device is one line now, not an error every round
+        check_device(device)  # an absent or unknown device is one line now, not an error every round
         node_config += f' device="{_quoted(device)}"'
-    flower_home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    new_superexec_secret(flower_home)
-    task_api = f"127.0.0.1:{free_port()}"
-    host, _, port = task_api.rpartition(":")
-    secret = ["--superexec-auth-secret-file", str(flower_home / SUPEREXEC_SECRET)]
-    command = [
-        flower_executable("flower-supernode"), "--superlink", str(address), "--node-config", node_config,
-        "--host", host, "--port", port, "--isolation", "process", *secret,
-    ]
-    superexec = [flower_executable("flower-superexec"), "--runtime-api-address", task_api, "--insecure", *secret]
+    command = [flower_executable("flower-supernode"), "--superlink", str(address), "--node-config", node_config]
     if insecure:
         _say(out, "WARNING: --insecure: no TLS and no site key. The model updates travel in clear text and the "
                   "server cannot tell this site from any other machine. Use only for a test on a closed network.")
@@ -249,7 +240,7 @@ def run_client(
            # Flower's usage telemetry (on unless turned off) leaves a hospital only if its operator says so.
            "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
     with interrupt_on_sigterm():
-        _keep_running(command, env, address, ca_cert, site, max_wait_s, out, superexec)
+        _keep_running(command, env, address, ca_cert, site, max_wait_s, out, flower_home)
 
 
 def _strategy_paths(paths: Sequence[str]) -> list[str]:
@@ -304,9 +295,10 @@ def _remove_installed_apps(home: Path) -> None:
 
 
 def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_cert: Path | None, site: str,
-                  max_wait_s: float | None, out, superexec: list[str] | None = None) -> None:
-    """Run the SuperNode (with ``superexec``, its SuperExec: see :func:`_run_supernode`), and
-    again whenever it ends by itself, until Ctrl-C or a problem to report.
+                  max_wait_s: float | None, out, task_home: Path | None = None) -> None:
+    """Run the SuperNode (with its own SuperExec when ``task_home`` is given: see
+    :func:`_run_supernode`), and again whenever it ends by itself, until Ctrl-C or a
+    problem to report.
 
     ``waiting`` is when the server became unreachable or started refusing the key (None
     while it is fine); ``max_wait_s`` bounds the time since then, Flower's own retries included.
@@ -321,7 +313,7 @@ def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_
             run_command = command + ["--max-wait-time", f"{max(left, 1.0):g}"]
         lasting: list[str] = []
         code, refused, connected, failing_since = _run_supernode(
-            run_command, env, site, out, superexec=superexec,
+            run_command, env, site, out, task_home=task_home,
             on_retrying=lambda still_failing, stop, finished: _watch_lost_server(
                 address, ca_cert, site, out, still_failing, lambda why: (lasting.append(why), stop()), finished))
         if lasting:  # e.g. the server came back with certificates remade by 'medfed certs --force'
@@ -483,7 +475,7 @@ def _watch_lost_server(address: Address, ca_cert: Path | None, site: str, out, s
 
 def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
                    on_retrying: Callable[[Callable[[], bool], Callable[[], None], bool], None] | None = None,
-                   superexec: list[str] | None = None) -> tuple[int, bool, bool, float | None]:
+                   task_home: Path | None = None) -> tuple[int, bool, bool, float | None]:
     """Run the SuperNode until it exits, echoing its output; ``on_retrying(still_failing,
     stop, finished)`` is called (in a thread of its own) when Flower, once connected, starts
     retrying an unreachable server: ``still_failing()`` says whether it has not got through
@@ -491,13 +483,19 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
     for good), ``stop()`` ends the SuperNode, ``finished`` whether the site's last message was
     of the study's last round (its ClientApp logged ``LAST_ROUND_MARK``).
 
-    ``superexec``: the command of the SuperNode's SuperExec (for ``--isolation process``),
-    started beside it and stopped with it; its output (the ClientApps') is echoed and
-    watched like the SuperNode's.
+    With ``task_home``, the SuperNode serves its task API on a new local port with
+    ``--isolation process``, and its own SuperExec (:func:`_task_api_commands`, a new secret
+    in ``task_home``) is started once that port is open; it is stopped with the SuperNode,
+    and the SuperNode is stopped (to be started again) if it ends first. Its output is the
+    ClientApps': echoed, and watched for ``LAST_ROUND_MARK`` only.
 
     Returns (exit code, key refused or no connection, connected once, when Flower began
     retrying an unreachable server if it had not got through again: None if not).
     """
+    superexec = None
+    if task_home is not None:
+        task_args, superexec = _task_api_commands(task_home)
+        command = command + task_args
     processes = ProcessSet(env)
     refused = threading.Event()
     connected = threading.Event()
@@ -512,14 +510,17 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
 
     plain = not (callable(getattr(out, "isatty", None)) and out.isatty())
 
-    def echo(stream) -> None:
+    def echo(stream, clientapps: bool = False) -> None:
         for raw in stream:
             line = raw.decode("utf-8", errors="replace")
             if plain:  # a log file or a pipe: Flower's colour codes would be noise in it
                 line = _ANSI_COLOUR.sub("", line)
             out.write(line)
             out.flush()
-            if _REFUSED in line:
+            if clientapps:  # the SuperExec's own connection lines are about the local port, not the server
+                if LAST_ROUND_MARK in line:
+                    last_round.set()
+            elif _REFUSED in line:
                 refused.set()
             elif _CONNECTED in line or _RECONNECTED in line:
                 connected.set()
@@ -536,35 +537,75 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
                                      daemon=True).start()
 
     readers: list[threading.Thread] = []
+    starting = threading.Lock()  # no SuperExec starts once the SuperNode's run has ended
+
+    def run_superexec(supernode: subprocess.Popen) -> None:
+        # Only once the SuperNode has the port: a SuperExec polling before would print
+        # connection failures, and could poll whoever took the port first.
+        host, _, port = superexec[superexec.index("--runtime-api-address") + 1].rpartition(":")
+        running = lambda: supernode.poll() is None and not ended.is_set()  # noqa: E731
+        if not wait_for_port(host, int(port), TASK_API_WAIT_S, alive=running):
+            if running():
+                _say(out, f"medfed client: site {site}: the SuperNode did not open its task port in "
+                          f"{TASK_API_WAIT_S:g} s; starting it again")
+                stop()
+            return
+        with starting:
+            if ended.is_set():
+                return
+            child = processes.start([*superexec, "--parent-pid", str(os.getpid())], stdout=subprocess.PIPE)
+            started.append(child)
+        reader = threading.Thread(target=echo, args=(child.stdout, True), daemon=True)
+        readers.append(reader)
+        reader.start()
+        code = child.wait()
+        if running():  # without its SuperExec the SuperNode would take messages and never run them
+            _say(out, f"medfed client: site {site}: the SuperNode's SuperExec stopped (exit code {code}); "
+                      "starting both again")
+            stop()
+
     try:
         with interrupt_on_sigterm():
-            children = []
-            if superexec is not None:
-                # First, so that the SuperNode is the last process started (a SIGTERM that
-                # arrives while one is being forked is lost). It waits for the SuperNode's
-                # task API by itself, and ends with this process at the latest.
-                children.append(processes.start([*superexec, "--parent-pid", str(os.getpid())],
-                                                stdout=subprocess.PIPE))
             supernode = processes.start(command, stdout=subprocess.PIPE)
-            children.append(supernode)
-            started.extend(children)
+            started.append(supernode)
             # Read in threads and wait here: the SuperNode's helpers keep the pipe open
             # after it exits, and watch for its pid to vanish, which needs this wait().
-            for child in children:
-                readers.append(threading.Thread(target=echo, args=(child.stdout,), daemon=True))
-                readers[-1].start()
+            readers.append(threading.Thread(target=echo, args=(supernode.stdout,), daemon=True))
+            readers[-1].start()
+            if superexec is not None:  # in a thread: a fork here could swallow a SIGTERM meant for the wait
+                threading.Thread(target=run_superexec, args=(supernode,), daemon=True).start()
             code = supernode.wait()
     except KeyboardInterrupt:
         _say(out, f"medfed client: site {site}: stopping")
         raise
     finally:
-        ended.set()
+        with starting:
+            ended.set()
         processes.stop()
-        for reader in readers:
+        for reader in list(readers):
             reader.join(timeout=5)
     return code, refused.is_set(), connected.is_set(), (failing_since or [None])[0]
 
 
+def _task_api_commands(task_home: Path) -> tuple[list[str], list[str]]:
+    """The SuperNode's task API arguments and its SuperExec's command, for one start: a new
+    local port and a new secret (``task_home/superexec.secret``, 0600) that both hold."""
+    try:
+        task_home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        new_superexec_secret(task_home)
+    except OSError as error:
+        raise DeployError(f"Cannot write the SuperExec's secret in {task_home} ({error.strerror or error}); give "
+                          "a state folder this account can write (--state-dir).") from None
+    host, port = "127.0.0.1", str(free_port())
+    secret = ["--superexec-auth-secret-file", str(task_home / SUPEREXEC_SECRET)]
+    supernode_args = ["--host", host, "--port", port, "--isolation", "process", *secret]
+    superexec = [flower_executable("flower-superexec"), "--runtime-api-address", f"{host}:{port}", "--insecure",
+                 *secret]
+    return supernode_args, superexec
+
+
+#: Seconds a started SuperNode may take to open its task port before it is started again.
+TASK_API_WAIT_S = 60.0
 #: The colour codes in Flower's log lines (ESC [ ... m).
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 #: What Flower's SuperNode prints when it cannot open a connection to the SuperLink: a

@@ -12,7 +12,7 @@ continue a run after the last complete round:
 Both kinds of file are written to a temporary file in the target's directory, flushed and
 fsynced, then moved onto the target with :func:`os.replace`, so a crash at any moment leaves
 either the old complete file or the new complete file, never a truncated one. Their
-metadata also holds ``sha256``, a digest of every array (name, dtype, shape, bytes):
+metadata also holds ``medfed-arrays-sha256``, a digest of every array (name, dtype, shape, bytes):
 safetensors checks a file's layout, not its contents, so a flipped bit in the weights
 (a failing disk, a bad copy) would otherwise load silently. Reading all arrays checks it;
 files without it (written before it existed, or by other tools) are read unchecked.
@@ -53,7 +53,7 @@ CHECKPOINT_FORMAT = "medfed.checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 
 _MODEL_PREFIX = "model/"
-_DIGEST_KEY = "sha256"
+_DIGEST_KEY = "medfed-arrays-sha256"
 _STRATEGY_PREFIX = "strategy/"
 
 
@@ -273,9 +273,10 @@ def _arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
     """SHA-256 (hex) of the arrays' names, dtypes, shapes and bytes, in name order."""
     digest = hashlib.sha256()
     for key in sorted(arrays):
-        array = np.ascontiguousarray(arrays[key])
-        digest.update(f"{key}\0{array.dtype.str}\0{array.shape}\0".encode())
-        digest.update(array.data)
+        array = np.asarray(arrays[key])
+        little = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)  # a copy only when needed
+        digest.update(f"{key}\0{little.dtype.str}\0{array.shape}\0".encode())
+        digest.update(little.data if little.ndim else little.tobytes())
     return digest.hexdigest()
 
 

@@ -176,3 +176,7 @@ def test_state_files_are_private_to_the_sites_account(tmp_path):
     (written,) = folder.iterdir()
     assert written.stat().st_mode & 0o777 == 0o600
     assert folder.stat().st_mode & 0o777 == 0o700
+    # A folder an older medfed made readable by all is made private at the next write.
+    folder.chmod(0o755)
+    save_site_state(_context(node_state_dir=tmp_path), "site-0", 2, {"w": torch.ones(2)}, run_key="k1")
+    assert folder.stat().st_mode & 0o777 == 0o700

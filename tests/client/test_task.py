@@ -123,8 +123,12 @@ def test_select_device_takes_a_present_gpu_and_refuses_a_missing_index(monkeypat
     made_current = []
     monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
     assert select_device("cuda") == torch.device("cuda") and select_device("cuda:1") == torch.device("cuda:1")
-    # cuda:1 also becomes the current GPU (code that uses the current one would run on cuda:0)
+    # cuda:1 also becomes the current GPU (code that uses the current one would run on cuda:0),
+    # but not where it is only checked (medfed client's own process, which trains nothing)
     assert made_current == [torch.device("cuda:1")]
+    from medfed.client.task import check_device
+
+    assert check_device("cuda:1") == torch.device("cuda:1") and made_current == [torch.device("cuda:1")]
     with pytest.raises(DeviceError, match=r"'cuda:2' is not on this machine: use one it has \(cpu, cuda:0, cuda:1\)"):
         select_device("cuda:2")
 

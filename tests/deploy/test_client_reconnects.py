@@ -366,9 +366,11 @@ def test_the_sites_task_api_answers_only_its_own_superexec(site, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(supernode, "_keep_running", lambda command, env, *rest: seen.update(
-        command=command, env=env, superexec=rest[-1]))
+        command=command, env=env, task_home=rest[-1]))
     client(site, 9)  # a server that is not there: the task API is served all the same
-    command, superexec = seen["command"], seen["superexec"]
+    assert seen["task_home"] == site / "medfed-state" / "a" / "flower"
+    task_args, superexec = supernode._task_api_commands(seen["task_home"])  # what each start adds
+    command = seen["command"] + task_args
     secret = Path(command[command.index("--superexec-auth-secret-file") + 1])
     assert command[command.index("--isolation") + 1] == "process"
     assert superexec[superexec.index("--superexec-auth-secret-file") + 1] == str(secret)
@@ -386,3 +388,27 @@ def test_the_sites_task_api_answers_only_its_own_superexec(site, monkeypatch):
             stranger.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
     finally:
         processes.stop()
+
+
+def test_the_superexecs_connection_lines_are_not_taken_for_the_supernodes(tmp_path, monkeypatch):
+    # The SuperExec polls the SuperNode's local port with Flower's HTTP retries, which print
+    # the lines the SuperNode prints about the server. Read as the SuperNode's, a refused
+    # key looked connected, and the client retried a refused key for good.
+    fake_node = tmp_path / "node.py"
+    fake_node.write_text(
+        "import socket, sys, time\n"
+        "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+        "server = socket.socket(); server.bind(('127.0.0.1', port)); server.listen()\n"
+        "time.sleep(1.5); print('Exit Code: 305', flush=True); time.sleep(0.5)\n")
+    fake_exec = tmp_path / "flower-superexec"
+    fake_exec.write_text("#!/bin/sh\necho 'WARNING : Connection attempt failed, retrying in 0.69 seconds'\n"
+                         "echo 'INFO : Connection successful after 1 retries'\nsleep 30\n")
+    fake_exec.chmod(0o755)
+    monkeypatch.setattr(supernode, "flower_executable", lambda name: str(fake_exec))
+    out = io.StringIO()
+    # Execute
+    code, refused, connected, failing_since = supernode._run_supernode(
+        [sys.executable, str(fake_node)], {}, "a", out, task_home=tmp_path / "flower")
+    # Assert: the SuperExec ran (its lines are echoed) but only the SuperNode's lines count.
+    assert "Connection successful after 1 retries" in out.getvalue()
+    assert (refused, connected, failing_since) == (True, False, None)

@@ -329,5 +329,10 @@ def test_a_flipped_bit_in_the_weights_is_refused_not_loaded(tmp_path: Path) -> N
 def test_files_without_a_checksum_still_load(tmp_path: Path) -> None:
     # Written before checksums existed, or by another safetensors tool.
     path = tmp_path / "model.safetensors"
-    save_file({"w": np.arange(3, dtype=np.float32)}, str(path))
+    save_file({"w": np.arange(3, dtype=np.float32)}, str(path), metadata={"sha256": "another tool's, of the file"})
     np.testing.assert_array_equal(load_arrays(path)["w"], np.arange(3, dtype=np.float32))
+
+
+def test_the_checksum_tells_a_0d_array_from_a_1_element_one():
+    assert checkpoint_module._arrays_digest({"x": np.array(1.0)}) != checkpoint_module._arrays_digest(
+        {"x": np.array([1.0])})

@@ -647,3 +647,17 @@ def test_a_round_without_its_round_line_counts_its_sites_bytes(tmp_path: Path) -
     # Assert: rounds 1-2 from their round lines, round 3 as the sum of its 6 site lines.
     assert summary.bytes_sent == 2 * 1_000_000 + 6 * 100_000
     assert summary.bytes_received == 2 * 2_000_000 + 3 * 200_000
+
+
+def test_a_grouped_study_without_pooled_figures_says_where_its_group_figures_are(tmp_path: Path) -> None:
+    # Pooled per-group figures need the sites' score histograms, off by default (privacy):
+    # the section says so instead of vanishing.
+    records = _three_round_records()
+    records[0] = {**records[0], "groups": ["female", "male"]}
+    run_dir = _write_run(tmp_path / "grouped", records)
+    # Execute
+    html_text = build_report(run_dir).read_text()
+    # Assert
+    assert "Patient groups" in html_text and "federation.pooled_test_metrics: false" in html_text
+    plain = _write_run(tmp_path / "plain", _three_round_records())
+    assert "Patient groups" not in build_report(plain).read_text()
