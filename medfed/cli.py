@@ -461,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Flower sends usage events to its servers unless told not to (read when flwr is first
     # imported, and inherited by every process medfed starts): off unless the user turned it on.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     shown_by, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         with interrupt_on_sigterm():  # a scheduler's SIGTERM gets Ctrl-C's clean-up and message

@@ -422,11 +422,13 @@ def test_flowers_usage_telemetry_is_off_unless_the_user_turns_it_on(tmp_path, gi
     env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
     if given is not None:
         env["FLWR_TELEMETRY_ENABLED"] = given
+    env.pop("FLWR_DISABLE_UPDATE_CHECK", None)
     script = ("from medfed.cli import main; main(['report', 'no-such-run']); "
-              "import flwr.supercore.telemetry as t; print(t.FLWR_TELEMETRY_ENABLED)")
+              "import os, flwr.supercore.telemetry as t; print(t.FLWR_TELEMETRY_ENABLED); "
+              "print(os.environ['FLWR_DISABLE_UPDATE_CHECK'])")
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
-    assert done.stdout.strip().splitlines()[-1] == expected, done.stderr
+    assert done.stdout.strip().splitlines()[-2:] == [expected, "1"], done.stderr  # no update check either
 
 
 def test_simulate_leaves_flowers_colour_codes_out_of_output_that_is_not_a_terminal(tmp_path, monkeypatch):

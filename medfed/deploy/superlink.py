@@ -209,6 +209,7 @@ def _serve(cfg: ExperimentConfig, *, run_dir: Path, resume: bool, listen: Addres
     env = {
         "FLWR_HOME": str(home), "MEDFED_RUN_DIR": str(run_dir), "MEDFED_RESUME": "1" if resume else "0",
         "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+        "FLWR_DISABLE_UPDATE_CHECK": os.environ.get("FLWR_DISABLE_UPDATE_CHECK", "1"),  # no call home either
         # The ServerApp runs only the app written below (medfed.deploy.app_guard).
         EXPECTED_PYPROJECT_ENV: str(home / "app" / "pyproject.toml"),
     }

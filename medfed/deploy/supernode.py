@@ -237,8 +237,10 @@ def run_client(
     # in-memory state, so polling often costs next to nothing.
     env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", CLIENTAPP_POLL_S),
            "FLWR_HOME": str(flower_home),
-           # Flower's usage telemetry (on unless turned off) leaves a hospital only if its operator says so.
-           "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
+           # Flower's usage telemetry (on unless turned off) and its daily update check (a request
+           # to Flower's server) leave a hospital only if its operator says so.
+           "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+           "FLWR_DISABLE_UPDATE_CHECK": os.environ.get("FLWR_DISABLE_UPDATE_CHECK", "1")}
     with interrupt_on_sigterm():
         _keep_running(command, env, address, ca_cert, site, max_wait_s, out, flower_home)
 
@@ -312,8 +314,9 @@ def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_
             left = max_wait_s - (time.monotonic() - waiting) if waiting is not None else max_wait_s
             run_command = command + ["--max-wait-time", f"{max(left, 1.0):g}"]
         lasting: list[str] = []
+        stopped_because: list[str] = []
         code, refused, connected, failing_since = _run_supernode(
-            run_command, env, site, out, task_home=task_home,
+            run_command, env, site, out, task_home=task_home, stopped_because=stopped_because,
             on_retrying=lambda still_failing, stop, finished: _watch_lost_server(
                 address, ca_cert, site, out, still_failing, lambda why: (lasting.append(why), stop()), finished))
         if lasting:  # e.g. the server came back with certificates remade by 'medfed certs --force'
@@ -358,11 +361,15 @@ def _keep_running(command: list[str], env: dict[str, str], address: Address, ca_
         # within limits.
         restarts = [t for t in restarts if now - t < CRASH_WINDOW_S] + [now]
         if len(restarts) > MAX_CRASHES:
+            reason = stopped_because[0] if stopped_because else f"last exit code {code}"
             raise DeployError(
-                f"The SuperNode of site {site} stopped {len(restarts)} times in {CRASH_WINDOW_S:g} s (last exit code "
-                f"{code}); Flower's reason is above."
+                f"The SuperNode of site {site} stopped {len(restarts)} times in {CRASH_WINDOW_S:g} s ({reason}); "
+                "Flower's reason is above."
             )
-        how = "ended (the server restarted or forgot this site)" if code == 0 else f"stopped (exit code {code})"
+        if stopped_because:
+            how = f"was stopped ({stopped_because[0]})"
+        else:
+            how = "ended (the server restarted or forgot this site)" if code == 0 else f"stopped (exit code {code})"
         _say(out, f"medfed client: site {site}: the SuperNode {how}; starting it again in {REFUSED_PAUSE_S:g} s")
         time.sleep(REFUSED_PAUSE_S)
 
@@ -475,7 +482,8 @@ def _watch_lost_server(address: Address, ca_cert: Path | None, site: str, out, s
 
 def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
                    on_retrying: Callable[[Callable[[], bool], Callable[[], None], bool], None] | None = None,
-                   task_home: Path | None = None) -> tuple[int, bool, bool, float | None]:
+                   task_home: Path | None = None, stopped_because: list[str] | None = None,
+                   ) -> tuple[int, bool, bool, float | None]:
     """Run the SuperNode until it exits, echoing its output; ``on_retrying(still_failing,
     stop, finished)`` is called (in a thread of its own) when Flower, once connected, starts
     retrying an unreachable server: ``still_failing()`` says whether it has not got through
@@ -487,7 +495,9 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
     ``--isolation process``, and its own SuperExec (:func:`_task_api_commands`, a new secret
     in ``task_home``) is started once that port is open; it is stopped with the SuperNode,
     and the SuperNode is stopped (to be started again) if it ends first. Its output is the
-    ClientApps': echoed, and watched for ``LAST_ROUND_MARK`` only.
+    ClientApps': echoed, and watched for ``LAST_ROUND_MARK`` only. Why this stopped the
+    SuperNode itself (its SuperExec ended, its port did not open) is appended to
+    ``stopped_because``.
 
     Returns (exit code, key refused or no connection, connected once, when Flower began
     retrying an unreachable server if it had not got through again: None if not).
@@ -504,9 +514,8 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
     ended = threading.Event()  # a watch of this SuperNode ends with it
     started: list[subprocess.Popen] = []
 
-    def stop() -> None:
-        for child in started:
-            child.terminate()
+    def stop() -> None:  # the SuperNode: its SuperExec is stopped with the rest, once it has ended
+        started[0].terminate()
 
     plain = not (callable(getattr(out, "isatty", None)) and out.isatty())
 
@@ -544,25 +553,30 @@ def _run_supernode(command: list[str], env: dict[str, str], site: str, out,
         # connection failures, and could poll whoever took the port first.
         host, _, port = superexec[superexec.index("--runtime-api-address") + 1].rpartition(":")
         running = lambda: supernode.poll() is None and not ended.is_set()  # noqa: E731
+        def give_up(why: str) -> None:  # without its SuperExec the SuperNode would take messages and never run them
+            if stopped_because is not None:
+                stopped_because.append(why)
+            stop()
+
         if not wait_for_port(host, int(port), TASK_API_WAIT_S, alive=running):
             if running():
-                _say(out, f"medfed client: site {site}: the SuperNode did not open its task port in "
-                          f"{TASK_API_WAIT_S:g} s; starting it again")
-                stop()
+                give_up(f"it did not open its task port in {TASK_API_WAIT_S:g} s")
             return
         with starting:
             if ended.is_set():
                 return
-            child = processes.start([*superexec, "--parent-pid", str(os.getpid())], stdout=subprocess.PIPE)
+            try:
+                child = processes.start([*superexec, "--parent-pid", str(os.getpid())], stdout=subprocess.PIPE)
+            except OSError as error:
+                give_up(f"its SuperExec could not start: {error.strerror or error}")
+                return
             started.append(child)
-        reader = threading.Thread(target=echo, args=(child.stdout, True), daemon=True)
-        readers.append(reader)
-        reader.start()
+            reader = threading.Thread(target=echo, args=(child.stdout, True), daemon=True)
+            readers.append(reader)
+            reader.start()
         code = child.wait()
-        if running():  # without its SuperExec the SuperNode would take messages and never run them
-            _say(out, f"medfed client: site {site}: the SuperNode's SuperExec stopped (exit code {code}); "
-                      "starting both again")
-            stop()
+        if running():
+            give_up(f"its SuperExec ended, exit code {code}")
 
     try:
         with interrupt_on_sigterm():

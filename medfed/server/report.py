@@ -742,9 +742,9 @@ def _groups_html(run: RunMetrics) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>"
         )
     if next((s.get("groups") for s in reversed(run.starts) if s.get("groups")), None):
-        return ("<h2>Patient groups</h2><p>Per-group pooled figures need the sites' score histograms, which "
-                "this study kept at the sites (<code>federation.pooled_test_metrics: false</code>, the default); "
-                "each site's per-group ACC/AUC are in <code>metrics.jsonl</code>.</p>")
+        return ("<h2>Patient groups</h2><p>No per-group pooled figures: they need the sites' score histograms, "
+                "which a study sends only with <code>federation.pooled_test_metrics: true</code> (off by default), "
+                "and an evaluated round; each site's per-group ACC/AUC are in <code>metrics.jsonl</code>.</p>")
     return ""
 
 

@@ -373,6 +373,7 @@ def test_the_sites_supernode_keeps_flowers_files_in_its_state_folder_and_drops_o
     # Assert
     assert seen["env"]["FLWR_HOME"] == str(home.resolve())
     assert seen["env"]["FLWR_TELEMETRY_ENABLED"] == "0"  # Flower's usage reports stay at the hospital
+    assert seen["env"]["FLWR_DISABLE_UPDATE_CHECK"] == "1"  # and so does its daily update check
     assert sorted(apps.iterdir()) == sorted(kept) and (elsewhere / "pyproject.toml").is_file()
 
 

@@ -412,3 +412,24 @@ def test_the_superexecs_connection_lines_are_not_taken_for_the_supernodes(tmp_pa
     # Assert: the SuperExec ran (its lines are echoed) but only the SuperNode's lines count.
     assert "Connection successful after 1 retries" in out.getvalue()
     assert (refused, connected, failing_since) == (True, False, None)
+
+
+def test_a_supernode_whose_superexec_ends_is_stopped_and_says_why(tmp_path, monkeypatch):
+    # Without its SuperExec the SuperNode would stay connected, take messages and run none.
+    fake_node = tmp_path / "node.py"
+    fake_node.write_text(
+        "import socket, sys, time\n"
+        "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+        "server = socket.socket(); server.bind(('127.0.0.1', port)); server.listen()\n"
+        "time.sleep(60)\n")
+    fake_exec = tmp_path / "flower-superexec"
+    fake_exec.write_text("#!/bin/sh\nexit 7\n")
+    fake_exec.chmod(0o755)
+    monkeypatch.setattr(supernode, "flower_executable", lambda name: str(fake_exec))
+    why: list[str] = []
+    started = time.monotonic()
+    # Execute
+    supernode._run_supernode([sys.executable, str(fake_node)], {}, "a", io.StringIO(), task_home=tmp_path / "flower",
+                             stopped_because=why)
+    # Assert
+    assert why == ["its SuperExec ended, exit code 7"] and time.monotonic() - started < 30

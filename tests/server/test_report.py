@@ -658,6 +658,6 @@ def test_a_grouped_study_without_pooled_figures_says_where_its_group_figures_are
     # Execute
     html_text = build_report(run_dir).read_text()
     # Assert
-    assert "Patient groups" in html_text and "federation.pooled_test_metrics: false" in html_text
+    assert "Patient groups" in html_text and "federation.pooled_test_metrics: true</code> (off by default)" in html_text
     plain = _write_run(tmp_path / "plain", _three_round_records())
     assert "Patient groups" not in build_report(plain).read_text()
