@@ -249,7 +249,8 @@ def _serve(cfg: ExperimentConfig, *, run_dir: Path, resume: bool, listen: Addres
                     _say(out, f"medfed server: stopped run {run_id}, left unfinished by the previous server")
                 watch = _SuperLinkWatch(_Control(listen.local, tls), out,
                                         None if tls is None else public_keys(tls.trusted_sites),
-                                        registered_file=run_dir / REGISTERED_SITES_FILE)
+                                        registered_file=run_dir / REGISTERED_SITES_FILE,
+                                        superlink_log=home / SUPERLINK_LOG)
                 watch.check()  # the study's ServerApp reads the registrations from the first round on
                 watch.start()
                 _wait_for_sites(control, cfg.federation.num_sites, cfg.federation.quorum, join_timeout_s, out)
@@ -630,14 +631,22 @@ class _SuperLinkWatch(threading.Thread):
     registered_file : Path
         Where the trusted nodes' ids and names are kept for the ServerApp
         (:data:`~medfed.server.run_files.REGISTERED_SITES_FILE`; removed with ``--insecure``).
+    superlink_log : Path or None
+        The SuperLink's log, where Flower records (and tells no one) that a SuperNode with a
+        key the study does not trust tried to join: said once per key, from the lines written
+        after the watch was made.
     """
 
-    def __init__(self, control: _Control, out, trusted: dict[str, bytes] | None, registered_file: Path) -> None:
+    def __init__(self, control: _Control, out, trusted: dict[str, bytes] | None, registered_file: Path,
+                 superlink_log: Path | None = None) -> None:
         super().__init__(daemon=True)
         self.control = control
         self.out = out
         self.trusted = trusted
         self.registered_file = registered_file
+        self.superlink_log = superlink_log
+        self._log_offset = superlink_log.stat().st_size if superlink_log is not None and superlink_log.exists() else 0
+        self._unknown_keys: set[bytes] = set()
         self._registered: dict[str, str] | None = None
         self._announcing = False
         self._online: set[str] | None = None  # the trusted sites online at the last check once announcing
@@ -688,6 +697,27 @@ class _SuperLinkWatch(threading.Thread):
                     _say(self.out, f"medfed server: site {name} went offline")
             if self._announcing:
                 self._online = online
+            self._say_unknown_keys()
+
+    def _say_unknown_keys(self) -> None:
+        if self.superlink_log is None or self.trusted is None:
+            return
+        try:
+            with self.superlink_log.open("rb") as handle:
+                handle.seek(self._log_offset)
+                data = handle.read()
+        except OSError:
+            return
+        complete = data[: data.rfind(b"\n") + 1]
+        self._log_offset += len(complete)
+        for match in _UNKNOWN_KEY.finditer(complete.decode("utf-8", errors="replace")):
+            key = match.group(1).replace("\\n", "\n").encode("ascii")  # Flower logs the key's repr
+            if key in self._unknown_keys or key in self.trusted.values():
+                continue
+            self._unknown_keys.add(key)
+            _say(self.out, f"medfed server: a site whose key is not in trusted_sites.txt tried to join (key "
+                           f"{_key_fingerprint(key)}, as 'ssh-keygen -lf site.pub' shows it at the site); if it "
+                           "belongs to the study, add its line to trusted_sites.txt and start the server again")
 
     def run(self) -> None:
         failures = 0
@@ -703,6 +733,27 @@ class _SuperLinkWatch(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+
+
+#: Flower's log line for a SuperNode whose key no registration holds (the key as a bytes repr).
+_UNKNOWN_KEY = re.compile(r"public key: b'(-----BEGIN PUBLIC KEY-----[A-Za-z0-9+/=\\n]+?-----END PUBLIC KEY-----"
+                          r"(?:\\n)?)', exception: No SuperNode found with the given public key")
+
+
+def _key_fingerprint(pem: bytes) -> str:
+    """OpenSSH's SHA256 fingerprint of a PEM public key (what ``ssh-keygen -lf`` prints)."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        openssh = serialization.load_pem_public_key(pem).public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    except ValueError:
+        return "unreadable"
+    digest = hashlib.sha256(base64.b64decode(openssh.split()[1])).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
 def _holds_trusted_key(node, trusted: dict[str, bytes]) -> bool:

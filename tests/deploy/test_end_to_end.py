@@ -245,6 +245,8 @@ def test_tls_federation_rejects_a_poisoned_update_and_refuses_intruders(launcher
     # The intruders never joined: the untrusted key and the client without TLS gave up.
     assert mallory_code != 0 and insecure_code != 0
     assert "mallory" not in launcher.text("server")
+    # ... but the coordinator was told, once, that an untrusted key tried (Flower only logs it).
+    assert launcher.text("server").count("a site whose key is not in trusted_sites.txt tried to join") == 1
     assert "WARNING: --insecure" in launcher.text("insecure")
     assert "drop --insecure" in launcher.text("insecure")
     # The run and the key submitted through Flower's Control API were taken away, and none of

@@ -63,3 +63,38 @@ def test_removed_and_replaced_keys_are_withdrawn_when_the_server_starts_again(tm
     assert after["gamma"] == before["gamma"] and after["alpha"] != before["alpha"]
     assert again == []  # a second start with the same folder changes nothing
     assert unchanged == after
+
+
+def test_the_server_says_once_when_a_site_with_an_untrusted_key_tries_to_join(tmp_path):
+    # Flower refuses such a SuperNode and only writes it to superlink.log, every few seconds;
+    # the coordinator saw "waiting for N site(s)" and nothing else.
+    import base64
+    import hashlib
+    import io
+
+    from medfed.deploy.superlink import _SuperLinkWatch, public_keys
+
+    make_certs(tmp_path / "certs", "127.0.0.1", ["alpha", "mallory"])
+    lines = {name: (tmp_path / "certs" / "sites" / name / "site.pub").read_text().strip()
+             for name in ("alpha", "mallory")}
+    keys = public_keys(lines)
+
+    def refusal(pem: bytes) -> str:  # Flower's line, as superlink.log has it
+        return ("ERROR :     [/v1/fleet/activate-node][ApiError:2004] Attempted to register SuperNode with public "
+                f"key: {pem!r}, exception: No SuperNode found with the given public key.\n")
+
+    log = tmp_path / "superlink.log"
+    log.write_text(refusal(keys["mallory"]))  # before this server started: not this study's to report
+    out = io.StringIO()
+    watch = _SuperLinkWatch(None, out, {"alpha": keys["alpha"]}, tmp_path / "registered.json", superlink_log=log)
+    # Execute
+    with log.open("a") as handle:
+        handle.write(refusal(keys["mallory"]) + refusal(keys["alpha"]) + refusal(keys["mallory"]))
+    watch._say_unknown_keys()
+    watch._say_unknown_keys()
+    # Assert: said once, with the fingerprint 'ssh-keygen -lf site.pub' shows at the site
+    blob = base64.b64decode(lines["mallory"].split()[1])
+    fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    said = out.getvalue().splitlines()
+    assert len(said) == 1 and "a site whose key is not in trusted_sites.txt tried to join" in said[0]
+    assert fingerprint in said[0]
