@@ -159,6 +159,19 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -
 STALE_TEMPORARY_S = 600.0
 
 
+def private_folder(folder: str | Path) -> Path:
+    """Make ``folder`` (and its parents) if missing, readable by this account alone where this
+    account owns it (0700, POSIX; also a folder an older medfed made 0755); returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.name == "posix":
+        with suppress(OSError):
+            status = folder.stat()
+            if status.st_uid == os.getuid() and status.st_mode & 0o077:
+                folder.chmod(0o700)
+    return folder
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     cutoff = time.time() - STALE_TEMPORARY_S
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):

@@ -35,10 +35,8 @@ sends back. Such an instruction is refused (:class:`ForeignSiteState`).
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
-from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -46,7 +44,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from medfed._io import write_bytes_atomic
+from medfed._io import private_folder, write_bytes_atomic
 from medfed.errors import MedfedError
 
 __all__ = [
@@ -168,22 +166,12 @@ def save_site_state(
     if folder is None:
         return
     # Private to the site's account: a Local-only site's file is its whole model, trained
-    # on its patients (folders made here are 0700, files 0600, whatever the umask).
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _make_private(folder)  # one an older medfed made (0755) too
+    # on its patients (the folder 0700, files 0600, whatever the umask).
+    private_folder(folder)
     path = folder / f"round-{server_round:06d}.safetensors"
     write_bytes_atomic(path, save(tensors, metadata={_STUDY: study}), mode=0o600)
     for old in sorted(_rounds_on_disk(folder))[:-_KEEP]:
         (folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)
-
-
-def _make_private(folder: Path) -> None:
-    """``folder`` readable by this account alone, where this account owns it (POSIX)."""
-    if os.name != "posix":
-        return
-    with suppress(OSError):
-        if folder.stat().st_uid == os.getuid() and folder.stat().st_mode & 0o077:
-            folder.chmod(0o700)
 
 
 def _rounds_on_disk(folder: Path) -> list[int]:

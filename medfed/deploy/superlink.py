@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfed._io import write_bytes_atomic
+from medfed._io import private_folder, write_bytes_atomic
 from medfed.config import ExperimentConfig, to_run_config
 from medfed.deploy.app_guard import EXPECTED_PYPROJECT_ENV
 from medfed.deploy.certs import ServerCerts, server_certs
@@ -219,11 +219,9 @@ def _serve(cfg: ExperimentConfig, *, run_dir: Path, resume: bool, listen: Addres
     _check_port_free(listen)
     processes = ProcessSet(env)  # from here on its stop() runs (it also removes its temporary folder)
     try:
-        (home / "app").mkdir(parents=True, exist_ok=True)
         # Flower's state database holds every site's replies (weights included): the
         # server's account alone reads it, whatever the umask (SQLite makes it 0644).
-        if home.stat().st_uid == os.getuid():  # another account's folder is left as it is
-            home.chmod(0o700)
+        (private_folder(home) / "app").mkdir(exist_ok=True)
         _claim(home, processes.marker)
         (home / "app" / "pyproject.toml").write_text(app_pyproject(to_run_config(cfg), deployed=True), encoding="utf-8")
         _write_flower_config(home, listen.local, tls)

@@ -44,6 +44,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from medfed._io import private_folder
 from medfed.client import LAST_ROUND_MARK
 from medfed.deploy.certs import site_certs, validate_site_name
 from medfed.deploy.processes import ProcessSet, flower_executable, free_port, interrupt_on_sigterm, wait_for_port
@@ -605,8 +606,7 @@ def _task_api_commands(task_home: Path) -> tuple[list[str], list[str]]:
     """The SuperNode's task API arguments and its SuperExec's command, for one start: a new
     local port and a new secret (``task_home/superexec.secret``, 0600) that both hold."""
     try:
-        task_home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        new_superexec_secret(task_home)
+        new_superexec_secret(private_folder(task_home))
     except OSError as error:
         raise DeployError(f"Cannot write the SuperExec's secret in {task_home} ({error.strerror or error}); give "
                           "a state folder this account can write (--state-dir).") from None
